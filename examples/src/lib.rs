@@ -1,0 +1,1 @@
+//! The seed scenarios of wasmq as runnable examples (filled in by the scenarios issue).

@@ -1,0 +1,119 @@
+//! Write wasmq plugins in Rust: a consumer is a type implementing [`Consumer`], a transaction
+//! checker one implementing [`Checker`], exported with [`export!`]. Host capabilities (log,
+//! key-value state, publish, email, SMS, HTTP) are plain functions in the modules below.
+//!
+//! ```
+//! use wasmq_guest_sdk::{Consumer, Message, MessageExt, Outcome, kv, log};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Signup { email: String }
+//!
+//! struct CountSignups;
+//!
+//! impl Consumer for CountSignups {
+//!     fn handle(message: Message) -> Outcome {
+//!         let Ok(signup) = message.json::<Signup>() else {
+//!             return Outcome::Reject("body is not a signup".into());
+//!         };
+//!         let seen = kv::get_json::<u64>("count").ok().flatten().unwrap_or(0);
+//!         if kv::set_json("count", &(seen + 1)).is_err() {
+//!             return Outcome::Retry(0);
+//!         }
+//!         log::info(&format!("signup {} (#{})", signup.email, seen + 1));
+//!         Outcome::Ack
+//!     }
+//! }
+//!
+//! wasmq_guest_sdk::export!(CountSignups);
+//!
+//! // Natively, the capabilities are in-memory fakes, so the logic is unit-testable:
+//! let msg = wasmq_guest_sdk::testing::message(r#"{"email":"ann@example.com"}"#);
+//! assert_eq!(CountSignups::handle(msg.clone()), Outcome::Ack);
+//! assert_eq!(CountSignups::handle(msg), Outcome::Ack);
+//! assert_eq!(kv::get_json::<u64>("count").unwrap(), Some(2));
+//! ```
+//!
+//! Features pick the exports: `consumer` (default), `checker`, or both.
+
+#[doc(hidden)]
+pub mod bindings {
+    #[cfg(all(feature = "consumer", not(feature = "checker")))]
+    wit_bindgen::generate!({
+        world: "consumer-plugin",
+        path: "wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_generated",
+        default_bindings_module: "wasmq_guest_sdk::bindings",
+        additional_derives: [PartialEq],
+    });
+    #[cfg(all(feature = "checker", not(feature = "consumer")))]
+    wit_bindgen::generate!({
+        world: "checker-plugin",
+        path: "wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_generated",
+        default_bindings_module: "wasmq_guest_sdk::bindings",
+        additional_derives: [PartialEq],
+    });
+    #[cfg(all(feature = "consumer", feature = "checker"))]
+    wit_bindgen::generate!({
+        world: "plugin",
+        path: "wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_generated",
+        default_bindings_module: "wasmq_guest_sdk::bindings",
+        additional_derives: [PartialEq],
+    });
+    #[cfg(not(any(feature = "consumer", feature = "checker")))]
+    wit_bindgen::generate!({ world: "imports", path: "wit" });
+}
+
+mod capabilities;
+mod message;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+pub use bindings::wasmq::plugin::context::PluginInstance as Identity;
+pub use bindings::wasmq::plugin::types::{CheckResult, Error, Message, Outcome};
+pub use capabilities::{context, email, http, kv, log, once, publish, sms};
+pub use message::MessageExt;
+
+/// A consumer: called once per delivered message (again on retry, with a higher `attempt`).
+pub trait Consumer {
+    fn handle(message: Message) -> Outcome;
+}
+
+/// A transaction checker: asked about half messages whose producer neither committed nor
+/// rolled back in time.
+pub trait Checker {
+    fn check_transaction(message: Message) -> CheckResult;
+}
+
+#[cfg(feature = "consumer")]
+impl<T: Consumer> bindings::exports::wasmq::plugin::consumer::Guest for T {
+    fn handle(message: Message) -> Outcome {
+        <T as Consumer>::handle(message)
+    }
+}
+
+#[cfg(feature = "checker")]
+impl<T: Checker> bindings::exports::wasmq::plugin::checker::Guest for T {
+    fn check_transaction(message: Message) -> CheckResult {
+        <T as Checker>::check_transaction(message)
+    }
+}
+
+/// Exports a plugin type: it must implement [`Consumer`] and/or [`Checker`], per the features.
+#[macro_export]
+macro_rules! export {
+    ($t:ident) => {
+        $crate::bindings::__export_generated!($t with_types_in $crate::bindings);
+    };
+}
+
+impl Error {
+    /// Transient errors are worth a retry of the message; the others are not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+}

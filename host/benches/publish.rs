@@ -1,0 +1,162 @@
+//! Publish throughput: HTTP single and batch-100 publishes of 256 B messages in `sync` and
+//! `async` flush modes, beside raw RocksDB batch writes measured in the same run (the ratio is
+//! what matters on a shared, noisy machine). `--quick` runs each workload for a fraction of a
+//! second, to keep the harness working in CI; `WASMQ_BENCH_SECS` sets the full duration.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasmq::config::{Config, FlushMode};
+
+const BODY_BYTES: usize = 256;
+
+fn raw_rocksdb(dir: &std::path::Path, sync: bool, secs: f64) -> f64 {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir).unwrap();
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(sync);
+    let value = vec![b'x'; BODY_BYTES];
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    while start.elapsed().as_secs_f64() < secs {
+        let mut batch = rocksdb::WriteBatch::default();
+        for _ in 0..100 {
+            batch.put(n.to_be_bytes(), &value);
+            n += 1;
+        }
+        db.write_opt(batch, &wo).unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.server.data_dir = dir.path().to_path_buf();
+    config.server.flush = flush;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(wasmq::run(listener, config, async move {
+        let _ = stop_rx.await;
+    }));
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if http.get(format!("{url}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = http
+        .put(format!("{url}/v1/topics/bench"))
+        .json(&json!({"queues": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    // A JSON string body of exactly BODY_BYTES bytes, quotes included.
+    let one = json!({"body": "x".repeat(BODY_BYTES - 2)});
+    let (path, payload) = if batch == 1 {
+        (format!("{url}/v1/topics/bench/messages"), one)
+    } else {
+        let msgs: Vec<Value> = (0..batch).map(|_| one.clone()).collect();
+        (
+            format!("{url}/v1/topics/bench/messages/batch"),
+            json!({"messages": msgs}),
+        )
+    };
+    let payload = Arc::new(serde_json::to_vec(&payload).unwrap());
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, path, payload, done, stop) = (
+            http.clone(),
+            path.clone(),
+            payload.clone(),
+            done.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = http
+                    .post(&path)
+                    .header("content-type", "application/json")
+                    .body(payload.as_ref().clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+                let _ = r.bytes().await.unwrap();
+                done.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    rate
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs: f64 = if quick {
+        0.3
+    } else {
+        std::env::var("WASMQ_BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(5.0)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let raw_sync = raw_rocksdb(tempfile::tempdir().unwrap().path(), true, secs);
+    let raw_async = raw_rocksdb(tempfile::tempdir().unwrap().path(), false, secs);
+    let mut rows = vec![
+        (
+            "raw RocksDB batch-100, fsync per batch".to_string(),
+            raw_sync,
+            raw_sync,
+        ),
+        (
+            "raw RocksDB batch-100, no fsync".to_string(),
+            raw_async,
+            raw_async,
+        ),
+    ];
+    for (flush, raw, name) in [
+        (FlushMode::Sync, raw_sync, "sync"),
+        (FlushMode::Async, raw_async, "async"),
+    ] {
+        for (batch, clients) in [(1usize, 64usize), (100, 8)] {
+            let rate = rt.block_on(http_publish(flush, batch, clients, secs));
+            let label = if batch == 1 { "single" } else { "batch-100" };
+            rows.push((
+                format!("HTTP {label} publish, {name}, {clients} clients"),
+                rate,
+                raw,
+            ));
+        }
+    }
+    println!(
+        "\n{BODY_BYTES} B messages, {secs} s per workload, {} cores; client and server share the machine\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("| workload | msgs/s | vs raw RocksDB (same fsync policy) |");
+    println!("| --- | ---: | ---: |");
+    for (name, rate, raw) in rows {
+        println!("| {name} | {rate:.0} | {:.2}x |", rate / raw);
+    }
+}

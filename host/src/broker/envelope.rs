@@ -1,0 +1,240 @@
+//! The publish envelope: what a producer sends for one message, and the checks it must pass.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use super::MAX_DELAY_MS;
+use crate::config::LimitsConfig;
+use crate::storage::BodyKind;
+use crate::storage::keys::MAX_KEY_LEN;
+
+/// Longest tag, in bytes.
+pub const MAX_TAG_LEN: usize = 256;
+/// Most properties on one message, and their total size in bytes.
+pub const MAX_PROPERTIES: usize = 64;
+pub const MAX_PROPERTIES_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("give either \"body\" or \"body_base64\", not both")]
+    BothBodies,
+    #[error("a message needs \"body\" (JSON) or \"body_base64\"")]
+    MissingBody,
+    #[error("\"body_base64\" is not valid base64: {0}")]
+    BadBase64(String),
+    #[error("the message body has {len} bytes; the limit is {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("{field} is too long ({len} bytes; the limit is {max})")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{0} must not be empty")]
+    EmptyField(&'static str),
+    #[error(
+        "a message has at most {MAX_PROPERTIES} properties of {MAX_PROPERTIES_BYTES} bytes in all"
+    )]
+    TooManyProperties,
+    #[error("tag {0:?} may not contain '|', '*' or spaces (they are filter syntax)")]
+    BadTag(String),
+    #[error(
+        "a delay is at most 30 days ({MAX_DELAY_MS} ms); give delay_ms or deliver_at, not both"
+    )]
+    BadDelay,
+}
+
+/// One message as a producer sends it (`POST /v1/topics/{topic}/messages`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Any JSON value, kept byte for byte. `null` is a body too.
+    #[serde(default, deserialize_with = "present")]
+    pub body: Option<Box<RawValue>>,
+    pub body_base64: Option<String>,
+    pub key: Option<String>,
+    pub tag: Option<String>,
+    pub sharding_key: Option<String>,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    pub delay_ms: Option<u64>,
+    /// Absolute due time, ms since the Unix epoch.
+    pub deliver_at: Option<u64>,
+}
+
+/// A field that is present is `Some`, even when it is JSON `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+/// An envelope that passed every check.
+#[derive(Debug)]
+pub struct Checked {
+    pub key: Option<String>,
+    pub tag: Option<String>,
+    pub sharding_key: Option<String>,
+    pub properties: BTreeMap<String, String>,
+    pub body_kind: BodyKind,
+    pub body: Vec<u8>,
+    pub deliver_at: u64,
+}
+
+fn check_field(
+    field: &'static str,
+    value: Option<String>,
+    max: usize,
+) -> Result<Option<String>, EnvelopeError> {
+    match value {
+        Some(v) if v.is_empty() => Err(EnvelopeError::EmptyField(field)),
+        Some(v) if v.len() > max => Err(EnvelopeError::FieldTooLong {
+            field,
+            len: v.len(),
+            max,
+        }),
+        other => Ok(other),
+    }
+}
+
+impl Envelope {
+    /// Validates the envelope against the limits; `now` is ms since the epoch.
+    pub fn check(self, limits: &LimitsConfig, now: u64) -> Result<Checked, EnvelopeError> {
+        let max = limits.max_message_bytes;
+        let (body_kind, body) = match (self.body, self.body_base64) {
+            (Some(_), Some(_)) => return Err(EnvelopeError::BothBodies),
+            (None, None) => return Err(EnvelopeError::MissingBody),
+            (Some(raw), None) => (BodyKind::Json, raw.get().as_bytes().to_vec()),
+            (None, Some(b64)) => {
+                // Reject before decoding what cannot fit anyway.
+                if b64.len() / 4 * 3 > max + 3 {
+                    return Err(EnvelopeError::TooLarge {
+                        len: b64.len() / 4 * 3,
+                        max,
+                    });
+                }
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.as_bytes())
+                    .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?;
+                (BodyKind::Binary, bytes)
+            }
+        };
+        if body.len() > max {
+            return Err(EnvelopeError::TooLarge {
+                len: body.len(),
+                max,
+            });
+        }
+        let key = check_field("key", self.key, MAX_KEY_LEN)?;
+        let sharding_key = check_field("sharding_key", self.sharding_key, MAX_KEY_LEN)?;
+        let tag = check_field("tag", self.tag, MAX_TAG_LEN)?;
+        if let Some(t) = &tag
+            && t.chars().any(|c| c == '|' || c == '*' || c.is_whitespace())
+        {
+            return Err(EnvelopeError::BadTag(t.clone()));
+        }
+        let prop_bytes: usize = self.properties.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if self.properties.len() > MAX_PROPERTIES || prop_bytes > MAX_PROPERTIES_BYTES {
+            return Err(EnvelopeError::TooManyProperties);
+        }
+        let deliver_at = match (self.delay_ms, self.deliver_at) {
+            (Some(_), Some(_)) => return Err(EnvelopeError::BadDelay),
+            (Some(d), None) if d <= MAX_DELAY_MS => now + d,
+            (None, Some(at)) if at <= now.saturating_add(MAX_DELAY_MS) => at.max(now),
+            (None, None) => now,
+            _ => return Err(EnvelopeError::BadDelay),
+        };
+        Ok(Checked {
+            key,
+            tag,
+            sharding_key,
+            properties: self.properties,
+            body_kind,
+            body,
+            deliver_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Checked, EnvelopeError> {
+        let e: Envelope = serde_json::from_str(json).unwrap();
+        e.check(
+            &LimitsConfig {
+                max_message_bytes: 16,
+                ..Default::default()
+            },
+            1000,
+        )
+    }
+
+    #[test]
+    fn json_body_is_kept_verbatim() {
+        let c = parse(r#"{"body": {"b":1, "a" : 2}, "key":"k"}"#).unwrap();
+        assert_eq!(c.body, br#"{"b":1, "a" : 2}"#);
+        assert_eq!(c.body_kind, BodyKind::Json);
+        assert_eq!(c.deliver_at, 1000);
+        assert_eq!(parse(r#"{"body": null}"#).unwrap().body, b"null");
+    }
+
+    #[test]
+    fn base64_body() {
+        let c = parse(r#"{"body_base64": "AAEC"}"#).unwrap();
+        assert_eq!((c.body_kind, c.body), (BodyKind::Binary, vec![0, 1, 2]));
+        assert!(matches!(
+            parse(r#"{"body_base64": "!!"}"#),
+            Err(EnvelopeError::BadBase64(_))
+        ));
+    }
+
+    #[test]
+    fn bad_envelopes() {
+        assert!(matches!(parse(r#"{}"#), Err(EnvelopeError::MissingBody)));
+        assert!(matches!(
+            parse(r#"{"body":1,"body_base64":"AA=="}"#),
+            Err(EnvelopeError::BothBodies)
+        ));
+        assert!(matches!(
+            parse(r#"{"body":"0123456789abcdefgh"}"#),
+            Err(EnvelopeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"body_base64":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}"#),
+            Err(EnvelopeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"body":1,"tag":"a||b"}"#),
+            Err(EnvelopeError::BadTag(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"body":1,"key":""}"#),
+            Err(EnvelopeError::EmptyField("key"))
+        ));
+        assert!(matches!(
+            parse(r#"{"body":1,"delay_ms":2592000001}"#),
+            Err(EnvelopeError::BadDelay)
+        ));
+        assert!(matches!(
+            parse(r#"{"body":1,"delay_ms":1,"deliver_at":5}"#),
+            Err(EnvelopeError::BadDelay)
+        ));
+        assert!(serde_json::from_str::<Envelope>(r#"{"body":1,"bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn delays() {
+        assert_eq!(
+            parse(r#"{"body":1,"delay_ms":500}"#).unwrap().deliver_at,
+            1500
+        );
+        // A due time in the past means "now", not an error.
+        assert_eq!(
+            parse(r#"{"body":1,"deliver_at":10}"#).unwrap().deliver_at,
+            1000
+        );
+    }
+}

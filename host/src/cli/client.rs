@@ -1,0 +1,59 @@
+//! A small client for the HTTP API that turns error bodies into readable messages.
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.put(self.url(path)).json(body)).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach wasmq at {} (is `wasmq serve` running?)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.context("cannot read the response")?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok(value);
+        }
+        match (
+            value["error"]["code"].as_str(),
+            value["error"]["message"].as_str(),
+        ) {
+            (Some(code), Some(msg)) => bail!("{msg} ({code}, HTTP {})", status.as_u16()),
+            _ => bail!("HTTP {status}: {value}"),
+        }
+    }
+}

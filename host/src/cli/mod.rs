@@ -1,0 +1,257 @@
+//! The `wasmq` command line: `serve` runs the broker; every other verb talks to its HTTP API.
+
+mod client;
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::config::{Config, FlushMode};
+use client::Client;
+
+#[derive(Parser)]
+#[command(
+    name = "wasmq",
+    version,
+    about = "A message broker whose consumers are sandboxed WebAssembly plugins"
+)]
+struct Cli {
+    /// The server the client verbs talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "WASMQ_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Create, list and show topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Publish one message. BODY is JSON if it parses as JSON, else raw bytes; `-` reads stdin.
+    Publish {
+        topic: String,
+        body: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        sharding_key: Option<String>,
+        /// Deliver no earlier than this many milliseconds from now.
+        #[arg(long)]
+        delay: Option<u64>,
+        /// A property `NAME=VALUE` (repeatable).
+        #[arg(long = "property", value_name = "NAME=VALUE")]
+        properties: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A wasmq.toml; `WASMQ_<SECTION>_<KEY>` variables override it, flags override both.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[arg(long, value_enum)]
+    flush: Option<FlushMode>,
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic (or add queues to it).
+    Create {
+        name: String,
+        #[arg(long)]
+        queues: Option<u32>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+}
+
+/// Parses arguments, runs the verb, and turns any error into a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(&cli.server)?;
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Topic(TopicCommand::Create { name, queues }) => {
+            let body = match queues {
+                Some(q) => json!({ "queues": q }),
+                None => json!({}),
+            };
+            print(
+                &client
+                    .put_json(&format!("/v1/topics/{name}"), &body)
+                    .await?,
+            )
+        }
+        Command::Topic(TopicCommand::List) => print(&client.get("/v1/topics").await?),
+        Command::Topic(TopicCommand::Show { name }) => {
+            print(&client.get(&format!("/v1/topics/{name}")).await?)
+        }
+        Command::Publish {
+            topic,
+            body,
+            key,
+            tag,
+            sharding_key,
+            delay,
+            properties,
+        } => {
+            let mut envelope = body_field(&body)?;
+            let props = properties
+                .iter()
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                        .ok_or_else(|| anyhow::anyhow!("--property {p:?} must be NAME=VALUE"))
+                })
+                .collect::<anyhow::Result<serde_json::Map<_, _>>>()?;
+            let fields = [
+                ("key", key.map(Value::from)),
+                ("tag", tag.map(Value::from)),
+                ("sharding_key", sharding_key.map(Value::from)),
+                ("delay_ms", delay.map(Value::from)),
+            ];
+            for (name, value) in fields {
+                if let Some(v) = value {
+                    envelope.insert(name.into(), v);
+                }
+            }
+            if !props.is_empty() {
+                envelope.insert("properties".into(), Value::Object(props));
+            }
+            print(
+                &client
+                    .post_json(
+                        &format!("/v1/topics/{topic}/messages"),
+                        &Value::Object(envelope),
+                    )
+                    .await?,
+            )
+        }
+    }
+}
+
+/// JSON text becomes `body`; anything else is sent as bytes in `body_base64`.
+fn body_field(arg: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let bytes = if arg == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("cannot read the body from stdin")?;
+        buf
+    } else {
+        arg.as_bytes().to_vec()
+    };
+    let mut map = serde_json::Map::new();
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) => map.insert("body".into(), v),
+        Err(_) => map.insert(
+            "body_base64".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(&bytes)
+                .into(),
+        ),
+    };
+    Ok(map)
+}
+
+fn print(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(d) = args.data_dir {
+        config.server.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.server.listen = l;
+    }
+    if let Some(f) = args.flush {
+        config.server.flush = f;
+    }
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to find the port (`--listen 127.0.0.1:0`).
+    println!("wasmq listening on http://{addr}");
+    tracing::info!(%addr, data_dir = %config.server.data_dir.display(), flush = ?config.server.flush, "serving");
+    crate::run(listener, config, shutdown_signal()).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the server");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested; finishing in-flight work");
+}

@@ -1,0 +1,381 @@
+//! Server configuration: `wasmq.toml`, `WASMQ_<SECTION>_<KEY>` environment overrides, defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub storage: StorageConfig,
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub plugins: PluginsConfig,
+    pub transactions: TransactionsConfig,
+    pub smtp: SmtpConfig,
+    pub sms: SmsConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Rocksdb,
+    Jetstream,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: Backend,
+    pub urls: Vec<String>,
+    pub replicas: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Rocksdb,
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            replicas: 3,
+        }
+    }
+}
+
+/// When a publish is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushMode {
+    /// After an fsync shared by every write of the same group commit.
+    Sync,
+    /// After the write-ahead-log write (survives a process crash, not a power cut).
+    Async,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub flush: FlushMode,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir: PathBuf::from("./data"),
+            flush: FlushMode::Sync,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message body, in bytes.
+    pub max_message_bytes: usize,
+    /// Most messages in one batch publish.
+    pub max_batch: usize,
+    /// Largest plugin upload, in bytes.
+    pub max_plugin_bytes: usize,
+    /// Largest request body on the publish routes (a batch, or a base64 body), in bytes.
+    pub max_request_bytes: usize,
+    /// Most queues one topic may have.
+    pub max_queues: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch: 1000,
+            max_plugin_bytes: 32 * 1024 * 1024,
+            max_request_bytes: 16 * 1024 * 1024,
+            max_queues: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    pub timeout_ms: u64,
+    pub memory_mb: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 5000,
+            memory_mb: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransactionsConfig {
+    pub check_after_ms: u64,
+    pub check_interval_ms: u64,
+    pub max_checks: u32,
+}
+
+impl Default for TransactionsConfig {
+    fn default() -> Self {
+        Self {
+            check_after_ms: 6000,
+            check_interval_ms: 30000,
+            max_checks: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartTls {
+    Off,
+    Opportunistic,
+    Required,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+    pub starttls: StartTls,
+    pub from: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 25,
+            username: String::new(),
+            password: String::new(),
+            starttls: StartTls::Off,
+            from: "wasmq@localhost".into(),
+        }
+    }
+}
+
+// Secrets stay out of logs.
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("starttls", &self.starttls)
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmsConfig {
+    pub url: String,
+    pub auth_header: String,
+}
+
+impl std::fmt::Debug for SmsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmsConfig")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub token: String,
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("scopes", &self.scopes)
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), then applies `WASMQ_<SECTION>_<KEY>` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_message_bytes == 0 || l.max_batch == 0 || l.max_queues == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_message_bytes, max_batch and max_queues must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Overrides keys of `table` from variables named after the keys the defaults have, typed like them.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default())
+        .map_err(|e| ConfigError::Invalid(format!("defaults do not serialise: {e}")))?;
+    let vars: std::collections::HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("WASMQ_"))
+        .collect();
+    for (section, keys) in &defaults {
+        let Some(keys) = keys.as_table() else {
+            continue;
+        };
+        for (key, default) in keys {
+            let name = format!("WASMQ_{section}_{key}").to_uppercase();
+            let Some(raw) = vars.get(&name) else { continue };
+            let value = typed_like(default, raw)
+                .ok_or_else(|| ConfigError::Invalid(format!("{name}={raw:?} is not valid")))?;
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(entry) = entry.as_table_mut() else {
+                return Err(ConfigError::Invalid(format!("[{section}] must be a table")));
+            };
+            entry.insert(key.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+fn typed_like(default: &toml::Value, raw: &str) -> Option<toml::Value> {
+    match default {
+        toml::Value::String(_) => Some(toml::Value::String(raw.to_string())),
+        toml::Value::Integer(_) => raw.trim().parse().ok().map(toml::Value::Integer),
+        toml::Value::Boolean(_) => raw.trim().parse().ok().map(toml::Value::Boolean),
+        // Arrays (urls, tokens) are written as inline TOML: `["a", "b"]`.
+        _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmq.toml");
+        std::fs::write(
+            &path,
+            "[server]\nflush = \"async\"\n[smtp]\nhost = \"mail\"\nport = 2525\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("WASMQ_SMTP_PORT", "587"),
+                ("WASMQ_SERVER_DATA_DIR", "/tmp/x"),
+                ("WASMQ_SMTP_PASSWORD", "123"),
+                (
+                    "WASMQ_STORAGE_URLS",
+                    r#"["nats://127.0.0.1:1", "nats://127.0.0.1:2"]"#,
+                ),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.flush, FlushMode::Async);
+        assert_eq!(c.smtp.host, "mail");
+        assert_eq!(c.smtp.port, 587);
+        assert_eq!(c.smtp.password, "123");
+        assert_eq!(c.server.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.storage.urls.len(), 2);
+        assert_eq!(c.limits.max_message_bytes, 4 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmq.toml");
+        std::fs::write(&path, "[server]\nlisten_on = \"x\"\n").unwrap();
+        let err = Config::load(Some(&path), vec![]).unwrap_err();
+        assert!(err.to_string().contains("listen_on"), "{err}");
+        std::fs::write(&path, "[nonsense]\n").unwrap();
+        assert!(Config::load(Some(&path), vec![]).is_err());
+    }
+
+    #[test]
+    fn bad_env_value_is_an_error() {
+        let err = Config::load(None, env(&[("WASMQ_SMTP_PORT", "many")])).unwrap_err();
+        assert!(err.to_string().contains("WASMQ_SMTP_PORT"), "{err}");
+        let err = Config::load(None, env(&[("WASMQ_SERVER_FLUSH", "sometimes")])).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let mut c = Config::default();
+        c.smtp.password = "hunter2".into();
+        c.sms.auth_header = "Bearer s3cret".into();
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter2") && !text.contains("s3cret"));
+    }
+}

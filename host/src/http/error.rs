@@ -1,0 +1,108 @@
+//! The one error type of the HTTP edge: a status, a stable code and a message, as JSON.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::broker::{BrokerError, EnvelopeError};
+use crate::storage::StorageError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    fn internal(err: impl std::fmt::Display) -> Self {
+        // Details go to the log, not to the client.
+        tracing::error!(error = %err, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<EnvelopeError> for ApiError {
+    fn from(e: EnvelopeError) -> Self {
+        let code = match &e {
+            EnvelopeError::BothBodies | EnvelopeError::MissingBody => "bad_body",
+            EnvelopeError::BadBase64(_) => "bad_base64",
+            EnvelopeError::TooLarge { .. } => {
+                return Self::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "message_too_large",
+                    e.to_string(),
+                );
+            }
+            EnvelopeError::FieldTooLong { .. } | EnvelopeError::EmptyField(_) => "bad_field",
+            EnvelopeError::TooManyProperties => "too_many_properties",
+            EnvelopeError::BadTag(_) => "bad_tag",
+            EnvelopeError::BadDelay => "bad_delay",
+        };
+        Self::bad_request(code, e.to_string())
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            BrokerError::BadTopicName(_) => Self::bad_request("bad_topic_name", msg),
+            BrokerError::UnknownTopic(_) => Self::not_found("unknown_topic", msg),
+            BrokerError::TooManyQueues { .. } => Self::bad_request("too_many_queues", msg),
+            BrokerError::QueuesShrink { .. } => {
+                Self::new(StatusCode::CONFLICT, "queues_shrink", msg)
+            }
+            BrokerError::Envelope(e) => e.into(),
+            BrokerError::EmptyBatch => Self::bad_request("empty_batch", msg),
+            BrokerError::BatchTooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", msg)
+            }
+            BrokerError::InBatch { source, .. } => {
+                let inner = ApiError::from(source);
+                Self::new(inner.status, inner.code, msg)
+            }
+            BrokerError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            ),
+            other => Self::internal(other),
+        }
+    }
+}

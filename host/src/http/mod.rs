@@ -1,0 +1,81 @@
+//! The HTTP API: routes of DESIGN.md's public surface, request parsing with JSON errors.
+
+mod error;
+mod messages;
+mod topics;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+
+use crate::broker::Broker;
+pub use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+}
+
+/// The whole API; tests and the server both build it here.
+pub fn app(broker: Arc<Broker>) -> Router {
+    let state = AppState { broker };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/topics", get(topics::list))
+        .route("/v1/topics/{topic}", get(topics::show).put(topics::put))
+        .route(
+            "/v1/topics/{topic}/messages",
+            post(messages::publish).get(messages::list),
+        )
+        .route(
+            "/v1/topics/{topic}/messages/batch",
+            post(messages::publish_batch),
+        )
+        .route("/v1/messages/{id}", get(messages::by_id))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no_route", "no such route; see DESIGN.md for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// Reads a request body up to `limit` bytes; more is a 413, not a dropped connection.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("request body is larger than {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request("bad_body", format!("cannot read request body: {e}"))
+        }
+    })
+}
+
+/// Parses JSON with a message that points at the problem.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON: {e}")))
+}

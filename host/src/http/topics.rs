@@ -1,0 +1,74 @@
+//! Topic routes: create or update, show, list.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Serialize;
+
+use super::{ApiError, AppState, parse_json, read_body};
+use crate::broker::{TopicMeta, TopicSpec};
+
+/// Topic metadata bodies are tiny.
+const MAX_TOPIC_BODY: usize = 64 * 1024;
+
+#[derive(Serialize)]
+pub struct TopicView {
+    #[serde(flatten)]
+    meta: TopicMeta,
+    /// Next offset of each queue.
+    high_water: Vec<u64>,
+    /// Messages ever published to the topic.
+    messages: u64,
+}
+
+async fn view(state: &AppState, meta: TopicMeta) -> Result<TopicView, ApiError> {
+    let high_water = state.broker.high_water(&meta).await?;
+    let messages = high_water.iter().sum();
+    Ok(TopicView {
+        meta,
+        high_water,
+        messages,
+    })
+}
+
+pub async fn put(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<TopicView>), ApiError> {
+    let bytes = read_body(body, MAX_TOPIC_BODY).await?;
+    let spec: TopicSpec = if bytes.iter().all(u8::is_ascii_whitespace) {
+        TopicSpec::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let (meta, created) = state.broker.put_topic(&topic, spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view(&state, meta).await?)))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+) -> Result<Json<TopicView>, ApiError> {
+    let meta = state.broker.topic(&topic)?;
+    Ok(Json(view(&state, meta).await?))
+}
+
+#[derive(Serialize)]
+pub struct TopicList {
+    topics: Vec<TopicView>,
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<TopicList>, ApiError> {
+    let mut topics = Vec::new();
+    for meta in state.broker.topics() {
+        topics.push(view(&state, meta).await?);
+    }
+    Ok(Json(TopicList { topics }))
+}

@@ -1,0 +1,73 @@
+//! wasmq: a durable message broker whose consumers are sandboxed WebAssembly plugins.
+//!
+//! Components:
+//! - [`config`]: `wasmq.toml`, environment overrides and defaults.
+//! - [`storage`]: the storage trait and its RocksDB backend (group commit, key encodings).
+//! - [`broker`]: topics, publish validation, queue selection.
+//! - [`http`]: the JSON API.
+//! - [`cli`]: the `wasmq` command line (server and client verbs).
+//!
+//! [`run`] serves the API on a listener until `shutdown` resolves; the binary and the tests
+//! both start the server through it.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod storage;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::broker::Broker;
+use crate::config::{Backend, Config};
+use crate::storage::{RocksStorage, Storage};
+
+/// Opens storage, serves the API on `listener` until `shutdown` resolves, then finishes
+/// in-flight requests and writes and closes storage cleanly.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if config.storage.backend != Backend::Rocksdb {
+        anyhow::bail!(
+            "storage backend {:?} is not available yet; use \"rocksdb\"",
+            config.storage.backend
+        );
+    }
+    let dir = config.server.data_dir.join("rocksdb");
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let flush = config.server.flush;
+    let open_dir = dir.clone();
+    let storage = tokio::task::spawn_blocking(move || RocksStorage::open(&open_dir, flush))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot open the database in {} (is another wasmq using it?)",
+                dir.display()
+            )
+        })?;
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let result = serve(listener, &config, storage.clone(), shutdown).await;
+    storage.close().await;
+    result
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    storage: Arc<dyn Storage>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let broker = Arc::new(Broker::new(storage, config.limits.clone()).await?);
+    let app = http::app(broker);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("HTTP server failed")
+}

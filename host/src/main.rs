@@ -1,0 +1,5 @@
+//! The `wasmq` binary: everything happens in [`wasmq::cli`].
+
+fn main() -> std::process::ExitCode {
+    wasmq::cli::main()
+}

@@ -1,0 +1,174 @@
+//! RocksDB key encodings: the one place that knows how keys are laid out in each column family.
+//!
+//! Every variable-length part is length-prefixed, so no name can be a prefix of another's keys,
+//! and integers are big-endian, so RocksDB's byte order is numeric order.
+
+use super::{MessageId, StorageError};
+
+/// Longest topic name (it is length-prefixed by one byte).
+pub const MAX_TOPIC_LEN: usize = 128;
+/// Longest business key (length-prefixed by two bytes).
+pub const MAX_KEY_LEN: usize = 1024;
+
+fn push_str8(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() <= u8::MAX as usize);
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// `messages` CF: topic, queue, offset.
+pub fn message(topic: &str, queue: u32, offset: u64) -> Vec<u8> {
+    let mut k = queue_prefix(topic, queue);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// The prefix shared by every message of one queue.
+pub fn queue_prefix(topic: &str, queue: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + topic.len() + 12);
+    push_str8(&mut k, topic);
+    k.extend_from_slice(&queue.to_be_bytes());
+    k
+}
+
+/// Splits a `messages` key back into (topic, queue, offset).
+pub fn parse_message(key: &[u8]) -> Result<(String, u32, u64), StorageError> {
+    let bad = || StorageError::Corrupt(format!("bad message key {key:02x?}"));
+    let (&len, rest) = key.split_first().ok_or_else(bad)?;
+    let len = len as usize;
+    if rest.len() != len + 12 {
+        return Err(bad());
+    }
+    let topic = std::str::from_utf8(&rest[..len]).map_err(|_| bad())?;
+    let queue = u32::from_be_bytes(rest[len..len + 4].try_into().map_err(|_| bad())?);
+    let offset = u64::from_be_bytes(rest[len + 4..].try_into().map_err(|_| bad())?);
+    Ok((topic.to_string(), queue, offset))
+}
+
+/// `ids` CF: the message id's 16 bytes.
+pub fn id(id: &MessageId) -> Vec<u8> {
+    id.as_bytes().to_vec()
+}
+
+/// `keys` CF prefix for one business key of one topic.
+pub fn business_key_prefix(topic: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + topic.len() + key.len() + 12);
+    push_str8(&mut k, topic);
+    k.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// `keys` CF entry: topic, key, queue, offset; the value is empty.
+pub fn business_key(topic: &str, key: &str, queue: u32, offset: u64) -> Vec<u8> {
+    let mut k = business_key_prefix(topic, key);
+    k.extend_from_slice(&queue.to_be_bytes());
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// The (queue, offset) that ends a `keys` entry.
+pub fn parse_business_key_tail(key: &[u8]) -> Result<(u32, u64), StorageError> {
+    let n = key.len();
+    if n < 12 {
+        return Err(StorageError::Corrupt(format!(
+            "bad key index entry {key:02x?}"
+        )));
+    }
+    let bad = |_| StorageError::Corrupt("bad key index entry".into());
+    let queue = u32::from_be_bytes(key[n - 12..n - 8].try_into().map_err(bad)?);
+    let offset = u64::from_be_bytes(key[n - 8..].try_into().map_err(bad)?);
+    Ok((queue, offset))
+}
+
+/// `records` CF: space, then the record's own key bytes.
+pub fn record(space: &str, key: &str) -> Vec<u8> {
+    let mut k = record_space(space);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// The prefix of every record in one space.
+pub fn record_space(space: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + space.len());
+    push_str8(&mut k, space);
+    k
+}
+
+/// The record key without its space prefix.
+pub fn parse_record_key<'a>(space: &str, key: &'a [u8]) -> Result<&'a str, StorageError> {
+    let rest = key
+        .get(1 + space.len()..)
+        .ok_or_else(|| StorageError::Corrupt("short record key".into()))?;
+    std::str::from_utf8(rest).map_err(|_| StorageError::Corrupt("record key not utf-8".into()))
+}
+
+/// A record value: its revision (big-endian u64), then the payload.
+pub fn record_value(revision: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + payload.len());
+    v.extend_from_slice(&revision.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+pub fn parse_record_value(value: &[u8]) -> Result<(u64, &[u8]), StorageError> {
+    if value.len() < 8 {
+        return Err(StorageError::Corrupt("short record value".into()));
+    }
+    let (rev, payload) = value.split_at(8);
+    let rev = u64::from_be_bytes(
+        rev.try_into()
+            .map_err(|_| StorageError::Corrupt("short record value".into()))?,
+    );
+    Ok((rev, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_keys_round_trip_and_sort_numerically() {
+        let k = message("orders", 3, 258);
+        assert_eq!(parse_message(&k).unwrap(), ("orders".to_string(), 3, 258));
+        assert!(message("orders", 3, 9) < message("orders", 3, 10));
+        assert!(message("orders", 3, u64::MAX) < message("orders", 4, 0));
+        assert!(k.starts_with(&queue_prefix("orders", 3)));
+    }
+
+    #[test]
+    fn topic_prefixes_do_not_overlap() {
+        // "a" must not see keys of "ab", even though "a" is a string prefix of "ab".
+        let a = queue_prefix("a", 0);
+        assert!(!message("ab", 0, 0).starts_with(&a));
+        assert!(!business_key("ab", "k", 0, 0).starts_with(&business_key_prefix("a", "bk")));
+        assert!(!business_key("t", "kx", 0, 1).starts_with(&business_key_prefix("t", "k")));
+        assert!(!record("ab", "x").starts_with(&record_space("a")));
+    }
+
+    #[test]
+    fn parse_rejects_garbage() {
+        assert!(parse_message(&[]).is_err());
+        assert!(parse_message(&[5, b'a']).is_err());
+        let mut k = message("t", 0, 1);
+        k.push(0);
+        assert!(parse_message(&k).is_err());
+        assert!(parse_business_key_tail(&[1, 2]).is_err());
+        assert!(parse_record_value(&[0; 7]).is_err());
+    }
+
+    #[test]
+    fn business_key_tail_round_trip() {
+        let k = business_key("users", "u-17", 2, 99);
+        assert!(k.starts_with(&business_key_prefix("users", "u-17")));
+        assert_eq!(parse_business_key_tail(&k).unwrap(), (2, 99));
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let k = record("topic", "orders");
+        assert_eq!(parse_record_key("topic", &k).unwrap(), "orders");
+        let v = record_value(7, b"{}");
+        assert_eq!(parse_record_value(&v).unwrap(), (7, &b"{}"[..]));
+    }
+}

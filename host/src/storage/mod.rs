@@ -1,0 +1,151 @@
+//! Durable state behind one small object-safe trait: message logs per (topic, queue), lookups
+//! by id and by business key, and versioned records with compare-and-set.
+//!
+//! Two backends are planned: RocksDB (embedded, the default, in [`rocks`]) and NATS JetStream
+//! (scale-out). The trait therefore speaks in terms both can honour: an append is acknowledged
+//! once durable; offsets are dense per queue; records carry a revision for compare-and-set
+//! (topics, subscription offsets, leases and transaction state are all records).
+
+pub mod keys;
+pub mod rocks;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use rocks::RocksStorage;
+
+/// A message id: a UUIDv7, so ids sort by creation time and never repeat.
+pub type MessageId = uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("record {space}/{key} changed concurrently")]
+    Conflict { space: String, key: String },
+    #[error("storage is closed")]
+    Closed,
+    #[error("encoding: {0}")]
+    Encode(String),
+}
+
+/// How a message body was given, so it can be handed back the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyKind {
+    /// UTF-8 JSON, stored byte for byte as the producer sent it.
+    Json,
+    /// Opaque bytes.
+    Binary,
+}
+
+/// A message as the broker hands it to storage: everything but the offset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    pub id: MessageId,
+    pub queue: u32,
+    pub key: Option<String>,
+    pub tag: Option<String>,
+    pub sharding_key: Option<String>,
+    pub properties: BTreeMap<String, String>,
+    pub body_kind: BodyKind,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// Milliseconds since the Unix epoch.
+    pub born_at: u64,
+    /// Not to be delivered before this time (ms since the epoch); equals `born_at` if not delayed.
+    pub deliver_at: u64,
+}
+
+/// A stored message: where it is, and what it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub offset: u64,
+    pub message: NewMessage,
+}
+
+/// Where an append put one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Appended {
+    pub id: MessageId,
+    pub queue: u32,
+    pub offset: u64,
+}
+
+/// A record's value together with the revision a compare-and-set must name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub revision: u64,
+    pub value: Vec<u8>,
+}
+
+/// The condition a record write is made under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Write whatever is there.
+    Any,
+    /// Only if the record does not exist.
+    Absent,
+    /// Only if the record is at this revision.
+    Revision(u64),
+}
+
+/// Durable storage for one broker. Object-safe so backends are chosen at start-up.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Appends messages of one topic atomically; returns once durable per the flush mode.
+    /// Offsets are dense per queue and never reused.
+    async fn append(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, StorageError>;
+
+    /// Up to `limit` messages of one queue with offset ≥ `from`, in offset order.
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError>;
+
+    async fn message_by_id(&self, id: MessageId) -> Result<Option<StoredMessage>, StorageError>;
+
+    /// Messages of a topic carrying this business key, oldest first per queue.
+    async fn messages_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError>;
+
+    /// The next offset an append to this queue will get (= number of messages ever appended).
+    async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError>;
+
+    async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError>;
+
+    /// Every record of a space whose key starts with `prefix`, in key order.
+    async fn list_records(
+        &self,
+        space: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Record)>, StorageError>;
+
+    /// Writes (`Some`) or deletes (`None`) a record if `expect` holds, durably; returns the new
+    /// revision. A failed condition is [`StorageError::Conflict`].
+    async fn put_record(
+        &self,
+        space: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        expect: Expect,
+    ) -> Result<u64, StorageError>;
+
+    /// Finishes every write already accepted, then refuses new ones.
+    async fn close(&self);
+}

@@ -1,0 +1,266 @@
+//! The real `wasmq` binary: crash safety under SIGKILL, graceful SIGTERM, and the CLI verbs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wasmq_tests::ChildServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wasmq");
+
+/// Publishes from `clients` tasks until the server goes away; returns every acknowledged
+/// (id, body) pair.
+async fn publish_until_gone(url: &str, topic: &str, clients: usize) -> Vec<(String, Value)> {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (url, topic, acked) = (url.to_string(), topic.to_string(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0.. {
+                let body = json!({"client": c, "i": i, "pad": "x".repeat(200)});
+                let batch = i % 5 == 0;
+                let (path, payload) = if batch {
+                    let msgs: Vec<Value> = (0..10)
+                        .map(|j| json!({"body": {"c": c, "i": i, "j": j}, "key": format!("c{c}")}))
+                        .collect();
+                    (
+                        format!("{url}/v1/topics/{topic}/messages/batch"),
+                        json!({"messages": msgs}),
+                    )
+                } else {
+                    (
+                        format!("{url}/v1/topics/{topic}/messages"),
+                        json!({"body": body, "key": format!("c{c}")}),
+                    )
+                };
+                let Ok(resp) = http.post(&path).json(&payload).send().await else {
+                    break;
+                };
+                if resp.status() != reqwest::StatusCode::CREATED {
+                    break;
+                }
+                let Ok(v) = resp.json::<Value>().await else {
+                    break;
+                };
+                let mut acked = acked.lock().unwrap();
+                if batch {
+                    let sent = payload["messages"].as_array().unwrap();
+                    for (r, m) in v["results"].as_array().unwrap().iter().zip(sent) {
+                        acked.push((r["id"].as_str().unwrap().to_string(), m["body"].clone()));
+                    }
+                } else {
+                    acked.push((v["id"].as_str().unwrap().to_string(), body));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Arc::try_unwrap(acked).unwrap().into_inner().unwrap()
+}
+
+async fn create_topic(url: &str, name: &str, queues: u32) {
+    let r = reqwest::Client::new()
+        .put(format!("{url}/v1/topics/{name}"))
+        .json(&json!({"queues": queues}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+/// Every acknowledged message is present with identical content; offsets are dense.
+async fn verify(url: &str, topic: &str, acked: &[(String, Value)]) {
+    let http = reqwest::Client::new();
+    for (id, body) in acked {
+        let r = http
+            .get(format!("{url}/v1/messages/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            reqwest::StatusCode::OK,
+            "acknowledged message {id} was lost"
+        );
+        let m: Value = r.json().await.unwrap();
+        assert_eq!(&m["body"], body, "message {id} changed");
+    }
+    let t: Value = http
+        .get(format!("{url}/v1/topics/{topic}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (q, hw) in t["high_water"].as_array().unwrap().iter().enumerate() {
+        let hw = hw.as_u64().unwrap();
+        let mut from = 0;
+        while from < hw {
+            let page: Value = http
+                .get(format!(
+                    "{url}/v1/topics/{topic}/messages?queue={q}&from={from}&limit=1000"
+                ))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let msgs = page["messages"].as_array().unwrap();
+            assert!(
+                !msgs.is_empty(),
+                "queue {q} ends at {from}, before its high water {hw}"
+            );
+            for m in msgs {
+                assert_eq!(m["offset"].as_u64().unwrap(), from, "gap in queue {q}");
+                from += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &["--flush", "sync"]).await;
+    let url = server.url.clone();
+    create_topic(&url, "crash", 3).await;
+    let load = tokio::spawn({
+        let url = url.clone();
+        async move { publish_until_gone(&url, "crash", 8).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill().await;
+    let acked = load.await.unwrap();
+    assert!(
+        acked.len() > 100,
+        "too little load to mean anything: {}",
+        acked.len()
+    );
+
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    verify(&server.url, "crash", &acked).await;
+    // And the log goes on from there.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/topics/crash/messages", server.url))
+        .json(&json!({"body": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_writes_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &["--flush", "async"]).await;
+    let url = server.url.clone();
+    create_topic(&url, "term", 2).await;
+    let load = tokio::spawn({
+        let url = url.clone();
+        async move { publish_until_gone(&url, "term", 4).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let status = server.signal_and_wait(libc::SIGTERM).await;
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    let acked = load.await.unwrap();
+    assert!(!acked.is_empty());
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    verify(&server.url, "term", &acked).await;
+    server.kill().await;
+}
+
+fn cli(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("--server")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_verbs_talk_to_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let out = cli(&url, &["topic", "create", "signups", "--queues", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let args = [
+        "publish",
+        "signups",
+        r#"{"email":"a@b.c"}"#,
+        "--key",
+        "u1",
+        "--tag",
+        "new",
+        "--property",
+        "src=cli",
+    ];
+    let out = cli(&url, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let published: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = published["id"].as_str().unwrap();
+    let m: Value = reqwest::get(format!("{url}/v1/messages/{id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["body"], json!({"email": "a@b.c"}));
+    assert_eq!(
+        (m["key"].as_str(), m["tag"].as_str()),
+        (Some("u1"), Some("new"))
+    );
+    assert_eq!(m["properties"]["src"], "cli");
+    // Text that is not JSON travels as bytes.
+    let out = cli(&url, &["publish", "signups", "plain text"]);
+    let published: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m: Value = reqwest::get(format!(
+        "{url}/v1/messages/{}",
+        published["id"].as_str().unwrap()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(m["body_base64"], "cGxhaW4gdGV4dA==");
+    let out = cli(&url, &["topic", "show", "signups"]);
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["messages"], 2);
+    let out = cli(&url, &["topic", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signups"));
+    // Errors: a clear message and a non-zero exit, never a panic.
+    let out = cli(&url, &["publish", "nosuch", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not exist") && stderr(&out).contains("unknown_topic"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&url, &["publish", "signups", "1", "--property", "novalue"]);
+    assert!(!out.status.success() && stderr(&out).contains("NAME=VALUE"));
+    let out = cli("http://127.0.0.1:1", &["topic", "list"]);
+    assert!(!out.status.success() && stderr(&out).contains("cannot reach"));
+    // A second server on a data dir in use refuses to start, and says why.
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("another wasmq"), "{}", stderr(&out));
+    server.kill().await;
+}

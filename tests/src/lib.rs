@@ -1,0 +1,226 @@
+//! Helpers shared by the end-to-end tests: a real server on 127.0.0.1:0 over a temp dir, started
+//! through the same `wasmq::run` the binary uses, and a JSON client for it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wasmq::config::Config;
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A config whose data lives in `dir`.
+pub fn config_in(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.server.data_dir = dir.to_path_buf();
+    c
+}
+
+impl TestServer {
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_with(config_in(dir)).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(wasmq::run(listener, config, async move {
+            let _ = rx.await;
+        }));
+        let server = TestServer {
+            addr,
+            url: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            handle: Some(handle),
+        };
+        server.wait_healthy().await;
+        server
+    }
+
+    async fn wait_healthy(&self) {
+        for _ in 0..500 {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/healthz", self.url))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("server at {} never became healthy", self.url);
+    }
+
+    /// Graceful stop: in-flight requests finish, storage closes; returns `run`'s result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.handle.take() {
+            Some(h) => h.await?,
+            None => Ok(()),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        decode(
+            self.client
+                .get(format!("{}{path}", self.url))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        decode(
+            self.client
+                .put(format!("{}{path}", self.url))
+                .json(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        decode(
+            self.client
+                .post(format!("{}{path}", self.url))
+                .json(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Sends raw bytes, for malformed and oversized bodies.
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        decode(
+            self.client
+                .post(format!("{}{path}", self.url))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Creates a topic and checks it was created.
+    pub async fn create_topic(&self, name: &str, queues: u32) {
+        let (status, body) = self
+            .put_json(
+                &format!("/v1/topics/{name}"),
+                &serde_json::json!({"queues": queues}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Status and JSON body; a non-JSON body is a test failure (every answer must be JSON).
+pub async fn decode(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("non-JSON answer ({status}): {text:?}: {e}"));
+    (status, value)
+}
+
+/// Asserts an error answer has the given status and code, and a message.
+pub fn assert_error(resp: &(StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(resp.0, status, "{}", resp.1);
+    assert_eq!(resp.1["error"]["code"], code, "{}", resp.1);
+    assert!(
+        resp.1["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        resp.1
+    );
+}
+
+/// The real `wasmq` binary running as a child process (for crash and CLI tests).
+pub struct ChildServer {
+    pub child: tokio::process::Child,
+    pub url: String,
+}
+
+impl ChildServer {
+    /// Starts `bin serve --listen 127.0.0.1:0 --data-dir dir` and waits for its address line.
+    pub async fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("WASMQ_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("server did not print its address in time")
+            .unwrap()
+            .expect("server exited before printing its address");
+        let url = line.rsplit(' ').next().unwrap().to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "unexpected first line {line:?}"
+        );
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ChildServer { child, url }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Sends a signal (e.g. SIGTERM) and waits for the exit status.
+    pub async fn signal_and_wait(mut self, signal: i32) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}

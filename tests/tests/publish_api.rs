@@ -1,0 +1,450 @@
+//! The HTTP API of topics and messages against a real server and a real RocksDB in a temp dir.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wasmq_tests::{TestServer, assert_error, config_in};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_create_show_list_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("orders", 3).await;
+    let (st, t) = s.get("/v1/topics/orders").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(t["queues"], 3);
+    assert_eq!(t["high_water"], json!([0, 0, 0]));
+    // Queues can grow; PUT again is an update (200), not a create.
+    let (st, t) = s.put_json("/v1/topics/orders", &json!({"queues": 5})).await;
+    assert_eq!((st, t["queues"].clone()), (StatusCode::OK, json!(5)));
+    assert_error(
+        &s.put_json("/v1/topics/orders", &json!({"queues": 2})).await,
+        StatusCode::CONFLICT,
+        "queues_shrink",
+    );
+    // An empty body creates a topic with the default queue count.
+    let r = s
+        .client
+        .put(format!("{}/v1/topics/plain", s.url))
+        .send()
+        .await
+        .unwrap();
+    let (st, t) = wasmq_tests::decode(r).await;
+    assert_eq!((st, t["queues"].clone()), (StatusCode::CREATED, json!(4)));
+    let (_, list) = s.get("/v1/topics").await;
+    let names: Vec<&str> = list["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["orders", "plain"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_look_up_by_id_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("users", 4).await;
+    let (st, a) = s
+        .post_json(
+            "/v1/topics/users/messages",
+            &json!({"body": {"name": "Ann", "email": "ann@example.com"}, "key": "u1", "tag": "created",
+                    "sharding_key": "u1", "properties": {"source": "web"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{a}");
+    let id = a["id"].as_str().unwrap();
+    let (st, m) = s.get(&format!("/v1/messages/{id}")).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        m["body"],
+        json!({"name": "Ann", "email": "ann@example.com"})
+    );
+    assert_eq!(
+        (m["topic"].as_str(), m["key"].as_str(), m["tag"].as_str()),
+        (Some("users"), Some("u1"), Some("created"))
+    );
+    assert_eq!(m["properties"]["source"], "web");
+    assert_eq!(
+        (m["queue"].clone(), m["offset"].clone()),
+        (a["queue"].clone(), a["offset"].clone())
+    );
+    // Binary bodies come back byte for byte.
+    let (st, b) = s
+        .post_json(
+            "/v1/topics/users/messages",
+            &json!({"body_base64": "AP8Q", "key": "u1"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (_, m) = s
+        .get(&format!("/v1/messages/{}", b["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(m["body_base64"], "AP8Q");
+    assert!(m.get("body").is_none());
+    let (_, found) = s.get("/v1/topics/users/messages?key=u1").await;
+    let ids: HashSet<&str> = found["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, HashSet::from([id, b["id"].as_str().unwrap()]));
+    let (_, none) = s.get("/v1/topics/users/messages?key=nobody").await;
+    assert_eq!(none["messages"], json!([]));
+    assert_error(
+        &s.get("/v1/messages/0190b2a4-0000-7000-8000-000000000000")
+            .await,
+        StatusCode::NOT_FOUND,
+        "unknown_message",
+    );
+    assert_error(
+        &s.get("/v1/messages/not-an-id").await,
+        StatusCode::BAD_REQUEST,
+        "bad_id",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_choice_sharding_key_and_round_robin() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("t", 4).await;
+    let mut by_key: HashMap<String, HashSet<u64>> = HashMap::new();
+    for i in 0..40 {
+        let key = format!("user-{}", i % 5);
+        let (_, a) = s
+            .post_json(
+                "/v1/topics/t/messages",
+                &json!({"body": i, "sharding_key": key}),
+            )
+            .await;
+        by_key
+            .entry(key)
+            .or_default()
+            .insert(a["queue"].as_u64().unwrap());
+    }
+    assert!(
+        by_key.values().all(|qs| qs.len() == 1),
+        "a sharding key moved between queues: {by_key:?}"
+    );
+    let mut counts = [0; 4];
+    for i in 0..40 {
+        let (_, a) = s
+            .post_json("/v1/topics/t/messages", &json!({"body": i}))
+            .await;
+        counts[a["queue"].as_u64().unwrap() as usize] += 1;
+    }
+    assert_eq!(counts, [10; 4], "round-robin should spread evenly");
+    // Reading a queue from an offset returns that queue's messages in order.
+    let (_, q) = s.get("/v1/topics/t/messages?queue=1&from=2&limit=3").await;
+    let offsets: Vec<u64> = q["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_is_one_atomic_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("b", 1).await;
+    let msgs: Vec<Value> = (0..100)
+        .map(|i| json!({"body": {"n": i}, "key": format!("k{i}")}))
+        .collect();
+    let (st, r) = s
+        .post_json("/v1/topics/b/messages/batch", &json!({"messages": msgs}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{r}");
+    let offsets: Vec<u64> = r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, (0..100).collect::<Vec<_>>());
+    // One bad message rejects the whole batch and names it; nothing of it is stored.
+    let bad = json!({"messages": [{"body": 1}, {"body_base64": "%%%"}]});
+    let resp = s.post_json("/v1/topics/b/messages/batch", &bad).await;
+    assert_error(&resp, StatusCode::BAD_REQUEST, "bad_base64");
+    assert!(
+        resp.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("message 1")
+    );
+    let (_, t) = s.get("/v1/topics/b").await;
+    assert_eq!(t["high_water"], json!([100]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.limits.max_message_bytes = 1024;
+    config.limits.max_request_bytes = 8192;
+    config.limits.max_batch = 10;
+    config.limits.max_queues = 16;
+    let s = TestServer::start_with(config).await;
+    s.create_topic("t", 2).await;
+    let p = "/v1/topics/t/messages";
+    assert_error(
+        &s.post_raw(p, b"{\"body\": ".to_vec()).await,
+        StatusCode::BAD_REQUEST,
+        "bad_json",
+    );
+    assert_error(
+        &s.post_raw(p, b"[1,2]".to_vec()).await,
+        StatusCode::BAD_REQUEST,
+        "bad_json",
+    );
+    assert_error(
+        &s.post_json(p, &json!({"body": 1, "surprise": true})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_json",
+    );
+    assert_error(
+        &s.post_json(p, &json!({"key": "k"})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_body",
+    );
+    assert_error(
+        &s.post_json(p, &json!({"body_base64": "not base64!"})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_base64",
+    );
+    assert_error(
+        &s.post_json(p, &json!({"body": "x".repeat(2000)})).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "message_too_large",
+    );
+    assert_error(
+        &s.post_raw(p, vec![b' '; 9000]).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+    );
+    assert_error(
+        &s.post_json(p, &json!({"body": 1, "delay_ms": 40u64 * 24 * 3600 * 1000}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "bad_delay",
+    );
+    assert_error(
+        &s.post_json("/v1/topics/nope/messages", &json!({"body": 1}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "unknown_topic",
+    );
+    assert_error(
+        &s.post_json("/v1/topics/bad%20name/messages", &json!({"body": 1}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "bad_topic_name",
+    );
+    assert_error(
+        &s.put_json("/v1/topics/.dot", &json!({})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_topic_name",
+    );
+    assert_error(
+        &s.put_json("/v1/topics/many", &json!({"queues": 17})).await,
+        StatusCode::BAD_REQUEST,
+        "too_many_queues",
+    );
+    assert_error(
+        &s.put_json("/v1/topics/zero", &json!({"queues": 0})).await,
+        StatusCode::BAD_REQUEST,
+        "too_many_queues",
+    );
+    assert_error(
+        &s.put_json("/v1/topics/neg", &json!({"queues": -1})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_json",
+    );
+    assert_error(
+        &s.get("/v1/topics/nope").await,
+        StatusCode::NOT_FOUND,
+        "unknown_topic",
+    );
+    let b = "/v1/topics/t/messages/batch";
+    assert_error(
+        &s.post_json(b, &json!({"messages": []})).await,
+        StatusCode::BAD_REQUEST,
+        "empty_batch",
+    );
+    let eleven: Vec<Value> = (0..11).map(|i| json!({"body": i})).collect();
+    assert_error(
+        &s.post_json(b, &json!({"messages": eleven})).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "batch_too_large",
+    );
+    assert_error(
+        &s.get("/v1/topics/t/messages").await,
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+    );
+    assert_error(
+        &s.get("/v1/topics/t/messages?queue=9").await,
+        StatusCode::BAD_REQUEST,
+        "bad_queue",
+    );
+    assert_error(
+        &s.get("/v1/topics/t/messages?queue=x").await,
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+    );
+    assert_error(
+        &s.get("/v1/nowhere").await,
+        StatusCode::NOT_FOUND,
+        "no_route",
+    );
+    let r = s
+        .client
+        .delete(format!("{}/v1/topics/t", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        &wasmq_tests::decode(r).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    // None of the above stored anything, and the server still works.
+    let (_, t) = s.get("/v1/topics/t").await;
+    assert_eq!(t["messages"], 0);
+    let (st, _) = s.post_json(p, &json!({"body": "fine"})).await;
+    assert_eq!(st, StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_get_distinct_gap_free_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("one", 1).await;
+    let mut tasks = Vec::new();
+    for p in 0..8 {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut offsets = Vec::new();
+            for i in 0..150 {
+                let r = client
+                    .post(format!("{url}/v1/topics/one/messages"))
+                    .json(&json!({"body": {"p": p, "i": i}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::CREATED);
+                offsets.push(r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap());
+            }
+            offsets
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let offsets = t.await.unwrap();
+        // Each publisher's own messages are in its publish order.
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+        all.extend(offsets);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..1200).collect::<Vec<u64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_everything_and_offsets_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("log", 4).await;
+    let mut sent: Vec<(String, Value, String)> = Vec::new(); // id, body, key
+    for chunk in 0..100 {
+        let msgs: Vec<Value> = (0..100)
+            .map(|i| {
+                let n = chunk * 100 + i;
+                json!({"body": {"n": n}, "key": format!("k{}", n % 250)})
+            })
+            .collect();
+        let (st, r) = s
+            .post_json(
+                "/v1/topics/log/messages/batch",
+                &json!({"messages": msgs.clone()}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+        for (m, a) in msgs.iter().zip(r["results"].as_array().unwrap()) {
+            sent.push((
+                a["id"].as_str().unwrap().to_string(),
+                m["body"].clone(),
+                m["key"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let (_, before) = s.get("/v1/topics/log").await;
+    assert_eq!(before["messages"], 10_000);
+    s.stop().await.unwrap();
+
+    let s = TestServer::start(dir.path()).await;
+    let (_, after) = s.get("/v1/topics/log").await;
+    assert_eq!(after["high_water"], before["high_water"]);
+    for (id, body, _) in sent.iter().step_by(7) {
+        let (st, m) = s.get(&format!("/v1/messages/{id}")).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(&m["body"], body);
+    }
+    let (_, by_key) = s.get("/v1/topics/log/messages?key=k17&limit=1000").await;
+    let want: HashSet<&str> = sent
+        .iter()
+        .filter(|(_, _, k)| k == "k17")
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    let got: HashSet<&str> = by_key["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    // Offsets continue where they stopped: no gap, no reuse.
+    let hw: Vec<u64> = after["high_water"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    for _ in 0..8 {
+        let (_, a) = s
+            .post_json("/v1/topics/log/messages", &json!({"body": "after"}))
+            .await;
+        let q = a["queue"].as_u64().unwrap() as usize;
+        assert!(a["offset"].as_u64().unwrap() >= hw[q]);
+    }
+    let (_, t) = s.get("/v1/topics/log").await;
+    let hw2: Vec<u64> = t["high_water"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(hw2.iter().sum::<u64>(), 10_008);
+    for q in 0..4u32 {
+        let (_, page) = s
+            .get(&format!(
+                "/v1/topics/log/messages?queue={q}&from={}&limit=10",
+                hw[q as usize]
+            ))
+            .await;
+        let offs: Vec<u64> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offs, (hw[q as usize]..hw2[q as usize]).collect::<Vec<_>>());
+    }
+    s.stop().await.unwrap();
+}
