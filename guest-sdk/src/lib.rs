@@ -112,6 +112,23 @@ macro_rules! export {
 }
 
 impl Error {
+    /// `denied`, `invalid`, `unavailable` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Denied(_) => "denied",
+            Error::Invalid(_) => "invalid",
+            Error::Unavailable(_) => "unavailable",
+            Error::Failed(_) => "failed",
+        }
+    }
+
+    /// What the host said.
+    pub fn message(&self) -> &str {
+        match self {
+            Error::Denied(m) | Error::Invalid(m) | Error::Unavailable(m) | Error::Failed(m) => m,
+        }
+    }
+
     /// Transient errors are worth a retry of the message; the others are not.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Unavailable(_))

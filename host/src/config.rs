@@ -113,8 +113,12 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
+    /// CPU deadline of one plugin call.
     pub timeout_ms: u64,
+    /// Linear memory of one plugin instance.
     pub memory_mb: u64,
+    /// Instances the pooling allocator keeps room for (0: allocate on demand).
+    pub pool_instances: u32,
 }
 
 impl Default for PluginsConfig {
@@ -122,6 +126,7 @@ impl Default for PluginsConfig {
         Self {
             timeout_ms: 5000,
             memory_mb: 64,
+            pool_instances: 256,
         }
     }
 }
@@ -255,6 +260,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
+        if self.plugins.timeout_ms == 0 || self.plugins.memory_mb == 0 {
+            return Err(ConfigError::Invalid(
+                "plugins.timeout_ms and plugins.memory_mb must be positive".into(),
+            ));
+        }
         if l.max_message_bytes == 0 || l.max_batch == 0 || l.max_queues == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_message_bytes, max_batch and max_queues must be positive".into(),

@@ -4,6 +4,8 @@
 //! - [`config`]: `wasmq.toml`, environment overrides and defaults.
 //! - [`storage`]: the storage trait and its RocksDB backend (group commit, key encodings).
 //! - [`broker`]: topics, publish validation, queue selection.
+//! - [`runtime`]: wasmtime engine, limits, plugin instances and the host capabilities.
+//! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
 //! - [`http`]: the JSON API.
 //! - [`cli`]: the `wasmq` command line (server and client verbs).
 //!
@@ -14,6 +16,8 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod plugins;
+pub mod runtime;
 pub mod storage;
 
 use std::future::Future;
@@ -24,6 +28,8 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::config::{Backend, Config};
+use crate::plugins::Plugins;
+use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{RocksStorage, Storage};
 
 /// Opens storage, serves the API on `listener` until `shutdown` resolves, then finishes
@@ -64,8 +70,20 @@ async fn serve(
     storage: Arc<dyn Storage>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let broker = Arc::new(Broker::new(storage, config.limits.clone()).await?);
-    let app = http::app(broker);
+    let broker = Arc::new(Broker::new(storage.clone(), config.limits.clone()).await?);
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
+        timeout_ms: config.plugins.timeout_ms,
+        memory_bytes: (config.plugins.memory_mb * 1024 * 1024) as usize,
+        pool_instances: config.plugins.pool_instances,
+    })?);
+    let plugins = Arc::new(Plugins::new(
+        runtime,
+        storage,
+        config.limits.max_plugin_bytes,
+    ));
+    let warm = plugins.clone();
+    tokio::spawn(async move { warm.warm_up().await });
+    let app = http::app(broker, plugins);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -11,6 +11,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wasmq::config::Config;
 
+/// Paths of the plugins compiled from plugins/ by this crate's build script.
+pub mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+}
+
 /// A server running inside the test process.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -222,5 +227,38 @@ impl ChildServer {
             .await
             .unwrap()
             .unwrap()
+    }
+}
+
+impl TestServer {
+    /// Uploads a plugin file; returns status and answer.
+    pub async fn upload_plugin(&self, name: &str, path: &str) -> (StatusCode, Value) {
+        let bytes = std::fs::read(path).unwrap();
+        self.upload_bytes(name, bytes).await
+    }
+
+    pub async fn upload_bytes(&self, name: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+        decode(
+            self.client
+                .put(format!("{}/v1/plugins/{name}", self.url))
+                .header("content-type", "application/wasm")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Runs a plugin's `handle` on a message with this JSON body through the invoke API.
+    pub async fn invoke(&self, plugin: &str, body: Value) -> Value {
+        let (status, v) = self
+            .post_json(
+                &format!("/v1/plugins/{plugin}/invoke"),
+                &serde_json::json!({"message": {"body": body}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
     }
 }

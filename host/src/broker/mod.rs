@@ -109,7 +109,7 @@ impl Broker {
     /// Loads topic metadata into memory.
     pub async fn new(storage: Arc<dyn Storage>, limits: LimitsConfig) -> Result<Self, BrokerError> {
         let mut topics = HashMap::new();
-        for (name, record) in storage.list_records(TOPIC_SPACE, "").await? {
+        for (name, record) in storage.list_records(TOPIC_SPACE, "", usize::MAX).await? {
             let meta: TopicMeta = serde_json::from_slice(&record.value)
                 .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
             topics.insert(

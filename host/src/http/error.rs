@@ -106,3 +106,31 @@ impl From<StorageError> for ApiError {
         }
     }
 }
+
+impl From<crate::plugins::PluginError> for ApiError {
+    fn from(e: crate::plugins::PluginError) -> Self {
+        use crate::plugins::PluginError as P;
+        use crate::runtime::{CompileError as C, InvokeError as I};
+        let msg = e.to_string();
+        match e {
+            P::BadName(_) => Self::bad_request("bad_plugin_name", msg),
+            P::Unknown(_) => Self::not_found("unknown_plugin", msg),
+            P::UnknownVersion { .. } => Self::not_found("unknown_plugin_version", msg),
+            P::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "plugin_too_large", msg),
+            P::Compile(c) => Self::bad_request(
+                match c {
+                    C::NotWasm => "not_wasm",
+                    C::CoreModule => "core_module",
+                    C::Invalid(_) => "invalid_component",
+                    C::UnknownWorld => "unknown_world",
+                    C::UnsupportedImports(_) => "unsupported_imports",
+                },
+                msg,
+            ),
+            P::InUse { .. } => Self::new(StatusCode::CONFLICT, "plugin_in_use", msg),
+            P::Invoke(I::MissingExport(_)) => Self::bad_request("missing_export", msg),
+            P::Invoke(other) => Self::internal(other),
+            P::Storage(s) => s.into(),
+        }
+    }
+}

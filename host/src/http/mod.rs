@@ -2,6 +2,7 @@
 
 mod error;
 mod messages;
+mod plugins;
 mod topics;
 
 use std::sync::Arc;
@@ -13,18 +14,21 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
 use crate::broker::Broker;
+use crate::plugins::Plugins;
 pub use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub broker: Arc<Broker>,
+    pub plugins: Arc<Plugins>,
 }
 
 /// The whole API; tests and the server both build it here.
-pub fn app(broker: Arc<Broker>) -> Router {
-    let state = AppState { broker };
+pub fn app(broker: Arc<Broker>, plugins: Arc<Plugins>) -> Router {
+    let state = AppState { broker, plugins };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/topics", get(topics::list))
         .route("/v1/topics/{topic}", get(topics::show).put(topics::put))
         .route(
@@ -36,6 +40,14 @@ pub fn app(broker: Arc<Broker>) -> Router {
             post(messages::publish_batch),
         )
         .route("/v1/messages/{id}", get(messages::by_id))
+        .route("/v1/plugins", get(plugins::list))
+        .route(
+            "/v1/plugins/{name}",
+            get(plugins::show)
+                .put(plugins::upload)
+                .delete(plugins::delete),
+        )
+        .route("/v1/plugins/{name}/invoke", post(plugins::invoke))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -43,6 +55,26 @@ pub fn app(broker: Arc<Broker>) -> Router {
 
 async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Prometheus text format.
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    let mut registry = prometheus_client::registry::Registry::default();
+    state.plugins.runtime().stats().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn not_found() -> ApiError {

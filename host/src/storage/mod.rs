@@ -129,11 +129,12 @@ pub trait Storage: Send + Sync + 'static {
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError>;
 
-    /// Every record of a space whose key starts with `prefix`, in key order.
+    /// Up to `limit` records of a space whose key starts with `prefix`, in key order.
     async fn list_records(
         &self,
         space: &str,
         prefix: &str,
+        limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError>;
 
     /// Writes (`Some`) or deletes (`None`) a record if `expect` holds, durably; returns the new
@@ -145,6 +146,12 @@ pub trait Storage: Send + Sync + 'static {
         value: Option<Vec<u8>>,
         expect: Expect,
     ) -> Result<u64, StorageError>;
+
+    /// Writes (`Some`) or deletes (`None`) a large immutable value (plugin code, compiled
+    /// artifacts) durably.
+    async fn put_blob(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StorageError>;
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
     /// Finishes every write already accepted, then refuses new ones.
     async fn close(&self);

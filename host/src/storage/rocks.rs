@@ -22,7 +22,9 @@ const CF_MESSAGES: &str = "messages";
 const CF_IDS: &str = "ids";
 const CF_KEYS: &str = "keys";
 const CF_RECORDS: &str = "records";
-const COLUMN_FAMILIES: [&str; 4] = [CF_MESSAGES, CF_IDS, CF_KEYS, CF_RECORDS];
+/// Large values (plugin code, compiled artifacts), kept in RocksDB's blob files.
+const CF_BLOBS: &str = "blobs";
+const COLUMN_FAMILIES: [&str; 5] = [CF_MESSAGES, CF_IDS, CF_KEYS, CF_RECORDS, CF_BLOBS];
 /// Default-CF key of the last record revision handed out; revisions are global and never reused.
 const LAST_REVISION: &[u8] = b"last_record_revision";
 
@@ -59,6 +61,11 @@ enum WriteOp {
         messages: Vec<NewMessage>,
         reply: oneshot::Sender<Result<Vec<Appended>, StorageError>>,
     },
+    PutBlob {
+        key: String,
+        value: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
     PutRecord {
         space: String,
         key: String,
@@ -72,7 +79,9 @@ impl WriteOp {
     fn size(&self) -> usize {
         match self {
             WriteOp::Append { messages, .. } => messages.iter().map(|m| m.body.len() + 128).sum(),
-            WriteOp::PutRecord { value, .. } => value.as_ref().map_or(0, Vec::len) + 64,
+            WriteOp::PutRecord { value, .. } | WriteOp::PutBlob { value, .. } => {
+                value.as_ref().map_or(0, Vec::len) + 64
+            }
         }
     }
 }
@@ -88,6 +97,10 @@ impl RocksStorage {
             let mut cf = Options::default();
             if *name == CF_MESSAGES {
                 cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            }
+            if *name == CF_BLOBS {
+                cf.set_enable_blob_files(true);
+                cf.set_min_blob_size(4096);
             }
             ColumnFamilyDescriptor::new(*name, cf)
         });
@@ -337,6 +350,7 @@ impl Storage for RocksStorage {
         &self,
         space: &str,
         prefix: &str,
+        limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
         let (space, start) = (space.to_string(), keys::record(space, prefix));
         self.blocking(move |db| {
@@ -347,7 +361,7 @@ impl Storage for RocksStorage {
             );
             for item in iter {
                 let (k, v) = item?;
-                if !k.starts_with(&start) {
+                if !k.starts_with(&start) || out.len() >= limit {
                     break;
                 }
                 let (revision, payload) = keys::parse_record_value(&v)?;
@@ -380,6 +394,19 @@ impl Storage for RocksStorage {
             reply,
         })
         .await
+    }
+
+    async fn put_blob(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StorageError> {
+        let key = key.to_string();
+        self.submit(|reply| WriteOp::PutBlob { key, value, reply })
+            .await
+            .map(drop)
+    }
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let key = key.as_bytes().to_vec();
+        self.blocking(move |db| Ok(db.get_cf(cf(db, CF_BLOBS)?, &key)?))
+            .await
     }
 
     async fn close(&self) {
@@ -460,6 +487,17 @@ impl Writer {
                         let _ = reply.send(Err(e));
                     }
                 },
+                WriteOp::PutBlob { key, value, reply } => {
+                    let Ok(blobs) = cf(&self.db, CF_BLOBS) else {
+                        let _ = reply.send(Err(StorageError::Corrupt("no blobs CF".into())));
+                        continue;
+                    };
+                    match value {
+                        Some(v) => batch.put_cf(blobs, key.as_bytes(), v),
+                        None => batch.delete_cf(blobs, key.as_bytes()),
+                    }
+                    replies.push(Reply::Record(reply, 0));
+                }
                 WriteOp::PutRecord {
                     space,
                     key,
@@ -709,7 +747,7 @@ mod tests {
         s.put_record("topicz", "a", Some(b"z".to_vec()), Expect::Any)
             .await
             .unwrap();
-        let all = s.list_records("topic", "").await.unwrap();
+        let all = s.list_records("topic", "", 100).await.unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].1.value, b"2");
         s.put_record("topic", "b", None, Expect::Any).await.unwrap();

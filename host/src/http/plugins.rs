@@ -1,0 +1,185 @@
+//! Plugin routes: upload a component, list, show, delete, and invoke one directly.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, parse_json, read_body};
+use crate::broker::{Envelope, now_ms};
+use crate::plugins::{PluginRecord, PluginVersion, validate_name};
+use crate::runtime::bindings::{Message, Outcome};
+use crate::runtime::{Grants, InstanceContext};
+
+#[derive(Serialize)]
+pub struct VersionView {
+    name: String,
+    #[serde(flatten)]
+    version: PluginVersion,
+}
+
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<VersionView>), ApiError> {
+    validate_name(&name)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !matches!(
+        content_type,
+        "" | "application/wasm" | "application/octet-stream"
+    ) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("send the component as application/wasm, not {content_type}"),
+        ));
+    }
+    let limit = state.broker.limits().max_plugin_bytes;
+    let bytes = read_body(body, limit).await.map_err(|e| {
+        if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                e.status,
+                "plugin_too_large",
+                format!("the plugin is larger than {limit} bytes"),
+            )
+        } else {
+            e
+        }
+    })?;
+    let (version, created) = state.plugins.upload(&name, bytes.to_vec()).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(VersionView { name, version })))
+}
+
+#[derive(Serialize)]
+pub struct PluginView {
+    name: String,
+    /// The latest version's fields.
+    #[serde(flatten)]
+    latest: Option<PluginVersion>,
+    versions: Vec<PluginVersion>,
+}
+
+impl From<PluginRecord> for PluginView {
+    fn from(r: PluginRecord) -> Self {
+        PluginView {
+            latest: r.latest().cloned(),
+            name: r.name,
+            versions: r.versions,
+        }
+    }
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let plugins: Vec<PluginView> = state
+        .plugins
+        .list()
+        .await?
+        .into_iter()
+        .map(PluginView::from)
+        .collect();
+    Ok(Json(json!({ "plugins": plugins })))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PluginView>, ApiError> {
+    Ok(Json(state.plugins.get(&name).await?.into()))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.plugins.delete(&name, None).await?;
+    Ok(Json(json!({ "deleted": name })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeRequest {
+    message: Envelope,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    config: Option<Value>,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    attempt: Option<u32>,
+}
+
+/// A plugin's answer, as JSON: `{"type":"ack"}`, `{"type":"retry","after_ms":N}`,
+/// `{"type":"reject","reason":"..."}`.
+pub fn outcome_json(o: &Outcome) -> Value {
+    match o {
+        Outcome::Ack => json!({"type": "ack"}),
+        Outcome::Retry(ms) => json!({"type": "retry", "after_ms": ms}),
+        Outcome::Reject(reason) => json!({"type": "reject", "reason": reason}),
+    }
+}
+
+/// Runs the plugin's `handle` on one message outside any subscription: for trying a plugin.
+/// A plugin failure (trap, deadline, memory) is reported in `failure`, with status 200.
+pub async fn invoke(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
+    let req: InvokeRequest = parse_json(&bytes)?;
+    let now = now_ms();
+    let checked = req.message.check(state.broker.limits(), now)?;
+    let message = Message {
+        id: uuid::Uuid::now_v7().to_string(),
+        topic: req.topic.unwrap_or_else(|| "invoke".into()),
+        queue: 0,
+        offset: 0,
+        key: checked.key,
+        tag: checked.tag,
+        sharding_key: checked.sharding_key,
+        properties: checked.properties.into_iter().collect(),
+        body: checked.body,
+        born_at: now,
+        attempt: req.attempt.unwrap_or(1).max(1),
+    };
+    let ctx = InstanceContext {
+        plugin: name.clone(),
+        version: 0,
+        group: String::new(),
+        instance_index: 0,
+        instance_count: 1,
+        config_json: req.config.unwrap_or_else(|| json!({})).to_string(),
+        grants: Grants::default(),
+        broker: state.broker.clone(),
+    };
+    let started = Instant::now();
+    let (version, result) = state
+        .plugins
+        .invoke(&name, req.version, ctx, &message)
+        .await?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(Json(match result {
+        Ok(o) => {
+            json!({"name": name, "version": version.version, "outcome": outcome_json(&o), "duration_ms": elapsed_ms})
+        }
+        Err(e) => json!({
+            "name": name, "version": version.version, "duration_ms": elapsed_ms,
+            "failure": {"kind": e.kind(), "message": e.to_string()},
+        }),
+    }))
+}

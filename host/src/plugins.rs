@@ -1,0 +1,378 @@
+//! The plugin catalogue: uploaded components by name and version, their bytes and compiled
+//! artifacts (stored once per digest and engine), and the compiled code cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use tokio::sync::OnceCell;
+
+use crate::broker::{now_ms, validate_topic_name};
+use crate::runtime::{
+    CompileError, InstanceContext, InvokeError, PluginCode, PluginInstance, Runtime,
+};
+use crate::storage::{Expect, Storage, StorageError};
+
+const PLUGIN_SPACE: &str = "plugin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin name: {0}")]
+    BadName(String),
+    #[error("plugin {0:?} does not exist")]
+    Unknown(String),
+    #[error("plugin {name:?} has no version {version}")]
+    UnknownVersion { name: String, version: u32 },
+    #[error("the plugin has {len} bytes; the limit is {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("plugin {name:?} is used by subscription {group:?}")]
+    InUse { name: String, group: String },
+    #[error(transparent)]
+    Invoke(#[from] InvokeError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// One uploaded version of a plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginVersion {
+    pub version: u32,
+    /// SHA-256 of the component bytes, hex.
+    pub digest: String,
+    pub size: usize,
+    pub exports: Vec<String>,
+    pub uploaded_at: u64,
+}
+
+/// Every version of one plugin, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginRecord {
+    pub name: String,
+    pub versions: Vec<PluginVersion>,
+}
+
+impl PluginRecord {
+    pub fn latest(&self) -> Option<&PluginVersion> {
+        self.versions.last()
+    }
+}
+
+pub struct Plugins {
+    runtime: Arc<Runtime>,
+    storage: Arc<dyn Storage>,
+    max_bytes: usize,
+    /// Compiled code by digest; the cell makes concurrent loads of one digest load it once.
+    code: Mutex<HashMap<String, Arc<OnceCell<Arc<PluginCode>>>>>,
+    /// Idle instances for direct invocations, by (name, version, config).
+    idle: Mutex<HashMap<(String, u32, String), Vec<PluginInstance>>>,
+}
+
+fn wasm_key(digest: &str) -> String {
+    format!("wasm/{digest}")
+}
+
+impl Plugins {
+    pub fn new(runtime: Arc<Runtime>, storage: Arc<dyn Storage>, max_bytes: usize) -> Self {
+        Self {
+            runtime,
+            storage,
+            max_bytes,
+            code: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    fn artifact_key(&self, digest: &str) -> String {
+        format!("artifact/{digest}/{}", self.runtime.engine_key())
+    }
+
+    fn decode(name: &str, bytes: &[u8]) -> Result<PluginRecord, StorageError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| StorageError::Corrupt(format!("plugin {name}: {e}")))
+    }
+
+    pub async fn get(&self, name: &str) -> Result<PluginRecord, PluginError> {
+        validate_name(name)?;
+        match self.storage.get_record(PLUGIN_SPACE, name).await? {
+            Some(r) => Ok(Self::decode(name, &r.value)?),
+            None => Err(PluginError::Unknown(name.to_string())),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<PluginRecord>, PluginError> {
+        let records = self
+            .storage
+            .list_records(PLUGIN_SPACE, "", usize::MAX)
+            .await?;
+        Ok(records
+            .iter()
+            .map(|(k, r)| Self::decode(k, &r.value))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Validates, compiles and stores a component as the plugin's next version. Uploading the
+    /// bytes of the latest version again changes nothing and returns it (`false`).
+    pub async fn upload(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(PluginVersion, bool), PluginError> {
+        validate_name(name)?;
+        if bytes.len() > self.max_bytes {
+            return Err(PluginError::TooLarge {
+                len: bytes.len(),
+                max: self.max_bytes,
+            });
+        }
+        let digest = hex(&sha2::Sha256::digest(&bytes));
+        let code = match self.cached(&digest) {
+            Some(code) => code,
+            None => {
+                let runtime = self.runtime.clone();
+                let input = bytes.clone();
+                let (code, artifact) = tokio::task::spawn_blocking(move || runtime.compile(&input))
+                    .await
+                    .map_err(|e| CompileError::Invalid(format!("compiler task failed: {e}")))??;
+                self.storage
+                    .put_blob(&wasm_key(&digest), Some(bytes.clone()))
+                    .await?;
+                self.storage
+                    .put_blob(&self.artifact_key(&digest), Some(artifact))
+                    .await?;
+                self.cache(&digest, code.clone());
+                code
+            }
+        };
+        let exports: Vec<String> = code.exports().iter().map(|s| s.to_string()).collect();
+        loop {
+            let current = self.storage.get_record(PLUGIN_SPACE, name).await?;
+            let (mut record, expect) = match &current {
+                Some(r) => (Self::decode(name, &r.value)?, Expect::Revision(r.revision)),
+                None => (
+                    PluginRecord {
+                        name: name.to_string(),
+                        versions: Vec::new(),
+                    },
+                    Expect::Absent,
+                ),
+            };
+            if let Some(latest) = record.latest()
+                && latest.digest == digest
+            {
+                return Ok((latest.clone(), false));
+            }
+            let version = PluginVersion {
+                version: record.latest().map_or(1, |v| v.version + 1),
+                digest: digest.clone(),
+                size: bytes.len(),
+                exports: exports.clone(),
+                uploaded_at: now_ms(),
+            };
+            record.versions.push(version.clone());
+            let value =
+                serde_json::to_vec(&record).map_err(|e| StorageError::Encode(e.to_string()))?;
+            match self
+                .storage
+                .put_record(PLUGIN_SPACE, name, Some(value), expect)
+                .await
+            {
+                Ok(_) => return Ok((version, true)),
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Removes a plugin and every version of it. `in_use` names a subscription still using it.
+    pub async fn delete(&self, name: &str, in_use: Option<String>) -> Result<(), PluginError> {
+        let record = self.get(name).await?;
+        if let Some(group) = in_use {
+            return Err(PluginError::InUse {
+                name: name.to_string(),
+                group,
+            });
+        }
+        self.storage
+            .put_record(PLUGIN_SPACE, name, None, Expect::Any)
+            .await?;
+        // Bytes are shared by digest: drop only those no other plugin references.
+        let still_used: std::collections::HashSet<String> = self
+            .list()
+            .await?
+            .iter()
+            .flat_map(|r| r.versions.iter().map(|v| v.digest.clone()))
+            .collect();
+        for v in &record.versions {
+            if !still_used.contains(&v.digest) {
+                self.storage.put_blob(&wasm_key(&v.digest), None).await?;
+                self.storage
+                    .put_blob(&self.artifact_key(&v.digest), None)
+                    .await?;
+                if let Ok(mut code) = self.code.lock() {
+                    code.remove(&v.digest);
+                }
+            }
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|(n, _, _), _| n != name);
+        }
+        Ok(())
+    }
+
+    fn cell(&self, digest: &str) -> Arc<OnceCell<Arc<PluginCode>>> {
+        match self.code.lock() {
+            Ok(mut c) => c.entry(digest.to_string()).or_default().clone(),
+            Err(_) => Arc::new(OnceCell::new()),
+        }
+    }
+
+    fn cached(&self, digest: &str) -> Option<Arc<PluginCode>> {
+        self.code.lock().ok()?.get(digest)?.get().cloned()
+    }
+
+    fn cache(&self, digest: &str, code: Arc<PluginCode>) {
+        let _ = self.cell(digest).set(code);
+    }
+
+    /// The compiled code of a version (the latest if `None`): from memory, else from the stored
+    /// artifact, else compiled again from the stored bytes (after an engine upgrade).
+    pub async fn code(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<(PluginVersion, Arc<PluginCode>), PluginError> {
+        let record = self.get(name).await?;
+        let v = match version {
+            Some(n) => record.versions.iter().find(|v| v.version == n),
+            None => record.latest(),
+        }
+        .cloned()
+        .ok_or_else(|| PluginError::UnknownVersion {
+            name: name.to_string(),
+            version: version.unwrap_or(0),
+        })?;
+        let code = self
+            .cell(&v.digest)
+            .get_or_try_init(|| self.load(name, &v))
+            .await?
+            .clone();
+        Ok((v, code))
+    }
+
+    async fn load(&self, name: &str, v: &PluginVersion) -> Result<Arc<PluginCode>, PluginError> {
+        let runtime = self.runtime.clone();
+        Ok(
+            match self.storage.get_blob(&self.artifact_key(&v.digest)).await? {
+                Some(artifact) => {
+                    tokio::task::spawn_blocking(move || runtime.load_artifact(&artifact))
+                        .await
+                        .map_err(|e| CompileError::Invalid(format!("loader task failed: {e}")))??
+                }
+                None => {
+                    let bytes = self
+                        .storage
+                        .get_blob(&wasm_key(&v.digest))
+                        .await?
+                        .ok_or_else(|| {
+                            StorageError::Corrupt(format!(
+                                "bytes of plugin {name} v{} are missing",
+                                v.version
+                            ))
+                        })?;
+                    let (code, artifact) =
+                        tokio::task::spawn_blocking(move || runtime.compile(&bytes))
+                            .await
+                            .map_err(|e| {
+                                CompileError::Invalid(format!("compiler task failed: {e}"))
+                            })??;
+                    self.storage
+                        .put_blob(&self.artifact_key(&v.digest), Some(artifact))
+                        .await?;
+                    code
+                }
+            },
+        )
+    }
+
+    /// Loads the latest version of every plugin, so the first message after a restart does not
+    /// pay for it. Failures are logged, not fatal: the plugin is loaded again on first use.
+    pub async fn warm_up(&self) {
+        let Ok(records) = self.list().await else {
+            return;
+        };
+        for r in records {
+            if let Err(e) = self.code(&r.name, None).await {
+                tracing::warn!(plugin = %r.name, error = %e, "cannot load plugin at start-up");
+            }
+        }
+    }
+
+    /// Calls `handle` on an instance of the plugin outside any subscription (the invoke API):
+    /// idle instances are reused; a failed one is dropped and replaced next time.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        ctx: InstanceContext,
+        message: &crate::runtime::bindings::Message,
+    ) -> Result<
+        (
+            PluginVersion,
+            Result<crate::runtime::bindings::Outcome, InvokeError>,
+        ),
+        PluginError,
+    > {
+        let (v, code) = self.code(name, version).await?;
+        if !code.has_consumer() {
+            return Err(
+                InvokeError::MissingExport(crate::runtime::bindings::CONSUMER_EXPORT).into(),
+            );
+        }
+        let pool_key = (name.to_string(), v.version, ctx.config_json.clone());
+        let idle = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut m| m.get_mut(&pool_key).and_then(Vec::pop));
+        let mut instance = match idle {
+            Some(i) => i,
+            None => {
+                let ctx = InstanceContext {
+                    version: v.version,
+                    ..ctx
+                };
+                match self.runtime.instantiate(&code, Arc::new(ctx)).await {
+                    Ok(i) => i,
+                    Err(e) => return Ok((v, Err(e))),
+                }
+            }
+        };
+        let outcome = instance.handle(message).await;
+        if instance.is_usable()
+            && let Ok(mut m) = self.idle.lock()
+        {
+            m.entry(pool_key).or_default().push(instance);
+        }
+        Ok((v, outcome))
+    }
+}
+
+/// Plugin names follow the topic name rules (they appear in URLs and storage keys).
+pub fn validate_name(name: &str) -> Result<(), PluginError> {
+    validate_topic_name(name).map_err(|_| {
+        PluginError::BadName(format!(
+            "{name:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
+        ))
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,361 @@
+//! The host side of a plugin instance: its store data (WASI context with nothing granted,
+//! memory limiter, CPU budget) and the capability imports of the WIT contract.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::GuestError;
+use super::bindings::wasmq::plugin::{context, email, http, kv, log, publish, sms, types};
+use crate::broker::{Broker, Envelope};
+
+/// Longest kv key and largest kv value.
+pub const MAX_KV_KEY: usize = 1024;
+pub const MAX_KV_VALUE: usize = 1024 * 1024;
+/// Longest log line kept; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// What a subscription granted its plugin. Nothing by default.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub email: bool,
+    pub sms: bool,
+    /// Allowed HTTP origins (`scheme://host:port`).
+    pub http: Vec<String>,
+    /// Topics the plugin may publish to.
+    pub publish: Vec<String>,
+}
+
+/// Who an instance is, what it may do, and the broker services behind its capabilities.
+#[derive(Clone)]
+pub struct InstanceContext {
+    pub plugin: String,
+    pub version: u32,
+    pub group: String,
+    pub instance_index: u32,
+    pub instance_count: u32,
+    pub config_json: String,
+    pub grants: Grants,
+    pub broker: Arc<Broker>,
+}
+
+/// The memory cap of one instance; a growth past it traps with [`MemoryLimitExceeded`].
+pub struct MemoryLimiter {
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {limit} bytes exceeded (asked for {asked})")]
+pub struct MemoryLimitExceeded {
+    pub limit: usize,
+    pub asked: usize,
+}
+
+/// The CPU budget of the current call ran out.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU deadline exceeded")]
+pub struct DeadlineExceeded;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            return Err(MemoryLimitExceeded {
+                limit: self.max_bytes,
+                asked: desired,
+            }
+            .into());
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limiter: MemoryLimiter,
+    /// Epoch ticks (of `TICK`) the current call has run; compared against `tick_budget`.
+    pub ticks_used: u64,
+    pub tick_budget: u64,
+    pub ctx: Arc<InstanceContext>,
+}
+
+impl HostState {
+    pub fn new(ctx: Arc<InstanceContext>, max_memory: usize) -> Self {
+        // No preopened dirs, no env, no args, no network, no stdio: only clocks and randomness.
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: max_memory,
+            },
+            ticks_used: 0,
+            tick_budget: u64::MAX,
+            ctx,
+        }
+    }
+
+    fn denied(&self, what: &str) -> GuestError {
+        tracing::warn!(plugin = %self.ctx.plugin, group = %self.ctx.group, capability = what, "capability call denied");
+        GuestError::Denied(format!("the subscription does not grant {what}"))
+    }
+
+    fn kv_space(&self) -> String {
+        format!("kv/{}", self.ctx.plugin)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn check_key(key: &str) -> Result<(), GuestError> {
+    if key.is_empty() || key.len() > MAX_KV_KEY {
+        return Err(GuestError::Invalid(format!(
+            "kv keys have 1 to {MAX_KV_KEY} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> GuestError {
+    GuestError::Unavailable(e.to_string())
+}
+
+impl types::Host for HostState {}
+
+impl log::Host for HostState {
+    async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let (plugin, group) = (&self.ctx.plugin, &self.ctx.group);
+        match level {
+            log::Level::Trace => {
+                tracing::trace!(target: "wasmq::plugin", %plugin, %group, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "wasmq::plugin", %plugin, %group, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "wasmq::plugin", %plugin, %group, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "wasmq::plugin", %plugin, %group, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "wasmq::plugin", %plugin, %group, "{message}")
+            }
+        }
+        Ok(())
+    }
+}
+
+impl kv::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, GuestError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
+        let storage = self.ctx.broker.storage();
+        Ok(storage
+            .get_record(&self.kv_space(), &key)
+            .await
+            .map(|r| r.map(|r| r.value))
+            .map_err(unavailable))
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
+        if value.len() > MAX_KV_VALUE {
+            return Ok(Err(GuestError::Invalid(format!(
+                "kv values have at most {MAX_KV_VALUE} bytes"
+            ))));
+        }
+        let storage = self.ctx.broker.storage();
+        Ok(storage
+            .put_record(
+                &self.kv_space(),
+                &key,
+                Some(value),
+                crate::storage::Expect::Any,
+            )
+            .await
+            .map(drop)
+            .map_err(unavailable))
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), GuestError>> {
+        if let Err(e) = check_key(&key) {
+            return Ok(Err(e));
+        }
+        let storage = self.ctx.broker.storage();
+        Ok(storage
+            .put_record(&self.kv_space(), &key, None, crate::storage::Expect::Any)
+            .await
+            .map(drop)
+            .map_err(unavailable))
+    }
+
+    async fn list_keys(
+        &mut self,
+        prefix: String,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<String>, GuestError>> {
+        let storage = self.ctx.broker.storage();
+        let limit = (limit as usize).min(10_000);
+        Ok(storage
+            .list_records(&self.kv_space(), &prefix, limit)
+            .await
+            .map(|v| v.into_iter().map(|(k, _)| k).collect())
+            .map_err(unavailable))
+    }
+}
+
+impl publish::Host for HostState {
+    async fn send(
+        &mut self,
+        message: publish::Outgoing,
+    ) -> wasmtime::Result<Result<String, GuestError>> {
+        let granted = self
+            .ctx
+            .grants
+            .publish
+            .iter()
+            .any(|t| t == &message.topic || t == "*");
+        if !granted {
+            return Ok(Err(
+                self.denied(&format!("publishing to {:?}", message.topic))
+            ));
+        }
+        // JSON bodies stay JSON (readable in the API); anything else travels as bytes.
+        let (body, body_base64) = match std::str::from_utf8(&message.body)
+            .ok()
+            .and_then(|s| serde_json::value::RawValue::from_string(s.to_string()).ok())
+        {
+            Some(raw) => (Some(raw), None),
+            None => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&message.body)),
+            ),
+        };
+        let envelope = Envelope {
+            body,
+            body_base64,
+            key: message.key,
+            tag: message.tag,
+            sharding_key: message.sharding_key,
+            properties: message.properties.into_iter().collect(),
+            ..Envelope::default()
+        };
+        Ok(
+            match self.ctx.broker.publish(&message.topic, envelope).await {
+                Ok(a) => Ok(a.id.to_string()),
+                Err(e @ crate::broker::BrokerError::Storage(_)) => Err(unavailable(e)),
+                Err(e) => Err(GuestError::Invalid(e.to_string())),
+            },
+        )
+    }
+}
+
+impl context::Host for HostState {
+    async fn identity(&mut self) -> wasmtime::Result<context::PluginInstance> {
+        let c = &self.ctx;
+        Ok(context::PluginInstance {
+            group: c.group.clone(),
+            plugin: c.plugin.clone(),
+            plugin_version: c.version,
+            instance_index: c.instance_index,
+            instance_count: c.instance_count,
+        })
+    }
+
+    async fn config(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.config_json.clone())
+    }
+}
+
+// Email, SMS and HTTP are granted per subscription; their senders come with the capabilities
+// work. Until a grant exists the answer is `denied`, exactly as for an ungranted call.
+impl email::Host for HostState {
+    async fn send(
+        &mut self,
+        _to: String,
+        _subject: String,
+        _text: String,
+        _html: Option<String>,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
+        if !self.ctx.grants.email {
+            return Ok(Err(self.denied("email")));
+        }
+        Ok(Err(GuestError::Unavailable(
+            "no SMTP relay is configured on this host".into(),
+        )))
+    }
+}
+
+impl sms::Host for HostState {
+    async fn send(
+        &mut self,
+        _to: String,
+        _text: String,
+    ) -> wasmtime::Result<Result<(), GuestError>> {
+        if !self.ctx.grants.sms {
+            return Ok(Err(self.denied("sms")));
+        }
+        Ok(Err(GuestError::Unavailable(
+            "no SMS gateway is configured on this host".into(),
+        )))
+    }
+}
+
+impl http::Host for HostState {
+    async fn send(
+        &mut self,
+        req: http::Request,
+    ) -> wasmtime::Result<Result<http::Response, GuestError>> {
+        if self.ctx.grants.http.is_empty() {
+            return Ok(Err(self.denied(&format!("http to {}", req.url))));
+        }
+        Ok(Err(GuestError::Unavailable(
+            "outbound HTTP is not enabled on this host".into(),
+        )))
+    }
+}

@@ -1,0 +1,423 @@
+//! The plugin runtime: one wasmtime `Engine` (epoch interruption, pooling allocator), component
+//! validation and compilation, `InstancePre` per plugin version, and long-lived instances with a
+//! CPU budget and a memory cap per call. Traps, deadlines and memory overruns become
+//! [`InvokeError`]s; the host never crashes because of a plugin.
+
+pub mod bindings;
+pub mod host;
+
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
+
+use bindings::{CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer};
+pub use host::{Grants, HostState, InstanceContext};
+
+/// How often the engine's epoch advances; CPU budgets are counted in these ticks.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Runtime settings (from `[plugins]`).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// CPU budget of one call.
+    pub timeout_ms: u64,
+    /// Linear memory cap of one instance.
+    pub memory_bytes: usize,
+    /// Instances the pooling allocator reserves room for; 0 = allocate on demand.
+    pub pool_instances: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("the upload is not WebAssembly (no \\0asm header)")]
+    NotWasm,
+    #[error(
+        "the upload is a core WebAssembly module, not a component; build for wasm32-wasip2 or run `wasm-tools component new`"
+    )]
+    CoreModule,
+    #[error("the upload is not a valid component: {0}")]
+    Invalid(String),
+    #[error(
+        "the component exports neither {CONSUMER_EXPORT} nor {CHECKER_EXPORT}; target the consumer-plugin, checker-plugin or plugin world of wit/wasmq.wit"
+    )]
+    UnknownWorld,
+    #[error("the component needs imports this host does not provide: {0}")]
+    UnsupportedImports(String),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InvokeError {
+    #[error("the plugin ran past its CPU deadline of {0} ms")]
+    Timeout(u64),
+    #[error("the plugin exceeded its memory limit of {0} bytes")]
+    MemoryLimit(usize),
+    #[error("the plugin trapped: {0}")]
+    Trap(String),
+    #[error("the plugin does not export {0}")]
+    MissingExport(&'static str),
+    #[error("the plugin could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+impl InvokeError {
+    /// A short stable name, for metrics and API answers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InvokeError::Timeout(_) => "timeout",
+            InvokeError::MemoryLimit(_) => "memory_limit",
+            InvokeError::Trap(_) => "trap",
+            InvokeError::MissingExport(_) => "missing_export",
+            InvokeError::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// Counters for metrics, tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    pub compiles: Counter,
+    pub artifact_loads: Counter,
+    pub instantiations: Counter,
+    pub calls: Counter,
+}
+
+impl RuntimeStats {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry;
+        r.register(
+            "wasmq_plugin_compiles",
+            "Components compiled from WebAssembly bytes",
+            self.compiles.clone(),
+        );
+        r.register(
+            "wasmq_plugin_artifact_loads",
+            "Compiled artifacts loaded from storage",
+            self.artifact_loads.clone(),
+        );
+        r.register(
+            "wasmq_plugin_instantiations",
+            "Plugin instances created",
+            self.instantiations.clone(),
+        );
+        r.register(
+            "wasmq_plugin_calls",
+            "Plugin export calls",
+            self.calls.clone(),
+        );
+    }
+}
+
+/// A validated, compiled plugin version, ready to instantiate.
+pub struct PluginCode {
+    pre: InstancePre<HostState>,
+    consumer: Option<consumer::GuestIndices>,
+    checker: Option<checker::GuestIndices>,
+}
+
+impl PluginCode {
+    /// The interfaces it exports, by WIT name.
+    pub fn exports(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.consumer.is_some() {
+            out.push(CONSUMER_EXPORT);
+        }
+        if self.checker.is_some() {
+            out.push(CHECKER_EXPORT);
+        }
+        out
+    }
+
+    pub fn has_consumer(&self) -> bool {
+        self.consumer.is_some()
+    }
+
+    pub fn has_checker(&self) -> bool {
+        self.checker.is_some()
+    }
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    stats: RuntimeStats,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
+    let mut c = Config::new();
+    c.wasm_component_model(true);
+    c.epoch_interruption(true);
+    c.max_wasm_stack(1024 * 1024);
+    c.async_stack_size(4 * 1024 * 1024);
+    if pooling {
+        let n = config.pool_instances.max(1);
+        let mut p = PoolingAllocationConfig::default();
+        p.total_component_instances(n);
+        // Components from Python or JS toolchains have many core instances and tables.
+        p.total_core_instances(n.saturating_mul(8));
+        p.total_memories(n.saturating_mul(2));
+        p.total_tables(n.saturating_mul(4));
+        p.total_stacks(n);
+        p.max_core_instances_per_component(64);
+        p.max_memories_per_component(8);
+        p.max_tables_per_component(16);
+        p.max_memory_size(config.memory_bytes);
+        p.max_component_instance_size(1 << 20);
+        p.max_core_instance_size(1 << 20);
+        p.table_elements(100_000);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+        // Small reservations keep the pool's virtual footprint proportional to the memory cap.
+        c.memory_reservation(
+            (config.memory_bytes as u64)
+                .next_power_of_two()
+                .max(1 << 24),
+        );
+        c.memory_guard_size(1 << 16);
+    }
+    c
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let engine = match config.pool_instances {
+            0 => Engine::new(&engine_config(&config, false))?,
+            _ => match Engine::new(&engine_config(&config, true)) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable; allocating instances on demand");
+                    Engine::new(&engine_config(&config, false))?
+                }
+            },
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasmq-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker,
+            config,
+            stats: RuntimeStats::default(),
+            ticker_stop,
+        })
+    }
+
+    pub fn stats(&self) -> &RuntimeStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Identifies this engine's compiled-code format; artifacts are cached under it.
+    pub fn engine_key(&self) -> String {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("wasmtime-{:016x}", h.finish())
+    }
+
+    /// Validates and compiles a component (CPU-heavy: call off the async executor). Returns the
+    /// code and its serialised artifact.
+    pub fn compile(&self, bytes: &[u8]) -> Result<(Arc<PluginCode>, Vec<u8>), CompileError> {
+        // Preamble: magic, then a 16-bit version and a 16-bit layer (0 = core module, 1 = component).
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(CompileError::NotWasm);
+        }
+        if bytes[6..8] == [0, 0] {
+            return Err(CompileError::CoreModule);
+        }
+        self.stats.compiles.inc();
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        let code = self.prepare(component.clone())?;
+        let artifact = component
+            .serialize()
+            .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
+        Ok((code, artifact))
+    }
+
+    /// Loads an artifact made by [`Runtime::compile`] of an engine with the same `engine_key`.
+    pub fn load_artifact(&self, artifact: &[u8]) -> Result<Arc<PluginCode>, CompileError> {
+        // SAFETY: artifacts are written only by `compile` of this same engine configuration
+        // (they are keyed by `engine_key`) into the broker's own database, never taken from a
+        // client; wasmtime also checks the embedded compatibility header.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize(&self.engine, artifact) }
+            .map_err(|e| CompileError::Invalid(format!("stored artifact: {e:#}")))?;
+        self.stats.artifact_loads.inc();
+        self.prepare(component)
+    }
+
+    fn prepare(&self, component: Component) -> Result<Arc<PluginCode>, CompileError> {
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| CompileError::UnsupportedImports(format!("{e:#}")))?;
+        let consumer = consumer::GuestIndices::new(&pre).ok();
+        let checker = checker::GuestIndices::new(&pre).ok();
+        if consumer.is_none() && checker.is_none() {
+            return Err(CompileError::UnknownWorld);
+        }
+        Ok(Arc::new(PluginCode {
+            pre,
+            consumer,
+            checker,
+        }))
+    }
+
+    /// Creates a long-lived instance of `code` for this context.
+    pub async fn instantiate(
+        &self,
+        code: &Arc<PluginCode>,
+        ctx: Arc<InstanceContext>,
+    ) -> Result<PluginInstance, InvokeError> {
+        let mut store = Store::new(&self.engine, HostState::new(ctx, self.config.memory_bytes));
+        store.limiter(|s| &mut s.limiter);
+        // Every tick of running wasm costs one unit of budget; yielding each tick keeps a busy
+        // plugin from holding an executor thread, and host waits (SMTP, HTTP) cost nothing.
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks_used += 1;
+            if state.ticks_used > state.tick_budget {
+                return Err(host::DeadlineExceeded.into());
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        let budget = self.tick_budget();
+        store.data_mut().ticks_used = 0;
+        store.data_mut().tick_budget = budget;
+        store.set_epoch_deadline(1);
+        self.stats.instantiations.inc();
+        let instance = code.pre.instantiate_async(&mut store).await.map_err(|e| {
+            classify(e, &self.config).unwrap_or_else(|e| InvokeError::Instantiate(format!("{e:#}")))
+        })?;
+        let consumer = match &code.consumer {
+            Some(ix) => Some(
+                ix.load(&mut store, &instance)
+                    .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))?,
+            ),
+            None => None,
+        };
+        let checker = match &code.checker {
+            Some(ix) => Some(
+                ix.load(&mut store, &instance)
+                    .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))?,
+            ),
+            None => None,
+        };
+        Ok(PluginInstance {
+            store,
+            consumer,
+            checker,
+            broken: false,
+            timeout_ms: self.config.timeout_ms,
+            calls: self.stats.calls.clone(),
+        })
+    }
+
+    fn tick_budget(&self) -> u64 {
+        (self.config.timeout_ms / TICK.as_millis() as u64).max(1)
+    }
+}
+
+/// Maps a wasmtime error to what happened to the plugin; `Err` gives back anything else.
+fn classify(e: wasmtime::Error, config: &RuntimeConfig) -> Result<InvokeError, wasmtime::Error> {
+    if e.downcast_ref::<host::DeadlineExceeded>().is_some()
+        || e.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
+    {
+        return Ok(InvokeError::Timeout(config.timeout_ms));
+    }
+    if let Some(m) = e.downcast_ref::<host::MemoryLimitExceeded>() {
+        return Ok(InvokeError::MemoryLimit(m.limit));
+    }
+    if e.downcast_ref::<Trap>().is_some() {
+        return Ok(InvokeError::Trap(format!("{e:#}")));
+    }
+    Err(e)
+}
+
+/// One live instance: reused across calls until a call fails, then it must be replaced.
+pub struct PluginInstance {
+    store: Store<HostState>,
+    consumer: Option<consumer::Guest>,
+    checker: Option<checker::Guest>,
+    broken: bool,
+    timeout_ms: u64,
+    calls: Counter,
+}
+
+impl PluginInstance {
+    /// False after a trap, timeout or memory overrun: its state can no longer be trusted.
+    pub fn is_usable(&self) -> bool {
+        !self.broken
+    }
+
+    fn start_call(&mut self) {
+        self.calls.inc();
+        let state = self.store.data_mut();
+        state.ticks_used = 0;
+        self.store.set_epoch_deadline(1);
+    }
+
+    fn finish<T>(&mut self, r: wasmtime::Result<T>) -> Result<T, InvokeError> {
+        r.map_err(|e| {
+            self.broken = true;
+            let config = RuntimeConfig {
+                timeout_ms: self.timeout_ms,
+                memory_bytes: self.store.data().limiter.max_bytes,
+                pool_instances: 0,
+            };
+            classify(e, &config).unwrap_or_else(|e| InvokeError::Trap(format!("{e:#}")))
+        })
+    }
+
+    pub async fn handle(&mut self, message: &Message) -> Result<Outcome, InvokeError> {
+        let Some(guest) = self.consumer.clone() else {
+            return Err(InvokeError::MissingExport(CONSUMER_EXPORT));
+        };
+        self.start_call();
+        let r = guest.call_handle(&mut self.store, message).await;
+        self.finish(r)
+    }
+
+    pub async fn check_transaction(
+        &mut self,
+        message: &Message,
+    ) -> Result<CheckResult, InvokeError> {
+        let Some(guest) = self.checker.clone() else {
+            return Err(InvokeError::MissingExport(CHECKER_EXPORT));
+        };
+        self.start_call();
+        let r = guest.call_check_transaction(&mut self.store, message).await;
+        self.finish(r)
+    }
+}

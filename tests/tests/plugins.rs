@@ -1,0 +1,383 @@
+//! Plugin upload, the sandbox and its limits, with real components compiled from plugins/.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wasmq_tests::plugins::{CHECKER, DEEP, ECHO, HOG, PROBE, REJECT_ALL, SNOOP, SPIN, TRAP};
+use wasmq_tests::{TestServer, assert_error, config_in};
+
+/// What the probe plugin reported through its reject reason.
+fn report(v: &Value) -> Value {
+    assert_eq!(v["outcome"]["type"], "reject", "{v}");
+    serde_json::from_str(v["outcome"]["reason"].as_str().unwrap()).unwrap()
+}
+
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let text = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+        .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_versions_and_invoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    let (st, v) = s.upload_plugin("echo", ECHO).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["name"].as_str(), v["version"].as_u64()),
+        (Some("echo"), Some(1))
+    );
+    assert_eq!(v["exports"], json!(["wasmq:plugin/consumer@0.1.0"]));
+    assert_eq!(v["digest"].as_str().unwrap().len(), 64);
+    // The same bytes again: nothing new.
+    let (st, again) = s.upload_plugin("echo", ECHO).await;
+    assert_eq!((st, again["version"].as_u64()), (StatusCode::OK, Some(1)));
+    // Different bytes: version 2; both kept.
+    let (st, v2) = s.upload_plugin("echo", REJECT_ALL).await;
+    assert_eq!((st, v2["version"].as_u64()), (StatusCode::CREATED, Some(2)));
+    let (_, shown) = s.get("/v1/plugins/echo").await;
+    assert_eq!(shown["version"], 2);
+    assert_eq!(shown["versions"].as_array().unwrap().len(), 2);
+    // Latest rejects, version 1 still acks.
+    assert_eq!(
+        s.invoke("echo", json!("hi")).await["outcome"]["type"],
+        "reject"
+    );
+    let (_, v1) = s
+        .post_json(
+            "/v1/plugins/echo/invoke",
+            &json!({"message": {"body": "hi"}, "version": 1}),
+        )
+        .await;
+    assert_eq!(v1["outcome"]["type"], "ack", "{v1}");
+    let (st, c) = s.upload_plugin("txn-checker", CHECKER).await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(c["exports"], json!(["wasmq:plugin/checker@0.1.0"]));
+    assert_error(
+        &s.post_json(
+            "/v1/plugins/txn-checker/invoke",
+            &json!({"message": {"body": "commit"}}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "missing_export",
+    );
+    let (_, list) = s.get("/v1/plugins").await;
+    assert_eq!(list["plugins"].as_array().unwrap().len(), 2);
+    let r = s
+        .client
+        .delete(format!("{}/v1/plugins/echo", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_error(
+        &s.get("/v1/plugins/echo").await,
+        StatusCode::NOT_FOUND,
+        "unknown_plugin",
+    );
+    assert_error(
+        &s.post_json("/v1/plugins/echo/invoke", &json!({"message": {"body": 1}}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "unknown_plugin",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_get_a_clear_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.limits.max_plugin_bytes = 150_000;
+    let s = TestServer::start_with(config).await;
+    assert_error(
+        &s.upload_bytes("p", b"hello, not wasm".to_vec()).await,
+        StatusCode::BAD_REQUEST,
+        "not_wasm",
+    );
+    assert_error(
+        &s.upload_bytes("p", b"\0asm\x01\0\0\0".to_vec()).await,
+        StatusCode::BAD_REQUEST,
+        "core_module",
+    );
+    let mut junk = b"\0asm\x0d\0\x01\0".to_vec();
+    junk.extend_from_slice(&[0xff; 32]);
+    assert_error(
+        &s.upload_bytes("p", junk).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_component",
+    );
+    // A valid component that exports nothing wasmq knows.
+    let empty = b"\0asm\x0d\0\x01\0".to_vec();
+    let r = s.upload_bytes("p", empty).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "unknown_world");
+    assert!(
+        r.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("consumer")
+    );
+    // probe is ~220 KB, over this server's 150 KB limit.
+    assert_error(
+        &s.upload_plugin("p", PROBE).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "plugin_too_large",
+    );
+    assert_error(
+        &s.upload_plugin(".bad", ECHO).await,
+        StatusCode::BAD_REQUEST,
+        "bad_plugin_name",
+    );
+    let r = s
+        .client
+        .put(format!("{}/v1/plugins/p", s.url))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        &wasmq_tests::decode(r).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let (_, list) = s.get("/v1/plugins").await;
+    assert_eq!(list["plugins"], json!([]), "nothing was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_config_identity_kv_and_denials() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("probe", PROBE).await;
+    s.upload_plugin("other", PROBE).await;
+    let (_, r) = s
+        .post_json(
+            "/v1/plugins/probe/invoke",
+            &json!({"message": {"body": {"do": "config"}}, "config": {"greeting": "hi"}}),
+        )
+        .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(report(&r)["config"].as_str().unwrap()).unwrap(),
+        json!({"greeting": "hi"})
+    );
+    let id = report(&s.invoke("probe", json!({"do": "identity"})).await);
+    assert_eq!(
+        (
+            id["plugin"].as_str(),
+            id["version"].as_u64(),
+            id["count"].as_u64()
+        ),
+        (Some("probe"), Some(1), Some(1))
+    );
+    // kv persists across calls and is private to the plugin.
+    assert_eq!(
+        s.invoke(
+            "probe",
+            json!({"do": "kv-set", "key": "user/1", "value": "Ann"})
+        )
+        .await["outcome"]["type"],
+        "ack"
+    );
+    s.invoke(
+        "probe",
+        json!({"do": "kv-set", "key": "user/2", "value": "Bob"}),
+    )
+    .await;
+    assert_eq!(
+        report(
+            &s.invoke("probe", json!({"do": "kv-get", "key": "user/1"}))
+                .await
+        )["value"],
+        "Ann"
+    );
+    assert_eq!(
+        report(
+            &s.invoke("probe", json!({"do": "kv-list", "prefix": "user/"}))
+                .await
+        )["keys"],
+        json!(["user/1", "user/2"])
+    );
+    assert_eq!(
+        report(
+            &s.invoke("other", json!({"do": "kv-get", "key": "user/1"}))
+                .await
+        )["value"],
+        Value::Null
+    );
+    s.invoke("probe", json!({"do": "kv-delete", "key": "user/1"}))
+        .await;
+    assert_eq!(
+        report(
+            &s.invoke("probe", json!({"do": "kv-get", "key": "user/1"}))
+                .await
+        )["value"],
+        Value::Null
+    );
+    let bad_key = report(
+        &s.invoke("probe", json!({"do": "kv-set", "key": "", "value": "x"}))
+            .await,
+    );
+    assert!(
+        bad_key["error"].as_str().unwrap().starts_with("invalid"),
+        "{bad_key}"
+    );
+    // Nothing is granted outside a subscription: every capability answers `denied`, no trap.
+    s.create_topic("audit", 1).await;
+    for cmd in [
+        json!({"do": "publish", "topic": "audit", "body": {"x": 1}}),
+        json!({"do": "email"}),
+        json!({"do": "sms"}),
+        json!({"do": "http", "url": "http://127.0.0.1:1/"}),
+    ] {
+        let r = report(&s.invoke("probe", cmd.clone()).await);
+        assert!(
+            r["error"].as_str().unwrap().starts_with("denied"),
+            "{cmd}: {r}"
+        );
+    }
+    let (_, audit) = s.get("/v1/topics/audit").await;
+    assert_eq!(audit["messages"], 0);
+    // Outcomes come back as the plugin said.
+    assert_eq!(
+        s.invoke("probe", json!({"do": "retry", "after_ms": 250}))
+            .await["outcome"],
+        json!({"type": "retry", "after_ms": 250})
+    );
+    // The same instance serves consecutive calls (its static counter grows).
+    let a = report(&s.invoke("probe", json!({"do": "calls"})).await)["calls"]
+        .as_u64()
+        .unwrap();
+    let b = report(&s.invoke("probe", json!({"do": "calls"})).await)["calls"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(b, a + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_has_no_files_env_or_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("snoop", SNOOP).await;
+    // A real listener the plugin would reach if it had sockets.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    let r = report(
+        &s.invoke(
+            "snoop",
+            json!({"file": secret.display().to_string(), "socket": target}),
+        )
+        .await,
+    );
+    assert!(r["file"].as_str().unwrap().starts_with("error"), "{r}");
+    assert!(r["dir"].as_str().unwrap().starts_with("error"), "{r}");
+    assert_eq!(r["env"], json!([]), "{r}");
+    assert!(r["socket"].as_str().unwrap().starts_with("error"), "{r}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "the plugin opened a connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.plugins.timeout_ms = 500;
+    config.plugins.memory_mb = 32;
+    let s = TestServer::start_with(config).await;
+    for (name, path) in [
+        ("echo", ECHO),
+        ("spin", SPIN),
+        ("hog", HOG),
+        ("deep", DEEP),
+        ("trap", TRAP),
+    ] {
+        let (st, v) = s.upload_plugin(name, path).await;
+        assert_eq!(st, StatusCode::CREATED, "{name}: {v}");
+    }
+    // The looping plugin runs while the well-behaved one keeps answering.
+    let spinning = {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r: Value = client
+                .post(format!("{url}/v1/plugins/spin/invoke"))
+                .json(&json!({"message": {"body": 1}}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut echo_times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(s.invoke("echo", json!(1)).await["outcome"]["type"], "ack");
+        echo_times.push(started.elapsed());
+    }
+    let (r, spin_time) = spinning.await.unwrap();
+    assert_eq!(r["failure"]["kind"], "timeout", "{r}");
+    assert!(
+        spin_time >= Duration::from_millis(450) && spin_time < Duration::from_secs(5),
+        "stopped after {spin_time:?}"
+    );
+    assert!(
+        echo_times.iter().all(|t| *t < Duration::from_millis(400)),
+        "echo was held up by spin: {echo_times:?}"
+    );
+
+    let r = s.invoke("hog", json!(1)).await;
+    assert_eq!(r["failure"]["kind"], "memory_limit", "{r}");
+    let r = s.invoke("deep", json!(1)).await;
+    assert_eq!(r["failure"]["kind"], "trap", "{r}");
+    // A trapped instance is replaced: the next call traps the same way, not worse.
+    for _ in 0..2 {
+        let r = s.invoke("trap", json!(1)).await;
+        assert_eq!(r["failure"]["kind"], "trap", "{r}");
+    }
+    assert_eq!(s.invoke("echo", json!(2)).await["outcome"]["type"], "ack");
+    let (st, _) = s.get("/healthz").await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_loads_the_stored_artifact_without_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("echo", ECHO).await;
+    s.upload_plugin("probe", PROBE).await;
+    assert_eq!(metric(&s, "wasmq_plugin_compiles").await, 2);
+    s.stop().await.unwrap();
+
+    let s = TestServer::start(dir.path()).await;
+    assert_eq!(s.invoke("echo", json!(1)).await["outcome"]["type"], "ack");
+    assert_eq!(
+        report(&s.invoke("probe", json!({"do": "identity"})).await)["plugin"],
+        "probe"
+    );
+    assert_eq!(
+        metric(&s, "wasmq_plugin_compiles").await,
+        0,
+        "a restart must not recompile"
+    );
+    assert_eq!(metric(&s, "wasmq_plugin_artifact_loads").await, 2);
+}
