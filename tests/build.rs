@@ -58,7 +58,10 @@ fn main() {
             .push((member.clone(), name));
     }
 
-    let mut consts = String::new();
+    let mut consts = format!(
+        "/// Where plugins are built (reusable by tests that build more plugins).\npub const TARGET_DIR: &str = {:?};\n",
+        target_dir.display().to_string()
+    );
     for (features, pkgs) in &groups {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(&plugins)

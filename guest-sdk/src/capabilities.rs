@@ -155,3 +155,37 @@ pub fn once<T>(message_id: &str, f: impl FnOnce() -> Result<T, Error>) -> Result
     kv::set(&mark, b"1")?;
     Ok(Some(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn once_runs_a_side_effect_once_per_message_and_again_after_a_failure() {
+        testing::reset();
+        let send = || email::send("a@b.c", "hi", "text", None);
+        testing::fail_next(Error::Unavailable("smtp down".into()));
+        assert!(once("m1", send).is_err());
+        assert_eq!(testing::emails().len(), 0);
+        assert_eq!(once("m1", send).unwrap(), Some(()));
+        assert_eq!(once("m1", send).unwrap(), None);
+        assert_eq!(once("m2", send).unwrap(), Some(()));
+        assert_eq!(testing::emails().len(), 2);
+    }
+
+    #[test]
+    fn kv_json_and_config() {
+        testing::reset();
+        kv::set_json("k", &vec![1, 2]).unwrap();
+        assert_eq!(kv::get_json::<Vec<u32>>("k").unwrap(), Some(vec![1, 2]));
+        kv::set("bad", b"{").unwrap();
+        assert!(matches!(kv::get_json::<u32>("bad"), Err(Error::Invalid(_))));
+        testing::set_config(r#"{"to":"{{email}}"}"#);
+        #[derive(serde::Deserialize)]
+        struct C {
+            to: String,
+        }
+        assert_eq!(context::config::<C>().unwrap().to, "{{email}}");
+    }
+}

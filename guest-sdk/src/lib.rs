@@ -1,39 +1,5 @@
-//! Write wasmq plugins in Rust: a consumer is a type implementing [`Consumer`], a transaction
-//! checker one implementing [`Checker`], exported with [`export!`]. Host capabilities (log,
-//! key-value state, publish, email, SMS, HTTP) are plain functions in the modules below.
-//!
-//! ```
-//! use wasmq_guest_sdk::{Consumer, Message, MessageExt, Outcome, kv, log};
-//!
-//! #[derive(serde::Deserialize)]
-//! struct Signup { email: String }
-//!
-//! struct CountSignups;
-//!
-//! impl Consumer for CountSignups {
-//!     fn handle(message: Message) -> Outcome {
-//!         let Ok(signup) = message.json::<Signup>() else {
-//!             return Outcome::Reject("body is not a signup".into());
-//!         };
-//!         let seen = kv::get_json::<u64>("count").ok().flatten().unwrap_or(0);
-//!         if kv::set_json("count", &(seen + 1)).is_err() {
-//!             return Outcome::Retry(0);
-//!         }
-//!         log::info(&format!("signup {} (#{})", signup.email, seen + 1));
-//!         Outcome::Ack
-//!     }
-//! }
-//!
-//! wasmq_guest_sdk::export!(CountSignups);
-//!
-//! // Natively, the capabilities are in-memory fakes, so the logic is unit-testable:
-//! let msg = wasmq_guest_sdk::testing::message(r#"{"email":"ann@example.com"}"#);
-//! assert_eq!(CountSignups::handle(msg.clone()), Outcome::Ack);
-//! assert_eq!(CountSignups::handle(msg), Outcome::Ack);
-//! assert_eq!(kv::get_json::<u64>("count").unwrap(), Some(2));
-//! ```
-//!
-//! Features pick the exports: `consumer` (default), `checker`, or both.
+//! Write wasmq plugins in Rust. The crate README (below) is the guide; its examples are tested.
+#![doc = include_str!("../README.md")]
 
 #[doc(hidden)]
 pub mod bindings {

@@ -264,3 +264,67 @@ async fn cli_verbs_talk_to_the_server() {
     assert!(stderr(&out).contains("another wasmq"), "{}", stderr(&out));
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_build_deploy_and_invoke_a_new_plugin() {
+    let work = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["plugin", "new", "hello-world", "--dir"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Builds with the same toolchain a user has; the shared target dir only saves time.
+    let out = std::process::Command::new(BIN)
+        .args(["plugin", "build"])
+        .arg(work.path().join("hello-world"))
+        .env("CARGO_TARGET_DIR", wasmq_tests::plugins::TARGET_DIR)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wasm = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(wasm.ends_with("hello_world.wasm"), "{wasm}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let out = cli(&server.url, &["plugin", "deploy", "hello-world", &wasm]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deployed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deployed["version"], 1);
+    assert_eq!(deployed["exports"], json!(["wasmq:plugin/consumer@0.1.0"]));
+    let http = reqwest::Client::new();
+    let invoke = |body: Value| {
+        let http = http.clone();
+        let url = format!("{}/v1/plugins/hello-world/invoke", server.url);
+        async move {
+            http.post(url)
+                .json(&json!({"message": body}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        invoke(json!({"body": {"hello": "world"}})).await["outcome"]["type"],
+        "ack"
+    );
+    assert_eq!(
+        invoke(json!({"body_base64": "AAEC"})).await["outcome"]["type"],
+        "reject"
+    );
+    let out = cli(&server.url, &["plugin", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello-world"));
+    // Errors are messages, not panics.
+    let out = cli(&server.url, &["plugin", "deploy", "x", "/nonexistent.wasm"]);
+    assert!(!out.status.success() && stderr(&out).contains("cannot read"));
+    let out = std::process::Command::new(BIN)
+        .args(["plugin", "build"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("no Cargo.toml"));
+    server.kill().await;
+}

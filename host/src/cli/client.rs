@@ -31,6 +31,20 @@ impl Client {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.delete(self.url(path))).await
+    }
+
+    pub async fn put_wasm(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.send(
+            self.http
+                .put(self.url(path))
+                .header("content-type", "application/wasm")
+                .body(bytes),
+        )
+        .await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -1,6 +1,7 @@
 //! The `wasmq` command line: `serve` runs the broker; every other verb talks to its HTTP API.
 
 mod client;
+mod scaffold;
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -41,6 +42,9 @@ enum Command {
     /// Create, list and show topics.
     #[command(subcommand)]
     Topic(TopicCommand),
+    /// Scaffold, build, deploy and list plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Publish one message. BODY is JSON if it parses as JSON, else raw bytes; `-` reads stdin.
     Publish {
         topic: String,
@@ -71,6 +75,35 @@ struct ServeArgs {
     listen: Option<SocketAddr>,
     #[arg(long, value_enum)]
     flush: Option<FlushMode>,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Create a plugin crate NAME (in --dir, default .) that builds on the first try.
+    New {
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, default_value = "rust")]
+        lang: String,
+    },
+    /// Build the plugin in DIR (default .) for wasm32-wasip2; prints the component's path.
+    Build {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Upload a component as the next version of plugin NAME.
+    Deploy {
+        name: String,
+        file: PathBuf,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +157,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     .await?,
             )
         }
+        Command::Plugin(cmd) => plugin(&client, cmd).await,
         Command::Topic(TopicCommand::List) => print(&client.get("/v1/topics").await?),
         Command::Topic(TopicCommand::Show { name }) => {
             print(&client.get(&format!("/v1/topics/{name}")).await?)
@@ -168,6 +202,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     )
                     .await?,
             )
+        }
+    }
+}
+
+async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Result<()> {
+    match cmd {
+        PluginCommand::New { name, dir, lang } => {
+            let root = scaffold::new_plugin(&name, &dir, &lang)?;
+            println!("created {}", root.display());
+            println!(
+                "next: wasmq plugin build {} && wasmq plugin deploy {name} <the .wasm it prints>",
+                root.display()
+            );
+            Ok(())
+        }
+        PluginCommand::Build { dir } => {
+            let path = tokio::task::spawn_blocking(move || scaffold::build_plugin(&dir)).await??;
+            println!("{}", path.display());
+            Ok(())
+        }
+        PluginCommand::Deploy { name, file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            print(
+                &client
+                    .put_wasm(&format!("/v1/plugins/{name}"), bytes)
+                    .await?,
+            )
+        }
+        PluginCommand::List => print(&client.get("/v1/plugins").await?),
+        PluginCommand::Show { name } => print(&client.get(&format!("/v1/plugins/{name}")).await?),
+        PluginCommand::Delete { name } => {
+            print(&client.delete(&format!("/v1/plugins/{name}")).await?)
         }
     }
 }

@@ -1,0 +1,165 @@
+//! Plugin runtime costs: `handle` with a 256 B message through the host path (budgeted,
+//! limited instance, message built from a stored message) against a raw wasmtime call of the
+//! same component in the same run; instantiate time; upload→ready and restart→ready.
+//! `--quick` shortens every loop, to keep the harness working in CI.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmq::broker::Broker;
+use wasmq::config::{FlushMode, LimitsConfig};
+use wasmq::plugins::Plugins;
+use wasmq::runtime::bindings::{self, Message};
+use wasmq::runtime::{Grants, HostState, InstanceContext, Runtime, RuntimeConfig};
+use wasmq::storage::{RocksStorage, Storage};
+use wasmq_tests::plugins::{CHECKER, ECHO};
+
+/// Built per call the way dispatch builds it from a stored message (id rendered, body copied).
+fn message(id: &uuid::Uuid, body: &[u8]) -> Message {
+    Message {
+        id: id.to_string(),
+        topic: "bench".into(),
+        queue: 0,
+        offset: 0,
+        key: Some("k".into()),
+        tag: None,
+        sharding_key: None,
+        properties: vec![],
+        body: body.to_vec(),
+        born_at: 0,
+        attempt: 1,
+    }
+}
+
+fn per_call(total: std::time::Duration, n: u32) -> f64 {
+    total.as_secs_f64() * 1e6 / f64::from(n)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n: u32 = if quick { 2_000 } else { 200_000 };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+        let broker = Arc::new(
+            Broker::new(storage.clone(), LimitsConfig::default())
+                .await
+                .unwrap(),
+        );
+        let config = RuntimeConfig {
+            timeout_ms: 5000,
+            memory_bytes: 64 << 20,
+            pool_instances: 64,
+        };
+        let runtime = Arc::new(Runtime::new(config).unwrap());
+        let echo = std::fs::read(ECHO).unwrap();
+        let (code, _) = runtime.compile(&echo).unwrap();
+        let ctx = Arc::new(InstanceContext {
+            plugin: "echo".into(),
+            version: 1,
+            group: "bench".into(),
+            instance_index: 0,
+            instance_count: 1,
+            config_json: "{}".into(),
+            grants: Grants::default(),
+            broker: broker.clone(),
+        });
+
+        // Raw wasmtime: same engine settings, no budget, no limiter, a prebuilt message.
+        let mut wt_config = wasmtime::Config::new();
+        wt_config.wasm_component_model(true);
+        let engine = wasmtime::Engine::new(&wt_config).unwrap();
+        let mut linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+        bindings::Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .unwrap();
+        let component = wasmtime::component::Component::new(&engine, &echo).unwrap();
+        let pre = linker.instantiate_pre(&component).unwrap();
+        let mut store = wasmtime::Store::new(&engine, HostState::new(ctx.clone(), 64 << 20));
+        let instance = pre.instantiate_async(&mut store).await.unwrap();
+        let guest = bindings::consumer::GuestIndices::new(&pre)
+            .unwrap()
+            .load(&mut store, &instance)
+            .unwrap();
+        let (id, body) = (uuid::Uuid::now_v7(), vec![b'x'; 256]);
+        let msg = message(&id, &body);
+        for _ in 0..100 {
+            guest.call_handle(&mut store, &msg).await.unwrap();
+        }
+        let t = Instant::now();
+        for _ in 0..n {
+            guest.call_handle(&mut store, &msg).await.unwrap();
+        }
+        let raw = per_call(t.elapsed(), n);
+
+        // Host path: budgeted, limited instance; the message is built per call as dispatch does.
+        let mut inst = runtime.instantiate(&code, ctx.clone()).await.unwrap();
+        for _ in 0..100 {
+            inst.handle(&message(&id, &body)).await.unwrap();
+        }
+        let t = Instant::now();
+        for _ in 0..n {
+            inst.handle(&message(&id, &body)).await.unwrap();
+        }
+        let host = per_call(t.elapsed(), n);
+        let t = Instant::now();
+        for _ in 0..n {
+            inst.handle(&msg).await.unwrap();
+        }
+        let host_prebuilt = per_call(t.elapsed(), n);
+
+        let k = n / 100;
+        let t = Instant::now();
+        for _ in 0..k {
+            drop(runtime.instantiate(&code, ctx.clone()).await.unwrap());
+        }
+        let instantiate = per_call(t.elapsed(), k);
+
+        let plugins = Plugins::new(runtime.clone(), storage.clone(), 32 << 20);
+        let checker = std::fs::read(CHECKER).unwrap();
+        let t = Instant::now();
+        plugins.upload("checker", checker.clone()).await.unwrap();
+        let (_, code) = plugins.code("checker", None).await.unwrap();
+        runtime.instantiate(&code, ctx.clone()).await.unwrap();
+        let upload_ready = t.elapsed().as_secs_f64() * 1e3;
+
+        // Restart: a fresh catalogue over the same storage loads the stored artifact.
+        let restarted = Plugins::new(runtime.clone(), storage.clone(), 32 << 20);
+        let t = Instant::now();
+        let (_, code) = restarted.code("checker", None).await.unwrap();
+        runtime.instantiate(&code, ctx.clone()).await.unwrap();
+        let restart_ready = t.elapsed().as_secs_f64() * 1e3;
+
+        println!(
+            "\n256 B message, {n} calls; {} cores\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("| measure | value |");
+        println!("| --- | ---: |");
+        println!("| raw wasmtime `handle` call | {raw:.2} µs |");
+        println!(
+            "| wasmq host path `handle` call | {host:.2} µs ({:.2}x raw) |",
+            host / raw
+        );
+        println!(
+            "| wasmq host path, message prebuilt like raw | {host_prebuilt:.2} µs ({:.2}x raw) |",
+            host_prebuilt / raw
+        );
+        println!("| instantiate (pooling allocator) | {instantiate:.1} µs |");
+        println!(
+            "| upload→ready, {} KB plugin (compile, store, instantiate) | {upload_ready:.1} ms |",
+            checker.len() / 1024
+        );
+        println!("| restart→ready, same plugin from the stored artifact | {restart_ready:.1} ms |");
+        storage.close().await;
+    });
+}
