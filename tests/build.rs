@@ -42,8 +42,9 @@ fn main() {
             .as_str()
             .expect("package name")
             .to_string();
-        let mut features: Vec<String> = pkg["dependencies"]["wasmq-guest-sdk"]
-            .get("features")
+        let mut features: Vec<String> = pkg["dependencies"]
+            .get("wasmq-guest-sdk")
+            .and_then(|d| d.get("features"))
             .and_then(|f| f.as_array())
             .map(|a| {
                 a.iter()

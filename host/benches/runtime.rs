@@ -68,6 +68,7 @@ fn main() {
             instance_count: 1,
             config_json: "{}".into(),
             grants: Grants::default(),
+            limits: Default::default(),
             broker: broker.clone(),
         });
 
@@ -127,7 +128,10 @@ fn main() {
         let plugins = Plugins::new(runtime.clone(), storage.clone(), 32 << 20);
         let checker = std::fs::read(CHECKER).unwrap();
         let t = Instant::now();
-        plugins.upload("checker", checker.clone()).await.unwrap();
+        plugins
+            .upload("checker", checker.clone(), Default::default())
+            .await
+            .unwrap();
         let (_, code) = plugins.code("checker", None).await.unwrap();
         runtime.instantiate(&code, ctx.clone()).await.unwrap();
         let upload_ready = t.elapsed().as_secs_f64() * 1e3;

@@ -10,7 +10,7 @@ use tokio::sync::OnceCell;
 
 use crate::broker::{now_ms, validate_topic_name};
 use crate::runtime::{
-    CompileError, InstanceContext, InvokeError, PluginCode, PluginInstance, Runtime,
+    CompileError, InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits, Runtime,
 };
 use crate::storage::{Expect, Storage, StorageError};
 
@@ -28,6 +28,8 @@ pub enum PluginError {
     TooLarge { len: usize, max: usize },
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error("plugin limits: {0}")]
+    BadLimits(String),
     #[error("plugin {name:?} is used by subscription {group:?}")]
     InUse { name: String, group: String },
     #[error(transparent)]
@@ -45,6 +47,9 @@ pub struct PluginVersion {
     pub size: usize,
     pub exports: Vec<String>,
     pub uploaded_at: u64,
+    /// Limits set at upload; unset ones take `[plugins]` defaults.
+    #[serde(default)]
+    pub limits: PluginLimits,
 }
 
 /// Every version of one plugin, oldest first.
@@ -123,8 +128,23 @@ impl Plugins {
         &self,
         name: &str,
         bytes: Vec<u8>,
+        limits: PluginLimits,
     ) -> Result<(PluginVersion, bool), PluginError> {
         validate_name(name)?;
+        let config = self.runtime.config();
+        if limits.timeout_ms == Some(0) || limits.memory_mb == Some(0) {
+            return Err(PluginError::BadLimits(
+                "timeout_ms and memory_mb must be positive".into(),
+            ));
+        }
+        if let Some(mb) = limits.memory_mb
+            && mb.saturating_mul(1 << 20) > config.memory_bytes as u64
+        {
+            return Err(PluginError::BadLimits(format!(
+                "memory_mb {mb} is above this server's [plugins] memory_mb ({} MiB)",
+                config.memory_bytes >> 20
+            )));
+        }
         if bytes.len() > self.max_bytes {
             return Err(PluginError::TooLarge {
                 len: bytes.len(),
@@ -165,6 +185,7 @@ impl Plugins {
             };
             if let Some(latest) = record.latest()
                 && latest.digest == digest
+                && latest.limits == limits
             {
                 return Ok((latest.clone(), false));
             }
@@ -174,6 +195,7 @@ impl Plugins {
                 size: bytes.len(),
                 exports: exports.clone(),
                 uploaded_at: now_ms(),
+                limits,
             };
             record.versions.push(version.clone());
             let value =
@@ -346,6 +368,7 @@ impl Plugins {
             None => {
                 let ctx = InstanceContext {
                     version: v.version,
+                    limits: v.limits,
                     ..ctx
                 };
                 match self.runtime.instantiate(&code, Arc::new(ctx)).await {

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use wasmq_tests::plugins::{CHECKER, DEEP, ECHO, HOG, PROBE, REJECT_ALL, SNOOP, SPIN, TRAP};
+use wasmq_tests::plugins::{
+    CHECKER, DEEP, ECHO, FUTURE_IMPORT, HOG, PROBE, REJECT_ALL, SNOOP, SPIN, TRAP,
+};
 use wasmq_tests::{TestServer, assert_error, config_in};
 
 /// What the probe plugin reported through its reject reason.
@@ -130,6 +132,16 @@ async fn bad_uploads_get_a_clear_400() {
             .as_str()
             .unwrap()
             .contains("consumer")
+    );
+    let r = s.upload_plugin("p", FUTURE_IMPORT).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "unsupported_imports");
+    assert!(
+        r.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("teleport"),
+        "{}",
+        r.1
     );
     // probe is ~220 KB, over this server's 150 KB limit.
     assert_error(
@@ -347,6 +359,79 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
 
     let r = s.invoke("hog", json!(1)).await;
     assert_eq!(r["failure"]["kind"], "memory_limit", "{r}");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&(32u64 << 20).to_string()),
+        "{r}"
+    );
+    // Limits can be set per plugin at upload: tighter memory and a shorter deadline.
+    let bytes = std::fs::read(HOG).unwrap();
+    let resp = s
+        .client
+        .put(format!("{}/v1/plugins/hog?memory_mb=8", s.url))
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let (st, v) = wasmq_tests::decode(resp).await;
+    assert_eq!(
+        (st, v["version"].as_u64(), v["limits"]["memory_mb"].as_u64()),
+        (StatusCode::CREATED, Some(2), Some(8)),
+        "{v}"
+    );
+    let r = s.invoke("hog", json!(1)).await;
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&(8u64 << 20).to_string()),
+        "{r}"
+    );
+    let bytes = std::fs::read(SPIN).unwrap();
+    let resp = s
+        .client
+        .put(format!("{}/v1/plugins/spin?timeout_ms=100", s.url))
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let started = Instant::now();
+    assert_eq!(
+        s.invoke("spin", json!(1)).await["failure"]["kind"],
+        "timeout"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "per-plugin deadline ignored: {:?}",
+        started.elapsed()
+    );
+    let resp = s
+        .client
+        .put(format!("{}/v1/plugins/spin?memory_mb=64", s.url))
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        &wasmq_tests::decode(resp).await,
+        StatusCode::BAD_REQUEST,
+        "bad_limits",
+    );
+    let resp = s
+        .client
+        .put(format!("{}/v1/plugins/spin?timeout_ms=soon", s.url))
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        &wasmq_tests::decode(resp).await,
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+    );
     let r = s.invoke("deep", json!(1)).await;
     assert_eq!(r["failure"]["kind"], "trap", "{r}");
     // A trapped instance is replaced: the next call traps the same way, not worse.

@@ -127,6 +127,7 @@ impl From<crate::plugins::PluginError> for ApiError {
                 },
                 msg,
             ),
+            P::BadLimits(_) => Self::bad_request("bad_limits", msg),
             P::InUse { .. } => Self::new(StatusCode::CONFLICT, "plugin_in_use", msg),
             P::Invoke(I::MissingExport(_)) => Self::bad_request("missing_export", msg),
             P::Invoke(other) => Self::internal(other),

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -13,7 +14,7 @@ use super::{ApiError, AppState, parse_json, read_body};
 use crate::broker::{Envelope, now_ms};
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
 use crate::runtime::bindings::{Message, Outcome};
-use crate::runtime::{Grants, InstanceContext};
+use crate::runtime::{Grants, InstanceContext, PluginLimits};
 
 #[derive(Serialize)]
 pub struct VersionView {
@@ -25,10 +26,12 @@ pub struct VersionView {
 pub async fn upload(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    query: Result<Query<PluginLimits>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<VersionView>), ApiError> {
     validate_name(&name)?;
+    let Query(limits) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -55,7 +58,7 @@ pub async fn upload(
             e
         }
     })?;
-    let (version, created) = state.plugins.upload(&name, bytes.to_vec()).await?;
+    let (version, created) = state.plugins.upload(&name, bytes.to_vec(), limits).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -165,6 +168,7 @@ pub async fn invoke(
         instance_count: 1,
         config_json: req.config.unwrap_or_else(|| json!({})).to_string(),
         grants: Grants::default(),
+        limits: PluginLimits::default(),
         broker: state.broker.clone(),
     };
     let started = Instant::now();

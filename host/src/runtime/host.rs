@@ -28,6 +28,15 @@ pub struct Grants {
     pub publish: Vec<String>,
 }
 
+/// Per-plugin (or per-subscription) limits; `None` takes the runtime's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PluginLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
 /// Who an instance is, what it may do, and the broker services behind its capabilities.
 #[derive(Clone)]
 pub struct InstanceContext {
@@ -38,6 +47,7 @@ pub struct InstanceContext {
     pub instance_count: u32,
     pub config_json: String,
     pub grants: Grants,
+    pub limits: PluginLimits,
     pub broker: Arc<Broker>,
 }
 

@@ -20,7 +20,7 @@ use wasmtime::{
 };
 
 use bindings::{CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer};
-pub use host::{Grants, HostState, InstanceContext};
+pub use host::{Grants, HostState, InstanceContext, PluginLimits};
 
 /// How often the engine's epoch advances; CPU budgets are counted in these ticks.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -300,7 +300,23 @@ impl Runtime {
         code: &Arc<PluginCode>,
         ctx: Arc<InstanceContext>,
     ) -> Result<PluginInstance, InvokeError> {
-        let mut store = Store::new(&self.engine, HostState::new(ctx, self.config.memory_bytes));
+        // Memory can be lowered per plugin, not raised: pool slots are sized by the default.
+        let memory_bytes = ctx.limits.memory_mb.map_or(self.config.memory_bytes, |mb| {
+            usize::try_from(mb.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX)
+                .min(self.config.memory_bytes)
+        });
+        let timeout_ms = ctx
+            .limits
+            .timeout_ms
+            .unwrap_or(self.config.timeout_ms)
+            .max(1);
+        let limits = RuntimeConfig {
+            timeout_ms,
+            memory_bytes,
+            pool_instances: 0,
+        };
+        let mut store = Store::new(&self.engine, HostState::new(ctx, memory_bytes));
         store.limiter(|s| &mut s.limiter);
         // Every tick of running wasm costs one unit of budget; yielding each tick keeps a busy
         // plugin from holding an executor thread, and host waits (SMTP, HTTP) cost nothing.
@@ -312,13 +328,13 @@ impl Runtime {
             }
             Ok(UpdateDeadline::Yield(1))
         });
-        let budget = self.tick_budget();
+        let budget = (timeout_ms / TICK.as_millis() as u64).max(1);
         store.data_mut().ticks_used = 0;
         store.data_mut().tick_budget = budget;
         store.set_epoch_deadline(1);
         self.stats.instantiations.inc();
         let instance = code.pre.instantiate_async(&mut store).await.map_err(|e| {
-            classify(e, &self.config).unwrap_or_else(|e| InvokeError::Instantiate(format!("{e:#}")))
+            classify(e, &limits).unwrap_or_else(|e| InvokeError::Instantiate(format!("{e:#}")))
         })?;
         let consumer = match &code.consumer {
             Some(ix) => Some(
@@ -339,13 +355,9 @@ impl Runtime {
             consumer,
             checker,
             broken: false,
-            timeout_ms: self.config.timeout_ms,
+            limits,
             calls: self.stats.calls.clone(),
         })
-    }
-
-    fn tick_budget(&self) -> u64 {
-        (self.config.timeout_ms / TICK.as_millis() as u64).max(1)
     }
 }
 
@@ -371,7 +383,8 @@ pub struct PluginInstance {
     consumer: Option<consumer::Guest>,
     checker: Option<checker::Guest>,
     broken: bool,
-    timeout_ms: u64,
+    /// The resolved timeout and memory cap of this instance.
+    limits: RuntimeConfig,
     calls: Counter,
 }
 
@@ -391,12 +404,7 @@ impl PluginInstance {
     fn finish<T>(&mut self, r: wasmtime::Result<T>) -> Result<T, InvokeError> {
         r.map_err(|e| {
             self.broken = true;
-            let config = RuntimeConfig {
-                timeout_ms: self.timeout_ms,
-                memory_bytes: self.store.data().limiter.max_bytes,
-                pool_instances: 0,
-            };
-            classify(e, &config).unwrap_or_else(|e| InvokeError::Trap(format!("{e:#}")))
+            classify(e, &self.limits).unwrap_or_else(|e| InvokeError::Trap(format!("{e:#}")))
         })
     }
 
