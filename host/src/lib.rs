@@ -5,6 +5,7 @@
 //! - [`storage`]: the storage trait and its RocksDB backend (group commit, key encodings).
 //! - [`broker`]: topics, publish validation, queue selection.
 //! - [`runtime`]: wasmtime engine, limits, plugin instances and the host capabilities.
+//! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
 //! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
 //! - [`http`]: the JSON API.
 //! - [`cli`]: the `wasmq` command line (server and client verbs).
@@ -15,6 +16,7 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod http;
 pub mod plugins;
 pub mod runtime;
@@ -28,6 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::config::{Backend, Config};
+use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{RocksStorage, Storage};
@@ -83,9 +86,18 @@ async fn serve(
     ));
     let warm = plugins.clone();
     tokio::spawn(async move { warm.warm_up().await });
-    let app = http::app(broker, plugins);
-    axum::serve(listener, app)
+    let dispatcher = Arc::new(Dispatcher::new(broker.clone(), plugins.clone()));
+    dispatcher.start_all().await?;
+    let app = http::app(http::AppState {
+        broker,
+        plugins,
+        dispatcher: dispatcher.clone(),
+    });
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .context("HTTP server failed")
+        .context("HTTP server failed");
+    // In-flight deliveries finish and their offsets are stored before storage closes.
+    dispatcher.shutdown().await;
+    served
 }

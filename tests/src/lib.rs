@@ -262,3 +262,58 @@ impl TestServer {
         v
     }
 }
+
+impl TestServer {
+    /// Every message body of one queue of a topic, in offset order.
+    pub async fn read_queue(&self, topic: &str, queue: u32) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let (status, page) = self
+                .get(&format!(
+                    "/v1/topics/{topic}/messages?queue={queue}&from={}&limit=1000",
+                    out.len()
+                ))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let msgs = page["messages"].as_array().unwrap();
+            if msgs.is_empty() {
+                return out;
+            }
+            out.extend(msgs.iter().map(|m| m["body"].clone()));
+        }
+    }
+
+    /// Creates a subscription and checks it was created.
+    pub async fn subscribe(&self, group: &str, spec: Value) -> Value {
+        let (status, v) = self
+            .put_json(&format!("/v1/subscriptions/{group}"), &spec)
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    /// Polls `GET path` until `done` holds for the answer; panics after `secs`.
+    pub async fn wait_until(&self, path: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let (_, v) = self.get(path).await;
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting on {path}: {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the audit topic (one queue) holds at least `n` records, then returns them.
+    pub async fn wait_audit(&self, topic: &str, n: u64, secs: u64) -> Vec<Value> {
+        self.wait_until(&format!("/v1/topics/{topic}"), secs, |t| {
+            t["messages"].as_u64().unwrap_or(0) >= n
+        })
+        .await;
+        self.read_queue(topic, 0).await
+    }
+}

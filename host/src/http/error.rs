@@ -135,3 +135,19 @@ impl From<crate::plugins::PluginError> for ApiError {
         }
     }
 }
+
+impl From<crate::dispatch::DispatchError> for ApiError {
+    fn from(e: crate::dispatch::DispatchError) -> Self {
+        use crate::dispatch::DispatchError as D;
+        let msg = e.to_string();
+        match e {
+            D::BadName(_) => Self::bad_request("bad_group_name", msg),
+            D::Unknown(_) => Self::not_found("unknown_subscription", msg),
+            D::Invalid(_) => Self::bad_request("invalid_subscription", msg),
+            D::TopicChange(_) => Self::new(StatusCode::CONFLICT, "topic_change", msg),
+            D::Broker(b) => b.into(),
+            D::Plugin(p) => p.into(),
+            D::Storage(s) => s.into(),
+        }
+    }
+}

@@ -3,6 +3,7 @@
 mod error;
 mod messages;
 mod plugins;
+mod subscriptions;
 mod topics;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
 use crate::broker::Broker;
+use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
 pub use error::ApiError;
 
@@ -21,11 +23,11 @@ pub use error::ApiError;
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub plugins: Arc<Plugins>,
+    pub dispatcher: Arc<Dispatcher>,
 }
 
 /// The whole API; tests and the server both build it here.
-pub fn app(broker: Arc<Broker>, plugins: Arc<Plugins>) -> Router {
-    let state = AppState { broker, plugins };
+pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -48,6 +50,30 @@ pub fn app(broker: Arc<Broker>, plugins: Arc<Plugins>) -> Router {
                 .delete(plugins::delete),
         )
         .route("/v1/plugins/{name}/invoke", post(plugins::invoke))
+        .route("/v1/subscriptions", get(subscriptions::list))
+        .route(
+            "/v1/subscriptions/{group}",
+            get(subscriptions::show)
+                .put(subscriptions::put)
+                .delete(subscriptions::delete),
+        )
+        .route(
+            "/v1/subscriptions/{group}/pause",
+            post(subscriptions::pause),
+        )
+        .route(
+            "/v1/subscriptions/{group}/resume",
+            post(subscriptions::resume),
+        )
+        .route(
+            "/v1/subscriptions/{group}/reset",
+            post(subscriptions::reset),
+        )
+        .route("/v1/subscriptions/{group}/dlq", get(subscriptions::dlq))
+        .route(
+            "/v1/subscriptions/{group}/dlq/redrive",
+            post(subscriptions::redrive),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

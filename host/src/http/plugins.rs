@@ -59,6 +59,10 @@ pub async fn upload(
         }
     })?;
     let (version, created) = state.plugins.upload(&name, bytes.to_vec(), limits).await?;
+    if created {
+        // Subscriptions that follow the latest version move to it (after draining).
+        state.dispatcher.refresh(Some(&name), None).await?;
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -108,7 +112,8 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.plugins.delete(&name, None).await?;
+    let user = state.dispatcher.plugin_user(&name).await?;
+    state.plugins.delete(&name, user).await?;
     Ok(Json(json!({ "deleted": name })))
 }
 

@@ -43,7 +43,12 @@ pub async fn put(
     } else {
         parse_json(&bytes)?
     };
+    let queues_before = state.broker.topic(&topic).map(|t| t.queues).ok();
     let (meta, created) = state.broker.put_topic(&topic, spec).await?;
+    if queues_before.is_some_and(|q| q != meta.queues) {
+        // Subscriptions of the topic start reading its new queues.
+        state.dispatcher.refresh(None, Some(&topic)).await?;
+    }
     let status = if created {
         StatusCode::CREATED
     } else {

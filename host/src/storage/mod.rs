@@ -124,6 +124,10 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError>;
 
+    /// Changes whenever messages were appended to `topic` (after they are durable and
+    /// readable), so consumers wait for news instead of polling.
+    fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64>;
+
     /// The next offset an append to this queue will get (= number of messages ever appended).
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError>;
 

@@ -47,10 +47,14 @@ pub struct WriterStats {
 
 type HighWater = HashMap<String, Vec<u64>>;
 
+/// Per-topic change signals: the value counts commits that appended to the topic.
+type Watchers = Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>;
+
 pub struct RocksStorage {
     db: Arc<DB>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     high_water: Arc<RwLock<HighWater>>,
+    watchers: Arc<Watchers>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<WriterStats>,
 }
@@ -116,12 +120,14 @@ impl RocksStorage {
         };
         let high_water = Arc::new(RwLock::new(committed.clone()));
         let stats = Arc::new(WriterStats::default());
+        let watchers = Arc::new(Watchers::default());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
             db: db.clone(),
             sync: flush == FlushMode::Sync,
             committed,
             shared: high_water.clone(),
+            watchers: watchers.clone(),
             last_revision,
             stats: stats.clone(),
         };
@@ -133,6 +139,7 @@ impl RocksStorage {
             db,
             tx: Mutex::new(Some(tx)),
             high_water,
+            watchers,
             writer: Mutex::new(Some(handle)),
             stats,
         })
@@ -322,6 +329,17 @@ impl Storage for RocksStorage {
         .await
     }
 
+    fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut watchers = match self.watchers.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        watchers
+            .entry(topic.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
         let map = self.high_water.read().map_err(|_| StorageError::Closed)?;
         Ok(map
@@ -431,6 +449,7 @@ struct Writer {
     sync: bool,
     committed: HighWater,
     shared: Arc<RwLock<HighWater>>,
+    watchers: Arc<Watchers>,
     last_revision: u64,
     stats: Arc<WriterStats>,
 }
@@ -633,7 +652,11 @@ impl Writer {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let watchers = self.watchers.lock().ok();
         for (topic, queues) in staged {
+            if let Some(tx) = watchers.as_ref().and_then(|w| w.get(&topic)) {
+                tx.send_modify(|n| *n += 1);
+            }
             shared.insert(topic.clone(), queues.clone());
             self.committed.insert(topic, queues);
         }

@@ -1,0 +1,870 @@
+//! A running subscription. Its members (one shared member for clustering; one per instance for
+//! broadcast) each run a loop per queue, a timer loop (delays, retries, redrives) and plugin
+//! workers. Offsets advance only over messages that are done: acknowledged, dead-lettered, or
+//! handed durably to a timer, so a crash redelivers at most what was in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::spec::{OnExhausted, RetryPolicy, Start, SubscriptionSpec, TagFilter};
+use super::state::{self, Cursor, DeadLetter, SubscriptionRecord, Timer, TimerKind};
+use super::{DispatchError, Env};
+use crate::broker::now_ms;
+use crate::runtime::bindings::{Message, Outcome};
+use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits};
+use crate::storage::{Storage, StoredMessage};
+
+/// Messages read from storage per round trip.
+const READ_BATCH: usize = 256;
+/// Pause after a storage error before trying again.
+const STORAGE_RETRY: Duration = Duration::from_millis(200);
+
+/// Delivery counters since the subscription (re)started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Calls that trapped, timed out or hit the memory limit (each also counts as a retry).
+    pub failed: AtomicU64,
+}
+
+/// What status reads of one member.
+pub struct MemberShared {
+    pub name: String,
+    pub committed: Vec<AtomicU64>,
+    /// Ordered delivery: attempts made on each queue's head message (0 = not blocked).
+    pub head_attempts: Vec<AtomicU32>,
+    timers: std::sync::Mutex<BTreeMap<String, Timer>>,
+    timer_wake: Notify,
+}
+
+impl MemberShared {
+    pub fn pending_timers(&self) -> usize {
+        self.timers.lock().map_or(0, |t| t.len())
+    }
+
+    fn add_timer(&self, t: Timer) {
+        if let Ok(mut timers) = self.timers.lock() {
+            timers.insert(t.key(), t);
+        }
+        self.timer_wake.notify_one();
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        self.timers.lock().ok()?.values().next().map(|t| t.due)
+    }
+
+    fn pop_due(&self, now: u64) -> Option<Timer> {
+        let mut timers = self.timers.lock().ok()?;
+        let key = timers
+            .iter()
+            .next()
+            .filter(|(_, t)| t.due <= now)
+            .map(|(k, _)| k.clone())?;
+        timers.remove(&key)
+    }
+}
+
+pub struct RunnerShared {
+    pub plugin_version: u32,
+    pub counters: Counters,
+    pub members: Vec<Arc<MemberShared>>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+}
+
+impl RunnerShared {
+    pub fn in_flight(&self) -> u32 {
+        self.max_in_flight
+            .saturating_sub(self.in_flight.available_permits() as u32)
+    }
+}
+
+pub struct Runner {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    pub shared: Arc<RunnerShared>,
+}
+
+impl Runner {
+    /// Stops fetching, lets in-flight messages finish and their offsets be stored, then returns.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// The receiving end of a work channel, shared by the instances that serve it.
+type WorkQueue = Arc<Mutex<mpsc::Receiver<WorkItem>>>;
+
+struct WorkItem {
+    message: Arc<StoredMessage>,
+    attempt: u32,
+    reply: oneshot::Sender<Result<Outcome, InvokeError>>,
+}
+
+/// Spaces messages `1/rate` seconds apart, across all queues of a subscription.
+struct Rate {
+    interval: Duration,
+    next: std::sync::Mutex<Instant>,
+}
+
+impl Rate {
+    async fn wait(&self) {
+        let at = {
+            let Ok(mut next) = self.next.lock() else {
+                return;
+            };
+            let at = (*next).max(Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Everything the loops of one member share.
+struct Member {
+    group: String,
+    spec: Arc<SubscriptionSpec>,
+    filter: TagFilter,
+    storage: Arc<dyn Storage>,
+    shared: Arc<MemberShared>,
+    runner: Arc<RunnerShared>,
+    work: mpsc::Sender<WorkItem>,
+    rate: Option<Arc<Rate>>,
+    cancel: CancellationToken,
+}
+
+/// What happens to a message after a delivery.
+enum Fate {
+    Done,
+    Retry {
+        due: u64,
+        attempts: u32,
+        error: String,
+    },
+    Dead {
+        attempts: u32,
+        reason: String,
+    },
+}
+
+fn judge(
+    result: &Result<Outcome, InvokeError>,
+    attempts: u32,
+    policy: &RetryPolicy,
+    block: bool,
+    counters: &Counters,
+) -> Fate {
+    let (asked, error) = match result {
+        Ok(Outcome::Ack) => {
+            counters.acked.fetch_add(1, Ordering::Relaxed);
+            return Fate::Done;
+        }
+        Ok(Outcome::Reject(reason)) => {
+            counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            return Fate::Dead {
+                attempts,
+                reason: format!("rejected: {reason}"),
+            };
+        }
+        Ok(Outcome::Retry(ms)) => (*ms, "the plugin asked for a retry".to_string()),
+        Err(e) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            (0, e.to_string())
+        }
+    };
+    if attempts >= policy.max_attempts && !block {
+        counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        return Fate::Dead {
+            attempts,
+            reason: format!("{attempts} attempts failed; last: {error}"),
+        };
+    }
+    counters.retried.fetch_add(1, Ordering::Relaxed);
+    let delay = policy.backoff(attempts.min(policy.max_attempts), asked);
+    Fate::Retry {
+        due: now_ms() + delay,
+        attempts,
+        error,
+    }
+}
+
+impl Member {
+    fn topic(&self) -> &str {
+        &self.spec.topic
+    }
+
+    /// Retries a durable write until it succeeds: an offset must not pass a message whose
+    /// timer or dead letter is not stored.
+    async fn persist<F, Fut>(&self, what: &str, mut write: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), crate::storage::StorageError>>,
+    {
+        loop {
+            match write().await {
+                Ok(()) | Err(crate::storage::StorageError::Closed) => return,
+                Err(e) => {
+                    tracing::error!(group = %self.group, error = %e, "cannot store {what}; retrying");
+                    tokio::time::sleep(STORAGE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, m: &StoredMessage, attempts: u32, reason: String) {
+        let dl = DeadLetter {
+            message_id: m.message.id.to_string(),
+            member: self.shared.name.clone(),
+            queue: m.message.queue,
+            offset: m.offset,
+            attempts,
+            reason,
+            dead_at: now_ms(),
+        };
+        let space = state::dlq_space(&self.group);
+        tracing::warn!(group = %self.group, message = %dl.message_id, reason = %dl.reason, "dead-lettered");
+        let key = dl.key();
+        self.persist("a dead letter", || {
+            state::put(self.storage.as_ref(), &space, &key, &dl)
+        })
+        .await;
+    }
+
+    async fn add_timer(&self, t: Timer) {
+        let space = state::timer_space(&self.group);
+        let key = t.key();
+        self.persist("a timer", || {
+            state::put(self.storage.as_ref(), &space, &key, &t)
+        })
+        .await;
+        self.shared.add_timer(t);
+    }
+
+    /// Hands a message to the workers. The caller holds an in-flight permit until the outcome
+    /// is handled (stored), so `in_flight` counts a message until its fate is durable.
+    async fn dispatch(
+        &self,
+        message: Arc<StoredMessage>,
+        attempt: u32,
+    ) -> oneshot::Receiver<Result<Outcome, InvokeError>> {
+        if let Some(rate) = &self.rate {
+            rate.wait().await;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.runner
+            .counters
+            .delivered
+            .fetch_add(1, Ordering::Relaxed);
+        // Workers outlive the loops that feed them, so this send only fails during teardown,
+        // and then the dropped reply reads as a failed call that is retried.
+        let _ = self
+            .work
+            .send(WorkItem {
+                message,
+                attempt,
+                reply,
+            })
+            .await;
+        rx
+    }
+
+    /// A sender for the queue's cursor and the task that stores it: writes coalesce (only the
+    /// newest cursor is stored), and the last one is stored before the task ends.
+    fn cursor_committer(
+        &self,
+        queue: u32,
+        initial: Cursor,
+    ) -> (
+        watch::Sender<Cursor>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let (tx, mut rx) = watch::channel(initial);
+        let storage = self.storage.clone();
+        let space = state::cursor_space(&self.group);
+        let key = state::cursor_key(&self.shared.name, queue);
+        let group = self.group.clone();
+        let task = async move {
+            while rx.changed().await.is_ok() {
+                let cursor = *rx.borrow_and_update();
+                loop {
+                    match state::put(storage.as_ref(), &space, &key, &cursor).await {
+                        Ok(()) | Err(crate::storage::StorageError::Closed) => break,
+                        Err(e) => {
+                            tracing::error!(%group, error = %e, "cannot store offset; retrying");
+                            tokio::time::sleep(STORAGE_RETRY).await;
+                        }
+                    }
+                }
+            }
+        };
+        (tx, task)
+    }
+
+    /// Unordered: many messages of the queue in flight; a failing one goes to a retry timer.
+    async fn run_unordered(
+        self: Arc<Self>,
+        queue: u32,
+        start: Cursor,
+        committer: watch::Sender<Cursor>,
+    ) {
+        let mut watch = self.storage.watch(self.topic());
+        let mut committed = start.committed;
+        let mut done: BTreeSet<u64> = BTreeSet::new();
+        let mut fetch = committed;
+        let mut buffer: std::collections::VecDeque<Arc<StoredMessage>> = Default::default();
+        let mut pending = FuturesUnordered::new();
+        let mut stopping = false;
+        let per_queue_cap = self.spec.max_in_flight as usize;
+        loop {
+            watch.borrow_and_update();
+            let high_water = self
+                .storage
+                .high_water(self.topic(), queue)
+                .await
+                .unwrap_or(fetch);
+            if buffer.is_empty() && fetch < high_water && !stopping {
+                match self
+                    .storage
+                    .read(self.topic(), queue, fetch, READ_BATCH)
+                    .await
+                {
+                    Ok(batch) => {
+                        if let Some(last) = batch.last() {
+                            fetch = last.offset + 1;
+                        }
+                        buffer.extend(batch.into_iter().map(Arc::new));
+                    }
+                    Err(e) => {
+                        tracing::error!(group = %self.group, error = %e, "read failed");
+                        tokio::time::sleep(STORAGE_RETRY).await;
+                        continue;
+                    }
+                }
+            }
+            // Messages that need no delivery are done at once.
+            let mut finished = Vec::new();
+            while let Some(m) = buffer.front() {
+                if !self.filter.matches(m.message.tag.as_deref()) {
+                    finished.push(m.offset);
+                } else if m.message.deliver_at > now_ms() {
+                    let t = Timer {
+                        member: self.shared.name.clone(),
+                        due: m.message.deliver_at,
+                        queue,
+                        offset: m.offset,
+                        attempts: 0,
+                        kind: TimerKind::Delay,
+                        last_error: None,
+                    };
+                    self.add_timer(t).await;
+                    finished.push(m.offset);
+                } else {
+                    break;
+                }
+                buffer.pop_front();
+            }
+            for o in finished {
+                mark_done(&mut committed, &mut done, o);
+            }
+            self.publish(queue, &committer, committed);
+            let want = !stopping && !buffer.is_empty() && pending.len() < per_queue_cap;
+            let idle = !stopping && buffer.is_empty() && fetch >= high_water;
+            tokio::select! {
+                biased;
+                Some((m, attempt, result, permit)) = pending.next() => {
+                    let m: Arc<StoredMessage> = m;
+                    let permit: OwnedSemaphorePermit = permit;
+                    let result: Result<Outcome, InvokeError> = result;
+                    match judge(&result, attempt, &self.spec.retry, false, &self.runner.counters) {
+                        Fate::Done => {}
+                        Fate::Retry { due, attempts, error } => {
+                            let t = Timer { member: self.shared.name.clone(), due, queue, offset: m.offset, attempts, kind: TimerKind::Retry, last_error: Some(error) };
+                            self.add_timer(t).await;
+                        }
+                        Fate::Dead { attempts, reason } => self.dead_letter(&m, attempts, reason).await,
+                    }
+                    mark_done(&mut committed, &mut done, m.offset);
+                    self.publish(queue, &committer, committed);
+                    drop(permit);
+                }
+                permit = self.runner.in_flight.clone().acquire_owned(), if want => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(m) = buffer.pop_front() {
+                        let rx = self.dispatch(m.clone(), 1).await;
+                        pending.push(async move {
+                            let r = rx.await.unwrap_or_else(|_| Err(InvokeError::Trap("the worker stopped".into())));
+                            (m, 1u32, r, permit)
+                        });
+                    }
+                }
+                changed = watch.changed(), if idle => {
+                    if changed.is_err() { stopping = true; }
+                }
+                _ = self.cancel.cancelled(), if !stopping => { stopping = true; }
+                else => break,
+            }
+            if stopping && pending.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn publish(&self, queue: u32, committer: &watch::Sender<Cursor>, committed: u64) {
+        self.shared.committed[queue as usize].store(committed, Ordering::Relaxed);
+        committer.send_if_modified(|c| {
+            let changed = c.committed != committed || c.head_attempts != 0;
+            *c = Cursor {
+                committed,
+                head_attempts: 0,
+            };
+            changed
+        });
+    }
+
+    /// Ordered: message n+1 of the queue is handed out only after n is done; a failing message
+    /// blocks its queue while it is retried (its attempts survive a restart).
+    async fn run_ordered(
+        self: Arc<Self>,
+        queue: u32,
+        start: Cursor,
+        committer: watch::Sender<Cursor>,
+    ) {
+        let mut watch = self.storage.watch(self.topic());
+        let mut cursor = start;
+        let mut retry_at: u64 = 0;
+        let block = self.spec.on_exhausted == OnExhausted::Block;
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            watch.borrow_and_update();
+            let head = match self
+                .storage
+                .read(self.topic(), queue, cursor.committed, 1)
+                .await
+            {
+                Ok(mut v) => v.pop().map(Arc::new),
+                Err(e) => {
+                    tracing::error!(group = %self.group, error = %e, "read failed");
+                    tokio::time::sleep(STORAGE_RETRY).await;
+                    continue;
+                }
+            };
+            let Some(m) = head else {
+                tokio::select! {
+                    r = watch.changed() => if r.is_err() { break },
+                    _ = self.cancel.cancelled() => break,
+                }
+                continue;
+            };
+            if !self.filter.matches(m.message.tag.as_deref()) {
+                cursor = Cursor {
+                    committed: cursor.committed + 1,
+                    head_attempts: 0,
+                };
+                self.store_cursor(queue, &committer, cursor);
+                continue;
+            }
+            let due = m.message.deliver_at.max(retry_at);
+            if due > now_ms() {
+                let wait = Duration::from_millis(due - now_ms());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.cancel.cancelled() => break,
+                }
+                continue;
+            }
+            let permit = tokio::select! {
+                p = self.runner.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = self.cancel.cancelled() => break,
+            };
+            let attempt = cursor.head_attempts + 1;
+            let rx = self.dispatch(m.clone(), attempt).await;
+            // Once handed out, the call is waited for, even when stopping.
+            let result = rx
+                .await
+                .unwrap_or_else(|_| Err(InvokeError::Trap("the worker stopped".into())));
+            match judge(
+                &result,
+                attempt,
+                &self.spec.retry,
+                block,
+                &self.runner.counters,
+            ) {
+                Fate::Done => {
+                    cursor = Cursor {
+                        committed: cursor.committed + 1,
+                        head_attempts: 0,
+                    };
+                    retry_at = 0;
+                }
+                Fate::Retry {
+                    due,
+                    attempts,
+                    error,
+                } => {
+                    tracing::debug!(group = %self.group, queue, attempts, %error, "ordered retry");
+                    cursor.head_attempts = attempts;
+                    retry_at = due;
+                }
+                Fate::Dead { attempts, reason } => {
+                    self.dead_letter(&m, attempts, reason).await;
+                    cursor = Cursor {
+                        committed: cursor.committed + 1,
+                        head_attempts: 0,
+                    };
+                    retry_at = 0;
+                }
+            }
+            self.store_cursor(queue, &committer, cursor);
+            drop(permit);
+        }
+    }
+
+    fn store_cursor(&self, queue: u32, committer: &watch::Sender<Cursor>, cursor: Cursor) {
+        self.shared.committed[queue as usize].store(cursor.committed, Ordering::Relaxed);
+        self.shared.head_attempts[queue as usize].store(cursor.head_attempts, Ordering::Relaxed);
+        committer.send_replace(cursor);
+    }
+
+    /// Delivers delayed messages, retries and redrives when they are due.
+    async fn run_timers(self: Arc<Self>) {
+        let space = state::timer_space(&self.group);
+        let mut pending = FuturesUnordered::new();
+        let mut stopping = false;
+        loop {
+            let next = self.shared.next_due();
+            let now = now_ms();
+            let due_now = !stopping && next.is_some_and(|d| d <= now);
+            let sleep = match next {
+                Some(d) if d > now && !stopping => Duration::from_millis(d - now),
+                _ => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                biased;
+                Some((timer, m, attempt, result, permit)) = pending.next() => {
+                    let timer: Timer = timer;
+                    let permit: OwnedSemaphorePermit = permit;
+                    let m: Arc<StoredMessage> = m;
+                    let result: Result<Outcome, InvokeError> = result;
+                    match judge(&result, attempt, &self.spec.retry, false, &self.runner.counters) {
+                        Fate::Done => {}
+                        Fate::Retry { due, attempts, error } => {
+                            let t = Timer { due, attempts, kind: TimerKind::Retry, last_error: Some(error), ..timer.clone() };
+                            self.add_timer(t).await;
+                        }
+                        Fate::Dead { attempts, reason } => self.dead_letter(&m, attempts, reason).await,
+                    }
+                    let key = timer.key();
+                    self.persist("a timer removal", || state::delete(self.storage.as_ref(), &space, &key)).await;
+                    drop(permit);
+                }
+                permit = self.runner.in_flight.clone().acquire_owned(), if due_now => {
+                    let Ok(permit) = permit else { break };
+                    let Some(timer) = self.shared.pop_due(now_ms()) else { continue };
+                    let found = match self.storage.read(self.topic(), timer.queue, timer.offset, 1).await {
+                        Ok(mut v) => v.pop().filter(|m| m.offset == timer.offset),
+                        Err(e) => {
+                            tracing::error!(group = %self.group, error = %e, "read failed; timer kept");
+                            self.shared.add_timer(Timer { due: now_ms() + 1000, ..timer });
+                            continue;
+                        }
+                    };
+                    let Some(m) = found.map(Arc::new) else {
+                        let key = timer.key();
+                    self.persist("a timer removal", || state::delete(self.storage.as_ref(), &space, &key)).await;
+                        continue;
+                    };
+                    let attempt = timer.attempts + 1;
+                    let rx = self.dispatch(m.clone(), attempt).await;
+                    pending.push(async move {
+                        let r = rx.await.unwrap_or_else(|_| Err(InvokeError::Trap("the worker stopped".into())));
+                        (timer, m, attempt, r, permit)
+                    });
+                }
+                _ = tokio::time::sleep(sleep), if !stopping && !due_now => {}
+                _ = self.shared.timer_wake.notified(), if !stopping => {}
+                _ = self.cancel.cancelled(), if !stopping => { stopping = true; }
+                else => break,
+            }
+            if stopping && pending.is_empty() {
+                break;
+            }
+        }
+    }
+}
+
+fn mark_done(committed: &mut u64, done: &mut BTreeSet<u64>, offset: u64) {
+    if offset < *committed {
+        return;
+    }
+    done.insert(offset);
+    while done.remove(committed) {
+        *committed += 1;
+    }
+}
+
+/// The offset of the first message of a queue born at or after `time` (binary search).
+async fn offset_at(
+    storage: &dyn Storage,
+    topic: &str,
+    queue: u32,
+    time: u64,
+) -> Result<u64, DispatchError> {
+    let (mut lo, mut hi) = (0u64, storage.high_water(topic, queue).await?);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let born = storage
+            .read(topic, queue, mid, 1)
+            .await?
+            .first()
+            .map_or(u64::MAX, |m| m.message.born_at);
+        if born < time { lo = mid + 1 } else { hi = mid }
+    }
+    Ok(lo)
+}
+
+/// Where a member with no stored cursor starts on a queue.
+pub async fn start_offset(
+    storage: &dyn Storage,
+    topic: &str,
+    queue: u32,
+    start: Start,
+) -> Result<u64, DispatchError> {
+    Ok(match start {
+        Start::Earliest => 0,
+        Start::Latest => storage.high_water(topic, queue).await?,
+        Start::Time(t) => offset_at(storage, topic, queue, t).await?,
+    })
+}
+
+fn to_guest(m: &StoredMessage, attempt: u32) -> Message {
+    let n = &m.message;
+    Message {
+        id: n.id.to_string(),
+        topic: m.topic.clone(),
+        queue: n.queue,
+        offset: m.offset,
+        key: n.key.clone(),
+        tag: n.tag.clone(),
+        sharding_key: n.sharding_key.clone(),
+        properties: n
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        body: n.body.clone(),
+        born_at: n.born_at,
+        attempt,
+    }
+}
+
+/// One plugin instance serving a work channel; replaced after a trap, timeout or memory overrun.
+async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work: WorkQueue) {
+    let mut instance: Option<PluginInstance> = None;
+    loop {
+        let item = { work.lock().await.recv().await };
+        let Some(item) = item else { break };
+        if instance.is_none() {
+            match env.plugins.runtime().instantiate(&code, ctx.clone()).await {
+                Ok(i) => instance = Some(i),
+                Err(e) => {
+                    tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
+                    let _ = item.reply.send(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some(inst) = instance.as_mut() else {
+            continue;
+        };
+        let result = inst.handle(&to_guest(&item.message, item.attempt)).await;
+        if let Err(e) = &result {
+            tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %item.message.message.id, error = %e, "plugin call failed");
+        }
+        if !inst.is_usable() {
+            instance = None;
+        }
+        let _ = item.reply.send(result);
+    }
+}
+
+/// Starts a subscription's members, loops and workers.
+pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, DispatchError> {
+    let spec = Arc::new(record.spec.clone());
+    let filter = spec.validate().map_err(DispatchError::Invalid)?;
+    let topic = env.broker.topic(&spec.topic)?;
+    let (version, code) = env.plugins.code(&spec.plugin, spec.plugin_version).await?;
+    if !code.has_consumer() {
+        return Err(DispatchError::Invalid(format!(
+            "plugin {:?} does not export a consumer (handle)",
+            spec.plugin
+        )));
+    }
+    let storage = env.broker.storage().clone();
+    let broadcast = spec.mode == super::spec::Mode::Broadcast;
+    let member_count = if broadcast { spec.instances } else { 1 };
+    let limits = PluginLimits {
+        timeout_ms: spec.limits.timeout_ms.or(version.limits.timeout_ms),
+        memory_mb: spec.limits.memory_mb.or(version.limits.memory_mb),
+    };
+    let cursor_space = state::cursor_space(&record.group);
+    let mut members = Vec::new();
+    let mut starts = Vec::new();
+    for i in 0..member_count {
+        let name = state::member_name(broadcast, i);
+        let stored = storage
+            .list_records(&cursor_space, &format!("{name}/"), usize::MAX)
+            .await?;
+        let stored: BTreeMap<String, Cursor> = stored
+            .iter()
+            .map(|(k, r)| Ok((k.clone(), state::decode::<Cursor>("cursor", r)?)))
+            .collect::<Result<_, DispatchError>>()?;
+        let mut cursors = Vec::new();
+        for q in 0..topic.queues {
+            let key = state::cursor_key(&name, q);
+            let cursor = match stored.get(&key) {
+                Some(c) => *c,
+                None => {
+                    // A new member starts where the subscription says; a queue added later
+                    // to a topic the member already reads starts at its beginning.
+                    let offset = if stored.is_empty() {
+                        start_offset(storage.as_ref(), &topic.name, q, spec.start).await?
+                    } else {
+                        0
+                    };
+                    let c = Cursor {
+                        committed: offset,
+                        head_attempts: 0,
+                    };
+                    state::put(storage.as_ref(), &cursor_space, &key, &c).await?;
+                    c
+                }
+            };
+            cursors.push(cursor);
+        }
+        let timers = storage
+            .list_records(
+                &state::timer_space(&record.group),
+                &format!("{name}/"),
+                usize::MAX,
+            )
+            .await?;
+        let timers: BTreeMap<String, Timer> = timers
+            .iter()
+            .map(|(k, r)| Ok((k.clone(), state::decode::<Timer>("timer", r)?)))
+            .collect::<Result<_, DispatchError>>()?;
+        members.push(Arc::new(MemberShared {
+            name,
+            committed: cursors
+                .iter()
+                .map(|c| AtomicU64::new(c.committed))
+                .collect(),
+            head_attempts: cursors
+                .iter()
+                .map(|c| AtomicU32::new(c.head_attempts))
+                .collect(),
+            timers: std::sync::Mutex::new(timers),
+            timer_wake: Notify::new(),
+        }));
+        starts.push(cursors);
+    }
+    let shared = Arc::new(RunnerShared {
+        plugin_version: version.version,
+        counters: Counters::default(),
+        members: members.clone(),
+        in_flight: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
+        max_in_flight: spec.max_in_flight,
+    });
+    let rate = spec.max_rate.map(|r| {
+        Arc::new(Rate {
+            interval: Duration::from_secs_f64(1.0 / r),
+            next: std::sync::Mutex::new(Instant::now()),
+        })
+    });
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ctx_for = |index: u32| InstanceContext {
+        plugin: spec.plugin.clone(),
+        version: version.version,
+        group: record.group.clone(),
+        instance_index: index,
+        instance_count: spec.instances,
+        config_json: spec.config.to_string(),
+        grants: (&spec.grants).into(),
+        limits,
+        broker: env.broker.clone(),
+    };
+    // Clustering: one channel that every instance pulls from. Broadcast: a channel per instance.
+    let channels: Vec<(mpsc::Sender<WorkItem>, WorkQueue)> = (0..member_count)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(spec.max_in_flight as usize);
+            (tx, Arc::new(Mutex::new(rx)))
+        })
+        .collect();
+    for i in 0..spec.instances {
+        let rx = channels[if broadcast { i as usize } else { 0 }].1.clone();
+        tracker.spawn(worker(env.clone(), code.clone(), Arc::new(ctx_for(i)), rx));
+    }
+    for (m, (shared_member, cursors)) in members.iter().zip(starts).enumerate() {
+        let member = Arc::new(Member {
+            group: record.group.clone(),
+            spec: spec.clone(),
+            filter: filter.clone(),
+            storage: storage.clone(),
+            shared: shared_member.clone(),
+            runner: shared.clone(),
+            work: channels[m].0.clone(),
+            rate: rate.clone(),
+            cancel: cancel.clone(),
+        });
+        for (q, cursor) in cursors.into_iter().enumerate() {
+            let (committer, store_task) = member.cursor_committer(q as u32, cursor);
+            tracker.spawn(store_task);
+            if spec.is_ordered() {
+                tracker.spawn(member.clone().run_ordered(q as u32, cursor, committer));
+            } else {
+                tracker.spawn(member.clone().run_unordered(q as u32, cursor, committer));
+            }
+        }
+        tracker.spawn(member.clone().run_timers());
+    }
+    drop(channels);
+    Ok(Runner {
+        cancel,
+        tracker,
+        shared,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_offset_never_passes_an_unfinished_message() {
+        let (mut c, mut done) = (5u64, BTreeSet::new());
+        mark_done(&mut c, &mut done, 7);
+        mark_done(&mut c, &mut done, 6);
+        assert_eq!(c, 5, "5 is not done yet");
+        mark_done(&mut c, &mut done, 5);
+        assert_eq!(c, 8);
+        mark_done(&mut c, &mut done, 3);
+        assert_eq!((c, done.len()), (8, 0));
+    }
+}

@@ -1,0 +1,175 @@
+//! What dispatch keeps durably, and how it is keyed: subscription records, committed offsets
+//! (cursors, per member and queue), timers (delayed messages and retries) and dead letters.
+//! Every key layout of dispatch lives here.
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::SubscriptionSpec;
+use crate::storage::{Expect, Record, Storage, StorageError};
+
+pub const SUB_SPACE: &str = "sub";
+
+pub fn cursor_space(group: &str) -> String {
+    format!("cursor/{group}")
+}
+pub fn timer_space(group: &str) -> String {
+    format!("timer/{group}")
+}
+pub fn dlq_space(group: &str) -> String {
+    format!("dlq/{group}")
+}
+
+/// The clustering member, shared by all instances; broadcast members are instance indexes.
+pub const SHARED_MEMBER: &str = "all";
+
+pub fn member_name(broadcast: bool, instance: u32) -> String {
+    if broadcast {
+        format!("i{instance:04}")
+    } else {
+        SHARED_MEMBER.to_string()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubState {
+    Running,
+    Paused,
+}
+
+/// A subscription as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    pub group: String,
+    pub spec: SubscriptionSpec,
+    pub state: SubState,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// Progress of one member on one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Every offset below this one is done (acknowledged, dead-lettered, or handed to a timer).
+    pub committed: u64,
+    /// Ordered delivery: attempts already made on the message at `committed`.
+    #[serde(default)]
+    pub head_attempts: u32,
+}
+
+pub fn cursor_key(member: &str, queue: u32) -> String {
+    format!("{member}/{queue:08x}")
+}
+
+/// Why a timer exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimerKind {
+    Delay,
+    Retry,
+    Redrive,
+}
+
+/// A message to deliver to a member at `due`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    pub member: String,
+    pub due: u64,
+    pub queue: u32,
+    pub offset: u64,
+    /// Attempts already made.
+    pub attempts: u32,
+    pub kind: TimerKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl Timer {
+    /// Keys sort by member, then due time, so a member loads its timers in firing order.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{:016x}/{:08x}/{:016x}",
+            self.member, self.due, self.queue, self.offset
+        )
+    }
+}
+
+/// A message that will not be delivered again unless redriven.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub message_id: String,
+    pub member: String,
+    pub queue: u32,
+    pub offset: u64,
+    pub attempts: u32,
+    pub reason: String,
+    pub dead_at: u64,
+}
+
+impl DeadLetter {
+    pub fn key(&self) -> String {
+        format!("{:016x}/{}", self.dead_at, self.message_id)
+    }
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(what: &str, r: &Record) -> Result<T, StorageError> {
+    serde_json::from_slice(&r.value).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(v).map_err(|e| StorageError::Encode(e.to_string()))
+}
+
+pub async fn put<T: Serialize>(
+    storage: &dyn Storage,
+    space: &str,
+    key: &str,
+    v: &T,
+) -> Result<(), StorageError> {
+    storage
+        .put_record(space, key, Some(encode(v)?), Expect::Any)
+        .await
+        .map(drop)
+}
+
+pub async fn delete(storage: &dyn Storage, space: &str, key: &str) -> Result<(), StorageError> {
+    storage
+        .put_record(space, key, None, Expect::Any)
+        .await
+        .map(drop)
+}
+
+/// Deletes every record of a space (a subscription's cursors, timers or dead letters).
+pub async fn clear(storage: &dyn Storage, space: &str, prefix: &str) -> Result<(), StorageError> {
+    loop {
+        let batch = storage.list_records(space, prefix, 1000).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (k, _) in batch {
+            delete(storage, space, &k).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_keys_sort_by_member_then_due() {
+        let t = |member: &str, due: u64, offset: u64| Timer {
+            member: member.into(),
+            due,
+            queue: 1,
+            offset,
+            attempts: 0,
+            kind: TimerKind::Retry,
+            last_error: None,
+        };
+        assert!(t("all", 9, 5).key() < t("all", 10, 1).key());
+        assert!(t("all", u64::MAX, 0).key() < t("i0000", 0, 0).key());
+        assert!(cursor_key("i0001", 2) < cursor_key("i0001", 10));
+        assert_eq!(member_name(true, 3), "i0003");
+    }
+}

@@ -1,0 +1,144 @@
+//! Subscription routes: create or update, show, list, delete, pause, resume, reset, and the
+//! dead-letter queue (browse, redrive).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, parse_json, read_body};
+use crate::dispatch::{DeadLetterView, Start, SubscriptionSpec};
+
+const MAX_SPEC_BODY: usize = 256 * 1024;
+
+pub async fn put(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let bytes = read_body(body, MAX_SPEC_BODY).await?;
+    let spec: SubscriptionSpec = parse_json(&bytes)?;
+    let (status, created) = state.dispatcher.put(&group, spec).await?;
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(status),
+    ))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.dispatcher.status(&group).await?))
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({ "subscriptions": state.dispatcher.list().await? }),
+    ))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.dispatcher.delete(&group).await?;
+    Ok(Json(json!({ "deleted": group })))
+}
+
+pub async fn pause(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.dispatcher.pause(&group).await?))
+}
+
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.dispatcher.resume(&group).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    #[serde(default)]
+    to: Start,
+}
+
+/// `{"to": "earliest" | "latest" | <ms since the epoch>}`; an empty body means earliest.
+pub async fn reset(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, MAX_SPEC_BODY).await?;
+    let req: ResetRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        ResetRequest::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    Ok(Json(state.dispatcher.reset(&group, req.to).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Oldest first; pass the last entry's `key` as `after` for the next page.
+pub async fn dlq(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    query: Result<Query<DlqQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = state
+        .dispatcher
+        .dlq(&group, q.after.as_deref(), limit)
+        .await?;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.key()))
+        .flatten();
+    let views: Vec<DeadLetterView> = entries
+        .into_iter()
+        .map(|e| DeadLetterView {
+            key: e.key(),
+            entry: e,
+        })
+        .collect();
+    Ok(Json(json!({ "entries": views, "next": next })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    ids: Option<Vec<String>>,
+}
+
+/// `{"ids": [...]}` redrives those messages; an empty body redrives all.
+pub async fn redrive(
+    State(state): State<AppState>,
+    Path(group): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let bytes = read_body(body, MAX_SPEC_BODY).await?;
+    let req: RedriveRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        RedriveRequest::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let n = state.dispatcher.redrive(&group, req.ids.as_deref()).await?;
+    Ok(Json(json!({ "redriven": n })))
+}

@@ -1,0 +1,620 @@
+//! Subscriptions and dispatch with real plugins: clustering, ordered and broadcast delivery,
+//! retries, the dead-letter queue, delays, pause/resume/reset and rate limits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wasmq_tests::plugins::{CHECKER, ECHO, RECORDER};
+use wasmq_tests::{TestServer, assert_error};
+
+async fn setup(s: &TestServer, topic: &str, queues: u32) {
+    s.create_topic(topic, queues).await;
+    s.create_topic("audit", 1).await;
+    let (st, v) = s.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+}
+
+async fn publish_batch(s: &TestServer, topic: &str, msgs: Vec<Value>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for chunk in msgs.chunks(500) {
+        let (st, r) = s
+            .post_json(
+                &format!("/v1/topics/{topic}/messages/batch"),
+                &json!({"messages": chunk}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{r}");
+        out.extend(r["results"].as_array().unwrap().iter().cloned());
+    }
+    out
+}
+
+fn recorder_spec(topic: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "topic": topic, "plugin": "recorder",
+        "config": {"audit": "audit"}, "grants": {"publish": ["audit"]},
+        "retry": {"max_attempts": 3, "backoff_ms": [20, 40]},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if k == "config" {
+            for (ck, cv) in v.as_object().unwrap() {
+                spec["config"][ck] = cv.clone();
+            }
+        } else {
+            spec[k] = v.clone();
+        }
+    }
+    spec
+}
+
+fn count_by_id(audit: &[Value]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for a in audit {
+        *seen
+            .entry(a["id"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clustering_four_instances_ten_thousand_messages_each_acked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "orders", 4).await;
+    s.subscribe("notify", recorder_spec("orders", json!({"instances": 4})))
+        .await;
+    let sent = publish_batch(
+        &s,
+        "orders",
+        (0..10_000).map(|i| json!({"body": {"n": i}})).collect(),
+    )
+    .await;
+    let audit = s.wait_audit("audit", 10_000, 120).await;
+    let seen = count_by_id(&audit);
+    assert_eq!(seen.len(), 10_000);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "a message was handled twice"
+    );
+    assert!(
+        sent.iter()
+            .all(|a| seen.contains_key(a["id"].as_str().unwrap()))
+    );
+    let instances: HashSet<u64> = audit
+        .iter()
+        .map(|a| a["instance"].as_u64().unwrap())
+        .collect();
+    assert!(
+        instances.len() > 1,
+        "work was not spread over instances: {instances:?}"
+    );
+    let st = s
+        .wait_until("/v1/subscriptions/notify", 10, |v| v["lag"] == 0)
+        .await;
+    assert_eq!(st["counters"]["acked"], 10_000, "{st}");
+    assert_eq!(
+        st["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["committed"].as_u64().unwrap())
+            .sum::<u64>(),
+        10_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clustering_with_failures_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "orders", 4).await;
+    s.subscribe("notify", recorder_spec("orders", json!({"instances": 4})))
+        .await;
+    // Every 7th fails once, every 11th twice, every 13th three times (past max_attempts = 3),
+    // every 17th rejects outright.
+    let msgs: Vec<Value> = (0..2000)
+        .map(|i| {
+            let fail = if i % 13 == 0 {
+                3
+            } else if i % 11 == 0 {
+                2
+            } else {
+                u32::from(i % 7 == 0)
+            };
+            json!({"body": {"n": i, "fail_attempts": fail, "reject": i % 17 == 0 && i % 13 != 0}})
+        })
+        .collect();
+    let sent = publish_batch(&s, "orders", msgs.clone()).await;
+    let dead_expected: HashSet<String> = sent
+        .iter()
+        .zip(&msgs)
+        .filter(|(_, m)| m["body"]["fail_attempts"] == 3 || m["body"]["reject"] == true)
+        .map(|(a, _)| a["id"].as_str().unwrap().to_string())
+        .collect();
+    let audit = s
+        .wait_audit("audit", (2000 - dead_expected.len()) as u64, 60)
+        .await;
+    let dead_n = dead_expected.len();
+    let st = s
+        .wait_until("/v1/subscriptions/notify", 20, |v| {
+            v["lag"] == 0 && v["pending_timers"] == 0 && v["in_flight"] == 0 && v["dlq"] == dead_n
+        })
+        .await;
+    let seen = count_by_id(&audit);
+    assert!(seen.values().all(|&n| n == 1));
+    let (_, dlq) = s.get("/v1/subscriptions/notify/dlq?limit=1000").await;
+    let dead: HashSet<String> = dlq["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(dead, dead_expected);
+    for id in sent.iter().map(|a| a["id"].as_str().unwrap()) {
+        assert!(
+            seen.contains_key(id) ^ dead.contains(id),
+            "{id} is neither acked nor dead, or both"
+        );
+    }
+    let e = dlq["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"].as_str().unwrap().contains("attempts"))
+        .unwrap();
+    assert_eq!(e["attempts"], 3, "{e}");
+    assert!(st["counters"]["retried"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_per_key_despite_failures_and_other_queues_keep_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "profiles", 8).await;
+    // Every message fails its first attempt.
+    let spec = recorder_spec(
+        "profiles",
+        json!({"ordered": true, "instances": 4, "config": {"fail_attempts": 1}}),
+    );
+    s.subscribe("apply", spec).await;
+    let msgs: Vec<Value> = (0..1000)
+        .map(|i| json!({"body": {"seq": i / 100}, "sharding_key": format!("user-{}", i % 100)}))
+        .collect();
+    publish_batch(&s, "profiles", msgs).await;
+    let audit = s.wait_audit("audit", 1000, 60).await;
+    let mut per_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for a in &audit {
+        assert_eq!(a["attempt"], 2, "the first attempt always fails: {a}");
+        per_key
+            .entry(a["key"].as_str().unwrap().into())
+            .or_default()
+            .push(a["body"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(per_key.len(), 100);
+    for (key, seqs) in &per_key {
+        assert_eq!(
+            seqs,
+            &(0..10).collect::<Vec<u64>>(),
+            "order broken for {key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_queue_blocks_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 2).await;
+    let spec = recorder_spec(
+        "t",
+        json!({"ordered": true, "instances": 2, "retry": {"max_attempts": 10, "backoff_ms": [400]}}),
+    );
+    s.subscribe("g", spec).await;
+    // Find two keys on different queues.
+    let (_, a) = s
+        .post_json(
+            "/v1/topics/t/messages",
+            &json!({"body": {"name": "blocker", "fail_attempts": 2}, "sharding_key": "kA"}),
+        )
+        .await;
+    let qa = a["queue"].as_u64().unwrap();
+    let kb = (0..100)
+        .map(|i| format!("kB{i}"))
+        .find(|k| wasmq::broker::queue_for_key(k, 2) as u64 != qa)
+        .unwrap();
+    let after_a = s
+        .post_json(
+            "/v1/topics/t/messages",
+            &json!({"body": {"name": "after-blocker"}, "sharding_key": "kA"}),
+        )
+        .await
+        .1;
+    assert_eq!(after_a["queue"].as_u64().unwrap(), qa);
+    for i in 0..10 {
+        s.post_json(
+            "/v1/topics/t/messages",
+            &json!({"body": {"name": format!("b{i}")}, "sharding_key": kb}),
+        )
+        .await;
+    }
+    // The other queue drains while the blocker waits out two 400 ms backoffs.
+    let audit = s.wait_audit("audit", 10, 5).await;
+    let names: Vec<&str> = audit
+        .iter()
+        .map(|a| a["body"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        (0..10).map(|i| format!("b{i}")).collect::<Vec<_>>(),
+        "queue B was held up"
+    );
+    let st = s
+        .wait_until("/v1/subscriptions/g", 5, |v| {
+            v["queues"][qa as usize]["blocked_attempts"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        })
+        .await;
+    assert_eq!(st["queues"][qa as usize]["lag"], 2, "{st}");
+    let audit = s.wait_audit("audit", 12, 10).await;
+    let names: Vec<&str> = audit
+        .iter()
+        .map(|a| a["body"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(&names[10..], ["blocker", "after-blocker"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_every_instance_sees_everything_in_order_and_a_failing_one_holds_no_one_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "prices", 2).await;
+    // Instance 1 fails each message twice, waiting 60 ms each time.
+    let spec = recorder_spec(
+        "prices",
+        json!({"mode": "broadcast", "instances": 3, "retry": {"max_attempts": 5, "backoff_ms": [60]},
+               "config": {"fail_instance": 1, "fail_attempts": 2}}),
+    );
+    s.subscribe("cache", spec).await;
+    let msgs: Vec<Value> = (0..30)
+        .map(|i| json!({"body": {"seq": i}, "sharding_key": format!("sku-{}", i % 3)}))
+        .collect();
+    let sent = publish_batch(&s, "prices", msgs).await;
+    // Instances 0 and 2 finish while instance 1 is still retrying.
+    let st = s
+        .wait_until("/v1/subscriptions/cache", 10, |v| {
+            v["instances"][0]["lag"] == 0 && v["instances"][2]["lag"] == 0
+        })
+        .await;
+    assert!(
+        st["instances"][1]["lag"].as_u64().unwrap() > 0,
+        "instance 1 should still be behind: {st}"
+    );
+    let audit = s.wait_audit("audit", 90, 30).await;
+    for i in 0..3u64 {
+        let mine: Vec<&Value> = audit.iter().filter(|a| a["instance"] == i).collect();
+        assert_eq!(mine.len(), 30, "instance {i}");
+        assert_eq!(
+            count_by_id(&mine.iter().map(|v| (*v).clone()).collect::<Vec<_>>()).len(),
+            30
+        );
+        for q in 0..2u64 {
+            let offsets: Vec<u64> = mine
+                .iter()
+                .filter(|a| a["queue"] == q)
+                .map(|a| a["offset"].as_u64().unwrap())
+                .collect();
+            assert!(
+                offsets.windows(2).all(|w| w[0] < w[1]),
+                "instance {i} queue {q} out of order: {offsets:?}"
+            );
+        }
+    }
+    assert!(
+        audit
+            .iter()
+            .filter(|a| a["instance"] == 1)
+            .all(|a| a["attempt"] == 3)
+    );
+    assert_eq!(sent.len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_browsed_and_redriven() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 1).await;
+    s.subscribe("g", recorder_spec("t", json!({}))).await;
+    let sent = publish_batch(
+        &s,
+        "t",
+        (0..5)
+            .map(|i| json!({"body": {"n": i, "reject": i % 2 == 0}}))
+            .collect(),
+    )
+    .await;
+    s.wait_audit("audit", 2, 10).await;
+    let dlq = s
+        .wait_until("/v1/subscriptions/g/dlq", 10, |v| {
+            v["entries"].as_array().is_some_and(|e| e.len() == 3)
+        })
+        .await;
+    let e = &dlq["entries"][0];
+    assert_eq!(
+        (e["attempts"].as_u64(), e["message_id"].as_str()),
+        (Some(1), sent[0]["id"].as_str())
+    );
+    assert!(e["reason"].as_str().unwrap().contains("rejected"));
+    // Paging.
+    let (_, page) = s.get("/v1/subscriptions/g/dlq?limit=2").await;
+    let next = page["next"].as_str().unwrap();
+    let (_, rest) = s
+        .get(&format!("/v1/subscriptions/g/dlq?limit=2&after={next}"))
+        .await;
+    assert_eq!(rest["entries"].as_array().unwrap().len(), 1);
+    // Fix the consumer (an update), then redrive one, then the rest.
+    s.put_json(
+        "/v1/subscriptions/g",
+        &recorder_spec("t", json!({"config": {"honor_reject": false}})),
+    )
+    .await;
+    let one = sent[2]["id"].as_str().unwrap();
+    let (_, r) = s
+        .post_json("/v1/subscriptions/g/dlq/redrive", &json!({"ids": [one]}))
+        .await;
+    assert_eq!(r["redriven"], 1);
+    let audit = s.wait_audit("audit", 3, 10).await;
+    assert_eq!(audit[2]["id"], one);
+    let (_, r) = s
+        .post_json("/v1/subscriptions/g/dlq/redrive", &json!({}))
+        .await;
+    assert_eq!(r["redriven"], 2);
+    s.wait_audit("audit", 5, 10).await;
+    let (_, dlq) = s.get("/v1/subscriptions/g/dlq").await;
+    assert_eq!(dlq["entries"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_arrive_in_due_order_never_early_also_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 2).await;
+    s.subscribe("g", recorder_spec("t", json!({}))).await;
+    let mut due = HashMap::new();
+    for (i, delay) in [600u64, 200, 400, 0].iter().enumerate() {
+        let (_, a) = s
+            .post_json(
+                "/v1/topics/t/messages",
+                &json!({"body": {"n": i}, "delay_ms": delay}),
+            )
+            .await;
+        let (_, m) = s
+            .get(&format!("/v1/messages/{}", a["id"].as_str().unwrap()))
+            .await;
+        due.insert(
+            a["id"].as_str().unwrap().to_string(),
+            m["deliver_at"].as_u64().unwrap(),
+        );
+    }
+    let audit = s.wait_audit("audit", 4, 10).await;
+    let order: Vec<u64> = audit
+        .iter()
+        .map(|a| a["body"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, [3, 1, 2, 0]);
+    for a in &audit {
+        let at = a["handled_at"].as_u64().unwrap();
+        let d = due[a["id"].as_str().unwrap()];
+        assert!(at >= d, "delivered {} ms early", d - at);
+    }
+    // A delay that comes due while the server is down is delivered after it starts again.
+    let (_, a) = s
+        .post_json(
+            "/v1/topics/t/messages",
+            &json!({"body": {"n": 9}, "delay_ms": 1500}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.stop().await.unwrap();
+    let s = TestServer::start(dir.path()).await;
+    let audit = s.wait_audit("audit", 5, 10).await;
+    assert_eq!(audit[4]["id"], a["id"]);
+    let (_, m) = s
+        .get(&format!("/v1/messages/{}", a["id"].as_str().unwrap()))
+        .await;
+    assert!(audit[4]["handled_at"].as_u64().unwrap() >= m["deliver_at"].as_u64().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_reset_and_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 2).await;
+    s.subscribe("g", recorder_spec("t", json!({"max_rate": 50.0})))
+        .await;
+    let (_, p) = s.post_json("/v1/subscriptions/g/pause", &json!({})).await;
+    assert_eq!(p["state"], "paused");
+    publish_batch(
+        &s,
+        "t",
+        (0..20).map(|i| json!({"body": {"n": i}})).collect(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, t) = s.get("/v1/topics/audit").await;
+    assert_eq!(t["messages"], 0, "a paused subscription delivered");
+    let (_, st) = s.get("/v1/subscriptions/g").await;
+    assert_eq!(st["lag"], 20);
+    let started = Instant::now();
+    s.post_json("/v1/subscriptions/g/resume", &json!({})).await;
+    let audit = s.wait_audit("audit", 20, 10).await;
+    // 20 messages at 50/s take at least 19 intervals of 20 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(380),
+        "max_rate ignored: {:?}",
+        started.elapsed()
+    );
+    let span = audit[19]["handled_at"].as_u64().unwrap() - audit[0]["handled_at"].as_u64().unwrap();
+    assert!(span >= 370, "handled within {span} ms");
+    // Reset to earliest replays everything.
+    let (_, r) = s
+        .post_json("/v1/subscriptions/g/reset", &json!({"to": "earliest"}))
+        .await;
+    assert_eq!(r["state"], "running");
+    s.wait_audit("audit", 40, 10).await;
+    // Reset to latest skips what is there.
+    s.post_json("/v1/subscriptions/g/pause", &json!({})).await;
+    publish_batch(&s, "t", (0..5).map(|i| json!({"body": {"n": i}})).collect()).await;
+    let (_, r) = s
+        .post_json("/v1/subscriptions/g/reset", &json!({"to": "latest"}))
+        .await;
+    assert_eq!(r["lag"], 0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_latest_and_bad_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 1).await;
+    s.upload_plugin("echo", ECHO).await;
+    s.upload_plugin("txn-checker", CHECKER).await;
+    publish_batch(&s, "t", (0..3).map(|i| json!({"body": i})).collect()).await;
+    let st = s
+        .subscribe("late", recorder_spec("t", json!({"start": "latest"})))
+        .await;
+    assert_eq!(st["queues"][0]["committed"], 3);
+    s.post_json("/v1/topics/t/messages", &json!({"body": "new"}))
+        .await;
+    let audit = s.wait_audit("audit", 1, 10).await;
+    assert_eq!(audit[0]["body"], "new");
+    let put = |spec: Value| {
+        let s = &s;
+        async move { s.put_json("/v1/subscriptions/bad", &spec).await }
+    };
+    assert_error(
+        &put(json!({"topic": "nope", "plugin": "echo"})).await,
+        StatusCode::NOT_FOUND,
+        "unknown_topic",
+    );
+    assert_error(
+        &put(json!({"topic": "t", "plugin": "nope"})).await,
+        StatusCode::NOT_FOUND,
+        "unknown_plugin",
+    );
+    assert_error(
+        &put(json!({"topic": "t", "plugin": "echo", "plugin_version": 9})).await,
+        StatusCode::NOT_FOUND,
+        "unknown_plugin_version",
+    );
+    assert_error(
+        &put(json!({"topic": "t", "plugin": "txn-checker"})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_subscription",
+    );
+    assert_error(
+        &put(json!({"topic": "t", "plugin": "echo", "instances": 0})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_subscription",
+    );
+    assert_error(
+        &put(json!({"topic": "t", "plugin": "echo", "filter": "a |"})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_subscription",
+    );
+    assert_error(
+        &put(json!({"topic": "t", "plugin": "echo", "mode": "fanout"})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_json",
+    );
+    assert_error(
+        &put(json!({"plugin": "echo"})).await,
+        StatusCode::BAD_REQUEST,
+        "bad_json",
+    );
+    assert_error(
+        &s.put_json(
+            "/v1/subscriptions/.x",
+            &json!({"topic": "t", "plugin": "echo"}),
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "bad_group_name",
+    );
+    assert_error(
+        &s.get("/v1/subscriptions/none").await,
+        StatusCode::NOT_FOUND,
+        "unknown_subscription",
+    );
+    assert_error(
+        &s.post_json("/v1/subscriptions/none/pause", &json!({}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "unknown_subscription",
+    );
+    s.create_topic("other", 1).await;
+    assert_error(
+        &s.put_json("/v1/subscriptions/late", &recorder_spec("other", json!({})))
+            .await,
+        StatusCode::CONFLICT,
+        "topic_change",
+    );
+    let r = s
+        .client
+        .delete(format!("{}/v1/plugins/recorder", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        &wasmq_tests::decode(r).await,
+        StatusCode::CONFLICT,
+        "plugin_in_use",
+    );
+    let r = s
+        .client
+        .delete(format!("{}/v1/subscriptions/late", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .client
+        .delete(format!("{}/v1/plugins/recorder", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_filter_delivers_only_matching_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 2).await;
+    s.subscribe(
+        "g",
+        recorder_spec("t", json!({"filter": "paid || shipped"})),
+    )
+    .await;
+    let msgs: Vec<Value> = ["paid", "created", "shipped", "refunded", "paid"]
+        .iter()
+        .enumerate()
+        .map(|(i, tag)| json!({"body": {"n": i}, "tag": tag}))
+        .collect();
+    publish_batch(&s, "t", msgs).await;
+    s.post_json("/v1/topics/t/messages", &json!({"body": {"n": 5}}))
+        .await;
+    s.wait_until("/v1/subscriptions/g", 10, |v| v["lag"] == 0)
+        .await;
+    let audit = s.read_queue("audit", 0).await;
+    let mut ns: Vec<u64> = audit
+        .iter()
+        .map(|a| a["body"]["n"].as_u64().unwrap())
+        .collect();
+    ns.sort_unstable();
+    assert_eq!(ns, [0, 2, 4]);
+}
