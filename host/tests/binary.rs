@@ -328,3 +328,139 @@ async fn scaffold_build_deploy_and_invoke_a_new_plugin() {
     assert!(!out.status.success() && stderr(&out).contains("no Cargo.toml"));
     server.kill().await;
 }
+
+/// Reads every audit record (one queue) from a server.
+async fn audit_records(url: &str) -> Vec<Value> {
+    let http = reqwest::Client::new();
+    let mut out: Vec<Value> = Vec::new();
+    loop {
+        let page: Value = http
+            .get(format!(
+                "{url}/v1/topics/audit/messages?queue=0&from={}&limit=1000",
+                out.len()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let msgs = page["messages"].as_array().unwrap();
+        if msgs.is_empty() {
+            return out;
+        }
+        out.extend(msgs.iter().map(|m| m["body"].clone()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flight_window() {
+    const MAX_IN_FLIGHT: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let http = reqwest::Client::new();
+    create_topic(&url, "jobs", 4).await;
+    create_topic(&url, "audit", 1).await;
+    let wasm = std::fs::read(wasmq_tests::plugins::RECORDER).unwrap();
+    let r = http
+        .put(format!("{url}/v1/plugins/recorder"))
+        .body(wasm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let spec = json!({"topic": "jobs", "plugin": "recorder", "instances": 4, "max_in_flight": MAX_IN_FLIGHT,
+                      "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
+    let r = http
+        .put(format!("{url}/v1/subscriptions/work"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let mut ids = Vec::new();
+    for round in 0..20 {
+        let msgs: Vec<Value> = (0..200)
+            .map(|i| json!({"body": {"round": round, "i": i}}))
+            .collect();
+        let r: Value = http
+            .post(format!("{url}/v1/topics/jobs/messages/batch"))
+            .json(&json!({"messages": msgs}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.extend(
+            r["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["id"].as_str().unwrap().to_string()),
+        );
+    }
+    // Let dispatch get going, then kill it mid-stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = audit_records(&url).await.len();
+        if n > 500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dispatch did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill().await;
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let st: Value = http
+        .get(format!("{}/v1/subscriptions/work", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lag_at_restart = st["lag"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st: Value = http
+            .get(format!("{}/v1/subscriptions/work", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if st["lag"] == 0 && st["in_flight"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never caught up: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let audit = audit_records(&server.url).await;
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for a in &audit {
+        *seen.entry(a["id"].as_str().unwrap()).or_default() += 1;
+    }
+    for id in &ids {
+        assert!(seen.contains_key(id.as_str()), "message {id} was skipped");
+    }
+    let repeated: usize = seen.values().map(|n| n - 1).sum();
+    assert!(
+        lag_at_restart > 0,
+        "the kill came after dispatch had finished: nothing was tested"
+    );
+    assert!(
+        repeated <= MAX_IN_FLIGHT,
+        "{repeated} messages were handled twice; the in-flight window is {MAX_IN_FLIGHT}"
+    );
+    eprintln!("lag at restart: {lag_at_restart}; handled twice: {repeated}");
+    server.kill().await;
+}

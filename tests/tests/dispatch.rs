@@ -618,3 +618,58 @@ async fn tag_filter_delivers_only_matching_messages() {
     ns.sort_unstable();
     assert_eq!(ns, [0, 2, 4]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_a_subscription_mid_stream_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 4).await;
+    s.subscribe("g", recorder_spec("t", json!({"instances": 2})))
+        .await;
+    let mut sent = Vec::new();
+    for round in 0..10u32 {
+        let msgs = (0..300)
+            .map(|i| json!({"body": {"round": round, "i": i}}))
+            .collect();
+        sent.extend(publish_batch(&s, "t", msgs).await);
+        match round {
+            3 => {
+                // More instances and a new plugin version while messages flow.
+                let (st, v) = s
+                    .put_json(
+                        "/v1/subscriptions/g",
+                        &recorder_spec("t", json!({"instances": 4})),
+                    )
+                    .await;
+                assert_eq!(st, StatusCode::OK, "{v}");
+            }
+            6 => {
+                // The same component with other limits is a new version; unpinned groups move to it.
+                let bytes = std::fs::read(RECORDER).unwrap();
+                let url = format!("{}/v1/plugins/recorder?timeout_ms=4000", s.url);
+                let r = s.client.put(url).body(bytes).send().await.unwrap();
+                assert_eq!(r.status(), StatusCode::CREATED);
+            }
+            _ => {}
+        }
+    }
+    let audit = s.wait_audit("audit", 3000, 60).await;
+    let seen = count_by_id(&audit);
+    assert_eq!(seen.len(), 3000);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "a message was delivered twice across the updates"
+    );
+    let st = s
+        .wait_until("/v1/subscriptions/g", 10, |v| v["lag"] == 0)
+        .await;
+    assert_eq!(st["plugin_version"], 2, "{st}");
+    let instances: HashSet<u64> = audit
+        .iter()
+        .map(|a| a["instance"].as_u64().unwrap())
+        .collect();
+    assert!(
+        instances.iter().any(|&i| i >= 2),
+        "the new instances never ran"
+    );
+}

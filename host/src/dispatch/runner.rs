@@ -106,6 +106,17 @@ impl Runner {
     }
 }
 
+/// In-flight permits of handled messages whose offset is not stored yet, by offset. A permit
+/// is released only once the stored offset passes its message, so the messages a crash can
+/// deliver twice never outnumber `max_in_flight`.
+type Parked = Arc<std::sync::Mutex<BTreeMap<u64, OwnedSemaphorePermit>>>;
+
+fn park(parked: &Parked, offset: u64, permit: OwnedSemaphorePermit) {
+    if let Ok(mut p) = parked.lock() {
+        p.insert(offset, permit);
+    }
+}
+
 /// The receiving end of a work channel, shared by the instances that serve it.
 type WorkQueue = Arc<Mutex<mpsc::Receiver<WorkItem>>>;
 
@@ -289,6 +300,7 @@ impl Member {
         &self,
         queue: u32,
         initial: Cursor,
+        parked: Parked,
     ) -> (
         watch::Sender<Cursor>,
         impl std::future::Future<Output = ()> + Send + 'static,
@@ -303,7 +315,14 @@ impl Member {
                 let cursor = *rx.borrow_and_update();
                 loop {
                     match state::put(storage.as_ref(), &space, &key, &cursor).await {
-                        Ok(()) | Err(crate::storage::StorageError::Closed) => break,
+                        Ok(()) => {
+                            if let Ok(mut p) = parked.lock() {
+                                let keep = p.split_off(&cursor.committed);
+                                *p = keep;
+                            }
+                            break;
+                        }
+                        Err(crate::storage::StorageError::Closed) => break,
                         Err(e) => {
                             tracing::error!(%group, error = %e, "cannot store offset; retrying");
                             tokio::time::sleep(STORAGE_RETRY).await;
@@ -321,6 +340,7 @@ impl Member {
         queue: u32,
         start: Cursor,
         committer: watch::Sender<Cursor>,
+        parked: Parked,
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut committed = start.committed;
@@ -400,7 +420,7 @@ impl Member {
                     }
                     mark_done(&mut committed, &mut done, m.offset);
                     self.publish(queue, &committer, committed);
-                    drop(permit);
+                    park(&parked, m.offset, permit);
                 }
                 permit = self.runner.in_flight.clone().acquire_owned(), if want => {
                     let Ok(permit) = permit else { break };
@@ -443,6 +463,7 @@ impl Member {
         queue: u32,
         start: Cursor,
         committer: watch::Sender<Cursor>,
+        parked: Parked,
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut cursor = start;
@@ -531,8 +552,10 @@ impl Member {
                     retry_at = 0;
                 }
             }
+            if cursor.committed > m.offset {
+                park(&parked, m.offset, permit);
+            }
             self.store_cursor(queue, &committer, cursor);
-            drop(permit);
         }
     }
 
@@ -834,12 +857,21 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
             cancel: cancel.clone(),
         });
         for (q, cursor) in cursors.into_iter().enumerate() {
-            let (committer, store_task) = member.cursor_committer(q as u32, cursor);
+            let parked = Parked::default();
+            let (committer, store_task) = member.cursor_committer(q as u32, cursor, parked.clone());
             tracker.spawn(store_task);
             if spec.is_ordered() {
-                tracker.spawn(member.clone().run_ordered(q as u32, cursor, committer));
+                tracker.spawn(
+                    member
+                        .clone()
+                        .run_ordered(q as u32, cursor, committer, parked),
+                );
             } else {
-                tracker.spawn(member.clone().run_unordered(q as u32, cursor, committer));
+                tracker.spawn(
+                    member
+                        .clone()
+                        .run_unordered(q as u32, cursor, committer, parked),
+                );
             }
         }
         tracker.spawn(member.clone().run_timers());
