@@ -464,3 +464,105 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
     eprintln!("lag at restart: {lag_at_restart}; handled twice: {repeated}");
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sub_and_dlq_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    for args in [
+        vec!["topic", "create", "t", "--queues", "1"],
+        vec!["topic", "create", "audit", "--queues", "1"],
+    ] {
+        assert!(cli(&url, &args).status.success());
+    }
+    let out = cli(
+        &url,
+        &[
+            "plugin",
+            "deploy",
+            "recorder",
+            wasmq_tests::plugins::RECORDER,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let args = [
+        "sub",
+        "create",
+        "g",
+        "--topic",
+        "t",
+        "--plugin",
+        "recorder",
+        "--instances",
+        "2",
+        "--max-attempts",
+        "2",
+        "--backoff",
+        "10,20",
+        "--config",
+        r#"{"audit":"audit"}"#,
+        "--grants",
+        r#"{"publish":["audit"]}"#,
+    ];
+    let out = cli(&url, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            created["spec"]["instances"].as_u64(),
+            created["spec"]["retry"]["backoff_ms"].clone()
+        ),
+        (Some(2), json!([10, 20]))
+    );
+    assert!(
+        cli(&url, &["publish", "t", r#"{"reject":true}"#])
+            .status
+            .success()
+    );
+    let mut dead = Value::Null;
+    for _ in 0..200 {
+        let out = cli(&url, &["dlq", "list", "g"]);
+        dead = serde_json::from_slice(&out.stdout).unwrap();
+        if dead["entries"].as_array().is_some_and(|e| e.len() == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dead["entries"].as_array().map(Vec::len), Some(1), "{dead}");
+    let id = dead["entries"][0]["message_id"].as_str().unwrap();
+    let out = cli(&url, &["dlq", "redrive", "g", "--id", id]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["redriven"],
+        1
+    );
+    let out = cli(&url, &["sub", "pause", "g"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["state"],
+        "paused"
+    );
+    let out = cli(&url, &["sub", "reset", "g", "--to", "latest"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["lag"],
+        0
+    );
+    let out = cli(&url, &["sub", "resume", "g"]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["state"],
+        "running"
+    );
+    let out = cli(&url, &["sub", "show", "g"]);
+    assert!(out.status.success());
+    let out = cli(&url, &["sub", "reset", "g", "--to", "yesterday"]);
+    assert!(!out.status.success() && stderr(&out).contains("earliest"));
+    let out = cli(
+        &url,
+        &[
+            "sub", "create", "h", "--topic", "t", "--plugin", "recorder", "--config", "{oops",
+        ],
+    );
+    assert!(!out.status.success() && stderr(&out).contains("not valid JSON"));
+    let out = cli(&url, &["sub", "show", "nope"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown_subscription"));
+    server.kill().await;
+}

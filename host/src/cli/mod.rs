@@ -45,6 +45,12 @@ enum Command {
     /// Scaffold, build, deploy and list plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Create, show, pause, resume, reset and delete subscriptions (consumer groups).
+    #[command(subcommand)]
+    Sub(SubCommand),
+    /// Browse and redrive a subscription's dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Publish one message. BODY is JSON if it parses as JSON, else raw bytes; `-` reads stdin.
     Publish {
         topic: String,
@@ -107,6 +113,92 @@ enum PluginCommand {
 }
 
 #[derive(Subcommand)]
+enum SubCommand {
+    /// Create or update subscription GROUP. `--spec` takes a whole JSON spec (or @FILE); the
+    /// other flags set single fields on top of it.
+    Create(SubArgs),
+    Show {
+        group: String,
+    },
+    List,
+    Pause {
+        group: String,
+    },
+    Resume {
+        group: String,
+    },
+    /// Move the offsets: `--to earliest` (replay), `latest` (skip), or a time in ms.
+    Reset {
+        group: String,
+        #[arg(long, default_value = "earliest")]
+        to: String,
+    },
+    Delete {
+        group: String,
+    },
+}
+
+#[derive(Args)]
+struct SubArgs {
+    group: String,
+    #[arg(long)]
+    spec: Option<String>,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    plugin: Option<String>,
+    #[arg(long)]
+    plugin_version: Option<u32>,
+    /// clustering | broadcast
+    #[arg(long)]
+    mode: Option<String>,
+    #[arg(long)]
+    ordered: bool,
+    #[arg(long)]
+    instances: Option<u32>,
+    /// `*` or `a || b`
+    #[arg(long)]
+    filter: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Retry delays in ms, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    backoff: Option<Vec<u64>>,
+    #[arg(long)]
+    max_in_flight: Option<u32>,
+    /// Messages per second.
+    #[arg(long)]
+    max_rate: Option<f64>,
+    /// earliest | latest | a time in ms
+    #[arg(long)]
+    start: Option<String>,
+    /// The plugin's config, as JSON.
+    #[arg(long)]
+    config: Option<String>,
+    /// Grants, as JSON: {"email":true,"publish":["audit"],...}
+    #[arg(long)]
+    grants: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    List {
+        group: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// The `next` key of the previous page.
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Deliver dead letters again: those with `--id` (repeatable), or all.
+    Redrive {
+        group: String,
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum TopicCommand {
     /// Create a topic (or add queues to it).
     Create {
@@ -158,6 +250,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Plugin(cmd) => plugin(&client, cmd).await,
+        Command::Sub(cmd) => sub(&client, cmd).await,
+        Command::Dlq(DlqCommand::List {
+            group,
+            limit,
+            after,
+        }) => {
+            let mut path = format!("/v1/subscriptions/{group}/dlq?limit={limit}");
+            if let Some(a) = after {
+                path.push_str(&format!("&after={a}"));
+            }
+            print(&client.get(&path).await?)
+        }
+        Command::Dlq(DlqCommand::Redrive { group, ids }) => {
+            let body = if ids.is_empty() {
+                json!({})
+            } else {
+                json!({ "ids": ids })
+            };
+            print(
+                &client
+                    .post_json(&format!("/v1/subscriptions/{group}/dlq/redrive"), &body)
+                    .await?,
+            )
+        }
         Command::Topic(TopicCommand::List) => print(&client.get("/v1/topics").await?),
         Command::Topic(TopicCommand::Show { name }) => {
             print(&client.get(&format!("/v1/topics/{name}")).await?)
@@ -235,6 +351,115 @@ async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Show { name } => print(&client.get(&format!("/v1/plugins/{name}")).await?),
         PluginCommand::Delete { name } => {
             print(&client.delete(&format!("/v1/plugins/{name}")).await?)
+        }
+    }
+}
+
+/// `earliest`, `latest` or a number of ms, as the API spells a start position.
+fn start_value(s: &str) -> anyhow::Result<Value> {
+    match s {
+        "earliest" | "latest" => Ok(Value::from(s)),
+        n => n
+            .parse::<u64>()
+            .map(Value::from)
+            .map_err(|_| anyhow::anyhow!("{s:?} is not earliest, latest or a time in ms")),
+    }
+}
+
+fn json_arg(name: &str, text: &str) -> anyhow::Result<Value> {
+    let text = match text.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+        }
+        None => text.to_string(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("--{name} is not valid JSON"))
+}
+
+fn sub_spec(a: SubArgs) -> anyhow::Result<(String, Value)> {
+    let mut spec = match &a.spec {
+        Some(text) => json_arg("spec", text)?,
+        None => json!({}),
+    };
+    let Some(obj) = spec.as_object_mut() else {
+        anyhow::bail!("--spec must be a JSON object")
+    };
+    let mut set = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            obj.insert(k.to_string(), v);
+        }
+    };
+    set("topic", a.topic.map(Value::from));
+    set("plugin", a.plugin.map(Value::from));
+    set("plugin_version", a.plugin_version.map(Value::from));
+    set("mode", a.mode.map(Value::from));
+    set("ordered", a.ordered.then_some(Value::Bool(true)));
+    set("instances", a.instances.map(Value::from));
+    set("filter", a.filter.map(Value::from));
+    set("max_in_flight", a.max_in_flight.map(Value::from));
+    set("max_rate", a.max_rate.map(Value::from));
+    set("start", a.start.as_deref().map(start_value).transpose()?);
+    set(
+        "config",
+        a.config
+            .as_deref()
+            .map(|c| json_arg("config", c))
+            .transpose()?,
+    );
+    set(
+        "grants",
+        a.grants
+            .as_deref()
+            .map(|g| json_arg("grants", g))
+            .transpose()?,
+    );
+    if a.max_attempts.is_some() || a.backoff.is_some() {
+        let mut retry = obj.get("retry").cloned().unwrap_or_else(|| json!({}));
+        if let Some(m) = a.max_attempts {
+            retry["max_attempts"] = m.into();
+        }
+        if let Some(b) = a.backoff {
+            retry["backoff_ms"] = b.into();
+        }
+        obj.insert("retry".into(), retry);
+    }
+    Ok((a.group, spec))
+}
+
+async fn sub(client: &Client, cmd: SubCommand) -> anyhow::Result<()> {
+    match cmd {
+        SubCommand::Create(args) => {
+            let (group, spec) = sub_spec(args)?;
+            print(
+                &client
+                    .put_json(&format!("/v1/subscriptions/{group}"), &spec)
+                    .await?,
+            )
+        }
+        SubCommand::Show { group } => {
+            print(&client.get(&format!("/v1/subscriptions/{group}")).await?)
+        }
+        SubCommand::List => print(&client.get("/v1/subscriptions").await?),
+        SubCommand::Pause { group } => print(
+            &client
+                .post_json(&format!("/v1/subscriptions/{group}/pause"), &json!({}))
+                .await?,
+        ),
+        SubCommand::Resume { group } => print(
+            &client
+                .post_json(&format!("/v1/subscriptions/{group}/resume"), &json!({}))
+                .await?,
+        ),
+        SubCommand::Reset { group, to } => {
+            let body = json!({ "to": start_value(&to)? });
+            print(
+                &client
+                    .post_json(&format!("/v1/subscriptions/{group}/reset"), &body)
+                    .await?,
+            )
+        }
+        SubCommand::Delete { group } => {
+            print(&client.delete(&format!("/v1/subscriptions/{group}")).await?)
         }
     }
 }
