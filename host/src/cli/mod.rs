@@ -116,7 +116,7 @@ enum PluginCommand {
 enum SubCommand {
     /// Create or update subscription GROUP. `--spec` takes a whole JSON spec (or @FILE); the
     /// other flags set single fields on top of it.
-    Create(SubArgs),
+    Create(Box<SubArgs>),
     Show {
         group: String,
     },
@@ -429,7 +429,7 @@ fn sub_spec(a: SubArgs) -> anyhow::Result<(String, Value)> {
 async fn sub(client: &Client, cmd: SubCommand) -> anyhow::Result<()> {
     match cmd {
         SubCommand::Create(args) => {
-            let (group, spec) = sub_spec(args)?;
+            let (group, spec) = sub_spec(*args)?;
             print(
                 &client
                     .put_json(&format!("/v1/subscriptions/{group}"), &spec)
