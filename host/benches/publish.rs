@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wasmq::config::{Config, FlushMode};
+use wasmq::config::FlushMode;
+
+mod common;
 
 const BODY_BYTES: usize = 256;
 
@@ -34,30 +36,9 @@ fn raw_rocksdb(dir: &std::path::Path, sync: bool, secs: f64) -> f64 {
 }
 
 async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.server.data_dir = dir.path().to_path_buf();
-    config.server.flush = flush;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(wasmq::run(listener, config, async move {
-        let _ = stop_rx.await;
-    }));
-    let http = reqwest::Client::new();
-    for _ in 0..200 {
-        if http.get(format!("{url}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let r = http
-        .put(format!("{url}/v1/topics/bench"))
-        .json(&json!({"queues": 4}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    let server = common::Server::start(flush).await;
+    let (http, url) = (server.http.clone(), server.url.clone());
+    server.put("/v1/topics/bench", json!({"queues": 4})).await;
     // A JSON string body of exactly BODY_BYTES bytes, quotes included.
     let one = json!({"body": "x".repeat(BODY_BYTES - 2)});
     let (path, payload) = if batch == 1 {
@@ -103,8 +84,7 @@ async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64)
         t.await.unwrap();
     }
     let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    server.await.unwrap().unwrap();
+    server.stop().await;
     rate
 }
 
@@ -152,7 +132,7 @@ fn main() {
     }
     println!(
         "\n{BODY_BYTES} B messages, {secs} s per workload, {} cores; client and server share the machine\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        common::cores()
     );
     println!("| workload | msgs/s | vs raw RocksDB (same fsync policy) |");
     println!("| --- | ---: | ---: |");
