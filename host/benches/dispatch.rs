@@ -64,7 +64,12 @@ async fn throughput(n: usize, instances: u32) -> (f64, f64) {
 /// Publishes at `rate` msg/s for `secs` (batches of 10 every `10/rate` s), each stamped with
 /// its send time; returns the latencies the plugin measured, in µs, sorted.
 async fn latency(rate: u64, secs: u64) -> Vec<u64> {
-    let s = common::Server::start(FlushMode::Sync).await;
+    let flush = if std::env::var("WASMQ_BENCH_FLUSH").as_deref() == Ok("async") {
+        FlushMode::Async
+    } else {
+        FlushMode::Sync
+    };
+    let s = common::Server::start(flush).await;
     s.put("/v1/topics/lat", json!({"queues": 4})).await;
     s.put("/v1/topics/report", json!({"queues": 1})).await;
     s.upload("latency", LATENCY).await;
@@ -167,8 +172,17 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (pub1, one) = rt.block_on(throughput(n, 1));
-    let (pub4, four) = rt.block_on(throughput(n, 4));
+    let skip = std::env::var("WASMQ_BENCH_ONLY").as_deref() == Ok("latency");
+    let (pub1, one) = if skip {
+        (0.0, 0.0)
+    } else {
+        rt.block_on(throughput(n, 1))
+    };
+    let (pub4, four) = if skip {
+        (0.0, 0.0)
+    } else {
+        rt.block_on(throughput(n, 4))
+    };
     let lat = rt.block_on(latency(rate, secs));
     println!(
         "\n{n} messages of 256 B, {} cores; client, broker and plugins share the machine\n",

@@ -97,6 +97,10 @@ impl RocksStorage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // Write SST and WAL data out in 1 MiB steps: a memtable flush then never dumps tens of
+        // MiB of dirty pages at once, which would stall the WAL fsync acknowledged publishes wait on.
+        opts.set_bytes_per_sync(1 << 20);
+        opts.set_wal_bytes_per_sync(1 << 20);
         let cfs = COLUMN_FAMILIES.iter().map(|name| {
             let mut cf = Options::default();
             if *name == CF_MESSAGES {
