@@ -6,6 +6,7 @@
 //! - [`broker`]: topics, publish validation, queue selection.
 //! - [`runtime`]: wasmtime engine, limits, plugin instances and the host capabilities.
 //! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
+//! - [`txn`]: transactional (half) messages and their check-back.
 //! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
 //! - [`http`]: the JSON API.
 //! - [`cli`]: the `wasmq` command line (server and client verbs).
@@ -21,6 +22,7 @@ pub mod http;
 pub mod plugins;
 pub mod runtime;
 pub mod storage;
+pub mod txn;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::storage::{RocksStorage, Storage};
+use crate::txn::Transactions;
+use tokio_util::sync::CancellationToken;
 
 /// Opens storage, serves the API on `listener` until `shutdown` resolves, then finishes
 /// in-flight requests and writes and closes storage cleanly.
@@ -88,16 +92,23 @@ async fn serve(
     tokio::spawn(async move { warm.warm_up().await });
     let dispatcher = Arc::new(Dispatcher::new(broker.clone(), plugins.clone()));
     dispatcher.start_all().await?;
+    let transactions =
+        Transactions::new(broker.clone(), plugins.clone(), config.transactions.clone()).await?;
+    let checks = CancellationToken::new();
+    let checker = tokio::spawn(transactions.clone().run(checks.clone()));
     let app = http::app(http::AppState {
         broker,
         plugins,
         dispatcher: dispatcher.clone(),
+        transactions,
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .context("HTTP server failed");
-    // In-flight deliveries finish and their offsets are stored before storage closes.
+    // In-flight deliveries and checks finish, and their state is stored, before storage closes.
+    checks.cancel();
+    let _ = checker.await;
     dispatcher.shutdown().await;
     served
 }

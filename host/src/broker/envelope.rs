@@ -45,6 +45,10 @@ pub enum EnvelopeError {
         "a delay is at most 30 days ({MAX_DELAY_MS} ms); give delay_ms or deliver_at, not both"
     )]
     BadDelay,
+    #[error(
+        "check_after_ms is for transactional messages (POST /v1/topics/{{topic}}/transactions)"
+    )]
+    TxnOnly,
 }
 
 /// One message as a producer sends it (`POST /v1/topics/{topic}/messages`).
@@ -63,6 +67,8 @@ pub struct Envelope {
     pub delay_ms: Option<u64>,
     /// Absolute due time, ms since the Unix epoch.
     pub deliver_at: Option<u64>,
+    /// Transactions only: when to first ask the checker, overriding the topic's setting.
+    pub check_after_ms: Option<u64>,
 }
 
 /// A field that is present is `Some`, even when it is JSON `null`.
@@ -101,6 +107,9 @@ fn check_field(
 impl Envelope {
     /// Validates the envelope against the limits; `now` is ms since the epoch.
     pub fn check(self, limits: &LimitsConfig, now: u64) -> Result<Checked, EnvelopeError> {
+        if self.check_after_ms.is_some() {
+            return Err(EnvelopeError::TxnOnly);
+        }
         let max = limits.max_message_bytes;
         let (body_kind, body) = match (self.body, self.body_base64) {
             (Some(_), Some(_)) => return Err(EnvelopeError::BothBodies),

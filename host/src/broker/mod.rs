@@ -52,8 +52,24 @@ pub struct TopicMeta {
     pub queues: u32,
     /// Milliseconds since the Unix epoch.
     pub created_at: u64,
+    /// The plugin asked about undecided half messages of this topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transaction_checker: Option<String>,
+    /// Check-back timings for this topic; unset ones take `[transactions]` defaults.
+    #[serde(default)]
+    pub transactions: TxnTimings,
+}
+
+/// Transaction check-back timings (any unset one falls back to the next level).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TxnTimings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_after_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_checks: Option<u32>,
 }
 
 /// The body of `PUT /v1/topics/{topic}`: fields left out keep their value.
@@ -61,7 +77,9 @@ pub struct TopicMeta {
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
     pub queues: Option<u32>,
+    /// A plugin name; `""` removes the checker.
     pub transaction_checker: Option<String>,
+    pub transactions: Option<TxnTimings>,
 }
 
 /// A topic cached in memory, with its round-robin cursor.
@@ -171,38 +189,38 @@ impl Broker {
         // Compare-and-set loop: concurrent updates never shrink queues or lose a field.
         loop {
             let current = self.storage.get_record(TOPIC_SPACE, name).await?;
-            let (meta, expect, created) = match &current {
+            let (mut meta, expect, created) = match &current {
                 Some(rec) => {
-                    let mut meta: TopicMeta = serde_json::from_slice(&rec.value)
+                    let meta: TopicMeta = serde_json::from_slice(&rec.value)
                         .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
-                    if let Some(q) = spec.queues {
-                        if q < meta.queues {
-                            return Err(BrokerError::QueuesShrink {
-                                topic: name.to_string(),
-                                current: meta.queues,
-                            });
-                        }
-                        meta.queues = q;
-                    }
-                    if let Some(c) = &spec.transaction_checker {
-                        meta.transaction_checker = (!c.is_empty()).then(|| c.clone());
-                    }
                     (meta, Expect::Revision(rec.revision), false)
                 }
-                None => (
-                    TopicMeta {
+                None => {
+                    let meta = TopicMeta {
                         name: name.to_string(),
-                        queues: spec.queues.unwrap_or(DEFAULT_QUEUES),
+                        queues: DEFAULT_QUEUES,
                         created_at: now_ms(),
-                        transaction_checker: spec
-                            .transaction_checker
-                            .clone()
-                            .filter(|c| !c.is_empty()),
-                    },
-                    Expect::Absent,
-                    true,
-                ),
+                        transaction_checker: None,
+                        transactions: TxnTimings::default(),
+                    };
+                    (meta, Expect::Absent, true)
+                }
             };
+            if let Some(q) = spec.queues {
+                if !created && q < meta.queues {
+                    return Err(BrokerError::QueuesShrink {
+                        topic: name.to_string(),
+                        current: meta.queues,
+                    });
+                }
+                meta.queues = q;
+            }
+            if let Some(c) = &spec.transaction_checker {
+                meta.transaction_checker = (!c.is_empty()).then(|| c.clone());
+            }
+            if let Some(t) = spec.transactions {
+                meta.transactions = t;
+            }
             let bytes =
                 serde_json::to_vec(&meta).map_err(|e| StorageError::Encode(e.to_string()))?;
             match self
@@ -234,6 +252,17 @@ impl Broker {
                 cursor: AtomicU32::new(cursor),
             }),
         );
+    }
+
+    /// Validates an envelope for `topic` and binds it to a queue, without storing it (a
+    /// transaction's half message is stored elsewhere until commit).
+    pub fn prepare_message(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> Result<NewMessage, BrokerError> {
+        let t = self.topic_for_publish(topic)?;
+        Ok(self.prepare(&t, envelope, now_ms())?)
     }
 
     /// Turns a validated envelope into a message bound for a queue of `topic`.

@@ -65,6 +65,7 @@ impl From<EnvelopeError> for ApiError {
             EnvelopeError::TooManyProperties => "too_many_properties",
             EnvelopeError::BadTag(_) => "bad_tag",
             EnvelopeError::BadDelay => "bad_delay",
+            EnvelopeError::TxnOnly => "bad_field",
         };
         Self::bad_request(code, e.to_string())
     }
@@ -148,6 +149,20 @@ impl From<crate::dispatch::DispatchError> for ApiError {
             D::Broker(b) => b.into(),
             D::Plugin(p) => p.into(),
             D::Storage(s) => s.into(),
+        }
+    }
+}
+
+impl From<crate::txn::TxnError> for ApiError {
+    fn from(e: crate::txn::TxnError) -> Self {
+        use crate::txn::TxnError as T;
+        let msg = e.to_string();
+        match e {
+            T::Unknown(_) => Self::not_found("unknown_transaction", msg),
+            T::Decided { .. } => Self::new(StatusCode::CONFLICT, "transaction_decided", msg),
+            T::NotUnresolved(_) => Self::new(StatusCode::CONFLICT, "not_unresolved", msg),
+            T::Broker(b) => b.into(),
+            T::Storage(s) => s.into(),
         }
     }
 }

@@ -5,6 +5,7 @@ mod messages;
 mod plugins;
 mod subscriptions;
 mod topics;
+mod transactions;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 use crate::broker::Broker;
 use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
+use crate::txn::Transactions;
 pub use error::ApiError;
 
 #[derive(Clone)]
@@ -24,6 +26,7 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub plugins: Arc<Plugins>,
     pub dispatcher: Arc<Dispatcher>,
+    pub transactions: Arc<Transactions>,
 }
 
 /// The whole API; tests and the server both build it here.
@@ -42,6 +45,15 @@ pub fn app(state: AppState) -> Router {
             post(messages::publish_batch),
         )
         .route("/v1/messages/{id}", get(messages::by_id))
+        .route("/v1/topics/{topic}/transactions", post(transactions::begin))
+        .route("/v1/transactions", get(transactions::list))
+        .route("/v1/transactions/{id}", get(transactions::show))
+        .route("/v1/transactions/{id}/commit", post(transactions::commit))
+        .route(
+            "/v1/transactions/{id}/rollback",
+            post(transactions::rollback),
+        )
+        .route("/v1/transactions/{id}/recheck", post(transactions::recheck))
         .route("/v1/plugins", get(plugins::list))
         .route(
             "/v1/plugins/{name}",

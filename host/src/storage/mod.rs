@@ -94,6 +94,15 @@ pub enum Expect {
     Revision(u64),
 }
 
+/// A conditional record write, for [`Storage::append_guarded`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordWrite {
+    pub space: String,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub expect: Expect,
+}
+
 /// Durable storage for one broker. Object-safe so backends are chosen at start-up.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
@@ -104,6 +113,16 @@ pub trait Storage: Send + Sync + 'static {
         topic: &str,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, StorageError>;
+
+    /// Appends messages and writes a record in one atomic, durable step, only if the record's
+    /// condition holds (else [`StorageError::Conflict`] and nothing is written). A transaction
+    /// commit uses it: the message becomes visible exactly when the decision is stored.
+    async fn append_guarded(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<(Vec<Appended>, u64), StorageError>;
 
     /// Up to `limit` messages of one queue with offset ≥ `from`, in offset order.
     async fn read(

@@ -14,7 +14,8 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Expect, MessageId, NewMessage, Record, Storage, StorageError, StoredMessage, keys,
+    Appended, Expect, MessageId, NewMessage, Record, RecordWrite, Storage, StorageError,
+    StoredMessage, keys,
 };
 use crate::config::FlushMode;
 
@@ -63,7 +64,9 @@ enum WriteOp {
     Append {
         topic: String,
         messages: Vec<NewMessage>,
-        reply: oneshot::Sender<Result<Vec<Appended>, StorageError>>,
+        /// A record write that must succeed for the append to happen (and happens with it).
+        guard: Option<RecordWrite>,
+        reply: oneshot::Sender<Result<AppendResult, StorageError>>,
     },
     PutBlob {
         key: String,
@@ -255,9 +258,29 @@ impl Storage for RocksStorage {
         self.submit(|reply| WriteOp::Append {
             topic,
             messages,
+            guard: None,
             reply,
         })
         .await
+        .map(|(a, _)| a)
+    }
+
+    async fn append_guarded(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<(Vec<Appended>, u64), StorageError> {
+        let topic = topic.to_string();
+        let (appended, rev) = self
+            .submit(|reply| WriteOp::Append {
+                topic,
+                messages,
+                guard: Some(guard),
+                reply,
+            })
+            .await?;
+        Ok((appended, rev.unwrap_or(0)))
     }
 
     async fn read(
@@ -458,10 +481,13 @@ struct Writer {
     stats: Arc<WriterStats>,
 }
 
+/// What an append replies: where the messages went, and the guard record's new revision.
+type AppendResult = (Vec<Appended>, Option<u64>);
+
 enum Reply {
     Append(
-        oneshot::Sender<Result<Vec<Appended>, StorageError>>,
-        Vec<Appended>,
+        oneshot::Sender<Result<AppendResult, StorageError>>,
+        AppendResult,
     ),
     Record(oneshot::Sender<Result<u64, StorageError>>, u64),
 }
@@ -500,16 +526,42 @@ impl Writer {
                 WriteOp::Append {
                     topic,
                     messages,
+                    guard,
                     reply,
-                } => match self.stage_append(&mut batch, &mut staged, &topic, &messages) {
-                    Ok(done) => {
-                        appended += done.len() as u64;
-                        replies.push(Reply::Append(reply, done));
-                    }
-                    Err(e) => {
+                } => {
+                    // The guard's condition is checked before anything is staged, and written
+                    // only if the messages could be staged: both land, or neither.
+                    if let Some(g) = &guard
+                        && let Err(e) = self.check_record(&staged_records, g)
+                    {
                         let _ = reply.send(Err(e));
+                        continue;
                     }
-                },
+                    match self.stage_append(&mut batch, &mut staged, &topic, &messages) {
+                        Ok(done) => {
+                            let rev = match &guard {
+                                Some(g) => match self.write_record(
+                                    &mut batch,
+                                    &mut staged_records,
+                                    &mut revision,
+                                    g,
+                                ) {
+                                    Ok(r) => Some(r),
+                                    Err(e) => {
+                                        let _ = reply.send(Err(e));
+                                        continue;
+                                    }
+                                },
+                                None => None,
+                            };
+                            appended += done.len() as u64;
+                            replies.push(Reply::Append(reply, (done, rev)));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
                 WriteOp::PutBlob { key, value, reply } => {
                     let Ok(blobs) = cf(&self.db, CF_BLOBS) else {
                         let _ = reply.send(Err(StorageError::Corrupt("no blobs CF".into())));
@@ -528,38 +580,21 @@ impl Writer {
                     expect,
                     reply,
                 } => {
-                    let k = keys::record(&space, &key);
-                    let current = match staged_records.get(&k) {
-                        Some(rev) => Ok(*rev),
-                        None => self.current_revision(&k),
+                    let w = RecordWrite {
+                        space,
+                        key,
+                        value,
+                        expect,
                     };
-                    let current = match current {
-                        Ok(c) => c,
+                    let result = self.check_record(&staged_records, &w).and_then(|()| {
+                        self.write_record(&mut batch, &mut staged_records, &mut revision, &w)
+                    });
+                    match result {
+                        Ok(rev) => replies.push(Reply::Record(reply, rev)),
                         Err(e) => {
                             let _ = reply.send(Err(e));
-                            continue;
                         }
-                    };
-                    let ok = match expect {
-                        Expect::Any => true,
-                        Expect::Absent => current.is_none(),
-                        Expect::Revision(r) => current == Some(r),
-                    };
-                    if !ok {
-                        let _ = reply.send(Err(StorageError::Conflict { space, key }));
-                        continue;
                     }
-                    revision += 1;
-                    let Ok(records) = cf(&self.db, CF_RECORDS) else {
-                        let _ = reply.send(Err(StorageError::Corrupt("no records CF".into())));
-                        continue;
-                    };
-                    match &value {
-                        Some(v) => batch.put_cf(records, &k, keys::record_value(revision, v)),
-                        None => batch.delete_cf(records, &k),
-                    }
-                    staged_records.insert(k, value.as_ref().map(|_| revision));
-                    replies.push(Reply::Record(reply, revision));
                 }
             }
         }
@@ -596,6 +631,51 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Whether `w.expect` holds, seeing writes staged earlier in this group.
+    fn check_record(
+        &self,
+        staged: &HashMap<Vec<u8>, Option<u64>>,
+        w: &RecordWrite,
+    ) -> Result<(), StorageError> {
+        let k = keys::record(&w.space, &w.key);
+        let current = match staged.get(&k) {
+            Some(rev) => *rev,
+            None => self.current_revision(&k)?,
+        };
+        let ok = match w.expect {
+            Expect::Any => true,
+            Expect::Absent => current.is_none(),
+            Expect::Revision(r) => current == Some(r),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StorageError::Conflict {
+                space: w.space.clone(),
+                key: w.key.clone(),
+            })
+        }
+    }
+
+    /// Stages a checked record write under the next revision; returns that revision.
+    fn write_record(
+        &self,
+        batch: &mut WriteBatch,
+        staged: &mut HashMap<Vec<u8>, Option<u64>>,
+        revision: &mut u64,
+        w: &RecordWrite,
+    ) -> Result<u64, StorageError> {
+        let records = cf(&self.db, CF_RECORDS)?;
+        let k = keys::record(&w.space, &w.key);
+        *revision += 1;
+        match &w.value {
+            Some(v) => batch.put_cf(records, &k, keys::record_value(*revision, v)),
+            None => batch.delete_cf(records, &k),
+        }
+        staged.insert(k, w.value.as_ref().map(|_| *revision));
+        Ok(*revision)
     }
 
     fn current_revision(&self, key: &[u8]) -> Result<Option<u64>, StorageError> {

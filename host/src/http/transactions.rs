@@ -1,0 +1,88 @@
+//! Transaction routes: begin (half message), commit, rollback, recheck, show, list.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, parse_json, read_body};
+use crate::broker::Envelope;
+use crate::txn::TxnState;
+
+/// Same body as a publish, plus an optional `check_after_ms`.
+pub async fn begin(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    state.broker.topic(&topic)?;
+    let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
+    let envelope: Envelope = parse_json(&bytes)?;
+    let t = state.transactions.begin(&topic, envelope).await?;
+    let check_after_ms = t.next_check_at.saturating_sub(t.created_at);
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"txn_id": t.txn_id, "message_id": t.message_id, "check_after_ms": check_after_ms, "state": t.state}),
+        ),
+    ))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.transactions.get(&id).await?.view()))
+}
+
+pub async fn commit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        state.transactions.commit(&id, "producer").await?.view(),
+    ))
+}
+
+pub async fn rollback(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        state.transactions.rollback(&id, "producer").await?.view(),
+    ))
+}
+
+pub async fn recheck(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.transactions.recheck(&id).await?.view()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    state: Option<TxnState>,
+    limit: Option<usize>,
+}
+
+/// `?state=pending|committed|rolled_back|unresolved`
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let txns: Vec<Value> = state
+        .transactions
+        .list(q.state, limit)
+        .await?
+        .iter()
+        .map(|t| t.view())
+        .collect();
+    Ok(Json(json!({ "transactions": txns })))
+}

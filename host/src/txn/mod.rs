@@ -1,0 +1,506 @@
+//! Transactional (half) messages: stored invisible, made visible by commit (atomically with the
+//! decision), dropped by rollback, and checked back through the topic's checker plugin while the
+//! producer says neither; after `max_checks` unknowns a transaction is parked as unresolved for
+//! an operator. A decided transaction is never checked again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, Envelope, now_ms};
+use crate::config::TransactionsConfig;
+use crate::plugins::{PluginError, Plugins};
+use crate::runtime::bindings::{CheckResult, Message};
+use crate::runtime::{Grants, InstanceContext, PluginInstance};
+use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
+
+const TXN_SPACE: &str = "txn";
+/// Checks run at once, across all topics.
+const PARALLEL_CHECKS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    #[error("transaction {0:?} does not exist")]
+    Unknown(String),
+    #[error("transaction {id} is already {state}; it cannot be {wanted}")]
+    Decided {
+        id: String,
+        state: TxnState,
+        wanted: &'static str,
+    },
+    #[error("transaction {0} is not unresolved; only unresolved transactions can be rechecked")]
+    NotUnresolved(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnState {
+    Pending,
+    Committed,
+    RolledBack,
+    Unresolved,
+}
+
+impl std::fmt::Display for TxnState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TxnState::Pending => "pending",
+            TxnState::Committed => "committed",
+            TxnState::RolledBack => "rolled back",
+            TxnState::Unresolved => "unresolved",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: u64,
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A transaction as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TxnRecord {
+    pub txn_id: String,
+    pub topic: String,
+    pub message_id: MessageId,
+    pub state: TxnState,
+    pub checks: u32,
+    pub created_at: u64,
+    /// When the checker is asked next (0 once decided or unresolved).
+    pub next_check_at: u64,
+    pub check_interval_ms: u64,
+    pub max_checks: u32,
+    /// The half message; dropped once decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<NewMessage>,
+    pub history: Vec<Event>,
+}
+
+impl TxnRecord {
+    fn log(&mut self, event: &str, detail: Option<String>) {
+        self.history.push(Event {
+            at: now_ms(),
+            event: event.into(),
+            detail,
+        });
+    }
+
+    /// The API's view (no body).
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "txn_id": self.txn_id, "topic": self.topic, "message_id": self.message_id,
+            "state": self.state, "checks": self.checks, "max_checks": self.max_checks,
+            "created_at": self.created_at,
+            "next_check_at": (self.next_check_at > 0).then_some(self.next_check_at),
+            "history": self.history,
+        })
+    }
+}
+
+fn encode(r: &TxnRecord) -> Result<Vec<u8>, StorageError> {
+    rmp_serde::to_vec_named(r).map_err(|e| StorageError::Encode(e.to_string()))
+}
+
+fn decode(id: &str, bytes: &[u8]) -> Result<TxnRecord, StorageError> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| StorageError::Corrupt(format!("transaction {id}: {e}")))
+}
+
+pub struct Transactions {
+    broker: Arc<Broker>,
+    plugins: Arc<Plugins>,
+    defaults: TransactionsConfig,
+    /// (next check time, txn id) of pending transactions.
+    schedule: std::sync::Mutex<BTreeSet<(u64, String)>>,
+    wake: Notify,
+    /// Idle checker instances by plugin name and version.
+    idle: tokio::sync::Mutex<HashMap<(String, u32), Vec<PluginInstance>>>,
+}
+
+impl Transactions {
+    /// Loads pending transactions so their checks resume where they were.
+    pub async fn new(
+        broker: Arc<Broker>,
+        plugins: Arc<Plugins>,
+        defaults: TransactionsConfig,
+    ) -> Result<Arc<Self>, TxnError> {
+        let mut schedule = BTreeSet::new();
+        for (id, r) in broker
+            .storage()
+            .list_records(TXN_SPACE, "", usize::MAX)
+            .await?
+        {
+            let t = decode(&id, &r.value)?;
+            if t.state == TxnState::Pending {
+                schedule.insert((t.next_check_at, id));
+            }
+        }
+        Ok(Arc::new(Self {
+            broker,
+            plugins,
+            defaults,
+            schedule: std::sync::Mutex::new(schedule),
+            wake: Notify::new(),
+            idle: Default::default(),
+        }))
+    }
+
+    fn schedule(&self, at: u64, id: &str) {
+        if let Ok(mut s) = self.schedule.lock() {
+            s.insert((at, id.to_string()));
+        }
+        self.wake.notify_one();
+    }
+
+    async fn load(&self, id: &str) -> Result<(TxnRecord, u64), TxnError> {
+        match self.broker.storage().get_record(TXN_SPACE, id).await? {
+            Some(r) => Ok((decode(id, &r.value)?, r.revision)),
+            None => Err(TxnError::Unknown(id.to_string())),
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<TxnRecord, TxnError> {
+        Ok(self.load(id).await?.0)
+    }
+
+    pub async fn list(
+        &self,
+        state: Option<TxnState>,
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, TxnError> {
+        let mut out = Vec::new();
+        for (id, r) in self
+            .broker
+            .storage()
+            .list_records(TXN_SPACE, "", usize::MAX)
+            .await?
+        {
+            let t = decode(&id, &r.value)?;
+            if state.is_none_or(|s| s == t.state) {
+                out.push(t);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a half message durably; it stays invisible until committed.
+    pub async fn begin(&self, topic: &str, mut envelope: Envelope) -> Result<TxnRecord, TxnError> {
+        let check_after_override = envelope.check_after_ms.take();
+        let message = self.broker.prepare_message(topic, envelope)?;
+        let timings = self.broker.topic(topic)?.transactions;
+        let d = &self.defaults;
+        let check_after = check_after_override
+            .or(timings.check_after_ms)
+            .unwrap_or(d.check_after_ms);
+        let now = now_ms();
+        let mut t = TxnRecord {
+            txn_id: uuid::Uuid::now_v7().to_string(),
+            topic: topic.to_string(),
+            message_id: message.id,
+            state: TxnState::Pending,
+            checks: 0,
+            created_at: now,
+            next_check_at: now + check_after,
+            check_interval_ms: timings
+                .check_interval_ms
+                .unwrap_or(d.check_interval_ms)
+                .max(1),
+            max_checks: timings.max_checks.unwrap_or(d.max_checks),
+            message: Some(message),
+            history: Vec::new(),
+        };
+        t.log(
+            "half message stored",
+            Some(format!("first check in {check_after} ms")),
+        );
+        self.broker
+            .storage()
+            .put_record(TXN_SPACE, &t.txn_id, Some(encode(&t)?), Expect::Absent)
+            .await?;
+        self.schedule(t.next_check_at, &t.txn_id);
+        Ok(t)
+    }
+
+    /// Commits: the message is appended to its topic in the same atomic write that records the
+    /// decision. Idempotent; a rolled-back transaction cannot be committed.
+    pub async fn commit(&self, id: &str, by: &str) -> Result<TxnRecord, TxnError> {
+        loop {
+            let (mut t, rev) = self.load(id).await?;
+            match t.state {
+                TxnState::Committed => return Ok(t),
+                TxnState::RolledBack => {
+                    return Err(TxnError::Decided {
+                        id: id.into(),
+                        state: t.state,
+                        wanted: "committed",
+                    });
+                }
+                TxnState::Pending | TxnState::Unresolved => {}
+            }
+            let Some(message) = t.message.take() else {
+                return Err(StorageError::Corrupt(format!(
+                    "transaction {id} lost its half message"
+                ))
+                .into());
+            };
+            t.state = TxnState::Committed;
+            t.next_check_at = 0;
+            t.log("committed", Some(format!("by {by}")));
+            let guard = RecordWrite {
+                space: TXN_SPACE.into(),
+                key: id.into(),
+                value: Some(encode(&t)?),
+                expect: Expect::Revision(rev),
+            };
+            match self
+                .broker
+                .storage()
+                .append_guarded(&t.topic, vec![message], guard)
+                .await
+            {
+                Ok(_) => return Ok(t),
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Rolls back: the half message is dropped. Idempotent; a committed one cannot be.
+    pub async fn rollback(&self, id: &str, by: &str) -> Result<TxnRecord, TxnError> {
+        self.update(id, |t| match t.state {
+            TxnState::RolledBack => Ok(false),
+            TxnState::Committed => Err(TxnError::Decided {
+                id: id.into(),
+                state: t.state,
+                wanted: "rolled back",
+            }),
+            TxnState::Pending | TxnState::Unresolved => {
+                t.state = TxnState::RolledBack;
+                t.next_check_at = 0;
+                t.message = None;
+                t.log("rolled back", Some(format!("by {by}")));
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    /// Puts an unresolved transaction back to pending with a fresh round of checks, now.
+    pub async fn recheck(&self, id: &str) -> Result<TxnRecord, TxnError> {
+        let t = self
+            .update(id, |t| {
+                if t.state != TxnState::Unresolved {
+                    return Err(TxnError::NotUnresolved(id.into()));
+                }
+                t.state = TxnState::Pending;
+                t.checks = 0;
+                t.next_check_at = now_ms();
+                t.log("recheck requested", None);
+                Ok(true)
+            })
+            .await?;
+        self.schedule(t.next_check_at, id);
+        Ok(t)
+    }
+
+    /// Applies `f` under compare-and-set; `f` returns whether it changed anything.
+    async fn update(
+        &self,
+        id: &str,
+        f: impl Fn(&mut TxnRecord) -> Result<bool, TxnError>,
+    ) -> Result<TxnRecord, TxnError> {
+        loop {
+            let (mut t, rev) = self.load(id).await?;
+            if !f(&mut t)? {
+                return Ok(t);
+            }
+            match self
+                .broker
+                .storage()
+                .put_record(TXN_SPACE, id, Some(encode(&t)?), Expect::Revision(rev))
+                .await
+            {
+                Ok(_) => return Ok(t),
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs due checks until `cancel`; checks in progress finish first.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            let now = now_ms();
+            let next = self
+                .schedule
+                .lock()
+                .ok()
+                .and_then(|s| s.first().map(|(at, _)| *at));
+            let due = next.is_some_and(|at| at <= now) && running.len() < PARALLEL_CHECKS;
+            if due {
+                let popped = self.schedule.lock().ok().and_then(|mut s| s.pop_first());
+                if let Some((_, id)) = popped {
+                    let me = self.clone();
+                    running.spawn(async move {
+                        if let Err(e) = me.check(&id).await {
+                            tracing::error!(txn = %id, error = %e, "transaction check failed");
+                            me.schedule(now_ms() + 1000, &id);
+                        }
+                    });
+                }
+                continue;
+            }
+            let sleep = match next {
+                Some(at) if at > now => std::time::Duration::from_millis(at - now),
+                _ => std::time::Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep), if running.len() < PARALLEL_CHECKS => {}
+                Some(_) = running.join_next() => {}
+                _ = self.wake.notified() => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Asks the checker about one transaction, if it is still pending and due.
+    async fn check(&self, id: &str) -> Result<(), TxnError> {
+        let (t, _) = self.load(id).await?;
+        // Decided (or parked) transactions are never checked; a stale schedule entry is dropped.
+        if t.state != TxnState::Pending {
+            return Ok(());
+        }
+        if t.next_check_at > now_ms() {
+            self.schedule(t.next_check_at, id);
+            return Ok(());
+        }
+        let answer = self.ask_checker(&t).await;
+        match answer {
+            Ok(CheckResult::Commit) => match self.commit(id, "checker").await {
+                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Ok(CheckResult::Rollback) => match self.rollback(id, "checker").await {
+                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Ok(CheckResult::Unknown) | Err(_) => {
+                let detail = match &answer {
+                    Err(e) => e.clone(),
+                    _ => "the checker does not know yet".to_string(),
+                };
+                let t = self
+                    .update(id, |t| {
+                        if t.state != TxnState::Pending {
+                            return Ok(false);
+                        }
+                        t.checks += 1;
+                        t.log("checked: unknown", Some(detail.clone()));
+                        if t.checks >= t.max_checks {
+                            t.state = TxnState::Unresolved;
+                            t.next_check_at = 0;
+                            t.log(
+                                "unresolved",
+                                Some(format!(
+                                    "{} checks gave no answer; an operator must decide",
+                                    t.checks
+                                )),
+                            );
+                        } else {
+                            t.next_check_at = now_ms() + t.check_interval_ms;
+                        }
+                        Ok(true)
+                    })
+                    .await?;
+                if t.state == TxnState::Pending {
+                    self.schedule(t.next_check_at, id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Calls the topic checker's `check-transaction`; any failure reads as "unknown".
+    async fn ask_checker(&self, t: &TxnRecord) -> Result<CheckResult, String> {
+        let topic = self.broker.topic(&t.topic).map_err(|e| e.to_string())?;
+        let Some(plugin) = topic.transaction_checker else {
+            return Err(format!("topic {} has no transaction_checker", t.topic));
+        };
+        let (version, code) = self
+            .plugins
+            .code(&plugin, None)
+            .await
+            .map_err(|e: PluginError| e.to_string())?;
+        if !code.has_checker() {
+            return Err(format!("plugin {plugin} does not export check-transaction"));
+        }
+        let key = (plugin.clone(), version.version);
+        let idle = self.idle.lock().await.get_mut(&key).and_then(Vec::pop);
+        let mut instance = match idle {
+            Some(i) => i,
+            None => {
+                let ctx = InstanceContext {
+                    plugin: plugin.clone(),
+                    version: version.version,
+                    group: format!("txn-checker:{}", t.topic),
+                    instance_index: 0,
+                    instance_count: 1,
+                    config_json: "{}".into(),
+                    grants: Grants::default(),
+                    limits: version.limits,
+                    broker: self.broker.clone(),
+                };
+                self.plugins
+                    .runtime()
+                    .instantiate(&code, Arc::new(ctx))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let Some(m) = &t.message else {
+            return Err("the half message is gone".into());
+        };
+        let message = Message {
+            id: m.id.to_string(),
+            topic: t.topic.clone(),
+            queue: m.queue,
+            offset: 0,
+            key: m.key.clone(),
+            tag: m.tag.clone(),
+            sharding_key: m.sharding_key.clone(),
+            properties: m
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            body: m.body.clone(),
+            born_at: m.born_at,
+            attempt: t.checks + 1,
+        };
+        let result = instance.check_transaction(&message).await;
+        if instance.is_usable() {
+            self.idle
+                .lock()
+                .await
+                .entry(key)
+                .or_default()
+                .push(instance);
+        }
+        result.map_err(|e| e.to_string())
+    }
+}
