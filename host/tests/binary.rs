@@ -566,3 +566,129 @@ async fn cli_sub_and_dlq_verbs() {
     assert!(!out.status.success() && stderr(&out).contains("unknown_subscription"));
     server.kill().await;
 }
+
+/// A topic with a checker, fast check timings and a recorder subscription, on a child server.
+async fn txn_setup(url: &str, interval_ms: u64, max_checks: u32) {
+    let http = reqwest::Client::new();
+    create_topic(url, "audit", 1).await;
+    for (name, path) in [
+        ("recorder", wasmq_tests::plugins::RECORDER),
+        ("body-checker", wasmq_tests::plugins::CHECKER),
+    ] {
+        let r = http
+            .put(format!("{url}/v1/plugins/{name}"))
+            .body(std::fs::read(path).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let topic = json!({"queues": 1, "transaction_checker": "body-checker",
+                       "transactions": {"check_after_ms": interval_ms, "check_interval_ms": interval_ms, "max_checks": max_checks}});
+    assert!(
+        http.put(format!("{url}/v1/topics/signups"))
+            .json(&topic)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let sub = json!({"topic": "signups", "plugin": "recorder", "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
+    assert!(
+        http.put(format!("{url}/v1/subscriptions/email"))
+            .json(&sub)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+}
+
+fn txn_cli(url: &str, args: &[&str]) -> Value {
+    let out = cli(url, args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_survive_sigkill_before_commit_and_during_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    txn_setup(&url, 150, 6).await;
+    let http = reqwest::Client::new();
+    let begin = |body: Value, check_after: u64| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let v: Value = http
+                .post(format!("{url}/v1/topics/signups/transactions"))
+                .json(&json!({"body": body, "check_after_ms": check_after}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["txn_id"].as_str().unwrap().to_string()
+        }
+    };
+    // One waits for its producer; one keeps getting "unknown" from the checker.
+    let waiting = begin(json!("from the producer"), 3_600_000).await;
+    let checked = begin(json!("unknown"), 150).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = txn_cli(&url, &["txn", "show", &checked]);
+        if v["checks"].as_u64().unwrap() >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checks happened: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill().await;
+
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let v = txn_cli(&url, &["txn", "show", &waiting]);
+    assert_eq!(v["state"], "pending", "{v}");
+    let v = txn_cli(&url, &["txn", "commit", &waiting]);
+    assert_eq!(v["state"], "committed");
+    // Checks resume from the stored count and stop at exactly max_checks.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let v = loop {
+        let v = txn_cli(&url, &["txn", "show", &checked]);
+        if v["state"] == "unresolved" {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never unresolved: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    assert_eq!(v["checks"], 6, "{v}");
+    let list = txn_cli(&url, &["txn", "list", "--state", "unresolved"]);
+    assert_eq!(list["transactions"].as_array().unwrap().len(), 1);
+    let v = txn_cli(&url, &["txn", "rollback", &checked]);
+    assert_eq!(v["state"], "rolled_back");
+    let out = cli(&url, &["txn", "commit", &checked]);
+    assert!(!out.status.success() && stderr(&out).contains("transaction_decided"));
+    // Only the committed one is ever delivered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while audit_records(&url).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the committed message never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let audit = audit_records(&url).await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["body"], "from the producer");
+    server.kill().await;
+}

@@ -296,7 +296,10 @@ async fn a_commit_racing_a_rollback_from_the_checker_has_one_outcome() {
             other => panic!("commit answered {other}"),
         }
     }
-    eprintln!("{} of 20 committed by the producer, the rest rolled back by the checker", committed.len());
+    eprintln!(
+        "{} of 20 committed by the producer, the rest rolled back by the checker",
+        committed.len()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let audit = s.wait_audit("audit", committed.len() as u64, 10).await;
     let ids: Vec<&str> = audit.iter().map(|a| a["id"].as_str().unwrap()).collect();

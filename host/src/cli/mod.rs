@@ -51,6 +51,9 @@ enum Command {
     /// Browse and redrive a subscription's dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Show, list and decide transactions.
+    #[command(subcommand)]
+    Txn(TxnCommand),
     /// Publish one message. BODY is JSON if it parses as JSON, else raw bytes; `-` reads stdin.
     Publish {
         topic: String,
@@ -181,6 +184,28 @@ struct SubArgs {
 }
 
 #[derive(Subcommand)]
+enum TxnCommand {
+    Show {
+        id: String,
+    },
+    /// All transactions, or those in one state (pending, committed, rolled_back, unresolved).
+    List {
+        #[arg(long)]
+        state: Option<String>,
+    },
+    Commit {
+        id: String,
+    },
+    Rollback {
+        id: String,
+    },
+    /// Give an unresolved transaction a fresh round of checks.
+    Recheck {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DlqCommand {
     List {
         group: String,
@@ -251,6 +276,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plugin(cmd) => plugin(&client, cmd).await,
         Command::Sub(cmd) => sub(&client, cmd).await,
+        Command::Txn(cmd) => match cmd {
+            TxnCommand::Show { id } => print(&client.get(&format!("/v1/transactions/{id}")).await?),
+            TxnCommand::List { state } => {
+                let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
+                print(&client.get(&format!("/v1/transactions{q}")).await?)
+            }
+            TxnCommand::Commit { id } => print(
+                &client
+                    .post_json(&format!("/v1/transactions/{id}/commit"), &json!({}))
+                    .await?,
+            ),
+            TxnCommand::Rollback { id } => print(
+                &client
+                    .post_json(&format!("/v1/transactions/{id}/rollback"), &json!({}))
+                    .await?,
+            ),
+            TxnCommand::Recheck { id } => print(
+                &client
+                    .post_json(&format!("/v1/transactions/{id}/recheck"), &json!({}))
+                    .await?,
+            ),
+        },
         Command::Dlq(DlqCommand::List {
             group,
             limit,

@@ -187,6 +187,19 @@ impl RocksStorage {
     }
 }
 
+impl Drop for RocksStorage {
+    /// Stops the writer before the database handle goes: a writer thread still holding the DB
+    /// while the process exits would race RocksDB's own teardown.
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
 fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StorageError> {
     db.cf_handle(name)
         .ok_or_else(|| StorageError::Corrupt(format!("column family {name} missing")))
@@ -868,6 +881,52 @@ mod tests {
             .await
             .unwrap();
         assert!(r3 > r2 + 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guarded_append_writes_messages_and_record_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
+        let rev = s
+            .put_record("txn", "t1", Some(b"pending".to_vec()), Expect::Absent)
+            .await
+            .unwrap();
+        let guard = |expect| RecordWrite {
+            space: "txn".into(),
+            key: "t1".into(),
+            value: Some(b"committed".to_vec()),
+            expect,
+        };
+        let stale = s
+            .append_guarded(
+                "t",
+                vec![msg(0, None, "a")],
+                guard(Expect::Revision(rev + 100)),
+            )
+            .await;
+        assert!(matches!(stale, Err(StorageError::Conflict { .. })));
+        assert_eq!(
+            s.high_water("t", 0).await.unwrap(),
+            0,
+            "a failed guard must not append"
+        );
+        let (appended, new_rev) = s
+            .append_guarded("t", vec![msg(0, None, "a")], guard(Expect::Revision(rev)))
+            .await
+            .unwrap();
+        assert_eq!(appended[0].offset, 0);
+        assert!(new_rev > rev);
+        assert_eq!(
+            s.get_record("txn", "t1").await.unwrap().unwrap().value,
+            b"committed"
+        );
+        // The same guard again is stale now: exactly one of two racing commits wins.
+        assert!(
+            s.append_guarded("t", vec![msg(0, None, "b")], guard(Expect::Revision(rev)))
+                .await
+                .is_err()
+        );
+        assert_eq!(s.high_water("t", 0).await.unwrap(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,8 +21,13 @@ pub struct Latency;
 
 impl Consumer for Latency {
     fn handle(message: Message) -> Outcome {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-        let Some(sent) = message.property("sent_us").and_then(|s| s.parse::<u64>().ok()) else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let Some(sent) = message
+            .property("sent_us")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
             return Outcome::Ack;
         };
         let Ok(config) = context::config::<Config>() else {
