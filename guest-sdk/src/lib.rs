@@ -36,6 +36,7 @@ pub mod bindings {
 
 mod capabilities;
 mod message;
+pub mod template;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
@@ -73,7 +74,13 @@ impl<T: Checker> bindings::exports::wasmq::plugin::checker::Guest for T {
 #[macro_export]
 macro_rules! export {
     ($t:ident) => {
-        $crate::bindings::__export_generated!($t with_types_in $crate::bindings);
+        // Exports exist only in the component; a native build (unit tests) has none, so its
+        // cdylib links without the WIT-named symbols.
+        #[cfg(target_arch = "wasm32")]
+        mod __wasmq_exports {
+            use super::*;
+            $crate::bindings::__export_generated!($t with_types_in $crate::bindings);
+        }
     };
 }
 

@@ -57,7 +57,10 @@ fn main() {
             memory_bytes: 64 << 20,
             pool_instances: 64,
         };
-        let runtime = Arc::new(Runtime::new(config).unwrap());
+        let capabilities = Arc::new(
+            wasmq::capabilities::Capabilities::new(&wasmq::config::Config::default()).unwrap(),
+        );
+        let runtime = Arc::new(Runtime::new(config, capabilities.clone()).unwrap());
         let echo = std::fs::read(ECHO).unwrap();
         let (code, _) = runtime.compile(&echo).unwrap();
         let ctx = Arc::new(InstanceContext {
@@ -85,7 +88,8 @@ fn main() {
         .unwrap();
         let component = wasmtime::component::Component::new(&engine, &echo).unwrap();
         let pre = linker.instantiate_pre(&component).unwrap();
-        let mut store = wasmtime::Store::new(&engine, HostState::new(ctx.clone(), 64 << 20));
+        let mut store =
+            wasmtime::Store::new(&engine, HostState::new(ctx.clone(), 64 << 20, capabilities));
         let instance = pre.instantiate_async(&mut store).await.unwrap();
         let guest = bindings::consumer::GuestIndices::new(&pre)
             .unwrap()

@@ -166,6 +166,8 @@ pub struct SmtpConfig {
     pub password: String,
     pub starttls: StartTls,
     pub from: String,
+    /// SMTP connections kept open at once (plugin instances sending in parallel share them).
+    pub max_connections: u32,
 }
 
 impl Default for SmtpConfig {
@@ -177,6 +179,7 @@ impl Default for SmtpConfig {
             password: String::new(),
             starttls: StartTls::Off,
             from: "wasmq@localhost".into(),
+            max_connections: 32,
         }
     }
 }

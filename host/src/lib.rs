@@ -4,7 +4,8 @@
 //! - [`config`]: `wasmq.toml`, environment overrides and defaults.
 //! - [`storage`]: the storage trait and its RocksDB backend (group commit, key encodings).
 //! - [`broker`]: topics, publish validation, queue selection.
-//! - [`runtime`]: wasmtime engine, limits, plugin instances and the host capabilities.
+//! - [`runtime`]: wasmtime engine, limits, plugin instances and the imports they call.
+//! - [`capabilities`]: email (SMTP), SMS (gateway) and allow-listed HTTP for plugins.
 //! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
 //! - [`txn`]: transactional (half) messages and their check-back.
 //! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
@@ -15,6 +16,7 @@
 //! both start the server through it.
 
 pub mod broker;
+pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
@@ -31,6 +33,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
+use crate::capabilities::Capabilities;
 use crate::config::{Backend, Config};
 use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
@@ -78,11 +81,15 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let broker = Arc::new(Broker::new(storage.clone(), config.limits.clone()).await?);
-    let runtime = Arc::new(Runtime::new(RuntimeConfig {
-        timeout_ms: config.plugins.timeout_ms,
-        memory_bytes: (config.plugins.memory_mb * 1024 * 1024) as usize,
-        pool_instances: config.plugins.pool_instances,
-    })?);
+    let capabilities = Arc::new(Capabilities::new(config)?);
+    let runtime = Arc::new(Runtime::new(
+        RuntimeConfig {
+            timeout_ms: config.plugins.timeout_ms,
+            memory_bytes: (config.plugins.memory_mb * 1024 * 1024) as usize,
+            pool_instances: config.plugins.pool_instances,
+        },
+        capabilities,
+    )?);
     let plugins = Arc::new(Plugins::new(
         runtime,
         storage,

@@ -71,7 +71,7 @@ pub struct Plugins {
     max_bytes: usize,
     /// Compiled code by digest; the cell makes concurrent loads of one digest load it once.
     code: Mutex<HashMap<String, Arc<OnceCell<Arc<PluginCode>>>>>,
-    /// Idle instances for direct invocations, by (name, version, config).
+    /// Idle instances for direct invocations, by (name, version, config and grants).
     idle: Mutex<HashMap<(String, u32, String), Vec<PluginInstance>>>,
 }
 
@@ -357,7 +357,12 @@ impl Plugins {
                 InvokeError::MissingExport(crate::runtime::bindings::CONSUMER_EXPORT).into(),
             );
         }
-        let pool_key = (name.to_string(), v.version, ctx.config_json.clone());
+        // Instances are reused only for the same configuration and grants.
+        let pool_key = (
+            name.to_string(),
+            v.version,
+            format!("{}|{:?}", ctx.config_json, ctx.grants),
+        );
         let idle = self
             .idle
             .lock()

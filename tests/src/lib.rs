@@ -11,6 +11,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wasmq::config::Config;
 
+pub mod peers;
+
 /// Paths of the plugins compiled from plugins/ by this crate's build script.
 pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
@@ -38,6 +40,7 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        wasmq::capabilities::install_tls_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -183,6 +186,7 @@ impl ChildServer {
     /// Starts `bin serve --listen 127.0.0.1:0 --data-dir dir` and waits for its address line.
     pub async fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Self {
         use tokio::io::AsyncBufReadExt as _;
+        wasmq::capabilities::install_tls_provider();
         let mut child = tokio::process::Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)

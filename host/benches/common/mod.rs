@@ -15,6 +15,7 @@ pub struct Server {
 
 impl Server {
     pub async fn start(flush: FlushMode) -> Self {
+        wasmq::capabilities::install_tls_provider();
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.server.data_dir = dir.path().to_path_buf();

@@ -239,6 +239,7 @@ enum TopicCommand {
 
 /// Parses arguments, runs the verb, and turns any error into a message and exit code 1.
 pub fn main() -> ExitCode {
+    crate::capabilities::install_tls_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

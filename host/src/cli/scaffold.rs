@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// The guest SDK and WIT files, as this binary was built with them.
-const SDK_FILES: [(&str, &str); 7] = [
+const SDK_FILES: [(&str, &str); 8] = [
     ("Cargo.toml", include_str!("../../../guest-sdk/Cargo.toml")),
     ("README.md", include_str!("../../../guest-sdk/README.md")),
     ("src/lib.rs", include_str!("../../../guest-sdk/src/lib.rs")),
@@ -22,6 +22,10 @@ const SDK_FILES: [(&str, &str); 7] = [
     (
         "src/testing.rs",
         include_str!("../../../guest-sdk/src/testing.rs"),
+    ),
+    (
+        "src/template.rs",
+        include_str!("../../../guest-sdk/src/template.rs"),
     ),
     ("wit/wasmq.wit", include_str!("../../../wit/wasmq.wit")),
 ];

@@ -820,6 +820,7 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
             next: std::sync::Mutex::new(Instant::now()),
         })
     });
+    let grants = spec.grants.to_grants().map_err(DispatchError::Invalid)?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let ctx_for = |index: u32| InstanceContext {
@@ -829,7 +830,7 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
         instance_index: index,
         instance_count: spec.instances,
         config_json: spec.config.to_string(),
-        grants: (&spec.grants).into(),
+        grants: grants.clone(),
         limits,
         broker: env.broker.clone(),
     };

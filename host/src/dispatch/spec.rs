@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::capabilities::Origin;
 use crate::runtime::{Grants, PluginLimits};
 
 /// RocketMQ's default backoff: 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h.
@@ -104,14 +105,20 @@ pub struct GrantSpec {
     pub publish: Vec<String>,
 }
 
-impl From<&GrantSpec> for Grants {
-    fn from(g: &GrantSpec) -> Self {
-        Grants {
-            email: g.email,
-            sms: g.sms,
-            http: g.http.clone(),
-            publish: g.publish.clone(),
-        }
+impl GrantSpec {
+    /// The runtime's form of these grants; every HTTP grant must be an origin.
+    pub fn to_grants(&self) -> Result<Grants, String> {
+        let http = self
+            .http
+            .iter()
+            .map(|g| Origin::parse_grant(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Grants {
+            email: self.email,
+            sms: self.sms,
+            http,
+            publish: self.publish.clone(),
+        })
     }
 }
 
@@ -196,6 +203,7 @@ impl SubscriptionSpec {
         {
             return Err("on_exhausted \"block\" needs ordered delivery".into());
         }
+        self.grants.to_grants()?;
         if !self.config.is_object() {
             return Err("config must be a JSON object".into());
         }

@@ -102,6 +102,11 @@ async fn metrics(
     use axum::response::IntoResponse as _;
     let mut registry = prometheus_client::registry::Registry::default();
     state.plugins.runtime().stats().register(&mut registry);
+    registry.register(
+        "wasmq_capability_calls",
+        "Plugin capability calls by capability and result",
+        state.plugins.runtime().capabilities().calls.clone(),
+    );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;

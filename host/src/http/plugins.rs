@@ -12,9 +12,10 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, parse_json, read_body};
 use crate::broker::{Envelope, now_ms};
+use crate::dispatch::spec::GrantSpec;
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
 use crate::runtime::bindings::{Message, Outcome};
-use crate::runtime::{Grants, InstanceContext, PluginLimits};
+use crate::runtime::{InstanceContext, PluginLimits};
 
 #[derive(Serialize)]
 pub struct VersionView {
@@ -129,6 +130,9 @@ pub struct InvokeRequest {
     version: Option<u32>,
     #[serde(default)]
     attempt: Option<u32>,
+    /// Capabilities to grant this call, as a subscription would.
+    #[serde(default)]
+    grants: GrantSpec,
 }
 
 /// A plugin's answer, as JSON: `{"type":"ack"}`, `{"type":"retry","after_ms":N}`,
@@ -172,7 +176,10 @@ pub async fn invoke(
         instance_index: 0,
         instance_count: 1,
         config_json: req.config.unwrap_or_else(|| json!({})).to_string(),
-        grants: Grants::default(),
+        grants: req
+            .grants
+            .to_grants()
+            .map_err(|e| ApiError::bad_request("bad_grants", e))?,
         limits: PluginLimits::default(),
         broker: state.broker.clone(),
     };

@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::GuestError;
 use super::bindings::wasmq::plugin::{context, email, http, kv, log, publish, sms, types};
 use crate::broker::{Broker, Envelope};
+use crate::capabilities::{Capabilities, Origin};
 
 /// Longest kv key and largest kv value.
 pub const MAX_KV_KEY: usize = 1024;
@@ -22,8 +23,8 @@ const MAX_LOG_LINE: usize = 4096;
 pub struct Grants {
     pub email: bool,
     pub sms: bool,
-    /// Allowed HTTP origins (`scheme://host:port`).
-    pub http: Vec<String>,
+    /// Allowed HTTP origins.
+    pub http: Vec<Origin>,
     /// Topics the plugin may publish to.
     pub publish: Vec<String>,
 }
@@ -103,10 +104,13 @@ pub struct HostState {
     pub ticks_used: u64,
     pub tick_budget: u64,
     pub ctx: Arc<InstanceContext>,
+    caps: Arc<Capabilities>,
+    /// Denied calls so far; logged at 1, 2, 4, 8, … so a flood cannot flood the log.
+    denials: u64,
 }
 
 impl HostState {
-    pub fn new(ctx: Arc<InstanceContext>, max_memory: usize) -> Self {
+    pub fn new(ctx: Arc<InstanceContext>, max_memory: usize, caps: Arc<Capabilities>) -> Self {
         // No preopened dirs, no env, no args, no network, no stdio: only clocks and randomness.
         let wasi = WasiCtx::builder()
             .allow_tcp(false)
@@ -123,12 +127,29 @@ impl HostState {
             ticks_used: 0,
             tick_budget: u64::MAX,
             ctx,
+            caps,
+            denials: 0,
         }
     }
 
-    fn denied(&self, what: &str) -> GuestError {
-        tracing::warn!(plugin = %self.ctx.plugin, group = %self.ctx.group, capability = what, "capability call denied");
+    fn denied(&mut self, what: &str) -> GuestError {
         GuestError::Denied(format!("the subscription does not grant {what}"))
+    }
+
+    /// Counts a capability call and logs denials (sparingly).
+    fn report<T>(
+        &mut self,
+        capability: &str,
+        result: Result<T, GuestError>,
+    ) -> Result<T, GuestError> {
+        self.caps.count(capability, &result);
+        if let Err(GuestError::Denied(why)) = &result {
+            self.denials += 1;
+            if self.denials.is_power_of_two() {
+                tracing::warn!(plugin = %self.ctx.plugin, group = %self.ctx.group, capability, denials = self.denials, "capability call denied: {why}");
+            }
+        }
+        result
     }
 
     fn kv_space(&self) -> String {
@@ -322,37 +343,33 @@ impl context::Host for HostState {
     }
 }
 
-// Email, SMS and HTTP are granted per subscription; their senders come with the capabilities
-// work. Until a grant exists the answer is `denied`, exactly as for an ungranted call.
 impl email::Host for HostState {
     async fn send(
         &mut self,
-        _to: String,
-        _subject: String,
-        _text: String,
-        _html: Option<String>,
+        to: String,
+        subject: String,
+        text: String,
+        html: Option<String>,
     ) -> wasmtime::Result<Result<(), GuestError>> {
-        if !self.ctx.grants.email {
-            return Ok(Err(self.denied("email")));
-        }
-        Ok(Err(GuestError::Unavailable(
-            "no SMTP relay is configured on this host".into(),
-        )))
+        let result = if self.ctx.grants.email {
+            self.caps
+                .send_email(&to, &subject, &text, html.as_deref())
+                .await
+        } else {
+            Err(self.denied("email"))
+        };
+        Ok(self.report("email", result))
     }
 }
 
 impl sms::Host for HostState {
-    async fn send(
-        &mut self,
-        _to: String,
-        _text: String,
-    ) -> wasmtime::Result<Result<(), GuestError>> {
-        if !self.ctx.grants.sms {
-            return Ok(Err(self.denied("sms")));
-        }
-        Ok(Err(GuestError::Unavailable(
-            "no SMS gateway is configured on this host".into(),
-        )))
+    async fn send(&mut self, to: String, text: String) -> wasmtime::Result<Result<(), GuestError>> {
+        let result = if self.ctx.grants.sms {
+            self.caps.send_sms(&to, &text).await
+        } else {
+            Err(self.denied("sms"))
+        };
+        Ok(self.report("sms", result))
     }
 }
 
@@ -361,11 +378,8 @@ impl http::Host for HostState {
         &mut self,
         req: http::Request,
     ) -> wasmtime::Result<Result<http::Response, GuestError>> {
-        if self.ctx.grants.http.is_empty() {
-            return Ok(Err(self.denied(&format!("http to {}", req.url))));
-        }
-        Ok(Err(GuestError::Unavailable(
-            "outbound HTTP is not enabled on this host".into(),
-        )))
+        let caps = self.caps.clone();
+        let result = caps.http(&self.ctx.grants.http, req).await;
+        Ok(self.report("http", result))
     }
 }

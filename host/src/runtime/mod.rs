@@ -146,6 +146,7 @@ impl PluginCode {
 }
 
 pub struct Runtime {
+    capabilities: Arc<crate::capabilities::Capabilities>,
     engine: Engine,
     linker: Linker<HostState>,
     config: RuntimeConfig,
@@ -194,7 +195,10 @@ fn engine_config(config: &RuntimeConfig, pooling: bool) -> Config {
 }
 
 impl Runtime {
-    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+    pub fn new(
+        config: RuntimeConfig,
+        capabilities: Arc<crate::capabilities::Capabilities>,
+    ) -> anyhow::Result<Self> {
         let engine = match config.pool_instances {
             0 => Engine::new(&engine_config(&config, false))?,
             _ => match Engine::new(&engine_config(&config, true)) {
@@ -222,12 +226,17 @@ impl Runtime {
                 }
             })?;
         Ok(Self {
+            capabilities,
             engine,
             linker,
             config,
             stats: RuntimeStats::default(),
             ticker_stop,
         })
+    }
+
+    pub fn capabilities(&self) -> &Arc<crate::capabilities::Capabilities> {
+        &self.capabilities
     }
 
     pub fn stats(&self) -> &RuntimeStats {
@@ -316,7 +325,10 @@ impl Runtime {
             memory_bytes,
             pool_instances: 0,
         };
-        let mut store = Store::new(&self.engine, HostState::new(ctx, memory_bytes));
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(ctx, memory_bytes, self.capabilities.clone()),
+        );
         store.limiter(|s| &mut s.limiter);
         // Every tick of running wasm costs one unit of budget; yielding each tick keeps a busy
         // plugin from holding an executor thread, and host waits (SMTP, HTTP) cost nothing.

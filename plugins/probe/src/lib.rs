@@ -52,6 +52,10 @@ enum Command {
     Log {
         lines: u32,
     },
+    /// Calls an ungranted capability `calls` times, as a hostile plugin would.
+    Flood {
+        calls: u32,
+    },
 }
 
 fn fail(e: &wasmq_guest_sdk::Error) -> Outcome {
@@ -117,6 +121,17 @@ impl Consumer for Probe {
                 Ok(r) => report(json!({"status": r.status})),
                 Err(e) => fail(&e),
             },
+            Command::Flood { calls } => {
+                let denied = (0..calls)
+                    .filter(|_| {
+                        matches!(
+                            email::send("x@example.com", "s", "t", None),
+                            Err(wasmq_guest_sdk::Error::Denied(_))
+                        )
+                    })
+                    .count();
+                report(json!({"denied": denied}))
+            }
             Command::Log { lines } => {
                 for i in 0..lines {
                     log::info(&format!("log line {i}"));

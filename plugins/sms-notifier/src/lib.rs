@@ -1,0 +1,40 @@
+//! Sends one SMS per message. The subscription's config holds templates filled from the
+//! message's JSON body: `{"to": "{{phone}}", "text": "Hi {{name}}"}`. Needs the `sms` grant.
+//! No recipient: reject. A transient gateway failure: retry. One SMS per message id.
+
+use serde::Deserialize;
+use serde_json::Value;
+use wasmq_guest_sdk::template::render;
+use wasmq_guest_sdk::{Consumer, Message, MessageExt, Outcome, context, once, sms};
+
+#[derive(Deserialize)]
+struct Config {
+    to: String,
+    text: String,
+}
+
+pub struct SmsNotifier;
+
+impl Consumer for SmsNotifier {
+    fn handle(message: Message) -> Outcome {
+        let config: Config = match context::config() {
+            Ok(c) => c,
+            Err(e) => return Outcome::Reject(format!("bad config: {}", e.message())),
+        };
+        let Ok(data) = message.json::<Value>() else {
+            return Outcome::Reject("the message body is not JSON".into());
+        };
+        let to = render(&config.to, &data);
+        if !to.missing.is_empty() || to.text.trim().is_empty() {
+            return Outcome::Reject(format!("no recipient (missing {:?})", to.missing));
+        }
+        let text = render(&config.text, &data).text;
+        match once(&message.id, || sms::send(to.text.trim(), &text)) {
+            Ok(_) => Outcome::Ack,
+            Err(e) if e.is_transient() => Outcome::Retry(0),
+            Err(e) => Outcome::Reject(format!("{}: {}", e.kind(), e.message())),
+        }
+    }
+}
+
+wasmq_guest_sdk::export!(SmsNotifier);
