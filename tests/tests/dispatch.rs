@@ -411,6 +411,9 @@ async fn delayed_messages_arrive_in_due_order_never_early_also_across_a_restart(
         let at = a["handled_at"].as_u64().unwrap();
         let d = due[a["id"].as_str().unwrap()];
         assert!(at >= d, "delivered {} ms early", d - at);
+        // The goal is within 100 ms at low load; the bound here leaves room for a busy CI.
+        assert!(at - d < 1000, "delivered {} ms late", at - d);
+        eprintln!("delayed message delivered {} ms after due", at - d);
     }
     // A delay that comes due while the server is down is delivered after it starts again.
     let (_, a) = s
@@ -672,4 +675,107 @@ async fn updating_a_subscription_mid_stream_loses_and_repeats_nothing() {
         instances.iter().any(|&i| i >= 2),
         "the new instances never ran"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_exhausted_block_keeps_the_queue_blocked_and_dead_letters_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 1).await;
+    let spec = recorder_spec(
+        "t",
+        json!({"ordered": true, "on_exhausted": "block", "retry": {"max_attempts": 2, "backoff_ms": [30]}}),
+    );
+    s.subscribe("blocked", spec).await;
+    s.subscribe(
+        "dead",
+        recorder_spec(
+            "t",
+            json!({"ordered": true, "retry": {"max_attempts": 2, "backoff_ms": [30]}}),
+        ),
+    )
+    .await;
+    // The recorder fails this message 6 times: past max_attempts (2).
+    s.post_json(
+        "/v1/topics/t/messages",
+        &json!({"body": {"n": 0, "fail_attempts": 6}}),
+    )
+    .await;
+    s.post_json("/v1/topics/t/messages", &json!({"body": {"n": 1}}))
+        .await;
+    // "dead" moves on after 2 attempts; "blocked" keeps retrying the head.
+    s.wait_until("/v1/subscriptions/dead", 10, |v| v["lag"] == 0)
+        .await;
+    let st = s
+        .wait_until("/v1/subscriptions/blocked", 10, |v| {
+            v["queues"][0]["blocked_attempts"].as_u64().unwrap_or(0) >= 4
+        })
+        .await;
+    assert_eq!(st["queues"][0]["committed"], 0, "{st}");
+    assert_eq!(st["dlq"], 0);
+    // After a restart the dead letter is still there, and the blocked head still retries.
+    s.stop().await.unwrap();
+    let s = TestServer::start(dir.path()).await;
+    let (_, dlq) = s.get("/v1/subscriptions/dead/dlq").await;
+    assert_eq!(dlq["entries"].as_array().unwrap().len(), 1, "{dlq}");
+    let st = s
+        .wait_until("/v1/subscriptions/blocked", 10, |v| v["lag"] == 0)
+        .await;
+    assert_eq!(st["dlq"], 0, "block never dead-letters");
+    let audit = s.read_queue("audit", 0).await;
+    let blocked_saw: Vec<u64> = audit
+        .iter()
+        .filter(|a| a["attempt"].as_u64().unwrap() > 2)
+        .map(|a| a["body"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        blocked_saw,
+        [0],
+        "only the blocked head needed more than 2 attempts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_instance_added_later_starts_at_the_subscription_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "prices", 1).await;
+    s.subscribe(
+        "cache",
+        recorder_spec(
+            "prices",
+            json!({"mode": "broadcast", "instances": 2, "start": "latest"}),
+        ),
+    )
+    .await;
+    publish_batch(
+        &s,
+        "prices",
+        (0..5).map(|i| json!({"body": {"seq": i}})).collect(),
+    )
+    .await;
+    s.wait_audit("audit", 10, 10).await;
+    // A third instance joins; with start "latest" it begins at the end, not at offset 0.
+    s.put_json(
+        "/v1/subscriptions/cache",
+        &recorder_spec(
+            "prices",
+            json!({"mode": "broadcast", "instances": 3, "start": "latest"}),
+        ),
+    )
+    .await;
+    let st = s
+        .wait_until("/v1/subscriptions/cache", 10, |v| {
+            v["instances"].as_array().is_some_and(|i| i.len() == 3)
+        })
+        .await;
+    assert_eq!(st["instances"][2]["queues"][0]["committed"], 5, "{st}");
+    publish_batch(&s, "prices", vec![json!({"body": {"seq": 5}})]).await;
+    let audit = s.wait_audit("audit", 13, 10).await;
+    let third: Vec<u64> = audit
+        .iter()
+        .filter(|a| a["instance"] == 2)
+        .map(|a| a["body"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(third, [5]);
 }
