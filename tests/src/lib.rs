@@ -11,7 +11,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wasmq::config::Config;
 
-pub mod peers;
+/// Real SMTP and HTTP peers (they live with the examples, which use them as downstreams).
+pub use wasmq_examples::peers;
 
 /// Paths of the plugins compiled from plugins/ by this crate's build script.
 pub mod plugins {

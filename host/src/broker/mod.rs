@@ -29,6 +29,8 @@ pub enum BrokerError {
     BadTopicName(String),
     #[error("topic {0:?} does not exist")]
     UnknownTopic(String),
+    #[error("{0}")]
+    BadTopicSpec(String),
     #[error("a topic has between 1 and {max} queues, not {asked}")]
     TooManyQueues { asked: u32, max: u32 },
     #[error("topic {topic:?} has {current} queues; queues can be added but not removed")]
@@ -58,6 +60,11 @@ pub struct TopicMeta {
     /// Check-back timings for this topic; unset ones take `[transactions]` defaults.
     #[serde(default)]
     pub transactions: TxnTimings,
+    /// The checker's config (JSON object) and grants, as a subscription's are for a consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_checker_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub transaction_checker_grants: crate::runtime::GrantSpec,
 }
 
 /// Transaction check-back timings (any unset one falls back to the next level).
@@ -80,6 +87,8 @@ pub struct TopicSpec {
     /// A plugin name; `""` removes the checker.
     pub transaction_checker: Option<String>,
     pub transactions: Option<TxnTimings>,
+    pub transaction_checker_config: Option<serde_json::Value>,
+    pub transaction_checker_grants: Option<crate::runtime::GrantSpec>,
 }
 
 /// A topic cached in memory, with its round-robin cursor.
@@ -202,6 +211,8 @@ impl Broker {
                         created_at: now_ms(),
                         transaction_checker: None,
                         transactions: TxnTimings::default(),
+                        transaction_checker_config: None,
+                        transaction_checker_grants: Default::default(),
                     };
                     (meta, Expect::Absent, true)
                 }
@@ -220,6 +231,18 @@ impl Broker {
             }
             if let Some(t) = spec.transactions {
                 meta.transactions = t;
+            }
+            if let Some(c) = &spec.transaction_checker_config {
+                if !c.is_object() {
+                    return Err(BrokerError::BadTopicSpec(
+                        "transaction_checker_config must be a JSON object".into(),
+                    ));
+                }
+                meta.transaction_checker_config = Some(c.clone());
+            }
+            if let Some(g) = &spec.transaction_checker_grants {
+                g.to_grants().map_err(BrokerError::BadTopicSpec)?;
+                meta.transaction_checker_grants = g.clone();
             }
             let bytes =
                 serde_json::to_vec(&meta).map_err(|e| StorageError::Encode(e.to_string()))?;

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::capabilities::Origin;
-use crate::runtime::{Grants, PluginLimits};
+pub use crate::runtime::GrantSpec;
+use crate::runtime::PluginLimits;
 
 /// RocketMQ's default backoff: 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h.
 pub const DEFAULT_BACKOFF_MS: [u64; 16] = [
@@ -92,33 +92,6 @@ impl<'de> Deserialize<'de> for Start {
                 "start must be \"earliest\", \"latest\" or a time in ms since the epoch, not {other}"
             ))),
         }
-    }
-}
-
-/// Grants as the API spells them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GrantSpec {
-    pub email: bool,
-    pub sms: bool,
-    pub http: Vec<String>,
-    pub publish: Vec<String>,
-}
-
-impl GrantSpec {
-    /// The runtime's form of these grants; every HTTP grant must be an origin.
-    pub fn to_grants(&self) -> Result<Grants, String> {
-        let http = self
-            .http
-            .iter()
-            .map(|g| Origin::parse_grant(g))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Grants {
-            email: self.email,
-            sms: self.sms,
-            http,
-            publish: self.publish.clone(),
-        })
     }
 }
 

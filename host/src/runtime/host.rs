@@ -29,6 +29,33 @@ pub struct Grants {
     pub publish: Vec<String>,
 }
 
+/// Grants as the API spells them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrantSpec {
+    pub email: bool,
+    pub sms: bool,
+    pub http: Vec<String>,
+    pub publish: Vec<String>,
+}
+
+impl GrantSpec {
+    /// The runtime's form of these grants; every HTTP grant must be an origin.
+    pub fn to_grants(&self) -> Result<Grants, String> {
+        let http = self
+            .http
+            .iter()
+            .map(|g| Origin::parse_grant(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Grants {
+            email: self.email,
+            sms: self.sms,
+            http,
+            publish: self.publish.clone(),
+        })
+    }
+}
+
 /// Per-plugin (or per-subscription) limits; `None` takes the runtime's default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PluginLimits {

@@ -20,7 +20,7 @@ use wasmtime::{
 };
 
 use bindings::{CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer};
-pub use host::{Grants, HostState, InstanceContext, PluginLimits};
+pub use host::{GrantSpec, Grants, HostState, InstanceContext, PluginLimits};
 
 /// How often the engine's epoch advances; CPU budgets are counted in these ticks.
 pub const TICK: Duration = Duration::from_millis(10);

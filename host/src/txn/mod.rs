@@ -14,7 +14,7 @@ use crate::broker::{Broker, BrokerError, Envelope, now_ms};
 use crate::config::TransactionsConfig;
 use crate::plugins::{PluginError, Plugins};
 use crate::runtime::bindings::{CheckResult, Message};
-use crate::runtime::{Grants, InstanceContext, PluginInstance};
+use crate::runtime::{InstanceContext, PluginInstance};
 use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
 
 const TXN_SPACE: &str = "txn";
@@ -449,7 +449,8 @@ impl Transactions {
         if !code.has_checker() {
             return Err(format!("plugin {plugin} does not export check-transaction"));
         }
-        let key = (plugin.clone(), version.version);
+        // Instances are reused per plugin version and topic (whose config and grants they carry).
+        let key = (format!("{plugin}|{}", t.topic), version.version);
         let idle = self.idle.lock().await.get_mut(&key).and_then(Vec::pop);
         let mut instance = match idle {
             Some(i) => i,
@@ -460,8 +461,12 @@ impl Transactions {
                     group: format!("txn-checker:{}", t.topic),
                     instance_index: 0,
                     instance_count: 1,
-                    config_json: "{}".into(),
-                    grants: Grants::default(),
+                    config_json: topic
+                        .transaction_checker_config
+                        .clone()
+                        .unwrap_or_else(|| serde_json::json!({}))
+                        .to_string(),
+                    grants: topic.transaction_checker_grants.to_grants()?,
                     limits: version.limits,
                     broker: self.broker.clone(),
                 };

@@ -1,7 +1,8 @@
 //! Real protocol peers for capability tests, on 127.0.0.1: an SMTP server that records every
 //! mail (and can fail or slow down on request), and an HTTP server standing in for an SMS
 //! gateway and for allow-listed APIs.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+// A peer that cannot bind its port or take its own lock has no way to go on: it panics.
+#![allow(clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -45,8 +46,10 @@ pub struct SmtpServer {
 
 impl SmtpServer {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("peer");
+        let addr = listener.local_addr().expect("peer");
         let state = Arc::new(SmtpState::default());
         let s = state.clone();
         tokio::spawn(async move {
@@ -58,7 +61,7 @@ impl SmtpServer {
     }
 
     pub fn mails(&self) -> Vec<Mail> {
-        self.state.mails.lock().unwrap().clone()
+        self.state.mails.lock().expect("peer").clone()
     }
 
     /// Waits until at least `n` mails arrived (panics after `secs`).
@@ -137,7 +140,7 @@ async fn session(stream: tokio::net::TcpStream, state: Arc<SmtpState>) {
                 to.clear();
                 "451 4.3.0 try again later\r\n".into()
             } else {
-                state.mails.lock().unwrap().push(Mail {
+                state.mails.lock().expect("peer").push(Mail {
                     from: from.clone(),
                     to: std::mem::take(&mut to),
                     data,
@@ -164,6 +167,8 @@ pub struct HttpState {
     pub fail_next: AtomicU32,
     /// Where `/redirect` points.
     pub redirect_to: Mutex<String>,
+    /// Wait this long before answering (a slow downstream).
+    pub delay_ms: AtomicU64,
 }
 
 pub struct HttpPeer {
@@ -182,8 +187,10 @@ impl HttpPeer {
             .route("/redirect", any(redirect))
             .fallback(any(record))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("peer");
+        let addr = listener.local_addr().expect("peer");
         tokio::spawn(async move { axum::serve(listener, app).await });
         HttpPeer {
             addr,
@@ -193,7 +200,7 @@ impl HttpPeer {
     }
 
     pub fn requests(&self) -> Vec<(String, Option<String>, String)> {
-        self.state.requests.lock().unwrap().clone()
+        self.state.requests.lock().expect("peer").clone()
     }
 }
 
@@ -210,7 +217,7 @@ async fn record(
     state
         .requests
         .lock()
-        .unwrap()
+        .expect("peer")
         .push((uri.path().to_string(), auth, body));
     if state
         .fail_next
@@ -225,6 +232,6 @@ async fn record(
 async fn redirect(
     State(state): State<Arc<HttpState>>,
 ) -> (StatusCode, [(&'static str, String); 1]) {
-    let to = state.redirect_to.lock().unwrap().clone();
+    let to = state.redirect_to.lock().expect("peer").clone();
     (StatusCode::FOUND, [("location", to)])
 }
