@@ -143,6 +143,16 @@ pub mod http {
     }
 }
 
+/// The outcome for a side effect's result: done (or done before) acks, a transient failure
+/// retries, anything else (denied, invalid, refused) dead-letters with the reason.
+pub fn outcome_of<T>(result: Result<T, Error>) -> crate::Outcome {
+    match result {
+        Ok(_) => crate::Outcome::Ack,
+        Err(e) if e.is_transient() => crate::Outcome::Retry(0),
+        Err(e) => crate::Outcome::Reject(format!("{}: {}", e.kind(), e.message())),
+    }
+}
+
 /// Runs `f` at most once per `message_id` (per plugin), so a retried message does not send a
 /// second email or SMS. The mark is written only after `f` succeeds; if `f` fails, a retry runs
 /// it again. A crash between `f` and the mark can still repeat it once: at-least-once, narrowed.

@@ -42,7 +42,7 @@ pub mod testing;
 
 pub use bindings::wasmq::plugin::context::PluginInstance as Identity;
 pub use bindings::wasmq::plugin::types::{CheckResult, Error, Message, Outcome};
-pub use capabilities::{context, email, http, kv, log, once, publish, sms};
+pub use capabilities::{context, email, http, kv, log, once, outcome_of, publish, sms};
 pub use message::MessageExt;
 
 /// A consumer: called once per delivered message (again on retry, with a higher `attempt`).

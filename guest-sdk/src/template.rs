@@ -33,6 +33,14 @@ pub fn render(template: &str, data: &Value) -> Rendered {
     Rendered { text, missing }
 }
 
+/// A recipient rendered from its template: `None` if a field it names is missing or it is blank
+/// (a notifier rejects such a message: retrying cannot give it a recipient).
+pub fn recipient(template: &str, data: &Value) -> Option<String> {
+    let r = render(template, data);
+    let to = r.text.trim();
+    (r.missing.is_empty() && !to.is_empty()).then(|| to.to_string())
+}
+
 fn lookup<'a>(data: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(data, |v, part| match v {
         Value::Object(m) => m.get(part),
@@ -58,5 +66,16 @@ mod tests {
         let r = render("to {{phone}}{{user.zip}}!", &data);
         assert_eq!((r.text.as_str(), r.missing.len()), ("to !", 2));
         assert_eq!(render("no {{ end", &data).text, "no {{ end");
+    }
+
+    #[test]
+    fn recipients_must_be_present_and_not_blank() {
+        let data = json!({"email": " ann@example.com ", "blank": "  "});
+        assert_eq!(
+            recipient("{{email}}", &data).as_deref(),
+            Some("ann@example.com")
+        );
+        assert_eq!(recipient("{{phone}}", &data), None);
+        assert_eq!(recipient("{{blank}}", &data), None);
     }
 }

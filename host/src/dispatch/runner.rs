@@ -256,6 +256,55 @@ impl Member {
         .await;
     }
 
+    /// Stores what becomes of a delivered message besides its offset: a retry timer (whose key
+    /// is returned) or a dead letter; an ack needs nothing.
+    async fn settle(
+        &self,
+        result: &Result<Outcome, InvokeError>,
+        attempt: u32,
+        m: &StoredMessage,
+    ) -> Option<String> {
+        match judge(
+            result,
+            attempt,
+            &self.spec.retry,
+            false,
+            &self.runner.counters,
+        ) {
+            Fate::Done => None,
+            Fate::Retry {
+                due,
+                attempts,
+                error,
+            } => {
+                let t = Timer {
+                    member: self.shared.name.clone(),
+                    due,
+                    queue: m.message.queue,
+                    offset: m.offset,
+                    attempts,
+                    kind: TimerKind::Retry,
+                    last_error: Some(error),
+                };
+                let key = t.key();
+                self.add_timer(t).await;
+                Some(key)
+            }
+            Fate::Dead { attempts, reason } => {
+                self.dead_letter(m, attempts, reason).await;
+                None
+            }
+        }
+    }
+
+    async fn remove_timer(&self, timer: &Timer) {
+        let (space, key) = (state::timer_space(&self.group), timer.key());
+        self.persist("a timer removal", || {
+            state::delete(self.storage.as_ref(), &space, &key)
+        })
+        .await;
+    }
+
     async fn add_timer(&self, t: Timer) {
         let space = state::timer_space(&self.group);
         let key = t.key();
@@ -410,14 +459,7 @@ impl Member {
                     let m: Arc<StoredMessage> = m;
                     let permit: OwnedSemaphorePermit = permit;
                     let result: Result<Outcome, InvokeError> = result;
-                    match judge(&result, attempt, &self.spec.retry, false, &self.runner.counters) {
-                        Fate::Done => {}
-                        Fate::Retry { due, attempts, error } => {
-                            let t = Timer { member: self.shared.name.clone(), due, queue, offset: m.offset, attempts, kind: TimerKind::Retry, last_error: Some(error) };
-                            self.add_timer(t).await;
-                        }
-                        Fate::Dead { attempts, reason } => self.dead_letter(&m, attempts, reason).await,
-                    }
+                    self.settle(&result, attempt, &m).await;
                     mark_done(&mut committed, &mut done, m.offset);
                     self.publish(queue, &committer, committed);
                     park(&parked, m.offset, permit);
@@ -567,7 +609,6 @@ impl Member {
 
     /// Delivers delayed messages, retries and redrives when they are due.
     async fn run_timers(self: Arc<Self>) {
-        let space = state::timer_space(&self.group);
         let mut pending = FuturesUnordered::new();
         let mut stopping = false;
         loop {
@@ -585,16 +626,11 @@ impl Member {
                     let permit: OwnedSemaphorePermit = permit;
                     let m: Arc<StoredMessage> = m;
                     let result: Result<Outcome, InvokeError> = result;
-                    match judge(&result, attempt, &self.spec.retry, false, &self.runner.counters) {
-                        Fate::Done => {}
-                        Fate::Retry { due, attempts, error } => {
-                            let t = Timer { due, attempts, kind: TimerKind::Retry, last_error: Some(error), ..timer.clone() };
-                            self.add_timer(t).await;
-                        }
-                        Fate::Dead { attempts, reason } => self.dead_letter(&m, attempts, reason).await,
+                    // The old timer goes only after its successor (if any) is stored, and not at
+                    // all when the successor has the same key.
+                    if self.settle(&result, attempt, &m).await.as_deref() != Some(timer.key().as_str()) {
+                        self.remove_timer(&timer).await;
                     }
-                    let key = timer.key();
-                    self.persist("a timer removal", || state::delete(self.storage.as_ref(), &space, &key)).await;
                     drop(permit);
                 }
                 permit = self.runner.in_flight.clone().acquire_owned(), if due_now => {
@@ -609,8 +645,7 @@ impl Member {
                         }
                     };
                     let Some(m) = found.map(Arc::new) else {
-                        let key = timer.key();
-                    self.persist("a timer removal", || state::delete(self.storage.as_ref(), &space, &key)).await;
+                        self.remove_timer(&timer).await;
                         continue;
                     };
                     let attempt = timer.attempts + 1;

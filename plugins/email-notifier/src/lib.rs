@@ -5,8 +5,8 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use wasmq_guest_sdk::template::render;
-use wasmq_guest_sdk::{Consumer, Error, Message, MessageExt, Outcome, context, email, once};
+use wasmq_guest_sdk::template::{recipient, render};
+use wasmq_guest_sdk::{Consumer, Message, MessageExt, Outcome, context, email, once, outcome_of};
 
 #[derive(Deserialize)]
 struct Config {
@@ -19,15 +19,6 @@ struct Config {
 
 pub struct EmailNotifier;
 
-/// Retry what may work later; dead-letter what will not.
-pub fn outcome_of(result: Result<Option<()>, Error>) -> Outcome {
-    match result {
-        Ok(_) => Outcome::Ack,
-        Err(e) if e.is_transient() => Outcome::Retry(0),
-        Err(e) => Outcome::Reject(format!("{}: {}", e.kind(), e.message())),
-    }
-}
-
 impl Consumer for EmailNotifier {
     fn handle(message: Message) -> Outcome {
         let config: Config = match context::config() {
@@ -37,15 +28,14 @@ impl Consumer for EmailNotifier {
         let Ok(data) = message.json::<Value>() else {
             return Outcome::Reject("the message body is not JSON".into());
         };
-        let to = render(&config.to, &data);
-        if !to.missing.is_empty() || to.text.trim().is_empty() {
-            return Outcome::Reject(format!("no recipient (missing {:?})", to.missing));
-        }
+        let Some(to) = recipient(&config.to, &data) else {
+            return Outcome::Reject(format!("no recipient in {:?}", config.to));
+        };
         let subject = render(&config.subject, &data).text;
         let text = render(&config.text, &data).text;
         let html = config.html.as_deref().map(|h| render(h, &data).text);
         outcome_of(once(&message.id, || {
-            email::send(to.text.trim(), &subject, &text, html.as_deref())
+            email::send(&to, &subject, &text, html.as_deref())
         }))
     }
 }
@@ -55,7 +45,7 @@ wasmq_guest_sdk::export!(EmailNotifier);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmq_guest_sdk::testing;
+    use wasmq_guest_sdk::{Error, testing};
 
     #[test]
     fn renders_sends_once_and_retries_transient_failures() {

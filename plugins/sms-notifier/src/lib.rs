@@ -4,8 +4,8 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use wasmq_guest_sdk::template::render;
-use wasmq_guest_sdk::{Consumer, Message, MessageExt, Outcome, context, once, sms};
+use wasmq_guest_sdk::template::{recipient, render};
+use wasmq_guest_sdk::{Consumer, Message, MessageExt, Outcome, context, once, outcome_of, sms};
 
 #[derive(Deserialize)]
 struct Config {
@@ -24,16 +24,11 @@ impl Consumer for SmsNotifier {
         let Ok(data) = message.json::<Value>() else {
             return Outcome::Reject("the message body is not JSON".into());
         };
-        let to = render(&config.to, &data);
-        if !to.missing.is_empty() || to.text.trim().is_empty() {
-            return Outcome::Reject(format!("no recipient (missing {:?})", to.missing));
-        }
+        let Some(to) = recipient(&config.to, &data) else {
+            return Outcome::Reject(format!("no recipient in {:?}", config.to));
+        };
         let text = render(&config.text, &data).text;
-        match once(&message.id, || sms::send(to.text.trim(), &text)) {
-            Ok(_) => Outcome::Ack,
-            Err(e) if e.is_transient() => Outcome::Retry(0),
-            Err(e) => Outcome::Reject(format!("{}: {}", e.kind(), e.message())),
-        }
+        outcome_of(once(&message.id, || sms::send(&to, &text)))
     }
 }
 
