@@ -49,6 +49,19 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let local = listener
+        .local_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
+    if config.auth.tokens.is_empty() && !local {
+        anyhow::bail!(
+            "refusing to serve an open API on a non-loopback address: configure [auth] tokens \
+             (or WASMQ_AUTH_TOKENS) or listen on 127.0.0.1"
+        );
+    }
+    if config.auth.tokens.iter().any(|t| t.token.len() < 8) {
+        anyhow::bail!("[auth] tokens must have at least 8 characters");
+    }
     if config.storage.backend != Backend::Rocksdb {
         anyhow::bail!(
             "storage backend {:?} is not available yet; use \"rocksdb\"",
@@ -108,6 +121,7 @@ async fn serve(
         plugins,
         dispatcher: dispatcher.clone(),
         transactions,
+        tokens: Arc::new(config.auth.tokens.clone()),
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -692,3 +692,54 @@ async fn transactions_survive_sigkill_before_commit_and_during_checks() {
     assert_eq!(audit[0]["body"], "from the producer");
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_api_is_refused_on_a_non_loopback_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refusing to serve an open API"),
+        "{}",
+        stderr(&out)
+    );
+    // With a token it starts, and the CLI sends the token.
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env(
+            "WASMQ_AUTH_TOKENS",
+            r#"[{token = "cli-admin-token", scopes = ["admin"]}]"#,
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let url = line.rsplit(' ').next().unwrap().to_string();
+    let out = cli(&url, &["topic", "list"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("unauthorized"),
+        "{}",
+        stderr(&out)
+    );
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--server",
+            &url,
+            "--token",
+            "cli-admin-token",
+            "topic",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    child.kill().await.unwrap();
+}

@@ -31,6 +31,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     server: String,
+    /// A bearer token for servers with [auth] tokens.
+    #[arg(long, global = true, env = "WASMQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -261,7 +264,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::new(&cli.server)?;
+    let client = Client::new(&cli.server, cli.token.as_deref())?;
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Topic(TopicCommand::Create { name, queues }) => {

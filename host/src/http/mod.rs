@@ -1,5 +1,6 @@
 //! The HTTP API: routes of DESIGN.md's public surface, request parsing with JSON errors.
 
+mod auth;
 mod error;
 mod messages;
 mod plugins;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub plugins: Arc<Plugins>,
     pub dispatcher: Arc<Dispatcher>,
     pub transactions: Arc<Transactions>,
+    /// Bearer tokens; none = open API (loopback only).
+    pub tokens: Arc<Vec<crate::config::TokenConfig>>,
 }
 
 /// The whole API; tests and the server both build it here.
@@ -88,6 +91,10 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check,
+        ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
