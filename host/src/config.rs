@@ -96,6 +96,8 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
     /// Most queues one topic may have.
     pub max_queues: u32,
+    /// How long a publish's `Idempotency-Key` is remembered.
+    pub idempotency_window_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -106,6 +108,7 @@ impl Default for LimitsConfig {
             max_plugin_bytes: 32 * 1024 * 1024,
             max_request_bytes: 16 * 1024 * 1024,
             max_queues: 256,
+            idempotency_window_ms: 24 * 3600 * 1000,
         }
     }
 }

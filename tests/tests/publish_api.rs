@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -447,4 +448,82 @@ async fn restart_keeps_everything_and_offsets_continue() {
         assert_eq!(offs, (hw[q as usize]..hw2[q as usize]).collect::<Vec<_>>());
     }
     s.stop().await.unwrap();
+}
+
+async fn publish_with_key(
+    s: &TestServer,
+    key: &str,
+    body: Value,
+) -> (StatusCode, Option<String>, Value) {
+    let r = s
+        .client
+        .post(format!("{}/v1/topics/t/messages", s.url))
+        .header("idempotency-key", key)
+        .json(&json!({"body": body}))
+        .send()
+        .await
+        .unwrap();
+    let replayed = r
+        .headers()
+        .get("idempotent-replayed")
+        .map(|v| v.to_str().unwrap().to_string());
+    let (st, v) = wasmq_tests::decode(r).await;
+    (st, replayed, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_deduplicate_retries_durably_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.limits.idempotency_window_ms = 1500;
+    let s = TestServer::start_with(config.clone()).await;
+    s.create_topic("t", 2).await;
+    let (st, replayed, first) = publish_with_key(&s, "order-17", json!({"n": 1})).await;
+    assert_eq!((st, replayed), (StatusCode::CREATED, None));
+    // A producer retry (even with a different body) gets the original answer.
+    let (st, replayed, again) = publish_with_key(&s, "order-17", json!({"n": 1})).await;
+    assert_eq!((st, replayed.as_deref()), (StatusCode::OK, Some("true")));
+    assert_eq!(again, first);
+    // Concurrent retries: one message, one id.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(format!("{url}/v1/topics/t/messages"))
+                .header("idempotency-key", "race")
+                .json(&json!({"body": 2}))
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "concurrent publishes with one key stored {} messages",
+        ids.len()
+    );
+    let (_, t) = s.get("/v1/topics/t").await;
+    assert_eq!(t["messages"], 2);
+    // Durable: a restart remembers the key.
+    s.stop().await.unwrap();
+    let s = TestServer::start_with(config).await;
+    let (st, _, again) = publish_with_key(&s, "order-17", json!({"n": 1})).await;
+    assert_eq!((st, again), (StatusCode::OK, first.clone()));
+    // After the window, the key is new again.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (st, _, later) = publish_with_key(&s, "order-17", json!({"n": 1})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_ne!(later["id"], first["id"]);
+    let (st, _, v) = publish_with_key(&s, &"k".repeat(300), json!(1)).await;
+    assert_error(&(st, v), StatusCode::BAD_REQUEST, "bad_idempotency_key");
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::LimitsConfig;
 use crate::storage::{
-    Appended, Expect, MessageId, NewMessage, Storage, StorageError, StoredMessage,
+    Appended, Expect, MessageId, NewMessage, RecordWrite, Storage, StorageError, StoredMessage,
 };
 pub use envelope::{Envelope, EnvelopeError};
 
@@ -31,6 +31,8 @@ pub enum BrokerError {
     UnknownTopic(String),
     #[error("{0}")]
     BadTopicSpec(String),
+    #[error("Idempotency-Key must have 1 to 256 bytes")]
+    BadIdempotencyKey,
     #[error("a topic has between 1 and {max} queues, not {asked}")]
     TooManyQueues { asked: u32, max: u32 },
     #[error("topic {topic:?} has {current} queues; queues can be added but not removed")]
@@ -45,6 +47,13 @@ pub enum BrokerError {
     InBatch { index: usize, source: EnvelopeError },
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// What an idempotency key remembers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdempotentPublish {
+    at: u64,
+    appended: Appended,
 }
 
 /// What is kept about a topic.
@@ -329,6 +338,84 @@ impl Broker {
         out.pop().ok_or_else(|| {
             BrokerError::Storage(StorageError::Corrupt("append returned nothing".into()))
         })
+    }
+
+    /// Publishes once per idempotency key (within `limits.idempotency_window_ms`): the message
+    /// and the key's record are written in one atomic step; a retry with the same key gets the
+    /// original answer back (`true` = replayed) and stores nothing.
+    pub async fn publish_idempotent(
+        &self,
+        topic: &str,
+        key: &str,
+        envelope: Envelope,
+    ) -> Result<(Appended, bool), BrokerError> {
+        if key.is_empty() || key.len() > 256 {
+            return Err(BrokerError::BadIdempotencyKey);
+        }
+        let t = self.topic_for_publish(topic)?;
+        let now = now_ms();
+        let message = self.prepare(&t, envelope, now)?;
+        let space = format!("idem/{topic}");
+        loop {
+            let expect = match self.storage.get_record(&space, key).await? {
+                Some(r) => {
+                    let seen: IdempotentPublish = serde_json::from_slice(&r.value)
+                        .map_err(|e| StorageError::Corrupt(format!("idempotency record: {e}")))?;
+                    if now.saturating_sub(seen.at) < self.limits.idempotency_window_ms {
+                        let original = self
+                            .storage
+                            .message_by_id(seen.appended.id)
+                            .await?
+                            .ok_or_else(|| {
+                                StorageError::Corrupt(format!(
+                                    "idempotency key {key:?} names a missing message"
+                                ))
+                            })?;
+                        let appended = Appended {
+                            id: original.message.id,
+                            queue: original.message.queue,
+                            offset: original.offset,
+                        };
+                        return Ok((appended, true));
+                    }
+                    Expect::Revision(r.revision)
+                }
+                None => Expect::Absent,
+            };
+            // The record names the message id; queue and offset are known only after the
+            // append, so they are looked up by id when the key is replayed.
+            let record = IdempotentPublish {
+                at: now,
+                appended: Appended {
+                    id: message.id,
+                    queue: message.queue,
+                    offset: 0,
+                },
+            };
+            let guard = RecordWrite {
+                space: space.clone(),
+                key: key.to_string(),
+                value: Some(
+                    serde_json::to_vec(&record).map_err(|e| StorageError::Encode(e.to_string()))?,
+                ),
+                expect,
+            };
+            match self
+                .storage
+                .append_guarded(topic, vec![message.clone()], guard)
+                .await
+            {
+                Ok((mut out, _)) => {
+                    let appended = out
+                        .pop()
+                        .ok_or_else(|| StorageError::Corrupt("append returned nothing".into()))?;
+                    return Ok((appended, false));
+                }
+                // Another publish with this key won the race: answer as it did.
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Publishes a batch in one group commit: all messages or, on any invalid one, none.

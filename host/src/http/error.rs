@@ -78,6 +78,7 @@ impl From<BrokerError> for ApiError {
             BrokerError::BadTopicName(_) => Self::bad_request("bad_topic_name", msg),
             BrokerError::UnknownTopic(_) => Self::not_found("unknown_topic", msg),
             BrokerError::BadTopicSpec(_) => Self::bad_request("bad_topic_spec", msg),
+            BrokerError::BadIdempotencyKey => Self::bad_request("bad_idempotency_key", msg),
             BrokerError::TooManyQueues { .. } => Self::bad_request("too_many_queues", msg),
             BrokerError::QueuesShrink { .. } => {
                 Self::new(StatusCode::CONFLICT, "queues_shrink", msg)

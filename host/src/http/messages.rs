@@ -6,7 +6,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -18,17 +18,45 @@ use crate::storage::{Appended, BodyKind, MessageId, StoredMessage};
 /// Most messages one listing returns.
 const MAX_LIST: usize = 1000;
 
+/// With an `Idempotency-Key` header, a retried publish returns the original answer (200 and
+/// `Idempotent-Replayed: true`) instead of storing the message again.
 pub async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
+    headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Appended>), ApiError> {
+) -> Result<(StatusCode, HeaderMap, Json<Appended>), ApiError> {
     // Check the topic before reading a possibly large body.
     state.broker.topic(&topic)?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let envelope: Envelope = parse_json(&bytes)?;
-    let appended = state.broker.publish(&topic, envelope).await?;
-    Ok((StatusCode::CREATED, Json(appended)))
+    let mut out = HeaderMap::new();
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        Some(Ok(k)) => Some(k.to_string()),
+        Some(Err(_)) => {
+            return Err(ApiError::bad_request(
+                "bad_idempotency_key",
+                "Idempotency-Key must be visible ASCII",
+            ));
+        }
+        None => None,
+    };
+    let Some(key) = key else {
+        let appended = state.broker.publish(&topic, envelope).await?;
+        return Ok((StatusCode::CREATED, out, Json(appended)));
+    };
+    let (appended, replayed) = state
+        .broker
+        .publish_idempotent(&topic, &key, envelope)
+        .await?;
+    if replayed {
+        out.insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
+        return Ok((StatusCode::OK, out, Json(appended)));
+    }
+    Ok((StatusCode::CREATED, out, Json(appended)))
 }
 
 #[derive(Deserialize)]

@@ -69,7 +69,7 @@ pub struct StoredMessage {
 }
 
 /// Where an append put one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Appended {
     pub id: MessageId,
     pub queue: u32,
