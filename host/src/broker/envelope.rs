@@ -246,4 +246,41 @@ mod tests {
             1000
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever bytes arrive, parsing and checking answer Ok or Err, never panic, and an
+            /// accepted body is within the limit.
+            #[test]
+            fn any_input_is_parsed_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(e) = serde_json::from_slice::<Envelope>(&bytes) {
+                    let limits = LimitsConfig { max_message_bytes: 64, ..Default::default() };
+                    if let Ok(c) = e.check(&limits, 1000) {
+                        prop_assert!(c.body.len() <= 64);
+                    }
+                }
+            }
+
+            #[test]
+            fn structured_envelopes_are_checked_not_panicked(
+                body in proptest::option::of(".{0,80}"),
+                b64 in proptest::option::of("[A-Za-z0-9+/=]{0,40}"),
+                key in proptest::option::of(".{0,8}"),
+                tag in proptest::option::of(".{0,8}"),
+                delay in proptest::option::of(any::<u64>()),
+            ) {
+                let mut v = serde_json::json!({});
+                if let Some(b) = body { v["body"] = b.into(); }
+                if let Some(b) = b64 { v["body_base64"] = b.into(); }
+                if let Some(k) = key { v["key"] = k.into(); }
+                if let Some(t) = tag { v["tag"] = t.into(); }
+                if let Some(d) = delay { v["delay_ms"] = d.into(); }
+                let e: Envelope = serde_json::from_value(v).unwrap();
+                let _ = e.check(&LimitsConfig::default(), 1000);
+            }
+        }
+    }
 }

@@ -935,4 +935,27 @@ mod tests {
         mark_done(&mut c, &mut done, 3);
         assert_eq!((c, done.len()), (8, 0));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Messages finish in any order; the committed offset is always exactly the length
+            /// of the finished prefix, so it never passes a message still in flight.
+            #[test]
+            fn committed_offset_never_passes_an_unacked_message(order in Just((0u64..200).collect::<Vec<_>>()).prop_shuffle()) {
+                let (mut committed, mut done) = (0u64, BTreeSet::new());
+                let mut finished = vec![false; order.len()];
+                for o in order {
+                    mark_done(&mut committed, &mut done, o);
+                    finished[o as usize] = true;
+                    let prefix = finished.iter().take_while(|f| **f).count() as u64;
+                    prop_assert_eq!(committed, prefix);
+                }
+                prop_assert_eq!(committed, 200);
+                prop_assert!(done.is_empty());
+            }
+        }
+    }
 }

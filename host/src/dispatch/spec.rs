@@ -292,4 +292,25 @@ mod tests {
             assert!(s.validate().is_err(), "{b}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn filter_parsing_never_panics(expr in ".{0,64}", tag in proptest::option::of("[a-z|* ]{0,8}")) {
+                if let Ok(f) = TagFilter::parse(&expr) {
+                    let _ = f.matches(tag.as_deref());
+                }
+            }
+
+            #[test]
+            fn a_tag_list_matches_exactly_its_tags(tags in proptest::collection::vec("[a-z0-9_.-]{1,8}", 1..6), probe in "[a-z0-9_.-]{1,8}") {
+                let f = TagFilter::parse(&tags.join(" || ")).unwrap();
+                prop_assert_eq!(f.matches(Some(&probe)), tags.contains(&probe));
+                prop_assert!(!f.matches(None));
+            }
+        }
+    }
 }

@@ -171,4 +171,38 @@ mod tests {
         let v = record_value(7, b"{}");
         assert_eq!(parse_record_value(&v).unwrap(), (7, &b"{}"[..]));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn topic() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9._-]{1,128}"
+        }
+
+        proptest! {
+            #[test]
+            fn message_keys_round_trip(t in topic(), q in any::<u32>(), o in any::<u64>()) {
+                prop_assert_eq!(parse_message(&message(&t, q, o)).unwrap(), (t, q, o));
+            }
+
+            #[test]
+            fn byte_order_is_offset_order_within_a_queue(t in topic(), q in any::<u32>(), a in any::<u64>(), b in any::<u64>()) {
+                prop_assert_eq!(message(&t, q, a).cmp(&message(&t, q, b)), a.cmp(&b));
+            }
+
+            #[test]
+            fn other_topics_never_share_a_queue_prefix(a in topic(), b in topic(), q in any::<u32>(), o in any::<u64>()) {
+                prop_assume!(a != b);
+                prop_assert!(!message(&b, q, o).starts_with(&queue_prefix(&a, q)));
+            }
+
+            #[test]
+            fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let _ = parse_message(&bytes);
+                let _ = parse_business_key_tail(&bytes);
+                let _ = parse_record_value(&bytes);
+            }
+        }
+    }
 }
