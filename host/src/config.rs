@@ -98,6 +98,9 @@ pub struct LimitsConfig {
     pub max_queues: u32,
     /// How long a publish's `Idempotency-Key` is remembered.
     pub idempotency_window_ms: u64,
+    /// Publishing to a topic answers 429 while its slowest running subscription is this many
+    /// messages behind (0 = no bound).
+    pub max_backlog: u64,
 }
 
 impl Default for LimitsConfig {
@@ -109,6 +112,7 @@ impl Default for LimitsConfig {
             max_request_bytes: 16 * 1024 * 1024,
             max_queues: 256,
             idempotency_window_ms: 24 * 3600 * 1000,
+            max_backlog: 0,
         }
     }
 }

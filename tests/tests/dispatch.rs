@@ -779,3 +779,55 @@ async fn a_broadcast_instance_added_later_starts_at_the_subscription_start() {
         .collect();
     assert_eq!(third, [5]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_answers_429_while_the_slowest_subscription_is_too_far_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = wasmq_tests::config_in(dir.path());
+    config.limits.max_backlog = 50;
+    let s = TestServer::start_with(config).await;
+    setup(&s, "t", 2).await;
+    // A consumer that takes 20 messages a second.
+    s.subscribe("slow", recorder_spec("t", json!({"max_rate": 20.0})))
+        .await;
+    let mut accepted = 0;
+    let mut refused = None;
+    for i in 0..200 {
+        let r = s
+            .client
+            .post(format!("{}/v1/topics/t/messages", s.url))
+            .json(&json!({"body": {"n": i}}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some((
+                r.headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string()),
+                wasmq_tests::decode(r).await.1,
+            ));
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::CREATED);
+        accepted += 1;
+    }
+    let (retry_after, body) = refused.expect("the backlog bound never applied");
+    assert!(
+        (50..60).contains(&accepted),
+        "accepted {accepted} before pushing back"
+    );
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(body["error"]["code"], "backlog_full");
+    // Once the consumer catches up, publishing works again; nothing accepted was lost.
+    s.wait_until("/v1/subscriptions/slow", 30, |v| {
+        v["lag"].as_u64().unwrap_or(u64::MAX) < 50
+    })
+    .await;
+    let (st, _) = s
+        .post_json("/v1/topics/t/messages", &json!({"body": "later"}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (_, t) = s.get("/v1/topics/t").await;
+    assert_eq!(t["messages"].as_u64().unwrap(), accepted + 1);
+}

@@ -449,6 +449,24 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// How far the slowest running subscription of `topic` is behind, in messages.
+    pub async fn backlog(&self, topic: &str, high_water: &[u64]) -> u64 {
+        let runners = self.runners.lock().await;
+        runners
+            .values()
+            .filter(|r| r.topic == topic)
+            .flat_map(|r| r.shared.members.iter())
+            .map(|m| {
+                m.committed
+                    .iter()
+                    .zip(high_water)
+                    .map(|(c, hw)| hw.saturating_sub(c.load(Ordering::Relaxed)))
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Stops every subscription, letting in-flight messages finish.
     pub async fn shutdown(&self) {
         let _g = self.control.lock().await;

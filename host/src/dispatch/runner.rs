@@ -92,6 +92,8 @@ impl RunnerShared {
 }
 
 pub struct Runner {
+    /// The topic it reads.
+    pub topic: String,
     cancel: CancellationToken,
     tracker: TaskTracker,
     pub shared: Arc<RunnerShared>,
@@ -914,6 +916,7 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
     }
     drop(channels);
     Ok(Runner {
+        topic: spec.topic.clone(),
         cancel,
         tracker,
         shared,

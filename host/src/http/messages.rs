@@ -26,8 +26,8 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, HeaderMap, Json<Appended>), ApiError> {
-    // Check the topic before reading a possibly large body.
-    state.broker.topic(&topic)?;
+    // Check the topic (and its backlog) before reading a possibly large body.
+    admit(&state, &topic).await?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let envelope: Envelope = parse_json(&bytes)?;
     let mut out = HeaderMap::new();
@@ -59,6 +59,27 @@ pub async fn publish(
     Ok((StatusCode::CREATED, out, Json(appended)))
 }
 
+/// Backpressure: a topic whose slowest subscription is `max_backlog` behind takes no more
+/// messages for now (429 with `Retry-After`), instead of failing later or growing without end.
+pub async fn admit(state: &AppState, topic: &str) -> Result<(), ApiError> {
+    let meta = state.broker.topic(topic)?;
+    let max = state.broker.limits().max_backlog;
+    if max == 0 {
+        return Ok(());
+    }
+    let high_water = state.broker.high_water(&meta).await?;
+    let backlog = state.dispatcher.backlog(topic, &high_water).await;
+    if backlog >= max {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "backlog_full",
+            format!("topic {topic:?} has {backlog} unconsumed messages (limit {max}); retry later"),
+        )
+        .retry_after(1));
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
@@ -75,7 +96,7 @@ pub async fn publish_batch(
     Path(topic): Path<String>,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
-    state.broker.topic(&topic)?;
+    admit(&state, &topic).await?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let req: BatchRequest = parse_json(&bytes)?;
     let results = state.broker.publish_batch(&topic, req.messages).await?;

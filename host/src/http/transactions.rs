@@ -18,7 +18,7 @@ pub async fn begin(
     Path(topic): Path<String>,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    state.broker.topic(&topic)?;
+    super::messages::admit(&state, &topic).await?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let envelope: Envelope = parse_json(&bytes)?;
     let t = state.transactions.begin(&topic, envelope).await?;
