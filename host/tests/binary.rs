@@ -331,26 +331,7 @@ async fn scaffold_build_deploy_and_invoke_a_new_plugin() {
 
 /// Reads every audit record (one queue) from a server.
 async fn audit_records(url: &str) -> Vec<Value> {
-    let http = reqwest::Client::new();
-    let mut out: Vec<Value> = Vec::new();
-    loop {
-        let page: Value = http
-            .get(format!(
-                "{url}/v1/topics/audit/messages?queue=0&from={}&limit=1000",
-                out.len()
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let msgs = page["messages"].as_array().unwrap();
-        if msgs.is_empty() {
-            return out;
-        }
-        out.extend(msgs.iter().map(|m| m["body"].clone()));
-    }
+    wasmq_tests::read_queue(&reqwest::Client::new(), url, "audit", 0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

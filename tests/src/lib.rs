@@ -271,21 +271,7 @@ impl TestServer {
 impl TestServer {
     /// Every message body of one queue of a topic, in offset order.
     pub async fn read_queue(&self, topic: &str, queue: u32) -> Vec<Value> {
-        let mut out = Vec::new();
-        loop {
-            let (status, page) = self
-                .get(&format!(
-                    "/v1/topics/{topic}/messages?queue={queue}&from={}&limit=1000",
-                    out.len()
-                ))
-                .await;
-            assert_eq!(status, StatusCode::OK, "{page}");
-            let msgs = page["messages"].as_array().unwrap();
-            if msgs.is_empty() {
-                return out;
-            }
-            out.extend(msgs.iter().map(|m| m["body"].clone()));
-        }
+        read_queue(&self.client, &self.url, topic, queue).await
     }
 
     /// Creates a subscription and checks it was created.
@@ -320,5 +306,28 @@ impl TestServer {
         })
         .await;
         self.read_queue(topic, 0).await
+    }
+}
+
+/// Every message body of one queue of a topic on the server at `url`, in offset order.
+pub async fn read_queue(
+    client: &reqwest::Client,
+    url: &str,
+    topic: &str,
+    queue: u32,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let path = format!(
+            "{url}/v1/topics/{topic}/messages?queue={queue}&from={}&limit=1000",
+            out.len()
+        );
+        let (status, page) = decode(client.get(path).send().await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let msgs = page["messages"].as_array().unwrap();
+        if msgs.is_empty() {
+            return out;
+        }
+        out.extend(msgs.iter().map(|m| m["body"].clone()));
     }
 }
