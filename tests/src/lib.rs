@@ -274,6 +274,18 @@ impl TestServer {
         read_queue(&self.client, &self.url, topic, queue).await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.text().await.unwrap()
+    }
+
     /// Creates a subscription and checks it was created.
     pub async fn subscribe(&self, group: &str, spec: Value) -> Value {
         let (status, v) = self

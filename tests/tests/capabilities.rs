@@ -141,15 +141,7 @@ async fn without_a_grant_nothing_is_sent_and_the_denial_is_counted() {
         "{dlq}"
     );
     assert!(smtp.mails().is_empty());
-    let metrics = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.lines().any(|l| l
             .starts_with("wasmq_capability_calls_total{capability=\"email\",result=\"denied\"} ")),

@@ -17,15 +17,7 @@ fn report(v: &Value) -> Value {
 }
 
 async fn metric(s: &TestServer, name: &str) -> u64 {
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
         .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))

@@ -713,27 +713,6 @@ pub async fn start_offset(
     })
 }
 
-fn to_guest(m: &StoredMessage, attempt: u32) -> Message {
-    let n = &m.message;
-    Message {
-        id: n.id.to_string(),
-        topic: m.topic.clone(),
-        queue: n.queue,
-        offset: m.offset,
-        key: n.key.clone(),
-        tag: n.tag.clone(),
-        sharding_key: n.sharding_key.clone(),
-        properties: n
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        body: n.body.clone(),
-        born_at: n.born_at,
-        attempt,
-    }
-}
-
 /// One plugin instance serving a work channel; replaced after a trap, timeout or memory overrun.
 async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work: WorkQueue) {
     let mut instance: Option<PluginInstance> = None;
@@ -753,7 +732,14 @@ async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work
         let Some(inst) = instance.as_mut() else {
             continue;
         };
-        let result = inst.handle(&to_guest(&item.message, item.attempt)).await;
+        let result = inst
+            .handle(&Message::of(
+                &item.message.topic,
+                item.message.offset,
+                &item.message.message,
+                item.attempt,
+            ))
+            .await;
         if let Err(e) = &result {
             tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %item.message.message.id, error = %e, "plugin call failed");
         }

@@ -20,3 +20,27 @@ pub const WIT_VERSION: &str = "0.1.0";
 /// Export names, as components name them.
 pub const CONSUMER_EXPORT: &str = "wasmq:plugin/consumer@0.1.0";
 pub const CHECKER_EXPORT: &str = "wasmq:plugin/checker@0.1.0";
+
+impl Message {
+    /// The guest's view of a message of `topic` at `offset` (0 for a half message, which has
+    /// no offset yet), delivered for the `attempt`-th time.
+    pub fn of(topic: &str, offset: u64, m: &crate::storage::NewMessage, attempt: u32) -> Message {
+        Message {
+            id: m.id.to_string(),
+            topic: topic.to_string(),
+            queue: m.queue,
+            offset,
+            key: m.key.clone(),
+            tag: m.tag.clone(),
+            sharding_key: m.sharding_key.clone(),
+            properties: m
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            body: m.body.clone(),
+            born_at: m.born_at,
+            attempt,
+        }
+    }
+}

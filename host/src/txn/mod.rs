@@ -480,23 +480,7 @@ impl Transactions {
         let Some(m) = &t.message else {
             return Err("the half message is gone".into());
         };
-        let message = Message {
-            id: m.id.to_string(),
-            topic: t.topic.clone(),
-            queue: m.queue,
-            offset: 0,
-            key: m.key.clone(),
-            tag: m.tag.clone(),
-            sharding_key: m.sharding_key.clone(),
-            properties: m
-                .properties
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            body: m.body.clone(),
-            born_at: m.born_at,
-            attempt: t.checks + 1,
-        };
+        let message = Message::of(&t.topic, 0, m, t.checks + 1);
         let result = instance.check_transaction(&message).await;
         if instance.is_usable() {
             self.idle
