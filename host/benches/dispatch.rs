@@ -1,5 +1,7 @@
 //! End-to-end dispatch: publish→ack throughput through a no-op plugin with 1 and 4 instances,
-//! and publish→handle latency (p50/p99/p999, measured inside the plugin) at a fixed rate.
+//! publish→handle latency (p50/p99/p999, measured inside the plugin) at a fixed rate, 1 vs 1000
+//! topics with a subscription each, and the plugin lifecycle (upload→first call, restart→ready
+//! with N plugins).
 //! `--quick` shrinks everything to keep the harness working in CI; `WASMQ_BENCH_N` sets the
 //! message count, `WASMQ_BENCH_RATE` and `WASMQ_BENCH_SECS` the latency run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -145,6 +147,136 @@ async fn latency(rate: u64, secs: u64) -> Vec<u64> {
     samples
 }
 
+/// Waits until every subscription in `groups` has nothing left to do.
+async fn drained(s: &common::Server, groups: &[String]) {
+    for g in groups {
+        loop {
+            let st = s.get(&format!("/v1/subscriptions/{g}")).await;
+            if st["lag"] == 0 && st["in_flight"] == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// `total` messages spread over `topics` topics (one queue each), each topic with its own
+/// subscription through the no-op plugin; msgs/s from the first publish to the last ack.
+async fn many_topics(topics: usize, total: usize) -> f64 {
+    let s = common::Server::start_with(FlushMode::Async, |c| {
+        c.plugins.pool_instances = (topics as u32 + 64).max(256);
+    })
+    .await;
+    s.upload("echo", ECHO).await;
+    let mut groups = Vec::new();
+    for t in 0..topics {
+        s.put(&format!("/v1/topics/t{t}"), json!({"queues": 1}))
+            .await;
+        s.put(
+            &format!("/v1/subscriptions/g{t}"),
+            json!({"topic": format!("t{t}"), "plugin": "echo"}),
+        )
+        .await;
+        groups.push(format!("g{t}"));
+    }
+    let body = json!({"body": "x".repeat(254)});
+    let per_topic = (total / topics).max(1);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (http, url) = (s.http.clone(), s.url.clone());
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            for t in (w..topics).step_by(4) {
+                let mut left = per_topic;
+                while left > 0 {
+                    let k = left.min(100);
+                    let r = http
+                        .post(format!("{url}/v1/topics/t{t}/messages/batch"))
+                        .json(&json!({"messages": vec![body.clone(); k]}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+                    left -= k;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drained(&s, &groups).await;
+    let rate = (per_topic * topics) as f64 / started.elapsed().as_secs_f64();
+    s.stop().await;
+    rate
+}
+
+/// The same component made distinct (a custom section with `i`), so each upload compiles.
+fn variant(bytes: &[u8], i: usize) -> Vec<u8> {
+    let name = b"wasmq-bench";
+    let data = i.to_le_bytes();
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.push((1 + name.len() + data.len()) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Uploads `n` distinct plugins, each with a subscription; returns (mean upload→first
+/// handled message, restart→every subscription handled a new message), in ms.
+async fn lifecycle(n: usize) -> (f64, f64) {
+    let s = common::Server::start(FlushMode::Async).await;
+    let echo = std::fs::read(ECHO).unwrap();
+    let mut groups = Vec::new();
+    let mut upload_total = 0.0;
+    for i in 0..n {
+        s.put(&format!("/v1/topics/l{i}"), json!({"queues": 1}))
+            .await;
+        let t = Instant::now();
+        let r = s
+            .http
+            .put(format!("{}/v1/plugins/p{i}", s.url))
+            .body(variant(&echo, i))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "upload p{i}: {}", r.status());
+        s.put(
+            &format!("/v1/subscriptions/l{i}"),
+            json!({"topic": format!("l{i}"), "plugin": format!("p{i}")}),
+        )
+        .await;
+        publish_one(&s, &format!("l{i}")).await;
+        drained(&s, &[format!("l{i}")]).await;
+        upload_total += t.elapsed().as_secs_f64() * 1e3;
+        groups.push(format!("l{i}"));
+    }
+    let dir = s.stop_keep_dir().await;
+    let t = Instant::now();
+    let s = common::Server::start_in(dir, FlushMode::Async, |_| {}).await;
+    for i in 0..n {
+        publish_one(&s, &format!("l{i}")).await;
+    }
+    drained(&s, &groups).await;
+    let restart = t.elapsed().as_secs_f64() * 1e3;
+    s.stop().await;
+    (upload_total / n as f64, restart)
+}
+
+async fn publish_one(s: &common::Server, topic: &str) {
+    let r = s
+        .http
+        .post(format!("{}/v1/topics/{topic}/messages", s.url))
+        .json(&json!({"body": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+}
+
 fn pct(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -184,6 +316,10 @@ fn main() {
         rt.block_on(throughput(n, 4))
     };
     let lat = rt.block_on(latency(rate, secs));
+    let (topics_total, lifecycle_n) = if quick { (2_000, 3) } else { (100_000, 20) };
+    let one_topic = rt.block_on(many_topics(1, topics_total));
+    let thousand = rt.block_on(many_topics(if quick { 50 } else { 1000 }, topics_total));
+    let (upload_ms, restart_ms) = rt.block_on(lifecycle(lifecycle_n));
     println!(
         "\n{n} messages of 256 B, {} cores; client, broker and plugins share the machine\n",
         common::cores()
@@ -205,5 +341,17 @@ fn main() {
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         pct(&lat, 0.999)
+    );
+    println!("| {topics_total} msgs over 1 topic (1 subscription) | {one_topic:.0} msgs/s |");
+    println!(
+        "| {topics_total} msgs over {} topics (a subscription each) | {thousand:.0} msgs/s ({:.2}x 1 topic) |",
+        if quick { 50 } else { 1000 },
+        thousand / one_topic
+    );
+    println!(
+        "| upload→first message handled (compile, store, subscribe), mean of {lifecycle_n} | {upload_ms:.1} ms |"
+    );
+    println!(
+        "| restart→every one of {lifecycle_n} subscriptions handled a new message | {restart_ms:.1} ms |"
     );
 }

@@ -4,16 +4,13 @@
 //! second, to keep the harness working in CI; `WASMQ_BENCH_SECS` sets the full duration.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde_json::{Value, json};
 use wasmq::config::FlushMode;
 
 mod common;
 
-const BODY_BYTES: usize = 256;
+use common::BODY_BYTES;
 
 fn raw_rocksdb(dir: &std::path::Path, sync: bool, secs: f64) -> f64 {
     let mut opts = rocksdb::Options::default();
@@ -33,59 +30,6 @@ fn raw_rocksdb(dir: &std::path::Path, sync: bool, secs: f64) -> f64 {
         db.write_opt(batch, &wo).unwrap();
     }
     n as f64 / start.elapsed().as_secs_f64()
-}
-
-async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64) -> f64 {
-    let server = common::Server::start(flush).await;
-    let (http, url) = (server.http.clone(), server.url.clone());
-    server.put("/v1/topics/bench", json!({"queues": 4})).await;
-    // A JSON string body of exactly BODY_BYTES bytes, quotes included.
-    let one = json!({"body": "x".repeat(BODY_BYTES - 2)});
-    let (path, payload) = if batch == 1 {
-        (format!("{url}/v1/topics/bench/messages"), one)
-    } else {
-        let msgs: Vec<Value> = (0..batch).map(|_| one.clone()).collect();
-        (
-            format!("{url}/v1/topics/bench/messages/batch"),
-            json!({"messages": msgs}),
-        )
-    };
-    let payload = Arc::new(serde_json::to_vec(&payload).unwrap());
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, path, payload, done, stop) = (
-            http.clone(),
-            path.clone(),
-            payload.clone(),
-            done.clone(),
-            stop.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let r = http
-                    .post(&path)
-                    .header("content-type", "application/json")
-                    .body(payload.as_ref().clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-                let _ = r.bytes().await.unwrap();
-                done.fetch_add(batch as u64, Ordering::Relaxed);
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    server.stop().await;
-    rate
 }
 
 fn main() {
@@ -121,7 +65,7 @@ fn main() {
         (FlushMode::Async, raw_async, "async"),
     ] {
         for (batch, clients) in [(1usize, 64usize), (100, 8)] {
-            let rate = rt.block_on(http_publish(flush, batch, clients, secs));
+            let rate = rt.block_on(common::http_publish(flush, batch, clients, secs));
             let label = if batch == 1 { "single" } else { "batch-100" };
             rows.push((
                 format!("HTTP {label} publish, {name}, {clients} clients"),

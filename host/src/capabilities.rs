@@ -2,6 +2,7 @@
 //! gateway, and outbound HTTP to allow-listed origins (reqwest). Relay addresses and
 //! credentials live here; a plugin only sees whether its call worked.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::{Mailbox, MultiPart};
@@ -38,6 +39,8 @@ pub struct Capabilities {
     http: reqwest::Client,
     /// Calls by capability and result (ok, denied, invalid, unavailable, failed).
     pub calls: Family<CallLabels, Counter>,
+    /// What plugins log through the `log` import.
+    pub logs: Arc<crate::logs::PluginLogs>,
 }
 
 fn transient(e: impl std::fmt::Display) -> GuestError {
@@ -88,6 +91,7 @@ impl Capabilities {
             sms_auth: config.sms.auth_header.clone(),
             http,
             calls: Family::default(),
+            logs: Arc::default(),
         })
     }
 

@@ -71,6 +71,16 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub flush: FlushMode,
+    /// Open connections at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Request line plus headers, in bytes; more is a 431.
+    pub max_header_bytes: usize,
+    /// Header fields per request; more is a 431.
+    pub max_headers: usize,
+    /// Time to send a request's headers (and the idle time allowed between keep-alive requests).
+    pub header_timeout_ms: u64,
+    /// Time from a request's headers to its response, body upload included; past it, a 408.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +89,12 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             data_dir: PathBuf::from("./data"),
             flush: FlushMode::Sync,
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            header_timeout_ms: 10_000,
+            // Uploading and compiling a large (Python) component takes tens of seconds.
+            request_timeout_ms: 120_000,
         }
     }
 }
@@ -101,6 +117,10 @@ pub struct LimitsConfig {
     /// Publishing to a topic answers 429 while its slowest running subscription is this many
     /// messages behind (0 = no bound).
     pub max_backlog: u64,
+    /// Publishing answers 503 while the data directory holds this many bytes (0 = no quota).
+    pub max_disk_bytes: u64,
+    /// Publishing answers 503 while its filesystem has less than this free (0 = no floor).
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -113,6 +133,9 @@ impl Default for LimitsConfig {
             max_queues: 256,
             idempotency_window_ms: 24 * 3600 * 1000,
             max_backlog: 0,
+            max_disk_bytes: 0,
+            // Room for compactions, offsets and decisions to go on once producers are held.
+            min_free_disk_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`runtime`]: wasmtime engine, limits, plugin instances and the imports they call.
 //! - [`capabilities`]: email (SMTP), SMS (gateway) and allow-listed HTTP for plugins.
 //! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
+//! - [`disk`]: the disk quota that turns a filling disk into a retryable 503.
+//! - [`logs`]: plugin log lines: a bounded ring per plugin and live followers.
 //! - [`txn`]: transactional (half) messages and their check-back.
 //! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
 //! - [`http`]: the JSON API.
@@ -19,8 +21,10 @@ pub mod broker;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod disk;
 pub mod dispatch;
 pub mod http;
+pub mod logs;
 pub mod plugins;
 pub mod runtime;
 pub mod storage;
@@ -93,7 +97,19 @@ async fn serve(
     storage: Arc<dyn Storage>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let broker = Arc::new(Broker::new(storage.clone(), config.limits.clone()).await?);
+    let samplers = CancellationToken::new();
+    let disk = disk::DiskGuard::new(
+        &config.server.data_dir,
+        config.limits.max_disk_bytes,
+        config.limits.min_free_disk_bytes,
+    );
+    disk.spawn_sampler(samplers.clone());
+    let _stop_sampling = samplers.drop_guard();
+    let broker = Arc::new(
+        Broker::new(storage.clone(), config.limits.clone())
+            .await?
+            .with_disk_guard(disk),
+    );
     let capabilities = Arc::new(Capabilities::new(config)?);
     let runtime = Arc::new(Runtime::new(
         RuntimeConfig {
@@ -115,6 +131,7 @@ async fn serve(
     let transactions =
         Transactions::new(broker.clone(), plugins.clone(), config.transactions.clone()).await?;
     let checks = CancellationToken::new();
+    let closing = CancellationToken::new();
     let checker = tokio::spawn(transactions.clone().run(checks.clone()));
     let app = http::app(http::AppState {
         broker,
@@ -122,9 +139,14 @@ async fn serve(
         dispatcher: dispatcher.clone(),
         transactions,
         tokens: Arc::new(config.auth.tokens.clone()),
+        request_timeout: std::time::Duration::from_millis(config.server.request_timeout_ms),
+        closing: closing.clone(),
     });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let shutdown = async move {
+        shutdown.await;
+        closing.cancel();
+    };
+    let served = http::serve(listener, app, &config.server, shutdown)
         .await
         .context("HTTP server failed");
     // In-flight deliveries and checks finish, and their state is stored, before storage closes.

@@ -458,3 +458,89 @@ async fn restart_loads_the_stored_artifact_without_compiling() {
     );
     assert_eq!(metric(&s, "wasmq_plugin_artifact_loads").await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_logs_are_kept_paged_followed_and_capped_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("probe", PROBE).await;
+    let (st, v) = s.get("/v1/plugins/probe/logs").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["lines"], json!([]));
+    wasmq_tests::assert_error(
+        &s.get("/v1/plugins/nope/logs").await,
+        StatusCode::NOT_FOUND,
+        "unknown_plugin",
+    );
+    wasmq_tests::assert_error(
+        &s.get("/v1/plugins/probe/logs?limit=many").await,
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+    );
+
+    // A follower connected first sees the lines as they are logged.
+    let mut follow = s
+        .client
+        .get(format!("{}/v1/plugins/probe/logs?follow=true", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        follow.headers()["content-type"],
+        "application/x-ndjson",
+        "{:?}",
+        follow.headers()
+    );
+    let r = s.invoke("probe", json!({"do": "log", "lines": 3})).await;
+    assert_eq!(r["outcome"]["type"], "ack", "{r}");
+    let mut got = String::new();
+    while got.lines().filter(|l| !l.is_empty()).count() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), follow.chunk())
+            .await
+            .expect("no log line arrived")
+            .unwrap()
+            .unwrap();
+        got.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let lines: Vec<Value> = got
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["message"].clone())
+            .collect::<Vec<_>>(),
+        vec![
+            json!("log line 0"),
+            json!("log line 1"),
+            json!("log line 2")
+        ]
+    );
+    assert_eq!(lines[0]["level"], "info");
+    assert_eq!(lines[0]["plugin"], "probe");
+    assert!(lines[0]["message_id"].is_string(), "{}", lines[0]);
+    drop(follow);
+
+    // One call may log 100 lines; the rest are counted, not kept.
+    let r = s.invoke("probe", json!({"do": "log", "lines": 5000})).await;
+    assert_eq!(r["outcome"]["type"], "ack", "{r}");
+    let (_, v) = s.get("/v1/plugins/probe/logs?limit=1000").await;
+    let kept = v["lines"].as_array().unwrap();
+    assert_eq!(kept.len(), 3 + 100);
+    assert_eq!(v["dropped"], 4900);
+    assert!(
+        kept[102]["message"]
+            .as_str()
+            .unwrap()
+            .contains("log limit of 100 lines per call reached"),
+        "{}",
+        kept[102]
+    );
+    // Paging: from a seq on, with the next seq to ask for.
+    let (_, page) = s.get("/v1/plugins/probe/logs?since=1&limit=2").await;
+    assert_eq!(page["lines"][0]["seq"], 1);
+    assert_eq!(page["lines"][1]["message"], "log line 2");
+    assert_eq!(page["next"], 3);
+}

@@ -1,23 +1,43 @@
 //! What the benchmarks share: a real server on 127.0.0.1:0 over a temp dir.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
 use wasmq::config::{Config, FlushMode};
+
+/// Every workload's message size (a JSON string body of this many bytes, quotes included).
+pub const BODY_BYTES: usize = 256;
 
 pub struct Server {
     pub url: String,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
     pub async fn start(flush: FlushMode) -> Self {
+        Self::start_with(flush, |_| {}).await
+    }
+
+    /// A server with its config adjusted by `tune` (data dir and flush are set here).
+    pub async fn start_with(flush: FlushMode, tune: impl FnOnce(&mut Config)) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), flush, tune).await
+    }
+
+    /// A server over `dir` (kept by the server; [`Server::stop_keep_dir`] hands it back for a restart).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        flush: FlushMode,
+        tune: impl FnOnce(&mut Config),
+    ) -> Self {
         wasmq::capabilities::install_tls_provider();
-        let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
+        tune(&mut config);
         config.server.data_dir = dir.path().to_path_buf();
         config.server.flush = flush;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -38,7 +58,7 @@ impl Server {
             http,
             stop: Some(tx),
             handle: Some(handle),
-            _dir: dir,
+            dir,
         }
     }
 
@@ -77,16 +97,76 @@ impl Server {
         assert!(r.status().is_success(), "upload {name}: {}", r.status());
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_keep_dir().await;
+    }
+
+    /// Stops cleanly and hands back the data dir, for a restart.
+    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
         }
+        self.dir
     }
 }
 
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Publishes 256 B messages over HTTP from `clients` tasks for `secs`; returns messages/s.
+pub async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64) -> f64 {
+    let server = Server::start(flush).await;
+    let (http, url) = (server.http.clone(), server.url.clone());
+    server.put("/v1/topics/bench", json!({"queues": 4})).await;
+    // A JSON string body of exactly BODY_BYTES bytes, quotes included.
+    let one = json!({"body": "x".repeat(BODY_BYTES - 2)});
+    let (path, payload) = if batch == 1 {
+        (format!("{url}/v1/topics/bench/messages"), one)
+    } else {
+        let msgs: Vec<Value> = (0..batch).map(|_| one.clone()).collect();
+        (
+            format!("{url}/v1/topics/bench/messages/batch"),
+            json!({"messages": msgs}),
+        )
+    };
+    let payload = Arc::new(serde_json::to_vec(&payload).unwrap());
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (http, path, payload, done, stop) = (
+            http.clone(),
+            path.clone(),
+            payload.clone(),
+            done.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = http
+                    .post(&path)
+                    .header("content-type", "application/json")
+                    .body(payload.as_ref().clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+                let _ = r.bytes().await.unwrap();
+                done.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    server.stop().await;
+    rate
 }

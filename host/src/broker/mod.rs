@@ -47,6 +47,8 @@ pub enum BrokerError {
     InBatch { index: usize, source: EnvelopeError },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    DiskFull(#[from] crate::disk::DiskFull),
 }
 
 /// What an idempotency key remembers.
@@ -110,6 +112,8 @@ pub struct Broker {
     storage: Arc<dyn Storage>,
     limits: LimitsConfig,
     topics: std::sync::RwLock<HashMap<String, Arc<CachedTopic>>>,
+    /// Producers are held while the disk is (nearly) full; delivery goes on.
+    disk: Option<Arc<crate::disk::DiskGuard>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -160,7 +164,18 @@ impl Broker {
             storage,
             limits,
             topics: std::sync::RwLock::new(topics),
+            disk: None,
         })
+    }
+
+    /// Refuses publishes (not deliveries or transaction decisions) while `guard` says full.
+    pub fn with_disk_guard(mut self, guard: Arc<crate::disk::DiskGuard>) -> Self {
+        self.disk = Some(guard);
+        self
+    }
+
+    pub fn disk(&self) -> Option<&Arc<crate::disk::DiskGuard>> {
+        self.disk.as_ref()
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -326,6 +341,9 @@ impl Broker {
 
     fn topic_for_publish(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
         validate_topic_name(name)?;
+        if let Some(disk) = &self.disk {
+            disk.check()?;
+        }
         self.cached(name)
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
     }

@@ -1,6 +1,6 @@
 //! A small client for the HTTP API that turns error bodies into readable messages.
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow};
 use serde_json::Value;
 
 pub struct Client {
@@ -53,6 +53,27 @@ impl Client {
         .await
     }
 
+    /// A GET whose body is read as it arrives (a log follow); errors as in the JSON calls.
+    pub async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach wasmq at {} (is `wasmq serve` running?)",
+                    self.base
+                )
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.context("cannot read the response")?;
+        Err(failure(status, &text))
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -66,16 +87,21 @@ impl Client {
         })?;
         let status = resp.status();
         let text = resp.text().await.context("cannot read the response")?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
-            return Ok(value);
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)));
         }
-        match (
-            value["error"]["code"].as_str(),
-            value["error"]["message"].as_str(),
-        ) {
-            (Some(code), Some(msg)) => bail!("{msg} ({code}, HTTP {})", status.as_u16()),
-            _ => bail!("HTTP {status}: {value}"),
-        }
+        Err(failure(status, &text))
+    }
+}
+
+/// An error answer as one readable line: the server's message and code.
+fn failure(status: reqwest::StatusCode, text: &str) -> anyhow::Error {
+    let value: Value = serde_json::from_str(text).unwrap_or(Value::String(text.to_string()));
+    match (
+        value["error"]["code"].as_str(),
+        value["error"]["message"].as_str(),
+    ) {
+        (Some(code), Some(msg)) => anyhow!("{msg} ({code}, HTTP {})", status.as_u16()),
+        _ => anyhow!("HTTP {status}: {value}"),
     }
 }

@@ -57,6 +57,18 @@ enum Command {
     /// Show, list and decide transactions.
     #[command(subcommand)]
     Txn(TxnCommand),
+    /// Show a plugin's recent log lines; `--follow` keeps printing new ones.
+    Logs {
+        name: String,
+        #[arg(long, short)]
+        follow: bool,
+        /// How many recent lines to show first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print each line as the server's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish one message. BODY is JSON if it parses as JSON, else raw bytes; `-` reads stdin.
     Publish {
         topic: String,
@@ -279,6 +291,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Plugin(cmd) => plugin(&client, cmd).await,
+        Command::Logs {
+            name,
+            follow,
+            limit,
+            json,
+        } => logs(&client, &name, follow, limit, json).await,
         Command::Sub(cmd) => sub(&client, cmd).await,
         Command::Txn(cmd) => match cmd {
             TxnCommand::Show { id } => print(&client.get(&format!("/v1/transactions/{id}")).await?),
@@ -542,6 +560,77 @@ fn body_field(arg: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
 fn print(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+async fn logs(
+    client: &Client,
+    name: &str,
+    follow: bool,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let show = |line: &Value| {
+        if json {
+            println!("{line}");
+        } else if line.get("seq").is_some() {
+            println!("{}", log_line(line));
+        } else if let Some(n) = line["skipped"].as_u64() {
+            println!("… {n} lines skipped (this client fell behind)");
+        }
+    };
+    if !follow {
+        let page = client
+            .get(&format!("/v1/plugins/{name}/logs?limit={limit}"))
+            .await?;
+        for line in page["lines"].as_array().into_iter().flatten() {
+            show(line);
+        }
+        if let Some(n) = page["dropped"].as_u64().filter(|n| *n > 0) {
+            eprintln!("({n} lines were dropped by the per-call log limit)");
+        }
+        return Ok(());
+    }
+    let mut resp = client
+        .get_stream(&format!(
+            "/v1/plugins/{name}/logs?limit={limit}&follow=true"
+        ))
+        .await?;
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.context("the log stream broke off")? {
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                show(&v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `seq time level group/instance [message id] text`, one line per log line.
+fn log_line(v: &Value) -> String {
+    let at = v["at"].as_u64().unwrap_or(0);
+    let secs = at / 1000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60,
+        at % 1000
+    );
+    let message_id = v["message_id"]
+        .as_str()
+        .map(|m| format!(" [{m}]"))
+        .unwrap_or_default();
+    format!(
+        "{:>6} {time} {:<5} {}/{}{message_id} {}",
+        v["seq"],
+        v["level"].as_str().unwrap_or("?").to_uppercase(),
+        v["group"].as_str().unwrap_or(""),
+        v["instance"],
+        v["message"].as_str().unwrap_or("")
+    )
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

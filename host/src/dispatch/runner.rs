@@ -250,7 +250,7 @@ impl Member {
             dead_at: now_ms(),
         };
         let space = state::dlq_space(&self.group);
-        tracing::warn!(group = %self.group, message = %dl.message_id, reason = %dl.reason, "dead-lettered");
+        tracing::info!(group = %self.group, message = %dl.message_id, reason = %dl.reason, "dead-lettered");
         let key = dl.key();
         self.persist("a dead letter", || {
             state::put(self.storage.as_ref(), &space, &key, &dl)

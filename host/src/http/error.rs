@@ -34,7 +34,7 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
-    fn internal(err: impl std::fmt::Display) -> Self {
+    pub fn internal(err: impl std::fmt::Display) -> Self {
         // Details go to the log, not to the client.
         tracing::error!(error = %err, "internal error");
         Self::new(
@@ -110,6 +110,9 @@ impl From<BrokerError> for ApiError {
                 Self::new(inner.status, inner.code, msg)
             }
             BrokerError::Storage(e) => e.into(),
+            BrokerError::DiskFull(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "disk_full", msg).retry_after(5)
+            }
         }
     }
 }

@@ -4,6 +4,7 @@ mod auth;
 mod error;
 mod messages;
 mod plugins;
+mod serve;
 mod subscriptions;
 mod topics;
 mod transactions;
@@ -21,6 +22,7 @@ use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
 use crate::txn::Transactions;
 pub use error::ApiError;
+pub use serve::serve;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -30,6 +32,10 @@ pub struct AppState {
     pub transactions: Arc<Transactions>,
     /// Bearer tokens; none = open API (loopback only).
     pub tokens: Arc<Vec<crate::config::TokenConfig>>,
+    /// Past this, a request is answered 408 (a slow upload cannot hold a handler forever).
+    pub request_timeout: std::time::Duration,
+    /// Cancelled when the server begins to shut down: open streams end.
+    pub closing: tokio_util::sync::CancellationToken,
 }
 
 /// The whole API; tests and the server both build it here.
@@ -65,6 +71,7 @@ pub fn app(state: AppState) -> Router {
                 .delete(plugins::delete),
         )
         .route("/v1/plugins/{name}/invoke", post(plugins::invoke))
+        .route("/v1/plugins/{name}/logs", get(plugins::logs))
         .route("/v1/subscriptions", get(subscriptions::list))
         .route(
             "/v1/subscriptions/{group}",
@@ -94,6 +101,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            deadline,
         ))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
@@ -129,6 +140,27 @@ async fn json_errors(resp: axum::response::Response) -> axum::response::Response
         text
     };
     ApiError::new(status, code, message).into_response()
+}
+
+/// Bounds the time to a response; a streamed response body (log follow) is not cut by it.
+async fn deadline(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "no response within {} ms (was the body sent too slowly?)",
+                state.request_timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 async fn healthz() -> axum::Json<serde_json::Value> {

@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -115,6 +116,7 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let user = state.dispatcher.plugin_user(&name).await?;
     state.plugins.delete(&name, user).await?;
+    state.plugins.runtime().capabilities().logs.remove(&name);
     Ok(Json(json!({ "deleted": name })))
 }
 
@@ -198,4 +200,103 @@ pub async fn invoke(
             "failure": {"kind": e.kind(), "message": e.to_string()},
         }),
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// The first `seq` wanted; without it, the newest `limit` lines.
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default = "default_log_limit")]
+    limit: usize,
+    /// Keep the response open and stream new lines as NDJSON.
+    #[serde(default)]
+    follow: bool,
+}
+
+fn default_log_limit() -> usize {
+    100
+}
+
+/// How often a quiet follow stream sends a blank line (so a gone client is noticed).
+const FOLLOW_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A plugin's recent log lines, or (`follow=true`) an NDJSON stream of them that stays open.
+pub async fn logs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    state.plugins.get(&name).await?;
+    let logs = state.plugins.runtime().capabilities().logs.clone();
+    let limit = q.limit.clamp(1, crate::logs::RING_LINES);
+    if !q.follow {
+        return Ok(Json(logs.page(&name, q.since, limit)).into_response());
+    }
+    // Subscribe before reading the ring, so no line falls between the two.
+    let live = logs
+        .follow(&name)
+        .ok_or_else(|| ApiError::internal("the log store is unavailable"))?;
+    let page = logs.page(&name, q.since, limit);
+    let backlog: Vec<bytes::Bytes> = page.lines.iter().filter_map(|l| ndjson(l)).collect();
+    let state = FollowState {
+        live,
+        next: page.next,
+        closing: state.closing.clone(),
+    };
+    let stream = futures::stream::iter(backlog.into_iter().map(Ok::<_, std::io::Error>)).chain(
+        futures::stream::unfold(state, |mut s| async move {
+            let line = s.next_line().await?;
+            Some((Ok(line), s))
+        }),
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+struct FollowState {
+    live: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::logs::LogLine>>,
+    /// Lines before this were sent already.
+    next: u64,
+    closing: tokio_util::sync::CancellationToken,
+}
+
+impl FollowState {
+    /// The next chunk to send; `None` ends the stream (server closing, plugin log gone).
+    async fn next_line(&mut self) -> Option<bytes::Bytes> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let got = tokio::select! {
+                () = self.closing.cancelled() => return None,
+                got = tokio::time::timeout(FOLLOW_HEARTBEAT, self.live.recv()) => got,
+            };
+            match got {
+                Err(_) => return Some(bytes::Bytes::from_static(b"\n")),
+                Ok(Ok(line)) if line.seq < self.next => continue,
+                Ok(Ok(line)) => {
+                    self.next = line.seq + 1;
+                    if let Some(b) = ndjson(&line) {
+                        return Some(b);
+                    }
+                }
+                Ok(Err(RecvError::Lagged(n))) => {
+                    let note = json!({"skipped": n}).to_string() + "\n";
+                    return Some(bytes::Bytes::from(note));
+                }
+                Ok(Err(RecvError::Closed)) => return None,
+            }
+        }
+    }
+}
+
+fn ndjson(line: &crate::logs::LogLine) -> Option<bytes::Bytes> {
+    let mut v = serde_json::to_vec(line).ok()?;
+    v.push(b'\n');
+    Some(v.into())
 }

@@ -134,6 +134,10 @@ pub struct HostState {
     caps: Arc<Capabilities>,
     /// Denied calls so far; logged at 1, 2, 4, 8, … so a flood cannot flood the log.
     denials: u64,
+    /// The message the current call is about (log lines carry it).
+    pub message_id: Option<String>,
+    /// Lines the current call has logged, against [`crate::logs::LINES_PER_CALL`].
+    pub lines_this_call: u32,
 }
 
 impl HostState {
@@ -156,6 +160,8 @@ impl HostState {
             ctx,
             caps,
             denials: 0,
+            message_id: None,
+            lines_this_call: 0,
         }
     }
 
@@ -210,7 +216,20 @@ impl types::Host for HostState {}
 
 impl log::Host for HostState {
     async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        use crate::logs::{LINES_PER_CALL, NewLine};
+        self.lines_this_call = self.lines_this_call.saturating_add(1);
+        let logs = &self.caps.logs;
+        let c = &self.ctx;
+        if self.lines_this_call > LINES_PER_CALL {
+            logs.dropped(&c.plugin, 1);
+            return Ok(());
+        }
         let mut message = message;
+        if self.lines_this_call == LINES_PER_CALL {
+            message = format!(
+                "(log limit of {LINES_PER_CALL} lines per call reached; later lines of this call are dropped) {message}"
+            );
+        }
         if message.len() > MAX_LOG_LINE {
             let mut cut = MAX_LOG_LINE;
             while !message.is_char_boundary(cut) {
@@ -219,22 +238,42 @@ impl log::Host for HostState {
             message.truncate(cut);
             message.push('…');
         }
-        let (plugin, group) = (&self.ctx.plugin, &self.ctx.group);
+        let level_name = match level {
+            log::Level::Trace => "trace",
+            log::Level::Debug => "debug",
+            log::Level::Info => "info",
+            log::Level::Warn => "warn",
+            log::Level::Error => "error",
+        };
+        let trace = logs.push(NewLine {
+            level: level_name,
+            plugin: &c.plugin,
+            version: c.version,
+            group: &c.group,
+            instance: c.instance_index,
+            message_id: self.message_id.as_deref(),
+            message: message.clone(),
+        });
+        if !trace {
+            return Ok(());
+        }
+        let (plugin, group) = (&c.plugin, &c.group);
+        let message_id = self.message_id.as_deref().unwrap_or("");
         match level {
             log::Level::Trace => {
-                tracing::trace!(target: "wasmq::plugin", %plugin, %group, "{message}")
+                tracing::trace!(target: "wasmq::plugin", %plugin, %group, %message_id, "{message}")
             }
             log::Level::Debug => {
-                tracing::debug!(target: "wasmq::plugin", %plugin, %group, "{message}")
+                tracing::debug!(target: "wasmq::plugin", %plugin, %group, %message_id, "{message}")
             }
             log::Level::Info => {
-                tracing::info!(target: "wasmq::plugin", %plugin, %group, "{message}")
+                tracing::info!(target: "wasmq::plugin", %plugin, %group, %message_id, "{message}")
             }
             log::Level::Warn => {
-                tracing::warn!(target: "wasmq::plugin", %plugin, %group, "{message}")
+                tracing::warn!(target: "wasmq::plugin", %plugin, %group, %message_id, "{message}")
             }
             log::Level::Error => {
-                tracing::error!(target: "wasmq::plugin", %plugin, %group, "{message}")
+                tracing::error!(target: "wasmq::plugin", %plugin, %group, %message_id, "{message}")
             }
         }
         Ok(())
@@ -346,7 +385,11 @@ impl publish::Host for HostState {
         Ok(
             match self.ctx.broker.publish(&message.topic, envelope).await {
                 Ok(a) => Ok(a.id.to_string()),
-                Err(e @ crate::broker::BrokerError::Storage(_)) => Err(unavailable(e)),
+                // Transient: the plugin's message is retried rather than rejected.
+                Err(
+                    e @ (crate::broker::BrokerError::Storage(_)
+                    | crate::broker::BrokerError::DiskFull(_)),
+                ) => Err(unavailable(e)),
                 Err(e) => Err(GuestError::Invalid(e.to_string())),
             },
         )

@@ -406,10 +406,12 @@ impl PluginInstance {
         !self.broken
     }
 
-    fn start_call(&mut self) {
+    fn start_call(&mut self, message_id: &str) {
         self.calls.inc();
         let state = self.store.data_mut();
         state.ticks_used = 0;
+        state.lines_this_call = 0;
+        state.message_id = Some(message_id.to_string());
         self.store.set_epoch_deadline(1);
     }
 
@@ -424,7 +426,7 @@ impl PluginInstance {
         let Some(guest) = self.consumer.clone() else {
             return Err(InvokeError::MissingExport(CONSUMER_EXPORT));
         };
-        self.start_call();
+        self.start_call(&message.id);
         let r = guest.call_handle(&mut self.store, message).await;
         self.finish(r)
     }
@@ -436,7 +438,7 @@ impl PluginInstance {
         let Some(guest) = self.checker.clone() else {
             return Err(InvokeError::MissingExport(CHECKER_EXPORT));
         };
-        self.start_call();
+        self.start_call(&message.id);
         let r = guest.call_check_transaction(&mut self.store, message).await;
         self.finish(r)
     }

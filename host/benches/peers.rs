@@ -1,0 +1,564 @@
+//! wasmq beside Redis Streams and NATS JetStream, in one run on one machine: durable and relaxed
+//! batch publish, publish+consume end to end (1 and 4 consumers, an ack per message) and
+//! fan-out to 4 consumers. The peers are real servers (`redis-server`, `nats-server -js`) started
+//! here on 127.0.0.1 with their data in a temp dir; their clients are Rust (redis-rs,
+//! async-nats), as wasmq's is (reqwest over HTTP).
+//!
+//! Durability is matched as closely as the peers allow: wasmq `sync` (fsync per group commit)
+//! beside Redis `appendfsync always`; wasmq `async` beside Redis `everysec`. nats-server 2.9
+//! has no `sync_interval`: JetStream acknowledges once the write reached the OS and fsyncs its
+//! files every 2 minutes, so it is "relaxed" in both tables.
+//!
+//! `--quick` runs tiny sizes to keep the harness working in CI (it skips a peer whose server
+//! binary is missing, saying so); `WASMQ_BENCH_N` sets the end-to-end message count (default
+//! 1 000 000), `WASMQ_BENCH_SECS` the publish duration.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use serde_json::json;
+use tokio::process::{Child, Command};
+use wasmq::config::FlushMode;
+use wasmq_tests::plugins::ECHO;
+
+use common::BODY_BYTES;
+
+const BATCH: usize = 100;
+const PUBLISHERS: usize = 4;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn payload() -> Bytes {
+    Bytes::from(vec![b'x'; BODY_BYTES])
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing listens on port {port}");
+}
+
+fn have(bin: &str) -> bool {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `round` (which publishes `BATCH` messages) over and over on each worker's state until
+/// `secs` pass; msgs/s over all workers.
+async fn timed<W, F, Fut>(secs: f64, workers: Vec<W>, round: F) -> f64
+where
+    W: Send + 'static,
+    F: Fn(W) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = W> + Send,
+{
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|mut w| {
+            let (done, stop, round) = (done.clone(), stop.clone(), round.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    w = round(w).await;
+                    done.fetch_add(BATCH as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------- Redis Streams
+
+struct Redis {
+    _child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// `fsync`: "always" or "everysec" (AOF on, no RDB snapshots).
+    async fn start(fsync: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", fsync])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        wait_for_port(port).await;
+        Redis {
+            _child: child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    async fn connect(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.port)).unwrap();
+        // redis-rs times replies out after 500 ms by default: too short under fsync=always.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap()
+    }
+
+    /// `n` XADDs to `stream`, pipelined `BATCH` per round trip.
+    async fn xadd(con: &mut redis::aio::MultiplexedConnection, stream: &str, n: usize) {
+        let body = payload();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(BATCH);
+            let mut pipe = redis::pipe();
+            for _ in 0..k {
+                pipe.cmd("XADD")
+                    .arg(stream)
+                    .arg("*")
+                    .arg("b")
+                    .arg(body.as_ref())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut *con).await.unwrap();
+            left -= k;
+        }
+    }
+
+    /// Pipelined XADD of `BATCH` per round trip from `PUBLISHERS` connections, for `secs`.
+    async fn publish_rate(&self, secs: f64) -> f64 {
+        let mut cons = Vec::new();
+        for _ in 0..PUBLISHERS {
+            cons.push(self.connect().await);
+        }
+        timed(secs, cons, |mut con| async move {
+            Redis::xadd(&mut con, "rate", BATCH).await;
+            con
+        })
+        .await
+    }
+
+    /// `groups` consumer groups of `consumers` each read `n` messages (XREADGROUP COUNT 100,
+    /// then one XACK for the ids read) while they are being published; msgs/s of `n`.
+    async fn end_to_end(&self, n: usize, groups: usize, consumers: usize) -> f64 {
+        let stream = format!("e2e-{groups}-{consumers}");
+        let mut con = self.connect().await;
+        for g in 0..groups {
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(format!("g{g}"))
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async::<()>(&mut con)
+                .await
+                .unwrap();
+        }
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for g in 0..groups {
+            let consumed = Arc::new(AtomicU64::new(0));
+            for c in 0..consumers {
+                let mut con = self.connect().await;
+                let (stream, consumed) = (stream.clone(), consumed.clone());
+                tasks.push(tokio::spawn(async move {
+                    while consumed.load(Ordering::Relaxed) < n as u64 {
+                        let reply: Option<redis::streams::StreamReadReply> =
+                            redis::cmd("XREADGROUP")
+                                .arg("GROUP")
+                                .arg(format!("g{g}"))
+                                .arg(format!("c{c}"))
+                                .arg("COUNT")
+                                .arg(BATCH)
+                                .arg("BLOCK")
+                                .arg(50)
+                                .arg("STREAMS")
+                                .arg(&stream)
+                                .arg(">")
+                                .query_async(&mut con)
+                                .await
+                                .unwrap();
+                        let ids: Vec<String> = reply
+                            .into_iter()
+                            .flat_map(|r| r.keys)
+                            .flat_map(|k| k.ids)
+                            .map(|i| i.id)
+                            .collect();
+                        if ids.is_empty() {
+                            continue;
+                        }
+                        redis::cmd("XACK")
+                            .arg(&stream)
+                            .arg(format!("g{g}"))
+                            .arg(&ids)
+                            .query_async::<()>(&mut con)
+                            .await
+                            .unwrap();
+                        consumed.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    }
+                }));
+            }
+        }
+        Redis::xadd(&mut con, &stream, n).await;
+        for t in tasks {
+            t.await.unwrap();
+        }
+        n as f64 / started.elapsed().as_secs_f64()
+    }
+}
+
+// ---------------------------------------------------------------- NATS JetStream
+
+struct Nats {
+    _child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server");
+        wait_for_port(port).await;
+        Nats {
+            _child: child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(&self.url).await.unwrap();
+        async_nats::jetstream::new(client)
+    }
+
+    async fn stream(&self, name: &str) -> async_nats::jetstream::Context {
+        let js = self.jetstream().await;
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_string(),
+            subjects: vec![name.to_string()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js
+    }
+
+    /// Publishes `BATCH` messages, then waits for their acks; repeated.
+    async fn publish(js: &async_nats::jetstream::Context, subject: &str, n: usize) {
+        let body = payload();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(BATCH);
+            let mut acks = Vec::with_capacity(k);
+            for _ in 0..k {
+                acks.push(js.publish(subject.to_string(), body.clone()).await.unwrap());
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+            left -= k;
+        }
+    }
+
+    async fn publish_rate(&self, secs: f64) -> f64 {
+        self.stream("rate").await;
+        let mut contexts = Vec::new();
+        for _ in 0..PUBLISHERS {
+            contexts.push(self.jetstream().await);
+        }
+        timed(secs, contexts, |js| async move {
+            Nats::publish(&js, "rate", BATCH).await;
+            js
+        })
+        .await
+    }
+
+    /// `groups` durable pull consumers, each drained by `consumers` tasks acking every message,
+    /// while `n` messages are being published; msgs/s of `n`.
+    async fn end_to_end(&self, n: usize, groups: usize, consumers: usize) -> f64 {
+        use async_nats::jetstream::consumer::{AckPolicy, pull};
+        let name = format!("e2e-{groups}-{consumers}");
+        let js = self.stream(&name).await;
+        let stream = js.get_stream(&name).await.unwrap();
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for g in 0..groups {
+            let consumer: pull::Stream = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(format!("g{g}")),
+                    ack_policy: AckPolicy::Explicit,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .messages()
+                .await
+                .unwrap();
+            // Consumers of one group share its message stream, as competing pullers would.
+            let consumed = Arc::new(AtomicU64::new(0));
+            let shared = Arc::new(tokio::sync::Mutex::new(consumer));
+            for _ in 0..consumers {
+                let (shared, consumed) = (shared.clone(), consumed.clone());
+                tasks.push(tokio::spawn(async move {
+                    while consumed.load(Ordering::Relaxed) < n as u64 {
+                        let next = {
+                            let mut s = shared.lock().await;
+                            tokio::time::timeout(Duration::from_millis(50), s.next()).await
+                        };
+                        let Ok(Some(Ok(m))) = next else { continue };
+                        m.ack().await.unwrap();
+                        consumed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
+            }
+        }
+        Nats::publish(&js, &name, n).await;
+        for t in tasks {
+            t.await.unwrap();
+        }
+        n as f64 / started.elapsed().as_secs_f64()
+    }
+}
+
+// ---------------------------------------------------------------- wasmq
+
+/// A subscription through the no-op `echo` plugin (`instances`, clustering or broadcast) on a
+/// topic with 8 queues, created before `n` messages are published in batches of 100;
+/// msgs/s of `n` until every instance acked everything.
+async fn wasmq_end_to_end(n: usize, instances: u32, broadcast: bool) -> f64 {
+    let s = common::Server::start(FlushMode::Async).await;
+    s.put("/v1/topics/bench", json!({"queues": 8})).await;
+    s.upload("echo", ECHO).await;
+    let mode = if broadcast { "broadcast" } else { "clustering" };
+    s.put(
+        "/v1/subscriptions/drain",
+        json!({"topic": "bench", "plugin": "echo", "instances": instances, "mode": mode,
+               "max_in_flight": 1024}),
+    )
+    .await;
+    let body = json!({"body": "x".repeat(BODY_BYTES - 2)});
+    let batch = serde_json::to_vec(&json!({"messages": vec![body; BATCH]})).unwrap();
+    let url = format!("{}/v1/topics/bench/messages/batch", s.url);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let batches = n / BATCH;
+    for p in 0..PUBLISHERS {
+        let (http, url, batch) = (s.http.clone(), url.clone(), batch.clone());
+        let mine = batches / PUBLISHERS + usize::from(p < batches % PUBLISHERS);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..mine {
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(batch.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    loop {
+        let st = s.get("/v1/subscriptions/drain").await;
+        if st["lag"] == 0 && st["in_flight"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = (batches * BATCH) as f64 / started.elapsed().as_secs_f64();
+    s.stop().await;
+    rate
+}
+
+// ---------------------------------------------------------------- report
+
+struct Row {
+    workload: String,
+    wasmq: f64,
+    redis: Option<f64>,
+    nats: Option<f64>,
+}
+
+fn cell(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{v:.0}"))
+}
+
+fn ratio(w: f64, p: Option<f64>) -> String {
+    p.filter(|p| *p > 0.0)
+        .map_or("–".into(), |p| format!("{:.2}x", w / p))
+}
+
+fn version(bin: &str) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "not installed".into())
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n: usize = if quick {
+        2_000
+    } else {
+        env_or("WASMQ_BENCH_N", 1_000_000)
+    };
+    let secs: f64 = if quick {
+        0.3
+    } else {
+        env_or("WASMQ_BENCH_SECS", 5.0)
+    };
+    let (with_redis, with_nats) = (have("redis-server"), have("nats-server"));
+    if !with_redis || !with_nats {
+        eprintln!(
+            "peers: redis-server {} nats-server {}; missing peers are skipped (bash .ci/bench installs them)",
+            if with_redis { "found" } else { "missing" },
+            if with_nats { "found" } else { "missing" }
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    rt.block_on(async {
+        for (flush, fsync, label) in [
+            (
+                FlushMode::Sync,
+                "always",
+                "durable: wasmq sync / Redis always / NATS*",
+            ),
+            (
+                FlushMode::Async,
+                "everysec",
+                "relaxed: wasmq async / Redis everysec / NATS",
+            ),
+        ] {
+            let wasmq = common::http_publish(flush, BATCH, PUBLISHERS, secs).await;
+            let redis = if with_redis {
+                Some(Redis::start(fsync).await.publish_rate(secs).await)
+            } else {
+                None
+            };
+            let nats = if with_nats {
+                Some(Nats::start().await.publish_rate(secs).await)
+            } else {
+                None
+            };
+            rows.push(Row {
+                workload: format!("publish batch-100, {PUBLISHERS} clients ({label})"),
+                wasmq,
+                redis,
+                nats,
+            });
+        }
+        for (groups, consumers, what) in [
+            (1, 1, "publish + consume with acks, 1 consumer"),
+            (1, 4, "publish + consume with acks, 4 consumers"),
+            (4, 1, "fan-out: every message to 4 consumers (broadcast)"),
+        ] {
+            let wasmq = if groups == 1 {
+                wasmq_end_to_end(n, consumers as u32, false).await
+            } else {
+                wasmq_end_to_end(n, groups as u32, true).await
+            };
+            let redis = if with_redis {
+                let r = Redis::start("everysec").await;
+                Some(r.end_to_end(n, groups, consumers).await)
+            } else {
+                None
+            };
+            let nats = if with_nats {
+                let s = Nats::start().await;
+                Some(s.end_to_end(n, groups, consumers).await)
+            } else {
+                None
+            };
+            rows.push(Row {
+                workload: format!("{what}, {n} msgs (relaxed flush)"),
+                wasmq,
+                redis,
+                nats,
+            });
+        }
+    });
+    println!(
+        "\n### wasmq beside Redis Streams and NATS JetStream\n\n{BODY_BYTES} B messages, {} cores; clients, brokers and plugins share the machine. {}; {}.\n",
+        common::cores(),
+        version("redis-server"),
+        version("nats-server")
+    );
+    println!(
+        "| workload (msgs/s) | wasmq | Redis Streams | NATS JetStream | wasmq/Redis | wasmq/NATS |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} |",
+            r.workload,
+            r.wasmq,
+            cell(r.redis),
+            cell(r.nats),
+            ratio(r.wasmq, r.redis),
+            ratio(r.wasmq, r.nats)
+        );
+    }
+    println!(
+        "\n*nats-server 2.9 has no `sync_interval`: JetStream acks after the OS write and fsyncs every 2 min, so its rows are never fsync-per-ack. End-to-end rows: wasmq runs a WASM plugin per message and acks each one (offsets committed in RocksDB); Redis acks each read batch with one XACK; NATS acks every message."
+    );
+}

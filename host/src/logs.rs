@@ -1,0 +1,244 @@
+//! Plugin logs: a bounded ring of recent lines per plugin, live followers, and the caps that
+//! keep a plugin that logs without end from flooding memory or the server's own log.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// Lines kept per plugin.
+pub const RING_LINES: usize = 1000;
+/// Lines one call may log; later lines of the call are dropped (and counted).
+pub const LINES_PER_CALL: u32 = 100;
+/// Lines per plugin per second that also go to the server's log (all go to the ring).
+const TRACED_PER_SECOND: u32 = 50;
+/// Followers that fall this far behind skip ahead (they are told how many lines they missed).
+const FOLLOW_BUFFER: usize = 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogLine {
+    /// Position in this plugin's log since the server started; `since` takes it.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    pub level: &'static str,
+    pub plugin: String,
+    pub version: u32,
+    pub group: String,
+    pub instance: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    pub message: String,
+}
+
+/// What one call logs; `seq` and `at` are filled in by [`PluginLogs::push`].
+#[derive(Debug)]
+pub struct NewLine<'a> {
+    pub level: &'static str,
+    pub plugin: &'a str,
+    pub version: u32,
+    pub group: &'a str,
+    pub instance: u32,
+    pub message_id: Option<&'a str>,
+    pub message: String,
+}
+
+struct Ring {
+    lines: VecDeque<Arc<LogLine>>,
+    next_seq: u64,
+    /// Lines not kept because a call passed [`LINES_PER_CALL`].
+    dropped: u64,
+    live: broadcast::Sender<Arc<LogLine>>,
+    trace_second: u64,
+    traced_in_second: u32,
+}
+
+impl Ring {
+    fn new() -> Self {
+        Self {
+            lines: VecDeque::new(),
+            next_seq: 0,
+            dropped: 0,
+            live: broadcast::channel(FOLLOW_BUFFER).0,
+            trace_second: 0,
+            traced_in_second: 0,
+        }
+    }
+}
+
+/// A page of a plugin's log.
+#[derive(Debug, Serialize)]
+pub struct LogPage {
+    pub lines: Vec<Arc<LogLine>>,
+    /// Lines dropped by the per-call cap since the server started.
+    pub dropped: u64,
+    /// `since` for the next page.
+    pub next: u64,
+}
+
+#[derive(Default)]
+pub struct PluginLogs {
+    rings: Mutex<HashMap<String, Ring>>,
+}
+
+impl std::fmt::Debug for PluginLogs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginLogs").finish_non_exhaustive()
+    }
+}
+
+impl PluginLogs {
+    /// Keeps a line; returns whether it should also go to the server's log (a per-second cap).
+    pub fn push(&self, line: NewLine<'_>) -> bool {
+        let at = crate::broker::now_ms();
+        let Ok(mut rings) = self.rings.lock() else {
+            return false;
+        };
+        let ring = rings
+            .entry(line.plugin.to_string())
+            .or_insert_with(Ring::new);
+        let kept = Arc::new(LogLine {
+            seq: ring.next_seq,
+            at,
+            level: line.level,
+            plugin: line.plugin.to_string(),
+            version: line.version,
+            group: line.group.to_string(),
+            instance: line.instance,
+            message_id: line.message_id.map(str::to_string),
+            message: line.message,
+        });
+        ring.next_seq += 1;
+        if ring.lines.len() == RING_LINES {
+            ring.lines.pop_front();
+        }
+        ring.lines.push_back(kept.clone());
+        // No follower is not an error.
+        let _ = ring.live.send(kept);
+        let second = at / 1000;
+        if ring.trace_second != second {
+            ring.trace_second = second;
+            ring.traced_in_second = 0;
+        }
+        ring.traced_in_second += 1;
+        ring.traced_in_second <= TRACED_PER_SECOND
+    }
+
+    /// Counts lines a call could not log.
+    pub fn dropped(&self, plugin: &str, n: u64) {
+        if let Ok(mut rings) = self.rings.lock() {
+            rings
+                .entry(plugin.to_string())
+                .or_insert_with(Ring::new)
+                .dropped += n;
+        }
+    }
+
+    /// Up to `limit` lines from `since` on (the newest ones when `since` is none).
+    pub fn page(&self, plugin: &str, since: Option<u64>, limit: usize) -> LogPage {
+        let Ok(rings) = self.rings.lock() else {
+            return LogPage {
+                lines: Vec::new(),
+                dropped: 0,
+                next: 0,
+            };
+        };
+        let Some(ring) = rings.get(plugin) else {
+            return LogPage {
+                lines: Vec::new(),
+                dropped: 0,
+                next: 0,
+            };
+        };
+        let lines: Vec<_> = match since {
+            Some(s) => ring
+                .lines
+                .iter()
+                .filter(|l| l.seq >= s)
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => {
+                let skip = ring.lines.len().saturating_sub(limit);
+                ring.lines.iter().skip(skip).cloned().collect()
+            }
+        };
+        let next = lines
+            .last()
+            .map_or(since.unwrap_or(ring.next_seq), |l| l.seq + 1);
+        LogPage {
+            lines,
+            dropped: ring.dropped,
+            next,
+        }
+    }
+
+    /// Live lines of `plugin` from now on.
+    pub fn follow(&self, plugin: &str) -> Option<broadcast::Receiver<Arc<LogLine>>> {
+        let mut rings = self.rings.lock().ok()?;
+        Some(
+            rings
+                .entry(plugin.to_string())
+                .or_insert_with(Ring::new)
+                .live
+                .subscribe(),
+        )
+    }
+
+    /// Forgets a deleted plugin's log.
+    pub fn remove(&self, plugin: &str) {
+        if let Ok(mut rings) = self.rings.lock() {
+            rings.remove(plugin);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(i: usize) -> NewLine<'static> {
+        NewLine {
+            level: "info",
+            plugin: "p",
+            version: 1,
+            group: "g",
+            instance: 0,
+            message_id: None,
+            message: format!("line {i}"),
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_lines_and_pages_from_a_seq() {
+        let logs = PluginLogs::default();
+        let mut traced = 0;
+        for i in 0..RING_LINES + 10 {
+            traced += usize::from(logs.push(line(i)));
+        }
+        assert!(traced <= 2 * TRACED_PER_SECOND as usize, "{traced}");
+        let newest = logs.page("p", None, 5);
+        assert_eq!(newest.lines.len(), 5);
+        assert_eq!(newest.lines[4].message, format!("line {}", RING_LINES + 9));
+        assert_eq!(newest.next, (RING_LINES + 10) as u64);
+        // Lines before the ring's start are gone: paging starts at the oldest kept.
+        let first = logs.page("p", Some(0), 3);
+        assert_eq!(first.lines[0].seq, 10);
+        assert_eq!(first.next, 13);
+        let none = logs.page("p", Some(newest.next), 10);
+        assert!(none.lines.is_empty());
+        assert_eq!(none.next, newest.next);
+        logs.dropped("p", 7);
+        assert_eq!(logs.page("p", None, 1).dropped, 7);
+        assert!(logs.page("other", None, 1).lines.is_empty());
+    }
+
+    #[tokio::test]
+    async fn followers_see_new_lines() {
+        let logs = PluginLogs::default();
+        let mut rx = logs.follow("p").unwrap();
+        logs.push(line(1));
+        assert_eq!(rx.recv().await.unwrap().message, "line 1");
+    }
+}

@@ -1,0 +1,212 @@
+//! The hostile-plugin matrix through real subscriptions: plugins that loop, exhaust memory,
+//! recurse, trap, flood the log and flood capabilities all run at once beside a well-behaved
+//! subscription, whose messages must keep arriving with bounded latency.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wasmq_tests::plugins::{DEEP, HOG, PROBE, RECORDER, SPIN, TRAP};
+use wasmq_tests::{TestServer, config_in};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Each hostile kind: plugin, the message body that sets it off, and how many are published.
+const HOSTILE: &[(&str, &str, usize)] = &[
+    ("spin", "{}", 6),
+    ("hog", "{}", 6),
+    ("deep", "{}", 6),
+    ("trap", "{}", 40),
+    ("probe", r#"{"do":"log","lines":100000}"#, 6),
+    ("probe", r#"{"do":"flood","calls":100000}"#, 6),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_subscriptions_leave_a_healthy_one_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.plugins.timeout_ms = 300;
+    config.plugins.memory_mb = 32;
+    let s = TestServer::start_with(config).await;
+    for (name, path) in [
+        ("spin", SPIN),
+        ("hog", HOG),
+        ("deep", DEEP),
+        ("trap", TRAP),
+        ("probe", PROBE),
+        ("recorder", RECORDER),
+    ] {
+        let (st, v) = s.upload_plugin(name, path).await;
+        assert_eq!(st, StatusCode::CREATED, "{name}: {v}");
+    }
+    for t in ["healthy", "audit"] {
+        s.create_topic(t, 1).await;
+    }
+    for (i, (plugin, _, _)) in HOSTILE.iter().enumerate() {
+        let topic = format!("hostile-{i}");
+        s.create_topic(&topic, 2).await;
+        s.subscribe(
+            &format!("hostile-{i}"),
+            json!({
+                "topic": topic, "plugin": plugin, "instances": 2,
+                "retry": {"max_attempts": 2, "backoff_ms": [10]},
+            }),
+        )
+        .await;
+    }
+    s.subscribe(
+        "healthy",
+        json!({
+            "topic": "healthy", "plugin": "recorder",
+            "config": {"audit": "audit"}, "grants": {"publish": ["audit"]},
+        }),
+    )
+    .await;
+
+    for (i, (_, body, n)) in HOSTILE.iter().enumerate() {
+        let body: Value = serde_json::from_str(body).unwrap();
+        let messages: Vec<Value> = (0..*n).map(|_| json!({"body": body})).collect();
+        let (st, v) = s
+            .post_json(
+                &format!("/v1/topics/hostile-{i}/messages/batch"),
+                &json!({"messages": messages}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    // While the hostile ones are being worked through, a steady trickle of healthy messages.
+    let healthy = 60u64;
+    for _ in 0..healthy {
+        let (st, _) = s
+            .post_json(
+                "/v1/topics/healthy/messages",
+                &json!({"body": {"sent_at": now_ms()}}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let audit = s.wait_audit("audit", healthy, 60).await;
+    let mut latencies: Vec<u64> = audit
+        .iter()
+        .map(|a| a["handled_at"].as_u64().unwrap() - a["body"]["sent_at"].as_u64().unwrap())
+        .collect();
+    latencies.sort_unstable();
+    let (p50, max) = (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    );
+    println!("healthy publish→handle under the hostile matrix: p50 {p50} ms, max {max} ms");
+    // Generous bounds for a shared 2-core machine; a host held up by a hostile plugin's 300 ms
+    // deadline (or worse, stalled) blows through them.
+    assert!(p50 < 250, "p50 {p50} ms; all: {latencies:?}");
+    assert!(max < 2000, "max {max} ms; all: {latencies:?}");
+
+    // Every hostile message ends in its dead-letter queue, with the reason it failed.
+    for (i, (plugin, body, n)) in HOSTILE.iter().enumerate() {
+        let group = format!("hostile-{i}");
+        let expect_dead = if body.contains("log") { 0 } else { *n };
+        let v = s
+            .wait_until(&format!("/v1/subscriptions/{group}"), 60, |v| {
+                v["counters"]["dead_lettered"].as_u64() == Some(expect_dead as u64)
+                    && v["counters"]["acked"].as_u64() == Some((*n - expect_dead) as u64)
+            })
+            .await;
+        println!("{plugin} {body}: {}", v["counters"]);
+    }
+    let (_, dlq) = s.get("/v1/subscriptions/hostile-0/dlq?limit=1").await;
+    assert!(
+        dlq["entries"][0]["reason"]
+            .as_str()
+            .is_some_and(|e| e.contains("timeout") || e.contains("deadline")),
+        "{dlq}"
+    );
+    // The log flood left at most its per-call share in the bounded ring, and counted the rest.
+    let (st, logs) = s.get("/v1/plugins/probe/logs?limit=1000").await;
+    assert_eq!(st, StatusCode::OK, "{logs}");
+    let lines = logs["lines"].as_array().unwrap();
+    assert!(!lines.is_empty() && lines.len() <= 1000, "{}", lines.len());
+    assert!(
+        logs["dropped"].as_u64().unwrap() >= 6 * (100_000 - 100),
+        "{}",
+        logs["dropped"]
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["group"] == "hostile-4" && l["message_id"].is_string())
+    );
+    let (st, _) = s.get("/healthz").await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_of_one_plugin_see_only_their_own_config_and_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("probe", PROBE).await;
+    for t in ["ta", "tb", "audit-a"] {
+        s.create_topic(t, 1).await;
+    }
+    // Same plugin, two tenants: each config carries a secret, only A may publish to its topic.
+    s.subscribe(
+        "a",
+        json!({"topic": "ta", "plugin": "probe", "instances": 2,
+               "config": {"secret": "alpha"}, "grants": {"publish": ["audit-a"]}}),
+    )
+    .await;
+    s.subscribe(
+        "b",
+        json!({"topic": "tb", "plugin": "probe", "instances": 2,
+               "config": {"secret": "beta"}}),
+    )
+    .await;
+    for t in ["ta", "tb"] {
+        for body in [
+            json!({"do": "config"}),
+            json!({"do": "publish", "topic": "audit-a", "body": {"from": t}}),
+        ] {
+            let (st, _) = s
+                .post_json(&format!("/v1/topics/{t}/messages"), &json!({"body": body}))
+                .await;
+            assert_eq!(st, StatusCode::CREATED);
+        }
+    }
+    // The probe reports through its reject reason, so both answers land in each DLQ.
+    let mut reasons = HashMap::new();
+    for g in ["a", "b"] {
+        let v = s
+            .wait_until(&format!("/v1/subscriptions/{g}/dlq"), 30, |v| {
+                v["entries"].as_array().is_some_and(|e| e.len() == 2)
+            })
+            .await;
+        let all: Vec<String> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap().to_string())
+            .collect();
+        reasons.insert(g, all.join("\n"));
+    }
+    assert!(
+        reasons["a"].contains("alpha") && !reasons["a"].contains("beta"),
+        "{}",
+        reasons["a"]
+    );
+    assert!(
+        reasons["b"].contains("beta") && !reasons["b"].contains("alpha"),
+        "{}",
+        reasons["b"]
+    );
+    // A's grant does not leak to B: B's publish was denied, A's went through.
+    assert!(reasons["b"].contains("denied"), "{}", reasons["b"]);
+    let audit = s.read_queue("audit-a", 0).await;
+    assert_eq!(audit, vec![json!({"from": "ta"})]);
+}
