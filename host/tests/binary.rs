@@ -724,3 +724,71 @@ async fn an_open_api_is_refused_on_a_non_loopback_address() {
     assert!(out.status.success(), "{}", stderr(&out));
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_logs_shows_and_follows_plugin_logs() {
+    use tokio::io::AsyncBufReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let out = cli(
+        &url,
+        &["plugin", "deploy", "probe", wasmq_tests::plugins::PROBE],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let invoke = |lines: u32| {
+        let url = url.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/plugins/probe/invoke"))
+                .json(&json!({"message": {"body": {"do": "log", "lines": lines}}}))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+    };
+    invoke(2).await;
+    let out = cli(&url, &["logs", "probe"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("INFO") && l.ends_with("log line 1")),
+        "{text}"
+    );
+    let out = cli(&url, &["logs", "nope"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("unknown_plugin"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --follow prints what is there, then new lines as they are logged.
+    let mut follow = tokio::process::Command::new(BIN)
+        .args(["--server", &url, "logs", "probe", "--follow", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut invoked = false;
+    while seen.len() < 5 {
+        if seen.len() == 2 && !invoked {
+            invoke(3).await;
+            invoked = true;
+        }
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("no log line in time")
+            .unwrap()
+            .expect("the follow ended");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        seen.push(v["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    follow.kill().await.unwrap();
+}
