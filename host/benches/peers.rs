@@ -463,7 +463,12 @@ fn main() {
     } else {
         env_or("WASMQ_BENCH_SECS", 5.0)
     };
-    let (with_redis, with_nats) = (have("redis-server"), have("nats-server"));
+    // WASMQ_BENCH_ONLY=publish,e2e,fanout picks rows; WASMQ_BENCH_PEERS=0 runs wasmq alone
+    // (both for profiling one workload).
+    let only = std::env::var("WASMQ_BENCH_ONLY").unwrap_or_default();
+    let wanted = |row: &str| only.is_empty() || only.split(',').any(|o| o == row);
+    let peers = std::env::var("WASMQ_BENCH_PEERS").as_deref() != Ok("0");
+    let (with_redis, with_nats) = (peers && have("redis-server"), peers && have("nats-server"));
     if !with_redis || !with_nats {
         eprintln!(
             "peers: redis-server {} nats-server {}; missing peers are skipped (bash .ci/bench installs them)",
@@ -512,6 +517,9 @@ fn main() {
             (1, 4, "publish + consume with acks, 4 consumers"),
             (4, 1, "fan-out: every message to 4 consumers (broadcast)"),
         ] {
+            if !wanted(if groups == 1 { "e2e" } else { "fanout" }) {
+                continue;
+            }
             let wasmq = if groups == 1 {
                 wasmq_end_to_end(n, consumers as u32, false).await
             } else {

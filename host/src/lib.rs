@@ -9,6 +9,7 @@
 //! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
 //! - [`disk`]: the disk quota that turns a filling disk into a retryable 503.
 //! - [`logs`]: plugin log lines: a bounded ring per plugin and live followers.
+//! - [`metrics`]: Prometheus counters and histograms of publishing and delivery.
 //! - [`txn`]: transactional (half) messages and their check-back.
 //! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
 //! - [`http`]: the JSON API.
@@ -25,6 +26,7 @@ pub mod disk;
 pub mod dispatch;
 pub mod http;
 pub mod logs;
+pub mod metrics;
 pub mod plugins;
 pub mod runtime;
 pub mod storage;

@@ -177,10 +177,10 @@ async fn sigterm_finishes_in_flight_writes_and_exits_cleanly() {
     server.kill().await;
 }
 
+/// Runs a CLI verb with `--output json`, so tests read the server's answers.
 fn cli(url: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(BIN)
-        .arg("--server")
-        .arg(url)
+        .args(["--server", url, "--output", "json"])
         .args(args)
         .output()
         .unwrap()
@@ -749,7 +749,10 @@ async fn cli_logs_shows_and_follows_plugin_logs() {
         }
     };
     invoke(2).await;
-    let out = cli(&url, &["logs", "probe"]);
+    let out = std::process::Command::new(BIN)
+        .args(["--server", &url, "logs", "probe"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(text.lines().count(), 2, "{text}");
@@ -791,4 +794,74 @@ async fn cli_logs_shows_and_follows_plugin_logs() {
     }
     assert_eq!(seen, vec![0, 1, 2, 3, 4]);
     follow.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_tables_for_people_and_bulk_publish_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let human = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["--server", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = human(&["topic", "create", "bulk", "--queues", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("name: bulk"));
+
+    // 250 lines: envelopes and bare bodies mixed, sent 100 per request.
+    let file = dir.path().join("msgs.ndjson");
+    let mut text = String::new();
+    for i in 0..250 {
+        if i % 2 == 0 {
+            text.push_str(&format!("{{\"body\":{{\"n\":{i}}},\"key\":\"k{i}\"}}\n"));
+        } else {
+            text.push_str(&format!("{{\"n\":{i}}}\n"));
+        }
+    }
+    std::fs::write(&file, &text).unwrap();
+    let out = cli(&url, &["publish", "bulk", "--file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["published"], 250, "{summary}");
+    let out = cli(&url, &["topic", "show", "bulk"]);
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["messages"], 250);
+    let m: Value = reqwest::get(format!("{url}/v1/topics/bulk/messages?key=k4"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["messages"][0]["body"], json!({"n": 4}), "{m}");
+
+    // A table for people: a header row, one row per topic.
+    let out = human(&["topic", "list"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut rows = table.lines();
+    assert!(
+        rows.next()
+            .is_some_and(|h| h.starts_with("NAME") && h.contains("QUEUES")),
+        "{table}"
+    );
+    assert!(
+        rows.next().is_some_and(|r| r.starts_with("bulk")),
+        "{table}"
+    );
+
+    // A bad line stops the run and says how far it got.
+    std::fs::write(&file, "{\"n\":1}\nnot json\n").unwrap();
+    let out = cli(&url, &["publish", "bulk", "--file", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("line 2 is not JSON")
+            && stderr(&out).contains("0 messages published"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&url, &["publish", "bulk"]);
+    assert!(!out.status.success());
 }

@@ -114,6 +114,7 @@ pub struct Broker {
     topics: std::sync::RwLock<HashMap<String, Arc<CachedTopic>>>,
     /// Producers are held while the disk is (nearly) full; delivery goes on.
     disk: Option<Arc<crate::disk::DiskGuard>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn now_ms() -> u64 {
@@ -165,7 +166,28 @@ impl Broker {
             limits,
             topics: std::sync::RwLock::new(topics),
             disk: None,
+            metrics: Arc::default(),
         })
+    }
+
+    /// Counters and histograms of publishing and delivery, shared with dispatch.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Counts what a publish stored and how long its acknowledgement took.
+    fn observe(
+        &self,
+        topic: &str,
+        kind: crate::metrics::PublishKind,
+        (count, bytes): (usize, usize),
+        started: std::time::Instant,
+    ) {
+        self.metrics.published(topic, count as u64, bytes as u64);
+        self.metrics
+            .publish_seconds
+            .get_or_create(&crate::metrics::PublishLabels { kind })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Refuses publishes (not deliveries or transaction decisions) while `guard` says full.
@@ -350,9 +372,12 @@ impl Broker {
 
     /// Publishes one message; returns once it is durable.
     pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Appended, BrokerError> {
+        let started = std::time::Instant::now();
         let t = self.topic_for_publish(topic)?;
         let message = self.prepare(&t, envelope, now_ms())?;
+        let size = (1, message.body.len());
         let mut out = self.storage.append(topic, vec![message]).await?;
+        self.observe(topic, crate::metrics::PublishKind::single, size, started);
         out.pop().ok_or_else(|| {
             BrokerError::Storage(StorageError::Corrupt("append returned nothing".into()))
         })
@@ -370,6 +395,7 @@ impl Broker {
         if key.is_empty() || key.len() > 256 {
             return Err(BrokerError::BadIdempotencyKey);
         }
+        let started = std::time::Instant::now();
         let t = self.topic_for_publish(topic)?;
         let now = now_ms();
         let message = self.prepare(&t, envelope, now)?;
@@ -424,6 +450,12 @@ impl Broker {
                 .await
             {
                 Ok((mut out, _)) => {
+                    self.observe(
+                        topic,
+                        crate::metrics::PublishKind::idempotent,
+                        (1, message.body.len()),
+                        started,
+                    );
                     let appended = out
                         .pop()
                         .ok_or_else(|| StorageError::Corrupt("append returned nothing".into()))?;
@@ -442,6 +474,7 @@ impl Broker {
         topic: &str,
         envelopes: Vec<Envelope>,
     ) -> Result<Vec<Appended>, BrokerError> {
+        let started = std::time::Instant::now();
         let t = self.topic_for_publish(topic)?;
         if envelopes.is_empty() {
             return Err(BrokerError::EmptyBatch);
@@ -461,7 +494,11 @@ impl Broker {
                     .map_err(|source| BrokerError::InBatch { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(self.storage.append(topic, messages).await?)
+        // Sizes are counted before the messages move into the write.
+        let size = (messages.len(), messages.iter().map(|m| m.body.len()).sum());
+        let out = self.storage.append(topic, messages).await?;
+        self.observe(topic, crate::metrics::PublishKind::batch, size, started);
+        Ok(out)
     }
 
     pub async fn message(&self, id: MessageId) -> Result<Option<StoredMessage>, BrokerError> {

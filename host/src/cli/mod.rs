@@ -1,6 +1,7 @@
 //! The `wasmq` command line: `serve` runs the broker; every other verb talks to its HTTP API.
 
 mod client;
+mod output;
 mod scaffold;
 
 use std::io::Read as _;
@@ -15,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, FlushMode};
 use client::Client;
+use output::print;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +36,16 @@ struct Cli {
     /// A bearer token for servers with [auth] tokens.
     #[arg(long, global = true, env = "WASMQ_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// `table` for people, `json` (the server's answer as is) for scripts.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "WASMQ_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
+    output: output::Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,9 +82,18 @@ enum Command {
         json: bool,
     },
     /// Publish one message. BODY is JSON if it parses as JSON, else raw bytes; `-` reads stdin.
+    /// `--file F` publishes every line of F (NDJSON, `-` = stdin) in batches, with progress.
     Publish {
         topic: String,
-        body: String,
+        #[arg(required_unless_present = "file")]
+        body: Option<String>,
+        /// One message per line: an envelope (`{"body":…,"key":…}`) or, without a `body` or
+        /// `body_base64` field, the body itself.
+        #[arg(long, conflicts_with = "body")]
+        file: Option<PathBuf>,
+        /// Messages per request with `--file` (the server allows up to [limits] max_batch).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
         #[arg(long)]
         key: Option<String>,
         #[arg(long)]
@@ -276,6 +297,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    output::set_format(cli.output);
     let client = Client::new(&cli.server, cli.token.as_deref())?;
     match cli.command {
         Command::Serve(args) => serve(args).await,
@@ -349,14 +371,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Publish {
             topic,
+            file: Some(file),
+            batch,
+            ..
+        } => publish_file(&client, &topic, &file, batch).await,
+        Command::Publish {
+            topic,
             body,
             key,
             tag,
             sharding_key,
             delay,
             properties,
+            ..
         } => {
-            let mut envelope = body_field(&body)?;
+            let mut envelope = body_field(body.as_deref().unwrap_or("-"))?;
             let props = properties
                 .iter()
                 .map(|p| {
@@ -557,9 +586,92 @@ fn body_field(arg: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
     Ok(map)
 }
 
-fn print(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+/// Publishes every line of `path` (`-` = stdin) in batches of `batch`, showing progress with
+/// rate and ETA on a terminal; stops at the first bad line or refused batch, saying how far
+/// it got.
+async fn publish_file(
+    client: &Client,
+    topic: &str,
+    path: &std::path::Path,
+    batch: usize,
+) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    if batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
+    let stdin = path.as_os_str() == "-";
+    let open = || -> anyhow::Result<Box<dyn std::io::BufRead>> {
+        Ok(if stdin {
+            Box::new(std::io::BufReader::new(std::io::stdin()))
+        } else {
+            let f = std::fs::File::open(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Box::new(std::io::BufReader::new(f))
+        })
+    };
+    // A first pass counts the lines of a file, for the ETA; stdin is read once.
+    let total = if stdin {
+        None
+    } else {
+        Some(
+            open()?
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64,
+        )
+    };
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} messages  {per_sec}  ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let url = format!("/v1/topics/{topic}/messages/batch");
+    let (mut published, mut pending, mut line_no) = (0u64, Vec::new(), 0u64);
+    let mut lines = open()?.lines();
+    loop {
+        let line = lines.next().transpose().context("cannot read the input")?;
+        if let Some(l) = &line {
+            line_no += 1;
+            if l.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(l).with_context(|| {
+                format!("line {line_no} is not JSON ({published} messages published before it)")
+            })?;
+            let envelope = match &v {
+                Value::Object(m) if m.contains_key("body") || m.contains_key("body_base64") => v,
+                _ => json!({ "body": v }),
+            };
+            pending.push(envelope);
+        }
+        if pending.len() >= batch || (line.is_none() && !pending.is_empty()) {
+            let n = pending.len() as u64;
+            let body = json!({ "messages": std::mem::take(&mut pending) });
+            client.post_json(&url, &body).await.with_context(|| {
+                format!("a batch ending at line {line_no} was refused; {published} messages were published before it")
+            })?;
+            published += n;
+            bar.inc(n);
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    output::print(&json!({
+        "topic": topic,
+        "published": published,
+        "seconds": (secs * 1000.0).round() / 1000.0,
+        "messages_per_second": (published as f64 / secs.max(1e-9)).round(),
+    }))
 }
 
 async fn logs(
@@ -569,6 +681,7 @@ async fn logs(
     limit: usize,
     json: bool,
 ) -> anyhow::Result<()> {
+    let json = json || output::format() == output::Format::Json;
     let show = |line: &Value| {
         if json {
             println!("{line}");

@@ -716,6 +716,13 @@ pub async fn start_offset(
 /// One plugin instance serving a work channel; replaced after a trap, timeout or memory overrun.
 async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work: WorkQueue) {
     let mut instance: Option<PluginInstance> = None;
+    let metrics = env.broker.metrics().clone();
+    let group = crate::metrics::GroupLabel {
+        group: ctx.group.clone(),
+    };
+    let delay = metrics.dispatch_delay_seconds.get_or_create(&group).clone();
+    let duration = metrics.invocation_seconds.get_or_create(&group).clone();
+    let mut failures = 0u64;
     loop {
         let item = { work.lock().await.recv().await };
         let Some(item) = item else { break };
@@ -732,21 +739,52 @@ async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work
         let Some(inst) = instance.as_mut() else {
             continue;
         };
+        let m = &item.message.message;
+        if item.attempt == 1 {
+            // Retries wait by design; the first attempt shows how far behind dispatch runs.
+            let due = m.born_at.max(m.deliver_at);
+            delay.observe(crate::broker::now_ms().saturating_sub(due) as f64 / 1000.0);
+        }
+        let started = std::time::Instant::now();
         let result = inst
             .handle(&Message::of(
                 &item.message.topic,
                 item.message.offset,
-                &item.message.message,
+                m,
                 item.attempt,
             ))
             .await;
+        duration.observe(started.elapsed().as_secs_f64());
+        metrics
+            .deliveries
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                group: ctx.group.clone(),
+                outcome: outcome_label(&result),
+            })
+            .inc();
         if let Err(e) = &result {
-            tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %item.message.message.id, error = %e, "plugin call failed");
+            // Sampled (1st, 2nd, 4th, … failure of this worker): a trap storm must not flood the log.
+            failures += 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %m.id, error = %e, failures, "plugin call failed");
+            }
         }
         if !inst.is_usable() {
             instance = None;
         }
         let _ = item.reply.send(result);
+    }
+}
+
+fn outcome_label(result: &Result<Outcome, InvokeError>) -> &'static str {
+    match result {
+        Ok(Outcome::Ack) => "ack",
+        Ok(Outcome::Retry(_)) => "retry",
+        Ok(Outcome::Reject(_)) => "reject",
+        Err(InvokeError::Timeout(_)) => "timeout",
+        Err(InvokeError::MemoryLimit(_)) => "oom",
+        Err(InvokeError::Trap(_)) => "trap",
+        Err(InvokeError::MissingExport(_) | InvokeError::Instantiate(_)) => "error",
     }
 }
 

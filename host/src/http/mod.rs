@@ -167,7 +167,8 @@ async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Prometheus text format.
+/// Prometheus text format: counters and histograms kept as the broker works, plus state read
+/// now (lag, dead letters, timers, transactions, disk).
 async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<axum::response::Response, ApiError> {
@@ -179,6 +180,16 @@ async fn metrics(
         "Plugin capability calls by capability and result",
         state.plugins.runtime().capabilities().calls.clone(),
     );
+    state.broker.metrics().register(&mut registry);
+    state.broker.storage().register_metrics(&mut registry);
+    crate::metrics::scrape_state(
+        &mut registry,
+        &state.dispatcher,
+        &state.transactions,
+        state.broker.disk().map(|d| d.as_ref()),
+    )
+    .await
+    .map_err(ApiError::internal)?;
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;

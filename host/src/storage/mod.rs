@@ -176,6 +176,9 @@ pub trait Storage: Send + Sync + 'static {
 
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
+    /// Adds the backend's own metrics (group commit sizes, write times) to a scrape.
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
+
     /// Finishes every write already accepted, then refuses new ones.
     async fn close(&self);
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
 };
@@ -36,7 +37,7 @@ const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
 const QUEUE_DEPTH: usize = 8192;
 
 /// Counters of the writer thread, for metrics and benchmarks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WriterStats {
     /// Write batches committed (one fsync each in `sync` mode).
     pub commits: AtomicU64,
@@ -44,6 +45,22 @@ pub struct WriterStats {
     pub ops: AtomicU64,
     /// Messages appended.
     pub messages: AtomicU64,
+    /// Operations per group commit.
+    pub group_ops: Histogram,
+    /// Time of one group commit's write (and fsync, in `sync` mode).
+    pub commit_seconds: Histogram,
+}
+
+impl Default for WriterStats {
+    fn default() -> Self {
+        Self {
+            commits: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            group_ops: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            commit_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 22)),
+        }
+    }
 }
 
 type HighWater = HashMap<String, Vec<u64>>;
@@ -467,6 +484,19 @@ impl Storage for RocksStorage {
             .await
     }
 
+    fn register_metrics(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "wasmq_storage_group_commit_ops",
+            "Writes (appends, record updates) carried by one RocksDB group commit",
+            self.stats.group_ops.clone(),
+        );
+        r.register(
+            "wasmq_storage_commit_seconds",
+            "Time of one group commit's write, fsync included in sync mode",
+            self.stats.commit_seconds.clone(),
+        );
+    }
+
     async fn close(&self) {
         // Dropping the last sender lets the writer drain what was accepted, then exit.
         if let Ok(mut tx) = self.tx.lock() {
@@ -617,7 +647,13 @@ impl Writer {
         if revision != self.last_revision {
             batch.put(LAST_REVISION, revision.to_be_bytes());
         }
-        match self.db.write_opt(batch, wo) {
+        let started = std::time::Instant::now();
+        let written = self.db.write_opt(batch, wo);
+        self.stats
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.stats.group_ops.observe(replies.len() as f64);
+        match written {
             Ok(()) => {
                 self.last_revision = revision;
                 self.publish_high_water(staged);

@@ -196,6 +196,24 @@ impl Transactions {
         Ok(out)
     }
 
+    /// How many transactions are in each state (a scan: there is no retention yet).
+    pub async fn counts(&self) -> Result<Vec<(String, u64)>, TxnError> {
+        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+        for (id, r) in self
+            .broker
+            .storage()
+            .list_records(TXN_SPACE, "", usize::MAX)
+            .await?
+        {
+            let state = serde_json::to_value(decode(&id, &r.value)?.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *counts.entry(state).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
+    }
+
     /// Stores a half message durably; it stays invisible until committed.
     pub async fn begin(&self, topic: &str, mut envelope: Envelope) -> Result<TxnRecord, TxnError> {
         let check_after_override = envelope.check_after_ms.take();
