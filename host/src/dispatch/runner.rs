@@ -513,23 +513,34 @@ impl Member {
         let mut cursor = start;
         let mut retry_at: u64 = 0;
         let block = self.spec.on_exhausted == OnExhausted::Block;
+        // Messages read ahead of the cursor: one storage read per batch, not per message.
+        let mut ahead: std::collections::VecDeque<Arc<StoredMessage>> = Default::default();
         loop {
             if self.cancel.is_cancelled() {
                 break;
             }
             watch.borrow_and_update();
-            let head = match self
-                .storage
-                .read(self.topic(), queue, cursor.committed, 1)
-                .await
-            {
-                Ok(mut v) => v.pop().map(Arc::new),
-                Err(e) => {
-                    tracing::error!(group = %self.group, error = %e, "read failed");
-                    tokio::time::sleep(STORAGE_RETRY).await;
-                    continue;
+            while ahead.front().is_some_and(|m| m.offset < cursor.committed) {
+                ahead.pop_front();
+            }
+            if ahead.front().is_some_and(|m| m.offset != cursor.committed) {
+                ahead.clear();
+            }
+            if ahead.is_empty() {
+                match self
+                    .storage
+                    .read(self.topic(), queue, cursor.committed, READ_BATCH)
+                    .await
+                {
+                    Ok(v) => ahead.extend(v.into_iter().map(Arc::new)),
+                    Err(e) => {
+                        tracing::error!(group = %self.group, error = %e, "read failed");
+                        tokio::time::sleep(STORAGE_RETRY).await;
+                        continue;
+                    }
                 }
-            };
+            }
+            let head = ahead.front().cloned();
             let Some(m) = head else {
                 tokio::select! {
                     r = watch.changed() => if r.is_err() { break },

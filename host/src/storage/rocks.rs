@@ -77,10 +77,32 @@ pub struct RocksStorage {
     stats: Arc<WriterStats>,
 }
 
+/// A message encoded by the caller, so the single writer thread only stages bytes.
+struct Encoded {
+    id: MessageId,
+    queue: u32,
+    key: Option<String>,
+    value: Vec<u8>,
+}
+
+fn encode_all(messages: &[NewMessage]) -> Result<Vec<Encoded>, StorageError> {
+    messages
+        .iter()
+        .map(|m| {
+            Ok(Encoded {
+                id: m.id,
+                queue: m.queue,
+                key: m.key.clone(),
+                value: rmp_serde::to_vec(m).map_err(|e| StorageError::Encode(e.to_string()))?,
+            })
+        })
+        .collect()
+}
+
 enum WriteOp {
     Append {
         topic: String,
-        messages: Vec<NewMessage>,
+        messages: Vec<Encoded>,
         /// A record write that must succeed for the append to happen (and happens with it).
         guard: Option<RecordWrite>,
         reply: oneshot::Sender<Result<AppendResult, StorageError>>,
@@ -102,7 +124,7 @@ enum WriteOp {
 impl WriteOp {
     fn size(&self) -> usize {
         match self {
-            WriteOp::Append { messages, .. } => messages.iter().map(|m| m.body.len() + 128).sum(),
+            WriteOp::Append { messages, .. } => messages.iter().map(|m| m.value.len() + 64).sum(),
             WriteOp::PutRecord { value, .. } | WriteOp::PutBlob { value, .. } => {
                 value.as_ref().map_or(0, Vec::len) + 64
             }
@@ -285,6 +307,7 @@ impl Storage for RocksStorage {
             return Ok(Vec::new());
         }
         let topic = topic.to_string();
+        let messages = encode_all(&messages)?;
         self.submit(|reply| WriteOp::Append {
             topic,
             messages,
@@ -302,6 +325,7 @@ impl Storage for RocksStorage {
         guard: RecordWrite,
     ) -> Result<(Vec<Appended>, u64), StorageError> {
         let topic = topic.to_string();
+        let messages = encode_all(&messages)?;
         let (appended, rev) = self
             .submit(|reply| WriteOp::Append {
                 topic,
@@ -740,12 +764,8 @@ impl Writer {
         batch: &mut WriteBatch,
         staged: &mut HighWater,
         topic: &str,
-        messages: &[NewMessage],
+        messages: &[Encoded],
     ) -> Result<Vec<Appended>, StorageError> {
-        let encoded = messages
-            .iter()
-            .map(|m| rmp_serde::to_vec(m).map_err(|e| StorageError::Encode(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
         let (cf_messages, cf_ids, cf_keys) = (
             cf(&self.db, CF_MESSAGES)?,
             cf(&self.db, CF_IDS)?,
@@ -755,7 +775,7 @@ impl Writer {
             .entry(topic.to_string())
             .or_insert_with(|| self.committed.get(topic).cloned().unwrap_or_default());
         let mut out = Vec::with_capacity(messages.len());
-        for (m, value) in messages.iter().zip(encoded) {
+        for m in messages {
             let q = m.queue as usize;
             if next.len() <= q {
                 next.resize(q + 1, 0);
@@ -763,7 +783,7 @@ impl Writer {
             let offset = next[q];
             next[q] += 1;
             let location = keys::message(topic, m.queue, offset);
-            batch.put_cf(cf_messages, &location, value);
+            batch.put_cf(cf_messages, &location, &m.value);
             batch.put_cf(cf_ids, keys::id(&m.id), &location);
             if let Some(key) = &m.key {
                 batch.put_cf(cf_keys, keys::business_key(topic, key, m.queue, offset), []);
