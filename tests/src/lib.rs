@@ -135,6 +135,20 @@ impl TestServer {
         .await
     }
 
+    /// Publishes `{"n": 0..n}` bodies to `topic` in one batch and checks they were stored.
+    pub async fn publish_numbered(&self, topic: &str, n: usize) {
+        let messages: Vec<Value> = (0..n)
+            .map(|i| serde_json::json!({"body": {"n": i}}))
+            .collect();
+        let (status, body) = self
+            .post_json(
+                &format!("/v1/topics/{topic}/messages/batch"),
+                &serde_json::json!({ "messages": messages }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
     /// Creates a topic and checks it was created.
     pub async fn create_topic(&self, name: &str, queues: u32) {
         let (status, body) = self

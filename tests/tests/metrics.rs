@@ -40,14 +40,7 @@ async fn metrics_show_publishing_delivery_failures_lag_and_transactions() {
         json!({"topic": "prices", "plugin": "echo", "mode": "broadcast", "instances": 3}),
     )
     .await;
-    let messages: Vec<_> = (0..10).map(|i| json!({"body": {"n": i}})).collect();
-    let (st, _) = s
-        .post_json(
-            "/v1/topics/orders/messages/batch",
-            &json!({"messages": messages}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED);
+    s.publish_numbered("orders", 10).await;
     for _ in 0..2 {
         let (st, _) = s
             .post_json("/v1/topics/orders/messages", &json!({"body": "x"}))

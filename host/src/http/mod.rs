@@ -1,6 +1,7 @@
 //! The HTTP API: routes of DESIGN.md's public surface, request parsing with JSON errors.
 
 mod auth;
+mod dashboard;
 mod error;
 mod messages;
 mod plugins;
@@ -41,6 +42,8 @@ pub struct AppState {
 /// The whole API; tests and the server both build it here.
 pub fn app(state: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/ui/{file}", get(dashboard::file))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/topics", get(topics::list))

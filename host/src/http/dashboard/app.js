@@ -1,0 +1,255 @@
+// The wasmq dashboard: polls the JSON API once a second and renders topics, subscriptions
+// (lag per queue or instance, a live throughput chart), plugins, dead letters and undecided
+// transactions. No framework and nothing from a CDN: the host serves this file itself.
+"use strict";
+
+const POLL_MS = 1000;
+const CHART_POINTS = 60;
+const COLORS = ["#0969da", "#1a7f37", "#bf3989", "#9a6700", "#8250df", "#cf222e", "#1b7c83"];
+
+const state = {
+  topicCounts: new Map(),   // topic -> {messages, at}
+  ackCounts: new Map(),     // group -> {acked, at}
+  series: new Map(),        // group -> [acked/s samples]
+  dlqGroup: "",
+};
+
+const $ = (sel) => document.querySelector(sel);
+const tokenInput = $("#token");
+tokenInput.value = localStorage.getItem("wasmq-token") || "";
+tokenInput.addEventListener("change", () => {
+  localStorage.setItem("wasmq-token", tokenInput.value);
+  refresh();
+});
+
+async function api(method, path, body) {
+  const headers = { "content-type": "application/json" };
+  if (tokenInput.value) headers.authorization = "Bearer " + tokenInput.value;
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const text = await resp.text();
+  const value = text ? JSON.parse(text) : {};
+  if (!resp.ok) {
+    const e = value.error || {};
+    throw new Error(`${e.message || resp.statusText} (${e.code || resp.status})`);
+  }
+  return value;
+}
+
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null ? "–" : String(text);
+  if (cls) td.className = cls;
+  return td;
+}
+
+function button(label, onClick, name) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  if (name) b.dataset.action = name;
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try { await onClick(); } catch (e) { setStatus(e.message, true); }
+    b.disabled = false;
+    refresh();
+  });
+  return b;
+}
+
+function row(cells, attrs) {
+  const tr = document.createElement("tr");
+  for (const [k, v] of Object.entries(attrs || {})) tr.dataset[k] = v;
+  for (const c of cells) tr.appendChild(c);
+  return tr;
+}
+
+function fill(tbody, rows, empty) {
+  tbody.replaceChildren(...rows);
+  if (!rows.length) {
+    const td = cell(empty, "muted");
+    td.colSpan = 10;
+    tbody.appendChild(row([td]));
+  }
+}
+
+function setStatus(text, bad) {
+  const s = $("#status");
+  s.textContent = text;
+  s.className = bad ? "bad" : "muted";
+}
+
+function rate(map, key, value) {
+  const now = performance.now();
+  const prev = map.get(key);
+  map.set(key, { value, at: now });
+  if (!prev || now <= prev.at) return null;
+  return Math.max(0, (value - prev.value) * 1000 / (now - prev.at));
+}
+
+function time(ms) {
+  return ms ? new Date(ms).toLocaleTimeString() : "–";
+}
+
+function renderTopics(topics) {
+  fill($("#topics tbody"), topics.map((t) => {
+    const r = rate(state.topicCounts, t.name, t.messages);
+    return row([cell(t.name), cell(t.queues, "num"), cell(t.messages, "num"), cell(r === null ? "…" : r.toFixed(0), "num rate")], { topic: t.name });
+  }), "no topics yet");
+}
+
+function lagDetail(sub) {
+  if (Array.isArray(sub.instances)) {
+    return sub.instances.map((i) => `instance ${i.instance}: lag ${i.lag} [` + i.queues.map((q) => `q${q.queue}:${q.lag}`).join(" ") + "]").join(" · ");
+  }
+  return (sub.queues || []).map((q) => `q${q.queue}: lag ${q.lag} (${q.committed}/${q.high_water})` + (q.blocked_attempts ? ` blocked ×${q.blocked_attempts}` : "")).join(" · ");
+}
+
+function renderSubs(subs) {
+  const rows = [];
+  for (const s of subs) {
+    const acked = (s.counters && s.counters.acked) || 0;
+    const r = rate(state.ackCounts, s.group, acked);
+    const series = state.series.get(s.group) || [];
+    if (r !== null) series.push(r);
+    while (series.length > CHART_POINTS) series.shift();
+    state.series.set(s.group, series);
+    const paused = s.state === "paused";
+    const action = paused
+      ? button("Resume", () => api("POST", `/v1/subscriptions/${encodeURIComponent(s.group)}/resume`, {}), "resume")
+      : button("Pause", () => api("POST", `/v1/subscriptions/${encodeURIComponent(s.group)}/pause`, {}), "pause");
+    const actions = document.createElement("td");
+    actions.appendChild(action);
+    rows.push(row([
+      cell(s.group), cell(s.spec.topic), cell(`${s.spec.plugin}` + (s.plugin_version ? ` v${s.plugin_version}` : "")),
+      cell(s.spec.mode + (s.spec.ordered ? ", ordered" : "")), cell(s.state, paused ? "bad" : "ok"),
+      cell(s.lag, "num lag"), cell(s.in_flight, "num"), cell(r === null ? "…" : r.toFixed(0), "num"),
+      cell(s.dlq, s.dlq ? "num bad dlq" : "num dlq"), actions,
+    ], { sub: s.group }));
+    const detail = cell(lagDetail(s));
+    detail.colSpan = 10;
+    rows.push(row([detail], { subDetail: s.group }));
+    rows[rows.length - 1].className = "detail";
+  }
+  fill($("#subs tbody"), rows, "no subscriptions yet");
+  drawChart();
+}
+
+function drawChart() {
+  const canvas = $("#chart");
+  const ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 28;
+  ctx.clearRect(0, 0, w, h);
+  let max = 1;
+  for (const s of state.series.values()) for (const v of s) max = Math.max(max, v);
+  ctx.strokeStyle = "#dde1e6";
+  ctx.fillStyle = "#57606a";
+  ctx.font = "11px system-ui";
+  ctx.beginPath();
+  ctx.moveTo(pad, 4); ctx.lineTo(pad, h - pad); ctx.lineTo(w - 4, h - pad);
+  ctx.stroke();
+  ctx.fillText(`${max.toFixed(0)}/s`, 2, 12);
+  ctx.fillText("0", 2, h - pad);
+  ctx.fillText(`last ${CHART_POINTS} s`, w - 70, h - 10);
+  const legend = [];
+  let i = 0;
+  for (const [group, s] of state.series) {
+    const color = COLORS[i++ % COLORS.length];
+    legend.push(`<span style="color:${color}">■ ${group}</span>`);
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    s.forEach((v, j) => {
+      const x = pad + (w - pad - 4) * (j + CHART_POINTS - s.length) / (CHART_POINTS - 1);
+      const y = h - pad - (h - pad - 8) * v / max;
+      if (j === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  }
+  $("#legend").innerHTML = legend.join("");
+}
+
+function renderPlugins(plugins, subs) {
+  fill($("#plugins tbody"), plugins.map((p) => {
+    const users = subs.filter((s) => s.spec.plugin === p.name);
+    const sum = (k) => users.reduce((n, s) => n + ((s.counters && s.counters[k]) || 0), 0);
+    return row([
+      cell(p.name), cell(p.version ? `v${p.version}` : "–"), cell(p.versions.length, "num"),
+      cell(p.size !== undefined ? `${Math.round(p.size / 1024)} KB` : "–", "num"),
+      cell(users.map((s) => s.group).join(", ") || "–"),
+      cell(sum("delivered"), "num"), cell(sum("acked"), "num"), cell(sum("failed"), "num"),
+    ], { plugin: p.name });
+  }), "no plugins yet");
+}
+
+async function renderDlq(subs) {
+  const select = $("#dlq-group");
+  const groups = subs.map((s) => s.group);
+  if (!groups.includes(state.dlqGroup)) {
+    state.dlqGroup = (subs.find((s) => s.dlq > 0) || subs[0] || {}).group || "";
+  }
+  select.replaceChildren(...groups.map((g) => {
+    const o = document.createElement("option");
+    o.value = g;
+    const sub = subs.find((s) => s.group === g);
+    o.textContent = `${g} (${sub.dlq})`;
+    o.selected = g === state.dlqGroup;
+    return o;
+  }));
+  if (!state.dlqGroup) {
+    fill($("#dlq tbody"), [], "no subscriptions");
+    return;
+  }
+  const group = encodeURIComponent(state.dlqGroup);
+  const page = await api("GET", `/v1/subscriptions/${group}/dlq?limit=100`);
+  fill($("#dlq tbody"), page.entries.map((e) => {
+    const actions = document.createElement("td");
+    actions.appendChild(button("Redrive", () => api("POST", `/v1/subscriptions/${group}/dlq/redrive`, { ids: [e.message_id] }), "redrive"));
+    return row([cell(e.message_id), cell(`${e.queue}/${e.offset}`), cell(e.attempts, "num"), cell(e.reason), cell(time(e.dead_at)), actions], { dead: e.message_id });
+  }), "no dead letters");
+}
+
+$("#dlq-group").addEventListener("change", (ev) => { state.dlqGroup = ev.target.value; refresh(); });
+$("#redrive-all").addEventListener("click", async () => {
+  if (!state.dlqGroup) return;
+  try { await api("POST", `/v1/subscriptions/${encodeURIComponent(state.dlqGroup)}/dlq/redrive`, {}); } catch (e) { setStatus(e.message, true); }
+  refresh();
+});
+
+async function renderTxns() {
+  const lists = await Promise.all(["unresolved", "pending"].map((s) => api("GET", `/v1/transactions?state=${s}&limit=100`)));
+  const txns = lists.flatMap((l) => l.transactions || []);
+  fill($("#txns tbody"), txns.map((t) => {
+    const actions = document.createElement("td");
+    const id = encodeURIComponent(t.txn_id);
+    actions.append(
+      button("Commit", () => api("POST", `/v1/transactions/${id}/commit`, {}), "commit"), " ",
+      button("Roll back", () => api("POST", `/v1/transactions/${id}/rollback`, {}), "rollback"),
+    );
+    return row([cell(t.txn_id), cell(t.topic), cell(t.state, t.state === "unresolved" ? "bad" : ""), cell(`${t.checks}/${t.max_checks}`, "num"), cell(time(t.created_at)), actions], { txn: t.txn_id });
+  }), "none");
+}
+
+let busy = false;
+async function refresh() {
+  if (busy) return;
+  busy = true;
+  try {
+    const [topics, subs, plugins] = await Promise.all([
+      api("GET", "/v1/topics"), api("GET", "/v1/subscriptions"), api("GET", "/v1/plugins"),
+    ]);
+    renderTopics(topics.topics || []);
+    renderSubs(subs.subscriptions || []);
+    renderPlugins(plugins.plugins || [], subs.subscriptions || []);
+    await renderDlq(subs.subscriptions || []);
+    await renderTxns();
+    setStatus(`updated ${new Date().toLocaleTimeString()}`);
+    document.body.dataset.ready = "true";
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    busy = false;
+  }
+}
+
+refresh();
+setInterval(refresh, POLL_MS);

@@ -1,0 +1,62 @@
+// Drives the dashboard in headless Chromium (Debian's, through playwright-core): the paused
+// subscription's backlog shows, resuming it by a click lets its lag drop to 0, a dead letter
+// is redriven by a click, an undecided transaction is committed by a click.
+// Usage: node e2e.mjs URL  (WASMQ_NODE_MODULES: where playwright-core is installed)
+import { createRequire } from "node:module";
+
+const require = createRequire(process.env.WASMQ_NODE_MODULES.replace(/\/?$/, "/"));
+const { chromium } = require("playwright-core");
+
+const url = process.argv[2];
+const browser = await chromium.launch({
+  executablePath: process.env.WASMQ_CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+const step = (s) => console.log(`step: ${s}`);
+
+async function expectText(locator, want, timeout = 15000) {
+  const until = Date.now() + timeout;
+  let got;
+  while (Date.now() < until) {
+    got = (await locator.first().textContent({ timeout: 1000 }).catch(() => null))?.trim();
+    if (got === want) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`expected ${want}, saw ${got}`);
+}
+
+try {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  await page.goto(url);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 15000 });
+  step("dashboard loaded");
+
+  const lag = page.locator('tr[data-sub="slow"] td.lag');
+  await expectText(lag, "50");
+  await expectText(page.locator('tr[data-topic="orders"] td:nth-child(3)'), "50");
+  step("backlog of the paused subscription shown");
+  await page.locator('tr[data-sub="slow"] button[data-action="resume"]').click();
+  await expectText(lag, "0", 30000);
+  step("lag dropped to 0 after resume");
+
+  await page.selectOption("#dlq-group", "rejects");
+  await page.locator("#dlq tr[data-dead]").first().waitFor({ timeout: 15000 });
+  await page.locator('#dlq tr[data-dead] button[data-action="redrive"]').first().click();
+  step("dead letter redriven");
+
+  await page.locator('#txns tr[data-txn] button[data-action="commit"]').first().click();
+  await page.locator("#txns tr[data-txn]").first().waitFor({ state: "detached", timeout: 15000 });
+  step("transaction committed");
+
+  if (process.env.WASMQ_SCREENSHOT) await page.screenshot({ path: process.env.WASMQ_SCREENSHOT, fullPage: true });
+  if (errors.length) throw new Error(`page errors: ${errors.join("; ")}`);
+  console.log("ok");
+} catch (e) {
+  console.error(`FAILED: ${e.message}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
