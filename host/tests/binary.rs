@@ -852,6 +852,52 @@ async fn cli_tables_for_people_and_bulk_publish_from_a_file() {
         "{table}"
     );
 
+    // Every lookup has a verb: by id, by key, a queue from an offset.
+    let out = cli(&url, &["message", "find", "bulk", "--key", "k4"]);
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = found["messages"][0]["id"].as_str().unwrap().to_string();
+    let out = cli(&url, &["message", "get", &id]);
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["body"], json!({"n": 4}));
+    let out = cli(
+        &url,
+        &[
+            "message", "read", "bulk", "--queue", "1", "--from", "3", "--limit", "2",
+        ],
+    );
+    let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2, "{page}");
+    assert_eq!(page["messages"][0]["offset"], 3, "{page}");
+    // A transaction begun from the CLI, a plugin tried from the CLI, the server's status.
+    let out = cli(
+        &url,
+        &[
+            "txn",
+            "begin",
+            "bulk",
+            r#"{"half":true}"#,
+            "--check-after",
+            "60000",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let txn: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(txn["state"], "pending", "{txn}");
+    let out = cli(
+        &url,
+        &["plugin", "deploy", "echo", wasmq_tests::plugins::ECHO],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&url, &["plugin", "invoke", "echo", r#"{"hi":1}"#]);
+    let invoked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(invoked["outcome"]["type"], "ack", "{invoked}");
+    let out = human(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("status: ok") && text.contains("wasmq_published_messages_total"),
+        "{text}"
+    );
+
     // A bad line stops the run and says how far it got.
     std::fs::write(&file, "{\"n\":1}\nnot json\n").unwrap();
     let out = cli(&url, &["publish", "bulk", "--file", file.to_str().unwrap()]);

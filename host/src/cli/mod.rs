@@ -69,6 +69,11 @@ enum Command {
     /// Show, list and decide transactions.
     #[command(subcommand)]
     Txn(TxnCommand),
+    /// Look messages up by id or key, or read a queue.
+    #[command(subcommand)]
+    Message(MessageCommand),
+    /// The server's health and its Prometheus metrics (`--output json`: just the health).
+    Status,
     /// Show a plugin's recent log lines; `--follow` keeps printing new ones.
     Logs {
         name: String,
@@ -149,6 +154,17 @@ enum PluginCommand {
     Delete {
         name: String,
     },
+    /// Run the plugin's `handle` once on a message with BODY (as for publish), outside any
+    /// subscription: for trying a plugin.
+    Invoke {
+        name: String,
+        body: String,
+        /// The config the plugin sees, as JSON (or @FILE).
+        #[arg(long)]
+        config: Option<String>,
+        #[arg(long)]
+        version: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,6 +237,14 @@ struct SubArgs {
 
 #[derive(Subcommand)]
 enum TxnCommand {
+    /// Store a half message on TOPIC (BODY as for publish); it stays invisible until commit.
+    Begin {
+        topic: String,
+        body: String,
+        /// Ask the topic's checker after this many ms (default: the topic's setting).
+        #[arg(long)]
+        check_after: Option<u64>,
+    },
     Show {
         id: String,
     },
@@ -256,6 +280,28 @@ enum DlqCommand {
         group: String,
         #[arg(long = "id")]
         ids: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MessageCommand {
+    /// One message by id.
+    Get { id: String },
+    /// Messages with business key KEY on TOPIC.
+    Find {
+        topic: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// Read a queue of TOPIC from an offset.
+    Read {
+        topic: String,
+        #[arg(long, default_value_t = 0)]
+        queue: u32,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -313,6 +359,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Plugin(cmd) => plugin(&client, cmd).await,
+        Command::Message(cmd) => print(&match cmd {
+            MessageCommand::Get { id } => client.get(&format!("/v1/messages/{id}")).await?,
+            MessageCommand::Find { topic, key } => {
+                client
+                    .get(&format!(
+                        "/v1/topics/{topic}/messages?key={}",
+                        query_value(&key)
+                    ))
+                    .await?
+            }
+            MessageCommand::Read {
+                topic,
+                queue,
+                from,
+                limit,
+            } => {
+                client
+                    .get(&format!(
+                        "/v1/topics/{topic}/messages?queue={queue}&from={from}&limit={limit}"
+                    ))
+                    .await?
+            }
+        }),
+        Command::Status => {
+            let health = client.get("/healthz").await?;
+            if output::format() == output::Format::Json {
+                return print(&health);
+            }
+            print(&health)?;
+            let metrics = client.get("/metrics").await?;
+            println!("{}", metrics.as_str().unwrap_or_default().trim_end());
+            Ok(())
+        }
         Command::Logs {
             name,
             follow,
@@ -321,6 +400,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => logs(&client, &name, follow, limit, json).await,
         Command::Sub(cmd) => sub(&client, cmd).await,
         Command::Txn(cmd) => match cmd {
+            TxnCommand::Begin {
+                topic,
+                body,
+                check_after,
+            } => {
+                let mut envelope = body_field(&body)?;
+                if let Some(ms) = check_after {
+                    envelope.insert("check_after_ms".into(), ms.into());
+                }
+                print(
+                    &client
+                        .post_json(
+                            &format!("/v1/topics/{topic}/transactions"),
+                            &Value::Object(envelope),
+                        )
+                        .await?,
+                )
+            }
             TxnCommand::Show { id } => print(&client.get(&format!("/v1/transactions/{id}")).await?),
             TxnCommand::List { state } => {
                 let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
@@ -446,6 +543,25 @@ async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Result<()> {
             )
         }
         PluginCommand::List => print(&client.get("/v1/plugins").await?),
+        PluginCommand::Invoke {
+            name,
+            body,
+            config,
+            version,
+        } => {
+            let mut req = json!({ "message": Value::Object(body_field(&body)?) });
+            if let Some(c) = config {
+                req["config"] = json_arg("config", &c)?;
+            }
+            if let Some(v) = version {
+                req["version"] = v.into();
+            }
+            print(
+                &client
+                    .post_json(&format!("/v1/plugins/{name}/invoke"), &req)
+                    .await?,
+            )
+        }
         PluginCommand::Show { name } => print(&client.get(&format!("/v1/plugins/{name}")).await?),
         PluginCommand::Delete { name } => {
             print(&client.delete(&format!("/v1/plugins/{name}")).await?)
@@ -560,6 +676,11 @@ async fn sub(client: &Client, cmd: SubCommand) -> anyhow::Result<()> {
             print(&client.delete(&format!("/v1/subscriptions/{group}")).await?)
         }
     }
+}
+
+/// Percent-encodes a query value (keys may hold `&`, `=`, spaces).
+fn query_value(v: &str) -> String {
+    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
 }
 
 /// JSON text becomes `body`; anything else is sent as bytes in `body_base64`.
