@@ -38,6 +38,16 @@ fn need(method: &Method, path: &str) -> Need {
     }
 }
 
+/// The scope a route needs, as the OpenAPI document names it.
+pub fn scope_name(method: &Method, path: &str) -> &'static str {
+    match need(method, path) {
+        Need::Nothing => "none",
+        Need::Read => "read",
+        Need::Produce(_) | Need::Decide => "produce",
+        Need::Admin => "admin",
+    }
+}
+
 /// Compares without an early exit, so timing does not reveal how much of a token matched.
 fn same(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();

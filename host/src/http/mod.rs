@@ -5,6 +5,7 @@ mod dashboard;
 mod error;
 mod messages;
 mod plugins;
+pub mod routes;
 mod serve;
 mod subscriptions;
 mod topics;
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
 use crate::broker::Broker;
@@ -41,64 +41,12 @@ pub struct AppState {
 
 /// The whole API; tests and the server both build it here.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(dashboard::index))
-        .route("/ui/{file}", get(dashboard::file))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/v1/topics", get(topics::list))
-        .route("/v1/topics/{topic}", get(topics::show).put(topics::put))
-        .route(
-            "/v1/topics/{topic}/messages",
-            post(messages::publish).get(messages::list),
-        )
-        .route(
-            "/v1/topics/{topic}/messages/batch",
-            post(messages::publish_batch),
-        )
-        .route("/v1/messages/{id}", get(messages::by_id))
-        .route("/v1/topics/{topic}/transactions", post(transactions::begin))
-        .route("/v1/transactions", get(transactions::list))
-        .route("/v1/transactions/{id}", get(transactions::show))
-        .route("/v1/transactions/{id}/commit", post(transactions::commit))
-        .route(
-            "/v1/transactions/{id}/rollback",
-            post(transactions::rollback),
-        )
-        .route("/v1/transactions/{id}/recheck", post(transactions::recheck))
-        .route("/v1/plugins", get(plugins::list))
-        .route(
-            "/v1/plugins/{name}",
-            get(plugins::show)
-                .put(plugins::upload)
-                .delete(plugins::delete),
-        )
-        .route("/v1/plugins/{name}/invoke", post(plugins::invoke))
-        .route("/v1/plugins/{name}/logs", get(plugins::logs))
-        .route("/v1/subscriptions", get(subscriptions::list))
-        .route(
-            "/v1/subscriptions/{group}",
-            get(subscriptions::show)
-                .put(subscriptions::put)
-                .delete(subscriptions::delete),
-        )
-        .route(
-            "/v1/subscriptions/{group}/pause",
-            post(subscriptions::pause),
-        )
-        .route(
-            "/v1/subscriptions/{group}/resume",
-            post(subscriptions::resume),
-        )
-        .route(
-            "/v1/subscriptions/{group}/reset",
-            post(subscriptions::reset),
-        )
-        .route("/v1/subscriptions/{group}/dlq", get(subscriptions::dlq))
-        .route(
-            "/v1/subscriptions/{group}/dlq/redrive",
-            post(subscriptions::redrive),
-        )
+    let mut router = Router::new();
+    for r in routes::routes() {
+        // Two methods on one path merge into one method router.
+        router = router.route(r.path, r.handler);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -166,13 +114,13 @@ async fn deadline(
     }
 }
 
-async fn healthz() -> axum::Json<serde_json::Value> {
+pub(crate) async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
 /// Prometheus text format: counters and histograms kept as the broker works, plus state read
 /// now (lag, dead letters, timers, transactions, disk).
-async fn metrics(
+pub(crate) async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse as _;
