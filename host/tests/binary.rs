@@ -891,6 +891,9 @@ async fn cli_tables_for_people_and_bulk_publish_from_a_file() {
     let out = cli(&url, &["plugin", "invoke", "echo", r#"{"hi":1}"#]);
     let invoked: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(invoked["outcome"]["type"], "ack", "{invoked}");
+    let out = human(&["openapi"]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
     let out = human(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

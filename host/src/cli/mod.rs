@@ -74,6 +74,8 @@ enum Command {
     Message(MessageCommand),
     /// The server's health and its Prometheus metrics (`--output json`: just the health).
     Status,
+    /// The server's OpenAPI document (JSON).
+    Openapi,
     /// Show a plugin's recent log lines; `--follow` keeps printing new ones.
     Logs {
         name: String,
@@ -382,6 +384,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     .await?
             }
         }),
+        Command::Openapi => {
+            // A document, not a listing: always JSON.
+            let doc = client.get("/v1/openapi.json").await?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(())
+        }
         Command::Status => {
             let health = client.get("/healthz").await?;
             if output::format() == output::Format::Json {
