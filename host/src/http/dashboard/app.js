@@ -154,7 +154,10 @@ function drawChart() {
   let i = 0;
   for (const [group, s] of state.series) {
     const color = COLORS[i++ % COLORS.length];
-    legend.push(`<span style="color:${color}">■ ${group}</span>`);
+    const item = document.createElement("span");
+    item.style.color = color;
+    item.textContent = `■ ${group}`;
+    legend.push(item);
     ctx.strokeStyle = color;
     ctx.lineWidth = 2;
     ctx.beginPath();
@@ -165,7 +168,7 @@ function drawChart() {
     });
     ctx.stroke();
   }
-  $("#legend").innerHTML = legend.join("");
+  $("#legend").replaceChildren(...legend);
 }
 
 function renderPlugins(plugins, subs) {
