@@ -363,11 +363,14 @@ impl Plugins {
             v.version,
             format!("{}|{:?}", ctx.config_json, ctx.grants),
         );
-        let idle = self
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get_mut(&pool_key).and_then(Vec::pop));
+        let idle = self.idle.lock().ok().and_then(|mut m| {
+            let instances = m.get_mut(&pool_key)?;
+            let instance = instances.pop();
+            if instances.is_empty() {
+                m.remove(&pool_key);
+            }
+            instance
+        });
         let mut instance = match idle {
             Some(i) => i,
             None => {
@@ -385,12 +388,17 @@ impl Plugins {
         let outcome = instance.handle(message).await;
         if instance.is_usable()
             && let Ok(mut m) = self.idle.lock()
+            && m.values().map(Vec::len).sum::<usize>() < MAX_IDLE_INVOKE
         {
             m.entry(pool_key).or_default().push(instance);
         }
         Ok((v, outcome))
     }
 }
+
+/// Idle instances the invoke API keeps, over all plugins and configs: each holds a slot of the
+/// instance pool that subscriptions need too, so many distinct configs must not fill it.
+const MAX_IDLE_INVOKE: usize = 16;
 
 /// Plugin names follow the topic name rules (they appear in URLs and storage keys).
 pub fn validate_name(name: &str) -> Result<(), PluginError> {

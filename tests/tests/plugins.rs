@@ -544,3 +544,41 @@ async fn plugin_logs_are_kept_paged_followed_and_capped_per_call() {
     assert_eq!(page["lines"][1]["message"], "log line 2");
     assert_eq!(page["next"], 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invoke_api_keeps_a_bounded_number_of_idle_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("probe", PROBE).await;
+    let call = |i: usize| {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        async move {
+            let r = client
+                .post(format!("{url}/v1/plugins/probe/invoke"))
+                .json(&json!({"message": {"body": {"do": "ack"}}, "config": {"tenant": i}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+    };
+    let before = metric(&s, "wasmq_plugin_instantiations").await;
+    for i in 0..40 {
+        call(i).await;
+    }
+    let first = metric(&s, "wasmq_plugin_instantiations").await - before;
+    assert_eq!(first, 40, "each config gets its own instance");
+    // At most 16 were kept: calling all 40 configs again instantiates at least 24 anew.
+    for i in 0..40 {
+        call(i).await;
+    }
+    let second = metric(&s, "wasmq_plugin_instantiations").await - before - first;
+    assert!(
+        second >= 24,
+        "only {second} new instances: more than 16 idle were kept"
+    );
+    // The kept ones still serve their configs without a new instance.
+    let mid = metric(&s, "wasmq_plugin_instantiations").await;
+    call(0).await;
+    assert_eq!(metric(&s, "wasmq_plugin_instantiations").await, mid);
+}
