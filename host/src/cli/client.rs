@@ -55,17 +55,17 @@ impl Client {
 
     /// A GET whose body is read as it arrives (a log follow); errors as in the JSON calls.
     pub async fn get_stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        let resp = self
-            .http
-            .get(self.url(path))
-            .send()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach wasmq at {} (is `wasmq serve` running?)",
-                    self.base
-                )
-            })?;
+        self.respond(self.http.get(self.url(path))).await
+    }
+
+    /// Sends; a success comes back as is, an error answer as one readable error.
+    async fn respond(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach wasmq at {} (is `wasmq serve` running?)",
+                self.base
+            )
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -79,18 +79,13 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach wasmq at {} (is `wasmq serve` running?)",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.context("cannot read the response")?;
-        if status.is_success() {
-            return Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)));
-        }
-        Err(failure(status, &text))
+        let text = self
+            .respond(req)
+            .await?
+            .text()
+            .await
+            .context("cannot read the response")?;
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 }
 

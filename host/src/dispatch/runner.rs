@@ -733,6 +733,9 @@ async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work
     };
     let delay = metrics.dispatch_delay_seconds.get_or_create(&group).clone();
     let duration = metrics.invocation_seconds.get_or_create(&group).clone();
+    // One counter per outcome, looked up once: not a label map lookup per delivery.
+    let mut outcomes: [Option<prometheus_client::metrics::counter::Counter>; OUTCOMES.len()] =
+        Default::default();
     let mut failures = 0u64;
     loop {
         let item = { work.lock().await.recv().await };
@@ -766,11 +769,16 @@ async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work
             ))
             .await;
         duration.observe(started.elapsed().as_secs_f64());
-        metrics
-            .deliveries
-            .get_or_create(&crate::metrics::OutcomeLabels {
-                group: ctx.group.clone(),
-                outcome: outcome_label(&result),
+        let i = outcome_index(&result);
+        outcomes[i]
+            .get_or_insert_with(|| {
+                metrics
+                    .deliveries
+                    .get_or_create(&crate::metrics::OutcomeLabels {
+                        group: ctx.group.clone(),
+                        outcome: OUTCOMES[i],
+                    })
+                    .clone()
             })
             .inc();
         if let Err(e) = &result {
@@ -787,15 +795,18 @@ async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work
     }
 }
 
-fn outcome_label(result: &Result<Outcome, InvokeError>) -> &'static str {
+/// Delivery outcomes as `wasmq_deliveries_total` labels them.
+const OUTCOMES: [&str; 7] = ["ack", "retry", "reject", "timeout", "oom", "trap", "error"];
+
+fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
     match result {
-        Ok(Outcome::Ack) => "ack",
-        Ok(Outcome::Retry(_)) => "retry",
-        Ok(Outcome::Reject(_)) => "reject",
-        Err(InvokeError::Timeout(_)) => "timeout",
-        Err(InvokeError::MemoryLimit(_)) => "oom",
-        Err(InvokeError::Trap(_)) => "trap",
-        Err(InvokeError::MissingExport(_) | InvokeError::Instantiate(_)) => "error",
+        Ok(Outcome::Ack) => 0,
+        Ok(Outcome::Retry(_)) => 1,
+        Ok(Outcome::Reject(_)) => 2,
+        Err(InvokeError::Timeout(_)) => 3,
+        Err(InvokeError::MemoryLimit(_)) => 4,
+        Err(InvokeError::Trap(_)) => 5,
+        Err(InvokeError::MissingExport(_) | InvokeError::Instantiate(_)) => 6,
     }
 }
 
