@@ -2,7 +2,7 @@
 
 mod client;
 mod output;
-mod scaffold;
+pub mod scaffold;
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -131,18 +131,25 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Create a plugin crate NAME (in --dir, default .) that builds on the first try.
+    /// Create a plugin NAME (in --dir, default .) in Rust, Python or JavaScript that builds on
+    /// the first try, with the guest SDK and the WIT contract beside it.
     New {
         name: String,
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// rust, python or js
         #[arg(long, default_value = "rust")]
         lang: String,
     },
-    /// Build the plugin in DIR (default .) for wasm32-wasip2; prints the component's path.
+    /// Build the plugin in DIR (default .) into a component; prints its path. The language comes
+    /// from DIR's Cargo.toml, pyproject.toml or package.json; a missing toolchain (the
+    /// wasm32-wasip2 target, componentize-py, componentize-js) is installed first.
     Build {
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Build output here instead of DIR/target.
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
     },
     /// Upload a component as the next version of plugin NAME.
     Deploy {
@@ -529,15 +536,18 @@ async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Result<()> {
     match cmd {
         PluginCommand::New { name, dir, lang } => {
             let root = scaffold::new_plugin(&name, &dir, &lang)?;
-            println!("created {}", root.display());
+            println!("created {} ({lang})", root.display());
             println!(
                 "next: wasmq plugin build {} && wasmq plugin deploy {name} <the .wasm it prints>",
                 root.display()
             );
             Ok(())
         }
-        PluginCommand::Build { dir } => {
-            let path = tokio::task::spawn_blocking(move || scaffold::build_plugin(&dir)).await??;
+        PluginCommand::Build { dir, target_dir } => {
+            let path = tokio::task::spawn_blocking(move || {
+                scaffold::build_plugin_in(&dir, target_dir.as_deref())
+            })
+            .await??;
             println!("{}", path.display());
             Ok(())
         }

@@ -1,5 +1,4 @@
-//! `wasmq plugin new` and `wasmq plugin build`: a plugin crate that builds on the first try,
-//! with the guest SDK and the WIT contract vendored next to it (they ship inside this binary).
+//! Rust plugins: a crate with the guest SDK vendored beside it, built by cargo for wasm32-wasip2.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -8,26 +7,32 @@ use anyhow::{Context as _, bail};
 
 /// The guest SDK and WIT files, as this binary was built with them.
 const SDK_FILES: [(&str, &str); 8] = [
-    ("Cargo.toml", include_str!("../../../guest-sdk/Cargo.toml")),
-    ("README.md", include_str!("../../../guest-sdk/README.md")),
-    ("src/lib.rs", include_str!("../../../guest-sdk/src/lib.rs")),
+    (
+        "Cargo.toml",
+        include_str!("../../../../guest-sdk/Cargo.toml"),
+    ),
+    ("README.md", include_str!("../../../../guest-sdk/README.md")),
+    (
+        "src/lib.rs",
+        include_str!("../../../../guest-sdk/src/lib.rs"),
+    ),
     (
         "src/capabilities.rs",
-        include_str!("../../../guest-sdk/src/capabilities.rs"),
+        include_str!("../../../../guest-sdk/src/capabilities.rs"),
     ),
     (
         "src/message.rs",
-        include_str!("../../../guest-sdk/src/message.rs"),
+        include_str!("../../../../guest-sdk/src/message.rs"),
     ),
     (
         "src/testing.rs",
-        include_str!("../../../guest-sdk/src/testing.rs"),
+        include_str!("../../../../guest-sdk/src/testing.rs"),
     ),
     (
         "src/template.rs",
-        include_str!("../../../guest-sdk/src/template.rs"),
+        include_str!("../../../../guest-sdk/src/template.rs"),
     ),
-    ("wit/wasmq.wit", include_str!("../../../wit/wasmq.wit")),
+    ("wit/wasmq.wit", include_str!("../../../../wit/wasmq.wit")),
 ];
 
 const TARGET: &str = "wasm32-wasip2";
@@ -116,39 +121,17 @@ fn type_name(name: &str) -> String {
     out
 }
 
-/// Writes a new plugin crate `dir/name`.
-pub fn new_plugin(name: &str, dir: &Path, lang: &str) -> anyhow::Result<PathBuf> {
-    if lang != "rust" {
-        bail!("--lang {lang} is not supported yet; use --lang rust");
-    }
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-    if !valid {
-        bail!("plugin name {name:?}: use 1-64 of a-z 0-9 - _, starting with a letter");
-    }
-    let root = dir.join(name);
-    if root.exists() {
-        bail!("{} already exists", root.display());
-    }
-    let write = |rel: &str, text: &str| -> anyhow::Result<()> {
-        let path = root.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
-    };
-    write("Cargo.toml", &cargo_toml(name))?;
-    write("src/lib.rs", &lib_rs(&type_name(name)))?;
-    write(".gitignore", "/target\n")?;
+/// The files of a new Rust plugin crate.
+pub(super) fn scaffold(name: &str) -> Vec<(String, String)> {
+    let mut files = vec![
+        ("Cargo.toml".to_string(), cargo_toml(name)),
+        ("src/lib.rs".to_string(), lib_rs(&type_name(name))),
+        (".gitignore".to_string(), "/target\n".to_string()),
+    ];
     for (rel, text) in SDK_FILES {
-        write(&format!("wasmq-guest-sdk/{rel}"), text)?;
+        files.push((format!("wasmq-guest-sdk/{rel}"), text.to_string()));
     }
-    Ok(root)
+    files
 }
 
 /// Installs the wasm32-wasip2 target if rustup lacks it, saying so.
@@ -174,7 +157,7 @@ fn ensure_target() -> anyhow::Result<()> {
 }
 
 /// Builds the plugin crate in `dir` for wasm32-wasip2 and returns the component's path.
-pub fn build_plugin(dir: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn build(dir: &Path, target: Option<&Path>) -> anyhow::Result<PathBuf> {
     let manifest = dir.join("Cargo.toml");
     if !manifest.exists() {
         bail!(
@@ -184,7 +167,11 @@ pub fn build_plugin(dir: &Path) -> anyhow::Result<PathBuf> {
     }
     ensure_target()?;
     let manifest = manifest.canonicalize()?;
-    let out = Command::new("cargo")
+    let mut cmd = Command::new("cargo");
+    if let Some(target) = target {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let out = cmd
         .current_dir(dir)
         .args([
             "build",
@@ -234,20 +221,5 @@ mod tests {
         assert_eq!(type_name("email-notifier"), "EmailNotifier");
         assert_eq!(type_name("x"), "X");
         assert_eq!(type_name("9lives"), "Plugin9lives");
-    }
-
-    #[test]
-    fn refuses_bad_names_and_existing_dirs() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(new_plugin("Bad Name", dir.path(), "rust").is_err());
-        assert!(new_plugin("ok", dir.path(), "cobol").is_err());
-        let root = new_plugin("ok", dir.path(), "rust").unwrap();
-        assert!(root.join("wasmq-guest-sdk/wit/wasmq.wit").exists());
-        assert!(
-            new_plugin("ok", dir.path(), "rust")
-                .unwrap_err()
-                .to_string()
-                .contains("exists")
-        );
     }
 }
