@@ -20,6 +20,23 @@ pub mod plugins {
 }
 
 /// A server running inside the test process.
+/// A Python or JavaScript plugin of plugins/ (e.g. "email-notifier-py"), built by the code of
+/// `wasmq plugin build` (which installs componentize-py / componentize-js when missing) into the
+/// shared plugin target dir; rebuilt only when its inputs changed.
+pub async fn polyglot_plugin(name: &str) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins")
+        .join(name);
+    let target = Path::new(plugins::TARGET_DIR).join("polyglot").join(name);
+    let name = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        wasmq::cli::scaffold::build_plugin_in(&root, Some(&target))
+            .unwrap_or_else(|e| panic!("building plugins/{name}: {e:#}"))
+    })
+    .await
+    .expect("the build task panicked")
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub url: String,

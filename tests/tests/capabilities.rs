@@ -36,11 +36,23 @@ fn email_sub(grant: bool) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_notifier_speaks_real_smtp_once_per_message() {
+    email_notifier_round_trip(EMAIL_NOTIFIER).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_email_notifier_passes_the_same_checks() {
+    let wasm = wasmq_tests::polyglot_plugin("email-notifier-py").await;
+    email_notifier_round_trip(wasm.to_str().unwrap()).await;
+}
+
+/// The email notifier's behaviour, whichever language `wasm` was written in: real SMTP, one
+/// mail per message across a transient failure and a replay, no recipient dead-letters.
+async fn email_notifier_round_trip(wasm: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (smtp, gateway) = (SmtpServer::start().await, HttpPeer::start().await);
     let s = server_with_peers(dir.path(), &smtp, &gateway).await;
     s.create_topic("user-registered", 2).await;
-    s.upload_plugin("email-notifier", EMAIL_NOTIFIER).await;
+    s.upload_plugin("email-notifier", wasm).await;
     // The first delivery attempt meets a transient SMTP failure.
     smtp.state.fail_next.store(1, Ordering::SeqCst);
     s.subscribe("welcome-email", email_sub(true)).await;

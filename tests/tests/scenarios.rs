@@ -80,12 +80,14 @@ async fn ordered_profiles_end_in_the_source_of_truth() {
     assert!(r.global_in_order);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn price_sync_leaves_every_instance_with_the_latest_prices() {
+/// The price-sync check, with the Rust cache-sync plugin or another language's (`plugin`).
+async fn price_sync_check(plugin: Option<PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let (smtp, gateway) = (SmtpServer::start().await, HttpPeer::start().await);
     let (_s, ctx) = server(dir.path(), &smtp, &gateway).await;
-    let r = price_sync::run(&ctx, &plugins(), 2000).await.unwrap();
+    let r = price_sync::run(&ctx, &plugins(), plugin.as_deref(), 2000)
+        .await
+        .unwrap();
     println!("{r}");
     assert!(r.identical, "instances disagree with the latest prices");
     // The failing instance was visibly behind while the others were done.
@@ -96,4 +98,15 @@ async fn price_sync_leaves_every_instance_with_the_latest_prices() {
         "{:?}",
         r.lag_over_time
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn price_sync_leaves_every_instance_with_the_latest_prices() {
+    price_sync_check(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn price_sync_with_the_javascript_cache_sync_plugin() {
+    let wasm = wasmq_tests::polyglot_plugin("cache-sync-js").await;
+    price_sync_check(Some(wasm)).await;
 }

@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             "ordered-profile" => ordered_profile::run(&ctx, &plugins, 1000)
                 .await
                 .map(|r| r.to_string()),
-            _ => price_sync::run(&ctx, &plugins, 2000)
+            _ => price_sync::run(&ctx, &plugins, None, 2000)
                 .await
                 .map(|r| r.to_string()),
         };

@@ -1,0 +1,160 @@
+//! Python and JavaScript plugins under the same contract as Rust ones: the same CPU and memory
+//! limits stop them while the host keeps serving, and capabilities need the same grants.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use wasmq_tests::plugins::RECORDER;
+use wasmq_tests::{TestServer, config_in, polyglot_plugin};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_plugins_that_spin_or_hog_are_stopped_and_the_host_serves_on() {
+    let (py, js) = (
+        polyglot_plugin("hostile-py").await,
+        polyglot_plugin("hostile-js").await,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.plugins.timeout_ms = 300;
+    let s = TestServer::start_with(config).await;
+    for (name, path) in [
+        ("hostile-py", py.to_str().unwrap()),
+        ("hostile-js", js.to_str().unwrap()),
+        ("recorder", RECORDER),
+    ] {
+        let (st, v) = s.upload_plugin(name, path).await;
+        assert_eq!(st, StatusCode::CREATED, "{name}: {v}");
+    }
+    for t in ["healthy", "audit", "hostile-py", "hostile-js"] {
+        s.create_topic(t, 2).await;
+    }
+    for lang in ["py", "js"] {
+        s.subscribe(
+            &format!("hostile-{lang}"),
+            json!({"topic": format!("hostile-{lang}"), "plugin": format!("hostile-{lang}"),
+                   "instances": 2, "retry": {"max_attempts": 2, "backoff_ms": [10]}}),
+        )
+        .await;
+    }
+    s.subscribe(
+        "healthy",
+        json!({"topic": "healthy", "plugin": "recorder",
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    let bodies = [
+        json!({"do": "spin"}),
+        json!({"do": "hog"}),
+        json!({"do": "spin"}),
+        json!({"do": "hog"}),
+        json!({"do": "nothing"}),
+        json!({"do": "nothing"}),
+    ];
+    for lang in ["py", "js"] {
+        let messages: Vec<Value> = bodies.iter().map(|b| json!({"body": b})).collect();
+        let (st, v) = s
+            .post_json(
+                &format!("/v1/topics/hostile-{lang}/messages/batch"),
+                &json!({"messages": messages}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    // Meanwhile a healthy subscription keeps handling messages.
+    let healthy = 40u64;
+    for _ in 0..healthy {
+        let (st, _) = s
+            .post_json(
+                "/v1/topics/healthy/messages",
+                &json!({"body": {"sent_at": now_ms()}}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let audit = s.wait_audit("audit", healthy, 60).await;
+    let max = audit
+        .iter()
+        .map(|a| a["handled_at"].as_u64().unwrap() - a["body"]["sent_at"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    println!("healthy publish→handle beside hostile Python/JS plugins: max {max} ms");
+    assert!(max < 2000, "max {max} ms");
+
+    for lang in ["py", "js"] {
+        let group = format!("hostile-{lang}");
+        let st = s
+            .wait_until(&format!("/v1/subscriptions/{group}"), 60, |v| {
+                v["counters"]["dead_lettered"] == 4 && v["counters"]["acked"] == 2
+            })
+            .await;
+        println!("{group}: {}", st["counters"]);
+        let (_, dlq) = s.get(&format!("/v1/subscriptions/{group}/dlq")).await;
+        let reasons: Vec<&str> = dlq["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap())
+            .collect();
+        // Two spins ran past the CPU deadline, two hogs past the memory cap.
+        let count = |what: &str| reasons.iter().filter(|r| r.contains(what)).count();
+        assert_eq!(
+            (count("deadline"), count("memory limit")),
+            (2, 2),
+            "{group}: {reasons:#?}"
+        );
+    }
+    let (st, _) = s.get("/healthz").await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_capabilities_need_the_same_grants() {
+    let py = polyglot_plugin("email-notifier-py").await;
+    let js = polyglot_plugin("cache-sync-js").await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("email-py", py.to_str().unwrap()).await;
+    s.upload_plugin("cache-js", js.to_str().unwrap()).await;
+    s.create_topic("report", 1).await;
+    // Invoked outside a subscription, nothing is granted: the host says no, the plugin maps it.
+    let (st, v) = s
+        .post_json(
+            "/v1/plugins/email-py/invoke",
+            &json!({"message": {"body": {"email": "a@example.com", "name": "A"}},
+                    "config": {"to": "{{email}}", "subject": "s", "text": "t"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["outcome"]["type"], "reject", "{v}");
+    assert!(
+        v["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("denied:"),
+        "{v}"
+    );
+    let (st, v) = s
+        .post_json(
+            "/v1/plugins/cache-js/invoke",
+            &json!({"message": {"body": {"snapshot": true}}, "config": {"report": "report"}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(
+        v["outcome"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("denied:")),
+        "{v}"
+    );
+    assert!(s.read_queue("report", 0).await.is_empty());
+}
