@@ -265,25 +265,33 @@ async fn cli_verbs_talk_to_the_server() {
     server.kill().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scaffold_build_deploy_and_invoke_a_new_plugin() {
+/// `plugin new --lang LANG`, `plugin build`, `plugin deploy`, then a subscription consumes with
+/// the new plugin through a real server: the scaffold's logic acks JSON and dead-letters the rest.
+async fn scaffold_build_deploy_and_consume(lang: &str) -> ChildServer {
     let work = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(BIN)
-        .args(["plugin", "new", "hello-world", "--dir"])
+        .args(["plugin", "new", "hello-world", "--lang", lang, "--dir"])
         .arg(work.path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    // Builds with the same toolchain a user has; the shared target dir only saves time.
+    // Builds with the toolchain a user gets (installed when missing); the shared target dir
+    // only saves time between runs.
+    let shared = Path::new(wasmq_tests::plugins::TARGET_DIR);
     let out = std::process::Command::new(BIN)
         .args(["plugin", "build"])
         .arg(work.path().join("hello-world"))
-        .env("CARGO_TARGET_DIR", wasmq_tests::plugins::TARGET_DIR)
+        .arg("--target-dir")
+        .arg(shared.join(format!("scaffold-{lang}")))
+        .env("CARGO_TARGET_DIR", shared)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{lang}: {}", stderr(&out));
     let wasm = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(wasm.ends_with("hello_world.wasm"), "{wasm}");
+    assert!(
+        wasm.ends_with(".wasm") && Path::new(&wasm).is_file(),
+        "{wasm}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
@@ -292,41 +300,90 @@ async fn scaffold_build_deploy_and_invoke_a_new_plugin() {
     let deployed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(deployed["version"], 1);
     assert_eq!(deployed["exports"], json!(["wasmq:plugin/consumer@0.1.0"]));
+    create_topic(&server.url, "greetings", 2).await;
     let http = reqwest::Client::new();
-    let invoke = |body: Value| {
-        let http = http.clone();
-        let url = format!("{}/v1/plugins/hello-world/invoke", server.url);
-        async move {
-            http.post(url)
-                .json(&json!({"message": body}))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
+    let r = http
+        .put(format!("{}/v1/subscriptions/greeter", server.url))
+        .json(&json!({"topic": "greetings", "plugin": "hello-world"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    for body in [
+        json!({"body": {"hello": "world"}}),
+        json!({"body_base64": "AAEC"}),
+    ] {
+        let r = http
+            .post(format!("{}/v1/topics/greetings/messages", server.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let mut counters = Value::Null;
+    for _ in 0..200 {
+        let st: Value = http
+            .get(format!("{}/v1/subscriptions/greeter", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        counters = st["counters"].clone();
+        if counters["acked"] == 1 && counters["dead_lettered"] == 1 {
+            break;
         }
-    };
-    assert_eq!(
-        invoke(json!({"body": {"hello": "world"}})).await["outcome"]["type"],
-        "ack"
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        counters["acked"] == 1 && counters["dead_lettered"] == 1,
+        "{lang}: {counters}"
     );
-    assert_eq!(
-        invoke(json!({"body_base64": "AAEC"})).await["outcome"]["type"],
-        "reject"
+    let out = cli(&server.url, &["logs", "hello-world"]);
+    let logs = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        logs.contains("got ") && logs.contains("hello"),
+        "{lang}: {logs}"
     );
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_build_deploy_and_consume_a_new_rust_plugin() {
+    let server = scaffold_build_deploy_and_consume("rust").await;
     let out = cli(&server.url, &["plugin", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello-world"));
     // Errors are messages, not panics.
     let out = cli(&server.url, &["plugin", "deploy", "x", "/nonexistent.wasm"]);
     assert!(!out.status.success() && stderr(&out).contains("cannot read"));
+    let empty = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(BIN)
         .args(["plugin", "build"])
-        .arg(work.path())
+        .arg(empty.path())
         .output()
         .unwrap();
-    assert!(!out.status.success() && stderr(&out).contains("no Cargo.toml"));
+    assert!(!out.status.success() && stderr(&out).contains("no Cargo.toml, pyproject.toml"));
+    let out = std::process::Command::new(BIN)
+        .args(["plugin", "new", "x", "--lang", "cobol"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("use rust, python or js"));
     server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_build_deploy_and_consume_a_new_python_plugin() {
+    scaffold_build_deploy_and_consume("python")
+        .await
+        .kill()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_build_deploy_and_consume_a_new_javascript_plugin() {
+    scaffold_build_deploy_and_consume("js").await.kill().await;
 }
 
 /// Reads every audit record (one queue) from a server.
