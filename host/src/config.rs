@@ -128,7 +128,8 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 4 * 1024 * 1024,
             max_batch: 1000,
-            max_plugin_bytes: 32 * 1024 * 1024,
+            // Python and JavaScript components start at 12-19 MB (the interpreter is inside).
+            max_plugin_bytes: 64 * 1024 * 1024,
             max_request_bytes: 16 * 1024 * 1024,
             max_queues: 256,
             idempotency_window_ms: 24 * 3600 * 1000,

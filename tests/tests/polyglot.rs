@@ -158,3 +158,99 @@ async fn python_and_javascript_capabilities_need_the_same_grants() {
     );
     assert!(s.read_queue("report", 0).await.is_empty());
 }
+
+/// The fenced code blocks of README.md's "Write a plugin" section, by info string.
+fn readme_plugins() -> Vec<(String, String)> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme.split("## Write a plugin").nth(1).unwrap();
+    let section = section.split("\n## ").next().unwrap();
+    let mut blocks = Vec::new();
+    let mut parts = section.split("```");
+    parts.next();
+    while let (Some(block), _) = (parts.next(), parts.next()) {
+        if let Some((info, code)) = block.split_once('\n') {
+            if ["rust", "python", "js"].contains(&info) {
+                blocks.push((info.to_string(), code.to_string()));
+            }
+        }
+    }
+    blocks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_plugin_behaves_the_same_in_rust_python_and_javascript() {
+    let blocks = readme_plugins();
+    assert_eq!(
+        blocks.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        ["rust", "python", "js"]
+    );
+    let work = tempfile::tempdir().unwrap();
+    let shared = std::path::Path::new(wasmq_tests::plugins::TARGET_DIR);
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    for (lang, code) in blocks {
+        let root =
+            wasmq::cli::scaffold::new_plugin("signups", &work.path().join(&lang), &lang).unwrap();
+        let main = match lang.as_str() {
+            "rust" => "src/lib.rs",
+            "python" => "app.py",
+            _ => "app.js",
+        };
+        std::fs::write(root.join(main), code).unwrap();
+        let target = match lang.as_str() {
+            "rust" => shared.to_path_buf(),
+            _ => shared.join(format!("readme-{lang}")),
+        };
+        let wasm = tokio::task::spawn_blocking(move || {
+            wasmq::cli::scaffold::build_plugin_in(&root, Some(&target))
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{lang}: {e:#}"));
+        let name = format!("signups-{lang}");
+        let (st, v) = s.upload_plugin(&name, wasm.to_str().unwrap()).await;
+        assert_eq!(st, StatusCode::CREATED, "{lang}: {v}");
+        let invoke = |body: Value| {
+            let (s, name) = (&s, &name);
+            async move {
+                let (st, v) = s
+                    .post_json(
+                        &format!("/v1/plugins/{name}/invoke"),
+                        &json!({"message": body}),
+                    )
+                    .await;
+                assert_eq!(st, StatusCode::OK, "{v}");
+                v["outcome"].clone()
+            }
+        };
+        for _ in 0..2 {
+            let out = invoke(json!({"body": {"email": "ann@example.com"}})).await;
+            assert_eq!(out["type"], "ack", "{lang}: {out}");
+        }
+        for bad in [
+            json!({"body": {"name": "no email"}}),
+            json!({"body_base64": "AAEC"}),
+        ] {
+            let out = invoke(bad).await;
+            assert_eq!(
+                (out["type"].as_str(), out["reason"].as_str()),
+                (Some("reject"), Some("not a signup")),
+                "{lang}"
+            );
+        }
+        // kv kept the count between calls (and instances): the second sign-up was #2.
+        let (_, logs) = s.get(&format!("/v1/plugins/{name}/logs")).await;
+        let lines: Vec<&str> = logs["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            ["signup ann@example.com (#1)", "signup ann@example.com (#2)"],
+            "{lang}"
+        );
+    }
+}
