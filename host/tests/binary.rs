@@ -275,6 +275,27 @@ async fn scaffold_build_deploy_and_consume(lang: &str) -> ChildServer {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    // The scaffold's own unit tests pass against the SDK's fake host (Rust's run in
+    // `cargo test` of the plugin; left out here for time).
+    let unit = match lang {
+        "python" => Some(("python3", vec!["-m", "unittest", "-q"])),
+        "js" => Some(("node", vec!["--import", "./testing.js", "--test"])),
+        _ => None,
+    };
+    if let Some((program, args)) = unit {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .current_dir(work.path().join("hello-world"))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{lang} unit tests: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+    }
     // Builds with the toolchain a user gets (installed when missing); the shared target dir
     // only saves time between runs.
     let shared = Path::new(wasmq_tests::plugins::TARGET_DIR);

@@ -10,6 +10,25 @@ use super::{Fingerprint, Output, WIT, check_world, source_files, toolchain, wit_
 
 /// The JavaScript guest SDK, as this binary was built with it.
 const SDK: &str = include_str!("../../../../guest-sdk/js/wasmq.js");
+/// Its fake host for unit tests under Node.js.
+const TESTING: &str = include_str!("../../../../guest-sdk/js/testing.js");
+
+const TEST_JS: &str = r#"// Unit tests of the plugin's logic with the SDK's fake host: `npm test`
+// (node --import ./testing.js --test).
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import * as testing from './testing.js';
+import { consumer } from './app.js';
+
+test('acks JSON and rejects the rest', () => {
+  testing.reset();
+  assert.deepEqual(consumer.handle(testing.message({ hello: 'world' })), { tag: 'ack' });
+  assert.equal(consumer.handle(testing.message('not json')).tag, 'reject');
+  assert.match(testing.logs()[0][1], /hello/);
+});
+"#;
 
 const APP_JS: &str = r#"// A wasmq consumer plugin in JavaScript. Build: `wasmq plugin build`; deploy:
 // `wasmq plugin deploy NAME FILE`.
@@ -36,6 +55,9 @@ fn package_json(name: &str) -> String {
   "version": "0.1.0",
   "type": "module",
   "private": true,
+  "scripts": {{
+    "test": "node --import ./testing.js --test"
+  }},
   "wasmq": {{
     "world": "consumer-plugin",
     "main": "app.js"
@@ -51,6 +73,8 @@ pub(super) fn scaffold(name: &str) -> Vec<(String, String)> {
         ("package.json".to_string(), package_json(name)),
         ("app.js".to_string(), APP_JS.to_string()),
         ("wasmq.js".to_string(), SDK.to_string()),
+        ("testing.js".to_string(), TESTING.to_string()),
+        ("test.js".to_string(), TEST_JS.to_string()),
         (".gitignore".to_string(), "/target\n".to_string()),
         ("wit/wasmq.wit".to_string(), WIT.to_string()),
     ]
