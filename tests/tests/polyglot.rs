@@ -254,3 +254,49 @@ async fn the_readme_plugin_behaves_the_same_in_rust_python_and_javascript() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_checkers_decide_transactions_by_check_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    for (name, exports) in [
+        ("body-checker-py", json!(["wasmq:plugin/checker@0.1.0"])),
+        (
+            "body-checker-js",
+            json!(["wasmq:plugin/consumer@0.1.0", "wasmq:plugin/checker@0.1.0"]),
+        ),
+    ] {
+        let wasm = polyglot_plugin(name).await;
+        let (st, v) = s.upload_plugin(name, wasm.to_str().unwrap()).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        assert_eq!(v["exports"], exports, "{v}");
+        let topic = json!({"queues": 1, "transaction_checker": name,
+            "transactions": {"check_after_ms": 100, "check_interval_ms": 100, "max_checks": 2}});
+        let (st, v) = s.put_json(&format!("/v1/topics/{name}"), &topic).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        let mut ids = Vec::new();
+        for body in ["commit", "rollback", "maybe"] {
+            let (st, v) = s
+                .post_json(
+                    &format!("/v1/topics/{name}/transactions"),
+                    &json!({"body": body}),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            ids.push(v["txn_id"].as_str().unwrap().to_string());
+        }
+        for (id, state) in ids.iter().zip(["committed", "rolled_back", "unresolved"]) {
+            let v = s
+                .wait_until(&format!("/v1/transactions/{id}"), 20, |v| {
+                    v["state"] == state
+                })
+                .await;
+            if state == "unresolved" {
+                assert_eq!(v["checks"], 2, "{name}: {v}");
+            }
+        }
+        // Only the committed one became visible.
+        let visible = s.read_queue(name, 0).await;
+        assert_eq!(visible.len(), 1, "{name}: {visible:?}");
+    }
+}
