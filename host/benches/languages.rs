@@ -6,16 +6,15 @@
 //! adds columns for other consumer components (any plugin that acks a JSON body).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use wasmq::broker::Broker;
 use wasmq::cli::scaffold;
-use wasmq::config::{FlushMode, LimitsConfig};
 use wasmq::runtime::bindings::Message;
 use wasmq::runtime::{Grants, InstanceContext, PluginLimits, Runtime, RuntimeConfig};
-use wasmq::storage::{RocksStorage, Storage};
 
 const LANGS: [(&str, &str); 3] = [("rust", "Rust"), ("python", "Python"), ("js", "JavaScript")];
 
@@ -86,17 +85,12 @@ fn main() {
         }
     }
     let rows = rt.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let storage: Arc<dyn Storage> =
-            Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
-        let broker = Arc::new(
-            Broker::new(storage.clone(), LimitsConfig::default())
-                .await
-                .unwrap(),
-        );
-        let capabilities = Arc::new(
-            wasmq::capabilities::Capabilities::new(&wasmq::config::Config::default()).unwrap(),
-        );
+        let common::PluginHost {
+            storage,
+            broker,
+            capabilities,
+            ..
+        } = common::PluginHost::new().await;
         let defaults = wasmq::config::PluginsConfig::default();
         let runtime = Runtime::new(
             RuntimeConfig {

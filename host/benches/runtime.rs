@@ -4,15 +4,14 @@
 //! `--quick` shortens every loop, to keep the harness working in CI.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use wasmq::broker::Broker;
-use wasmq::config::{FlushMode, LimitsConfig};
 use wasmq::plugins::Plugins;
 use wasmq::runtime::bindings::{self, Message};
 use wasmq::runtime::{Grants, HostState, InstanceContext, Runtime, RuntimeConfig};
-use wasmq::storage::{RocksStorage, Storage};
 use wasmq_tests::plugins::{CHECKER, ECHO};
 
 /// Built per call the way dispatch builds it from a stored message (id rendered, body copied).
@@ -44,22 +43,17 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let storage: Arc<dyn Storage> =
-            Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
-        let broker = Arc::new(
-            Broker::new(storage.clone(), LimitsConfig::default())
-                .await
-                .unwrap(),
-        );
+        let common::PluginHost {
+            storage,
+            broker,
+            capabilities,
+            ..
+        } = common::PluginHost::new().await;
         let config = RuntimeConfig {
             timeout_ms: 5000,
             memory_bytes: 64 << 20,
             pool_instances: 64,
         };
-        let capabilities = Arc::new(
-            wasmq::capabilities::Capabilities::new(&wasmq::config::Config::default()).unwrap(),
-        );
         let runtime = Arc::new(Runtime::new(config, capabilities.clone()).unwrap());
         let echo = std::fs::read(ECHO).unwrap();
         let (code, _) = runtime.compile(&echo).unwrap();

@@ -90,28 +90,16 @@ async fn verify(url: &str, topic: &str, acked: &[(String, Value)]) {
         let m: Value = r.json().await.unwrap();
         assert_eq!(&m["body"], body, "message {id} changed");
     }
-    let t: Value = http
-        .get(format!("{url}/v1/topics/{topic}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t: Value = get_json(&http, format!("{url}/v1/topics/{topic}")).await;
     for (q, hw) in t["high_water"].as_array().unwrap().iter().enumerate() {
         let hw = hw.as_u64().unwrap();
         let mut from = 0;
         while from < hw {
-            let page: Value = http
-                .get(format!(
-                    "{url}/v1/topics/{topic}/messages?queue={q}&from={from}&limit=1000"
-                ))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page: Value = get_json(
+                &http,
+                format!("{url}/v1/topics/{topic}/messages?queue={q}&from={from}&limit=1000"),
+            )
+            .await;
             let msgs = page["messages"].as_array().unwrap();
             assert!(
                 !msgs.is_empty(),
@@ -344,14 +332,7 @@ async fn scaffold_build_deploy_and_consume(lang: &str) -> ChildServer {
     }
     let mut counters = Value::Null;
     for _ in 0..200 {
-        let st: Value = http
-            .get(format!("{}/v1/subscriptions/greeter", server.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let st: Value = get_json(&http, format!("{}/v1/subscriptions/greeter", server.url)).await;
         counters = st["counters"].clone();
         if counters["acked"] == 1 && counters["dead_lettered"] == 1 {
             break;
@@ -405,6 +386,11 @@ async fn scaffold_build_deploy_and_consume_a_new_python_plugin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaffold_build_deploy_and_consume_a_new_javascript_plugin() {
     scaffold_build_deploy_and_consume("js").await.kill().await;
+}
+
+/// GET `url` and its JSON answer.
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 /// Reads every audit record (one queue) from a server.
@@ -475,25 +461,11 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
     }
     server.kill().await;
     let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
-    let st: Value = http
-        .get(format!("{}/v1/subscriptions/work", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value = get_json(&http, format!("{}/v1/subscriptions/work", server.url)).await;
     let lag_at_restart = st["lag"].as_u64().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let st: Value = http
-            .get(format!("{}/v1/subscriptions/work", server.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let st: Value = get_json(&http, format!("{}/v1/subscriptions/work", server.url)).await;
         if st["lag"] == 0 && st["in_flight"] == 0 {
             break;
         }

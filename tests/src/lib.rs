@@ -350,6 +350,35 @@ impl TestServer {
         .await;
         self.read_queue(topic, 0).await
     }
+
+    /// Publishes `n` bodies `{"sent_at": <ms>}` to `topic`, 25 ms apart, and waits until the
+    /// recorder subscription on it has recorded all of them in `audit`: the publish→handle
+    /// latencies in ms, sorted (how a well-behaved subscription fares beside others).
+    pub async fn trickle_latencies(&self, topic: &str, audit: &str, n: u64) -> Vec<u64> {
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        for _ in 0..n {
+            let (st, v) = self
+                .post_json(
+                    &format!("/v1/topics/{topic}/messages"),
+                    &serde_json::json!({"body": {"sent_at": now_ms()}}),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let mut latencies: Vec<u64> = self
+            .wait_audit(audit, n, 60)
+            .await
+            .iter()
+            .map(|a| a["handled_at"].as_u64().unwrap() - a["body"]["sent_at"].as_u64().unwrap())
+            .collect();
+        latencies.sort_unstable();
+        latencies
+    }
 }
 
 /// Every message body of one queue of a topic on the server at `url`, in offset order.

@@ -4,19 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wasmq_tests::plugins::{DEEP, HOG, PROBE, RECORDER, SPIN, TRAP};
 use wasmq_tests::{TestServer, config_in};
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// Each hostile kind: plugin, the message body that sets it off, and how many are published.
 const HOSTILE: &[(&str, &str, usize)] = &[
@@ -82,23 +74,7 @@ async fn hostile_subscriptions_leave_a_healthy_one_flowing() {
         assert_eq!(st, StatusCode::CREATED, "{v}");
     }
     // While the hostile ones are being worked through, a steady trickle of healthy messages.
-    let healthy = 60u64;
-    for _ in 0..healthy {
-        let (st, _) = s
-            .post_json(
-                "/v1/topics/healthy/messages",
-                &json!({"body": {"sent_at": now_ms()}}),
-            )
-            .await;
-        assert_eq!(st, StatusCode::CREATED);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let audit = s.wait_audit("audit", healthy, 60).await;
-    let mut latencies: Vec<u64> = audit
-        .iter()
-        .map(|a| a["handled_at"].as_u64().unwrap() - a["body"]["sent_at"].as_u64().unwrap())
-        .collect();
-    latencies.sort_unstable();
+    let latencies = s.trickle_latencies("healthy", "audit", 60).await;
     let (p50, max) = (
         latencies[latencies.len() / 2],
         latencies[latencies.len() - 1],

@@ -1,4 +1,5 @@
-//! What the benchmarks share: a real server on 127.0.0.1:0 over a temp dir.
+//! What the benchmarks share: a real server on 127.0.0.1:0 over a temp dir, and the broker and
+//! capabilities that plugin instances run against in the runtime benches.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -169,4 +170,34 @@ pub async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: 
     let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     server.stop().await;
     rate
+}
+
+/// A broker over RocksDB (async flush) in a temp dir and default capabilities: what the
+/// runtime benches' plugin instances need for their context.
+pub struct PluginHost {
+    _dir: tempfile::TempDir,
+    pub storage: Arc<dyn wasmq::storage::Storage>,
+    pub broker: Arc<wasmq::broker::Broker>,
+    pub capabilities: Arc<wasmq::capabilities::Capabilities>,
+}
+
+impl PluginHost {
+    pub async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn wasmq::storage::Storage> =
+            Arc::new(wasmq::storage::RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+        let broker = Arc::new(
+            wasmq::broker::Broker::new(storage.clone(), wasmq::config::LimitsConfig::default())
+                .await
+                .unwrap(),
+        );
+        let capabilities =
+            Arc::new(wasmq::capabilities::Capabilities::new(&Config::default()).unwrap());
+        Self {
+            _dir: dir,
+            storage,
+            broker,
+            capabilities,
+        }
+    }
 }
