@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmq::cli::scaffold;
-use wasmq::runtime::bindings::Message;
 use wasmq::runtime::{Grants, InstanceContext, PluginLimits, Runtime, RuntimeConfig};
 
 const LANGS: [(&str, &str); 3] = [("rust", "Rust"), ("python", "Python"), ("js", "JavaScript")];
@@ -26,22 +25,6 @@ struct Row {
     min_memory_mb: Option<u64>,
     first_call_us: f64,
     call_us: f64,
-}
-
-fn message(body: &[u8]) -> Message {
-    Message {
-        id: uuid::Uuid::now_v7().to_string(),
-        topic: "bench".into(),
-        queue: 0,
-        offset: 0,
-        key: None,
-        tag: None,
-        sharding_key: None,
-        properties: vec![],
-        body: body.to_vec(),
-        born_at: 0,
-        attempt: 1,
-    }
 }
 
 /// A JSON body of exactly 256 bytes.
@@ -139,7 +122,11 @@ fn main() {
                 let Ok(mut inst) = runtime.instantiate(&code, context(Some(mb))).await else {
                     continue;
                 };
-                if inst.handle(&message(&body)).await.is_ok() {
+                if inst
+                    .handle(&common::message(&uuid::Uuid::now_v7(), &body))
+                    .await
+                    .is_ok()
+                {
                     min_memory_mb = Some(mb);
                     break;
                 }
@@ -147,15 +134,21 @@ fn main() {
 
             let mut inst = runtime.instantiate(&code, context(None)).await.unwrap();
             let t = Instant::now();
-            inst.handle(&message(&body)).await.unwrap();
+            inst.handle(&common::message(&uuid::Uuid::now_v7(), &body))
+                .await
+                .unwrap();
             let first_call_us = t.elapsed().as_secs_f64() * 1e6;
             let n: u32 = if quick { 200 } else { 20_000 };
             for _ in 0..n / 10 {
-                inst.handle(&message(&body)).await.unwrap();
+                inst.handle(&common::message(&uuid::Uuid::now_v7(), &body))
+                    .await
+                    .unwrap();
             }
             let t = Instant::now();
             for _ in 0..n {
-                inst.handle(&message(&body)).await.unwrap();
+                inst.handle(&common::message(&uuid::Uuid::now_v7(), &body))
+                    .await
+                    .unwrap();
             }
             let call_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
             rows.push(Row {

@@ -10,26 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmq::plugins::Plugins;
-use wasmq::runtime::bindings::{self, Message};
+use wasmq::runtime::bindings;
 use wasmq::runtime::{Grants, HostState, InstanceContext, Runtime, RuntimeConfig};
 use wasmq_tests::plugins::{CHECKER, ECHO};
-
-/// Built per call the way dispatch builds it from a stored message (id rendered, body copied).
-fn message(id: &uuid::Uuid, body: &[u8]) -> Message {
-    Message {
-        id: id.to_string(),
-        topic: "bench".into(),
-        queue: 0,
-        offset: 0,
-        key: Some("k".into()),
-        tag: None,
-        sharding_key: None,
-        properties: vec![],
-        body: body.to_vec(),
-        born_at: 0,
-        attempt: 1,
-    }
-}
 
 fn per_call(total: std::time::Duration, n: u32) -> f64 {
     total.as_secs_f64() * 1e6 / f64::from(n)
@@ -90,7 +73,7 @@ fn main() {
             .load(&mut store, &instance)
             .unwrap();
         let (id, body) = (uuid::Uuid::now_v7(), vec![b'x'; 256]);
-        let msg = message(&id, &body);
+        let msg = common::message(&id, &body);
         for _ in 0..100 {
             guest.call_handle(&mut store, &msg).await.unwrap();
         }
@@ -103,11 +86,11 @@ fn main() {
         // Host path: budgeted, limited instance; the message is built per call as dispatch does.
         let mut inst = runtime.instantiate(&code, ctx.clone()).await.unwrap();
         for _ in 0..100 {
-            inst.handle(&message(&id, &body)).await.unwrap();
+            inst.handle(&common::message(&id, &body)).await.unwrap();
         }
         let t = Instant::now();
         for _ in 0..n {
-            inst.handle(&message(&id, &body)).await.unwrap();
+            inst.handle(&common::message(&id, &body)).await.unwrap();
         }
         let host = per_call(t.elapsed(), n);
         let t = Instant::now();

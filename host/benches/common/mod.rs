@@ -201,3 +201,21 @@ impl PluginHost {
         }
     }
 }
+
+/// A message for a plugin call, built per call the way dispatch builds it from a stored message
+/// (id rendered, body copied).
+pub fn message(id: &uuid::Uuid, body: &[u8]) -> wasmq::runtime::bindings::Message {
+    wasmq::runtime::bindings::Message {
+        id: id.to_string(),
+        topic: "bench".into(),
+        queue: 0,
+        offset: 0,
+        key: Some("k".into()),
+        tag: None,
+        sharding_key: None,
+        properties: vec![],
+        body: body.to_vec(),
+        born_at: 0,
+        attempt: 1,
+    }
+}
