@@ -4,6 +4,7 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use wasmq_tests::peers::HttpPeer;
 use wasmq_tests::plugins::RECORDER;
 use wasmq_tests::{TestServer, config_in, polyglot_plugin};
 
@@ -278,4 +279,77 @@ async fn python_and_javascript_checkers_decide_transactions_by_check_back() {
         let visible = s.read_queue(name, 0).await;
         assert_eq!(visible.len(), 1, "{name}: {visible:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_plugins_send_sms_call_http_and_publish_as_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = HttpPeer::start().await;
+    let mut config = config_in(dir.path());
+    config.sms.url = format!("{}/sms", gateway.url);
+    config.sms.auth_header = "Bearer gateway-secret".into();
+    let s = TestServer::start_with(config).await;
+    s.create_topic("relay-out", 1).await;
+    for lang in ["py", "js"] {
+        let name = format!("relay-{lang}");
+        let wasm = polyglot_plugin(&name).await;
+        let (st, v) = s.upload_plugin(&name, wasm.to_str().unwrap()).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        s.create_topic(&name, 1).await;
+        s.subscribe(
+            &name,
+            json!({"topic": name, "plugin": name, "config": {"out": "relay-out"},
+                   "grants": {"sms": true, "http": [gateway.url], "publish": ["relay-out"]}}),
+        )
+        .await;
+        for url in [
+            format!("{}/hook-{lang}", gateway.url),
+            // Not the granted origin: the http call is denied and the message dead-lettered.
+            "http://127.0.0.1:9/elsewhere".to_string(),
+        ] {
+            let body = json!({"to": "+15550100", "text": format!("hi from {lang}"), "url": url});
+            let (st, v) = s
+                .post_json(
+                    &format!("/v1/topics/{name}/messages"),
+                    &json!({"body": body}),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+        }
+        s.wait_until(&format!("/v1/subscriptions/{name}"), 30, |v| {
+            v["counters"]["acked"] == 1 && v["counters"]["dead_lettered"] == 1
+        })
+        .await;
+        let (_, dlq) = s.get(&format!("/v1/subscriptions/{name}/dlq")).await;
+        let reason = dlq["entries"][0]["reason"].as_str().unwrap();
+        assert!(reason.contains("denied: "), "{lang}: {reason}");
+    }
+    assert_eq!(
+        s.read_queue("relay-out", 0).await,
+        [
+            json!({"status": 200, "body": "hello", "group": "relay-py", "lang": "python"}),
+            json!({"status": 200, "body": "hello", "group": "relay-js", "lang": "js"}),
+        ]
+    );
+    let mut seen: Vec<(String, Option<String>, String)> = gateway.requests();
+    seen.sort();
+    let sms = |lang: &str| {
+        (
+            "/sms".to_string(),
+            Some("Bearer gateway-secret".to_string()),
+            json!({"to": "+15550100", "text": format!("hi from {lang}")}).to_string(),
+        )
+    };
+    let hook = |lang: &str| (format!("/hook-{lang}"), None, format!("hi from {lang}"));
+    // Each message sent its SMS (the denied one too: the SMS came first), each granted one its POST.
+    let mut expected = vec![
+        hook("js"),
+        hook("py"),
+        sms("js"),
+        sms("js"),
+        sms("py"),
+        sms("py"),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected);
 }
