@@ -6,6 +6,8 @@
 //! once durable; offsets are dense per queue; records carry a revision for compare-and-set
 //! (topics, subscription offsets, leases and transaction state are all records).
 
+#[doc(hidden)]
+pub mod conformance;
 pub mod keys;
 pub mod rocks;
 

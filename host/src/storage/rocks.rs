@@ -819,170 +819,20 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::BodyKind;
-
-    fn msg(queue: u32, key: Option<&str>, body: &str) -> NewMessage {
-        NewMessage {
-            id: uuid::Uuid::now_v7(),
-            queue,
-            key: key.map(String::from),
-            tag: Some("t".into()),
-            sharding_key: None,
-            properties: [("a".to_string(), "b".to_string())].into(),
-            body_kind: BodyKind::Json,
-            body: body.as_bytes().to_vec(),
-            born_at: 1,
-            deliver_at: 1,
-        }
-    }
+    use crate::storage::conformance::msg;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn append_read_lookup_and_recover() {
+    async fn passes_the_conformance_suite() {
         let dir = tempfile::tempdir().unwrap();
-        let ids;
-        {
-            let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
-            let out = s
-                .append(
-                    "orders",
-                    vec![
-                        msg(0, Some("k1"), "1"),
-                        msg(1, None, "2"),
-                        msg(0, Some("k1"), "3"),
-                    ],
-                )
-                .await
-                .unwrap();
-            assert_eq!(
-                out.iter().map(|a| (a.queue, a.offset)).collect::<Vec<_>>(),
-                vec![(0, 0), (1, 0), (0, 1)]
-            );
-            ids = out.iter().map(|a| a.id).collect::<Vec<_>>();
-            // A topic whose name is a prefix of another's must not share its queues.
-            s.append("orders2", vec![msg(0, Some("k1"), "x")])
-                .await
-                .unwrap();
-            s.close().await;
-            assert!(matches!(
-                s.append("orders", vec![msg(0, None, "late")]).await,
-                Err(StorageError::Closed)
-            ));
-        }
-        let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
-        assert_eq!(s.high_water("orders", 0).await.unwrap(), 2);
-        assert_eq!(s.high_water("orders", 1).await.unwrap(), 1);
-        assert_eq!(s.high_water("orders2", 0).await.unwrap(), 1);
-        assert_eq!(s.high_water("nope", 0).await.unwrap(), 0);
-        let q0 = s.read("orders", 0, 0, 10).await.unwrap();
-        assert_eq!(q0.len(), 2);
-        assert_eq!(q0[1].message.body, b"3");
-        assert_eq!(s.read("orders", 0, 1, 10).await.unwrap().len(), 1);
-        let m = s.message_by_id(ids[1]).await.unwrap().unwrap();
-        assert_eq!(
-            (m.topic.as_str(), m.message.queue, m.offset),
-            ("orders", 1, 0)
-        );
-        let by_key = s.messages_by_key("orders", "k1", 10).await.unwrap();
-        assert_eq!(by_key.len(), 2);
-        assert!(
-            s.message_by_id(uuid::Uuid::now_v7())
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let next = s.append("orders", vec![msg(0, None, "4")]).await.unwrap();
-        assert_eq!(next[0].offset, 2);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn records_compare_and_set() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStorage::open(dir.path(), FlushMode::Async).unwrap();
-        let r1 = s
-            .put_record("topic", "a", Some(b"1".to_vec()), Expect::Absent)
-            .await
-            .unwrap();
-        assert!(matches!(
-            s.put_record("topic", "a", Some(b"x".to_vec()), Expect::Absent)
-                .await,
-            Err(StorageError::Conflict { .. })
-        ));
-        let r2 = s
-            .put_record("topic", "a", Some(b"2".to_vec()), Expect::Revision(r1))
-            .await
-            .unwrap();
-        assert!(r2 > r1);
-        assert!(matches!(
-            s.put_record("topic", "a", Some(b"3".to_vec()), Expect::Revision(r1))
-                .await,
-            Err(StorageError::Conflict { .. })
-        ));
-        s.put_record("topic", "b", Some(b"b".to_vec()), Expect::Any)
-            .await
-            .unwrap();
-        s.put_record("topicz", "a", Some(b"z".to_vec()), Expect::Any)
-            .await
-            .unwrap();
-        let all = s.list_records("topic", "", 100).await.unwrap();
-        assert_eq!(all.len(), 2);
-        assert_eq!(all[0].1.value, b"2");
-        s.put_record("topic", "b", None, Expect::Any).await.unwrap();
-        assert!(s.get_record("topic", "b").await.unwrap().is_none());
-        // Revisions keep growing across a restart, so a stale revision can never match again.
-        s.close().await;
-        drop(s);
-        let s = RocksStorage::open(dir.path(), FlushMode::Async).unwrap();
-        let r3 = s
-            .put_record("topic", "b", Some(b"b".to_vec()), Expect::Absent)
-            .await
-            .unwrap();
-        assert!(r3 > r2 + 2);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn guarded_append_writes_messages_and_record_together_or_not_at_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
-        let rev = s
-            .put_record("txn", "t1", Some(b"pending".to_vec()), Expect::Absent)
-            .await
-            .unwrap();
-        let guard = |expect| RecordWrite {
-            space: "txn".into(),
-            key: "t1".into(),
-            value: Some(b"committed".to_vec()),
-            expect,
+        let path = dir.path().to_path_buf();
+        let open = move || {
+            let path = path.clone();
+            Box::pin(async move {
+                Arc::new(RocksStorage::open(&path, FlushMode::Sync).unwrap()) as Arc<dyn Storage>
+            })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Storage>> + Send>>
         };
-        let stale = s
-            .append_guarded(
-                "t",
-                vec![msg(0, None, "a")],
-                guard(Expect::Revision(rev + 100)),
-            )
-            .await;
-        assert!(matches!(stale, Err(StorageError::Conflict { .. })));
-        assert_eq!(
-            s.high_water("t", 0).await.unwrap(),
-            0,
-            "a failed guard must not append"
-        );
-        let (appended, new_rev) = s
-            .append_guarded("t", vec![msg(0, None, "a")], guard(Expect::Revision(rev)))
-            .await
-            .unwrap();
-        assert_eq!(appended[0].offset, 0);
-        assert!(new_rev > rev);
-        assert_eq!(
-            s.get_record("txn", "t1").await.unwrap().unwrap().value,
-            b"committed"
-        );
-        // The same guard again is stale now: exactly one of two racing commits wins.
-        assert!(
-            s.append_guarded("t", vec![msg(0, None, "b")], guard(Expect::Revision(rev)))
-                .await
-                .is_err()
-        );
-        assert_eq!(s.high_water("t", 0).await.unwrap(), 1);
+        crate::storage::conformance::run_all(&open).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

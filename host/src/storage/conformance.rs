@@ -1,0 +1,281 @@
+//! The storage conformance suite: what every backend must do, whatever it is built on. RocksDB
+//! runs it in its unit tests, JetStream in `tests/tests/jetstream.rs` against real nats-servers.
+//! Each check gets an `open` that returns a fresh handle onto the same durable state (a reopen
+//! after `close`), so recovery is part of the contract.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{BodyKind, Expect, NewMessage, RecordWrite, Storage, StorageError};
+
+/// Opens the backend under test onto the same durable state each time.
+pub type Open = dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Storage>> + Send>> + Send + Sync;
+
+/// Runs every check, in order.
+pub async fn run_all(open: &Open) {
+    append_read_lookup_and_recover(open).await;
+    records_compare_and_set(open).await;
+    guarded_append_writes_messages_and_record_together_or_not_at_all(open).await;
+    concurrent_appends_get_dense_offsets(open).await;
+    blobs_watch_and_odd_names(open).await;
+}
+
+pub fn msg(queue: u32, key: Option<&str>, body: &str) -> NewMessage {
+    NewMessage {
+        id: uuid::Uuid::now_v7(),
+        queue,
+        key: key.map(String::from),
+        tag: Some("t".into()),
+        sharding_key: None,
+        properties: [("a".to_string(), "b".to_string())].into(),
+        body_kind: BodyKind::Json,
+        body: body.as_bytes().to_vec(),
+        born_at: 1,
+        deliver_at: 1,
+    }
+}
+
+pub async fn append_read_lookup_and_recover(open: &Open) {
+    let s = open().await;
+    let sent = vec![
+        msg(0, Some("k1"), "1"),
+        msg(1, None, "2"),
+        msg(0, Some("k1"), "3"),
+    ];
+    let out = s.append("orders", sent.clone()).await.unwrap();
+    assert_eq!(
+        out.iter().map(|a| (a.queue, a.offset)).collect::<Vec<_>>(),
+        vec![(0, 0), (1, 0), (0, 1)]
+    );
+    let ids = out.iter().map(|a| a.id).collect::<Vec<_>>();
+    // A topic whose name is a prefix of another's must not share its queues.
+    s.append("orders2", vec![msg(0, Some("k1"), "x")])
+        .await
+        .unwrap();
+    s.close().await;
+    assert!(matches!(
+        s.append("orders", vec![msg(0, None, "late")]).await,
+        Err(StorageError::Closed)
+    ));
+    drop(s);
+
+    let s = open().await;
+    assert_eq!(s.high_water("orders", 0).await.unwrap(), 2);
+    assert_eq!(s.high_water("orders", 1).await.unwrap(), 1);
+    assert_eq!(s.high_water("orders2", 0).await.unwrap(), 1);
+    assert_eq!(s.high_water("nope", 0).await.unwrap(), 0);
+    let q0 = s.read("orders", 0, 0, 10).await.unwrap();
+    assert_eq!(q0.len(), 2);
+    // Everything comes back as it was given.
+    assert_eq!(q0[1].message, sent[2]);
+    assert_eq!((q0[1].topic.as_str(), q0[1].offset), ("orders", 1));
+    assert_eq!(s.read("orders", 0, 1, 10).await.unwrap().len(), 1);
+    assert_eq!(s.read("orders", 0, 0, 1).await.unwrap().len(), 1);
+    assert!(s.read("orders", 0, 2, 10).await.unwrap().is_empty());
+    assert!(s.read("nope", 3, 0, 10).await.unwrap().is_empty());
+    let m = s.message_by_id(ids[1]).await.unwrap().unwrap();
+    assert_eq!(
+        (m.topic.as_str(), m.message.queue, m.offset),
+        ("orders", 1, 0)
+    );
+    let by_key = s.messages_by_key("orders", "k1", 10).await.unwrap();
+    assert_eq!(by_key.iter().map(|m| m.offset).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(s.messages_by_key("orders", "k1", 1).await.unwrap().len(), 1);
+    assert!(
+        s.messages_by_key("orders", "k2", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.message_by_id(uuid::Uuid::now_v7())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let next = s.append("orders", vec![msg(0, None, "4")]).await.unwrap();
+    assert_eq!(next[0].offset, 2);
+    s.close().await;
+}
+
+pub async fn records_compare_and_set(open: &Open) {
+    let s = open().await;
+    let r1 = s
+        .put_record("topic", "a", Some(b"1".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.put_record("topic", "a", Some(b"x".to_vec()), Expect::Absent)
+            .await,
+        Err(StorageError::Conflict { .. })
+    ));
+    let r2 = s
+        .put_record("topic", "a", Some(b"2".to_vec()), Expect::Revision(r1))
+        .await
+        .unwrap();
+    assert!(r2 > r1);
+    assert!(matches!(
+        s.put_record("topic", "a", Some(b"3".to_vec()), Expect::Revision(r1))
+            .await,
+        Err(StorageError::Conflict { .. })
+    ));
+    s.put_record("topic", "b", Some(b"b".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    s.put_record("topicz", "a", Some(b"z".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    let all = s.list_records("topic", "", 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert_eq!(all[0].1.value, b"2");
+    assert_eq!(all[0].1.revision, r2);
+    assert_eq!(s.list_records("topic", "b", 100).await.unwrap().len(), 1);
+    assert_eq!(s.list_records("topic", "", 1).await.unwrap().len(), 1);
+    s.put_record("topic", "b", None, Expect::Any).await.unwrap();
+    assert!(s.get_record("topic", "b").await.unwrap().is_none());
+    assert_eq!(s.list_records("topic", "", 100).await.unwrap().len(), 1);
+    // A deleted record can be created again; a delete can be conditional too.
+    let r = s
+        .put_record("topic", "b", Some(b"b2".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.put_record("topic", "b", None, Expect::Revision(r + 1000))
+            .await,
+        Err(StorageError::Conflict { .. })
+    ));
+    s.put_record("topic", "b", None, Expect::Revision(r))
+        .await
+        .unwrap();
+    assert!(s.get_record("topic", "b").await.unwrap().is_none());
+    // Revisions keep growing across a restart, so a stale revision can never match again.
+    s.close().await;
+    drop(s);
+    let s = open().await;
+    assert_eq!(
+        s.get_record("topic", "a").await.unwrap().unwrap().revision,
+        r2
+    );
+    let r3 = s
+        .put_record("topic", "c", Some(b"c".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    assert!(r3 > r);
+    s.close().await;
+}
+
+pub async fn guarded_append_writes_messages_and_record_together_or_not_at_all(open: &Open) {
+    let s = open().await;
+    let rev = s
+        .put_record("txn", "t1", Some(b"pending".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    let guard = |expect| RecordWrite {
+        space: "txn".into(),
+        key: "t1".into(),
+        value: Some(b"committed".to_vec()),
+        expect,
+    };
+    let stale = s
+        .append_guarded(
+            "t",
+            vec![msg(0, None, "a")],
+            guard(Expect::Revision(rev + 100)),
+        )
+        .await;
+    assert!(matches!(stale, Err(StorageError::Conflict { .. })));
+    assert_eq!(
+        s.high_water("t", 0).await.unwrap(),
+        0,
+        "a failed guard must not append"
+    );
+    let (appended, new_rev) = s
+        .append_guarded("t", vec![msg(0, None, "a")], guard(Expect::Revision(rev)))
+        .await
+        .unwrap();
+    assert_eq!(appended[0].offset, 0);
+    assert!(new_rev > rev);
+    assert_eq!(
+        s.get_record("txn", "t1").await.unwrap().unwrap().value,
+        b"committed"
+    );
+    // The same guard again is stale now: exactly one of two racing commits wins.
+    assert!(
+        s.append_guarded("t", vec![msg(0, None, "b")], guard(Expect::Revision(rev)))
+            .await
+            .is_err()
+    );
+    assert_eq!(s.high_water("t", 0).await.unwrap(), 1);
+    assert_eq!(s.read("t", 0, 0, 10).await.unwrap()[0].message.body, b"a");
+    s.close().await;
+}
+
+pub async fn concurrent_appends_get_dense_offsets(open: &Open) {
+    let s = open().await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut offs = Vec::new();
+            for _ in 0..25 {
+                offs.push(s.append("dense", vec![msg(0, None, "x")]).await.unwrap()[0].offset);
+            }
+            offs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..400).collect::<Vec<u64>>());
+    assert_eq!(s.read("dense", 0, 0, 1000).await.unwrap().len(), 400);
+    s.close().await;
+}
+
+pub async fn blobs_watch_and_odd_names(open: &Open) {
+    let s = open().await;
+    // Plugin components from Python toolchains are tens of MB.
+    let big: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    s.put_blob("plugin/py/1", Some(big.clone())).await.unwrap();
+    s.put_blob("plugin/rs/1", Some(b"small".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(s.get_blob("plugin/py/1").await.unwrap().unwrap(), big);
+    s.put_blob("plugin/rs/1", None).await.unwrap();
+    assert!(s.get_blob("plugin/rs/1").await.unwrap().is_none());
+    assert!(s.get_blob("never").await.unwrap().is_none());
+
+    // Appends wake watchers of their topic.
+    let mut w = s.watch("watched");
+    s.append("watched", vec![msg(0, None, "x")]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), w.changed())
+        .await
+        .expect("no wake-up after an append")
+        .unwrap();
+
+    // Names with characters backends may reserve.
+    let odd = "a.b c/d*e>f=g:ü";
+    s.append(odd, vec![msg(0, Some(odd), "o")]).await.unwrap();
+    assert_eq!(s.read(odd, 0, 0, 10).await.unwrap()[0].topic, odd);
+    assert_eq!(s.messages_by_key(odd, odd, 10).await.unwrap().len(), 1);
+    s.put_record(odd, odd, Some(b"v".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    s.put_record(odd, "", Some(b"empty".to_vec()), Expect::Absent)
+        .await
+        .unwrap();
+    let listed = s.list_records(odd, "", 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["", odd]
+    );
+    assert_eq!(s.list_records(odd, "a.b", 10).await.unwrap().len(), 1);
+    s.close().await;
+}
