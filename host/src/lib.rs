@@ -2,7 +2,8 @@
 //!
 //! Components:
 //! - [`config`]: `wasmq.toml`, environment overrides and defaults.
-//! - [`storage`]: the storage trait and its RocksDB backend (group commit, key encodings).
+//! - [`storage`]: the storage trait, its RocksDB backend (group commit, key encodings) and its
+//!   NATS JetStream backend (scale-out).
 //! - [`broker`]: topics, publish validation, queue selection.
 //! - [`runtime`]: wasmtime engine, limits, plugin instances and the imports they call.
 //! - [`capabilities`]: email (SMTP), SMS (gateway) and allow-listed HTTP for plugins.
@@ -44,7 +45,7 @@ use crate::config::{Backend, Config};
 use crate::dispatch::Dispatcher;
 use crate::plugins::Plugins;
 use crate::runtime::{Runtime, RuntimeConfig};
-use crate::storage::{RocksStorage, Storage};
+use crate::storage::{JetStreamStorage, RocksStorage, Storage};
 use crate::txn::Transactions;
 use tokio_util::sync::CancellationToken;
 
@@ -68,26 +69,35 @@ pub async fn run(
     if config.auth.tokens.iter().any(|t| t.token.len() < 8) {
         anyhow::bail!("[auth] tokens must have at least 8 characters");
     }
-    if config.storage.backend != Backend::Rocksdb {
-        anyhow::bail!(
-            "storage backend {:?} is not available yet; use \"rocksdb\"",
-            config.storage.backend
-        );
-    }
-    let dir = config.server.data_dir.join("rocksdb");
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
-    let flush = config.server.flush;
-    let open_dir = dir.clone();
-    let storage = tokio::task::spawn_blocking(move || RocksStorage::open(&open_dir, flush))
-        .await?
-        .with_context(|| {
-            format!(
-                "cannot open the database in {} (is another wasmq using it?)",
-                dir.display()
+    let storage: Arc<dyn Storage> = match config.storage.backend {
+        Backend::Rocksdb => {
+            let dir = config.server.data_dir.join("rocksdb");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+            let flush = config.server.flush;
+            let open_dir = dir.clone();
+            let storage = tokio::task::spawn_blocking(move || RocksStorage::open(&open_dir, flush))
+                .await?
+                .with_context(|| {
+                    format!(
+                        "cannot open the database in {} (is another wasmq using it?)",
+                        dir.display()
+                    )
+                })?;
+            Arc::new(storage)
+        }
+        Backend::Jetstream => {
+            let urls = &config.storage.urls;
+            let replicas = config.storage.replicas as usize;
+            Arc::new(
+                JetStreamStorage::connect(urls, replicas)
+                    .await
+                    .with_context(|| {
+                        format!("cannot open JetStream storage at {}", urls.join(", "))
+                    })?,
             )
-        })?;
-    let storage: Arc<dyn Storage> = Arc::new(storage);
+        }
+    };
     let result = serve(listener, &config, storage.clone(), shutdown).await;
     storage.close().await;
     result

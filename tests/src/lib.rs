@@ -208,6 +208,64 @@ pub fn assert_error(resp: &(StatusCode, Value), status: StatusCode, code: &str) 
     );
 }
 
+/// A real `nats-server` with JetStream on 127.0.0.1 (a free port, a temp store dir), killed on
+/// drop. `nats-server` comes from Debian (`.ci/setup` installs it); messages up to 8 MB.
+pub struct NatsServer {
+    pub child: tokio::process::Child,
+    pub url: String,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n",
+                dir.path().join("js").display().to_string()
+            ),
+        )
+        .unwrap();
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = tokio::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server (apt-get install nats-server; .ci/setup does)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            _dir: dir,
+        }
+    }
+}
+
 /// The real `wasmq` binary running as a child process (for crash and CLI tests).
 pub struct ChildServer {
     pub child: tokio::process::Child,

@@ -1,13 +1,14 @@
 //! Durable state behind one small object-safe trait: message logs per (topic, queue), lookups
 //! by id and by business key, and versioned records with compare-and-set.
 //!
-//! Two backends are planned: RocksDB (embedded, the default, in [`rocks`]) and NATS JetStream
-//! (scale-out). The trait therefore speaks in terms both can honour: an append is acknowledged
+//! Two backends: RocksDB (embedded, the default, in [`rocks`]) and NATS JetStream (scale-out,
+//! in [`jetstream`]), both held to [`conformance`]. The trait therefore speaks in terms both can honour: an append is acknowledged
 //! once durable; offsets are dense per queue; records carry a revision for compare-and-set
 //! (topics, subscription offsets, leases and transaction state are all records).
 
 #[doc(hidden)]
 pub mod conformance;
+pub mod jetstream;
 pub mod keys;
 pub mod rocks;
 
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use jetstream::JetStreamStorage;
 pub use rocks::RocksStorage;
 
 /// A message id: a UUIDv7, so ids sort by creation time and never repeat.
@@ -25,6 +27,8 @@ pub type MessageId = uuid::Uuid;
 pub enum StorageError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
+    #[error("jetstream: {0}")]
+    JetStream(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("record {space}/{key} changed concurrently")]

@@ -1,0 +1,820 @@
+//! The NATS JetStream backend of the storage trait, for several wasmq nodes on one JetStream
+//! cluster: one stream per (topic, queue), so the stream sequence is the dense queue offset
+//! (sequence = offset + 1) and concurrent appenders on any node get distinct offsets; records in
+//! one KV bucket (its revision is the compare-and-set revision); message ids and business keys
+//! indexed in a KV bucket and a stream; blobs in an object store. Appends carry the message id
+//! as `Nats-Msg-Id`, so a retried append inside JetStream's duplicate window is stored once.
+//! Acknowledged means acknowledged by JetStream on its replicas (nats-server 2.9 fsyncs every
+//! 2 minutes, so this is the relaxed kind of durability there).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::push::OrderedConfig;
+use async_nats::jetstream::context::{Context, PublishErrorKind};
+use async_nats::jetstream::stream::{self, Stream};
+use async_nats::jetstream::{self, kv, object_store};
+use async_trait::async_trait;
+use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt as _;
+
+use super::{
+    Appended, Expect, MessageId, NewMessage, Record, RecordWrite, Storage, StorageError,
+    StoredMessage,
+};
+
+const RECORDS: &str = "WQ_RECORDS";
+const IDS: &str = "WQ_IDS";
+const BLOBS: &str = "WQ_BLOBS";
+const KEYS: &str = "WQ_KEYS";
+/// Records of guarded appends in progress (see [`JetStreamStorage::append_guarded`]).
+const INTENTS: &str = "__intent";
+/// How long one listing or lookup may take before it is an error, not a hang.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Direct gets in flight per read.
+const READ_AHEAD: usize = 64;
+
+fn js_err(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::JetStream(format!("{what}: {e}"))
+}
+
+/// A name as one NATS token that is also a valid stream name and KV key: ASCII letters, digits
+/// and `-` stay, every other byte becomes `=XX`; the empty string is `=`.
+fn enc(s: &str) -> String {
+    if s.is_empty() {
+        return "=".into();
+    }
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    out
+}
+
+fn dec(s: &str) -> Result<String, StorageError> {
+    if s == "=" {
+        return Ok(String::new());
+    }
+    let (mut bytes, raw) = (Vec::with_capacity(s.len()), s.as_bytes());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'=' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| StorageError::Corrupt(format!("bad name encoding {s:?}")))?;
+            bytes.push(hex);
+            i += 3;
+        } else {
+            bytes.push(raw[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| StorageError::Corrupt(format!("bad name {s:?}")))
+}
+
+fn stream_name(topic: &str, queue: u32) -> String {
+    format!("WQM_{}_{queue}", enc(topic))
+}
+
+fn subject(topic: &str, queue: u32) -> String {
+    format!("wqm.{}.{queue}", enc(topic))
+}
+
+fn record_key(space: &str, key: &str) -> String {
+    format!("{}.{}", enc(space), enc(key))
+}
+
+/// Where a message is, as the id index stores it.
+#[derive(Serialize, Deserialize)]
+struct Location {
+    topic: String,
+    queue: u32,
+    offset: u64,
+}
+
+/// A guarded append in progress: if the guard's record ends up holding `value`, the messages
+/// must be in their queues too (a node that died in between left this behind).
+#[derive(Serialize, Deserialize)]
+struct Intent {
+    topic: String,
+    messages: Vec<NewMessage>,
+    space: String,
+    key: String,
+    #[serde(with = "serde_bytes")]
+    value: Vec<u8>,
+}
+
+pub struct JetStreamStorage {
+    client: async_nats::Client,
+    js: Context,
+    replicas: usize,
+    records: kv::Store,
+    records_stream: Stream,
+    ids: kv::Store,
+    keys: Stream,
+    blobs: object_store::ObjectStore,
+    streams: tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
+    watchers: Arc<std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>>,
+    closed: AtomicBool,
+    notifier: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for JetStreamStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamStorage")
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bump(
+    watchers: &std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    topic: &str,
+) {
+    let watchers = match watchers.lock() {
+        Ok(w) => w,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(tx) = watchers.get(topic) {
+        tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// A KV bucket (one value per key), created through its stream: async-nats's
+/// `create_key_value` first asks for the account's limits, and cannot parse nats-server 2.9's
+/// answer.
+async fn kv_bucket(
+    js: &Context,
+    bucket: &str,
+    replicas: usize,
+    max_value: i32,
+) -> Result<kv::Store, StorageError> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_message_size: max_value,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| js_err(&format!("bucket {bucket}"), e))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| js_err(&format!("bucket {bucket}"), e))
+}
+
+impl JetStreamStorage {
+    /// Connects to the cluster at `urls` and creates what is missing (buckets, the key index),
+    /// with `replicas` copies of everything; then finishes guarded appends a dead node left.
+    pub async fn connect(urls: &[String], replicas: usize) -> Result<Self, StorageError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("wasmq")
+            .connect(urls.join(","))
+            .await
+            .map_err(|e| js_err(&format!("cannot connect to {}", urls.join(", ")), e))?;
+        let js = jetstream::new(client.clone());
+        let replicas = replicas.max(1);
+        let records = kv_bucket(&js, RECORDS, replicas, 64 << 20).await?;
+        let records_stream = js
+            .get_stream(format!("KV_{RECORDS}"))
+            .await
+            .map_err(|e| js_err("records stream", e))?;
+        let ids = kv_bucket(&js, IDS, replicas, 1 << 10).await?;
+        let keys = js
+            .get_or_create_stream(stream::Config {
+                name: KEYS.into(),
+                subjects: vec!["wqk.>".into()],
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("key index", e))?;
+        let blobs = js
+            .create_object_store(object_store::Config {
+                bucket: BLOBS.into(),
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("blob store", e))?;
+        // Appends on any node wake this node's watchers through a core NATS notification.
+        let watchers: Arc<std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>> =
+            Arc::default();
+        let mut notes = client
+            .subscribe("wqn.>")
+            .await
+            .map_err(|e| js_err("notifications", e))?;
+        let w = watchers.clone();
+        let notifier = tokio::spawn(async move {
+            while let Some(note) = notes.next().await {
+                if let Some(topic) = note.subject.strip_prefix("wqn.")
+                    && let Ok(topic) = dec(topic)
+                {
+                    bump(&w, &topic);
+                }
+            }
+        });
+        let storage = Self {
+            client,
+            js,
+            replicas,
+            records,
+            records_stream,
+            ids,
+            keys,
+            blobs,
+            streams: Default::default(),
+            watchers,
+            closed: AtomicBool::new(false),
+            notifier,
+        };
+        storage.finish_intents().await?;
+        Ok(storage)
+    }
+
+    fn check_open(&self) -> Result<(), StorageError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        Ok(())
+    }
+
+    /// The stream of a queue; created when `create` (appends), else `None` if it never existed.
+    async fn queue_stream(
+        &self,
+        topic: &str,
+        queue: u32,
+        create: bool,
+    ) -> Result<Option<Stream>, StorageError> {
+        let mut streams = self.streams.lock().await;
+        if let Some(s) = streams.get(&(topic.to_string(), queue)) {
+            return Ok(Some(s.clone()));
+        }
+        let name = stream_name(topic, queue);
+        let found = if create {
+            self.js
+                .get_or_create_stream(stream::Config {
+                    name: name.clone(),
+                    subjects: vec![subject(topic, queue)],
+                    num_replicas: self.replicas,
+                    allow_direct: true,
+                    ..Default::default()
+                })
+                .await
+                .map(Some)
+                .map_err(|e| js_err(&format!("stream {name}"), e))?
+        } else {
+            match self.js.get_stream(&name).await {
+                Ok(s) => Some(s),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => return Err(js_err(&format!("stream {name}"), e)),
+            }
+        };
+        if let Some(s) = &found {
+            streams.insert((topic.to_string(), queue), s.clone());
+        }
+        Ok(found)
+    }
+
+    /// Messages of `stream` whose subject matches `filter`: every one, or the last per subject;
+    /// at most `limit`, in stream order.
+    async fn scan(
+        &self,
+        stream: &Stream,
+        filter: String,
+        deliver_policy: DeliverPolicy,
+        limit: usize,
+    ) -> Result<Vec<async_nats::jetstream::Message>, StorageError> {
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: filter,
+                deliver_policy,
+                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("scan consumer", e))?;
+        if consumer.cached_info().num_pending == 0 || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut messages = consumer.messages().await.map_err(|e| js_err("scan", e))?;
+        let mut out = Vec::new();
+        let collect = async {
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|e| js_err("scan", e))?;
+                let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                out.push(m);
+                if pending == 0 || out.len() >= limit {
+                    break;
+                }
+            }
+            Ok::<_, StorageError>(())
+        };
+        tokio::time::timeout(SCAN_TIMEOUT, collect)
+            .await
+            .map_err(|_| js_err("scan", "timed out"))??;
+        Ok(out)
+    }
+
+    async fn publish_acked(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Vec<u8>,
+    ) -> Result<Result<u64, PublishErrorKind>, StorageError> {
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload.into())
+            .await;
+        let ack = match ack {
+            Ok(future) => future.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(a) => Ok(Ok(a.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Err(e.kind())),
+            Err(e) => Err(js_err("publish", e)),
+        }
+    }
+
+    /// Appends without the closed check, for [`Self::finish_intents`] too.
+    async fn append_inner(
+        &self,
+        topic: &str,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Appended>, StorageError> {
+        let mut acks = Vec::with_capacity(messages.len());
+        // Published back to back on one connection: per queue, offsets follow the given order.
+        for m in messages {
+            self.queue_stream(topic, m.queue, true).await?;
+            let payload = rmp_serde::to_vec(m).map_err(|e| StorageError::Encode(e.to_string()))?;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", m.id.to_string().as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject(topic, m.queue), headers, payload.into())
+                .await
+                .map_err(|e| js_err("append", e))?;
+            acks.push(ack);
+        }
+        let mut appended = Vec::with_capacity(messages.len());
+        for (m, ack) in messages.iter().zip(acks) {
+            let ack = ack.await.map_err(|e| js_err("append", e))?;
+            appended.push(Appended {
+                id: m.id,
+                queue: m.queue,
+                offset: ack.sequence.saturating_sub(1),
+            });
+        }
+        // The indexes, before the append is acknowledged: a retry rewrites them idempotently.
+        let mut pending = Vec::new();
+        for (m, a) in messages.iter().zip(&appended) {
+            let location = rmp_serde::to_vec(&Location {
+                topic: topic.to_string(),
+                queue: a.queue,
+                offset: a.offset,
+            })
+            .map_err(|e| StorageError::Encode(e.to_string()))?;
+            let ids = self.ids.clone();
+            let id = m.id.to_string();
+            pending.push(
+                async move {
+                    ids.put(id, location.into())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                .boxed(),
+            );
+            if let Some(key) = &m.key {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{}:k", m.id).as_str());
+                let at = rmp_serde::to_vec(&(a.queue, a.offset))
+                    .map_err(|e| StorageError::Encode(e.to_string()))?;
+                let js = self.js.clone();
+                let subject = format!("wqk.{}.{}", enc(topic), enc(key));
+                pending.push(
+                    async move {
+                        js.publish_with_headers(subject, headers, at.into())
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map(|a| a.sequence)
+                            .map_err(|e| e.to_string())
+                    }
+                    .boxed(),
+                );
+            }
+        }
+        for r in futures::future::join_all(pending).await {
+            r.map_err(|e| js_err("index", e))?;
+        }
+        bump(&self.watchers, topic);
+        // Other nodes' watchers; losing one only delays them until their next poll.
+        let _ = self
+            .client
+            .publish(format!("wqn.{}", enc(topic)), bytes::Bytes::new())
+            .await;
+        Ok(appended)
+    }
+
+    async fn write_record(
+        &self,
+        space: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        expect: Expect,
+    ) -> Result<u64, StorageError> {
+        let k = record_key(space, key);
+        let subject = format!("$KV.{RECORDS}.{k}");
+        let conflict = || StorageError::Conflict {
+            space: space.to_string(),
+            key: key.to_string(),
+        };
+        let current = || async {
+            self.records
+                .entry(k.clone())
+                .await
+                .map_err(|e| js_err("record", e))
+        };
+        let mut expected = match expect {
+            Expect::Any => None,
+            Expect::Revision(r) => Some(r),
+            Expect::Absent => match current().await? {
+                // A deleted record's marker is its last revision: "absent" means after it.
+                Some(e) if e.operation != kv::Operation::Put => Some(e.revision),
+                Some(_) => return Err(conflict()),
+                None => Some(0),
+            },
+        };
+        loop {
+            let mut headers = HeaderMap::new();
+            if value.is_none() {
+                headers.insert("KV-Operation", "DEL");
+            }
+            if let Some(r) = expected {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    r.to_string().as_str(),
+                );
+            }
+            let payload = value.clone().unwrap_or_default();
+            match self
+                .publish_acked(subject.clone(), headers, payload)
+                .await?
+            {
+                Ok(revision) => return Ok(revision),
+                Err(_) if expect == Expect::Absent => {
+                    // Raced with a delete or create: decide again on what is there now.
+                    match current().await? {
+                        Some(e) if e.operation != kv::Operation::Put => {
+                            if expected == Some(e.revision) {
+                                return Err(conflict());
+                            }
+                            expected = Some(e.revision);
+                        }
+                        _ => return Err(conflict()),
+                    }
+                }
+                Err(_) => return Err(conflict()),
+            }
+        }
+    }
+
+    /// Finishes guarded appends whose record write happened but whose messages a dead node
+    /// never appended; drops the others.
+    async fn finish_intents(&self) -> Result<(), StorageError> {
+        for (id, record) in self.list_inner(INTENTS, "", usize::MAX).await? {
+            let intent: Intent = rmp_serde::from_slice(&record.value)
+                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            let guard = self.get_record(&intent.space, &intent.key).await?;
+            if guard.is_some_and(|g| g.value == intent.value) {
+                let mut missing = Vec::new();
+                for m in intent.messages {
+                    if self.message_by_id(m.id).await?.is_none() {
+                        missing.push(m);
+                    }
+                }
+                self.append_inner(&intent.topic, &missing).await?;
+            }
+            self.write_record(INTENTS, &id, None, Expect::Any).await?;
+        }
+        Ok(())
+    }
+
+    async fn list_inner(
+        &self,
+        space: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        let filter = format!("$KV.{RECORDS}.{}.*", enc(space));
+        let found = self
+            .scan(
+                &self.records_stream,
+                filter,
+                DeliverPolicy::LastPerSubject,
+                usize::MAX,
+            )
+            .await?;
+        let mut out = Vec::new();
+        for m in found {
+            let deleted = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() != "PUT");
+            let Some(encoded) = m.subject.rsplit('.').next() else {
+                continue;
+            };
+            let key = dec(encoded)?;
+            if deleted || !key.starts_with(prefix) {
+                continue;
+            }
+            let revision = m.info().map_err(|e| js_err("record", e))?.stream_sequence;
+            out.push((
+                key,
+                Record {
+                    revision,
+                    value: m.payload.to_vec(),
+                },
+            ));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+impl Drop for JetStreamStorage {
+    fn drop(&mut self) {
+        self.notifier.abort();
+    }
+}
+
+#[async_trait]
+impl Storage for JetStreamStorage {
+    async fn append(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, StorageError> {
+        self.check_open()?;
+        self.append_inner(topic, &messages).await
+    }
+
+    /// JetStream has no transaction over a record and several streams: the messages go into an
+    /// intent record first, then the guard is written (compare-and-set), then the messages are
+    /// appended and the intent dropped. A node that dies in between leaves the intent, and the
+    /// next node to connect finishes it: the messages appear exactly when the guard holds.
+    async fn append_guarded(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<(Vec<Appended>, u64), StorageError> {
+        self.check_open()?;
+        let intent_id = uuid::Uuid::now_v7().to_string();
+        let intent = rmp_serde::to_vec(&Intent {
+            topic: topic.to_string(),
+            messages: messages.clone(),
+            space: guard.space.clone(),
+            key: guard.key.clone(),
+            value: guard.value.clone().unwrap_or_default(),
+        })
+        .map_err(|e| StorageError::Encode(e.to_string()))?;
+        self.write_record(INTENTS, &intent_id, Some(intent), Expect::Absent)
+            .await?;
+        let revision = match self
+            .write_record(&guard.space, &guard.key, guard.value, guard.expect)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.write_record(INTENTS, &intent_id, None, Expect::Any)
+                    .await?;
+                return Err(e);
+            }
+        };
+        let appended = self.append_inner(topic, &messages).await?;
+        self.write_record(INTENTS, &intent_id, None, Expect::Any)
+            .await?;
+        Ok((appended, revision))
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
+            return Ok(Vec::new());
+        };
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| js_err("read", e))?
+            .state
+            .last_sequence;
+        let end = last.min(from.saturating_add(limit as u64));
+        let gets = (from + 1..=end).map(|seq| {
+            let stream = stream.clone();
+            async move {
+                let raw = stream
+                    .direct_get(seq)
+                    .await
+                    .map_err(|e| js_err(&format!("read {seq}"), e))?;
+                let message: NewMessage = rmp_serde::from_slice(&raw.payload).map_err(|e| {
+                    StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
+                })?;
+                Ok::<_, StorageError>(StoredMessage {
+                    topic: topic.to_string(),
+                    offset: seq - 1,
+                    message,
+                })
+            }
+        });
+        futures::stream::iter(gets)
+            .buffered(READ_AHEAD)
+            .try_collect()
+            .await
+    }
+
+    async fn message_by_id(&self, id: MessageId) -> Result<Option<StoredMessage>, StorageError> {
+        let Some(raw) = self
+            .ids
+            .get(id.to_string())
+            .await
+            .map_err(|e| js_err("id lookup", e))?
+        else {
+            return Ok(None);
+        };
+        let at: Location = rmp_serde::from_slice(&raw)
+            .map_err(|e| StorageError::Corrupt(format!("id index {id}: {e}")))?;
+        Ok(self
+            .read(&at.topic, at.queue, at.offset, 1)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn messages_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let filter = format!("wqk.{}.{}", enc(topic), enc(key));
+        let found = self
+            .scan(&self.keys, filter, DeliverPolicy::All, limit)
+            .await?;
+        let mut out = Vec::new();
+        for m in found {
+            let (queue, offset): (u32, u64) = rmp_serde::from_slice(&m.payload)
+                .map_err(|e| StorageError::Corrupt(format!("key index: {e}")))?;
+            out.extend(self.read(topic, queue, offset, 1).await?);
+        }
+        Ok(out)
+    }
+
+    fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut watchers = match self.watchers.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        watchers
+            .entry(topic.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
+        match self.queue_stream(topic, queue, false).await? {
+            Some(mut s) => Ok(s
+                .info()
+                .await
+                .map_err(|e| js_err("high water", e))?
+                .state
+                .last_sequence),
+            None => Ok(0),
+        }
+    }
+
+    async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        let entry = self
+            .records
+            .entry(record_key(space, key))
+            .await
+            .map_err(|e| js_err("record", e))?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| Record {
+                revision: e.revision,
+                value: e.value.to_vec(),
+            }))
+    }
+
+    async fn list_records(
+        &self,
+        space: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        self.list_inner(space, prefix, limit).await
+    }
+
+    async fn put_record(
+        &self,
+        space: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        expect: Expect,
+    ) -> Result<u64, StorageError> {
+        self.check_open()?;
+        self.write_record(space, key, value, expect).await
+    }
+
+    async fn put_blob(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StorageError> {
+        self.check_open()?;
+        match value {
+            Some(bytes) => {
+                let mut reader = std::io::Cursor::new(bytes);
+                self.blobs
+                    .put(key, &mut reader)
+                    .await
+                    .map_err(|e| js_err("blob", e))?;
+            }
+            None => match self.blobs.delete(key).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+                Err(e) => return Err(js_err("blob", e)),
+            },
+        }
+        Ok(())
+    }
+
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut object = match self.blobs.get(key).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(js_err("blob", e)),
+        };
+        let mut out = Vec::new();
+        object
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| js_err("blob", e))?;
+        Ok(Some(out))
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.client.flush().await;
+        self.notifier.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_encode_to_safe_tokens_and_back() {
+        for s in ["", "orders", "a.b c/d*e>f=g:ü", "=", "-_x", "WQ_RECORDS"] {
+            let e = enc(s);
+            assert!(
+                e.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'='),
+                "{e}"
+            );
+            assert_eq!(dec(&e).unwrap(), s);
+        }
+        assert_ne!(stream_name("a", 1), stream_name("a=5F1", 0));
+        assert!(dec("=Z").is_err() && dec("=4").is_err());
+    }
+}
