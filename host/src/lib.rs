@@ -22,6 +22,7 @@
 pub mod broker;
 pub mod capabilities;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod disk;
 pub mod dispatch;
@@ -133,23 +134,44 @@ async fn serve(
     )?);
     let plugins = Arc::new(Plugins::new(
         runtime,
-        storage,
+        storage.clone(),
         config.limits.max_plugin_bytes,
     ));
     let warm = plugins.clone();
     tokio::spawn(async move { warm.warm_up().await });
     let dispatcher = Arc::new(Dispatcher::new(broker.clone(), plugins.clone()));
-    dispatcher.start_all().await?;
     let transactions =
         Transactions::new(broker.clone(), plugins.clone(), config.transactions.clone()).await?;
+    let (backend, shared) = match config.storage.backend {
+        Backend::Rocksdb => ("rocksdb", false),
+        Backend::Jetstream => ("jetstream", true),
+    };
+    let api = format!("http://{}", listener.local_addr()?);
+    let node = cluster::Node::start(storage.clone(), backend, api).await?;
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();
-    let checker = tokio::spawn(transactions.clone().run(checks.clone()));
+    let checker = if shared {
+        // Several nodes share the backend: dispatch and check-backs run on the holder of the
+        // dispatch lease, and move to another node when it dies.
+        dispatcher.deactivate().await;
+        tokio::spawn(coordinate(
+            storage.clone(),
+            node.id.clone(),
+            broker.clone(),
+            dispatcher.clone(),
+            transactions.clone(),
+            checks.clone(),
+        ))
+    } else {
+        dispatcher.start_all().await?;
+        tokio::spawn(transactions.clone().run(checks.clone()))
+    };
     let app = http::app(http::AppState {
         broker,
         plugins,
         dispatcher: dispatcher.clone(),
         transactions,
+        node: node.clone(),
         tokens: Arc::new(config.auth.tokens.clone()),
         request_timeout: std::time::Duration::from_millis(config.server.request_timeout_ms),
         closing: closing.clone(),
@@ -165,5 +187,71 @@ async fn serve(
     checks.cancel();
     let _ = checker.await;
     dispatcher.shutdown().await;
+    node.stop().await;
     served
+}
+
+/// How long the dispatch lease lasts unless renewed; a dead node's work moves after it.
+const DISPATCH_LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often the dispatching node looks for changes made on other nodes.
+const RECONCILE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// On a shared backend: waits for the dispatch lease, then dispatches and runs check-backs
+/// while it holds it, picking up subscriptions, topics and transactions other nodes wrote;
+/// stops acting as soon as the lease is lost (before another node can take it), and waits for
+/// it again. Every node refreshes its topic cache meanwhile.
+async fn coordinate(
+    storage: Arc<dyn Storage>,
+    node: String,
+    broker: Arc<Broker>,
+    dispatcher: Arc<Dispatcher>,
+    transactions: Arc<Transactions>,
+    stop: CancellationToken,
+) {
+    const KEY: &str = "dispatch";
+    loop {
+        let revision = loop {
+            if let Err(e) = broker.refresh_topics().await {
+                tracing::warn!(error = %e, "cannot refresh topics");
+            }
+            match cluster::try_acquire(storage.as_ref(), KEY, &node, DISPATCH_LEASE).await {
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot take the dispatch lease"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RECONCILE) => {}
+            }
+        };
+        let lease =
+            cluster::HeldLease::adopt(storage.clone(), KEY, &node, revision, DISPATCH_LEASE);
+        tracing::info!(%node, "this node dispatches (dispatch lease taken)");
+        let checks = stop.child_token();
+        let checker = tokio::spawn(transactions.clone().run(checks.clone()));
+        loop {
+            if let Err(e) = broker.refresh_topics().await {
+                tracing::warn!(error = %e, "cannot refresh topics");
+            }
+            if let Err(e) = dispatcher.activate().await {
+                tracing::warn!(error = %e, "cannot reconcile subscriptions");
+            }
+            if let Err(e) = transactions.reload().await {
+                tracing::warn!(error = %e, "cannot reload transactions");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = lease.lost() => break,
+                _ = tokio::time::sleep(RECONCILE) => {}
+            }
+        }
+        checks.cancel();
+        let _ = checker.await;
+        dispatcher.deactivate().await;
+        if stop.is_cancelled() {
+            lease.release().await;
+            return;
+        }
+        tracing::warn!(%node, "dispatch lease lost; this node stopped dispatching");
+    }
 }

@@ -398,15 +398,12 @@ async fn audit_records(url: &str) -> Vec<Value> {
     wasmq_tests::read_queue(&reqwest::Client::new(), url, "audit", 0).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flight_window() {
-    const MAX_IN_FLIGHT: usize = 16;
-    let dir = tempfile::tempdir().unwrap();
-    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
-    let url = server.url.clone();
+/// Topic `jobs` (4 queues), `audit`, and subscription `work` of the recorder plugin (4
+/// instances, `max_in_flight`), set up through the server at `url`.
+async fn recorder_work(url: &str, max_in_flight: usize) {
     let http = reqwest::Client::new();
-    create_topic(&url, "jobs", 4).await;
-    create_topic(&url, "audit", 1).await;
+    create_topic(url, "jobs", 4).await;
+    create_topic(url, "audit", 1).await;
     let wasm = std::fs::read(wasmq_tests::plugins::RECORDER).unwrap();
     let r = http
         .put(format!("{url}/v1/plugins/recorder"))
@@ -415,7 +412,7 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
         .await
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-    let spec = json!({"topic": "jobs", "plugin": "recorder", "instances": 4, "max_in_flight": MAX_IN_FLIGHT,
+    let spec = json!({"topic": "jobs", "plugin": "recorder", "instances": 4, "max_in_flight": max_in_flight,
                       "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
     let r = http
         .put(format!("{url}/v1/subscriptions/work"))
@@ -424,8 +421,13 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
         .await
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+}
+
+/// Publishes `rounds` batches of 200 to `jobs`; the acknowledged ids.
+async fn publish_rounds(url: &str, rounds: usize) -> Vec<String> {
+    let http = reqwest::Client::new();
     let mut ids = Vec::new();
-    for round in 0..20 {
+    for round in 0..rounds {
         let msgs: Vec<Value> = (0..200)
             .map(|i| json!({"body": {"round": round, "i": i}}))
             .collect();
@@ -446,28 +448,29 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
                 .map(|a| a["id"].as_str().unwrap().to_string()),
         );
     }
-    // Let dispatch get going, then kill it mid-stream.
+    ids
+}
+
+/// Waits until the audit topic at `url` holds more than `n` records.
+async fn audit_passes(url: &str, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = audit_records(&url).await.len();
-        if n > 500 {
-            break;
-        }
+    while audit_records(url).await.len() <= n {
         assert!(
             std::time::Instant::now() < deadline,
-            "dispatch did not start"
+            "dispatch did not get going"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    server.kill().await;
-    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
-    let st: Value = get_json(&http, format!("{}/v1/subscriptions/work", server.url)).await;
-    let lag_at_restart = st["lag"].as_u64().unwrap();
+}
+
+/// Waits until subscription `work` at `url` has no lag and nothing in flight.
+async fn work_caught_up(url: &str) {
+    let http = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let st: Value = get_json(&http, format!("{}/v1/subscriptions/work", server.url)).await;
+        let st: Value = get_json(&http, format!("{url}/v1/subscriptions/work")).await;
         if st["lag"] == 0 && st["in_flight"] == 0 {
-            break;
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -475,25 +478,108 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let audit = audit_records(&server.url).await;
+}
+
+/// Every acknowledged id was handled, and at most `window` of them twice; returns the repeats.
+async fn nothing_skipped(url: &str, ids: &[String], window: usize) -> usize {
+    let audit = audit_records(url).await;
     let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for a in &audit {
         *seen.entry(a["id"].as_str().unwrap()).or_default() += 1;
     }
-    for id in &ids {
+    for id in ids {
         assert!(seen.contains_key(id.as_str()), "message {id} was skipped");
     }
     let repeated: usize = seen.values().map(|n| n - 1).sum();
     assert!(
+        repeated <= window,
+        "{repeated} messages were handled twice; the in-flight window is {window}"
+    );
+    repeated
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flight_window() {
+    const MAX_IN_FLIGHT: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    recorder_work(&server.url, MAX_IN_FLIGHT).await;
+    let ids = publish_rounds(&server.url, 20).await;
+    // Let dispatch get going, then kill it mid-stream.
+    audit_passes(&server.url, 500).await;
+    server.kill().await;
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let http = reqwest::Client::new();
+    let st: Value = get_json(&http, format!("{}/v1/subscriptions/work", server.url)).await;
+    let lag_at_restart = st["lag"].as_u64().unwrap();
+    work_caught_up(&server.url).await;
+    let repeated = nothing_skipped(&server.url, &ids, MAX_IN_FLIGHT).await;
+    assert!(
         lag_at_restart > 0,
         "the kill came after dispatch had finished: nothing was tested"
     );
-    assert!(
-        repeated <= MAX_IN_FLIGHT,
-        "{repeated} messages were handled twice; the in-flight window is {MAX_IN_FLIGHT}"
-    );
     eprintln!("lag at restart: {lag_at_restart}; handled twice: {repeated}");
     server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_dispatching_node_moves_dispatch_to_the_other_on_jetstream() {
+    const MAX_IN_FLIGHT: usize = 16;
+    let nats = wasmq_tests::NatsServer::start().await;
+    let conf_dir = tempfile::tempdir().unwrap();
+    let conf = conf_dir.path().join("wasmq.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[storage]\nbackend = \"jetstream\"\nurls = [\"{}\"]\nreplicas = 1\n",
+            nats.url
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let http = reqwest::Client::new();
+    let a = ChildServer::start(Path::new(BIN), dir_a.path(), &["--config", conf]).await;
+    let dispatching = |url: String| {
+        let http = http.clone();
+        async move { get_json(&http, format!("{url}/v1/cluster")).await["dispatching"] == true }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dispatching(a.url.clone()).await {
+        assert!(std::time::Instant::now() < deadline, "A never dispatched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = ChildServer::start(Path::new(BIN), dir_b.path(), &["--config", conf]).await;
+    // Set up and published through B; dispatched by A until A dies.
+    recorder_work(&b.url, MAX_IN_FLIGHT).await;
+    let mut ids = publish_rounds(&b.url, 10).await;
+    audit_passes(&b.url, 300).await;
+    assert!(!dispatching(b.url.clone()).await);
+    let killed_at = std::time::Instant::now();
+    a.kill().await;
+    let lag_at_kill = get_json(&http, format!("{}/v1/subscriptions/work", b.url)).await["lag"]
+        .as_u64()
+        .unwrap();
+    // Publishing goes on meanwhile; B takes dispatch over once A's lease (3 s) expired.
+    ids.extend(publish_rounds(&b.url, 5).await);
+    while !dispatching(b.url.clone()).await {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "B never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took_over = killed_at.elapsed();
+    work_caught_up(&b.url).await;
+    let repeated = nothing_skipped(&b.url, &ids, MAX_IN_FLIGHT).await;
+    assert!(
+        lag_at_kill > 0,
+        "A finished before it was killed: nothing was tested"
+    );
+    eprintln!(
+        "lag at kill: {lag_at_kill}; B dispatching after {took_over:?}; handled twice: {repeated}"
+    );
+    b.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,3 +91,78 @@ async fn a_server_on_jetstream_publishes_dispatches_decides_delays_and_restarts(
     assert_eq!(audit.len(), 252);
     s.stop().await.unwrap();
 }
+
+async fn cluster(s: &TestServer) -> serde_json::Value {
+    s.get("/v1/cluster").await.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
+    let nats = NatsServer::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = |dir: &std::path::Path| {
+        let mut c = config_in(dir);
+        c.storage.backend = Backend::Jetstream;
+        c.storage.urls = vec![nats.url.clone()];
+        c.storage.replicas = 1;
+        c
+    };
+    let a = TestServer::start_with(config(dir_a.path())).await;
+    a.wait_until("/v1/cluster", 10, |v| v["dispatching"] == true)
+        .await;
+    let b = TestServer::start_with(config(dir_b.path())).await;
+    // Everything set up through B; A, holding the dispatch lease, runs it.
+    b.create_topic("jobs", 4).await;
+    b.create_topic("audit", 1).await;
+    let (st, v) = b.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    b.subscribe(
+        "work",
+        json!({"topic": "jobs", "plugin": "recorder", "instances": 2,
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    a.publish_numbered("jobs", 100).await;
+    b.publish_numbered("jobs", 100).await;
+    a.wait_audit("audit", 200, 30).await;
+    let (va, vb) = (cluster(&a).await, cluster(&b).await);
+    assert_eq!(va["backend"], "jetstream");
+    assert_eq!(
+        (va["dispatching"].clone(), vb["dispatching"].clone()),
+        (json!(true), json!(false))
+    );
+    assert_eq!(vb["nodes"].as_array().unwrap().len(), 2, "{vb}");
+    let lease = &vb["leases"][0];
+    assert_eq!(
+        (lease["lease"].clone(), lease["owner"].clone()),
+        (json!("dispatch"), va["node"].clone())
+    );
+    // Both nodes answer alike.
+    assert_eq!(a.get("/v1/subscriptions/work").await.1["lag"], 0);
+    assert_eq!(b.get("/v1/topics/jobs").await.1["messages"], 200);
+    assert_eq!(b.read_queue("audit", 0).await.len(), 200);
+
+    // A stops cleanly (in-flight work finishes, offsets stored, lease released): B goes on.
+    let node_a = va["node"].clone();
+    a.stop().await.unwrap();
+    b.wait_until("/v1/cluster", 10, |v| v["dispatching"] == true)
+        .await;
+    b.publish_numbered("jobs", 100).await;
+    b.wait_audit("audit", 300, 30).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        b.read_queue("audit", 0).await.len(),
+        300,
+        "nothing twice after a clean handover"
+    );
+    let vb = cluster(&b).await;
+    assert!(
+        vb["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["node"] != node_a),
+        "{vb}"
+    );
+    b.stop().await.unwrap();
+}

@@ -307,6 +307,29 @@ impl Broker {
         }
     }
 
+    /// Reloads topic metadata from storage: on a shared backend other nodes create and change
+    /// topics too. Returns how many cached topics changed.
+    pub async fn refresh_topics(&self) -> Result<usize, BrokerError> {
+        let mut changed = 0;
+        for (name, record) in self
+            .storage
+            .list_records(TOPIC_SPACE, "", usize::MAX)
+            .await?
+        {
+            let known = self
+                .cached(&name)
+                .and_then(|t| serde_json::to_vec(&t.meta).ok());
+            if known.as_deref() == Some(record.value.as_slice()) {
+                continue;
+            }
+            let meta: TopicMeta = serde_json::from_slice(&record.value)
+                .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
+            self.cache_topic(meta);
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     fn cache_topic(&self, meta: TopicMeta) {
         let Ok(mut topics) = self.topics.write() else {
             return;
@@ -325,12 +348,12 @@ impl Broker {
 
     /// Validates an envelope for `topic` and binds it to a queue, without storing it (a
     /// transaction's half message is stored elsewhere until commit).
-    pub fn prepare_message(
+    pub async fn prepare_message(
         &self,
         topic: &str,
         envelope: Envelope,
     ) -> Result<NewMessage, BrokerError> {
-        let t = self.topic_for_publish(topic)?;
+        let t = self.topic_for_publish(topic).await?;
         Ok(self.prepare(&t, envelope, now_ms())?)
     }
 
@@ -361,19 +384,41 @@ impl Broker {
         })
     }
 
-    fn topic_for_publish(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
+    async fn topic_for_publish(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
         validate_topic_name(name)?;
         if let Some(disk) = &self.disk {
             disk.check()?;
         }
+        self.lookup(name).await
+    }
+
+    /// A topic from the cache, else from storage (created by another node on a shared backend).
+    async fn lookup(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
+        if let Some(t) = self.cached(name) {
+            return Ok(t);
+        }
+        let record = self
+            .storage
+            .get_record(TOPIC_SPACE, name)
+            .await?
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
+        let meta: TopicMeta = serde_json::from_slice(&record.value)
+            .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
+        self.cache_topic(meta);
         self.cached(name)
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
+    }
+
+    /// Like [`Broker::topic`], looking in storage too when the cache does not know it.
+    pub async fn topic_loaded(&self, name: &str) -> Result<TopicMeta, BrokerError> {
+        validate_topic_name(name)?;
+        Ok(self.lookup(name).await?.meta.clone())
     }
 
     /// Publishes one message; returns once it is durable.
     pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Appended, BrokerError> {
         let started = std::time::Instant::now();
-        let t = self.topic_for_publish(topic)?;
+        let t = self.topic_for_publish(topic).await?;
         let message = self.prepare(&t, envelope, now_ms())?;
         let size = (1, message.body.len());
         let mut out = self.storage.append(topic, vec![message]).await?;
@@ -396,7 +441,7 @@ impl Broker {
             return Err(BrokerError::BadIdempotencyKey);
         }
         let started = std::time::Instant::now();
-        let t = self.topic_for_publish(topic)?;
+        let t = self.topic_for_publish(topic).await?;
         let now = now_ms();
         let message = self.prepare(&t, envelope, now)?;
         let space = format!("idem/{topic}");
@@ -475,7 +520,7 @@ impl Broker {
         envelopes: Vec<Envelope>,
     ) -> Result<Vec<Appended>, BrokerError> {
         let started = std::time::Instant::now();
-        let t = self.topic_for_publish(topic)?;
+        let t = self.topic_for_publish(topic).await?;
         if envelopes.is_empty() {
             return Err(BrokerError::EmptyBatch);
         }

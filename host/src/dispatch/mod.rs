@@ -50,6 +50,9 @@ pub struct Dispatcher {
     runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     /// Serialises control operations (create, update, pause, reset) across groups.
     control: tokio::sync::Mutex<()>,
+    /// Whether this node dispatches. On a shared backend only the holder of the dispatch lease
+    /// does; the others store subscription changes, which the holder picks up ([`Self::reconcile`]).
+    active: std::sync::atomic::AtomicBool,
 }
 
 fn storage(env: &Env) -> &Arc<dyn Storage> {
@@ -74,7 +77,89 @@ impl Dispatcher {
             env: Env { broker, plugins },
             runners: Default::default(),
             control: Default::default(),
+            active: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Starts dispatching (this node took the dispatch lease): every running subscription.
+    pub async fn activate(&self) -> Result<(), DispatchError> {
+        self.active.store(true, Ordering::Release);
+        self.reconcile().await
+    }
+
+    /// Stops dispatching (the lease is gone or going): runners stop, in-flight messages finish
+    /// and their offsets are stored.
+    pub async fn deactivate(&self) {
+        self.active.store(false, Ordering::Release);
+        self.shutdown().await;
+    }
+
+    /// Makes the runners match the stored subscriptions, as changed by this or another node:
+    /// starts running ones, stops paused and deleted ones, restarts those whose record, plugin
+    /// version (when following the latest) or queue count changed.
+    pub async fn reconcile(&self) -> Result<(), DispatchError> {
+        if !self.is_active() {
+            return Ok(());
+        }
+        let _g = self.control.lock().await;
+        let mut wanted = HashMap::new();
+        for (group, r) in storage(&self.env)
+            .list_records(state::SUB_SPACE, "", usize::MAX)
+            .await?
+        {
+            let record: SubscriptionRecord = state::decode(&group, &r)?;
+            if record.state == SubState::Running {
+                wanted.insert(group, record);
+            }
+        }
+        let running: Vec<String> = self.runners.lock().await.keys().cloned().collect();
+        for group in running {
+            let stale = match wanted.get(&group) {
+                None => true,
+                Some(record) => self.is_stale(&group, record).await,
+            };
+            if stale {
+                self.halt(&group).await;
+            }
+        }
+        for (group, record) in wanted {
+            if self.runners.lock().await.contains_key(&group) {
+                continue;
+            }
+            if let Err(e) = self.launch(&record).await {
+                tracing::error!(%group, error = %e, "cannot start subscription");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the runner of `group` no longer matches what is stored.
+    async fn is_stale(&self, group: &str, record: &SubscriptionRecord) -> bool {
+        let (updated_at, version, queues) = {
+            let runners = self.runners.lock().await;
+            let Some(r) = runners.get(group) else {
+                return false;
+            };
+            let queues = r.shared.members.first().map_or(0, |m| m.committed.len());
+            (r.record_updated_at, r.shared.plugin_version, queues)
+        };
+        if updated_at != record.updated_at {
+            return true;
+        }
+        if record.spec.plugin_version.is_none()
+            && let Ok(p) = self.env.plugins.get(&record.spec.plugin).await
+            && p.latest().is_some_and(|v| v.version != version)
+        {
+            return true;
+        }
+        self.env
+            .broker
+            .topic(&record.spec.topic)
+            .is_ok_and(|t| t.queues as usize != queues)
     }
 
     /// Starts every running subscription (at boot). One that cannot start is logged and left.
@@ -95,6 +180,9 @@ impl Dispatcher {
     }
 
     async fn launch(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
+        if !self.is_active() {
+            return Ok(());
+        }
         let runner = runner::start(&self.env, record).await?;
         self.runners
             .lock()
@@ -141,7 +229,7 @@ impl Dispatcher {
     ) -> Result<(Value, bool), DispatchError> {
         validate_group(group)?;
         spec.validate().map_err(DispatchError::Invalid)?;
-        self.env.broker.topic(&spec.topic)?;
+        self.env.broker.topic_loaded(&spec.topic).await?;
         let (_, code) = self
             .env
             .plugins

@@ -94,6 +94,9 @@ impl RunnerShared {
 pub struct Runner {
     /// The topic it reads.
     pub topic: String,
+    /// The `updated_at` of the subscription record it was started from (a newer record, say
+    /// written by another node, means it must restart).
+    pub record_updated_at: u64,
     cancel: CancellationToken,
     tracker: TaskTracker,
     pub shared: Arc<RunnerShared>,
@@ -963,6 +966,7 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
     drop(channels);
     Ok(Runner {
         topic: spec.topic.clone(),
+        record_updated_at: record.updated_at,
         cancel,
         tracker,
         shared,

@@ -62,7 +62,7 @@ pub async fn publish(
 /// Backpressure: a topic whose slowest subscription is `max_backlog` behind takes no more
 /// messages for now (429 with `Retry-After`), instead of failing later or growing without end.
 pub async fn admit(state: &AppState, topic: &str) -> Result<(), ApiError> {
-    let meta = state.broker.topic(topic)?;
+    let meta = state.broker.topic_loaded(topic).await?;
     let max = state.broker.limits().max_backlog;
     if max == 0 {
         return Ok(());
@@ -191,7 +191,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<MessageList>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let meta = state.broker.topic(&topic)?;
+    let meta = state.broker.topic_loaded(&topic).await?;
     let limit = q.limit.unwrap_or(100).min(MAX_LIST);
     let found = match (q.key, q.queue) {
         (Some(key), None) => state.broker.messages_by_key(&topic, &key, limit).await?,

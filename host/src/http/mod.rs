@@ -37,6 +37,8 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// Cancelled when the server begins to shut down: open streams end.
     pub closing: tokio_util::sync::CancellationToken,
+    /// This node, its heartbeat and the cluster view.
+    pub node: Arc<crate::cluster::Node>,
 }
 
 /// The whole API; tests and the server both build it here.
@@ -116,6 +118,23 @@ async fn deadline(
 
 pub(crate) async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// The nodes sharing this broker's storage (heartbeats), the leases and their owners, which
+/// node dispatches, and whether the backend answers.
+pub(crate) async fn cluster(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> axum::Json<serde_json::Value> {
+    let mut view = match state.node.view().await {
+        Ok(v) => v,
+        Err(e) => serde_json::json!({
+            "node": state.node.id, "backend": state.node.backend,
+            "backend_error": e.to_string(),
+        }),
+    };
+    view["backend_healthy"] = view.get("backend_error").is_none().into();
+    view["dispatching"] = state.dispatcher.is_active().into();
+    axum::Json(view)
 }
 
 /// Prometheus text format: counters and histograms kept as the broker works, plus state read

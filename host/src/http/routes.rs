@@ -42,6 +42,13 @@ pub fn routes() -> Vec<Route> {
         op(M::GET, "/healthz", "Liveness", None, get(super::healthz)),
         op(
             M::GET,
+            "/v1/cluster",
+            "Nodes on this storage (heartbeats), leases and their owners, which node dispatches, backend health",
+            None,
+            get(super::cluster),
+        ),
+        op(
+            M::GET,
             "/metrics",
             "Prometheus metrics (OpenMetrics text)",
             None,

@@ -43,7 +43,12 @@ pub async fn put(
     } else {
         parse_json(&bytes)?
     };
-    let queues_before = state.broker.topic(&topic).map(|t| t.queues).ok();
+    let queues_before = state
+        .broker
+        .topic_loaded(&topic)
+        .await
+        .map(|t| t.queues)
+        .ok();
     let (meta, created) = state.broker.put_topic(&topic, spec).await?;
     if queues_before.is_some_and(|q| q != meta.queues) {
         // Subscriptions of the topic start reading its new queues.
@@ -61,7 +66,7 @@ pub async fn show(
     State(state): State<AppState>,
     Path(topic): Path<String>,
 ) -> Result<Json<TopicView>, ApiError> {
-    let meta = state.broker.topic(&topic)?;
+    let meta = state.broker.topic_loaded(&topic).await?;
     Ok(Json(view(&state, meta).await?))
 }
 

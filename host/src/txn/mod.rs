@@ -217,8 +217,8 @@ impl Transactions {
     /// Stores a half message durably; it stays invisible until committed.
     pub async fn begin(&self, topic: &str, mut envelope: Envelope) -> Result<TxnRecord, TxnError> {
         let check_after_override = envelope.check_after_ms.take();
-        let message = self.broker.prepare_message(topic, envelope)?;
-        let timings = self.broker.topic(topic)?.transactions;
+        let message = self.broker.prepare_message(topic, envelope).await?;
+        let timings = self.broker.topic_loaded(topic).await?.transactions;
         let d = &self.defaults;
         let check_after = check_after_override
             .or(timings.check_after_ms)
@@ -358,6 +358,28 @@ impl Transactions {
         }
     }
 
+    /// Schedules every pending transaction in storage, including those begun on other nodes
+    /// (a node that takes over check-backs calls it, then now and then).
+    pub async fn reload(&self) -> Result<(), TxnError> {
+        let mut pending = Vec::new();
+        for (id, r) in self
+            .broker
+            .storage()
+            .list_records(TXN_SPACE, "", usize::MAX)
+            .await?
+        {
+            let t = decode(&id, &r.value)?;
+            if t.state == TxnState::Pending {
+                pending.push((t.next_check_at, id));
+            }
+        }
+        if let Ok(mut s) = self.schedule.lock() {
+            s.extend(pending);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Runs due checks until `cancel`; checks in progress finish first.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut running = tokio::task::JoinSet::new();
@@ -455,7 +477,11 @@ impl Transactions {
 
     /// Calls the topic checker's `check-transaction`; any failure reads as "unknown".
     async fn ask_checker(&self, t: &TxnRecord) -> Result<CheckResult, String> {
-        let topic = self.broker.topic(&t.topic).map_err(|e| e.to_string())?;
+        let topic = self
+            .broker
+            .topic_loaded(&t.topic)
+            .await
+            .map_err(|e| e.to_string())?;
         let Some(plugin) = topic.transaction_checker else {
             return Err(format!("topic {} has no transaction_checker", t.topic));
         };
