@@ -523,8 +523,10 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_the_dispatching_node_moves_dispatch_to_the_other_on_jetstream() {
+async fn sigkill_of_the_dispatching_node_moves_dispatch_timers_and_checks_to_the_other_on_jetstream()
+ {
     const MAX_IN_FLIGHT: usize = 16;
+    wasmq::capabilities::install_tls_provider();
     let nats = wasmq_tests::NatsServer::start().await;
     let conf_dir = tempfile::tempdir().unwrap();
     let conf = conf_dir.path().join("wasmq.toml");
@@ -555,6 +557,44 @@ async fn sigkill_of_the_dispatching_node_moves_dispatch_to_the_other_on_jetstrea
     let mut ids = publish_rounds(&b.url, 10).await;
     audit_passes(&b.url, 300).await;
     assert!(!dispatching(b.url.clone()).await);
+    // A delayed message and a transaction waiting for its check-back, both owned by A when it
+    // dies: B must deliver the one and check the other.
+    let delayed: Value = http
+        .post(format!("{}/v1/topics/jobs/messages", b.url))
+        .json(&json!({"body": {"delayed": true}, "delay_ms": 3000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    ids.push(delayed["id"].as_str().unwrap().to_string());
+    let checker = std::fs::read(wasmq_tests::plugins::CHECKER).unwrap();
+    let r = http
+        .put(format!("{}/v1/plugins/body-checker", b.url))
+        .body(checker)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let r = http
+        .put(format!("{}/v1/topics/signups", b.url))
+        .json(&json!({"queues": 1, "transaction_checker": "body-checker",
+                      "transactions": {"check_after_ms": 2000, "check_interval_ms": 500, "max_checks": 20}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let txn: Value = http
+        .post(format!("{}/v1/topics/signups/transactions", b.url))
+        .json(&json!({"body": "commit"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let txn_id = txn["txn_id"].as_str().unwrap().to_string();
     let killed_at = std::time::Instant::now();
     a.kill().await;
     let lag_at_kill = get_json(&http, format!("{}/v1/subscriptions/work", b.url)).await["lag"]
@@ -571,6 +611,28 @@ async fn sigkill_of_the_dispatching_node_moves_dispatch_to_the_other_on_jetstrea
     }
     let took_over = killed_at.elapsed();
     work_caught_up(&b.url).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let decided = loop {
+        let t = get_json(&http, format!("{}/v1/transactions/{txn_id}", b.url)).await;
+        if t["state"] != "pending" {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "never checked: {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(decided["state"], "committed", "{decided}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while audit_records(&b.url)
+        .await
+        .iter()
+        .all(|a| a["body"]["delayed"] != true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delayed message never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let repeated = nothing_skipped(&b.url, &ids, MAX_IN_FLIGHT).await;
     assert!(
         lag_at_kill > 0,
