@@ -217,19 +217,27 @@ pub struct NatsServer {
     _dir: tempfile::TempDir,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl NatsServer {
     pub async fn start() -> Self {
+        Self::start_with(free_port(), "").await
+    }
+
+    /// Starts one server on `port`, with `extra` configuration (cluster settings).
+    async fn start_with(port: u16, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let conf = dir.path().join("nats.conf");
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n{extra}",
                 dir.path().join("js").display().to_string()
             ),
         )
@@ -263,6 +271,60 @@ impl NatsServer {
             port,
             _dir: dir,
         }
+    }
+
+    /// SIGKILL.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A JetStream cluster of `n` nats-servers on 127.0.0.1 (R3 streams need 3), ready once it
+/// has elected a meta leader.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub async fn start(n: usize) -> Self {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let mut servers = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .filter(|(p, _)| p != port)
+                .map(|(_, r)| format!("nats-route://127.0.0.1:{r}"))
+                .collect();
+            let extra = format!(
+                "server_name: n{i}\ncluster {{ name: wasmq-test\n listen: 127.0.0.1:{route}\n routes: [{}] }}\n",
+                routes.join(", ")
+            );
+            servers.push(NatsServer::start_with(*port, &extra).await);
+        }
+        let cluster = NatsCluster { servers };
+        // JetStream answers once the meta group has a leader.
+        let addrs: Vec<async_nats::ServerAddr> =
+            cluster.urls().iter().map(|u| u.parse().unwrap()).collect();
+        let client = async_nats::connect(addrs).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while js.get_stream("wasmq-probe-none").await.is_err_and(|e| {
+            !matches!(
+                e.kind(),
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+            )
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the JetStream cluster elected no leader"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.url.clone()).collect()
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::json;
 use wasmq::config::Backend;
 use wasmq::storage::{JetStreamStorage, Storage, conformance};
 use wasmq_tests::plugins::RECORDER;
-use wasmq_tests::{NatsServer, TestServer, config_in};
+use wasmq_tests::{NatsCluster, NatsServer, TestServer, config_in};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_backend_passes_the_conformance_suite() {
@@ -164,5 +164,89 @@ async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
             .all(|n| n["node"] != node_a),
         "{vb}"
     );
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
+    let mut nats = NatsCluster::start(3).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = |dir: &std::path::Path| {
+        let mut c = config_in(dir);
+        c.storage.backend = Backend::Jetstream;
+        c.storage.urls = nats.urls();
+        c.storage.replicas = 3;
+        c
+    };
+    let a = TestServer::start_with(config(dir_a.path())).await;
+    a.wait_until("/v1/cluster", 20, |v| v["dispatching"] == true)
+        .await;
+    let b = TestServer::start_with(config(dir_b.path())).await;
+    a.create_topic("jobs", 4).await;
+    a.create_topic("audit", 1).await;
+    let (st, v) = a.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    a.subscribe(
+        "work",
+        json!({"topic": "jobs", "plugin": "recorder", "instances": 2,
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    // Publishers on both nodes; one nats-server is SIGKILLed a second in.
+    let started = std::time::Instant::now();
+    let (mut acked, mut refused, mut killed) = (Vec::new(), 0, false);
+    for round in 0..60 {
+        if !killed && started.elapsed() > std::time::Duration::from_secs(1) {
+            nats.servers[0].kill().await;
+            killed = true;
+        }
+        let node = if round % 2 == 0 { &a } else { &b };
+        let msgs: Vec<serde_json::Value> = (0..50)
+            .map(|i| json!({"body": {"round": round, "i": i}}))
+            .collect();
+        let (st, v) = node
+            .post_json("/v1/topics/jobs/messages/batch", &json!({"messages": msgs}))
+            .await;
+        if st == StatusCode::CREATED {
+            acked.extend(
+                v["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["id"].as_str().unwrap().to_string()),
+            );
+        } else {
+            refused += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(killed);
+    assert!(
+        acked.len() >= 2000,
+        "too few publishes acknowledged: {}",
+        acked.len()
+    );
+    // Every acknowledged message is delivered (through the surviving two servers).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let missing = loop {
+        let seen: std::collections::HashSet<String> = b
+            .read_queue("audit", 0)
+            .await
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(String::from))
+            .collect();
+        let missing = acked.iter().filter(|id| !seen.contains(*id)).count();
+        if missing == 0 || std::time::Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    println!(
+        "{} batches acknowledged ({} messages), {refused} refused while the cluster re-elected; {missing} missing",
+        60 - refused,
+        acked.len()
+    );
+    assert_eq!(missing, 0);
+    a.stop().await.unwrap();
     b.stop().await.unwrap();
 }

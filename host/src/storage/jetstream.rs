@@ -182,9 +182,14 @@ impl JetStreamStorage {
     /// Connects to the cluster at `urls` and creates what is missing (buckets, the key index),
     /// with `replicas` copies of everything; then finishes guarded appends a dead node left.
     pub async fn connect(urls: &[String], replicas: usize) -> Result<Self, StorageError> {
+        let addrs = urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| js_err(&format!("bad NATS url in {}", urls.join(", ")), e))?;
         let client = async_nats::ConnectOptions::new()
             .name("wasmq")
-            .connect(urls.join(","))
+            .connect(addrs)
             .await
             .map_err(|e| js_err(&format!("cannot connect to {}", urls.join(", ")), e))?;
         let js = jetstream::new(client.clone());
