@@ -70,6 +70,13 @@ pub async fn run(
     if config.auth.tokens.iter().any(|t| t.token.len() < 8) {
         anyhow::bail!("[auth] tokens must have at least 8 characters");
     }
+    // The data dir holds RocksDB, and is where the disk guard looks, whatever the backend.
+    std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
+        format!(
+            "cannot create data dir {}",
+            config.server.data_dir.display()
+        )
+    })?;
     let storage: Arc<dyn Storage> = match config.storage.backend {
         Backend::Rocksdb => {
             let dir = config.server.data_dir.join("rocksdb");

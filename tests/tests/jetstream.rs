@@ -216,6 +216,8 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
                     .map(|r| r["id"].as_str().unwrap().to_string()),
             );
         } else {
+            // Refused, not lost: the storage was re-electing (503 storage_unavailable).
+            assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
             refused += 1;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -229,6 +231,15 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
     // Every acknowledged message is delivered (through the surviving two servers).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     let missing = loop {
+        // Reads answer 503 storage_unavailable while the cluster re-elects: try again.
+        let page = b
+            .get("/v1/topics/audit/messages?queue=0&from=0&limit=1")
+            .await;
+        if page.0 != StatusCode::OK {
+            assert_eq!(page.0, StatusCode::SERVICE_UNAVAILABLE, "{}", page.1);
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            continue;
+        }
         let seen: std::collections::HashSet<String> = b
             .read_queue("audit", 0)
             .await

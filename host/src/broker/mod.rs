@@ -292,6 +292,8 @@ impl Broker {
             }
             let bytes =
                 serde_json::to_vec(&meta).map_err(|e| StorageError::Encode(e.to_string()))?;
+            // Queues exist in the backend before any node can learn of the topic.
+            self.storage.prepare_topic(name, meta.queues).await?;
             match self
                 .storage
                 .put_record(TOPIC_SPACE, name, Some(bytes), expect)

@@ -125,6 +125,17 @@ impl From<StorageError> for ApiError {
                 "shutting_down",
                 "the server is shutting down",
             ),
+            // The shared backend is unreachable or electing a leader: worth a retry, and the
+            // request changed nothing that was acknowledged.
+            StorageError::JetStream(m) => {
+                tracing::warn!(error = %m, "storage unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    format!("storage is unavailable, retry: {m}"),
+                )
+                .retry_after(1)
+            }
             other => Self::internal(other),
         }
     }

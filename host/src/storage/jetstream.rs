@@ -313,6 +313,15 @@ impl JetStreamStorage {
         deliver_policy: DeliverPolicy,
         limit: usize,
     ) -> Result<Vec<async_nats::jetstream::Message>, StorageError> {
+        // What exists now is the answer: writes that land during the scan (a hot space, say
+        // cursors being committed) would otherwise keep it going.
+        let last = stream
+            .clone()
+            .info()
+            .await
+            .map_err(|e| js_err("scan", e))?
+            .state
+            .last_sequence;
         let consumer = stream
             .create_consumer(OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
@@ -331,9 +340,15 @@ impl JetStreamStorage {
         let collect = async {
             while let Some(m) = messages.next().await {
                 let m = m.map_err(|e| js_err("scan", e))?;
-                let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                let (pending, seq) = m
+                    .info()
+                    .map(|i| (i.pending, i.stream_sequence))
+                    .unwrap_or((0, last));
+                if seq > last {
+                    break;
+                }
                 out.push(m);
-                if pending == 0 || out.len() >= limit {
+                if pending == 0 || seq == last || out.len() >= limit {
                     break;
                 }
             }
@@ -388,7 +403,19 @@ impl JetStreamStorage {
         }
         let mut appended = Vec::with_capacity(messages.len());
         for (m, ack) in messages.iter().zip(acks) {
-            let ack = ack.await.map_err(|e| js_err("append", e))?;
+            let ack = match ack.await {
+                Ok(a) => a,
+                Err(e) => {
+                    if e.kind() == PublishErrorKind::StreamNotFound {
+                        // Deleted behind our back: made again on the producer's retry.
+                        self.streams
+                            .lock()
+                            .await
+                            .remove(&(topic.to_string(), m.queue));
+                    }
+                    return Err(js_err("append", e));
+                }
+            };
             appended.push(Appended {
                 id: m.id,
                 queue: m.queue,
@@ -630,6 +657,13 @@ impl Storage for JetStreamStorage {
         Ok((appended, revision))
     }
 
+    async fn prepare_topic(&self, topic: &str, queues: u32) -> Result<(), StorageError> {
+        for queue in 0..queues {
+            self.queue_stream(topic, queue, true).await?;
+        }
+        Ok(())
+    }
+
     async fn read(
         &self,
         topic: &str,
@@ -650,24 +684,32 @@ impl Storage for JetStreamStorage {
         let gets = (from + 1..=end).map(|seq| {
             let stream = stream.clone();
             async move {
-                let raw = stream
-                    .direct_get(seq)
-                    .await
-                    .map_err(|e| js_err(&format!("read {seq}"), e))?;
-                let message: NewMessage = rmp_serde::from_slice(&raw.payload).map_err(|e| {
-                    StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
-                })?;
-                Ok::<_, StorageError>(StoredMessage {
-                    topic: topic.to_string(),
-                    offset: seq - 1,
-                    message,
-                })
+                match stream.direct_get(seq).await {
+                    Ok(raw) => Ok(Some(raw.payload)),
+                    // Direct gets may be answered by a replica that has not applied the newest
+                    // messages yet: the read ends before them, and the next read gets them.
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(js_err(&format!("read {seq}"), e)),
+                }
             }
         });
-        futures::stream::iter(gets)
+        let found: Vec<Option<bytes::Bytes>> = futures::stream::iter(gets)
             .buffered(READ_AHEAD)
             .try_collect()
-            .await
+            .await?;
+        let mut out = Vec::with_capacity(found.len());
+        for (seq, payload) in (from + 1..).zip(found) {
+            let Some(payload) = payload else { break };
+            let message: NewMessage = rmp_serde::from_slice(&payload).map_err(|e| {
+                StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
+            })?;
+            out.push(StoredMessage {
+                topic: topic.to_string(),
+                offset: seq - 1,
+                message,
+            });
+        }
+        Ok(out)
     }
 
     async fn message_by_id(&self, id: MessageId) -> Result<Option<StoredMessage>, StorageError> {
@@ -681,11 +723,29 @@ impl Storage for JetStreamStorage {
         };
         let at: Location = rmp_serde::from_slice(&raw)
             .map_err(|e| StorageError::Corrupt(format!("id index {id}: {e}")))?;
-        Ok(self
+        if let Some(m) = self
             .read(&at.topic, at.queue, at.offset, 1)
             .await?
             .into_iter()
-            .next())
+            .next()
+        {
+            return Ok(Some(m));
+        }
+        // A replica behind: ask the stream's leader, which has every acknowledged message.
+        let Some(stream) = self.queue_stream(&at.topic, at.queue, false).await? else {
+            return Ok(None);
+        };
+        let raw = stream
+            .get_raw_message(at.offset + 1)
+            .await
+            .map_err(|e| js_err("message by id", e))?;
+        let message: NewMessage = rmp_serde::from_slice(&raw.payload)
+            .map_err(|e| StorageError::Corrupt(format!("message {id}: {e}")))?;
+        Ok(Some(StoredMessage {
+            topic: at.topic,
+            offset: at.offset,
+            message,
+        }))
     }
 
     async fn messages_by_key(

@@ -182,6 +182,12 @@ pub trait Storage: Send + Sync + 'static {
 
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
+    /// Makes the queues of a topic ready for appends (a backend that keeps a stream per queue
+    /// creates them here, before the topic is visible, so no node appends to a half-made queue).
+    async fn prepare_topic(&self, _topic: &str, _queues: u32) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// Adds the backend's own metrics (group commit sizes, write times) to a scrape.
     fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 

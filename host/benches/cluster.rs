@@ -1,0 +1,144 @@
+//! Scale-out on NATS JetStream beside the embedded RocksDB backend, in one run: batch-100
+//! publish throughput (4 clients spread over the wasmq nodes) and end-to-end drain through the
+//! no-op plugin (publish everything, then subscribe and time until lag 0), for RocksDB `sync`,
+//! and JetStream R1 (one nats-server) and R3 (three) under 1, 2 and 3 wasmq nodes, all on this
+//! machine. `--quick` shrinks it for CI; `WASMQ_BENCH_N` sets the message count.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use wasmq::config::{Backend, FlushMode};
+use wasmq_tests::plugins::ECHO;
+use wasmq_tests::{NatsCluster, NatsServer};
+
+/// Publishes `n` messages in batches of 100 from 4 clients spread over `nodes`; msg/s.
+async fn publish(nodes: &[common::Server], n: usize) -> f64 {
+    let body = json!({"body": "x".repeat(common::BODY_BYTES - 2)});
+    let batch = json!({"messages": vec![body; 100]});
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..4 {
+        let node = &nodes[client % nodes.len()];
+        let (http, batch) = (node.http.clone(), batch.clone());
+        let url = format!("{}/v1/topics/bench/messages/batch", node.url);
+        let per = n / 400 + usize::from(client < (n / 100) % 4);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                let r = http.post(&url).json(&batch).send().await.unwrap();
+                let status = r.status();
+                assert_eq!(
+                    status,
+                    reqwest::StatusCode::CREATED,
+                    "{}",
+                    r.text().await.unwrap()
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One configuration: (publish msg/s, drain msg/s).
+async fn run(urls: Option<(Vec<String>, u32)>, nodes: usize, n: usize) -> (f64, f64) {
+    let mut servers = Vec::new();
+    for _ in 0..nodes {
+        let urls = urls.clone();
+        servers.push(
+            common::Server::start_with(FlushMode::Sync, move |c| {
+                if let Some((urls, replicas)) = urls {
+                    c.storage.backend = Backend::Jetstream;
+                    c.storage.urls = urls;
+                    c.storage.replicas = replicas;
+                }
+            })
+            .await,
+        );
+    }
+    let first = &servers[0];
+    first.put("/v1/topics/bench", json!({"queues": 8})).await;
+    first.upload("echo", ECHO).await;
+    let publish_rate = publish(&servers, n).await;
+    let started = Instant::now();
+    first
+        .put(
+            "/v1/subscriptions/drain",
+            json!({"topic": "bench", "plugin": "echo", "instances": 4, "max_in_flight": 1024}),
+        )
+        .await;
+    loop {
+        let st = first.get("/v1/subscriptions/drain").await;
+        if st["lag"] == 0 && st["in_flight"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let drain_rate = n as f64 / started.elapsed().as_secs_f64();
+    for s in servers {
+        s.stop().await;
+    }
+    (publish_rate, drain_rate)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n: usize = std::env::var("WASMQ_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 2_000 } else { 50_000 });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut rows = Vec::new();
+        rows.push(("RocksDB (sync), 1 node".to_string(), run(None, 1, n).await));
+        let r1 = NatsServer::start().await;
+        let r3 = NatsCluster::start(3).await;
+        for (name, urls, replicas) in [("R1", vec![r1.url.clone()], 1), ("R3", r3.urls(), 3)] {
+            for nodes in 1..=3 {
+                let r = run(Some((urls.clone(), replicas)), nodes, n).await;
+                rows.push((
+                    format!(
+                        "JetStream {name}, {nodes} wasmq node{}",
+                        if nodes > 1 { "s" } else { "" }
+                    ),
+                    r,
+                ));
+                // The next row starts from empty streams.
+                purge(&urls).await;
+            }
+        }
+        let base = rows[0].1;
+        println!(
+            "\n{n} messages of {} B, batch-100 publish from 4 clients, drain through a no-op plugin (4 instances); {} cores\n",
+            common::BODY_BYTES,
+            common::cores()
+        );
+        println!("| backend | publish msg/s | vs RocksDB | drain msg/s | vs RocksDB |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (name, (p, d)) in rows {
+            println!(
+                "| {name} | {p:.0} | {:.2}x | {d:.0} | {:.2}x |",
+                p / base.0,
+                d / base.1
+            );
+        }
+    });
+}
+
+/// Deletes every stream, so rows do not read each other's messages and state.
+async fn purge(urls: &[String]) {
+    use futures::TryStreamExt as _;
+    let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
+    let js = async_nats::jetstream::new(async_nats::connect(addrs).await.unwrap());
+    let names: Vec<String> = js.stream_names().try_collect().await.unwrap();
+    for name in names {
+        js.delete_stream(&name).await.unwrap();
+    }
+}
