@@ -131,7 +131,20 @@ async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
         (va["dispatching"].clone(), vb["dispatching"].clone()),
         (json!(true), json!(false))
     );
-    assert_eq!(vb["nodes"].as_array().unwrap().len(), 2, "{vb}");
+    // Each node sees both, every time, while both heartbeat.
+    for _ in 0..6 {
+        for s in [&a, &b] {
+            let v = cluster(s).await;
+            let up: Vec<bool> = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["up"] == true)
+                .collect();
+            assert_eq!(up, [true, true], "{v}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
     let lease = &vb["leases"][0];
     assert_eq!(
         (lease["lease"].clone(), lease["owner"].clone()),

@@ -557,6 +557,9 @@ impl JetStreamStorage {
         Ok(())
     }
 
+    /// The records of a space: which subjects exist now (stream info with a subject filter),
+    /// then the last value of each from the stream's leader. A consumer-based listing cannot
+    /// tell, in a space being written, when it has seen everything.
     async fn list_inner(
         &self,
         space: &str,
@@ -564,39 +567,60 @@ impl JetStreamStorage {
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
         let filter = format!("$KV.{RECORDS}.{}.*", enc(space));
-        let found = self
-            .scan(
-                &self.records_stream,
-                filter,
-                DeliverPolicy::LastPerSubject,
-                usize::MAX,
-            )
-            .await?;
-        let mut out = Vec::new();
-        for m in found {
-            let deleted = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some_and(|op| op.as_str() != "PUT");
-            let Some(encoded) = m.subject.rsplit('.').next() else {
+        let subjects: Vec<String> = self
+            .records_stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| js_err("list", e))?
+            .map_ok(|(subject, _)| subject)
+            .try_collect()
+            .await
+            .map_err(|e| js_err("list", e))?;
+        let mut wanted = Vec::new();
+        for subject in subjects {
+            let Some(encoded) = subject.rsplit('.').next() else {
                 continue;
             };
             let key = dec(encoded)?;
-            if deleted || !key.starts_with(prefix) {
+            if key.starts_with(prefix) {
+                wanted.push((key, subject));
+            }
+        }
+        wanted.sort();
+        let stream = &self.records_stream;
+        let gets = wanted.into_iter().map(|(key, subject)| async move {
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => Ok(Some((key, m))),
+                // Purged since the listing.
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(js_err("list", e)),
+            }
+        });
+        let found: Vec<Option<(String, async_nats::jetstream::message::StreamMessage)>> =
+            futures::stream::iter(gets)
+                .buffered(READ_AHEAD)
+                .try_collect()
+                .await?;
+        let mut out = Vec::new();
+        for (key, m) in found.into_iter().flatten() {
+            let deleted = m
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() != "PUT");
+            if deleted {
                 continue;
             }
-            let revision = m.info().map_err(|e| js_err("record", e))?.stream_sequence;
             out.push((
                 key,
                 Record {
-                    revision,
+                    revision: m.sequence,
                     value: m.payload.to_vec(),
                 },
             ));
+            if out.len() >= limit {
+                break;
+            }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.truncate(limit);
         Ok(out)
     }
 }
