@@ -323,6 +323,35 @@ impl Node {
         }))
     }
 
+    /// `wasmq_node_info{node, backend}` (always 1) and `wasmq_node_dispatching` (1 on the node
+    /// holding the dispatch lease), so scrapes of several nodes tell them apart.
+    pub fn register_metrics(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+        dispatching: bool,
+    ) {
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        let info: Family<Vec<(String, String)>, Gauge> = Family::default();
+        info.get_or_create(&vec![
+            ("node".to_string(), self.id.clone()),
+            ("backend".to_string(), self.backend.to_string()),
+        ])
+        .set(1);
+        registry.register(
+            "wasmq_node_info",
+            "This node's id and storage backend",
+            info,
+        );
+        let active: Gauge = Gauge::default();
+        active.set(i64::from(dispatching));
+        registry.register(
+            "wasmq_node_dispatching",
+            "1 while this node dispatches (holds the dispatch lease, or runs alone)",
+            active,
+        );
+    }
+
     /// Stops the heartbeat and removes this node's record (a clean stop is not a failure).
     pub async fn stop(&self) {
         self.stop.cancel();

@@ -150,6 +150,11 @@ async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
         (lease["lease"].clone(), lease["owner"].clone()),
         (json!("dispatch"), va["node"].clone())
     );
+    // Scrapes tell the nodes apart.
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    assert!(ma.lines().any(|l| l == "wasmq_node_dispatching 1"), "{ma}");
+    assert!(mb.lines().any(|l| l == "wasmq_node_dispatching 0"), "{mb}");
+    assert!(ma.contains(&format!("node=\"{}\"", va["node"].as_str().unwrap())));
     // Both nodes answer alike.
     assert_eq!(a.get("/v1/subscriptions/work").await.1["lag"], 0);
     assert_eq!(b.get("/v1/topics/jobs").await.1["messages"], 200);

@@ -152,6 +152,9 @@ pub(crate) async fn metrics(
     );
     state.broker.metrics().register(&mut registry);
     state.broker.storage().register_metrics(&mut registry);
+    state
+        .node
+        .register_metrics(&mut registry, state.dispatcher.is_active());
     crate::metrics::scrape_state(
         &mut registry,
         &state.dispatcher,
