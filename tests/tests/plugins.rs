@@ -146,8 +146,9 @@ async fn bad_uploads_get_a_clear_400() {
         StatusCode::BAD_REQUEST,
         "bad_plugin_name",
     );
-    let r = s
-        .client
+    // A fresh connection: the server closes one whose upload it refused unread, and a pooled
+    // client may race that close.
+    let r = reqwest::Client::new()
         .put(format!("{}/v1/plugins/p", s.url))
         .header("content-type", "application/json")
         .body("{}")

@@ -25,7 +25,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::{
     Appended, Expect, MessageId, NewMessage, Record, RecordWrite, Storage, StorageError,
-    StoredMessage,
+    StoredMessage, Watchers,
 };
 
 const RECORDS: &str = "WQ_RECORDS";
@@ -124,7 +124,7 @@ pub struct JetStreamStorage {
     keys: Stream,
     blobs: object_store::ObjectStore,
     streams: tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
-    watchers: Arc<std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>>,
+    watchers: Arc<Watchers>,
     closed: AtomicBool,
     notifier: tokio::task::JoinHandle<()>,
 }
@@ -134,19 +134,6 @@ impl std::fmt::Debug for JetStreamStorage {
         f.debug_struct("JetStreamStorage")
             .field("replicas", &self.replicas)
             .finish_non_exhaustive()
-    }
-}
-
-fn bump(
-    watchers: &std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
-    topic: &str,
-) {
-    let watchers = match watchers.lock() {
-        Ok(w) => w,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    if let Some(tx) = watchers.get(topic) {
-        tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -218,8 +205,7 @@ impl JetStreamStorage {
             .await
             .map_err(|e| js_err("blob store", e))?;
         // Appends on any node wake this node's watchers through a core NATS notification.
-        let watchers: Arc<std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>> =
-            Arc::default();
+        let watchers: Arc<Watchers> = Arc::default();
         let mut notes = client
             .subscribe("wqn.>")
             .await
@@ -230,7 +216,7 @@ impl JetStreamStorage {
                 if let Some(topic) = note.subject.strip_prefix("wqn.")
                     && let Ok(topic) = dec(topic)
                 {
-                    bump(&w, &topic);
+                    w.bump(&topic);
                 }
             }
         });
@@ -464,7 +450,7 @@ impl JetStreamStorage {
         for r in futures::future::join_all(pending).await {
             r.map_err(|e| js_err("index", e))?;
         }
-        bump(&self.watchers, topic);
+        self.watchers.bump(topic);
         // Other nodes' watchers; losing one only delays them until their next poll.
         let _ = self
             .client
@@ -792,14 +778,7 @@ impl Storage for JetStreamStorage {
     }
 
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
-        let mut watchers = match self.watchers.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        watchers
-            .entry(topic.to_string())
-            .or_insert_with(|| tokio::sync::watch::channel(0).0)
-            .subscribe()
+        self.watchers.subscribe(topic)
     }
 
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {

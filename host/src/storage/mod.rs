@@ -109,6 +109,36 @@ pub struct RecordWrite {
     pub expect: Expect,
 }
 
+/// Wake-ups for readers waiting on a topic's appends: what [`Storage::watch`] hands out.
+#[derive(Debug, Default)]
+pub struct Watchers(
+    std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+);
+
+impl Watchers {
+    pub fn subscribe(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut watchers = match self.0.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        watchers
+            .entry(topic.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Wakes the readers of `topic` (after its appends are durable and readable).
+    pub fn bump(&self, topic: &str) {
+        let watchers = match self.0.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(tx) = watchers.get(topic) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
 /// Durable storage for one broker. Object-safe so backends are chosen at start-up.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {

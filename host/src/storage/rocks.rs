@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, Expect, MessageId, NewMessage, Record, RecordWrite, Storage, StorageError,
-    StoredMessage, keys,
+    StoredMessage, Watchers, keys,
 };
 use crate::config::FlushMode;
 
@@ -64,9 +64,6 @@ impl Default for WriterStats {
 }
 
 type HighWater = HashMap<String, Vec<u64>>;
-
-/// Per-topic change signals: the value counts commits that appended to the topic.
-type Watchers = Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>;
 
 pub struct RocksStorage {
     db: Arc<DB>,
@@ -411,14 +408,7 @@ impl Storage for RocksStorage {
     }
 
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
-        let mut watchers = match self.watchers.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        watchers
-            .entry(topic.to_string())
-            .or_insert_with(|| tokio::sync::watch::channel(0).0)
-            .subscribe()
+        self.watchers.subscribe(topic)
     }
 
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
@@ -805,11 +795,8 @@ impl Writer {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let watchers = self.watchers.lock().ok();
         for (topic, queues) in staged {
-            if let Some(tx) = watchers.as_ref().and_then(|w| w.get(&topic)) {
-                tx.send_modify(|n| *n += 1);
-            }
+            self.watchers.bump(&topic);
             shared.insert(topic.clone(), queues.clone());
             self.committed.insert(topic, queues);
         }

@@ -127,6 +127,22 @@ pub struct Transactions {
     idle: tokio::sync::Mutex<HashMap<(String, u32), Vec<PluginInstance>>>,
 }
 
+/// Every pending transaction in storage, with when it is due for a check.
+async fn pending(broker: &Broker) -> Result<Vec<(u64, String)>, TxnError> {
+    let mut out = Vec::new();
+    for (id, r) in broker
+        .storage()
+        .list_records(TXN_SPACE, "", usize::MAX)
+        .await?
+    {
+        let t = decode(&id, &r.value)?;
+        if t.state == TxnState::Pending {
+            out.push((t.next_check_at, id));
+        }
+    }
+    Ok(out)
+}
+
 impl Transactions {
     /// Loads pending transactions so their checks resume where they were.
     pub async fn new(
@@ -134,17 +150,7 @@ impl Transactions {
         plugins: Arc<Plugins>,
         defaults: TransactionsConfig,
     ) -> Result<Arc<Self>, TxnError> {
-        let mut schedule = BTreeSet::new();
-        for (id, r) in broker
-            .storage()
-            .list_records(TXN_SPACE, "", usize::MAX)
-            .await?
-        {
-            let t = decode(&id, &r.value)?;
-            if t.state == TxnState::Pending {
-                schedule.insert((t.next_check_at, id));
-            }
-        }
+        let schedule: BTreeSet<(u64, String)> = pending(&broker).await?.into_iter().collect();
         Ok(Arc::new(Self {
             broker,
             plugins,
@@ -361,20 +367,9 @@ impl Transactions {
     /// Schedules every pending transaction in storage, including those begun on other nodes
     /// (a node that takes over check-backs calls it, then now and then).
     pub async fn reload(&self) -> Result<(), TxnError> {
-        let mut pending = Vec::new();
-        for (id, r) in self
-            .broker
-            .storage()
-            .list_records(TXN_SPACE, "", usize::MAX)
-            .await?
-        {
-            let t = decode(&id, &r.value)?;
-            if t.state == TxnState::Pending {
-                pending.push((t.next_check_at, id));
-            }
-        }
+        let found = pending(&self.broker).await?;
         if let Ok(mut s) = self.schedule.lock() {
-            s.extend(pending);
+            s.extend(found);
         }
         self.wake.notify_one();
         Ok(())
