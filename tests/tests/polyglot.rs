@@ -320,7 +320,11 @@ async fn python_and_javascript_plugins_send_sms_call_http_and_publish_as_granted
             v["counters"]["acked"] == 1 && v["counters"]["dead_lettered"] == 1
         })
         .await;
-        let (_, dlq) = s.get(&format!("/v1/subscriptions/{name}/dlq")).await;
+        let dlq = s
+            .wait_until(&format!("/v1/subscriptions/{name}/dlq"), 30, |v| {
+                v["entries"].as_array().is_some_and(|e| e.len() == 1)
+            })
+            .await;
         let reason = dlq["entries"][0]["reason"].as_str().unwrap();
         assert!(reason.contains("denied: "), "{lang}: {reason}");
     }
