@@ -170,7 +170,8 @@ async fn serve(
             checks.clone(),
         ))
     } else {
-        dispatcher.start_all().await?;
+        // Alone on its storage: dispatches from the start.
+        dispatcher.activate().await?;
         tokio::spawn(transactions.clone().run(checks.clone()))
     };
     let app = http::app(http::AppState {

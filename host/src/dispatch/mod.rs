@@ -162,23 +162,6 @@ impl Dispatcher {
             .is_ok_and(|t| t.queues as usize != queues)
     }
 
-    /// Starts every running subscription (at boot). One that cannot start is logged and left.
-    pub async fn start_all(&self) -> Result<(), DispatchError> {
-        let _g = self.control.lock().await;
-        for (group, r) in storage(&self.env)
-            .list_records(state::SUB_SPACE, "", usize::MAX)
-            .await?
-        {
-            let record: SubscriptionRecord = state::decode(&group, &r)?;
-            if record.state == SubState::Running
-                && let Err(e) = self.launch(&record).await
-            {
-                tracing::error!(%group, error = %e, "cannot start subscription");
-            }
-        }
-        Ok(())
-    }
-
     async fn launch(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
         if !self.is_active() {
             return Ok(());

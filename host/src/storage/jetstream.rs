@@ -290,13 +290,11 @@ impl JetStreamStorage {
         Ok(found)
     }
 
-    /// Messages of `stream` whose subject matches `filter`: every one, or the last per subject;
-    /// at most `limit`, in stream order.
+    /// Messages of `stream` whose subject matches `filter`, at most `limit`, in stream order.
     async fn scan(
         &self,
         stream: &Stream,
         filter: String,
-        deliver_policy: DeliverPolicy,
         limit: usize,
     ) -> Result<Vec<async_nats::jetstream::Message>, StorageError> {
         // What exists now is the answer: writes that land during the scan (a hot space, say
@@ -312,7 +310,7 @@ impl JetStreamStorage {
             .create_consumer(OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
                 filter_subject: filter,
-                deliver_policy,
+                deliver_policy: DeliverPolicy::All,
                 replay_policy: jetstream::consumer::ReplayPolicy::Instant,
                 ..Default::default()
             })
@@ -765,9 +763,7 @@ impl Storage for JetStreamStorage {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         let filter = format!("wqk.{}.{}", enc(topic), enc(key));
-        let found = self
-            .scan(&self.keys, filter, DeliverPolicy::All, limit)
-            .await?;
+        let found = self.scan(&self.keys, filter, limit).await?;
         let mut out = Vec::new();
         for m in found {
             let (queue, offset): (u32, u64) = rmp_serde::from_slice(&m.payload)
