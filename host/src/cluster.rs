@@ -1,8 +1,8 @@
 //! Nodes and leases over the storage trait, for several wasmq nodes on one shared backend: each
-//! node heartbeats a record; work (today the whole dispatch side, next per subscription queue)
-//! is owned through a lease record taken by compare-and-set, renewed before it expires and
-//! given up locally *before* it can expire (fencing), so two nodes never act on one lease at
-//! once. Leases are plain records, so both backends carry them.
+//! node heartbeats a record; work (each subscription queue, each broadcast instance, the
+//! transaction check-backs) is owned through a lease record taken by compare-and-set, renewed
+//! before it expires and given up locally *before* it can expire (fencing), so two nodes never
+//! act on one lease at once. Leases are plain records, so both backends carry them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,10 +174,18 @@ impl HeldLease {
         *self.held.borrow()
     }
 
+    /// Resolves when the lease is lost, without borrowing the lease (for a task that stops
+    /// work when it is).
+    pub fn on_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let mut held = self.held.clone();
+        async move {
+            let _ = held.wait_for(|h| !*h).await;
+        }
+    }
+
     /// Resolves when the lease is lost.
     pub async fn lost(&self) {
-        let mut held = self.held.clone();
-        let _ = held.wait_for(|h| !*h).await;
+        self.on_lost().await
     }
 
     /// Stops renewing and releases the lease.
@@ -228,6 +236,35 @@ async fn renew_loop(
     }
 }
 
+/// Every lease record: key, holder and revision.
+pub async fn leases(
+    storage: &dyn Storage,
+) -> Result<Vec<(String, LeaseRecord, u64)>, StorageError> {
+    storage
+        .list_records(LEASE_SPACE, "", usize::MAX)
+        .await?
+        .into_iter()
+        .map(|(k, r)| Ok((k, decode("lease", &r.value)?, r.revision)))
+        .collect()
+}
+
+/// Every node record.
+pub async fn nodes(storage: &dyn Storage) -> Result<Vec<NodeRecord>, StorageError> {
+    storage
+        .list_records(NODE_SPACE, "", usize::MAX)
+        .await?
+        .iter()
+        .map(|(_, r)| decode("node", &r.value))
+        .collect()
+}
+
+impl NodeRecord {
+    /// Heartbeat seen within three beats.
+    pub fn is_up(&self, now: u64) -> bool {
+        now.saturating_sub(self.heartbeat_at) <= 3 * HEARTBEAT.as_millis() as u64
+    }
+}
+
 /// This node: its id and heartbeat, renewed while it runs.
 pub struct Node {
     pub id: String,
@@ -240,13 +277,18 @@ pub struct Node {
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl Node {
-    /// Registers this node and starts its heartbeat.
+    /// Registers this node under `id` (a fresh one if empty) and starts its heartbeat.
     pub async fn start(
         storage: Arc<dyn Storage>,
         backend: &'static str,
         api: String,
+        id: &str,
     ) -> Result<Arc<Node>, StorageError> {
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = if id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            id.to_string()
+        };
         let started_at = now_ms();
         let beat = {
             let (storage, id, api) = (storage.clone(), id.clone(), api.clone());
@@ -292,43 +334,49 @@ impl Node {
     /// every lease with its owner: what `GET /v1/cluster` shows.
     pub async fn view(&self) -> Result<serde_json::Value, StorageError> {
         let now = now_ms();
-        let mut nodes = Vec::new();
-        for (_, r) in self
-            .storage
-            .list_records(NODE_SPACE, "", usize::MAX)
+        let nodes: Vec<serde_json::Value> = nodes(self.storage.as_ref())
             .await?
-        {
-            let n: NodeRecord = decode("node", &r.value)?;
-            let age = now.saturating_sub(n.heartbeat_at);
-            nodes.push(serde_json::json!({
-                "node": n.node, "api": n.api, "started_at": n.started_at,
-                "heartbeat_at": n.heartbeat_at, "heartbeat_age_ms": age,
-                "up": age <= 3 * HEARTBEAT.as_millis() as u64, "self": n.node == self.id,
-            }));
-        }
-        let mut leases = Vec::new();
-        for (key, r) in self
-            .storage
-            .list_records(LEASE_SPACE, "", usize::MAX)
+            .into_iter()
+            .map(|n| {
+                serde_json::json!({
+                    "node": n.node, "api": n.api, "started_at": n.started_at,
+                    "heartbeat_at": n.heartbeat_at,
+                    "heartbeat_age_ms": now.saturating_sub(n.heartbeat_at),
+                    "up": n.is_up(now), "self": n.node == self.id,
+                })
+            })
+            .collect();
+        let leases: Vec<serde_json::Value> = leases(self.storage.as_ref())
             .await?
-        {
-            let l: LeaseRecord = decode("lease", &r.value)?;
-            leases.push(serde_json::json!({
-                "lease": key, "owner": l.owner, "expires_at": l.expires_at,
-                "expired": l.expires_at <= now,
-            }));
-        }
+            .into_iter()
+            .map(|(key, l, _)| {
+                let mut v = serde_json::json!({
+                    "lease": key, "owner": l.owner, "expires_at": l.expires_at,
+                    "expired": l.expires_at <= now,
+                });
+                if let Some((group, unit)) = crate::dispatch::share::parse_key(&key) {
+                    v["subscription"] = group.into();
+                    match unit {
+                        crate::dispatch::share::UnitKey::Queue(q) => v["queue"] = q.into(),
+                        crate::dispatch::share::UnitKey::Instance(i) => v["instance"] = i.into(),
+                    }
+                }
+                v
+            })
+            .collect();
         Ok(serde_json::json!({
             "node": self.id, "backend": self.backend, "nodes": nodes, "leases": leases,
         }))
     }
 
-    /// `wasmq_node_info{node, backend}` (always 1) and `wasmq_node_dispatching` (1 on the node
-    /// holding the dispatch lease), so scrapes of several nodes tell them apart.
+    /// `wasmq_node_info{node, backend}` (always 1), `wasmq_node_dispatching` (1 while this
+    /// node runs any subscription queue) and `wasmq_node_leases` (leases it holds), so scrapes
+    /// of several nodes tell them apart.
     pub fn register_metrics(
         &self,
         registry: &mut prometheus_client::registry::Registry,
         dispatching: bool,
+        leases: usize,
     ) {
         use prometheus_client::metrics::family::Family;
         use prometheus_client::metrics::gauge::Gauge;
@@ -347,8 +395,15 @@ impl Node {
         active.set(i64::from(dispatching));
         registry.register(
             "wasmq_node_dispatching",
-            "1 while this node dispatches (holds the dispatch lease, or runs alone)",
+            "1 while this node runs any subscription queue",
             active,
+        );
+        let held: Gauge = Gauge::default();
+        held.set(leases as i64);
+        registry.register(
+            "wasmq_node_leases",
+            "Leases this node holds (subscription queues, broadcast instances, check-backs)",
+            held,
         );
     }
 
@@ -458,7 +513,7 @@ mod tests {
     async fn nodes_heartbeat_and_show_in_the_view() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage(dir.path());
-        let node = Node::start(s.clone(), "rocksdb", "http://127.0.0.1:1".into())
+        let node = Node::start(s.clone(), "rocksdb", "http://127.0.0.1:1".into(), "")
             .await
             .unwrap();
         let v = node.view().await.unwrap();

@@ -81,6 +81,10 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// Time from a request's headers to its response, body upload included; past it, a 408.
     pub request_timeout_ms: u64,
+    /// This node's name among nodes sharing a JetStream backend (leases, `/v1/cluster`,
+    /// metrics); empty: a fresh id per start. A node restarted under its old name takes its
+    /// leases back at once. Two running nodes must never share one.
+    pub node_id: String,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +99,7 @@ impl Default for ServerConfig {
             header_timeout_ms: 10_000,
             // Uploading and compiling a large (Python) component takes tens of seconds.
             request_timeout_ms: 120_000,
+            node_id: String::new(),
         }
     }
 }
@@ -299,6 +304,16 @@ impl Config {
                 "plugins.timeout_ms and plugins.memory_mb must be positive".into(),
             ));
         }
+        let id = &self.server.node_id;
+        if id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(ConfigError::Invalid(
+                "server.node_id must be at most 64 characters of A-Z a-z 0-9 . _ -".into(),
+            ));
+        }
         if l.max_message_bytes == 0 || l.max_batch == 0 || l.max_queues == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_message_bytes, max_batch and max_queues must be positive".into(),
@@ -410,6 +425,10 @@ mod tests {
     fn bad_env_value_is_an_error() {
         let err = Config::load(None, env(&[("WASMQ_SMTP_PORT", "many")])).unwrap_err();
         assert!(err.to_string().contains("WASMQ_SMTP_PORT"), "{err}");
+        let err = Config::load(None, env(&[("WASMQ_SERVER_NODE_ID", "a/b")])).unwrap_err();
+        assert!(err.to_string().contains("node_id"), "{err}");
+        let c = Config::load(None, env(&[("WASMQ_SERVER_NODE_ID", "node-1")])).unwrap();
+        assert_eq!(c.server.node_id, "node-1");
         let err = Config::load(None, env(&[("WASMQ_SERVER_FLUSH", "sometimes")])).unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
     }

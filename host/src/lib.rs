@@ -146,7 +146,6 @@ async fn serve(
     ));
     let warm = plugins.clone();
     tokio::spawn(async move { warm.warm_up().await });
-    let dispatcher = Arc::new(Dispatcher::new(broker.clone(), plugins.clone()));
     let transactions =
         Transactions::new(broker.clone(), plugins.clone(), config.transactions.clone()).await?;
     let (backend, shared) = match config.storage.backend {
@@ -154,13 +153,17 @@ async fn serve(
         Backend::Jetstream => ("jetstream", true),
     };
     let api = format!("http://{}", listener.local_addr()?);
-    let node = cluster::Node::start(storage.clone(), backend, api).await?;
+    let node = cluster::Node::start(storage.clone(), backend, api, &config.server.node_id).await?;
+    let dispatcher = Arc::new(if shared {
+        Dispatcher::shared(broker.clone(), plugins.clone(), node.id.clone())
+    } else {
+        Dispatcher::new(broker.clone(), plugins.clone())
+    });
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();
     let checker = if shared {
-        // Several nodes share the backend: dispatch and check-backs run on the holder of the
-        // dispatch lease, and move to another node when it dies.
-        dispatcher.deactivate().await;
+        // Several nodes share the backend: each runs the subscription queues it holds leases
+        // for, and one of them the check-backs; work moves when a node dies.
         tokio::spawn(coordinate(
             storage.clone(),
             node.id.clone(),
@@ -170,8 +173,8 @@ async fn serve(
             checks.clone(),
         ))
     } else {
-        // Alone on its storage: dispatches from the start.
-        dispatcher.activate().await?;
+        // Alone on its storage: dispatches everything from the start.
+        dispatcher.reconcile().await?;
         tokio::spawn(transactions.clone().run(checks.clone()))
     };
     let app = http::app(http::AppState {
@@ -199,15 +202,14 @@ async fn serve(
     served
 }
 
-/// How long the dispatch lease lasts unless renewed; a dead node's work moves after it.
-const DISPATCH_LEASE: std::time::Duration = std::time::Duration::from_secs(3);
-/// How often the dispatching node looks for changes made on other nodes.
+/// How long the check-back lease lasts unless renewed; a dead node's checks move after it.
+const CHECKS_LEASE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often a node looks for changes made on other nodes and for work to take over.
 const RECONCILE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// On a shared backend: waits for the dispatch lease, then dispatches and runs check-backs
-/// while it holds it, picking up subscriptions, topics and transactions other nodes wrote;
-/// stops acting as soon as the lease is lost (before another node can take it), and waits for
-/// it again. Every node refreshes its topic cache meanwhile.
+/// On a shared backend, every second: refreshes the topic cache, takes and gives up
+/// subscription queues ([`Dispatcher::reconcile`]), and runs the transaction check-backs while
+/// holding their lease, stopping them as soon as it is lost (before another node can take it).
 async fn coordinate(
     storage: Arc<dyn Storage>,
     node: String,
@@ -216,50 +218,66 @@ async fn coordinate(
     transactions: Arc<Transactions>,
     stop: CancellationToken,
 ) {
-    const KEY: &str = "dispatch";
+    const KEY: &str = "transactions";
+    let mut checking: Option<(
+        cluster::HeldLease,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )> = None;
     loop {
-        let revision = loop {
-            if let Err(e) = broker.refresh_topics().await {
-                tracing::warn!(error = %e, "cannot refresh topics");
+        if let Err(e) = broker.refresh_topics().await {
+            tracing::warn!(error = %e, "cannot refresh topics");
+        }
+        if let Err(e) = dispatcher.reconcile().await {
+            tracing::warn!(error = %e, "cannot reconcile subscriptions");
+        }
+        match checking.take() {
+            Some((lease, token, task)) if lease.held() => {
+                if let Err(e) = transactions.reload().await {
+                    tracing::warn!(error = %e, "cannot reload transactions");
+                }
+                checking = Some((lease, token, task));
             }
-            match cluster::try_acquire(storage.as_ref(), KEY, &node, DISPATCH_LEASE).await {
-                Ok(Some(r)) => break r,
+            Some((lease, token, task)) => {
+                token.cancel();
+                let _ = task.await;
+                lease.release().await;
+                tracing::warn!(%node, "check-back lease lost; this node stopped checking");
+            }
+            None => match cluster::try_acquire(storage.as_ref(), KEY, &node, CHECKS_LEASE).await {
+                Ok(Some(revision)) => {
+                    let lease = cluster::HeldLease::adopt(
+                        storage.clone(),
+                        KEY,
+                        &node,
+                        revision,
+                        CHECKS_LEASE,
+                    );
+                    let token = stop.child_token();
+                    // Fencing: checks stop the moment the lease is lost.
+                    let (lost, fence) = (lease.on_lost(), token.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = lost => fence.cancel(),
+                            _ = fence.cancelled() => {}
+                        }
+                    });
+                    let task = tokio::spawn(transactions.clone().run(token.clone()));
+                    tracing::info!(%node, "this node runs transaction check-backs");
+                    checking = Some((lease, token, task));
+                }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot take the dispatch lease"),
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(RECONCILE) => {}
-            }
-        };
-        let lease =
-            cluster::HeldLease::adopt(storage.clone(), KEY, &node, revision, DISPATCH_LEASE);
-        tracing::info!(%node, "this node dispatches (dispatch lease taken)");
-        let checks = stop.child_token();
-        let checker = tokio::spawn(transactions.clone().run(checks.clone()));
-        loop {
-            if let Err(e) = broker.refresh_topics().await {
-                tracing::warn!(error = %e, "cannot refresh topics");
-            }
-            if let Err(e) = dispatcher.activate().await {
-                tracing::warn!(error = %e, "cannot reconcile subscriptions");
-            }
-            if let Err(e) = transactions.reload().await {
-                tracing::warn!(error = %e, "cannot reload transactions");
-            }
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = lease.lost() => break,
-                _ = tokio::time::sleep(RECONCILE) => {}
-            }
+                Err(e) => tracing::warn!(error = %e, "cannot take the check-back lease"),
+            },
         }
-        checks.cancel();
-        let _ = checker.await;
-        dispatcher.deactivate().await;
-        if stop.is_cancelled() {
-            lease.release().await;
-            return;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(RECONCILE) => {}
         }
-        tracing::warn!(%node, "dispatch lease lost; this node stopped dispatching");
+    }
+    if let Some((lease, token, task)) = checking {
+        token.cancel();
+        let _ = task.await;
+        lease.release().await;
     }
 }

@@ -96,23 +96,39 @@ async fn cluster(s: &TestServer) -> serde_json::Value {
     s.get("/v1/cluster").await.1
 }
 
+/// The owner of each live queue lease of `group`, by queue, as `/v1/cluster` shows them.
+fn queue_owners(view: &serde_json::Value, group: &str) -> std::collections::BTreeMap<u64, String> {
+    view["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["subscription"] == group && l["expired"] == false)
+        .map(|l| {
+            (
+                l["queue"].as_u64().unwrap(),
+                l["owner"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
+async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
+    use wasmq::dispatch::share::{UnitKey, lease_key, preferred};
     let nats = NatsServer::start().await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let config = |dir: &std::path::Path| {
+    let config = |dir: &std::path::Path, id: &str| {
         let mut c = config_in(dir);
         c.storage.backend = Backend::Jetstream;
         c.storage.urls = vec![nats.url.clone()];
         c.storage.replicas = 1;
+        c.server.node_id = id.into();
         c
     };
-    let a = TestServer::start_with(config(dir_a.path())).await;
-    a.wait_until("/v1/cluster", 10, |v| v["dispatching"] == true)
-        .await;
-    let b = TestServer::start_with(config(dir_b.path())).await;
-    // Everything set up through B; A, holding the dispatch lease, runs it.
-    b.create_topic("jobs", 4).await;
+    let a = TestServer::start_with(config(dir_a.path(), "node-a")).await;
+    let b = TestServer::start_with(config(dir_b.path(), "node-b")).await;
+    // Everything set up through B.
+    b.create_topic("jobs", 8).await;
     b.create_topic("audit", 1).await;
     let (st, v) = b.upload_plugin("recorder", RECORDER).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
@@ -122,17 +138,39 @@ async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
                "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
     )
     .await;
+    // Each queue is owned by the node that rendezvous hashing over the live nodes names.
+    let nodes = ["node-a".to_string(), "node-b".to_string()];
+    let expected: std::collections::BTreeMap<u64, String> = (0..8)
+        .map(|q| {
+            let key = lease_key("work", UnitKey::Queue(q));
+            (u64::from(q), preferred(&key, &nodes).unwrap().clone())
+        })
+        .collect();
+    let view = a
+        .wait_until("/v1/cluster", 20, |v| queue_owners(v, "work") == expected)
+        .await;
     a.publish_numbered("jobs", 100).await;
     b.publish_numbered("jobs", 100).await;
     a.wait_audit("audit", 200, 30).await;
     let (va, vb) = (cluster(&a).await, cluster(&b).await);
     assert_eq!(va["backend"], "jetstream");
-    assert_eq!(
-        (va["dispatching"].clone(), vb["dispatching"].clone()),
-        (json!(true), json!(false))
+    let held = |n: &str| expected.values().filter(|o| *o == n).count();
+    assert_eq!(va["leases_held"], held("node-a"), "{va}");
+    assert_eq!(vb["leases_held"], held("node-b"), "{vb}");
+    assert_eq!(va["dispatching"], held("node-a") > 0);
+    // One node runs the check-backs.
+    let checks: Vec<&serde_json::Value> = view["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["lease"] == "transactions")
+        .collect();
+    assert!(
+        checks.len() == 1 && nodes.iter().any(|n| checks[0]["owner"] == n.as_str()),
+        "{view}"
     );
     // Each node sees both, every time, while both heartbeat.
-    for _ in 0..6 {
+    for _ in 0..4 {
         for s in [&a, &b] {
             let v = cluster(s).await;
             let up: Vec<bool> = v["nodes"]
@@ -145,32 +183,50 @@ async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
-    let lease = &vb["leases"][0];
-    assert_eq!(
-        (lease["lease"].clone(), lease["owner"].clone()),
-        (json!("dispatch"), va["node"].clone())
-    );
-    // Scrapes tell the nodes apart.
-    let (ma, mb) = (a.metrics().await, b.metrics().await);
-    assert!(ma.lines().any(|l| l == "wasmq_node_dispatching 1"), "{ma}");
-    assert!(mb.lines().any(|l| l == "wasmq_node_dispatching 0"), "{mb}");
-    assert!(ma.contains(&format!("node=\"{}\"", va["node"].as_str().unwrap())));
-    // Both nodes answer alike.
-    assert_eq!(a.get("/v1/subscriptions/work").await.1["lag"], 0);
+    // Both nodes answer alike; the status names each queue's node.
+    for s in [&a, &b] {
+        let st = s.get("/v1/subscriptions/work").await.1;
+        assert_eq!(st["lag"], 0, "{st}");
+        for q in st["queues"].as_array().unwrap() {
+            assert_eq!(
+                q["node"].as_str(),
+                Some(expected[&q["queue"].as_u64().unwrap()].as_str()),
+                "{st}"
+            );
+        }
+    }
     assert_eq!(b.get("/v1/topics/jobs").await.1["messages"], 200);
     assert_eq!(b.read_queue("audit", 0).await.len(), 200);
+    // Scrapes tell the nodes apart.
+    let (ma, mb) = (a.metrics().await, b.metrics().await);
+    assert!(ma.contains("node=\"node-a\""), "{ma}");
+    assert!(
+        ma.lines()
+            .any(|l| l == format!("wasmq_node_leases {}", held("node-a"))),
+        "{ma}"
+    );
+    assert!(
+        mb.lines()
+            .any(|l| l == format!("wasmq_node_leases {}", held("node-b"))),
+        "{mb}"
+    );
 
-    // A stops cleanly (in-flight work finishes, offsets stored, lease released): B goes on.
-    let node_a = va["node"].clone();
+    // A stops cleanly (in-flight work finishes, offsets stored, leases released): B takes
+    // every queue and goes on.
     a.stop().await.unwrap();
-    b.wait_until("/v1/cluster", 10, |v| v["dispatching"] == true)
+    let all_b: std::collections::BTreeMap<u64, String> =
+        (0..8).map(|q| (q, "node-b".to_string())).collect();
+    b.wait_until("/v1/cluster", 10, |v| queue_owners(v, "work") == all_b)
         .await;
     b.publish_numbered("jobs", 100).await;
     b.wait_audit("audit", 300, 30).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let audit = b.read_queue("audit", 0).await;
+    let ids: std::collections::HashSet<&str> =
+        audit.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(
-        b.read_queue("audit", 0).await.len(),
-        300,
+        (audit.len(), ids.len()),
+        (300, 300),
         "nothing twice after a clean handover"
     );
     let vb = cluster(&b).await;
@@ -179,9 +235,18 @@ async fn two_nodes_share_one_jetstream_answer_alike_and_hand_dispatch_over() {
             .as_array()
             .unwrap()
             .iter()
-            .all(|n| n["node"] != node_a),
+            .all(|n| n["node"] != "node-a"),
         "{vb}"
     );
+    // A comes back under its name: the queues hashing to it move back, nothing twice.
+    let a = TestServer::start_with(config(dir_a.path(), "node-a")).await;
+    a.wait_until("/v1/cluster", 20, |v| queue_owners(v, "work") == expected)
+        .await;
+    a.publish_numbered("jobs", 100).await;
+    a.wait_audit("audit", 400, 30).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(a.read_queue("audit", 0).await.len(), 400);
+    a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
 
@@ -197,8 +262,6 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
         c
     };
     let a = TestServer::start_with(config(dir_a.path())).await;
-    a.wait_until("/v1/cluster", 20, |v| v["dispatching"] == true)
-        .await;
     let b = TestServer::start_with(config(dir_b.path())).await;
     a.create_topic("jobs", 4).await;
     a.create_topic("audit", 1).await;

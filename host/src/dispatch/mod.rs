@@ -3,6 +3,7 @@
 //! dead-letter queue per group, delayed messages, rate and in-flight limits.
 
 pub mod runner;
+pub mod share;
 pub mod spec;
 pub mod state;
 
@@ -50,9 +51,11 @@ pub struct Dispatcher {
     runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     /// Serialises control operations (create, update, pause, reset) across groups.
     control: tokio::sync::Mutex<()>,
-    /// Whether this node dispatches. On a shared backend only the holder of the dispatch lease
-    /// does; the others store subscription changes, which the holder picks up ([`Self::reconcile`]).
+    /// False once shut down: nothing starts again.
     active: std::sync::atomic::AtomicBool,
+    /// Set when several nodes share the storage: this node runs only the units it holds
+    /// leases for. `None`: it runs everything.
+    share: Option<share::Share>,
 }
 
 fn storage(env: &Env) -> &Arc<dyn Storage> {
@@ -72,69 +75,132 @@ pub fn validate_group(group: &str) -> Result<(), DispatchError> {
 pub struct ResetTo(pub Start);
 
 impl Dispatcher {
+    /// A dispatcher alone on its storage: it runs every subscription.
     pub fn new(broker: Arc<Broker>, plugins: Arc<Plugins>) -> Self {
         Self {
             env: Env { broker, plugins },
             runners: Default::default(),
             control: Default::default(),
             active: std::sync::atomic::AtomicBool::new(true),
+            share: None,
         }
     }
 
-    pub fn is_active(&self) -> bool {
+    /// A dispatcher on storage shared with other nodes: it runs the subscription queues and
+    /// broadcast instances it holds leases for ([`Self::reconcile`] takes and gives them up).
+    pub fn shared(broker: Arc<Broker>, plugins: Arc<Plugins>, node: String) -> Self {
+        let storage = broker.storage().clone();
+        Self {
+            share: Some(share::Share::new(node, storage)),
+            ..Self::new(broker, plugins)
+        }
+    }
+
+    fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Starts dispatching (this node took the dispatch lease): every running subscription.
-    pub async fn activate(&self) -> Result<(), DispatchError> {
-        self.active.store(true, Ordering::Release);
-        self.reconcile().await
+    /// Whether this node runs any subscription queue.
+    pub async fn dispatching(&self) -> bool {
+        !self.runners.lock().await.is_empty()
     }
 
-    /// Stops dispatching (the lease is gone or going): runners stop, in-flight messages finish
-    /// and their offsets are stored.
-    pub async fn deactivate(&self) {
-        self.active.store(false, Ordering::Release);
-        self.shutdown().await;
+    /// Leases this node holds for subscription work.
+    pub async fn leases_held(&self) -> usize {
+        match &self.share {
+            Some(s) => s.count().await,
+            None => 0,
+        }
     }
 
     /// Makes the runners match the stored subscriptions, as changed by this or another node:
     /// starts running ones, stops paused and deleted ones, restarts those whose record, plugin
-    /// version (when following the latest) or queue count changed.
+    /// version (when following the latest), queue count or share of the work changed.
     pub async fn reconcile(&self) -> Result<(), DispatchError> {
+        let _g = self.control.lock().await;
+        self.reconcile_locked().await
+    }
+
+    async fn reconcile_locked(&self) -> Result<(), DispatchError> {
         if !self.is_active() {
             return Ok(());
         }
-        let _g = self.control.lock().await;
         let mut wanted = HashMap::new();
         for (group, r) in storage(&self.env)
             .list_records(state::SUB_SPACE, "", usize::MAX)
             .await?
         {
             let record: SubscriptionRecord = state::decode(&group, &r)?;
-            if record.state == SubState::Running {
-                wanted.insert(group, record);
+            if record.state != SubState::Running {
+                continue;
+            }
+            match self.env.broker.topic(&record.spec.topic) {
+                Ok(t) => {
+                    wanted.insert(group, (record, t.queues));
+                }
+                Err(e) => tracing::warn!(%group, error = %e, "subscription's topic unknown"),
             }
         }
+        // What this node should run of each subscription.
+        let (targets, release): (HashMap<String, runner::Units>, Vec<String>) = match &self.share {
+            None => (
+                wanted.keys().map(|g| (g.clone(), None)).collect(),
+                Vec::new(),
+            ),
+            Some(share) => {
+                let list: Vec<(&SubscriptionRecord, u32)> =
+                    wanted.values().map(|(r, q)| (r, *q)).collect();
+                let a = share.assign(&list).await?;
+                let run = a.run.into_iter().map(|(g, u)| (g, Some(u))).collect();
+                (run, a.release)
+            }
+        };
         let running: Vec<String> = self.runners.lock().await.keys().cloned().collect();
         for group in running {
-            let stale = match wanted.get(&group) {
-                None => true,
-                Some(record) => self.is_stale(&group, record).await,
+            let stale = match (wanted.get(&group), targets.get(&group)) {
+                (Some((record, _)), Some(units)) => {
+                    self.runner_differs(&group, units).await || self.is_stale(&group, record).await
+                }
+                _ => true,
             };
             if stale {
                 self.halt(&group).await;
             }
         }
-        for (group, record) in wanted {
+        if let Some(share) = &self.share {
+            share.release(&release).await;
+        }
+        for (group, units) in targets {
             if self.runners.lock().await.contains_key(&group) {
                 continue;
             }
-            if let Err(e) = self.launch(&record).await {
+            let Some((record, queues)) = wanted.get(&group) else {
+                continue;
+            };
+            if let Err(e) = self.launch(record, *queues, units).await {
                 tracing::error!(%group, error = %e, "cannot start subscription");
             }
         }
         Ok(())
+    }
+
+    /// Whether `group`'s runner stopped on its own or runs other units than `units`.
+    async fn runner_differs(&self, group: &str, units: &runner::Units) -> bool {
+        self.runners
+            .lock()
+            .await
+            .get(group)
+            .is_some_and(|r| r.fenced() || r.units != *units)
+    }
+
+    /// Runs a subscription after a change made through this node: at once when alone, through
+    /// the lease assignment when the storage is shared.
+    async fn start_group(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
+        if self.share.is_some() {
+            return self.reconcile_locked().await;
+        }
+        let queues = self.env.broker.topic(&record.spec.topic)?.queues;
+        self.launch(record, queues, None).await
     }
 
     /// Whether the runner of `group` no longer matches what is stored.
@@ -162,11 +228,35 @@ impl Dispatcher {
             .is_ok_and(|t| t.queues as usize != queues)
     }
 
-    async fn launch(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
+    async fn launch(
+        &self,
+        record: &SubscriptionRecord,
+        queues: u32,
+        units: runner::Units,
+    ) -> Result<(), DispatchError> {
         if !self.is_active() {
             return Ok(());
         }
-        let runner = runner::start(&self.env, record).await?;
+        let runner = runner::start(&self.env, record, units.clone(), self.share.is_some()).await?;
+        if let (Some(share), Some(pairs)) = (&self.share, &units) {
+            // Fencing: the runner stops the moment a lease it runs under is lost.
+            let lost = share.on_lost(&record.group, record, queues, pairs).await;
+            let stop = runner.stop_token();
+            let group = record.group.clone();
+            runner.spawn(async move {
+                if lost.is_empty() {
+                    return;
+                }
+                let any = futures::future::select_all(lost.into_iter().map(Box::pin));
+                tokio::select! {
+                    _ = any => {
+                        tracing::warn!(%group, "a lease of this subscription was lost; its runner stops");
+                        stop.cancel();
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         self.runners
             .lock()
             .await
@@ -190,6 +280,12 @@ impl Dispatcher {
             Some(r) => Ok(state::decode(group, &r)?),
             None => Err(DispatchError::Unknown(group.to_string())),
         }
+    }
+
+    /// Stores the record with a new `updated_at`, so every node restarts its runner of it.
+    async fn touch(&self, record: &mut SubscriptionRecord) -> Result<(), DispatchError> {
+        record.updated_at = now_ms().max(record.updated_at + 1);
+        self.save(record).await
     }
 
     async fn save(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
@@ -244,9 +340,12 @@ impl Dispatcher {
             spec,
         };
         self.halt(group).await;
+        // Offsets first: whichever node runs the subscription finds them all where `start` says.
+        let queues = self.env.broker.topic(&record.spec.topic)?.queues;
+        runner::ensure_cursors(storage(&self.env).as_ref(), &record, queues).await?;
         self.save(&record).await?;
         if record.state == SubState::Running {
-            self.launch(&record).await?;
+            self.start_group(&record).await?;
         }
         drop(_g);
         Ok((self.status(group).await?, existing.is_none()))
@@ -268,6 +367,11 @@ impl Dispatcher {
         let record = self.record(group).await?;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         let high_water = self.env.broker.high_water(&topic).await?;
+        // Shared storage: which node runs each queue (or instance).
+        let owners = match &self.share {
+            Some(s) => s.owners(group).await?,
+            None => HashMap::new(),
+        };
         let runners = self.runners.lock().await;
         let runner = runners.get(group);
         let broadcast = record.spec.mode == Mode::Broadcast;
@@ -287,11 +391,9 @@ impl Dispatcher {
             let mut queues = Vec::new();
             let mut lag = 0u64;
             for (q, hw) in high_water.iter().enumerate() {
-                let (committed, head_attempts) = match live {
-                    Some(m) if q < m.committed.len() => (
-                        m.committed[q].load(Ordering::Relaxed),
-                        m.head_attempts[q].load(Ordering::Relaxed),
-                    ),
+                let live_committed = live.and_then(|m| m.live_committed(q));
+                let (committed, head_attempts) = match (live, live_committed) {
+                    (Some(m), Some(c)) => (c, m.head_attempts[q].load(Ordering::Relaxed)),
                     _ => stored
                         .get(&state::cursor_key(&name, q as u32))
                         .map_or((0, 0), |c| (c.committed, c.head_attempts)),
@@ -301,6 +403,14 @@ impl Dispatcher {
                 let mut v = json!({"queue": q, "committed": committed, "high_water": hw, "lag": l});
                 if head_attempts > 0 {
                     v["blocked_attempts"] = json!(head_attempts);
+                }
+                let unit = if broadcast {
+                    share::UnitKey::Instance(i)
+                } else {
+                    share::UnitKey::Queue(q as u32)
+                };
+                if let Some(node) = owners.get(&share::lease_key(group, unit)) {
+                    v["node"] = json!(node);
                 }
                 queues.push(v);
             }
@@ -359,7 +469,7 @@ impl Dispatcher {
         record.updated_at = now_ms();
         self.save(&record).await?;
         if state == SubState::Running {
-            self.launch(&record).await?;
+            self.start_group(&record).await?;
         }
         drop(_g);
         self.status(group).await
@@ -377,7 +487,7 @@ impl Dispatcher {
     /// retries are dropped, dead letters kept.
     pub async fn reset(&self, group: &str, to: Start) -> Result<Value, DispatchError> {
         let _g = self.control.lock().await;
-        let record = self.record(group).await?;
+        let mut record = self.record(group).await?;
         self.halt(group).await;
         let store = storage(&self.env);
         let topic = self.env.broker.topic(&record.spec.topic)?;
@@ -401,8 +511,11 @@ impl Dispatcher {
                 .await?;
             }
         }
+        // Nodes running a queue of the group restart from the new offsets: their next offset
+        // write is refused (the revision moved), and they see the record changed.
+        self.touch(&mut record).await?;
         if record.state == SubState::Running {
-            self.launch(&record).await?;
+            self.start_group(&record).await?;
         }
         drop(_g);
         self.status(group).await
@@ -452,7 +565,7 @@ impl Dispatcher {
         ids: Option<&[String]>,
     ) -> Result<usize, DispatchError> {
         let _g = self.control.lock().await;
-        let record = self.record(group).await?;
+        let mut record = self.record(group).await?;
         let store = storage(&self.env);
         let space = state::dlq_space(group);
         // Timers of a running member are also held in memory: stop, write, start again.
@@ -476,8 +589,10 @@ impl Dispatcher {
             state::delete(store.as_ref(), &space, &k).await?;
             n += 1;
         }
+        // The nodes running the group's queues load the new timers when they restart.
+        self.touch(&mut record).await?;
         if record.state == SubState::Running {
-            self.launch(&record).await?;
+            self.start_group(&record).await?;
         }
         Ok(n)
     }
@@ -510,11 +625,24 @@ impl Dispatcher {
             let follows = plugin
                 .is_some_and(|p| record.spec.plugin == p && record.spec.plugin_version.is_none());
             let reads = topic.is_some_and(|t| record.spec.topic == t);
-            if follows || reads {
-                self.halt(&group).await;
-                if let Err(e) = self.launch(&record).await {
-                    tracing::error!(%group, error = %e, "cannot restart subscription");
-                }
+            if !(follows || reads) {
+                continue;
+            }
+            let units = self
+                .runners
+                .lock()
+                .await
+                .get(&group)
+                .map(|r| r.units.clone());
+            self.halt(&group).await;
+            if self.share.is_some() {
+                // The queue count may have changed, and with it the units.
+                self.reconcile_locked().await?;
+                continue;
+            }
+            let queues = self.env.broker.topic(&record.spec.topic)?.queues;
+            if let Err(e) = self.launch(&record, queues, units.flatten()).await {
+                tracing::error!(%group, error = %e, "cannot restart subscription");
             }
         }
         Ok(())
@@ -528,21 +656,26 @@ impl Dispatcher {
             .filter(|r| r.topic == topic)
             .flat_map(|r| r.shared.members.iter())
             .map(|m| {
-                m.committed
+                high_water
                     .iter()
-                    .zip(high_water)
-                    .map(|(c, hw)| hw.saturating_sub(c.load(Ordering::Relaxed)))
+                    .enumerate()
+                    .filter_map(|(q, hw)| Some(hw.saturating_sub(m.live_committed(q)?)))
                     .sum::<u64>()
             })
             .max()
             .unwrap_or(0)
     }
 
-    /// Stops every subscription, letting in-flight messages finish.
+    /// Stops every subscription, letting in-flight messages finish, then gives up the leases
+    /// so other nodes take the queues over at once.
     pub async fn shutdown(&self) {
         let _g = self.control.lock().await;
+        self.active.store(false, Ordering::Release);
         let runners: Vec<Runner> = self.runners.lock().await.drain().map(|(_, r)| r).collect();
         futures::future::join_all(runners.into_iter().map(Runner::stop)).await;
+        if let Some(share) = &self.share {
+            share.release_all().await;
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use super::{DispatchError, Env};
 use crate::broker::now_ms;
 use crate::runtime::bindings::{Message, Outcome};
 use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits};
-use crate::storage::{Storage, StoredMessage};
+use crate::storage::{Expect, Storage, StorageError, StoredMessage};
 
 /// Messages read from storage per round trip.
 const READ_BATCH: usize = 256;
@@ -42,6 +42,9 @@ pub struct Counters {
 /// What status reads of one member.
 pub struct MemberShared {
     pub name: String,
+    /// The queues this node runs for the member (all of them unless several nodes share the
+    /// work); `committed` of the others is only where they stood at start.
+    pub owned: Vec<bool>,
     pub committed: Vec<AtomicU64>,
     /// Ordered delivery: attempts made on each queue's head message (0 = not blocked).
     pub head_attempts: Vec<AtomicU32>,
@@ -50,6 +53,15 @@ pub struct MemberShared {
 }
 
 impl MemberShared {
+    /// The committed offset of `queue` if this node runs it.
+    pub fn live_committed(&self, queue: usize) -> Option<u64> {
+        self.owned
+            .get(queue)
+            .filter(|o| **o)
+            .and_then(|_| self.committed.get(queue))
+            .map(|c| c.load(Ordering::Relaxed))
+    }
+
     pub fn pending_timers(&self) -> usize {
         self.timers.lock().map_or(0, |t| t.len())
     }
@@ -91,9 +103,18 @@ impl RunnerShared {
     }
 }
 
+/// Which (member, queue) pairs a runner runs; `None` means all of them.
+pub type Units = Option<BTreeSet<(u32, u32)>>;
+
+fn owns(units: &Units, member: u32, queue: u32) -> bool {
+    units.as_ref().is_none_or(|u| u.contains(&(member, queue)))
+}
+
 pub struct Runner {
     /// The topic it reads.
     pub topic: String,
+    /// The (member, queue) pairs it was started for.
+    pub units: Units,
     /// The `updated_at` of the subscription record it was started from (a newer record, say
     /// written by another node, means it must restart).
     pub record_updated_at: u64,
@@ -103,6 +124,24 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Whether it stopped on its own: a lease was lost or another node moved an offset.
+    pub fn fenced(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A token that stops the runner when cancelled (a lost lease cancels it).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Runs `task` (say, a lease watcher) until the runner stops.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task);
+    }
+
     /// Stops fetching, lets in-flight messages finish and their offsets be stored, then returns.
     pub async fn stop(self) {
         self.cancel.cancel();
@@ -162,6 +201,9 @@ struct Member {
     work: mpsc::Sender<WorkItem>,
     rate: Option<Arc<Rate>>,
     cancel: CancellationToken,
+    /// Several nodes share the storage: a timer fires only while its record still exists
+    /// (another node's reset or delete may have dropped it).
+    shared_storage: bool,
 }
 
 /// What happens to a message after a delivery.
@@ -349,34 +391,56 @@ impl Member {
     }
 
     /// A sender for the queue's cursor and the task that stores it: writes coalesce (only the
-    /// newest cursor is stored), and the last one is stored before the task ends.
+    /// newest cursor is stored), and the last one is stored before the task ends. Each write
+    /// names the revision this runner last saw: if another node wrote the cursor meanwhile (a
+    /// reset, or a node that took the queue over after this one lost its lease) the write is
+    /// refused and the runner stops, so an offset is never moved by two nodes at once.
     fn cursor_committer(
         &self,
         queue: u32,
-        initial: Cursor,
+        initial: (Cursor, u64),
         parked: Parked,
     ) -> (
         watch::Sender<Cursor>,
         impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let (tx, mut rx) = watch::channel(initial);
+        let (tx, mut rx) = watch::channel(initial.0);
+        let mut revision = initial.1;
         let storage = self.storage.clone();
         let space = state::cursor_space(&self.group);
         let key = state::cursor_key(&self.shared.name, queue);
         let group = self.group.clone();
+        let cancel = self.cancel.clone();
         let task = async move {
             while rx.changed().await.is_ok() {
                 let cursor = *rx.borrow_and_update();
+                let Ok(value) = state::encode(&cursor) else {
+                    break;
+                };
                 loop {
-                    match state::put(storage.as_ref(), &space, &key, &cursor).await {
-                        Ok(()) => {
+                    match storage
+                        .put_record(
+                            &space,
+                            &key,
+                            Some(value.clone()),
+                            Expect::Revision(revision),
+                        )
+                        .await
+                    {
+                        Ok(r) => {
+                            revision = r;
                             if let Ok(mut p) = parked.lock() {
                                 let keep = p.split_off(&cursor.committed);
                                 *p = keep;
                             }
                             break;
                         }
-                        Err(crate::storage::StorageError::Closed) => break,
+                        Err(StorageError::Closed) => return,
+                        Err(StorageError::Conflict { .. }) => {
+                            tracing::warn!(%group, queue, "offset moved by another node; this node stops the queue");
+                            cancel.cancel();
+                            return;
+                        }
                         Err(e) => {
                             tracing::error!(%group, error = %e, "cannot store offset; retrying");
                             tokio::time::sleep(STORAGE_RETRY).await;
@@ -623,6 +687,15 @@ impl Member {
         committer.send_replace(cursor);
     }
 
+    /// Whether a due timer is still stored (read errors keep it: a timer is never lost).
+    async fn timer_stored(&self, timer: &Timer) -> bool {
+        let space = state::timer_space(&self.group);
+        !matches!(
+            self.storage.get_record(&space, &timer.key()).await,
+            Ok(None)
+        )
+    }
+
     /// Delivers delayed messages, retries and redrives when they are due.
     async fn run_timers(self: Arc<Self>) {
         let mut pending = FuturesUnordered::new();
@@ -652,6 +725,9 @@ impl Member {
                 permit = self.runner.in_flight.clone().acquire_owned(), if due_now => {
                     let Ok(permit) = permit else { break };
                     let Some(timer) = self.shared.pop_due(now_ms()) else { continue };
+                    if self.shared_storage && !self.timer_stored(&timer).await {
+                        continue;
+                    }
                     let found = match self.storage.read(self.topic(), timer.queue, timer.offset, 1).await {
                         Ok(mut v) => v.pop().filter(|m| m.offset == timer.offset),
                         Err(e) => {
@@ -813,8 +889,58 @@ fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
     }
 }
 
-/// Starts a subscription's members, loops and workers.
-pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, DispatchError> {
+/// Writes the cursors a member lacks: where the subscription says for a member with none
+/// stored (a new subscription or broadcast instance), the beginning for a queue added to the
+/// topic later. Existing cursors are kept (`Expect::Absent`), so any node may call this.
+pub async fn ensure_cursors(
+    storage: &dyn Storage,
+    record: &SubscriptionRecord,
+    queues: u32,
+) -> Result<(), DispatchError> {
+    let spec = &record.spec;
+    let broadcast = spec.mode == super::spec::Mode::Broadcast;
+    let members = if broadcast { spec.instances } else { 1 };
+    let space = state::cursor_space(&record.group);
+    for i in 0..members {
+        let name = state::member_name(broadcast, i);
+        let stored = storage
+            .list_records(&space, &format!("{name}/"), usize::MAX)
+            .await?;
+        for q in 0..queues {
+            let key = state::cursor_key(&name, q);
+            if stored.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let committed = if stored.is_empty() {
+                start_offset(storage, &spec.topic, q, spec.start).await?
+            } else {
+                0
+            };
+            let c = Cursor {
+                committed,
+                head_attempts: 0,
+            };
+            match storage
+                .put_record(&space, &key, Some(state::encode(&c)?), Expect::Absent)
+                .await
+            {
+                Ok(_) | Err(StorageError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts a subscription's members, loops and workers, for the (member, queue) pairs in
+/// `units` (all when `None`). `shared_storage`: other nodes may write this subscription's
+/// state too.
+pub async fn start(
+    env: &Env,
+    record: &SubscriptionRecord,
+    units: Units,
+    shared_storage: bool,
+) -> Result<Runner, DispatchError> {
     let spec = Arc::new(record.spec.clone());
     let filter = spec.validate().map_err(DispatchError::Invalid)?;
     let topic = env.broker.topic(&spec.topic)?;
@@ -832,61 +958,58 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
         timeout_ms: spec.limits.timeout_ms.or(version.limits.timeout_ms),
         memory_mb: spec.limits.memory_mb.or(version.limits.memory_mb),
     };
+    ensure_cursors(storage.as_ref(), record, topic.queues).await?;
     let cursor_space = state::cursor_space(&record.group);
     let mut members = Vec::new();
     let mut starts = Vec::new();
     for i in 0..member_count {
         let name = state::member_name(broadcast, i);
-        let stored = storage
+        let stored: BTreeMap<String, (Cursor, u64)> = storage
             .list_records(&cursor_space, &format!("{name}/"), usize::MAX)
-            .await?;
-        let stored: BTreeMap<String, Cursor> = stored
+            .await?
             .iter()
-            .map(|(k, r)| Ok((k.clone(), state::decode::<Cursor>("cursor", r)?)))
+            .map(|(k, r)| {
+                Ok((
+                    k.clone(),
+                    (state::decode::<Cursor>("cursor", r)?, r.revision),
+                ))
+            })
             .collect::<Result<_, DispatchError>>()?;
         let mut cursors = Vec::new();
         for q in 0..topic.queues {
             let key = state::cursor_key(&name, q);
-            let cursor = match stored.get(&key) {
-                Some(c) => *c,
-                None => {
-                    // A new member starts where the subscription says; a queue added later
-                    // to a topic the member already reads starts at its beginning.
-                    let offset = if stored.is_empty() {
-                        start_offset(storage.as_ref(), &topic.name, q, spec.start).await?
-                    } else {
-                        0
-                    };
-                    let c = Cursor {
-                        committed: offset,
-                        head_attempts: 0,
-                    };
-                    state::put(storage.as_ref(), &cursor_space, &key, &c).await?;
-                    c
-                }
-            };
-            cursors.push(cursor);
+            let stored = stored.get(&key).copied().ok_or_else(|| {
+                StorageError::Corrupt(format!("cursor {key} of {} vanished", record.group))
+            })?;
+            cursors.push(stored);
         }
-        let timers = storage
+        let owned: Vec<bool> = (0..topic.queues).map(|q| owns(&units, i, q)).collect();
+        // Timers belong to the node that runs their queue.
+        let timers: BTreeMap<String, Timer> = storage
             .list_records(
                 &state::timer_space(&record.group),
                 &format!("{name}/"),
                 usize::MAX,
             )
-            .await?;
-        let timers: BTreeMap<String, Timer> = timers
+            .await?
             .iter()
             .map(|(k, r)| Ok((k.clone(), state::decode::<Timer>("timer", r)?)))
+            .filter(|t: &Result<(String, Timer), DispatchError>| {
+                t.as_ref().map_or(true, |(_, t)| {
+                    owned.get(t.queue as usize).copied().unwrap_or(false)
+                })
+            })
             .collect::<Result<_, DispatchError>>()?;
         members.push(Arc::new(MemberShared {
             name,
+            owned,
             committed: cursors
                 .iter()
-                .map(|c| AtomicU64::new(c.committed))
+                .map(|(c, _)| AtomicU64::new(c.committed))
                 .collect(),
             head_attempts: cursors
                 .iter()
-                .map(|c| AtomicU32::new(c.head_attempts))
+                .map(|(c, _)| AtomicU32::new(c.head_attempts))
                 .collect(),
             timers: std::sync::Mutex::new(timers),
             timer_wake: Notify::new(),
@@ -920,6 +1043,7 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
         limits,
         broker: env.broker.clone(),
     };
+    let active: Vec<bool> = members.iter().map(|m| m.owned.contains(&true)).collect();
     // Clustering: one channel that every instance pulls from. Broadcast: a channel per instance.
     let channels: Vec<(mpsc::Sender<WorkItem>, WorkQueue)> = (0..member_count)
         .map(|_| {
@@ -928,10 +1052,17 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
         })
         .collect();
     for i in 0..spec.instances {
-        let rx = channels[if broadcast { i as usize } else { 0 }].1.clone();
-        tracker.spawn(worker(env.clone(), code.clone(), Arc::new(ctx_for(i)), rx));
+        let m = if broadcast { i as usize } else { 0 };
+        // Instances serve only members this node runs something of.
+        if active[m] {
+            let rx = channels[m].1.clone();
+            tracker.spawn(worker(env.clone(), code.clone(), Arc::new(ctx_for(i)), rx));
+        }
     }
     for (m, (shared_member, cursors)) in members.iter().zip(starts).enumerate() {
+        if !active[m] {
+            continue;
+        }
         let member = Arc::new(Member {
             group: record.group.clone(),
             spec: spec.clone(),
@@ -942,8 +1073,12 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
             work: channels[m].0.clone(),
             rate: rate.clone(),
             cancel: cancel.clone(),
+            shared_storage,
         });
         for (q, cursor) in cursors.into_iter().enumerate() {
+            if !shared_member.owned[q] {
+                continue;
+            }
             let parked = Parked::default();
             let (committer, store_task) = member.cursor_committer(q as u32, cursor, parked.clone());
             tracker.spawn(store_task);
@@ -951,13 +1086,13 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
                 tracker.spawn(
                     member
                         .clone()
-                        .run_ordered(q as u32, cursor, committer, parked),
+                        .run_ordered(q as u32, cursor.0, committer, parked),
                 );
             } else {
                 tracker.spawn(
                     member
                         .clone()
-                        .run_unordered(q as u32, cursor, committer, parked),
+                        .run_unordered(q as u32, cursor.0, committer, parked),
                 );
             }
         }
@@ -966,6 +1101,7 @@ pub async fn start(env: &Env, record: &SubscriptionRecord) -> Result<Runner, Dis
     drop(channels);
     Ok(Runner {
         topic: spec.topic.clone(),
+        units,
         record_updated_at: record.updated_at,
         cancel,
         tracker,

@@ -133,7 +133,8 @@ pub(crate) async fn cluster(
         }),
     };
     view["backend_healthy"] = view.get("backend_error").is_none().into();
-    view["dispatching"] = state.dispatcher.is_active().into();
+    view["dispatching"] = state.dispatcher.dispatching().await.into();
+    view["leases_held"] = state.dispatcher.leases_held().await.into();
     axum::Json(view)
 }
 
@@ -152,9 +153,11 @@ pub(crate) async fn metrics(
     );
     state.broker.metrics().register(&mut registry);
     state.broker.storage().register_metrics(&mut registry);
-    state
-        .node
-        .register_metrics(&mut registry, state.dispatcher.is_active());
+    state.node.register_metrics(
+        &mut registry,
+        state.dispatcher.dispatching().await,
+        state.dispatcher.leases_held().await,
+    );
     crate::metrics::scrape_state(
         &mut registry,
         &state.dispatcher,
