@@ -879,6 +879,7 @@ async fn sigkill_of_one_of_three_nodes_on_three_nats_servers_moves_its_queues_ti
         moved < Duration::from_secs(8),
         "queues moved only after {moved:?} (lease 3 s)"
     );
+    drop(sent);
     b.kill().await;
     c.kill().await;
 }
