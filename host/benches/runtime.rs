@@ -106,7 +106,13 @@ fn main() {
         }
         let instantiate = per_call(t.elapsed(), k);
 
-        let plugins = Plugins::new(runtime.clone(), storage.clone(), 32 << 20);
+        let artifacts = tempfile::tempdir().unwrap();
+        let plugins = Plugins::new(
+            runtime.clone(),
+            storage.clone(),
+            32 << 20,
+            artifacts.path().to_path_buf(),
+        );
         let checker = std::fs::read(CHECKER).unwrap();
         let t = Instant::now();
         plugins
@@ -118,7 +124,12 @@ fn main() {
         let upload_ready = t.elapsed().as_secs_f64() * 1e3;
 
         // Restart: a fresh catalogue over the same storage loads the stored artifact.
-        let restarted = Plugins::new(runtime.clone(), storage.clone(), 32 << 20);
+        let restarted = Plugins::new(
+            runtime.clone(),
+            storage.clone(),
+            32 << 20,
+            artifacts.path().to_path_buf(),
+        );
         let t = Instant::now();
         let (_, code) = restarted.code("checker", None).await.unwrap();
         runtime.instantiate(&code, ctx.clone()).await.unwrap();

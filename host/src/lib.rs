@@ -143,6 +143,7 @@ async fn serve(
         runtime,
         storage.clone(),
         config.limits.max_plugin_bytes,
+        config.server.data_dir.join("artifacts"),
     ));
     let warm = plugins.clone();
     tokio::spawn(async move { warm.warm_up().await });

@@ -1,5 +1,6 @@
-//! The plugin catalogue: uploaded components by name and version, their bytes and compiled
-//! artifacts (stored once per digest and engine), and the compiled code cache.
+//! The plugin catalogue: uploaded components by name and version, their bytes (in storage,
+//! once per digest), compiled artifacts (a per-node cache on local disk, by digest and engine)
+//! and the compiled code in memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,9 +66,54 @@ impl PluginRecord {
     }
 }
 
+/// Compiled artifacts on this node's disk, by digest and engine version. Only a cache: a node
+/// lacking one compiles the stored bytes again, so shared storage never carries machine code
+/// and nodes with different engines can share one backend.
+struct Artifacts {
+    dir: std::path::PathBuf,
+}
+
+impl Artifacts {
+    fn path(&self, digest: &str, engine: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{digest}-{engine}.cwasm"))
+    }
+
+    async fn get(&self, digest: &str, engine: &str) -> Option<Vec<u8>> {
+        match tokio::fs::read(self.path(digest, engine)).await {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot read a cached artifact; compiling");
+                None
+            }
+        }
+    }
+
+    /// Written under a temporary name and renamed, so a crash never leaves half an artifact.
+    async fn put(&self, digest: &str, engine: &str, artifact: &[u8]) {
+        let path = self.path(digest, engine);
+        let tmp = path.with_extension(format!("tmp{}", uuid::Uuid::now_v7().simple()));
+        let written = async {
+            tokio::fs::create_dir_all(&self.dir).await?;
+            tokio::fs::write(&tmp, artifact).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            tracing::warn!(%digest, error = %e, "cannot cache an artifact; it is compiled again next start");
+        }
+    }
+
+    async fn remove(&self, digest: &str, engine: &str) {
+        let _ = tokio::fs::remove_file(self.path(digest, engine)).await;
+    }
+}
+
 pub struct Plugins {
     runtime: Arc<Runtime>,
     storage: Arc<dyn Storage>,
+    artifacts: Artifacts,
     max_bytes: usize,
     /// Compiled code by digest; the cell makes concurrent loads of one digest load it once.
     code: Mutex<HashMap<String, Arc<OnceCell<Arc<PluginCode>>>>>,
@@ -80,10 +126,17 @@ fn wasm_key(digest: &str) -> String {
 }
 
 impl Plugins {
-    pub fn new(runtime: Arc<Runtime>, storage: Arc<dyn Storage>, max_bytes: usize) -> Self {
+    /// A catalogue over `storage`, caching compiled artifacts in `artifact_dir`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        storage: Arc<dyn Storage>,
+        max_bytes: usize,
+        artifact_dir: std::path::PathBuf,
+    ) -> Self {
         Self {
             runtime,
             storage,
+            artifacts: Artifacts { dir: artifact_dir },
             max_bytes,
             code: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
@@ -94,7 +147,8 @@ impl Plugins {
         &self.runtime
     }
 
-    fn artifact_key(&self, digest: &str) -> String {
+    /// Where older data directories kept artifacts in storage; cleared when the plugin goes.
+    fn legacy_artifact_key(&self, digest: &str) -> String {
         format!("artifact/{digest}/{}", self.runtime.engine_key())
     }
 
@@ -163,9 +217,9 @@ impl Plugins {
                 self.storage
                     .put_blob(&wasm_key(&digest), Some(bytes.clone()))
                     .await?;
-                self.storage
-                    .put_blob(&self.artifact_key(&digest), Some(artifact))
-                    .await?;
+                self.artifacts
+                    .put(&digest, &self.runtime.engine_key(), &artifact)
+                    .await;
                 self.cache(&digest, code.clone());
                 code
             }
@@ -235,8 +289,11 @@ impl Plugins {
             if !still_used.contains(&v.digest) {
                 self.storage.put_blob(&wasm_key(&v.digest), None).await?;
                 self.storage
-                    .put_blob(&self.artifact_key(&v.digest), None)
+                    .put_blob(&self.legacy_artifact_key(&v.digest), None)
                     .await?;
+                self.artifacts
+                    .remove(&v.digest, &self.runtime.engine_key())
+                    .await;
                 if let Ok(mut code) = self.code.lock() {
                     code.remove(&v.digest);
                 }
@@ -290,37 +347,30 @@ impl Plugins {
 
     async fn load(&self, name: &str, v: &PluginVersion) -> Result<Arc<PluginCode>, PluginError> {
         let runtime = self.runtime.clone();
-        Ok(
-            match self.storage.get_blob(&self.artifact_key(&v.digest)).await? {
-                Some(artifact) => {
-                    tokio::task::spawn_blocking(move || runtime.load_artifact(&artifact))
-                        .await
-                        .map_err(|e| CompileError::Invalid(format!("loader task failed: {e}")))??
-                }
-                None => {
-                    let bytes = self
-                        .storage
-                        .get_blob(&wasm_key(&v.digest))
-                        .await?
-                        .ok_or_else(|| {
-                            StorageError::Corrupt(format!(
-                                "bytes of plugin {name} v{} are missing",
-                                v.version
-                            ))
-                        })?;
-                    let (code, artifact) =
-                        tokio::task::spawn_blocking(move || runtime.compile(&bytes))
-                            .await
-                            .map_err(|e| {
-                                CompileError::Invalid(format!("compiler task failed: {e}"))
-                            })??;
-                    self.storage
-                        .put_blob(&self.artifact_key(&v.digest), Some(artifact))
-                        .await?;
-                    code
-                }
-            },
-        )
+        let engine = runtime.engine_key();
+        if let Some(artifact) = self.artifacts.get(&v.digest, &engine).await {
+            let loaded = tokio::task::spawn_blocking(move || runtime.load_artifact(&artifact))
+                .await
+                .map_err(|e| CompileError::Invalid(format!("loader task failed: {e}")))?;
+            match loaded {
+                Ok(code) => return Ok(code),
+                // A damaged cache file is compiled again, not fatal.
+                Err(e) => tracing::warn!(plugin = %name, error = %e, "cached artifact unusable"),
+            }
+        }
+        let bytes = self
+            .storage
+            .get_blob(&wasm_key(&v.digest))
+            .await?
+            .ok_or_else(|| {
+                StorageError::Corrupt(format!("bytes of plugin {name} v{} are missing", v.version))
+            })?;
+        let runtime = self.runtime.clone();
+        let (code, artifact) = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
+            .await
+            .map_err(|e| CompileError::Invalid(format!("compiler task failed: {e}")))??;
+        self.artifacts.put(&v.digest, &engine, &artifact).await;
+        Ok(code)
     }
 
     /// Loads the latest version of every plugin, so the first message after a restart does not

@@ -866,20 +866,21 @@ async fn sigkill_of_one_of_three_nodes_on_three_nats_servers_moves_its_queues_ti
     // Settle (stored offsets trail the handling a little), then audit.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let audit = audit_records(&c.url).await;
-    let sent = sent.lock().unwrap();
-    let repeats = per_key_order_holds(&audit, &sent, MAX_IN_FLIGHT);
-    let acked: usize = sent.acked.values().map(Vec::len).sum();
+    let (acked, unknown, repeats) = {
+        let sent = sent.lock().unwrap();
+        let repeats = per_key_order_holds(&audit, &sent, MAX_IN_FLIGHT);
+        let acked: usize = sent.acked.values().map(Vec::len).sum();
+        (acked, sent.unknown.len(), repeats)
+    };
     assert!(acked >= 2000, "too little load: {acked} acknowledged");
     eprintln!(
-        "{acked} acknowledged ({} without answer at the kill), {} handled; the victim's {victims_queues} queues moved after {moved:?}; {repeats} handled twice",
-        sent.unknown.len(),
+        "{acked} acknowledged ({unknown} without answer at the kill), {} handled; the victim's {victims_queues} queues moved after {moved:?}; {repeats} handled twice",
         audit.len()
     );
     assert!(
         moved < Duration::from_secs(8),
         "queues moved only after {moved:?} (lease 3 s)"
     );
-    drop(sent);
     b.kill().await;
     c.kill().await;
 }

@@ -197,8 +197,23 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     }
     assert_eq!(b.get("/v1/topics/jobs").await.1["messages"], 200);
     assert_eq!(b.read_queue("audit", 0).await.len(), 200);
-    // Scrapes tell the nodes apart.
+    // Scrapes tell the nodes apart. Machine code is not shared: B compiled the upload, A the
+    // bytes it read from the object store, each into its own artifact cache.
     let (ma, mb) = (a.metrics().await, b.metrics().await);
+    for m in [&ma, &mb] {
+        assert!(
+            m.lines().any(|l| l == "wasmq_plugin_compiles_total 1"),
+            "{m}"
+        );
+    }
+    for dir in [&dir_a, &dir_b] {
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("artifacts"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
     assert!(ma.contains("node=\"node-a\""), "{ma}");
     assert!(
         ma.lines()

@@ -458,6 +458,24 @@ async fn restart_loads_the_stored_artifact_without_compiling() {
         "a restart must not recompile"
     );
     assert_eq!(metric(&s, "wasmq_plugin_artifact_loads").await, 2);
+    s.stop().await.unwrap();
+
+    // The artifacts are this node's cache: a damaged one is compiled again, a lost one too.
+    let cached: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("artifacts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    std::fs::write(&cached[0], b"not an artifact").unwrap();
+    std::fs::remove_file(&cached[1]).unwrap();
+    let s = TestServer::start(dir.path()).await;
+    assert_eq!(s.invoke("echo", json!(1)).await["outcome"]["type"], "ack");
+    assert_eq!(
+        report(&s.invoke("probe", json!({"do": "identity"})).await)["plugin"],
+        "probe"
+    );
+    assert_eq!(metric(&s, "wasmq_plugin_compiles").await, 2);
+    s.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,7 @@ impl RuntimeStats {
         );
         r.register(
             "wasmq_plugin_artifact_loads",
-            "Compiled artifacts loaded from storage",
+            "Compiled artifacts loaded from the local cache",
             self.artifact_loads.clone(),
         );
         r.register(
@@ -277,8 +277,9 @@ impl Runtime {
     /// Loads an artifact made by [`Runtime::compile`] of an engine with the same `engine_key`.
     pub fn load_artifact(&self, artifact: &[u8]) -> Result<Arc<PluginCode>, CompileError> {
         // SAFETY: artifacts are written only by `compile` of this same engine configuration
-        // (they are keyed by `engine_key`) into the broker's own database, never taken from a
-        // client; wasmtime also checks the embedded compatibility header.
+        // (they are keyed by `engine_key`) into this node's own data directory, never taken
+        // from a client or from shared storage; wasmtime also checks the embedded
+        // compatibility header.
         #[allow(unsafe_code)]
         let component = unsafe { Component::deserialize(&self.engine, artifact) }
             .map_err(|e| CompileError::Invalid(format!("stored artifact: {e:#}")))?;
