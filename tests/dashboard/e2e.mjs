@@ -1,6 +1,7 @@
 // Drives the dashboard in headless Chromium (Debian's, through playwright-core): the paused
 // subscription's backlog shows, resuming it by a click lets its lag drop to 0, a dead letter
-// is redriven by a click, an undecided transaction is committed by a click.
+// is redriven by a click, an undecided transaction is committed by a click; the answering node
+// (WASMQ_NODE_ID) is named and listed up.
 // Usage: node e2e.mjs URL  (WASMQ_NODE_MODULES: where playwright-core is installed)
 import { createRequire } from "node:module";
 
@@ -33,6 +34,9 @@ try {
   await page.goto(url);
   await page.waitForSelector('body[data-ready="true"]', { timeout: 15000 });
   step("dashboard loaded");
+  await expectText(page.locator("#node"), `node ${process.env.WASMQ_NODE_ID} · rocksdb`);
+  await expectText(page.locator(`#nodes tr[data-node="${process.env.WASMQ_NODE_ID}"] td:nth-child(3)`), "up");
+  step("the answering node shown");
 
   const lag = page.locator('tr[data-sub="slow"] td.lag');
   await expectText(lag, "50");

@@ -89,9 +89,14 @@ async fn the_dashboard_shows_lag_and_redrives_and_commits_by_clicking() {
     let shot = std::env::var_os("WASMQ_DASHBOARD_SHOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.path().join("dashboard.png"));
+    let node = s.get("/v1/cluster").await.1["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = tokio::process::Command::new("node")
         .arg(&script)
         .arg(format!("{}/", s.url))
+        .env("WASMQ_NODE_ID", &node)
         .env("WASMQ_NODE_MODULES", &modules)
         .env("WASMQ_SCREENSHOT", &shot)
         .output()
@@ -104,7 +109,8 @@ async fn the_dashboard_shows_lag_and_redrives_and_commits_by_clicking() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("step: lag dropped to 0 after resume"),
+        stdout.contains("step: lag dropped to 0 after resume")
+            && stdout.contains("step: the answering node shown"),
         "{stdout}"
     );
 

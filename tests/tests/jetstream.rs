@@ -226,6 +226,26 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
         "{mb}"
     );
 
+    // A reset through one node moves every offset, those of queues the other node runs too:
+    // everything is handled once more, nothing a third time.
+    let (st, v) = a
+        .post_json("/v1/subscriptions/work/reset", &json!({"to": "earliest"}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    b.wait_audit("audit", 400, 30).await;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let audit = b.read_queue("audit", 0).await;
+    let mut times: std::collections::HashMap<&str, usize> = Default::default();
+    for r in &audit {
+        *times.entry(r["id"].as_str().unwrap()).or_default() += 1;
+    }
+    assert!(
+        audit.len() == 400 && times.len() == 200 && times.values().all(|n| *n == 2),
+        "{} records of {} messages after the reset",
+        audit.len(),
+        times.len()
+    );
+
     // A stops cleanly (in-flight work finishes, offsets stored, leases released): B takes
     // every queue and goes on.
     a.stop().await.unwrap();
@@ -234,14 +254,14 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     b.wait_until("/v1/cluster", 10, |v| queue_owners(v, "work") == all_b)
         .await;
     b.publish_numbered("jobs", 100).await;
-    b.wait_audit("audit", 300, 30).await;
+    b.wait_audit("audit", 500, 30).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let audit = b.read_queue("audit", 0).await;
     let ids: std::collections::HashSet<&str> =
         audit.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(
         (audit.len(), ids.len()),
-        (300, 300),
+        (500, 300),
         "nothing twice after a clean handover"
     );
     let vb = cluster(&b).await;
@@ -258,9 +278,9 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     a.wait_until("/v1/cluster", 20, |v| queue_owners(v, "work") == expected)
         .await;
     a.publish_numbered("jobs", 100).await;
-    a.wait_audit("audit", 400, 30).await;
+    a.wait_audit("audit", 600, 30).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(a.read_queue("audit", 0).await.len(), 400);
+    assert_eq!(a.read_queue("audit", 0).await.len(), 600);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }

@@ -1,6 +1,6 @@
 // The wasmq dashboard: polls the JSON API once a second and renders topics, subscriptions
-// (lag per queue or instance, a live throughput chart), plugins, dead letters and undecided
-// transactions. No framework and nothing from a CDN: the host serves this file itself.
+// (lag per queue or instance and the node running it, a live throughput chart), plugins, dead
+// letters, the nodes sharing the storage and undecided transactions. No framework and nothing from a CDN: the host serves this file itself.
 "use strict";
 
 const POLL_MS = 1000;
@@ -101,7 +101,20 @@ function lagDetail(sub) {
   if (Array.isArray(sub.instances)) {
     return sub.instances.map((i) => `instance ${i.instance}: lag ${i.lag} [` + i.queues.map((q) => `q${q.queue}:${q.lag}`).join(" ") + "]").join(" · ");
   }
-  return (sub.queues || []).map((q) => `q${q.queue}: lag ${q.lag} (${q.committed}/${q.high_water})` + (q.blocked_attempts ? ` blocked ×${q.blocked_attempts}` : "")).join(" · ");
+  return (sub.queues || []).map((q) => `q${q.queue}: lag ${q.lag} (${q.committed}/${q.high_water})` + (q.blocked_attempts ? ` blocked ×${q.blocked_attempts}` : "") + (q.node ? ` @${q.node}` : "")).join(" · ");
+}
+
+function renderNodes(cluster) {
+  $("#node").textContent = `node ${cluster.node} · ${cluster.backend}`;
+  const held = new Map();
+  for (const l of cluster.leases || []) {
+    if (!l.expired) held.set(l.owner, (held.get(l.owner) || 0) + 1);
+  }
+  fill($("#nodes tbody"), (cluster.nodes || []).map((n) => row([
+    cell(n.node + (n.self ? " (this node)" : "")), cell(n.api),
+    cell(n.up ? "up" : "down", n.up ? "ok" : "bad"), cell(`${(n.heartbeat_age_ms / 1000).toFixed(1)} s ago`, "num"),
+    cell(held.get(n.node) || 0, "num leases"),
+  ], { node: n.node })), "no nodes");
 }
 
 function renderSubs(subs) {
@@ -237,9 +250,10 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    const [topics, subs, plugins] = await Promise.all([
-      api("GET", "/v1/topics"), api("GET", "/v1/subscriptions"), api("GET", "/v1/plugins"),
+    const [topics, subs, plugins, cluster] = await Promise.all([
+      api("GET", "/v1/topics"), api("GET", "/v1/subscriptions"), api("GET", "/v1/plugins"), api("GET", "/v1/cluster"),
     ]);
+    renderNodes(cluster);
     renderTopics(topics.topics || []);
     renderSubs(subs.subscriptions || []);
     renderPlugins(plugins.plugins || [], subs.subscriptions || []);
