@@ -1,8 +1,9 @@
 //! Scale-out on NATS JetStream beside the embedded RocksDB backend, in one run: batch-100
-//! publish throughput (4 clients spread over the wasmq nodes) and end-to-end drain through the
-//! no-op plugin (publish everything, then subscribe and time until lag 0), for RocksDB `sync`,
-//! and JetStream R1 (one nats-server) and R3 (three) under 1, 2 and 3 wasmq nodes, all on this
-//! machine. `--quick` shrinks it for CI; `WASMQ_BENCH_N` sets the message count.
+//! publish throughput (4 clients spread over the wasmq nodes, a topic nobody reads) and
+//! end-to-end throughput through the no-op plugin (a subscription already placed on the nodes;
+//! publish, and time from the first publish until lag 0), for RocksDB `sync`, and JetStream R1
+//! (one nats-server) and R3 (three) under 1, 2 and 3 wasmq nodes, all on this machine.
+//! `--quick` shrinks it for CI; `WASMQ_BENCH_N` sets the message count.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -14,8 +15,8 @@ use wasmq::config::{Backend, FlushMode};
 use wasmq_tests::plugins::ECHO;
 use wasmq_tests::{NatsCluster, NatsServer};
 
-/// Publishes `n` messages in batches of 100 from 4 clients spread over `nodes`; msg/s.
-async fn publish(nodes: &[common::Server], n: usize) -> f64 {
+/// Publishes `n` messages to `topic` in batches of 100 from 4 clients spread over `nodes`; msg/s.
+async fn publish(nodes: &[common::Server], topic: &str, n: usize) -> f64 {
     let body = json!({"body": "x".repeat(common::BODY_BYTES - 2)});
     let batch = json!({"messages": vec![body; 100]});
     let started = Instant::now();
@@ -23,7 +24,7 @@ async fn publish(nodes: &[common::Server], n: usize) -> f64 {
     for client in 0..4 {
         let node = &nodes[client % nodes.len()];
         let (http, batch) = (node.http.clone(), batch.clone());
-        let url = format!("{}/v1/topics/bench/messages/batch", node.url);
+        let url = format!("{}/v1/topics/{topic}/messages/batch", node.url);
         let per = n / 400 + usize::from(client < (n / 100) % 4);
         tasks.push(tokio::spawn(async move {
             for _ in 0..per {
@@ -62,15 +63,38 @@ async fn run(urls: Option<(Vec<String>, u32)>, nodes: usize, n: usize) -> (f64, 
     }
     let first = &servers[0];
     first.put("/v1/topics/bench", json!({"queues": 8})).await;
+    first.put("/v1/topics/e2e", json!({"queues": 8})).await;
     first.upload("echo", ECHO).await;
-    let publish_rate = publish(&servers, n).await;
-    let started = Instant::now();
+    let publish_rate = publish(&servers, "bench", n).await;
     first
         .put(
             "/v1/subscriptions/drain",
-            json!({"topic": "bench", "plugin": "echo", "instances": 4, "max_in_flight": 1024}),
+            json!({"topic": "e2e", "plugin": "echo", "instances": 4, "max_in_flight": 1024}),
         )
         .await;
+    if urls.is_some() {
+        // Every queue placed on its node (one lease each) before the clock starts.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = first.get("/v1/cluster").await;
+            let placed = v["leases"].as_array().map_or(0, |l| {
+                l.iter()
+                    .filter(|l| l["subscription"] == "drain" && l["expired"] == false)
+                    .count()
+            });
+            let up = v["nodes"]
+                .as_array()
+                .map_or(0, |n| n.iter().filter(|n| n["up"] == true).count());
+            if placed == 8 && up == nodes {
+                break;
+            }
+            assert!(Instant::now() < deadline, "queues never placed: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    publish(&servers, "e2e", n).await;
     loop {
         let st = first.get("/v1/subscriptions/drain").await;
         if st["lag"] == 0 && st["in_flight"] == 0 {
@@ -78,11 +102,11 @@ async fn run(urls: Option<(Vec<String>, u32)>, nodes: usize, n: usize) -> (f64, 
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let drain_rate = n as f64 / started.elapsed().as_secs_f64();
+    let e2e_rate = n as f64 / started.elapsed().as_secs_f64();
     for s in servers {
         s.stop().await;
     }
-    (publish_rate, drain_rate)
+    (publish_rate, e2e_rate)
 }
 
 fn main() {
@@ -116,11 +140,11 @@ fn main() {
         }
         let base = rows[0].1;
         println!(
-            "\n{n} messages of {} B, batch-100 publish from 4 clients, drain through a no-op plugin (4 instances); {} cores\n",
+            "\n{n} messages of {} B, batch-100 publish from 4 clients; end to end: publish to a subscribed topic and drain through a no-op plugin (4 instances per node) until lag 0; {} cores\n",
             common::BODY_BYTES,
             common::cores()
         );
-        println!("| backend | publish msg/s | vs RocksDB | drain msg/s | vs RocksDB |");
+        println!("| backend | publish msg/s | vs RocksDB | end-to-end msg/s | vs RocksDB |");
         println!("| --- | ---: | ---: | ---: | ---: |");
         for (name, (p, d)) in rows {
             println!(

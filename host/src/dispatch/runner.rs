@@ -468,13 +468,17 @@ impl Member {
         let mut pending = FuturesUnordered::new();
         let mut stopping = false;
         let per_queue_cap = self.spec.max_in_flight as usize;
+        let mut high_water = fetch;
         loop {
             watch.borrow_and_update();
-            let high_water = self
-                .storage
-                .high_water(self.topic(), queue)
-                .await
-                .unwrap_or(fetch);
+            // Asked only when the buffer ran dry: on a networked backend it is a round trip.
+            if buffer.is_empty() && !stopping {
+                high_water = self
+                    .storage
+                    .high_water(self.topic(), queue)
+                    .await
+                    .unwrap_or(fetch);
+            }
             if buffer.is_empty() && fetch < high_water && !stopping {
                 match self
                     .storage
