@@ -285,6 +285,167 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     b.stop().await.unwrap();
 }
 
+/// Two nodes named `node-a`, `node-b` on one nats-server, with `limits` applied to both.
+async fn two_nodes(
+    nats: &NatsServer,
+    dirs: &[tempfile::TempDir; 2],
+    limits: impl Fn(&mut wasmq::config::Config),
+) -> (TestServer, TestServer) {
+    let config = |dir: &std::path::Path, id: &str| {
+        let mut c = config_in(dir);
+        c.storage.backend = Backend::Jetstream;
+        c.storage.urls = vec![nats.url.clone()];
+        c.storage.replicas = 1;
+        c.server.node_id = id.into();
+        limits(&mut c);
+        c
+    };
+    (
+        TestServer::start_with(config(dirs[0].path(), "node-a")).await,
+        TestServer::start_with(config(dirs[1].path(), "node-b")).await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_instances_are_divided_among_nodes_and_each_sees_everything_once_in_order() {
+    use wasmq::dispatch::share::{UnitKey, lease_key, preferred};
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = two_nodes(&nats, &dirs, |_| {}).await;
+    a.create_topic("prices", 2).await;
+    a.create_topic("audit", 1).await;
+    a.upload_plugin("recorder", RECORDER).await;
+    a.subscribe(
+        "caches",
+        json!({"topic": "prices", "plugin": "recorder", "mode": "broadcast", "instances": 4,
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    let nodes = ["node-a".to_string(), "node-b".to_string()];
+    let expected: Vec<(u64, String)> = (0..4)
+        .map(|i| {
+            let owner = preferred(&lease_key("caches", UnitKey::Instance(i)), &nodes).unwrap();
+            (u64::from(i), owner.clone())
+        })
+        .collect();
+    b.wait_until("/v1/cluster", 20, |v| {
+        let mut got: Vec<(u64, String)> = v["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["subscription"] == "caches" && l["expired"] == false)
+            .map(|l| {
+                let i = l["instance"].as_u64().unwrap();
+                (i, l["owner"].as_str().unwrap().to_string())
+            })
+            .collect();
+        got.sort();
+        got == expected
+    })
+    .await;
+    let msgs: Vec<serde_json::Value> = (0..100)
+        .map(|n| json!({"body": {"n": n}, "sharding_key": format!("sku{}", n % 7)}))
+        .collect();
+    for node in [&a, &b] {
+        let (st, v) = node
+            .post_json(
+                "/v1/topics/prices/messages/batch",
+                &json!({"messages": msgs}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let audit = a.wait_audit("audit", 800, 30).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(a.read_queue("audit", 0).await.len(), 800, "nothing twice");
+    // Every instance, wherever it runs, saw each message once, each queue in order.
+    for i in 0..4 {
+        let mine: Vec<&serde_json::Value> = audit.iter().filter(|r| r["instance"] == i).collect();
+        let ids: std::collections::HashSet<&str> =
+            mine.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        assert_eq!((mine.len(), ids.len()), (200, 200), "instance {i}");
+        for q in 0..2 {
+            let offsets: Vec<u64> = mine
+                .iter()
+                .filter(|r| r["queue"] == q)
+                .map(|r| r["offset"].as_u64().unwrap())
+                .collect();
+            assert!(
+                offsets.windows(2).all(|w| w[0] < w[1]),
+                "instance {i} queue {q}"
+            );
+        }
+    }
+    let st = b.get("/v1/subscriptions/caches").await.1;
+    assert_eq!(st["lag"], 0, "{st}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_bound_and_rate_hold_for_the_whole_cluster() {
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = two_nodes(&nats, &dirs, |c| c.limits.max_backlog = 50).await;
+    a.create_topic("t", 4).await;
+    a.create_topic("audit", 1).await;
+    a.upload_plugin("recorder", RECORDER).await;
+    // 20 messages a second for the subscription, whichever nodes run its queues.
+    a.subscribe(
+        "slow",
+        json!({"topic": "t", "plugin": "recorder", "max_rate": 20.0,
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    b.wait_until("/v1/cluster", 20, |v| {
+        v["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["subscription"] == "slow" && l["expired"] == false)
+            .count()
+            == 4
+    })
+    .await;
+    // Let both nodes read the stored offsets once.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let started = std::time::Instant::now();
+    let (mut accepted, mut refused) = (0u64, None);
+    for i in 0..300 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let (st, v) = node
+            .post_json("/v1/topics/t/messages", &json!({"body": {"n": i}}))
+            .await;
+        if st == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(v);
+            break;
+        }
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        accepted += 1;
+    }
+    let refused = refused.expect("the backlog bound never applied across nodes");
+    assert_eq!(refused["error"]["code"], "backlog_full");
+    // The bound is read from offsets up to a second old: a little slack over 50.
+    assert!(
+        (50..=80).contains(&accepted),
+        "accepted {accepted} before pushing back"
+    );
+    // Together the nodes deliver no faster than the subscription's rate.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let handled = a.get("/v1/topics/audit").await.1["messages"]
+        .as_u64()
+        .unwrap();
+    let allowed = 20.0 * started.elapsed().as_secs_f64() + 4.0;
+    assert!(
+        (handled as f64) <= allowed,
+        "{handled} handled in {:?} at 20/s",
+        started.elapsed()
+    );
+    assert!(handled >= 20, "only {handled} handled");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
     let mut nats = NatsCluster::start(3).await;

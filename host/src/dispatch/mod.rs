@@ -56,6 +56,9 @@ pub struct Dispatcher {
     /// Set when several nodes share the storage: this node runs only the units it holds
     /// leases for. `None`: it runs everything.
     share: Option<share::Share>,
+    /// Shared storage with a backlog bound: the stored offsets of every running subscription's
+    /// members, per topic, read at each reconcile, for the backlog of queues other nodes run.
+    stored_offsets: std::sync::Mutex<HashMap<String, Vec<Vec<u64>>>>,
 }
 
 fn storage(env: &Env) -> &Arc<dyn Storage> {
@@ -83,6 +86,7 @@ impl Dispatcher {
             control: Default::default(),
             active: std::sync::atomic::AtomicBool::new(true),
             share: None,
+            stored_offsets: Default::default(),
         }
     }
 
@@ -155,6 +159,9 @@ impl Dispatcher {
                 (run, a.release)
             }
         };
+        if self.share.is_some() && self.env.broker.limits().max_backlog > 0 {
+            self.read_stored_offsets(&wanted).await?;
+        }
         let running: Vec<String> = self.runners.lock().await.keys().cloned().collect();
         for group in running {
             let stale = match (wanted.get(&group), targets.get(&group)) {
@@ -180,6 +187,40 @@ impl Dispatcher {
             if let Err(e) = self.launch(record, *queues, units).await {
                 tracing::error!(%group, error = %e, "cannot start subscription");
             }
+        }
+        Ok(())
+    }
+
+    /// Refreshes [`Self::stored_offsets`] from the cursors of the running subscriptions.
+    async fn read_stored_offsets(
+        &self,
+        wanted: &HashMap<String, (SubscriptionRecord, u32)>,
+    ) -> Result<(), DispatchError> {
+        let mut by_topic: HashMap<String, Vec<Vec<u64>>> = HashMap::new();
+        for (group, (record, queues)) in wanted {
+            let mut members: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+            for (key, r) in storage(&self.env)
+                .list_records(&state::cursor_space(group), "", usize::MAX)
+                .await?
+            {
+                let c: state::Cursor = state::decode(&key, &r)?;
+                let Some((member, q)) = state::parse_cursor_key(&key) else {
+                    continue;
+                };
+                let offsets = members
+                    .entry(member.to_string())
+                    .or_insert_with(|| vec![0; *queues as usize]);
+                if let Some(o) = offsets.get_mut(q as usize) {
+                    *o = c.committed;
+                }
+            }
+            by_topic
+                .entry(record.spec.topic.clone())
+                .or_default()
+                .extend(members.into_values());
+        }
+        if let Ok(mut stored) = self.stored_offsets.lock() {
+            *stored = by_topic;
         }
         Ok(())
     }
@@ -650,8 +691,25 @@ impl Dispatcher {
 
     /// How far the slowest running subscription of `topic` is behind, in messages.
     pub async fn backlog(&self, topic: &str, high_water: &[u64]) -> u64 {
+        let behind = |offsets: &Vec<u64>| -> u64 {
+            offsets
+                .iter()
+                .zip(high_water)
+                .map(|(c, hw)| hw.saturating_sub(*c))
+                .sum()
+        };
+        // Queues other nodes run: as stored at the last reconcile (a second old at most).
+        let stored = self
+            .stored_offsets
+            .lock()
+            .ok()
+            .and_then(|s| {
+                s.get(topic)
+                    .map(|m| m.iter().map(behind).max().unwrap_or(0))
+            })
+            .unwrap_or(0);
         let runners = self.runners.lock().await;
-        runners
+        let live = runners
             .values()
             .filter(|r| r.topic == topic)
             .flat_map(|r| r.shared.members.iter())
@@ -663,7 +721,8 @@ impl Dispatcher {
                     .sum::<u64>()
             })
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        live.max(stored)
     }
 
     /// Stops every subscription, letting in-flight messages finish, then gives up the leases

@@ -1027,9 +1027,15 @@ pub async fn start(
         in_flight: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
         max_in_flight: spec.max_in_flight,
     });
-    let rate = spec.max_rate.map(|r| {
+    // Nodes sharing a subscription share its rate by the part of its queues each runs, so
+    // together they never exceed it.
+    let share = match &units {
+        None => 1.0,
+        Some(u) => u.len() as f64 / (f64::from(member_count) * f64::from(topic.queues)).max(1.0),
+    };
+    let rate = spec.max_rate.filter(|_| share > 0.0).map(|r| {
         Arc::new(Rate {
-            interval: Duration::from_secs_f64(1.0 / r),
+            interval: Duration::from_secs_f64(1.0 / (r * share)),
             next: std::sync::Mutex::new(Instant::now()),
         })
     });

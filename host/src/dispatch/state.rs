@@ -61,6 +61,12 @@ pub fn cursor_key(member: &str, queue: u32) -> String {
     format!("{member}/{queue:08x}")
 }
 
+/// The member and queue of a key made by [`cursor_key`].
+pub fn parse_cursor_key(key: &str) -> Option<(&str, u32)> {
+    let (member, queue) = key.rsplit_once('/')?;
+    Some((member, u32::from_str_radix(queue, 16).ok()?))
+}
+
 /// Why a timer exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -155,6 +161,13 @@ pub async fn clear(storage: &dyn Storage, space: &str, prefix: &str) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursor_keys_round_trip() {
+        let key = cursor_key(&member_name(true, 3), 17);
+        assert_eq!(parse_cursor_key(&key), Some(("i0003", 17)));
+        assert_eq!(parse_cursor_key("all/zz"), None);
+    }
 
     #[test]
     fn timer_keys_sort_by_member_then_due() {
