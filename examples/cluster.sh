@@ -2,8 +2,8 @@
 # Scale-out on one machine: a three-node NATS JetStream cluster (nats-server from Debian,
 # client ports 4222-4224, routes 6222-6224) and two wasmq nodes on it (API on 7701 and 7702,
 # storage replicated 3 times), all on 127.0.0.1, state under ./data-cluster (recreated each run).
-# Any node accepts every API call; the node holding the dispatch lease runs subscriptions,
-# timers and transaction check-backs, and another takes over within ~3 s when it dies.
+# Any node accepts every API call; the subscription queues are divided between the nodes by
+# leases, and the other node takes a dead node's queues, timers and check-backs over within ~3 s.
 # Try: `wasmq --server http://127.0.0.1:7702 status`, `curl 127.0.0.1:7701/v1/cluster`, then
 # kill one wasmq or one nats-server and watch /v1/cluster. Ctrl-C stops everything.
 set -euo pipefail
@@ -41,6 +41,7 @@ for i in 1 2; do
 [server]
 listen = "127.0.0.1:$((7700 + i))"
 data_dir = "$root/wasmq-$i"
+node_id = "wasmq-$i"
 
 [storage]
 backend = "jetstream"
