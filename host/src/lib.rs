@@ -210,7 +210,8 @@ const RECONCILE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// On a shared backend, every second: refreshes the topic cache, takes and gives up
 /// subscription queues ([`Dispatcher::reconcile`]), and runs the transaction check-backs while
-/// holding their lease, stopping them as soon as it is lost (before another node can take it).
+/// holding their lease, stopping them as soon as it is lost (before another node can take it);
+/// the holder also finishes writes a dead node left half done ([`Storage::recover`]).
 async fn coordinate(
     storage: Arc<dyn Storage>,
     node: String,
@@ -220,6 +221,9 @@ async fn coordinate(
     stop: CancellationToken,
 ) {
     const KEY: &str = "transactions";
+    /// Every fifth round (seconds) the check-back holder looks for half-done writes.
+    const RECOVER_EVERY: u64 = 5;
+    let mut rounds = 0u64;
     let mut checking: Option<(
         cluster::HeldLease,
         CancellationToken,
@@ -236,6 +240,15 @@ async fn coordinate(
             Some((lease, token, task)) if lease.held() => {
                 if let Err(e) = transactions.reload().await {
                     tracing::warn!(error = %e, "cannot reload transactions");
+                }
+                // Half-done guarded appends (a commit whose messages a dead node never wrote).
+                rounds += 1;
+                if rounds.is_multiple_of(RECOVER_EVERY) {
+                    match storage.recover(storage::jetstream::INTENT_AGE).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(n, "finished writes a dead node left half done"),
+                        Err(e) => tracing::warn!(error = %e, "cannot recover half-done writes"),
+                    }
                 }
                 checking = Some((lease, token, task));
             }

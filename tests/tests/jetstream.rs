@@ -25,6 +25,48 @@ async fn jetstream_backend_passes_the_conformance_suite() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
+    use wasmq::storage::jetstream::INTENT_AGE;
+    use wasmq::storage::{Expect, RecordWrite};
+    let nats = NatsServer::start().await;
+    let writer = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+        .await
+        .unwrap();
+    writer.prepare_topic("t", 1).await.unwrap();
+    let m = conformance::msg(0, Some("order-1"), "committed body");
+    let guard = RecordWrite {
+        space: "txn".into(),
+        key: "tx1".into(),
+        value: Some(b"committed".to_vec()),
+        expect: Expect::Absent,
+    };
+    // The writer wrote its intent and the guard (the commit), then died.
+    writer
+        .guarded_append_dying_halfway("t", vec![m.clone()], guard)
+        .await
+        .unwrap();
+    let other = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+        .await
+        .unwrap();
+    // Young: it may be a live writer's, so recovery leaves it.
+    assert_eq!(other.recover(INTENT_AGE).await.unwrap(), 0);
+    assert!(other.read("t", 0, 0, 10).await.unwrap().is_empty());
+    // Old enough: the messages appear, once, beside the guard that promised them.
+    assert_eq!(other.recover(std::time::Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(other.recover(std::time::Duration::ZERO).await.unwrap(), 0);
+    let read = other.read("t", 0, 0, 10).await.unwrap();
+    assert_eq!(
+        read.iter().map(|r| r.message.id).collect::<Vec<_>>(),
+        vec![m.id]
+    );
+    assert_eq!(
+        other.get_record("txn", "tx1").await.unwrap().unwrap().value,
+        b"committed"
+    );
+    assert!(other.message_by_id(m.id).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_jetstream_publishes_dispatches_decides_delays_and_restarts() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -245,6 +287,46 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
         audit.len(),
         times.len()
     );
+
+    // Dead letters on queues of both nodes, redriven through one: each is delivered again by
+    // the node running its queue (rejected again: a new dead letter for each).
+    let rejects: Vec<serde_json::Value> = (0..8)
+        .map(|i| json!({"body": {"reject": true}, "sharding_key": format!("r{i}")}))
+        .collect();
+    let (st, v) = b
+        .post_json(
+            "/v1/topics/jobs/messages/batch",
+            &json!({"messages": rejects}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let dlq = a
+        .wait_until("/v1/subscriptions/work/dlq", 30, |v| {
+            v["entries"].as_array().is_some_and(|e| e.len() == 8)
+        })
+        .await;
+    let first: std::collections::HashSet<String> = dlq["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_string())
+        .collect();
+    let (st, v) = a
+        .post_json("/v1/subscriptions/work/dlq/redrive", &json!({}))
+        .await;
+    assert_eq!(
+        (st, v["redriven"].clone()),
+        (StatusCode::OK, json!(8)),
+        "{v}"
+    );
+    b.wait_until("/v1/subscriptions/work/dlq", 30, |v| {
+        v["entries"].as_array().is_some_and(|e| {
+            e.len() == 8
+                && e.iter()
+                    .all(|e| !first.contains(e["key"].as_str().unwrap_or_default()))
+        })
+    })
+    .await;
 
     // A stops cleanly (in-flight work finishes, offsets stored, leases released): B takes
     // every queue and goes on.
@@ -469,11 +551,20 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
                "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
     )
     .await;
-    // Publishers on both nodes; one nats-server is SIGKILLed a second in.
+    // Publishers on both nodes; one nats-server is SIGKILLed half a second in.
     let started = std::time::Instant::now();
     let (mut acked, mut refused, mut killed) = (Vec::new(), 0, false);
-    for round in 0..60 {
-        if !killed && started.elapsed() > std::time::Duration::from_secs(1) {
+    // 60 acknowledged batches, however many are refused while the cluster re-elects (a
+    // loaded machine can take several seconds to).
+    let mut round = 0;
+    while acked.len() < 60 * 50 {
+        round += 1;
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "publishing never resumed: {} acknowledged, {refused} refused",
+            acked.len()
+        );
+        if !killed && started.elapsed() > std::time::Duration::from_millis(500) {
             nats.servers[0].kill().await;
             killed = true;
         }
@@ -499,12 +590,7 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(killed);
-    assert!(
-        acked.len() >= 2000,
-        "too few publishes acknowledged: {}",
-        acked.len()
-    );
+    assert!(killed, "the load ended before the kill: nothing was tested");
     // Every acknowledged message is delivered (through the surviving two servers).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     let missing = loop {
@@ -531,7 +617,7 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
     };
     println!(
         "{} batches acknowledged ({} messages), {refused} refused while the cluster re-elected; {missing} missing",
-        60 - refused,
+        acked.len() / 50,
         acked.len()
     );
     assert_eq!(missing, 0);

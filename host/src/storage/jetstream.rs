@@ -34,6 +34,9 @@ const BLOBS: &str = "WQ_BLOBS";
 const KEYS: &str = "WQ_KEYS";
 /// Records of guarded appends in progress (see [`JetStreamStorage::append_guarded`]).
 const INTENTS: &str = "__intent";
+/// How old a guarded append's intent must be before another node finishes it: a live writer
+/// takes far less (each of its steps is one JetStream request, which times out in seconds).
+pub const INTENT_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 /// How long one listing or lookup may take before it is an error, not a hang.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Direct gets in flight per read.
@@ -234,7 +237,7 @@ impl JetStreamStorage {
             closed: AtomicBool::new(false),
             notifier,
         };
-        storage.finish_intents().await?;
+        storage.finish_intents(INTENT_AGE).await?;
         Ok(storage)
     }
 
@@ -520,10 +523,73 @@ impl JetStreamStorage {
         }
     }
 
-    /// Finishes guarded appends whose record write happened but whose messages a dead node
-    /// never appended; drops the others.
-    async fn finish_intents(&self) -> Result<(), StorageError> {
+    /// The first half of a guarded append: the intent (naming the messages), then the guard
+    /// record. Returns the intent's id and the guard's revision.
+    async fn guard_with_intent(
+        &self,
+        topic: &str,
+        messages: &[NewMessage],
+        guard: RecordWrite,
+    ) -> Result<(String, u64), StorageError> {
+        let intent_id = uuid::Uuid::now_v7().to_string();
+        let intent = rmp_serde::to_vec(&Intent {
+            topic: topic.to_string(),
+            messages: messages.to_vec(),
+            space: guard.space.clone(),
+            key: guard.key.clone(),
+            value: guard.value.clone().unwrap_or_default(),
+        })
+        .map_err(|e| StorageError::Encode(e.to_string()))?;
+        self.write_record(INTENTS, &intent_id, Some(intent), Expect::Absent)
+            .await?;
+        match self
+            .write_record(&guard.space, &guard.key, guard.value, guard.expect)
+            .await
+        {
+            Ok(r) => Ok((intent_id, r)),
+            Err(e) => {
+                self.write_record(INTENTS, &intent_id, None, Expect::Any)
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// A guarded append by a writer that dies after its guard record was written: for tests
+    /// of [`Storage::recover`].
+    #[doc(hidden)]
+    pub async fn guarded_append_dying_halfway(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<u64, StorageError> {
+        self.guard_with_intent(topic, &messages, guard)
+            .await
+            .map(|(_, r)| r)
+    }
+
+    /// Finishes guarded appends older than `age` whose record write happened but whose
+    /// messages a dead node never appended; drops the others. Younger ones may belong to a
+    /// live writer and are left to it. Returns how many were finished or dropped.
+    async fn finish_intents(&self, age: std::time::Duration) -> Result<usize, StorageError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut done = 0;
         for (id, record) in self.list_inner(INTENTS, "", usize::MAX).await? {
+            // Intent ids are v7 UUIDs: their time says how old they are.
+            let born = uuid::Uuid::parse_str(&id)
+                .ok()
+                .and_then(|u| u.get_timestamp())
+                .map(|t| {
+                    let (secs, nanos) = t.to_unix();
+                    std::time::Duration::new(secs, nanos)
+                })
+                .unwrap_or_default();
+            if now.saturating_sub(born) < age {
+                continue;
+            }
             let intent: Intent = rmp_serde::from_slice(&record.value)
                 .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
             let guard = self.get_record(&intent.space, &intent.key).await?;
@@ -537,8 +603,9 @@ impl JetStreamStorage {
                 self.append_inner(&intent.topic, &missing).await?;
             }
             self.write_record(INTENTS, &id, None, Expect::Any).await?;
+            done += 1;
         }
-        Ok(())
+        Ok(done)
     }
 
     /// The records of a space: which subjects exist now (stream info with a subject filter),
@@ -637,28 +704,7 @@ impl Storage for JetStreamStorage {
         guard: RecordWrite,
     ) -> Result<(Vec<Appended>, u64), StorageError> {
         self.check_open()?;
-        let intent_id = uuid::Uuid::now_v7().to_string();
-        let intent = rmp_serde::to_vec(&Intent {
-            topic: topic.to_string(),
-            messages: messages.clone(),
-            space: guard.space.clone(),
-            key: guard.key.clone(),
-            value: guard.value.clone().unwrap_or_default(),
-        })
-        .map_err(|e| StorageError::Encode(e.to_string()))?;
-        self.write_record(INTENTS, &intent_id, Some(intent), Expect::Absent)
-            .await?;
-        let revision = match self
-            .write_record(&guard.space, &guard.key, guard.value, guard.expect)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                self.write_record(INTENTS, &intent_id, None, Expect::Any)
-                    .await?;
-                return Err(e);
-            }
-        };
+        let (intent_id, revision) = self.guard_with_intent(topic, &messages, guard).await?;
         let appended = self.append_inner(topic, &messages).await?;
         self.write_record(INTENTS, &intent_id, None, Expect::Any)
             .await?;
@@ -670,6 +716,11 @@ impl Storage for JetStreamStorage {
             self.queue_stream(topic, queue, true).await?;
         }
         Ok(())
+    }
+
+    async fn recover(&self, age: std::time::Duration) -> Result<usize, StorageError> {
+        self.check_open()?;
+        self.finish_intents(age).await
     }
 
     async fn read(

@@ -218,6 +218,13 @@ pub trait Storage: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Finishes what a writer that died left half done, if older than `age` (so no live
+    /// writer is raced). A shared backend needs this from one node now and then; a local one
+    /// finishes its writes atomically and has nothing to do.
+    async fn recover(&self, _age: std::time::Duration) -> Result<usize, StorageError> {
+        Ok(0)
+    }
+
     /// Adds the backend's own metrics (group commit sizes, write times) to a scrape.
     fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 
