@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use wasmq_tests::ChildServer;
+use wasmq_tests::{ChildServer, queue_owners};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wasmq");
 
@@ -536,22 +536,6 @@ fn names_where_the_first_runs_work() -> Vec<String> {
             (0..8).filter(|q| runs("ordered", *q)).count() >= 2 && runs("later-work", 0)
         })
         .unwrap()
-}
-
-/// The owner of each live queue lease of `group` in a `/v1/cluster` answer.
-fn queue_owners(view: &Value, group: &str) -> std::collections::BTreeMap<u64, String> {
-    view["leases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["subscription"] == group && l["expired"] == false)
-        .map(|l| {
-            (
-                l["queue"].as_u64().unwrap(),
-                l["owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 /// What the publishers of the ordered test sent: per key, the sequence numbers acknowledged

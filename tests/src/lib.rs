@@ -157,6 +157,11 @@ impl TestServer {
         let messages: Vec<Value> = (0..n)
             .map(|i| serde_json::json!({"body": {"n": i}}))
             .collect();
+        self.publish_batch(topic, messages).await;
+    }
+
+    /// Publishes `messages` (envelopes) to `topic` in one batch and checks they were stored.
+    pub async fn publish_batch(&self, topic: &str, messages: Vec<Value>) -> Value {
         let (status, body) = self
             .post_json(
                 &format!("/v1/topics/{topic}/messages/batch"),
@@ -164,6 +169,7 @@ impl TestServer {
             )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
     }
 
     /// Creates a topic and checks it was created.
@@ -326,6 +332,18 @@ impl NatsCluster {
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(|s| s.url.clone()).collect()
     }
+}
+
+/// The owner of each live queue lease of subscription `group`, by queue, in a `/v1/cluster`
+/// answer.
+pub fn queue_owners(view: &Value, group: &str) -> std::collections::BTreeMap<u64, String> {
+    view["leases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["subscription"] == group && l["expired"] == false)
+        .filter_map(|l| Some((l["queue"].as_u64()?, l["owner"].as_str()?.to_string())))
+        .collect()
 }
 
 /// The real `wasmq` binary running as a child process (for crash and CLI tests).

@@ -9,7 +9,7 @@ use serde_json::json;
 use wasmq::config::Backend;
 use wasmq::storage::{JetStreamStorage, Storage, conformance};
 use wasmq_tests::plugins::RECORDER;
-use wasmq_tests::{NatsCluster, NatsServer, TestServer, config_in};
+use wasmq_tests::{NatsCluster, NatsServer, TestServer, config_in, queue_owners};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_backend_passes_the_conformance_suite() {
@@ -138,37 +138,39 @@ async fn cluster(s: &TestServer) -> serde_json::Value {
     s.get("/v1/cluster").await.1
 }
 
-/// The owner of each live queue lease of `group`, by queue, as `/v1/cluster` shows them.
-fn queue_owners(view: &serde_json::Value, group: &str) -> std::collections::BTreeMap<u64, String> {
-    view["leases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["subscription"] == group && l["expired"] == false)
-        .map(|l| {
-            (
-                l["queue"].as_u64().unwrap(),
-                l["owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+/// A node named `id` on `nats` (R1) with its state in `dir`.
+fn node_config(nats: &NatsServer, dir: &std::path::Path, id: &str) -> wasmq::config::Config {
+    let mut c = config_in(dir);
+    c.storage.backend = Backend::Jetstream;
+    c.storage.urls = vec![nats.url.clone()];
+    c.storage.replicas = 1;
+    c.server.node_id = id.into();
+    c
+}
+
+/// Two nodes named `node-a`, `node-b` on one nats-server, with `limits` applied to both.
+async fn two_nodes(
+    nats: &NatsServer,
+    dirs: &[tempfile::TempDir; 2],
+    limits: impl Fn(&mut wasmq::config::Config),
+) -> (TestServer, TestServer) {
+    let config = |i: usize, id: &str| {
+        let mut c = node_config(nats, dirs[i].path(), id);
+        limits(&mut c);
+        c
+    };
+    (
+        TestServer::start_with(config(0, "node-a")).await,
+        TestServer::start_with(config(1, "node-b")).await,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     use wasmq::dispatch::share::{UnitKey, lease_key, preferred};
     let nats = NatsServer::start().await;
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let config = |dir: &std::path::Path, id: &str| {
-        let mut c = config_in(dir);
-        c.storage.backend = Backend::Jetstream;
-        c.storage.urls = vec![nats.url.clone()];
-        c.storage.replicas = 1;
-        c.server.node_id = id.into();
-        c
-    };
-    let a = TestServer::start_with(config(dir_a.path(), "node-a")).await;
-    let b = TestServer::start_with(config(dir_b.path(), "node-b")).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = two_nodes(&nats, &dirs, |_| {}).await;
     // Everything set up through B.
     b.create_topic("jobs", 8).await;
     b.create_topic("audit", 1).await;
@@ -248,7 +250,7 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
             "{m}"
         );
     }
-    for dir in [&dir_a, &dir_b] {
+    for dir in &dirs {
         assert_eq!(
             std::fs::read_dir(dir.path().join("artifacts"))
                 .unwrap()
@@ -293,13 +295,7 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     let rejects: Vec<serde_json::Value> = (0..8)
         .map(|i| json!({"body": {"reject": true}, "sharding_key": format!("r{i}")}))
         .collect();
-    let (st, v) = b
-        .post_json(
-            "/v1/topics/jobs/messages/batch",
-            &json!({"messages": rejects}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
+    b.publish_batch("jobs", rejects).await;
     let dlq = a
         .wait_until("/v1/subscriptions/work/dlq", 30, |v| {
             v["entries"].as_array().is_some_and(|e| e.len() == 8)
@@ -356,7 +352,7 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
         "{vb}"
     );
     // A comes back under its name: the queues hashing to it move back, nothing twice.
-    let a = TestServer::start_with(config(dir_a.path(), "node-a")).await;
+    let a = TestServer::start_with(node_config(&nats, dirs[0].path(), "node-a")).await;
     a.wait_until("/v1/cluster", 20, |v| queue_owners(v, "work") == expected)
         .await;
     a.publish_numbered("jobs", 100).await;
@@ -365,27 +361,6 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     assert_eq!(a.read_queue("audit", 0).await.len(), 600);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
-}
-
-/// Two nodes named `node-a`, `node-b` on one nats-server, with `limits` applied to both.
-async fn two_nodes(
-    nats: &NatsServer,
-    dirs: &[tempfile::TempDir; 2],
-    limits: impl Fn(&mut wasmq::config::Config),
-) -> (TestServer, TestServer) {
-    let config = |dir: &std::path::Path, id: &str| {
-        let mut c = config_in(dir);
-        c.storage.backend = Backend::Jetstream;
-        c.storage.urls = vec![nats.url.clone()];
-        c.storage.replicas = 1;
-        c.server.node_id = id.into();
-        limits(&mut c);
-        c
-    };
-    (
-        TestServer::start_with(config(dirs[0].path(), "node-a")).await,
-        TestServer::start_with(config(dirs[1].path(), "node-b")).await,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,13 +404,7 @@ async fn broadcast_instances_are_divided_among_nodes_and_each_sees_everything_on
         .map(|n| json!({"body": {"n": n}, "sharding_key": format!("sku{}", n % 7)}))
         .collect();
     for node in [&a, &b] {
-        let (st, v) = node
-            .post_json(
-                "/v1/topics/prices/messages/batch",
-                &json!({"messages": msgs}),
-            )
-            .await;
-        assert_eq!(st, StatusCode::CREATED, "{v}");
+        node.publish_batch("prices", msgs.clone()).await;
     }
     let audit = a.wait_audit("audit", 800, 30).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
