@@ -250,33 +250,18 @@ impl Redis {
 // ---------------------------------------------------------------- NATS JetStream
 
 struct Nats {
-    _child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
+    server: wasmq_tests::NatsServer,
 }
 
 impl Nats {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("nats-server");
-        wait_for_port(port).await;
         Nats {
-            _child: child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
+            server: wasmq_tests::NatsServer::start().await,
         }
     }
 
     async fn jetstream(&self) -> async_nats::jetstream::Context {
-        let client = async_nats::connect(&self.url).await.unwrap();
+        let client = async_nats::connect(&self.server.url).await.unwrap();
         async_nats::jetstream::new(client)
     }
 
