@@ -146,20 +146,39 @@ async fn bad_uploads_get_a_clear_400() {
         StatusCode::BAD_REQUEST,
         "bad_plugin_name",
     );
-    // A fresh connection: the server closes one whose upload it refused unread, and a pooled
-    // client may race that close.
-    let r = reqwest::Client::new()
+    // Refused unread: the server says it closes the connection, so the pooled client does
+    // not reuse it (the next calls on `s.client` would otherwise race the close).
+    let r = s
+        .client
         .put(format!("{}/v1/plugins/p", s.url))
         .header("content-type", "application/json")
         .body("{}")
         .send()
         .await
         .unwrap();
+    assert_eq!(r.headers()["connection"], "close");
     assert_error(
         &wasmq_tests::decode(r).await,
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
     );
+    for _ in 0..3 {
+        assert_error(
+            &s.upload_plugin(".bad", ECHO).await,
+            StatusCode::BAD_REQUEST,
+            "bad_plugin_name",
+        );
+    }
+    // A body that was read keeps the connection open.
+    let r = s
+        .client
+        .post(format!("{}/v1/plugins/nope/invoke", s.url))
+        .json(&json!({"message": {"body": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.headers().get("connection").is_none());
     let (_, list) = s.get("/v1/plugins").await;
     assert_eq!(list["plugins"], json!([]), "nothing was stored");
 }

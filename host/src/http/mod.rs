@@ -60,7 +60,45 @@ pub fn app(state: AppState) -> Router {
             deadline,
         ))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn(close_if_unread))
         .with_state(state)
+}
+
+/// A request answered before its body was read (a refused upload, a 401) leaves bytes on the
+/// connection, so the server closes it; saying `Connection: close` lets clients know not to
+/// reuse it rather than race the close.
+async fn close_if_unread(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use futures::StreamExt as _;
+    let headers = req.headers();
+    let has_body = match headers.get(axum::http::header::CONTENT_LENGTH) {
+        Some(len) => len.as_bytes() != b"0",
+        None => headers.contains_key(axum::http::header::TRANSFER_ENCODING),
+    };
+    if !has_body {
+        return next.run(req).await;
+    }
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let flag = read.clone();
+    // The flag is set when the body's stream ends, i.e. once a handler read all of it.
+    let end = futures::stream::once(async move {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    })
+    .filter_map(|()| async { None::<Result<axum::body::Bytes, axum::Error>> });
+    let body = axum::body::Body::from_stream(body.into_data_stream().chain(end));
+    let mut resp = next
+        .run(axum::extract::Request::from_parts(parts, body))
+        .await;
+    if !read.load(std::sync::atomic::Ordering::Acquire) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// Extractor rejections (a path that is not UTF-8, say) answer in plain text; every error
