@@ -233,7 +233,6 @@ fn judge(
             return Fate::Done;
         }
         Ok(Outcome::Reject(reason)) => {
-            counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             return Fate::Dead {
                 attempts,
                 reason: format!("rejected: {reason}"),
@@ -246,7 +245,6 @@ fn judge(
         }
     };
     if attempts >= policy.max_attempts && !block {
-        counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         return Fate::Dead {
             attempts,
             reason: format!("{attempts} attempts failed; last: {error}"),
@@ -301,6 +299,11 @@ impl Member {
             state::put(self.storage.as_ref(), &space, &key, &dl)
         })
         .await;
+        // Counted once stored, so whoever sees the count can read the entry.
+        self.runner
+            .counters
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stores what becomes of a delivered message besides its offset: a retry timer (whose key
