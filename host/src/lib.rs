@@ -162,6 +162,14 @@ async fn serve(
     });
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();
+    if shared {
+        // Every node's log view holds the lines of all nodes' plugin instances.
+        plugins.runtime().capabilities().logs.share(
+            node.id.clone(),
+            storage.clone(),
+            checks.clone(),
+        );
+    }
     let checker = if shared {
         // Several nodes share the backend: each runs the subscription queues it holds leases
         // for, and one of them the check-backs; work moves when a node dies.

@@ -1,11 +1,16 @@
 //! Plugin logs: a bounded ring of recent lines per plugin, live followers, and the caps that
-//! keep a plugin that logs without end from flooding memory or the server's own log.
+//! keep a plugin that logs without end from flooding memory or the server's own log. Nodes
+//! sharing a backend announce their lines to each other, so every node's ring holds the
+//! lines of all of them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
-use tokio::sync::broadcast;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::storage::Storage;
 
 /// Lines kept per plugin.
 pub const RING_LINES: usize = 1000;
@@ -15,11 +20,18 @@ pub const LINES_PER_CALL: u32 = 100;
 const TRACED_PER_SECOND: u32 = 50;
 /// Followers that fall this far behind skip ahead (they are told how many lines they missed).
 const FOLLOW_BUFFER: usize = 1024;
+/// Lines waiting to be announced to other nodes; more are not announced (best effort).
+const ANNOUNCE_BUFFER: usize = 4096;
+/// The channel nodes announce log lines on.
+const CHANNEL: &str = "plugin-logs";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LogLine {
     /// Position in this plugin's log since the server started; `since` takes it.
     pub seq: u64,
+    /// The node whose plugin instance logged it (when several nodes share a backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub at: u64,
     pub level: &'static str,
@@ -77,9 +89,30 @@ pub struct LogPage {
     pub next: u64,
 }
 
+/// A line as nodes announce it to each other.
+#[derive(Serialize, Deserialize)]
+struct Announced {
+    node: String,
+    at: u64,
+    level: String,
+    plugin: String,
+    version: u32,
+    group: String,
+    instance: u32,
+    message_id: Option<String>,
+    message: String,
+}
+
+/// This node's name and where its lines go to be announced.
+struct Sharing {
+    node: String,
+    out: mpsc::Sender<Vec<u8>>,
+}
+
 #[derive(Default)]
 pub struct PluginLogs {
     rings: Mutex<HashMap<String, Ring>>,
+    sharing: std::sync::OnceLock<Sharing>,
 }
 
 impl std::fmt::Debug for PluginLogs {
@@ -89,18 +122,93 @@ impl std::fmt::Debug for PluginLogs {
 }
 
 impl PluginLogs {
-    /// Keeps a line; returns whether it should also go to the server's log (a per-second cap).
-    pub fn push(&self, line: NewLine<'_>) -> bool {
-        let at = crate::broker::now_ms();
-        let Ok(mut rings) = self.rings.lock() else {
-            return false;
+    /// Announces this node's lines to the other nodes sharing `storage` (as `node`), and keeps
+    /// theirs, until `stop`.
+    pub fn share(
+        self: &Arc<Self>,
+        node: String,
+        storage: Arc<dyn Storage>,
+        stop: CancellationToken,
+    ) {
+        let (out, mut rx) = mpsc::channel::<Vec<u8>>(ANNOUNCE_BUFFER);
+        if self
+            .sharing
+            .set(Sharing {
+                node: node.clone(),
+                out,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let (sender, token) = (storage.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    line = rx.recv() => match line {
+                        Some(line) => sender.announce(CHANNEL, line).await,
+                        None => return,
+                    },
+                }
+            }
+        });
+        let logs = self.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt as _;
+            let Some(mut lines) = storage.listen(CHANNEL).await else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    line = lines.next() => match line {
+                        Some(bytes) => logs.keep_announced(&node, &bytes),
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+
+    /// Keeps a line another node announced (this node's own come back too: skipped).
+    fn keep_announced(&self, this_node: &str, bytes: &[u8]) {
+        let Ok(a) = serde_json::from_slice::<Announced>(bytes) else {
+            return;
         };
-        let ring = rings
-            .entry(line.plugin.to_string())
-            .or_insert_with(Ring::new);
-        let kept = Arc::new(LogLine {
-            seq: ring.next_seq,
-            at,
+        if a.node == this_node {
+            return;
+        }
+        let level = ["trace", "debug", "info", "warn", "error"]
+            .into_iter()
+            .find(|l| *l == a.level)
+            .unwrap_or("info");
+        // Their own server logged it already (within its cap).
+        self.keep(
+            LogLine {
+                seq: 0,
+                node: Some(a.node),
+                at: a.at,
+                level,
+                plugin: a.plugin,
+                version: a.version,
+                group: a.group,
+                instance: a.instance,
+                message_id: a.message_id,
+                message: a.message,
+            },
+            false,
+        );
+    }
+
+    /// Keeps a line of this node; returns whether it should also go to the server's log (a
+    /// per-second cap).
+    pub fn push(&self, line: NewLine<'_>) -> bool {
+        let sharing = self.sharing.get();
+        let line = LogLine {
+            seq: 0,
+            node: sharing.map(|s| s.node.clone()),
+            at: crate::broker::now_ms(),
             level: line.level,
             plugin: line.plugin.to_string(),
             version: line.version,
@@ -108,7 +216,37 @@ impl PluginLogs {
             instance: line.instance,
             message_id: line.message_id.map(str::to_string),
             message: line.message,
-        });
+        };
+        if let Some(s) = sharing {
+            let announced = Announced {
+                node: s.node.clone(),
+                at: line.at,
+                level: line.level.to_string(),
+                plugin: line.plugin.clone(),
+                version: line.version,
+                group: line.group.clone(),
+                instance: line.instance,
+                message_id: line.message_id.clone(),
+                message: line.message.clone(),
+            };
+            if let Ok(bytes) = serde_json::to_vec(&announced) {
+                // Full: the line stays on this node only.
+                let _ = s.out.try_send(bytes);
+            }
+        }
+        self.keep(line, true)
+    }
+
+    /// Puts a line in its plugin's ring under the next seq and hands it to followers; returns
+    /// whether it is within the per-second tracing cap (counted for `traced` lines only).
+    fn keep(&self, mut line: LogLine, traced: bool) -> bool {
+        let Ok(mut rings) = self.rings.lock() else {
+            return false;
+        };
+        let at = line.at;
+        let ring = rings.entry(line.plugin.clone()).or_insert_with(Ring::new);
+        line.seq = ring.next_seq;
+        let kept = Arc::new(line);
         ring.next_seq += 1;
         if ring.lines.len() == RING_LINES {
             ring.lines.pop_front();
@@ -116,6 +254,9 @@ impl PluginLogs {
         ring.lines.push_back(kept.clone());
         // No follower is not an error.
         let _ = ring.live.send(kept);
+        if !traced {
+            return false;
+        }
         let second = at / 1000;
         if ring.trace_second != second {
             ring.trace_second = second;
@@ -232,6 +373,35 @@ mod tests {
         logs.dropped("p", 7);
         assert_eq!(logs.page("p", None, 1).dropped, 7);
         assert!(logs.page("other", None, 1).lines.is_empty());
+    }
+
+    #[test]
+    fn lines_announced_by_other_nodes_are_kept_with_their_node_and_own_ones_skipped() {
+        let logs = PluginLogs::default();
+        let announced = |node: &str, message: &str| {
+            serde_json::to_vec(&Announced {
+                node: node.into(),
+                at: 1,
+                level: "warn".into(),
+                plugin: "p".into(),
+                version: 2,
+                group: "g".into(),
+                instance: 1,
+                message_id: None,
+                message: message.into(),
+            })
+            .unwrap()
+        };
+        logs.keep_announced("me", &announced("other", "theirs"));
+        logs.keep_announced("me", &announced("me", "mine, back from the bus"));
+        logs.keep_announced("me", b"not json");
+        let page = logs.page("p", None, 10);
+        assert_eq!(page.lines.len(), 1);
+        let l = &page.lines[0];
+        assert_eq!(
+            (l.node.as_deref(), l.level, l.message.as_str(), l.seq),
+            (Some("other"), "warn", "theirs", 0)
+        );
     }
 
     #[tokio::test]

@@ -324,6 +324,30 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     })
     .await;
 
+    // Plugin logs: lines logged on A are in B's view too, named by node.
+    let (st, v) = a.upload_plugin("probe", wasmq_tests::plugins::PROBE).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    a.invoke("probe", json!({"do": "log", "lines": 3})).await;
+    let logs = b
+        .wait_until("/v1/plugins/probe/logs", 10, |v| {
+            v["lines"].as_array().is_some_and(|l| l.len() == 3)
+        })
+        .await;
+    for (i, line) in logs["lines"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            (line["node"].as_str(), line["message"].as_str()),
+            (Some("node-a"), Some(format!("log line {i}").as_str())),
+            "{logs}"
+        );
+    }
+    assert_eq!(
+        a.get("/v1/plugins/probe/logs").await.1["lines"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
     // A stops cleanly (in-flight work finishes, offsets stored, leases released): B takes
     // every queue and goes on.
     a.stop().await.unwrap();

@@ -718,6 +718,23 @@ impl Storage for JetStreamStorage {
         Ok(())
     }
 
+    async fn announce(&self, channel: &str, payload: Vec<u8>) {
+        // Core NATS, not JetStream: delivered to whoever listens now, kept nowhere.
+        let _ = self
+            .client
+            .publish(format!("wqb.{}", enc(channel)), payload.into())
+            .await;
+    }
+
+    async fn listen(&self, channel: &str) -> Option<futures::stream::BoxStream<'static, Vec<u8>>> {
+        let sub = self
+            .client
+            .subscribe(format!("wqb.{}", enc(channel)))
+            .await
+            .ok()?;
+        Some(sub.map(|m| m.payload.to_vec()).boxed())
+    }
+
     async fn recover(&self, age: std::time::Duration) -> Result<usize, StorageError> {
         self.check_open()?;
         self.finish_intents(age).await

@@ -225,6 +225,17 @@ pub trait Storage: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// Sends `payload` to every node sharing this storage that listens on `channel`, best
+    /// effort (nothing is stored or retried): for what every node should see but nobody must
+    /// keep, such as plugin log lines. A backend no other node shares has nobody to tell.
+    async fn announce(&self, _channel: &str, _payload: Vec<u8>) {}
+
+    /// What the nodes sharing this storage announce on `channel` (this one's too); `None` when
+    /// no other node can share it.
+    async fn listen(&self, _channel: &str) -> Option<futures::stream::BoxStream<'static, Vec<u8>>> {
+        None
+    }
+
     /// Adds the backend's own metrics (group commit sizes, write times) to a scrape.
     fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 
