@@ -169,6 +169,8 @@ async fn serve(
             storage.clone(),
             checks.clone(),
         );
+        // And every node's status counts what all nodes delivered.
+        tokio::spawn(dispatcher.clone().listen_tallies(checks.clone()));
     }
     let checker = if shared {
         // Several nodes share the backend: each runs the subscription queues it holds leases
@@ -244,6 +246,7 @@ async fn coordinate(
         if let Err(e) = dispatcher.reconcile().await {
             tracing::warn!(error = %e, "cannot reconcile subscriptions");
         }
+        dispatcher.announce_tallies().await;
         match checking.take() {
             Some((lease, token, task)) if lease.held() => {
                 if let Err(e) = transactions.reload().await {

@@ -199,6 +199,8 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     let (va, vb) = (cluster(&a).await, cluster(&b).await);
     assert_eq!(va["backend"], "jetstream");
     let held = |n: &str| expected.values().filter(|o| *o == n).count();
+    // (These names split the queues, so every check below sees both nodes at work.)
+    assert!(held("node-a") > 0 && held("node-b") > 0, "{expected:?}");
     assert_eq!(va["leases_held"], held("node-a"), "{va}");
     assert_eq!(vb["leases_held"], held("node-b"), "{vb}");
     assert_eq!(va["dispatching"], held("node-a") > 0);
@@ -227,10 +229,19 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
-    // Both nodes answer alike; the status names each queue's node.
+    // Both nodes answer alike: the counters are those of both nodes' runners (each node tells
+    // the others every second), and the status names each queue's node.
     for s in [&a, &b] {
-        let st = s.get("/v1/subscriptions/work").await.1;
-        assert_eq!(st["lag"], 0, "{st}");
+        let st = s
+            .wait_until("/v1/subscriptions/work", 10, |v| {
+                v["counters"]["acked"] == 200 && v["counters"]["delivered"] == 200
+            })
+            .await;
+        assert_eq!(
+            (st["lag"].clone(), st["in_flight"].clone()),
+            (json!(0), json!(0)),
+            "{st}"
+        );
         for q in st["queues"].as_array().unwrap() {
             assert_eq!(
                 q["node"].as_str(),

@@ -59,6 +59,8 @@ pub struct Dispatcher {
     /// Shared storage with a backlog bound: the stored offsets of every running subscription's
     /// members, per topic, read at each reconcile, for the backlog of queues other nodes run.
     stored_offsets: std::sync::Mutex<HashMap<String, Vec<Vec<u64>>>>,
+    /// Shared storage: the other nodes' last tallies, by node, with when they arrived.
+    peer_tallies: std::sync::Mutex<HashMap<String, PeerTallies>>,
 }
 
 fn storage(env: &Env) -> &Arc<dyn Storage> {
@@ -72,6 +74,46 @@ pub fn validate_group(group: &str) -> Result<(), DispatchError> {
         ))
     })
 }
+
+/// A runner's delivery counters (since it started), in-flight count and plugin version: this
+/// node's, or summed over the nodes running parts of a subscription.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub delivered: u64,
+    pub acked: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub failed: u64,
+    pub in_flight: u64,
+    pub plugin_version: u32,
+}
+
+impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.delivered += o.delivered;
+        self.acked += o.acked;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.failed += o.failed;
+        self.in_flight += o.in_flight;
+        self.plugin_version = self.plugin_version.max(o.plugin_version);
+    }
+}
+
+/// What a node tells the others about its runners, every second.
+#[derive(Serialize, serde::Deserialize)]
+struct TallyReport {
+    node: String,
+    groups: HashMap<String, Tally>,
+}
+
+/// A node's last report: when it arrived, and its tallies by subscription.
+type PeerTallies = (std::time::Instant, HashMap<String, Tally>);
+
+/// The channel tallies are announced on.
+const TALLY_CHANNEL: &str = "tallies";
+/// A node's report older than this is ignored (the node stopped or died).
+const TALLY_FRESH: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Where to move a subscription's offsets (`POST …/reset`).
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +129,7 @@ impl Dispatcher {
             active: std::sync::atomic::AtomicBool::new(true),
             share: None,
             stored_offsets: Default::default(),
+            peer_tallies: Default::default(),
         }
     }
 
@@ -107,6 +150,68 @@ impl Dispatcher {
     /// Whether this node runs any subscription queue.
     pub async fn dispatching(&self) -> bool {
         !self.runners.lock().await.is_empty()
+    }
+
+    /// Tells the other nodes sharing the storage what this node's runners counted.
+    pub async fn announce_tallies(&self) {
+        let Some(share) = &self.share else {
+            return;
+        };
+        let groups = self
+            .runners
+            .lock()
+            .await
+            .iter()
+            .map(|(g, r)| (g.clone(), r.shared.tally()))
+            .collect();
+        let report = TallyReport {
+            node: share.node.clone(),
+            groups,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&report) {
+            storage(&self.env).announce(TALLY_CHANNEL, bytes).await;
+        }
+    }
+
+    /// Keeps the other nodes' tallies as they announce them, until `stop`.
+    pub async fn listen_tallies(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt as _;
+        let Some(share) = &self.share else {
+            return;
+        };
+        let Some(mut reports) = storage(&self.env).listen(TALLY_CHANNEL).await else {
+            return;
+        };
+        loop {
+            let bytes = tokio::select! {
+                _ = stop.cancelled() => return,
+                b = reports.next() => match b { Some(b) => b, None => return },
+            };
+            let Ok(report) = serde_json::from_slice::<TallyReport>(&bytes) else {
+                continue;
+            };
+            if report.node == share.node {
+                continue;
+            }
+            if let Ok(mut peers) = self.peer_tallies.lock() {
+                peers.retain(|_, (at, _)| at.elapsed() < TALLY_FRESH);
+                peers.insert(report.node, (std::time::Instant::now(), report.groups));
+            }
+        }
+    }
+
+    /// `group`'s tally on this node plus those other nodes reported lately; `None` if no node
+    /// runs it.
+    fn tally(&self, group: &str, local: Option<&Runner>) -> Option<Tally> {
+        let mut total = local.map(|r| r.shared.tally());
+        if let Ok(peers) = self.peer_tallies.lock() {
+            for (at, groups) in peers.values() {
+                if let Some(t) = groups.get(group).filter(|_| at.elapsed() < TALLY_FRESH) {
+                    total.get_or_insert_default().add(t);
+                }
+            }
+        }
+        total
     }
 
     /// Leases this node holds for subscription work.
@@ -487,16 +592,15 @@ impl Dispatcher {
         } else if let Some(m) = member_views.pop() {
             v["queues"] = m["queues"].clone();
         }
-        if let Some(r) = runner {
-            let c = &r.shared.counters;
-            v["plugin_version"] = json!(r.shared.plugin_version);
-            v["in_flight"] = json!(r.shared.in_flight());
+        if let Some(t) = self.tally(group, runner) {
+            v["plugin_version"] = json!(t.plugin_version);
+            v["in_flight"] = json!(t.in_flight);
             v["counters"] = json!({
-                "delivered": c.delivered.load(Ordering::Relaxed),
-                "acked": c.acked.load(Ordering::Relaxed),
-                "retried": c.retried.load(Ordering::Relaxed),
-                "dead_lettered": c.dead_lettered.load(Ordering::Relaxed),
-                "failed": c.failed.load(Ordering::Relaxed),
+                "delivered": t.delivered,
+                "acked": t.acked,
+                "retried": t.retried,
+                "dead_lettered": t.dead_lettered,
+                "failed": t.failed,
             });
         }
         Ok(v)

@@ -97,6 +97,20 @@ pub struct RunnerShared {
 }
 
 impl RunnerShared {
+    /// Its counters, in-flight count and plugin version, as status shows them.
+    pub fn tally(&self) -> super::Tally {
+        let c = &self.counters;
+        super::Tally {
+            delivered: c.delivered.load(Ordering::Relaxed),
+            acked: c.acked.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            in_flight: u64::from(self.in_flight()),
+            plugin_version: self.plugin_version,
+        }
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.max_in_flight
             .saturating_sub(self.in_flight.available_permits() as u32)
