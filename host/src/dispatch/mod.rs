@@ -264,8 +264,12 @@ impl Dispatcher {
                 (run, a.release)
             }
         };
-        if self.share.is_some() && self.env.broker.limits().max_backlog > 0 {
-            self.read_stored_offsets(&wanted).await?;
+        if self.share.is_some()
+            && self.env.broker.limits().max_backlog > 0
+            && let Err(e) = self.read_stored_offsets(&wanted).await
+        {
+            // The bound then works from offsets a little older; dispatch goes on regardless.
+            tracing::warn!(error = %e, "cannot read stored offsets for the backlog bound");
         }
         let running: Vec<String> = self.runners.lock().await.keys().cloned().collect();
         for group in running {
