@@ -801,6 +801,19 @@ async fn sigkill_of_one_of_three_nodes_on_three_nats_servers_moves_its_queues_ti
         .unwrap();
     let txn_id = txn["txn_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // The CLI shows who runs what.
+    let out = std::process::Command::new(BIN)
+        .args(["--server", &b.url, "cluster"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        shown.starts_with("node node-b (jetstream), backend healthy")
+            && names.iter().all(|n| shown.contains(n.as_str()))
+            && shown.contains("sub/ordered/q7"),
+        "{shown}"
+    );
     let victims_queues = expected("ordered", 8)
         .values()
         .filter(|o| **o == names[0])

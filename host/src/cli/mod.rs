@@ -74,6 +74,9 @@ enum Command {
     Message(MessageCommand),
     /// The server's health and its Prometheus metrics (`--output json`: just the health).
     Status,
+    /// The nodes sharing the server's storage and who holds each lease (which node runs each
+    /// subscription queue).
+    Cluster,
     /// The server's OpenAPI document (JSON).
     Openapi,
     /// Show a plugin's recent log lines; `--follow` keeps printing new ones.
@@ -405,6 +408,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print(&health)?;
             let metrics = client.get("/metrics").await?;
             println!("{}", metrics.as_str().unwrap_or_default().trim_end());
+            Ok(())
+        }
+        Command::Cluster => {
+            let view = client.get("/v1/cluster").await?;
+            if output::format() == output::Format::Json {
+                return print(&view);
+            }
+            println!(
+                "node {} ({}), backend {}",
+                view["node"].as_str().unwrap_or("?"),
+                view["backend"].as_str().unwrap_or("?"),
+                if view["backend_healthy"] == true {
+                    "healthy"
+                } else {
+                    "NOT answering"
+                }
+            );
+            for part in ["nodes", "leases"] {
+                println!("\n{part}:");
+                print!("{}", output::human(&view[part]));
+            }
             Ok(())
         }
         Command::Logs {
