@@ -1,7 +1,8 @@
-//! A running subscription. Its members (one shared member for clustering; one per instance for
-//! broadcast) each run a loop per queue, a timer loop (delays, retries, redrives) and plugin
-//! workers. Offsets advance only over messages that are done: acknowledged, dead-lettered, or
-//! handed durably to a timer, so a crash redelivers at most what was in flight.
+//! A running subscription (on this node: the queues it holds, when nodes share the work). Its
+//! members (one shared member for clustering; one per instance for broadcast) each run a loop
+//! per queue, a timer loop (delays, retries, redrives) and plugin workers. Offsets advance only
+//! over messages that are done: acknowledged, dead-lettered, or handed durably to a timer, so a
+//! crash redelivers at most what was in flight.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
