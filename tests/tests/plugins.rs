@@ -141,11 +141,6 @@ async fn bad_uploads_get_a_clear_400() {
         StatusCode::PAYLOAD_TOO_LARGE,
         "plugin_too_large",
     );
-    assert_error(
-        &s.upload_plugin(".bad", ECHO).await,
-        StatusCode::BAD_REQUEST,
-        "bad_plugin_name",
-    );
     // Refused unread: the server says it closes the connection, so the pooled client does
     // not reuse it (the next calls on `s.client` would otherwise race the close).
     let r = s
@@ -162,6 +157,7 @@ async fn bad_uploads_get_a_clear_400() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
     );
+    // Refused unread too, back to back on the pooled client.
     for _ in 0..3 {
         assert_error(
             &s.upload_plugin(".bad", ECHO).await,
