@@ -183,11 +183,6 @@ impl HeldLease {
         }
     }
 
-    /// Resolves when the lease is lost.
-    pub async fn lost(&self) {
-        self.on_lost().await
-    }
-
     /// Stops renewing and releases the lease.
     pub async fn release(self) {
         self.stop.cancel();
@@ -233,6 +228,25 @@ async fn renew_loop(
             }
             Err(e) => tracing::warn!(lease = %key, error = %e, "lease renewal failed; retrying"),
         }
+    }
+}
+
+/// Fencing: cancels `work` as soon as one of the leases it runs under is lost (`lost`, from
+/// [`HeldLease::on_lost`]). Returns whether that happened, rather than `work` ending otherwise.
+pub async fn fence<F>(lost: Vec<F>, work: CancellationToken) -> bool
+where
+    F: std::future::Future<Output = ()> + Send,
+{
+    if lost.is_empty() {
+        return false;
+    }
+    let any = futures::future::select_all(lost.into_iter().map(Box::pin));
+    tokio::select! {
+        _ = any => {
+            work.cancel();
+            true
+        }
+        _ = work.cancelled() => false,
     }
 }
 
@@ -492,7 +506,9 @@ mod tests {
         )
         .await
         .unwrap();
-        tokio::time::timeout(ttl * 2, lease.lost()).await.unwrap();
+        tokio::time::timeout(ttl * 2, lease.on_lost())
+            .await
+            .unwrap();
         assert!(!lease.held());
         lease.release().await;
         // Released cleanly, another node takes it at once.

@@ -162,19 +162,17 @@ async fn serve(
     });
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();
-    if shared {
-        // Every node's log view holds the lines of all nodes' plugin instances.
+    let checker = if shared {
+        // Every node's log view holds the lines of all nodes' plugin instances, and every
+        // node's status counts what all nodes delivered.
         plugins.runtime().capabilities().logs.share(
             node.id.clone(),
             storage.clone(),
             checks.clone(),
         );
-        // And every node's status counts what all nodes delivered.
         tokio::spawn(dispatcher.clone().listen_tallies(checks.clone()));
-    }
-    let checker = if shared {
-        // Several nodes share the backend: each runs the subscription queues it holds leases
-        // for, and one of them the check-backs; work moves when a node dies.
+        // Each node runs the subscription queues it holds leases for, and one of them the
+        // check-backs; work moves when a node dies.
         tokio::spawn(coordinate(
             storage.clone(),
             node.id.clone(),
@@ -234,11 +232,7 @@ async fn coordinate(
     /// Every fifth round (seconds) the check-back holder looks for half-done writes.
     const RECOVER_EVERY: u64 = 5;
     let mut rounds = 0u64;
-    let mut checking: Option<(
-        cluster::HeldLease,
-        CancellationToken,
-        tokio::task::JoinHandle<()>,
-    )> = None;
+    let mut checking: Option<Checking> = None;
     loop {
         if let Err(e) = broker.refresh_topics().await {
             tracing::warn!(error = %e, "cannot refresh topics");
@@ -248,7 +242,7 @@ async fn coordinate(
         }
         dispatcher.announce_tallies().await;
         match checking.take() {
-            Some((lease, token, task)) if lease.held() => {
+            Some(c) if c.lease.held() => {
                 if let Err(e) = transactions.reload().await {
                     tracing::warn!(error = %e, "cannot reload transactions");
                 }
@@ -261,12 +255,10 @@ async fn coordinate(
                         Err(e) => tracing::warn!(error = %e, "cannot recover half-done writes"),
                     }
                 }
-                checking = Some((lease, token, task));
+                checking = Some(c);
             }
-            Some((lease, token, task)) => {
-                token.cancel();
-                let _ = task.await;
-                lease.release().await;
+            Some(c) => {
+                c.stop().await;
                 tracing::warn!(%node, "check-back lease lost; this node stopped checking");
             }
             None => match cluster::try_acquire(storage.as_ref(), KEY, &node, CHECKS_LEASE).await {
@@ -280,16 +272,10 @@ async fn coordinate(
                     );
                     let token = stop.child_token();
                     // Fencing: checks stop the moment the lease is lost.
-                    let (lost, fence) = (lease.on_lost(), token.clone());
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = lost => fence.cancel(),
-                            _ = fence.cancelled() => {}
-                        }
-                    });
+                    tokio::spawn(cluster::fence(vec![lease.on_lost()], token.clone()));
                     let task = tokio::spawn(transactions.clone().run(token.clone()));
                     tracing::info!(%node, "this node runs transaction check-backs");
-                    checking = Some((lease, token, task));
+                    checking = Some(Checking { lease, token, task });
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot take the check-back lease"),
@@ -300,9 +286,23 @@ async fn coordinate(
             _ = tokio::time::sleep(RECONCILE) => {}
         }
     }
-    if let Some((lease, token, task)) = checking {
-        token.cancel();
-        let _ = task.await;
-        lease.release().await;
+    if let Some(c) = checking {
+        c.stop().await;
+    }
+}
+
+/// Check-backs this node runs under their lease.
+struct Checking {
+    lease: cluster::HeldLease,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Checking {
+    /// Stops the checks (the one in progress finishes), then gives the lease up.
+    async fn stop(self) {
+        self.token.cancel();
+        let _ = self.task.await;
+        self.lease.release().await;
     }
 }

@@ -394,16 +394,8 @@ impl Dispatcher {
             let stop = runner.stop_token();
             let group = record.group.clone();
             runner.spawn(async move {
-                if lost.is_empty() {
-                    return;
-                }
-                let any = futures::future::select_all(lost.into_iter().map(Box::pin));
-                tokio::select! {
-                    _ = any => {
-                        tracing::warn!(%group, "a lease of this subscription was lost; its runner stops");
-                        stop.cancel();
-                    }
-                    _ = stop.cancelled() => {}
+                if crate::cluster::fence(lost, stop).await {
+                    tracing::warn!(%group, "a lease of this subscription was lost; its runner stops");
                 }
             });
         }
@@ -769,29 +761,28 @@ impl Dispatcher {
     ) -> Result<(), DispatchError> {
         let _g = self.control.lock().await;
         let groups: Vec<String> = self.runners.lock().await.keys().cloned().collect();
+        let mut halted = Vec::new();
         for group in groups {
             let record = self.record(&group).await?;
             let follows = plugin
                 .is_some_and(|p| record.spec.plugin == p && record.spec.plugin_version.is_none());
             let reads = topic.is_some_and(|t| record.spec.topic == t);
-            if !(follows || reads) {
-                continue;
+            if follows || reads {
+                self.halt(&group).await;
+                halted.push(record);
             }
-            let units = self
-                .runners
-                .lock()
-                .await
-                .get(&group)
-                .map(|r| r.units.clone());
-            self.halt(&group).await;
-            if self.share.is_some() {
-                // The queue count may have changed, and with it the units.
+        }
+        if self.share.is_some() {
+            // The queue count may have changed, and with it the units: one pass places them.
+            if !halted.is_empty() {
                 self.reconcile_locked().await?;
-                continue;
             }
+            return Ok(());
+        }
+        for record in halted {
             let queues = self.env.broker.topic(&record.spec.topic)?.queues;
-            if let Err(e) = self.launch(&record, queues, units.flatten()).await {
-                tracing::error!(%group, error = %e, "cannot restart subscription");
+            if let Err(e) = self.launch(&record, queues, None).await {
+                tracing::error!(group = %record.group, error = %e, "cannot restart subscription");
             }
         }
         Ok(())
