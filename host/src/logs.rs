@@ -25,7 +25,23 @@ const ANNOUNCE_BUFFER: usize = 4096;
 /// The channel nodes announce log lines on.
 const CHANNEL: &str = "plugin-logs";
 
-#[derive(Debug, Clone, Serialize)]
+/// Plugin log levels: what `level` of a line can be.
+const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+
+/// A level read back (a line another node announced) as one of [`LEVELS`].
+fn known_level<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::borrow::Cow<'static, str>, D::Error> {
+    let level = String::deserialize(d)?;
+    Ok(LEVELS
+        .into_iter()
+        .find(|l| *l == level)
+        .unwrap_or("info")
+        .into())
+}
+
+/// A kept line; also what nodes announce to each other (the receiver gives it its own `seq`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogLine {
     /// Position in this plugin's log since the server started; `since` takes it.
     pub seq: u64,
@@ -34,7 +50,9 @@ pub struct LogLine {
     pub node: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub at: u64,
-    pub level: &'static str,
+    /// One of [`LEVELS`].
+    #[serde(deserialize_with = "known_level")]
+    pub level: std::borrow::Cow<'static, str>,
     pub plugin: String,
     pub version: u32,
     pub group: String,
@@ -87,20 +105,6 @@ pub struct LogPage {
     pub dropped: u64,
     /// `since` for the next page.
     pub next: u64,
-}
-
-/// A line as nodes announce it to each other.
-#[derive(Serialize, Deserialize)]
-struct Announced {
-    node: String,
-    at: u64,
-    level: String,
-    plugin: String,
-    version: u32,
-    group: String,
-    instance: u32,
-    message_id: Option<String>,
-    message: String,
 }
 
 /// This node's name and where its lines go to be announced.
@@ -173,32 +177,14 @@ impl PluginLogs {
 
     /// Keeps a line another node announced (this node's own come back too: skipped).
     fn keep_announced(&self, this_node: &str, bytes: &[u8]) {
-        let Ok(a) = serde_json::from_slice::<Announced>(bytes) else {
+        let Ok(line) = serde_json::from_slice::<LogLine>(bytes) else {
             return;
         };
-        if a.node == this_node {
+        if line.node.as_deref().is_none_or(|n| n == this_node) {
             return;
         }
-        let level = ["trace", "debug", "info", "warn", "error"]
-            .into_iter()
-            .find(|l| *l == a.level)
-            .unwrap_or("info");
         // Their own server logged it already (within its cap).
-        self.keep(
-            LogLine {
-                seq: 0,
-                node: Some(a.node),
-                at: a.at,
-                level,
-                plugin: a.plugin,
-                version: a.version,
-                group: a.group,
-                instance: a.instance,
-                message_id: a.message_id,
-                message: a.message,
-            },
-            false,
-        );
+        self.keep(line, false);
     }
 
     /// Keeps a line of this node; returns whether it should also go to the server's log (a
@@ -209,7 +195,7 @@ impl PluginLogs {
             seq: 0,
             node: sharing.map(|s| s.node.clone()),
             at: crate::broker::now_ms(),
-            level: line.level,
+            level: line.level.into(),
             plugin: line.plugin.to_string(),
             version: line.version,
             group: line.group.to_string(),
@@ -217,22 +203,11 @@ impl PluginLogs {
             message_id: line.message_id.map(str::to_string),
             message: line.message,
         };
-        if let Some(s) = sharing {
-            let announced = Announced {
-                node: s.node.clone(),
-                at: line.at,
-                level: line.level.to_string(),
-                plugin: line.plugin.clone(),
-                version: line.version,
-                group: line.group.clone(),
-                instance: line.instance,
-                message_id: line.message_id.clone(),
-                message: line.message.clone(),
-            };
-            if let Ok(bytes) = serde_json::to_vec(&announced) {
-                // Full: the line stays on this node only.
-                let _ = s.out.try_send(bytes);
-            }
+        if let Some(s) = sharing
+            && let Ok(bytes) = serde_json::to_vec(&line)
+        {
+            // Full: the line stays on this node only.
+            let _ = s.out.try_send(bytes);
         }
         self.keep(line, true)
     }
@@ -379,8 +354,9 @@ mod tests {
     fn lines_announced_by_other_nodes_are_kept_with_their_node_and_own_ones_skipped() {
         let logs = PluginLogs::default();
         let announced = |node: &str, message: &str| {
-            serde_json::to_vec(&Announced {
-                node: node.into(),
+            serde_json::to_vec(&LogLine {
+                seq: 7,
+                node: Some(node.into()),
                 at: 1,
                 level: "warn".into(),
                 plugin: "p".into(),
@@ -399,7 +375,12 @@ mod tests {
         assert_eq!(page.lines.len(), 1);
         let l = &page.lines[0];
         assert_eq!(
-            (l.node.as_deref(), l.level, l.message.as_str(), l.seq),
+            (
+                l.node.as_deref(),
+                l.level.as_ref(),
+                l.message.as_str(),
+                l.seq
+            ),
             (Some("other"), "warn", "theirs", 0)
         );
     }
