@@ -89,6 +89,7 @@ fn main() {
                 plugin: "bench-plugin".into(),
                 version: 1,
                 group: "bench".into(),
+                member: "all".into(),
                 instance_index: 0,
                 instance_count: 1,
                 config_json: "{}".into(),

@@ -34,6 +34,11 @@ pub struct NodeRecord {
     pub heartbeat_at: u64,
 }
 
+/// A duration in whole ms, saturating (a lease time is never near the bound).
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
     serde_json::to_vec(v).map_err(|e| StorageError::Encode(e.to_string()))
 }
@@ -63,7 +68,7 @@ pub async fn try_acquire(
     };
     let record = LeaseRecord {
         owner: owner.to_string(),
-        expires_at: now + ttl.as_millis() as u64,
+        expires_at: now.saturating_add(ms(ttl)),
     };
     match storage
         .put_record(LEASE_SPACE, key, Some(encode(&record)?), expect)
@@ -86,7 +91,7 @@ pub async fn renew(
 ) -> Result<Option<u64>, StorageError> {
     let record = LeaseRecord {
         owner: owner.to_string(),
-        expires_at: now_ms() + ttl.as_millis() as u64,
+        expires_at: now_ms().saturating_add(ms(ttl)),
     };
     match storage
         .put_record(

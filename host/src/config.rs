@@ -28,6 +28,8 @@ pub struct Config {
     pub smtp: SmtpConfig,
     pub sms: SmsConfig,
     pub auth: AuthConfig,
+    /// `[secrets]`: values that plugin config refers to as `{"$secret": "NAME"}`.
+    pub secrets: crate::secrets::Secrets,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -71,7 +73,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub flush: FlushMode,
-    /// Open connections at once; more are answered 503 and closed.
+    /// Open connections at once; more are answered 503 and closed. 0 (the default) derives it
+    /// from the open-files limit, after the descriptors storage needs (see `wasmq::fds`); a
+    /// value that would leave storage short is refused at start.
     pub max_connections: usize,
     /// Request line plus headers, in bytes; more is a 431.
     pub max_header_bytes: usize,
@@ -85,6 +89,18 @@ pub struct ServerConfig {
     /// metrics); empty: a fresh id per start. A node restarted under its old name takes its
     /// leases back at once. Two running nodes must never share one.
     pub node_id: String,
+    /// Names clients use for this server besides its listen address and loopback (as sent in
+    /// `Host`; port ignored): others are refused (421), which stops DNS-rebinding pages. When
+    /// listening on every address (`0.0.0.0`) and empty, any name is accepted.
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`https://console.example.com`) whose pages may call the API; a browser's
+    /// request from any other site is refused (403 `cross_site_request`).
+    pub allowed_origins: Vec<String>,
+    /// Log-follow streams open at once (0: a quarter of `max_connections`); more are answered
+    /// 503 `too_many_streams`. Streams hold connections, so this keeps room for requests.
+    pub max_streams: usize,
+    /// Log-follow streams one token may hold open at once.
+    pub max_streams_per_token: usize,
 }
 
 impl Default for ServerConfig {
@@ -93,13 +109,17 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
             data_dir: PathBuf::from("./data"),
             flush: FlushMode::Sync,
-            max_connections: 1024,
+            max_connections: 0,
             max_header_bytes: 16 * 1024,
             max_headers: 64,
             header_timeout_ms: 10_000,
             // Uploading and compiling a large (Python) component takes tens of seconds.
             request_timeout_ms: 120_000,
             node_id: String::new(),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_streams: 0,
+            max_streams_per_token: 4,
         }
     }
 }
@@ -314,6 +334,14 @@ impl Config {
                 "server.node_id must be at most 64 characters of A-Z a-z 0-9 . _ -".into(),
             ));
         }
+        let t = &self.transactions;
+        crate::broker::TxnTimings {
+            check_after_ms: Some(t.check_after_ms),
+            check_interval_ms: Some(t.check_interval_ms),
+            max_checks: Some(t.max_checks),
+        }
+        .validate()
+        .map_err(ConfigError::Invalid)?;
         if l.max_message_bytes == 0 || l.max_batch == 0 || l.max_queues == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_message_bytes, max_batch and max_queues must be positive".into(),

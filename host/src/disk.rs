@@ -1,5 +1,10 @@
-//! Disk quota: samples the data directory's size and the filesystem's free space, so that
-//! publishing is refused with a retryable 503 before the disk fills instead of failing later.
+//! Disk quota: the data directory's size and the filesystem's free space, sampled and
+//! advanced by every write accepted since, so that publishing (and plugin kv writes) are refused
+//! with a retryable 503 before the disk fills instead of failing later.
+//!
+//! The bound holds to within the requests in flight, whatever the machine's speed: each write
+//! reserves its estimated size before it is stored ([`DiskGuard::reserve`]), and a sample
+//! replaces the reservations made before it started with what the files really hold.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +13,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// How often the sizes are sampled: a burst can overshoot the bound by what arrives in this time.
+/// How often the sizes are sampled (reservations count what arrives in between).
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Why a publish is refused for now.
@@ -31,8 +36,12 @@ pub struct DiskGuard {
     max_bytes: u64,
     /// 0 = no floor.
     min_free_bytes: u64,
+    /// Bytes the data directory held at the last sample.
     used: AtomicU64,
+    /// Bytes free on the filesystem at the last sample.
     free: AtomicU64,
+    /// Bytes reserved by writes accepted since the last sample started.
+    reserved: AtomicU64,
 }
 
 impl DiskGuard {
@@ -44,6 +53,7 @@ impl DiskGuard {
             min_free_bytes,
             used: AtomicU64::new(0),
             free: AtomicU64::new(u64::MAX),
+            reserved: AtomicU64::new(0),
         });
         guard.sample();
         guard
@@ -65,9 +75,13 @@ impl DiskGuard {
     }
 
     fn sample(&self) {
+        // Writes reserved before the walk are in the files it reads (or were refused); those
+        // reserved during the walk stay reserved until the next sample, counted twice at worst.
+        let before = self.reserved.load(Ordering::Acquire);
         // An unreadable file (deleted by a compaction mid-walk) just does not count.
         let used = dir_size(&self.dir);
         self.used.store(used, Ordering::Relaxed);
+        self.reserved.fetch_sub(before, Ordering::AcqRel);
         match rustix::fs::statvfs(&self.dir) {
             Ok(s) => self
                 .free
@@ -78,16 +92,35 @@ impl DiskGuard {
         }
     }
 
-    /// Bytes the data directory held at the last sample.
+    /// Bytes the data directory holds: at the last sample, plus what was reserved since.
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+        self.used
+            .load(Ordering::Relaxed)
+            .saturating_add(self.reserved.load(Ordering::Relaxed))
     }
 
-    /// Bytes free on its filesystem at the last sample.
+    /// Bytes free on its filesystem: at the last sample, less what was reserved since.
     pub fn free(&self) -> u64 {
-        self.free.load(Ordering::Relaxed)
+        self.free
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.reserved.load(Ordering::Relaxed))
     }
 
+    /// Refuses a write while the quota or the free-space floor is reached; otherwise reserves
+    /// `bytes` (an estimate of what the write will take on disk) until the next sample, so
+    /// writes accepted between samples count at once. A refused write reserves nothing.
+    ///
+    /// Errors: [`DiskFull::Quota`] (`[limits] max_disk_bytes`), [`DiskFull::Free`]
+    /// (`[limits] min_free_disk_bytes`).
+    pub fn reserve(&self, bytes: u64) -> Result<(), DiskFull> {
+        self.check()?;
+        if self.max_bytes > 0 || self.min_free_bytes > 0 {
+            self.reserved.fetch_add(bytes, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Whether a write would be refused now (nothing is reserved).
     pub fn check(&self) -> Result<(), DiskFull> {
         let used = self.used();
         if self.max_bytes > 0 && used >= self.max_bytes {
@@ -148,5 +181,32 @@ mod tests {
         let g = DiskGuard::new(dir.path(), 0, u64::MAX);
         assert!(matches!(g.check(), Err(DiskFull::Free { .. })));
         assert!(DiskGuard::new(dir.path(), 0, 1).check().is_ok());
+    }
+
+    /// Writes accepted between two samples count at once: however fast they come, the quota
+    /// is passed by at most the last write accepted.
+    #[test]
+    fn reservations_hold_the_quota_between_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = DiskGuard::new(dir.path(), 10_000, 0);
+        let mut accepted = 0u64;
+        while g.reserve(3000).is_ok() {
+            accepted += 3000;
+            assert!(accepted < 100_000, "the quota never applied");
+        }
+        assert_eq!(accepted, 12_000, "refused once 10 000 bytes were reserved");
+        assert!(matches!(
+            g.check(),
+            Err(DiskFull::Quota { used: 12_000, .. })
+        ));
+        // A sample replaces the reservations with what the files hold (nothing was written).
+        g.sample();
+        assert_eq!(g.used(), 0);
+        assert!(g.reserve(3000).is_ok());
+        // Without a quota or floor nothing is reserved.
+        let g = DiskGuard::new(dir.path(), 0, 0);
+        g.reserve(u64::MAX).unwrap();
+        g.reserve(u64::MAX).unwrap();
+        assert_eq!(g.used(), 0);
     }
 }

@@ -9,9 +9,12 @@
 //! - [`capabilities`]: email (SMTP), SMS (gateway) and allow-listed HTTP for plugins.
 //! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
 //! - [`disk`]: the disk quota that turns a filling disk into a retryable 503.
+//! - [`fds`]: the open-files limit raised, and divided between storage and connections.
 //! - [`logs`]: plugin log lines: a bounded ring per plugin and live followers.
 //! - [`metrics`]: Prometheus counters and histograms of publishing and delivery.
 //! - [`txn`]: transactional (half) messages and their check-back.
+//! - [`text`]: plugin-provided text capped and escaped before it is kept, logged or shown.
+//! - [`secrets`]: `{"$secret": "NAME"}` references in plugin config, resolved in the host.
 //! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
 //! - [`http`]: the JSON API.
 //! - [`cli`]: the `wasmq` command line (server and client verbs).
@@ -26,12 +29,15 @@ pub mod cluster;
 pub mod config;
 pub mod disk;
 pub mod dispatch;
+pub mod fds;
 pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod plugins;
 pub mod runtime;
+pub mod secrets;
 pub mod storage;
+pub mod text;
 pub mod txn;
 
 use std::future::Future;
@@ -70,6 +76,11 @@ pub async fn run(
     if config.auth.tokens.iter().any(|t| t.token.len() < 8) {
         anyhow::bail!("[auth] tokens must have at least 8 characters");
     }
+    // Connections get only the descriptors storage leaves them.
+    let mut config = config;
+    config.server.max_connections =
+        fds::connection_cap(config.server.max_connections, fds::raise_nofile())
+            .map_err(anyhow::Error::msg)?;
     // The data dir holds RocksDB, and is where the disk guard looks, whatever the backend.
     std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
         format!(
@@ -128,7 +139,8 @@ async fn serve(
     let broker = Arc::new(
         Broker::new(storage.clone(), config.limits.clone())
             .await?
-            .with_disk_guard(disk),
+            .with_disk_guard(disk)
+            .with_secrets(config.secrets.clone()),
     );
     let capabilities = Arc::new(Capabilities::new(config)?);
     let runtime = Arc::new(Runtime::new(
@@ -147,12 +159,17 @@ async fn serve(
     ));
     let warm = plugins.clone();
     tokio::spawn(async move { warm.warm_up().await });
-    let transactions =
-        Transactions::new(broker.clone(), plugins.clone(), config.transactions.clone()).await?;
     let (backend, shared) = match config.storage.backend {
         Backend::Rocksdb => ("rocksdb", false),
         Backend::Jetstream => ("jetstream", true),
     };
+    let transactions = Transactions::new(
+        broker.clone(),
+        plugins.clone(),
+        config.transactions.clone(),
+        shared,
+    )
+    .await?;
     let api = format!("http://{}", listener.local_addr()?);
     let node = cluster::Node::start(storage.clone(), backend, api, &config.server.node_id).await?;
     let dispatcher = Arc::new(if shared {
@@ -195,6 +212,18 @@ async fn serve(
         tokens: Arc::new(config.auth.tokens.clone()),
         request_timeout: std::time::Duration::from_millis(config.server.request_timeout_ms),
         closing: closing.clone(),
+        streams: Arc::new(http::streams::StreamLimits::new(
+            match config.server.max_streams {
+                0 => config.server.max_connections / 4,
+                n => n,
+            },
+            config.server.max_streams_per_token,
+        )),
+        browser: Arc::new(http::guard::BrowserPolicy::new(
+            listener.local_addr().ok(),
+            &config.server.allowed_hosts,
+            &config.server.allowed_origins,
+        )),
     });
     let shutdown = async move {
         shutdown.await;

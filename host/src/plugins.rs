@@ -186,11 +186,7 @@ impl Plugins {
     ) -> Result<(PluginVersion, bool), PluginError> {
         validate_name(name)?;
         let config = self.runtime.config();
-        if limits.timeout_ms == Some(0) || limits.memory_mb == Some(0) {
-            return Err(PluginError::BadLimits(
-                "timeout_ms and memory_mb must be positive".into(),
-            ));
-        }
+        limits.validate().map_err(PluginError::BadLimits)?;
         if let Some(mb) = limits.memory_mb
             && mb.saturating_mul(1 << 20) > config.memory_bytes as u64
         {

@@ -181,3 +181,194 @@ async fn tokens_and_scopes() {
         StatusCode::FORBIDDEN
     );
 }
+
+/// A produce token scoped to one topic decides only that topic's transactions: a commit or
+/// rollback is a produce action on the transaction's topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_scoped_producer_decides_only_its_topics_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    let token = |t: &str, scopes: &[&str], topics: &[&str]| TokenConfig {
+        token: t.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        topics: topics.iter().map(|s| s.to_string()).collect(),
+    };
+    config.auth.tokens = vec![
+        token(ADMIN, &["admin"], &[]),
+        token("producer-a", &["produce"], &["topic-a"]),
+        token("producer-b", &["produce"], &["topic-b"]),
+    ];
+    let s = TestServer::start_with(config).await;
+    use reqwest::Method as M;
+    for t in ["topic-a", "topic-b"] {
+        let (st, _) = call(&s, M::PUT, &format!("/v1/topics/{t}"), Some(ADMIN), None).await;
+        assert_eq!(st, StatusCode::CREATED);
+    }
+    let begin = |topic: &'static str, tok: &'static str| {
+        let s = &s;
+        async move {
+            let (st, v) = call(
+                s,
+                M::POST,
+                &format!("/v1/topics/{topic}/transactions"),
+                Some(tok),
+                Some(json!({"body": 1})),
+            )
+            .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            v["txn_id"].as_str().unwrap().to_string()
+        }
+    };
+    let b1 = begin("topic-b", "producer-b").await;
+    let b2 = begin("topic-b", "producer-b").await;
+    for (id, decision) in [(&b1, "commit"), (&b2, "rollback")] {
+        let (st, v) = call(
+            &s,
+            M::POST,
+            &format!("/v1/transactions/{id}/{decision}"),
+            Some("producer-a"),
+            Some(json!({})),
+        )
+        .await;
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("forbidden")),
+            "{decision}: {v}"
+        );
+    }
+    let (_, t) = call(
+        &s,
+        M::GET,
+        &format!("/v1/transactions/{b1}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(t["state"], "pending", "{t}");
+    // Its own topic's producer decides it.
+    let (st, v) = call(
+        &s,
+        M::POST,
+        &format!("/v1/transactions/{b1}/commit"),
+        Some("producer-b"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let a1 = begin("topic-a", "producer-a").await;
+    let (st, v) = call(
+        &s,
+        M::POST,
+        &format!("/v1/transactions/{a1}/rollback"),
+        Some("producer-a"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}
+
+/// Plugin config may refer to secrets (`{"$secret": "NAME"}`), resolved in the host only: the
+/// plugin instance sees the value, the API shows the reference; a read-only token sees config
+/// and grants redacted; a reference to an unknown secret is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_resolved_in_the_host_and_config_is_redacted_for_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    let token = |t: &str, scopes: &[&str]| TokenConfig {
+        token: t.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        topics: vec![],
+    };
+    config.auth.tokens = vec![token(ADMIN, &["admin"]), token(READER, &["read"])];
+    config.secrets = wasmq::secrets::Secrets::new(
+        [("GATEWAY_KEY".to_string(), "s3cr3t-value-42".to_string())].into(),
+    );
+    let s = TestServer::start_with(config).await;
+    use reqwest::Method as M;
+    let (st, _) = call(
+        &s,
+        M::PUT,
+        "/v1/topics/t",
+        Some(ADMIN),
+        Some(json!({"queues": 1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let wasm = std::fs::read(wasmq_tests::plugins::PROBE).unwrap();
+    let resp = s
+        .client
+        .put(format!("{}/v1/plugins/probe", s.url))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/wasm")
+        .body(wasm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let spec = |key: Value| {
+        json!({"topic": "t", "plugin": "probe", "config": {"api_key": key},
+               "grants": {"publish": ["t"]}})
+    };
+    let (st, v) = call(
+        &s,
+        M::PUT,
+        "/v1/subscriptions/g",
+        Some(ADMIN),
+        Some(spec(json!({"$secret": "MISSING"}))),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("MISSING"));
+    let (st, v) = call(
+        &s,
+        M::PUT,
+        "/v1/subscriptions/g",
+        Some(ADMIN),
+        Some(spec(json!({"$secret": "GATEWAY_KEY"}))),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    // The plugin reads the value (probe reports its config as its reject reason).
+    let (st, _) = call(
+        &s,
+        M::POST,
+        "/v1/topics/t/messages",
+        Some(ADMIN),
+        Some(json!({"body": {"do": "config"}})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let mut seen = None;
+    for _ in 0..500 {
+        let (_, page) = call(&s, M::GET, "/v1/subscriptions/g/dlq", Some(ADMIN), None).await;
+        if let Some(r) = page["entries"][0]["reason"].as_str() {
+            seen = Some(r.to_string());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.unwrap().contains("s3cr3t-value-42"),
+        "the instance got the value"
+    );
+    // Admins see the reference, never the value; readers see neither config nor grants.
+    for path in ["/v1/subscriptions/g", "/v1/subscriptions"] {
+        let (_, admin) = call(&s, M::GET, path, Some(ADMIN), None).await;
+        let text = admin.to_string();
+        assert!(
+            text.contains("GATEWAY_KEY") && !text.contains("s3cr3t"),
+            "{text}"
+        );
+        let (st, reader) = call(&s, M::GET, path, Some(READER), None).await;
+        assert_eq!(st, StatusCode::OK);
+        let text = reader.to_string();
+        assert!(
+            !text.contains("GATEWAY_KEY") && !text.contains("s3cr3t"),
+            "{text}"
+        );
+        assert!(text.contains("[redacted]"), "{text}");
+    }
+    let (_, sub) = call(&s, M::GET, "/v1/subscriptions/g", Some(READER), None).await;
+    assert_eq!(sub["spec"]["grants"], "[redacted]");
+    assert_eq!(sub["spec"]["topic"], "t", "the rest is shown");
+}

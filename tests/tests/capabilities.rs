@@ -197,6 +197,52 @@ async fn sms_notifier_posts_to_the_gateway_with_its_secret() {
     }
 }
 
+/// `once()` markers belong to the subscription and member that ran the side effect: three
+/// broadcast instances and a second subscription each send their own SMS for one message,
+/// and a retry still sends none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_markers_are_kept_per_subscription_and_broadcast_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, gateway) = (SmtpServer::start().await, HttpPeer::start().await);
+    let s = server_with_peers(dir.path(), &smtp, &gateway).await;
+    s.create_topic("user-registered", 1).await;
+    s.upload_plugin("sms-notifier", SMS_NOTIFIER).await;
+    let spec = |extra: Value| {
+        let mut v = json!({"topic": "user-registered", "plugin": "sms-notifier",
+            "retry": {"max_attempts": 5, "backoff_ms": [50]},
+            "config": {"to": "{{phone}}", "text": "Welcome {{name}}"}, "grants": {"sms": true}});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    s.subscribe(
+        "everyone",
+        spec(json!({"mode": "broadcast", "instances": 3})),
+    )
+    .await;
+    s.subscribe("audit-sms", spec(json!({}))).await;
+    gateway.state.fail_next.store(1, Ordering::SeqCst);
+    s.post_json(
+        "/v1/topics/user-registered/messages",
+        &json!({"body": {"name": "Ann", "phone": "+15550100"}}),
+    )
+    .await;
+    for group in ["everyone", "audit-sms"] {
+        s.wait_until(&format!("/v1/subscriptions/{group}"), 20, |v| {
+            v["lag"] == 0 && v["pending_timers"] == 0
+        })
+        .await;
+    }
+    let sent = gateway
+        .requests()
+        .iter()
+        .filter(|(path, _, _)| path == "/sms")
+        .count();
+    // One 503 (retried) plus one SMS per broadcast instance and one for the other group.
+    assert_eq!(sent, 1 + 3 + 1, "{:?}", gateway.requests());
+}
+
 async fn http_probe(s: &TestServer, url: &str, allowed: &[String]) -> Value {
     let (st, v) = s
         .post_json(
@@ -217,6 +263,26 @@ async fn http_reaches_only_the_granted_origin() {
     s.upload_plugin("probe", PROBE).await;
     let grant = vec![format!("127.0.0.1:{}", api.addr.port())];
     let port = api.addr.port();
+    // Invoke grants nothing an admin has not granted the plugin in a subscription.
+    let (st, v) = s
+        .post_json(
+            "/v1/plugins/probe/invoke",
+            &json!({"message": {"body": {"do": "http", "url": format!("http://127.0.0.1:{port}/")}},
+                    "grants": {"http": grant}}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("grant_not_configured")),
+        "{v}"
+    );
+    assert!(api.requests().is_empty());
+    s.create_topic("probes", 1).await;
+    s.subscribe(
+        "probe-http",
+        json!({"topic": "probes", "plugin": "probe", "grants": {"http": grant}}),
+    )
+    .await;
     assert_eq!(
         http_probe(&s, &format!("http://127.0.0.1:{port}/users/1"), &grant).await["status"],
         200

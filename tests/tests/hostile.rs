@@ -186,3 +186,59 @@ async fn subscriptions_of_one_plugin_see_only_their_own_config_and_grants() {
     let audit = s.read_queue("audit-a", 0).await;
     assert_eq!(audit, vec![json!({"from": "ta"})]);
 }
+
+/// Plugin text is capped and made inert wherever it is kept or shown: a 3 MB reject reason
+/// holding a forged log line and a terminal escape is stored cut (with a visible mark) and
+/// escaped, and so is a log line with a newline in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_reasons_and_log_lines_are_capped_and_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("t", 1).await;
+    let (st, v) = s.upload_plugin("probe", PROBE).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    s.subscribe("g", json!({"topic": "t", "plugin": "probe"}))
+        .await;
+    let forged = "\n2026-11-30T00:00:00Z ERROR wasmq::forged: FORGED admin login\u{1b}[2J";
+    let reason = format!("{}{forged}", "r".repeat(3 << 20));
+    for body in [
+        json!({"do": "reject", "reason": reason}),
+        json!({"do": "say", "text": format!("hello{forged}")}),
+    ] {
+        let (st, v) = s
+            .post_json("/v1/topics/t/messages", &json!({"body": body}))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    s.wait_until("/v1/subscriptions/g", 30, |v| {
+        v["lag"] == 0 && v["dlq"] == 1
+    })
+    .await;
+    let (_, page) = s.get("/v1/subscriptions/g/dlq").await;
+    let kept = page["entries"][0]["reason"].as_str().unwrap();
+    assert!(
+        kept.len() < 2048,
+        "a reason of {} bytes was kept",
+        kept.len()
+    );
+    assert!(kept.contains("bytes cut]"), "no visible mark: {kept:.80}");
+    let (_, logs) = s.get("/v1/plugins/probe/logs").await;
+    let line = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .find(|m| m.starts_with("hello"))
+        .expect("the line was logged");
+    for text in [kept, line] {
+        assert!(
+            !text.chars().any(char::is_control),
+            "control characters kept: {text:?}"
+        );
+    }
+    assert!(
+        line.contains("\\nwasmq") || line.contains("\\n2026"),
+        "{line}"
+    );
+    assert!(line.contains("\\u{1b}[2J"), "{line}");
+}

@@ -628,3 +628,72 @@ async fn a_nats_server_dies_mid_load_and_nothing_acknowledged_is_lost() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// A node whose queue lease is taken delivers nothing more from that queue, even with a
+/// rate-limited backlog (whose dispatch loop once never looked at its cancellation): the
+/// runner stops at once, and deliveries after it are at most what was in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_a_queue_lease_stops_delivering_it_under_max_rate() {
+    use wasmq::cluster::{LEASE_SPACE, LeaseRecord};
+    use wasmq::dispatch::share::{UnitKey, lease_key};
+    use wasmq::storage::Expect;
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestServer::start_with(node_config(&nats, dir.path(), "node-a")).await;
+    a.create_topic("jobs", 1).await;
+    a.create_topic("audit", 1).await;
+    let (st, v) = a.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    a.subscribe(
+        "work",
+        json!({"topic": "jobs", "plugin": "recorder", "max_rate": 20.0, "max_in_flight": 4,
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    let (st, v) = a
+        .post_json(
+            "/v1/topics/jobs/messages/batch",
+            &json!({"messages": (0..2000).map(|i| json!({"body": {"n": i}})).collect::<Vec<_>>()}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    a.wait_audit("audit", 5, 30).await;
+    // Another owner takes the queue's lease behind the node's back.
+    let storage = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+        .await
+        .unwrap();
+    let key = lease_key("work", UnitKey::Queue(0));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let stolen = LeaseRecord {
+        owner: "intruder".into(),
+        expires_at: now + 600_000,
+    };
+    storage
+        .put_record(
+            LEASE_SPACE,
+            &key,
+            Some(serde_json::to_vec(&stolen).unwrap()),
+            Expect::Any,
+        )
+        .await
+        .unwrap();
+    // The node notices, and its runner of the queue stops.
+    a.wait_until("/v1/cluster", 30, |v| {
+        v["dispatching"] == false && v["leases_held"] == 0
+    })
+    .await;
+    let (_, t) = a.get("/v1/topics/audit").await;
+    let before = t["messages"].as_u64().unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (_, t) = a.get("/v1/topics/audit").await;
+    let after = t["messages"].as_u64().unwrap();
+    assert!(
+        after - before <= 4,
+        "{} deliveries after the lease was lost",
+        after - before
+    );
+    storage.close().await;
+}

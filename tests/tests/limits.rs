@@ -181,6 +181,12 @@ async fn a_full_disk_holds_producers_with_503_and_keeps_what_was_acknowledged() 
     assert_error(&refused, StatusCode::SERVICE_UNAVAILABLE, "disk_full");
     assert_eq!(retry.as_deref(), Some("5"));
     assert!(acked >= 500, "refused too early, after {acked} messages");
+    // However fast the machine, the quota is passed by one request at most: accepted writes
+    // count at once, not at the next sample of the data directory.
+    assert!(
+        acked * 4000 <= 4 * 1024 * 1024 + 50 * 4000,
+        "{acked} messages of 4000 B accepted under a 4 MiB quota"
+    );
     // Every kind of produce is held: single, transactional.
     let (st, v) = s
         .post_json("/v1/topics/t/messages", &json!({"body": 1}))
@@ -223,4 +229,67 @@ async fn a_full_disk_holds_producers_with_503_and_keeps_what_was_acknowledged() 
             .contains("min_free_disk_bytes"),
         "{v}"
     );
+}
+
+/// Log-follow streams cannot take the connections requests need: with `max_connections` 8,
+/// eight follows once left an admin's publish a 503. Streams are capped in total (a quarter of
+/// the connections by default) and per token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_follow_streams_are_capped_apart_from_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.server.max_connections = 8;
+    let s = TestServer::start_with(config).await;
+    s.create_topic("t", 1).await;
+    let (st, v) = s.upload_plugin("probe", wasmq_tests::plugins::PROBE).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let mut open = Vec::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        let resp = fresh_client()
+            .get(format!("{}/v1/plugins/probe/logs?follow=true", s.url))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == StatusCode::OK {
+            open.push(resp);
+        } else {
+            refused = Some(wasmq_tests::decode(resp).await);
+            break;
+        }
+    }
+    assert_eq!(open.len(), 2, "a quarter of 8 connections");
+    assert_error(
+        &refused.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_streams",
+    );
+    // Requests still get connections.
+    for i in 0..4 {
+        let resp = fresh_client()
+            .post(format!("{}/v1/topics/t/messages", s.url))
+            .json(&json!({"body": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+    // A closed stream frees its place.
+    drop(open.pop());
+    let reopened = async {
+        loop {
+            let resp = fresh_client()
+                .get(format!("{}/v1/plugins/probe/logs?follow=true", s.url))
+                .send()
+                .await
+                .unwrap();
+            if resp.status() == StatusCode::OK {
+                return resp;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _again = tokio::time::timeout(Duration::from_secs(30), reopened)
+        .await
+        .expect("a closed stream's place was never freed");
 }

@@ -480,10 +480,18 @@ async fn idempotency_keys_deduplicate_retries_durably_within_the_window() {
     s.create_topic("t", 2).await;
     let (st, replayed, first) = publish_with_key(&s, "order-17", json!({"n": 1})).await;
     assert_eq!((st, replayed), (StatusCode::CREATED, None));
-    // A producer retry (even with a different body) gets the original answer.
+    // A producer retry gets the original answer.
     let (st, replayed, again) = publish_with_key(&s, "order-17", json!({"n": 1})).await;
     assert_eq!((st, replayed.as_deref()), (StatusCode::OK, Some("true")));
     assert_eq!(again, first);
+    // The same key with another message is a client error, not a silent drop.
+    let (st, replayed, v) = publish_with_key(&s, "order-17", json!({"n": 2})).await;
+    assert_eq!(replayed, None);
+    assert_error(
+        &(st, v),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    );
     // Concurrent retries: one message, one id.
     let mut tasks = Vec::new();
     for _ in 0..8 {

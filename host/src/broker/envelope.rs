@@ -49,6 +49,8 @@ pub enum EnvelopeError {
         "check_after_ms is for transactional messages (POST /v1/topics/{{topic}}/transactions)"
     )]
     TxnOnly,
+    #[error("{field} is at most {max} ms")]
+    TooLong { field: &'static str, max: u64 },
 }
 
 /// One message as a producer sends it (`POST /v1/topics/{topic}/messages`).
@@ -149,7 +151,7 @@ impl Envelope {
         }
         let deliver_at = match (self.delay_ms, self.deliver_at) {
             (Some(_), Some(_)) => return Err(EnvelopeError::BadDelay),
-            (Some(d), None) if d <= MAX_DELAY_MS => now + d,
+            (Some(d), None) if d <= MAX_DELAY_MS => now.saturating_add(d),
             (None, Some(at)) if at <= now.saturating_add(MAX_DELAY_MS) => at.max(now),
             (None, None) => now,
             _ => return Err(EnvelopeError::BadDelay),

@@ -20,6 +20,11 @@ pub use envelope::{Envelope, EnvelopeError};
 const TOPIC_SPACE: &str = "topic";
 /// The longest a message may be delayed: 30 days.
 pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
+/// The longest a transaction waits for its first check-back or between two (30 days, as a
+/// delay): `check_after_ms` and `check_interval_ms` past it are refused with a 400.
+pub const MAX_CHECK_MS: u64 = MAX_DELAY_MS;
+/// The most check-backs a transaction may ask for before it is parked as unresolved.
+pub const MAX_CHECKS: u32 = 10_000;
 /// Queues of a topic created without saying how many.
 pub const DEFAULT_QUEUES: u32 = 4;
 
@@ -33,6 +38,10 @@ pub enum BrokerError {
     BadTopicSpec(String),
     #[error("Idempotency-Key must have 1 to 256 bytes")]
     BadIdempotencyKey,
+    #[error(
+        "Idempotency-Key {0:?} was used for a different message on this topic within the idempotency window; use a new key for a new message"
+    )]
+    IdempotencyKeyReused(String),
     #[error("a topic has between 1 and {max} queues, not {asked}")]
     TooManyQueues { asked: u32, max: u32 },
     #[error("topic {topic:?} has {current} queues; queues can be added but not removed")]
@@ -56,6 +65,38 @@ pub enum BrokerError {
 struct IdempotentPublish {
     at: u64,
     appended: Appended,
+    /// SHA-256 (hex) of what the request asked to store ([`request_digest`]); absent in
+    /// records written before digests were kept, which match any request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+}
+
+/// What makes two publishes "the same request" for an idempotency key: body (and its kind),
+/// business key, tag, sharding key and properties. Not the timing (`delay_ms` is relative to
+/// each attempt), as payment APIs compare request parameters.
+fn request_digest(m: &NewMessage) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(&[u8::from(m.body_kind == crate::storage::BodyKind::Json)]);
+    field(&m.body);
+    for f in [&m.key, &m.tag, &m.sharding_key] {
+        match f {
+            Some(v) => {
+                field(b"some");
+                field(v.as_bytes());
+            }
+            None => field(b"none"),
+        }
+    }
+    for (k, v) in &m.properties {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What is kept about a topic.
@@ -90,6 +131,32 @@ pub struct TxnTimings {
     pub max_checks: Option<u32>,
 }
 
+impl TxnTimings {
+    /// Every duration at most [`MAX_CHECK_MS`], `check_interval_ms` and `max_checks` positive,
+    /// `max_checks` at most [`MAX_CHECKS`]; the error names the field and its bound.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, v) in [
+            ("check_after_ms", self.check_after_ms),
+            ("check_interval_ms", self.check_interval_ms),
+        ] {
+            if v.is_some_and(|v| v > MAX_CHECK_MS) {
+                return Err(format!(
+                    "transactions.{field} is at most {MAX_CHECK_MS} ms (30 days)"
+                ));
+            }
+        }
+        if self.check_interval_ms == Some(0) {
+            return Err("transactions.check_interval_ms must be positive".into());
+        }
+        if self.max_checks.is_some_and(|n| n == 0 || n > MAX_CHECKS) {
+            return Err(format!(
+                "transactions.max_checks is between 1 and {MAX_CHECKS}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The body of `PUT /v1/topics/{topic}`: fields left out keep their value.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +182,8 @@ pub struct Broker {
     /// Producers are held while the disk is (nearly) full; delivery goes on.
     disk: Option<Arc<crate::disk::DiskGuard>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// What `{"$secret": …}` references in plugin config resolve to.
+    secrets: crate::secrets::Secrets,
 }
 
 pub fn now_ms() -> u64 {
@@ -166,6 +235,7 @@ impl Broker {
             limits,
             topics: std::sync::RwLock::new(topics),
             disk: None,
+            secrets: Default::default(),
             metrics: Arc::default(),
         })
     }
@@ -194,6 +264,16 @@ impl Broker {
     pub fn with_disk_guard(mut self, guard: Arc<crate::disk::DiskGuard>) -> Self {
         self.disk = Some(guard);
         self
+    }
+
+    pub fn with_secrets(mut self, secrets: crate::secrets::Secrets) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The server's secrets, for resolving plugin config inside the host.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
     }
 
     pub fn disk(&self) -> Option<&Arc<crate::disk::DiskGuard>> {
@@ -276,6 +356,7 @@ impl Broker {
                 meta.transaction_checker = (!c.is_empty()).then(|| c.clone());
             }
             if let Some(t) = spec.transactions {
+                t.validate().map_err(BrokerError::BadTopicSpec)?;
                 meta.transactions = t;
             }
             if let Some(c) = &spec.transaction_checker_config {
@@ -284,6 +365,9 @@ impl Broker {
                         "transaction_checker_config must be a JSON object".into(),
                     ));
                 }
+                self.secrets.check(c).map_err(|e| {
+                    BrokerError::BadTopicSpec(format!("transaction_checker_config: {e}"))
+                })?;
                 meta.transaction_checker_config = Some(c.clone());
             }
             if let Some(g) = &spec.transaction_checker_grants {
@@ -356,7 +440,9 @@ impl Broker {
         envelope: Envelope,
     ) -> Result<NewMessage, BrokerError> {
         let t = self.topic_for_publish(topic).await?;
-        Ok(self.prepare(&t, envelope, now_ms())?)
+        let message = self.prepare(&t, envelope, now_ms())?;
+        self.reserve_disk(std::slice::from_ref(&message))?;
+        Ok(message)
     }
 
     /// Turns a validated envelope into a message bound for a queue of `topic`.
@@ -394,6 +480,28 @@ impl Broker {
         self.lookup(name).await
     }
 
+    /// Reserves room on disk for messages about to be stored (see [`crate::disk::DiskGuard`]);
+    /// refused with [`BrokerError::DiskFull`] once the quota or free-space floor is reached.
+    fn reserve_disk(&self, messages: &[NewMessage]) -> Result<(), BrokerError> {
+        if let Some(disk) = &self.disk {
+            disk.reserve(
+                messages
+                    .iter()
+                    .map(stored_size)
+                    .fold(0, u64::saturating_add),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reserves room on disk for a record write of `bytes` (a plugin's kv value).
+    pub fn reserve_disk_bytes(&self, bytes: u64) -> Result<(), BrokerError> {
+        if let Some(disk) = &self.disk {
+            disk.reserve(bytes.saturating_add(RECORD_OVERHEAD))?;
+        }
+        Ok(())
+    }
+
     /// A topic from the cache, else from storage (created by another node on a shared backend).
     async fn lookup(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
         if let Some(t) = self.cached(name) {
@@ -422,6 +530,7 @@ impl Broker {
         let started = std::time::Instant::now();
         let t = self.topic_for_publish(topic).await?;
         let message = self.prepare(&t, envelope, now_ms())?;
+        self.reserve_disk(std::slice::from_ref(&message))?;
         let size = (1, message.body.len());
         let mut out = self.storage.append(topic, vec![message]).await?;
         self.observe(topic, crate::metrics::PublishKind::single, size, started);
@@ -446,6 +555,7 @@ impl Broker {
         let t = self.topic_for_publish(topic).await?;
         let now = now_ms();
         let message = self.prepare(&t, envelope, now)?;
+        let digest = request_digest(&message);
         let space = format!("idem/{topic}");
         loop {
             let expect = match self.storage.get_record(&space, key).await? {
@@ -453,6 +563,9 @@ impl Broker {
                     let seen: IdempotentPublish = serde_json::from_slice(&r.value)
                         .map_err(|e| StorageError::Corrupt(format!("idempotency record: {e}")))?;
                     if now.saturating_sub(seen.at) < self.limits.idempotency_window_ms {
+                        if seen.digest.as_ref().is_some_and(|d| *d != digest) {
+                            return Err(BrokerError::IdempotencyKeyReused(key.to_string()));
+                        }
                         let original = self
                             .storage
                             .message_by_id(seen.appended.id)
@@ -473,6 +586,8 @@ impl Broker {
                 }
                 None => Expect::Absent,
             };
+            // Only what will be stored reserves room (a replay stores nothing).
+            self.reserve_disk(std::slice::from_ref(&message))?;
             // The record names the message id; queue and offset are known only after the
             // append, so they are looked up by id when the key is replayed.
             let record = IdempotentPublish {
@@ -482,6 +597,7 @@ impl Broker {
                     queue: message.queue,
                     offset: 0,
                 },
+                digest: Some(digest.clone()),
             };
             let guard = RecordWrite {
                 space: space.clone(),
@@ -541,6 +657,7 @@ impl Broker {
                     .map_err(|source| BrokerError::InBatch { index, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        self.reserve_disk(&messages)?;
         // Sizes are counted before the messages move into the write.
         let size = (messages.len(), messages.iter().map(|m| m.body.len()).sum());
         let out = self.storage.append(topic, messages).await?;
@@ -581,6 +698,19 @@ impl Broker {
         }
         Ok(out)
     }
+}
+
+/// What a stored record costs beyond its value: key, revision, log and index entries.
+const RECORD_OVERHEAD: u64 = 64;
+
+/// An estimate of the bytes a message takes on disk (write-ahead log and table, before
+/// compression): its fields plus the id and business-key index entries.
+fn stored_size(m: &NewMessage) -> u64 {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let properties: usize = m.properties.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let fields =
+        m.body.len() + 2 * text(&m.key) + text(&m.tag) + text(&m.sharding_key) + properties;
+    (fields as u64).saturating_add(2 * RECORD_OVERHEAD)
 }
 
 #[cfg(test)]

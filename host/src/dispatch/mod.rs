@@ -49,8 +49,13 @@ pub struct Env {
 pub struct Dispatcher {
     env: Env,
     runners: tokio::sync::Mutex<HashMap<String, Runner>>,
-    /// Serialises control operations (create, update, pause, reset) across groups.
-    control: tokio::sync::Mutex<()>,
+    /// Control changes (create, update, pause, resume, reset, redrive, delete, refresh) take it
+    /// shared, each with its group's lock, so changes of different subscriptions never wait on
+    /// each other's plugin calls; a reconcile pass, a change on shared storage (which places
+    /// every subscription's work in one pass) and shutdown take it alone.
+    control: tokio::sync::RwLock<()>,
+    /// One lock per subscription with a change in progress (dropped when no one holds it).
+    group_locks: GroupLocks,
     /// False once shut down: nothing starts again.
     active: std::sync::atomic::AtomicBool,
     /// Set when several nodes share the storage: this node runs only the units it holds
@@ -61,6 +66,39 @@ pub struct Dispatcher {
     stored_offsets: std::sync::Mutex<HashMap<String, Vec<Vec<u64>>>>,
     /// Shared storage: the other nodes' last tallies, by node, with when they arrived.
     peer_tallies: std::sync::Mutex<HashMap<String, PeerTallies>>,
+}
+
+type GroupLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+/// What a control change holds while it runs: see [`Dispatcher::lock_group`].
+enum ControlGuard<'a> {
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+    Group {
+        _shared: tokio::sync::RwLockReadGuard<'a, ()>,
+        _group: GroupGuard<'a>,
+    },
+}
+
+/// One subscription's lock, held; its map entry goes once nobody holds or waits for it.
+struct GroupGuard<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    locks: &'a GroupLocks,
+    name: String,
+}
+
+impl Drop for GroupGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = match self.locks.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // The map's reference and ours: nobody else holds or waits for it.
+        if Arc::strong_count(&self.lock) <= 2 {
+            locks.remove(&self.name);
+        }
+    }
 }
 
 fn storage(env: &Env) -> &Arc<dyn Storage> {
@@ -126,6 +164,7 @@ impl Dispatcher {
             env: Env { broker, plugins },
             runners: Default::default(),
             control: Default::default(),
+            group_locks: Default::default(),
             active: std::sync::atomic::AtomicBool::new(true),
             share: None,
             stored_offsets: Default::default(),
@@ -140,6 +179,33 @@ impl Dispatcher {
         Self {
             share: Some(share::Share::new(node, storage)),
             ..Self::new(broker, plugins)
+        }
+    }
+
+    /// Serialises control changes of `group`. Alone on its storage, a node lets changes of
+    /// different groups run side by side (each waits only for its own group's calls in flight);
+    /// on shared storage a change reconciles every subscription, so changes run one at a time.
+    async fn lock_group(&self, group: &str) -> ControlGuard<'_> {
+        if self.share.is_some() {
+            return ControlGuard::Exclusive(self.control.write().await);
+        }
+        let shared = self.control.read().await;
+        let lock = {
+            let mut locks = match self.group_locks.lock() {
+                Ok(l) => l,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            locks.entry(group.to_string()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        ControlGuard::Group {
+            _shared: shared,
+            _group: GroupGuard {
+                guard: Some(guard),
+                lock,
+                locks: &self.group_locks,
+                name: group.to_string(),
+            },
         }
     }
 
@@ -226,7 +292,7 @@ impl Dispatcher {
     /// starts running ones, stops paused and deleted ones, restarts those whose record, plugin
     /// version (when following the latest), queue count or share of the work changed.
     pub async fn reconcile(&self) -> Result<(), DispatchError> {
-        let _g = self.control.lock().await;
+        let _g = self.control.write().await;
         self.reconcile_locked().await
     }
 
@@ -450,6 +516,11 @@ impl Dispatcher {
     ) -> Result<(Value, bool), DispatchError> {
         validate_group(group)?;
         spec.validate().map_err(DispatchError::Invalid)?;
+        self.env
+            .broker
+            .secrets()
+            .check(&spec.config)
+            .map_err(|e| DispatchError::Invalid(format!("config: {e}")))?;
         self.env.broker.topic_loaded(&spec.topic).await?;
         let (_, code) = self
             .env
@@ -462,7 +533,7 @@ impl Dispatcher {
                 spec.plugin
             )));
         }
-        let _g = self.control.lock().await;
+        let _g = self.lock_group(group).await;
         let existing = match self.record(group).await {
             Ok(r) => Some(r),
             Err(DispatchError::Unknown(_)) => None,
@@ -534,17 +605,24 @@ impl Dispatcher {
             let mut lag = 0u64;
             for (q, hw) in high_water.iter().enumerate() {
                 let live_committed = live.and_then(|m| m.live_committed(q));
-                let (committed, head_attempts) = match (live, live_committed) {
-                    (Some(m), Some(c)) => (c, m.head_attempts[q].load(Ordering::Relaxed)),
+                let (committed, head_attempts, head_due) = match (live, live_committed) {
+                    (Some(m), Some(c)) => (
+                        c,
+                        m.head_attempts[q].load(Ordering::Relaxed),
+                        m.head_due[q].load(Ordering::Relaxed),
+                    ),
                     _ => stored
                         .get(&state::cursor_key(&name, q as u32))
-                        .map_or((0, 0), |c| (c.committed, c.head_attempts)),
+                        .map_or((0, 0, 0), |c| (c.committed, c.head_attempts, c.head_due)),
                 };
                 let l = hw.saturating_sub(committed);
                 lag += l;
                 let mut v = json!({"queue": q, "committed": committed, "high_water": hw, "lag": l});
                 if head_attempts > 0 {
                     v["blocked_attempts"] = json!(head_attempts);
+                }
+                if head_due > 0 {
+                    v["retry_at"] = json!(head_due);
                 }
                 let unit = if broadcast {
                     share::UnitKey::Instance(i)
@@ -603,7 +681,7 @@ impl Dispatcher {
     }
 
     async fn set_state(&self, group: &str, state: SubState) -> Result<Value, DispatchError> {
-        let _g = self.control.lock().await;
+        let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         self.halt(group).await;
         record.state = state;
@@ -627,7 +705,7 @@ impl Dispatcher {
     /// Moves every offset of the group to `to` (replay, or skip ahead); pending delays and
     /// retries are dropped, dead letters kept.
     pub async fn reset(&self, group: &str, to: Start) -> Result<Value, DispatchError> {
-        let _g = self.control.lock().await;
+        let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         self.halt(group).await;
         let store = storage(&self.env);
@@ -641,7 +719,7 @@ impl Dispatcher {
                 let committed = runner::start_offset(store.as_ref(), &topic.name, q, to).await?;
                 let c = state::Cursor {
                     committed,
-                    head_attempts: 0,
+                    ..state::Cursor::default()
                 };
                 state::put(
                     store.as_ref(),
@@ -664,7 +742,7 @@ impl Dispatcher {
 
     /// Deletes a subscription with its offsets, timers and dead letters.
     pub async fn delete(&self, group: &str) -> Result<(), DispatchError> {
-        let _g = self.control.lock().await;
+        let _g = self.lock_group(group).await;
         self.record(group).await?;
         self.halt(group).await;
         let store = storage(&self.env);
@@ -705,7 +783,7 @@ impl Dispatcher {
         group: &str,
         ids: Option<&[String]>,
     ) -> Result<usize, DispatchError> {
-        let _g = self.control.lock().await;
+        let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         let store = storage(&self.env);
         let space = state::dlq_space(group);
@@ -738,6 +816,21 @@ impl Dispatcher {
         Ok(n)
     }
 
+    /// The grants of every subscription of `plugin` (what admins allowed it).
+    pub async fn plugin_grants(&self, plugin: &str) -> Result<Vec<spec::GrantSpec>, DispatchError> {
+        let mut out = Vec::new();
+        for (group, r) in storage(&self.env)
+            .list_records(state::SUB_SPACE, "", usize::MAX)
+            .await?
+        {
+            let record: SubscriptionRecord = state::decode(&group, &r)?;
+            if record.spec.plugin == plugin {
+                out.push(record.spec.grants);
+            }
+        }
+        Ok(out)
+    }
+
     /// The subscription using a plugin, if any (a used plugin cannot be deleted).
     pub async fn plugin_user(&self, plugin: &str) -> Result<Option<String>, DispatchError> {
         for (group, r) in storage(&self.env)
@@ -759,27 +852,40 @@ impl Dispatcher {
         plugin: Option<&str>,
         topic: Option<&str>,
     ) -> Result<(), DispatchError> {
-        let _g = self.control.lock().await;
-        let groups: Vec<String> = self.runners.lock().await.keys().cloned().collect();
-        let mut halted = Vec::new();
-        for group in groups {
-            let record = self.record(&group).await?;
+        let affected = |record: &SubscriptionRecord| {
             let follows = plugin
                 .is_some_and(|p| record.spec.plugin == p && record.spec.plugin_version.is_none());
             let reads = topic.is_some_and(|t| record.spec.topic == t);
-            if follows || reads {
-                self.halt(&group).await;
-                halted.push(record);
-            }
-        }
+            follows || reads
+        };
+        let groups: Vec<String> = self.runners.lock().await.keys().cloned().collect();
         if self.share.is_some() {
+            let _g = self.control.write().await;
+            let mut halted = false;
+            for group in groups {
+                if affected(&self.record(&group).await?) {
+                    self.halt(&group).await;
+                    halted = true;
+                }
+            }
             // The queue count may have changed, and with it the units: one pass places them.
-            if !halted.is_empty() {
+            if halted {
                 self.reconcile_locked().await?;
             }
             return Ok(());
         }
-        for record in halted {
+        // Alone: each affected group restarts under its own lock, one after another.
+        for group in groups {
+            let _g = self.lock_group(&group).await;
+            let record = match self.record(&group).await {
+                Ok(r) => r,
+                Err(DispatchError::Unknown(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            if !affected(&record) || !self.runners.lock().await.contains_key(&group) {
+                continue;
+            }
+            self.halt(&group).await;
             let queues = self.env.broker.topic(&record.spec.topic)?.queues;
             if let Err(e) = self.launch(&record, queues, None).await {
                 tracing::error!(group = %record.group, error = %e, "cannot restart subscription");
@@ -827,7 +933,7 @@ impl Dispatcher {
     /// Stops every subscription, letting in-flight messages finish, then gives up the leases
     /// so other nodes take the queues over at once.
     pub async fn shutdown(&self) {
-        let _g = self.control.lock().await;
+        let _g = self.control.write().await;
         self.active.store(false, Ordering::Release);
         let runners: Vec<Runner> = self.runners.lock().await.drain().map(|(_, r)| r).collect();
         futures::future::join_all(runners.into_iter().map(Runner::stop)).await;
@@ -837,10 +943,13 @@ impl Dispatcher {
     }
 }
 
-/// A dead letter as the API shows it.
+/// A dead letter as the API shows it: its paging key, the broadcast instance that gave it up
+/// (absent for clustering), and the stored entry.
 #[derive(Serialize)]
 pub struct DeadLetterView {
     pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
     #[serde(flatten)]
     pub entry: DeadLetter,
 }

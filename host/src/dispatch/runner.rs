@@ -49,6 +49,8 @@ pub struct MemberShared {
     pub committed: Vec<AtomicU64>,
     /// Ordered delivery: attempts made on each queue's head message (0 = not blocked).
     pub head_attempts: Vec<AtomicU32>,
+    /// Ordered delivery: when each queue's head message is tried again (0 = not waiting).
+    pub head_due: Vec<AtomicU64>,
     timers: std::sync::Mutex<BTreeMap<String, Timer>>,
     timer_wake: Notify,
 }
@@ -76,6 +78,32 @@ impl MemberShared {
 
     fn next_due(&self) -> Option<u64> {
         self.timers.lock().ok()?.values().next().map(|t| t.due)
+    }
+
+    /// The earliest timer of `queue` (ordered delivery runs its queue's timers itself).
+    fn first_of_queue(&self, queue: u32) -> Option<Timer> {
+        self.timers
+            .lock()
+            .ok()?
+            .values()
+            .find(|t| t.queue == queue)
+            .cloned()
+    }
+
+    /// The earliest retry timer of `queue`: in ordered delivery it blocks its queue.
+    fn retry_of_queue(&self, queue: u32) -> Option<Timer> {
+        self.timers
+            .lock()
+            .ok()?
+            .values()
+            .find(|t| t.queue == queue && t.kind == TimerKind::Retry)
+            .cloned()
+    }
+
+    fn forget_timer(&self, key: &str) {
+        if let Ok(mut timers) = self.timers.lock() {
+            timers.remove(key);
+        }
     }
 
     fn pop_due(&self, now: u64) -> Option<Timer> {
@@ -222,6 +250,7 @@ struct Member {
 }
 
 /// What happens to a message after a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Fate {
     Done,
     Retry {
@@ -235,18 +264,21 @@ enum Fate {
     },
 }
 
+/// The fate of a message after attempt number `attempts` (1-based) answered `result`, at `now`
+/// (ms since the epoch): RocketMQ's rules. `ack` is done; `reject` dead-letters at once; a
+/// `retry`, trap, timeout or memory overrun retries after the policy's backoff (or the delay
+/// the plugin asked for), until `max_attempts` are spent, then dead-letters, unless `block`
+/// (ordered `on_exhausted: block`) keeps retrying at the last backoff. A pure function: it reads
+/// no clock and counts nothing ([`count`] does).
 fn judge(
     result: &Result<Outcome, InvokeError>,
     attempts: u32,
     policy: &RetryPolicy,
     block: bool,
-    counters: &Counters,
+    now: u64,
 ) -> Fate {
     let (asked, error) = match result {
-        Ok(Outcome::Ack) => {
-            counters.acked.fetch_add(1, Ordering::Relaxed);
-            return Fate::Done;
-        }
+        Ok(Outcome::Ack) => return Fate::Done,
         Ok(Outcome::Reject(reason)) => {
             return Fate::Dead {
                 attempts,
@@ -254,10 +286,7 @@ fn judge(
             };
         }
         Ok(Outcome::Retry(ms)) => (*ms, "the plugin asked for a retry".to_string()),
-        Err(e) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            (0, e.to_string())
-        }
+        Err(e) => (0, e.to_string()),
     };
     if attempts >= policy.max_attempts && !block {
         return Fate::Dead {
@@ -265,13 +294,24 @@ fn judge(
             reason: format!("{attempts} attempts failed; last: {error}"),
         };
     }
-    counters.retried.fetch_add(1, Ordering::Relaxed);
     let delay = policy.backoff(attempts.min(policy.max_attempts), asked);
     Fate::Retry {
-        due: now_ms() + delay,
+        due: now.saturating_add(delay),
         attempts,
         error,
     }
+}
+
+/// Counts a delivery's result and fate (dead letters are counted once stored).
+fn count(counters: &Counters, result: &Result<Outcome, InvokeError>, fate: &Fate) {
+    if result.is_err() {
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    match fate {
+        Fate::Done => counters.acked.fetch_add(1, Ordering::Relaxed),
+        Fate::Retry { .. } => counters.retried.fetch_add(1, Ordering::Relaxed),
+        Fate::Dead { .. } => 0,
+    };
 }
 
 impl Member {
@@ -328,14 +368,11 @@ impl Member {
         result: &Result<Outcome, InvokeError>,
         attempt: u32,
         m: &StoredMessage,
+        block: bool,
     ) -> Option<String> {
-        match judge(
-            result,
-            attempt,
-            &self.spec.retry,
-            false,
-            &self.runner.counters,
-        ) {
+        let fate = judge(result, attempt, &self.spec.retry, block, now_ms());
+        count(&self.runner.counters, result, &fate);
+        match fate {
             Fate::Done => None,
             Fate::Retry {
                 due,
@@ -368,6 +405,7 @@ impl Member {
             state::delete(self.storage.as_ref(), &space, &key)
         })
         .await;
+        self.shared.forget_timer(&key);
     }
 
     async fn add_timer(&self, t: Timer) {
@@ -380,15 +418,22 @@ impl Member {
         self.shared.add_timer(t);
     }
 
-    /// Hands a message to the workers. The caller holds an in-flight permit until the outcome
-    /// is handled (stored), so `in_flight` counts a message until its fate is durable.
+    /// Hands a message to the workers (after the rate allows it). The caller holds an in-flight
+    /// permit until the outcome is handled (stored), so `in_flight` counts a message until its
+    /// fate is durable. `None`: the runner stopped first and nothing was handed out. The
+    /// receiver yields an error if a worker dropped the message unstarted because the runner
+    /// stopped: the message is not done, and no attempt was made.
     async fn dispatch(
         &self,
         message: Arc<StoredMessage>,
         attempt: u32,
-    ) -> oneshot::Receiver<Result<Outcome, InvokeError>> {
+    ) -> Option<oneshot::Receiver<Result<Outcome, InvokeError>>> {
         if let Some(rate) = &self.rate {
-            rate.wait().await;
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return None,
+                () = rate.wait() => {}
+            }
         }
         let (reply, rx) = oneshot::channel();
         self.runner
@@ -405,7 +450,7 @@ impl Member {
                 reply,
             })
             .await;
-        rx
+        Some(rx)
     }
 
     /// A sender for the queue's cursor and the task that stores it: writes coalesce (only the
@@ -544,31 +589,40 @@ impl Member {
             self.publish(queue, &committer, committed);
             let want = !stopping && !buffer.is_empty() && pending.len() < per_queue_cap;
             let idle = !stopping && buffer.is_empty() && fetch >= high_water;
+            // Cancellation is seen first: the other branches may be ready all the time.
             tokio::select! {
                 biased;
+                () = self.cancel.cancelled(), if !stopping => { stopping = true; }
                 Some((m, attempt, result, permit)) = pending.next() => {
                     let m: Arc<StoredMessage> = m;
                     let permit: OwnedSemaphorePermit = permit;
-                    let result: Result<Outcome, InvokeError> = result;
-                    self.settle(&result, attempt, &m).await;
-                    mark_done(&mut committed, &mut done, m.offset);
-                    self.publish(queue, &committer, committed);
-                    park(&parked, m.offset, permit);
+                    let result: Option<Result<Outcome, InvokeError>> = result;
+                    match result {
+                        Some(result) => {
+                            self.settle(&result, attempt, &m, false).await;
+                            mark_done(&mut committed, &mut done, m.offset);
+                            self.publish(queue, &committer, committed);
+                            park(&parked, m.offset, permit);
+                        }
+                        // Dropped unstarted by a stopping worker: not done, delivered later.
+                        None => buffer.push_front(m),
+                    }
                 }
                 permit = self.runner.in_flight.clone().acquire_owned(), if want => {
                     let Ok(permit) = permit else { break };
                     if let Some(m) = buffer.pop_front() {
-                        let rx = self.dispatch(m.clone(), 1).await;
-                        pending.push(async move {
-                            let r = rx.await.unwrap_or_else(|_| Err(InvokeError::Trap("the worker stopped".into())));
-                            (m, 1u32, r, permit)
-                        });
+                        match self.dispatch(m.clone(), 1).await {
+                            Some(rx) => pending.push(async move { (m, 1u32, rx.await.ok(), permit) }),
+                            None => {
+                                buffer.push_front(m);
+                                stopping = true;
+                            }
+                        }
                     }
                 }
                 changed = watch.changed(), if idle => {
                     if changed.is_err() { stopping = true; }
                 }
-                _ = self.cancel.cancelled(), if !stopping => { stopping = true; }
                 else => break,
             }
             if stopping && pending.is_empty() {
@@ -580,17 +634,23 @@ impl Member {
     fn publish(&self, queue: u32, committer: &watch::Sender<Cursor>, committed: u64) {
         self.shared.committed[queue as usize].store(committed, Ordering::Relaxed);
         committer.send_if_modified(|c| {
-            let changed = c.committed != committed || c.head_attempts != 0;
-            *c = Cursor {
+            let next = Cursor {
                 committed,
-                head_attempts: 0,
+                ..Cursor::default()
             };
+            let changed = *c != next;
+            *c = next;
             changed
         });
     }
 
-    /// Ordered: message n+1 of the queue is handed out only after n is done; a failing message
-    /// blocks its queue while it is retried (its attempts survive a restart).
+    /// Ordered: one message of the queue at a time, in queue order; message n+1 is handed out
+    /// only after n is done. A failing message blocks its queue while it is retried; its
+    /// attempts and next-attempt time are stored with the cursor, so its backoff holds across
+    /// pause, update and restart. A delayed message leaves the queue order until it is due (a
+    /// durable timer of this queue holds it), then takes its place: it is delivered between
+    /// two messages of the queue, never beside one, so a delay never holds up messages that are
+    /// due. Messages published without a delay keep their queue order (FIFO per sharding key).
     async fn run_ordered(
         self: Arc<Self>,
         queue: u32,
@@ -600,7 +660,6 @@ impl Member {
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut cursor = start;
-        let mut retry_at: u64 = 0;
         let block = self.spec.on_exhausted == OnExhausted::Block;
         // Messages read ahead of the cursor: one storage read per batch, not per message.
         let mut ahead: std::collections::VecDeque<Arc<StoredMessage>> = Default::default();
@@ -609,6 +668,28 @@ impl Member {
                 break;
             }
             watch.borrow_and_update();
+            let now = now_ms();
+            // A message of the queue being retried (the head, or one a timer delivered) blocks
+            // the queue until its next attempt; nothing passes it.
+            let timer = if cursor.head_attempts == 0 {
+                self.shared
+                    .retry_of_queue(queue)
+                    .or_else(|| self.shared.first_of_queue(queue))
+            } else {
+                None
+            };
+            if let Some(t) = &timer
+                && (t.due <= now || t.kind == TimerKind::Retry)
+            {
+                if t.due > now {
+                    if !self.sleep_until(t.due).await {
+                        break;
+                    }
+                } else if !self.deliver_in_order(t.clone(), block).await {
+                    break;
+                }
+                continue;
+            }
             while ahead.front().is_some_and(|m| m.offset < cursor.committed) {
                 ahead.pop_front();
             }
@@ -631,52 +712,70 @@ impl Member {
             }
             let head = ahead.front().cloned();
             let Some(m) = head else {
+                // Idle: wake for an append, or for the next delayed message of the queue.
+                let next_timer = timer.map(|t| t.due);
                 tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => break,
                     r = watch.changed() => if r.is_err() { break },
-                    _ = self.cancel.cancelled() => break,
+                    _ = sleep_until_ms(next_timer.unwrap_or(u64::MAX)), if next_timer.is_some() => {}
                 }
                 continue;
             };
             if !self.filter.matches(m.message.tag.as_deref()) {
                 cursor = Cursor {
-                    committed: cursor.committed + 1,
-                    head_attempts: 0,
+                    committed: cursor.committed.saturating_add(1),
+                    ..Cursor::default()
                 };
                 self.store_cursor(queue, &committer, cursor);
                 continue;
             }
-            let due = m.message.deliver_at.max(retry_at);
-            if due > now_ms() {
-                let wait = Duration::from_millis(due - now_ms());
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = self.cancel.cancelled() => break,
+            if cursor.head_attempts == 0 && m.message.deliver_at > now {
+                // Out of the queue order until due: stored as a timer of this queue first, so
+                // the offset passes it only once the timer is durable.
+                let t = Timer {
+                    member: self.shared.name.clone(),
+                    due: m.message.deliver_at,
+                    queue,
+                    offset: m.offset,
+                    attempts: 0,
+                    kind: TimerKind::Delay,
+                    last_error: None,
+                };
+                self.add_timer(t).await;
+                cursor = Cursor {
+                    committed: cursor.committed.saturating_add(1),
+                    ..Cursor::default()
+                };
+                self.store_cursor(queue, &committer, cursor);
+                continue;
+            }
+            if cursor.head_due > now {
+                if !self.sleep_until(cursor.head_due).await {
+                    break;
                 }
                 continue;
             }
             let permit = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
                 p = self.runner.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = self.cancel.cancelled() => break,
             };
-            let attempt = cursor.head_attempts + 1;
-            let rx = self.dispatch(m.clone(), attempt).await;
-            // Once handed out, the call is waited for, even when stopping.
-            let result = rx
-                .await
-                .unwrap_or_else(|_| Err(InvokeError::Trap("the worker stopped".into())));
-            match judge(
-                &result,
-                attempt,
-                &self.spec.retry,
-                block,
-                &self.runner.counters,
-            ) {
+            let attempt = cursor.head_attempts.saturating_add(1);
+            let Some(rx) = self.dispatch(m.clone(), attempt).await else {
+                break;
+            };
+            // Once handed out, the call is waited for, even when stopping; a message a
+            // stopping worker dropped unstarted stays the head, its attempts unchanged.
+            let Ok(result) = rx.await else { break };
+            let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
+            count(&self.runner.counters, &result, &fate);
+            match fate {
                 Fate::Done => {
                     cursor = Cursor {
-                        committed: cursor.committed + 1,
-                        head_attempts: 0,
+                        committed: cursor.committed.saturating_add(1),
+                        ..Cursor::default()
                     };
-                    retry_at = 0;
                 }
                 Fate::Retry {
                     due,
@@ -685,15 +784,14 @@ impl Member {
                 } => {
                     tracing::debug!(group = %self.group, queue, attempts, %error, "ordered retry");
                     cursor.head_attempts = attempts;
-                    retry_at = due;
+                    cursor.head_due = due;
                 }
                 Fate::Dead { attempts, reason } => {
                     self.dead_letter(&m, attempts, reason).await;
                     cursor = Cursor {
-                        committed: cursor.committed + 1,
-                        head_attempts: 0,
+                        committed: cursor.committed.saturating_add(1),
+                        ..Cursor::default()
                     };
-                    retry_at = 0;
                 }
             }
             if cursor.committed > m.offset {
@@ -703,7 +801,60 @@ impl Member {
         }
     }
 
+    /// Sleeps until `due` (ms since the epoch); false if the runner stopped first.
+    async fn sleep_until(&self, due: u64) -> bool {
+        tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => false,
+            () = sleep_until_ms(due) => true,
+        }
+    }
+
+    /// Ordered delivery of a due timer of the queue (a delayed message, a redrive, or the retry
+    /// of one of them), in the queue's turn. False if the runner stopped before the call began
+    /// (the timer is kept).
+    async fn deliver_in_order(&self, timer: Timer, block: bool) -> bool {
+        if self.shared_storage && !self.timer_stored(&timer).await {
+            self.shared.forget_timer(&timer.key());
+            return true;
+        }
+        let found = match self
+            .storage
+            .read(self.topic(), timer.queue, timer.offset, 1)
+            .await
+        {
+            Ok(mut v) => v.pop().filter(|m| m.offset == timer.offset),
+            Err(e) => {
+                tracing::error!(group = %self.group, error = %e, "read failed; timer kept");
+                tokio::time::sleep(STORAGE_RETRY).await;
+                return true;
+            }
+        };
+        let Some(m) = found.map(Arc::new) else {
+            self.remove_timer(&timer).await;
+            return true;
+        };
+        let permit = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => return false,
+            p = self.runner.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return false },
+        };
+        let attempt = timer.attempts.saturating_add(1);
+        let Some(rx) = self.dispatch(m.clone(), attempt).await else {
+            return false;
+        };
+        let Ok(result) = rx.await else { return false };
+        // The old timer goes only after its successor (if any) is stored, and not at all when
+        // the successor has the same key.
+        if self.settle(&result, attempt, &m, block).await.as_deref() != Some(timer.key().as_str()) {
+            self.remove_timer(&timer).await;
+        }
+        drop(permit);
+        true
+    }
+
     fn store_cursor(&self, queue: u32, committer: &watch::Sender<Cursor>, cursor: Cursor) {
+        self.shared.head_due[queue as usize].store(cursor.head_due, Ordering::Relaxed);
         self.shared.committed[queue as usize].store(cursor.committed, Ordering::Relaxed);
         self.shared.head_attempts[queue as usize].store(cursor.head_attempts, Ordering::Relaxed);
         committer.send_replace(cursor);
@@ -730,17 +881,25 @@ impl Member {
                 Some(d) if d > now && !stopping => Duration::from_millis(d - now),
                 _ => Duration::from_secs(3600),
             };
+            // Cancellation is seen first: a due timer may be ready all the time.
             tokio::select! {
                 biased;
+                () = self.cancel.cancelled(), if !stopping => { stopping = true; }
                 Some((timer, m, attempt, result, permit)) = pending.next() => {
                     let timer: Timer = timer;
                     let permit: OwnedSemaphorePermit = permit;
                     let m: Arc<StoredMessage> = m;
-                    let result: Result<Outcome, InvokeError> = result;
-                    // The old timer goes only after its successor (if any) is stored, and not at
-                    // all when the successor has the same key.
-                    if self.settle(&result, attempt, &m).await.as_deref() != Some(timer.key().as_str()) {
-                        self.remove_timer(&timer).await;
+                    let result: Option<Result<Outcome, InvokeError>> = result;
+                    match result {
+                        // The old timer goes only after its successor (if any) is stored, and
+                        // not at all when the successor has the same key.
+                        Some(result) => {
+                            if self.settle(&result, attempt, &m, false).await.as_deref() != Some(timer.key().as_str()) {
+                                self.remove_timer(&timer).await;
+                            }
+                        }
+                        // Dropped unstarted by a stopping worker: the stored timer stays.
+                        None => self.shared.add_timer(timer),
                     }
                     drop(permit);
                 }
@@ -753,8 +912,11 @@ impl Member {
                     let found = match self.storage.read(self.topic(), timer.queue, timer.offset, 1).await {
                         Ok(mut v) => v.pop().filter(|m| m.offset == timer.offset),
                         Err(e) => {
+                            // Kept under its stored key (a changed due time would leave the
+                            // stored record behind, to fire again after a restart).
                             tracing::error!(group = %self.group, error = %e, "read failed; timer kept");
-                            self.shared.add_timer(Timer { due: now_ms() + 1000, ..timer });
+                            self.shared.add_timer(timer);
+                            tokio::time::sleep(STORAGE_RETRY).await;
                             continue;
                         }
                     };
@@ -762,22 +924,31 @@ impl Member {
                         self.remove_timer(&timer).await;
                         continue;
                     };
-                    let attempt = timer.attempts + 1;
-                    let rx = self.dispatch(m.clone(), attempt).await;
-                    pending.push(async move {
-                        let r = rx.await.unwrap_or_else(|_| Err(InvokeError::Trap("the worker stopped".into())));
-                        (timer, m, attempt, r, permit)
-                    });
+                    let attempt = timer.attempts.saturating_add(1);
+                    match self.dispatch(m.clone(), attempt).await {
+                        Some(rx) => pending.push(async move { (timer, m, attempt, rx.await.ok(), permit) }),
+                        None => {
+                            self.shared.add_timer(timer);
+                            stopping = true;
+                        }
+                    }
                 }
                 _ = tokio::time::sleep(sleep), if !stopping && !due_now => {}
                 _ = self.shared.timer_wake.notified(), if !stopping => {}
-                _ = self.cancel.cancelled(), if !stopping => { stopping = true; }
                 else => break,
             }
             if stopping && pending.is_empty() {
                 break;
             }
         }
+    }
+}
+
+/// Sleeps until `due` (ms since the epoch); at once if it has passed.
+async fn sleep_until_ms(due: u64) {
+    let wait = due.saturating_sub(now_ms());
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
     }
 }
 
@@ -791,7 +962,9 @@ fn mark_done(committed: &mut u64, done: &mut BTreeSet<u64>, offset: u64) {
     }
 }
 
-/// The offset of the first message of a queue born at or after `time` (binary search).
+/// The offset of the first message of a queue stored at or after `time` (binary search over
+/// store times, which never decrease along a queue; birth times may: a committed transaction
+/// keeps its begin time, producers' clocks differ).
 async fn offset_at(
     storage: &dyn Storage,
     topic: &str,
@@ -801,12 +974,16 @@ async fn offset_at(
     let (mut lo, mut hi) = (0u64, storage.high_water(topic, queue).await?);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let born = storage
+        let stored = storage
             .read(topic, queue, mid, 1)
             .await?
             .first()
-            .map_or(u64::MAX, |m| m.message.born_at);
-        if born < time { lo = mid + 1 } else { hi = mid }
+            .map_or(u64::MAX, |m| m.stored_at);
+        if stored < time {
+            lo = mid + 1
+        } else {
+            hi = mid
+        }
     }
     Ok(lo)
 }
@@ -826,7 +1003,15 @@ pub async fn start_offset(
 }
 
 /// One plugin instance serving a work channel; replaced after a trap, timeout or memory overrun.
-async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work: WorkQueue) {
+/// Once `cancel` fires, messages still queued are dropped unstarted (their senders see the
+/// reply channel closed: not done, no attempt made), so a stop waits only for calls running.
+async fn worker(
+    env: Env,
+    code: Arc<PluginCode>,
+    ctx: Arc<InstanceContext>,
+    work: WorkQueue,
+    cancel: CancellationToken,
+) {
     let mut instance: Option<PluginInstance> = None;
     let metrics = env.broker.metrics().clone();
     let group = crate::metrics::GroupLabel {
@@ -841,6 +1026,9 @@ async fn worker(env: Env, code: Arc<PluginCode>, ctx: Arc<InstanceContext>, work
     loop {
         let item = { work.lock().await.recv().await };
         let Some(item) = item else { break };
+        if cancel.is_cancelled() {
+            continue;
+        }
         if instance.is_none() {
             match env.plugins.runtime().instantiate(&code, ctx.clone()).await {
                 Ok(i) => instance = Some(i),
@@ -940,7 +1128,7 @@ pub async fn ensure_cursors(
             };
             let c = Cursor {
                 committed,
-                head_attempts: 0,
+                ..Cursor::default()
             };
             match storage
                 .put_record(&space, &key, Some(state::encode(&c)?), Expect::Absent)
@@ -1033,6 +1221,10 @@ pub async fn start(
                 .iter()
                 .map(|(c, _)| AtomicU32::new(c.head_attempts))
                 .collect(),
+            head_due: cursors
+                .iter()
+                .map(|(c, _)| AtomicU64::new(c.head_due))
+                .collect(),
             timers: std::sync::Mutex::new(timers),
             timer_wake: Notify::new(),
         }));
@@ -1058,15 +1250,23 @@ pub async fn start(
         })
     });
     let grants = spec.grants.to_grants().map_err(DispatchError::Invalid)?;
+    // Secret references are resolved here, for the instances only.
+    let config_json = env
+        .broker
+        .secrets()
+        .resolve(&spec.config)
+        .map_err(|e| DispatchError::Invalid(format!("config: {e}")))?
+        .to_string();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let ctx_for = |index: u32| InstanceContext {
         plugin: spec.plugin.clone(),
         version: version.version,
         group: record.group.clone(),
+        member: state::member_name(broadcast, index),
         instance_index: index,
         instance_count: spec.instances,
-        config_json: spec.config.to_string(),
+        config_json: config_json.clone(),
         grants: grants.clone(),
         limits,
         broker: env.broker.clone(),
@@ -1084,7 +1284,13 @@ pub async fn start(
         // Instances serve only members this node runs something of.
         if active[m] {
             let rx = channels[m].1.clone();
-            tracker.spawn(worker(env.clone(), code.clone(), Arc::new(ctx_for(i)), rx));
+            tracker.spawn(worker(
+                env.clone(),
+                code.clone(),
+                Arc::new(ctx_for(i)),
+                rx,
+                cancel.clone(),
+            ));
         }
     }
     for (m, (shared_member, cursors)) in members.iter().zip(starts).enumerate() {
@@ -1124,7 +1330,10 @@ pub async fn start(
                 );
             }
         }
-        tracker.spawn(member.clone().run_timers());
+        // Ordered delivery runs each queue's timers in its queue loop.
+        if !spec.is_ordered() {
+            tracker.spawn(member.clone().run_timers());
+        }
     }
     drop(channels);
     Ok(Runner {
@@ -1151,6 +1360,84 @@ mod tests {
         assert_eq!(c, 8);
         mark_done(&mut c, &mut done, 3);
         assert_eq!((c, done.len()), (8, 0));
+    }
+
+    /// The outcome decision over its whole table: each result, below and at `max_attempts`,
+    /// with and without `block`, with the plugin's own delay and the policy's, near the end of
+    /// time.
+    #[test]
+    fn judge_decides_every_outcome_by_the_policy() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            backoff_ms: vec![100, 1000],
+        };
+        let now = 1_000_000;
+        let retry =
+            |r: &Result<Outcome, InvokeError>, a, block, now| judge(r, a, &policy, block, now);
+        let ack = Ok(Outcome::Ack);
+        let reject = Ok(Outcome::Reject("bad".into()));
+        let asks = Ok(Outcome::Retry(0));
+        let asks_5s = Ok(Outcome::Retry(5000));
+        let trap = Err(InvokeError::Trap("boom".into()));
+        for block in [false, true] {
+            for a in 1..=4 {
+                assert_eq!(retry(&ack, a, block, now), Fate::Done);
+                assert_eq!(
+                    retry(&reject, a, block, now),
+                    Fate::Dead {
+                        attempts: a,
+                        reason: "rejected: bad".into()
+                    },
+                    "reject dead-letters at once, blocking or not"
+                );
+            }
+        }
+        // Below max_attempts: the policy's backoff by attempt, the last one repeated.
+        let due = |f: Fate| match f {
+            Fate::Retry { due, .. } => due,
+            other => panic!("not a retry: {other:?}"),
+        };
+        assert_eq!(due(retry(&asks, 1, false, now)), now + 100);
+        assert_eq!(due(retry(&asks, 2, false, now)), now + 1000);
+        assert_eq!(
+            due(retry(&asks_5s, 1, false, now)),
+            now + 5000,
+            "the plugin's delay wins"
+        );
+        assert!(matches!(
+            retry(&trap, 2, false, now),
+            Fate::Retry { attempts: 2, ref error, .. } if error.contains("boom")
+        ));
+        // At max_attempts: dead, unless blocking (then the last backoff, forever).
+        for r in [&asks, &trap] {
+            assert!(matches!(
+                retry(r, 3, false, now),
+                Fate::Dead { attempts: 3, ref reason } if reason.starts_with("3 attempts failed")
+            ));
+            assert_eq!(due(retry(r, 3, true, now)), now + 1000);
+            assert_eq!(due(retry(r, 40, true, now)), now + 1000);
+        }
+        // A delay the plugin asks for is capped; time never wraps around.
+        assert_eq!(
+            due(retry(&Ok(Outcome::Retry(u64::MAX)), 1, false, now)),
+            now + crate::broker::MAX_DELAY_MS
+        );
+        assert_eq!(due(retry(&asks, 1, false, u64::MAX - 5)), u64::MAX);
+        // Counting: failed for errors, retried for retries, acked for acks; dead letters later.
+        let c = Counters::default();
+        count(&c, &trap, &retry(&trap, 1, false, now));
+        count(&c, &ack, &Fate::Done);
+        count(&c, &reject, &retry(&reject, 1, false, now));
+        let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(
+            (
+                read(&c.failed),
+                read(&c.retried),
+                read(&c.acked),
+                read(&c.dead_lettered)
+            ),
+            (1, 1, 1, 0)
+        );
     }
 
     mod properties {

@@ -14,6 +14,11 @@ pub const DEFAULT_BACKOFF_MS: [u64; 16] = [
 ];
 pub const MAX_INSTANCES: u32 = 256;
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
+/// The most messages a subscription may have in flight (`max_in_flight`).
+pub const MAX_IN_FLIGHT: u32 = 65_536;
+/// `max_rate` bounds, messages per second: one per ~17 minutes up to ten million.
+pub const MIN_RATE: f64 = 0.001;
+pub const MAX_RATE: f64 = 10_000_000.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,7 +73,8 @@ pub enum Start {
     #[default]
     Earliest,
     Latest,
-    /// The first message born at or after this time (ms since the epoch).
+    /// The first message the broker stored at or after this time (ms since the epoch; see
+    /// `stored_at` on each message): a transaction's message counts from its commit.
     Time(u64),
 }
 
@@ -150,8 +156,8 @@ impl SubscriptionSpec {
         if self.instances == 0 || self.instances > MAX_INSTANCES {
             return Err(format!("instances must be 1 to {MAX_INSTANCES}"));
         }
-        if self.max_in_flight == 0 {
-            return Err("max_in_flight must be at least 1".into());
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            return Err(format!("max_in_flight must be 1 to {MAX_IN_FLIGHT}"));
         }
         if self.retry.max_attempts == 0 {
             return Err("retry.max_attempts must be at least 1".into());
@@ -168,10 +174,13 @@ impl SubscriptionSpec {
             return Err("a retry delay is at most 30 days".into());
         }
         if let Some(r) = self.max_rate
-            && !(r.is_finite() && r > 0.0)
+            && !(MIN_RATE..=MAX_RATE).contains(&r)
         {
-            return Err("max_rate must be a positive number of messages per second".into());
+            return Err(format!(
+                "max_rate must be {MIN_RATE} to {MAX_RATE} messages per second"
+            ));
         }
+        self.limits.validate()?;
         if self.on_exhausted == OnExhausted::Block && !self.ordered && self.mode == Mode::Clustering
         {
             return Err("on_exhausted \"block\" needs ordered delivery".into());

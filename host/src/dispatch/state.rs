@@ -55,6 +55,15 @@ pub struct Cursor {
     /// Ordered delivery: attempts already made on the message at `committed`.
     #[serde(default)]
     pub head_attempts: u32,
+    /// Ordered delivery: not before this time (ms since the epoch) is the message at
+    /// `committed` tried again (0: no retry pending). Stored with the attempts, so a retry's
+    /// backoff holds across pause, update and restart as every other timer does.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub head_due: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 pub fn cursor_key(member: &str, queue: u32) -> String {
@@ -113,9 +122,22 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// Keys sort by time of death; the message id and member make each entry its own, so
+    /// broadcast instances dead-lettering one message in the same millisecond keep one entry
+    /// each.
     pub fn key(&self) -> String {
-        format!("{:016x}/{}", self.dead_at, self.message_id)
+        format!("{:016x}/{}/{}", self.dead_at, self.message_id, self.member)
     }
+
+    /// The broadcast instance that dead-lettered it (`None` for a clustering subscription).
+    pub fn instance(&self) -> Option<u32> {
+        member_instance(&self.member)
+    }
+}
+
+/// The instance index of a broadcast member name made by [`member_name`].
+pub fn member_instance(member: &str) -> Option<u32> {
+    member.strip_prefix('i')?.parse().ok()
 }
 
 pub fn decode<T: serde::de::DeserializeOwned>(what: &str, r: &Record) -> Result<T, StorageError> {
@@ -184,5 +206,23 @@ mod tests {
         assert!(t("all", u64::MAX, 0).key() < t("i0000", 0, 0).key());
         assert!(cursor_key("i0001", 2) < cursor_key("i0001", 10));
         assert_eq!(member_name(true, 3), "i0003");
+        assert_eq!(member_instance(&member_name(true, 3)), Some(3));
+        assert_eq!(member_instance(SHARED_MEMBER), None);
+    }
+
+    #[test]
+    fn dead_letters_of_one_message_by_two_members_have_their_own_keys() {
+        let dl = |member: &str| DeadLetter {
+            message_id: "m".into(),
+            member: member.into(),
+            queue: 0,
+            offset: 7,
+            attempts: 1,
+            reason: "rejected".into(),
+            dead_at: 1000,
+        };
+        assert_ne!(dl("i0000").key(), dl("i0001").key());
+        assert_eq!(dl("i0002").instance(), Some(2));
+        assert_eq!(dl(SHARED_MEMBER).instance(), None);
     }
 }

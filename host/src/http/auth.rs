@@ -17,8 +17,9 @@ enum Need {
     Read,
     /// Publishing to this topic.
     Produce(String),
-    /// Deciding a transaction (a producer's commit or rollback).
-    Decide,
+    /// Deciding this transaction (a producer's commit or rollback): a produce action on the
+    /// transaction's topic, which [`check`] looks up.
+    Decide(String),
     Admin,
 }
 
@@ -32,7 +33,9 @@ fn need(method: &Method, path: &str) -> Need {
         | (&Method::POST, ["v1", "topics", topic, "transactions"]) => {
             Need::Produce((*topic).to_string())
         }
-        (&Method::POST, ["v1", "transactions", _, "commit" | "rollback"]) => Need::Decide,
+        (&Method::POST, ["v1", "transactions", id, "commit" | "rollback"]) => {
+            Need::Decide((*id).to_string())
+        }
         (&Method::GET | &Method::HEAD, _) => Need::Read,
         _ => Need::Admin,
     }
@@ -43,7 +46,7 @@ pub fn scope_name(method: &Method, path: &str) -> &'static str {
     match need(method, path) {
         Need::Nothing => "none",
         Need::Read => "read",
-        Need::Produce(_) | Need::Decide => "produce",
+        Need::Produce(_) | Need::Decide(_) => "produce",
         Need::Admin => "admin",
     }
 }
@@ -57,26 +60,31 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn allows(t: &TokenConfig, need: &Need) -> bool {
+/// Whether token `t` may do what `need` says; `txn_topic` is the topic of the transaction a
+/// [`Need::Decide`] names (`None`: no such transaction, which the route answers with 404).
+fn allows(t: &TokenConfig, need: &Need, txn_topic: Option<&str>) -> bool {
     let has = |s: &str| t.scopes.iter().any(|x| x == s);
     if has("admin") {
         return true;
     }
+    let produces_to =
+        |topic: &str| t.topics.is_empty() || t.topics.iter().any(|x| x == "*" || x == topic);
     match need {
         Need::Nothing => true,
         Need::Read => has("read"),
-        Need::Produce(topic) => {
-            has("produce")
-                && (t.topics.is_empty() || t.topics.iter().any(|x| x == "*" || x == topic))
-        }
-        Need::Decide => has("produce"),
+        Need::Produce(topic) => has("produce") && produces_to(topic),
+        Need::Decide(_) => has("produce") && txn_topic.is_none_or(produces_to),
         Need::Admin => false,
     }
 }
 
-pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn check(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let tokens = &state.tokens;
     if tokens.is_empty() {
+        req.extensions_mut().insert(super::streams::Caller {
+            token: None,
+            admin: true,
+        });
         return next.run(req).await;
     }
     let need = need(req.method(), req.uri().path());
@@ -99,16 +107,33 @@ pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> R
     };
     // Every token is compared, so the answer time does not depend on which one matched.
     let mut found = None;
-    for t in tokens.iter() {
+    for (i, t) in tokens.iter().enumerate() {
         if same(t.token.as_bytes(), presented.as_bytes()) {
-            found = Some(t);
+            found = Some((i, t));
         }
     }
+    if let Some((i, t)) = found {
+        req.extensions_mut().insert(super::streams::Caller {
+            token: Some(i),
+            admin: allows(t, &Need::Admin, None),
+        });
+    }
+    let redacts = found.is_some_and(|(_, t)| !allows(t, &Need::Admin, None))
+        && shows_plugin_config(req.method(), req.uri().path());
+    let found = found.map(|(_, t)| t);
+    // A decision is a produce action on its transaction's topic.
+    let txn_topic = match &need {
+        Need::Decide(id) => state.transactions.get(id).await.ok().map(|t| t.topic),
+        _ => None,
+    };
     match found {
         None => {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token").into_response()
         }
-        Some(t) if allows(t, &need) => next.run(req).await,
+        Some(t) if allows(t, &need, txn_topic.as_deref()) => {
+            let resp = next.run(req).await;
+            if redacts { redact(resp).await } else { resp }
+        }
         Some(_) => ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -116,6 +141,59 @@ pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> R
         )
         .into_response(),
     }
+}
+
+/// Routes whose answers carry plugin config and grants (where users put API keys): a token
+/// that may not administer sees them redacted.
+fn shows_plugin_config(method: &Method, path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(*method, Method::GET | Method::HEAD)
+        && matches!(
+            parts.as_slice(),
+            ["v1", "subscriptions"]
+                | ["v1", "subscriptions", _]
+                | ["v1", "topics"]
+                | ["v1", "topics", _]
+        )
+}
+
+/// The fields that hold plugin config or grants, wherever they appear in an answer.
+const REDACTED_FIELDS: [&str; 4] = [
+    "config",
+    "grants",
+    "transaction_checker_config",
+    "transaction_checker_grants",
+];
+
+fn redact_value(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if REDACTED_FIELDS.contains(&k.as_str()) {
+                    *x = serde_json::Value::String("[redacted]".into());
+                } else {
+                    redact_value(x);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact_value),
+        _ => {}
+    }
+}
+
+/// The answer with plugin config and grants replaced by `"[redacted]"`.
+async fn redact(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return ApiError::internal("cannot read an answer to redact").into_response();
+    };
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    redact_value(&mut v);
+    let out = serde_json::to_vec(&v).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(out))
 }
 
 #[cfg(test)]
@@ -135,7 +213,7 @@ mod tests {
         );
         assert_eq!(
             need(&Method::POST, "/v1/transactions/x/commit"),
-            Need::Decide
+            Need::Decide("x".into())
         );
         assert_eq!(
             need(&Method::POST, "/v1/transactions/x/recheck"),
@@ -144,6 +222,23 @@ mod tests {
         assert_eq!(need(&Method::GET, "/v1/subscriptions/g"), Need::Read);
         assert_eq!(need(&Method::PUT, "/v1/topics/orders"), Need::Admin);
         assert_eq!(need(&Method::POST, "/v1/plugins/p/invoke"), Need::Admin);
+    }
+
+    #[test]
+    fn a_decision_is_a_produce_action_on_the_transactions_topic() {
+        let token = |scopes: &[&str], topics: &[&str]| TokenConfig {
+            token: "t".into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+        };
+        let decide = Need::Decide("x".into());
+        let a = token(&["produce"], &["topic-a"]);
+        assert!(allows(&a, &decide, Some("topic-a")));
+        assert!(!allows(&a, &decide, Some("topic-b")));
+        assert!(allows(&a, &decide, None), "unknown: the route answers 404");
+        assert!(allows(&token(&["produce"], &[]), &decide, Some("topic-b")));
+        assert!(!allows(&token(&["read"], &[]), &decide, Some("topic-a")));
+        assert!(allows(&token(&["admin"], &[]), &decide, Some("topic-b")));
     }
 
     #[test]

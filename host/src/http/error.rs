@@ -83,6 +83,7 @@ impl From<EnvelopeError> for ApiError {
             EnvelopeError::BadTag(_) => "bad_tag",
             EnvelopeError::BadDelay => "bad_delay",
             EnvelopeError::TxnOnly => "bad_field",
+            EnvelopeError::TooLong { .. } => "bad_duration",
         };
         Self::bad_request(code, e.to_string())
     }
@@ -96,6 +97,11 @@ impl From<BrokerError> for ApiError {
             BrokerError::UnknownTopic(_) => Self::not_found("unknown_topic", msg),
             BrokerError::BadTopicSpec(_) => Self::bad_request("bad_topic_spec", msg),
             BrokerError::BadIdempotencyKey => Self::bad_request("bad_idempotency_key", msg),
+            BrokerError::IdempotencyKeyReused(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                msg,
+            ),
             BrokerError::TooManyQueues { .. } => Self::bad_request("too_many_queues", msg),
             BrokerError::QueuesShrink { .. } => {
                 Self::new(StatusCode::CONFLICT, "queues_shrink", msg)

@@ -122,6 +122,9 @@ pub struct MessageView {
     #[serde(skip_serializing_if = "Option::is_none")]
     body_base64: Option<String>,
     born_at: u64,
+    /// When the broker stored it (a transaction's message: at commit); resets to a time
+    /// search by it.
+    stored_at: u64,
     deliver_at: u64,
 }
 
@@ -149,6 +152,7 @@ impl From<StoredMessage> for MessageView {
             body: json,
             body_base64,
             born_at: m.born_at,
+            stored_at: s.stored_at,
             deliver_at: m.deliver_at,
         }
     }

@@ -3,10 +3,12 @@
 mod auth;
 mod dashboard;
 mod error;
+pub mod guard;
 mod messages;
 mod plugins;
 pub mod routes;
 mod serve;
+pub mod streams;
 mod subscriptions;
 mod topics;
 mod transactions;
@@ -39,6 +41,20 @@ pub struct AppState {
     pub closing: tokio_util::sync::CancellationToken,
     /// This node, its heartbeat and the cluster view.
     pub node: Arc<crate::cluster::Node>,
+    /// Which hosts and browser origins may reach the API.
+    pub browser: Arc<guard::BrowserPolicy>,
+    /// Caps on open log-follow streams, in total and per token.
+    pub streams: Arc<streams::StreamLimits>,
+}
+
+/// Runs a control change (subscription changes, a plugin upload with the restarts it causes, a
+/// topic change) as a task of its own, so it runs to its end, or fails as a whole, even when
+/// the request that asked for it is cut off by the request timeout or a client that went away:
+/// a subscription is never left stopped while shown running.
+pub(crate) async fn detached<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change).await.map_err(ApiError::internal)?
 }
 
 /// The whole API; tests and the server both build it here.
@@ -54,6 +70,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::check,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -11,7 +11,7 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, parse_json, read_body};
+use super::{ApiError, AppState, detached, parse_json, read_body};
 use crate::broker::{Envelope, now_ms};
 use crate::dispatch::spec::GrantSpec;
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
@@ -60,11 +60,20 @@ pub async fn upload(
             e
         }
     })?;
-    let (version, created) = state.plugins.upload(&name, bytes.to_vec(), limits).await?;
-    if created {
-        // Subscriptions that follow the latest version move to it (after draining).
-        state.dispatcher.refresh(Some(&name), None).await?;
-    }
+    let (plugins, dispatcher, plugin) = (
+        state.plugins.clone(),
+        state.dispatcher.clone(),
+        name.clone(),
+    );
+    let (version, created) = detached(async move {
+        let (version, created) = plugins.upload(&plugin, bytes.to_vec(), limits).await?;
+        if created {
+            // Subscriptions that follow the latest version move to it (after draining).
+            dispatcher.refresh(Some(&plugin), None).await?;
+        }
+        Ok((version, created))
+    })
+    .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -171,17 +180,39 @@ pub async fn invoke(
         born_at: now,
         attempt: req.attempt.unwrap_or(1).max(1),
     };
+    let grants = req
+        .grants
+        .to_grants()
+        .map_err(|e| ApiError::bad_request("bad_grants", e))?;
+    // A trial call gets no capability an admin has not granted this plugin elsewhere (in a
+    // subscription, or as a topic's transaction checker): invoke is no way around the grants.
+    let mut configured = Vec::new();
+    for g in state.dispatcher.plugin_grants(&name).await? {
+        configured.extend(g.to_grants().ok());
+    }
+    for t in state.broker.topics() {
+        if t.transaction_checker.as_deref() == Some(name.as_str()) {
+            configured.extend(t.transaction_checker_grants.to_grants().ok());
+        }
+    }
+    if let Some(g) = grants.beyond(&configured) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "grant_not_configured",
+            format!(
+                "no subscription or transaction checker grants plugin {name:?} {g}; grant it there first"
+            ),
+        ));
+    }
     let ctx = InstanceContext {
         plugin: name.clone(),
         version: 0,
         group: String::new(),
+        member: "invoke".into(),
         instance_index: 0,
         instance_count: 1,
         config_json: req.config.unwrap_or_else(|| json!({})).to_string(),
-        grants: req
-            .grants
-            .to_grants()
-            .map_err(|e| ApiError::bad_request("bad_grants", e))?,
+        grants,
         limits: PluginLimits::default(),
         broker: state.broker.clone(),
     };
@@ -226,6 +257,7 @@ const FOLLOW_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10)
 pub async fn logs(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    caller: Option<axum::Extension<super::streams::Caller>>,
     query: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse as _;
@@ -236,6 +268,16 @@ pub async fn logs(
     if !q.follow {
         return Ok(Json(logs.page(&name, q.since, limit)).into_response());
     }
+    let caller = caller.map_or(
+        super::streams::Caller {
+            token: None,
+            admin: true,
+        },
+        |c| c.0,
+    );
+    let slot = state.streams.open(caller).map_err(|why| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_streams", why).retry_after(5)
+    })?;
     // Subscribe before reading the ring, so no line falls between the two.
     let live = logs
         .follow(&name)
@@ -246,6 +288,7 @@ pub async fn logs(
         live,
         next: page.next,
         closing: state.closing.clone(),
+        _slot: slot,
     };
     let stream = futures::stream::iter(backlog.into_iter().map(Ok::<_, std::io::Error>)).chain(
         futures::stream::unfold(state, |mut s| async move {
@@ -265,6 +308,8 @@ struct FollowState {
     /// Lines before this were sent already.
     next: u64,
     closing: tokio_util::sync::CancellationToken,
+    /// This stream's place under the stream caps, freed when the stream ends.
+    _slot: super::streams::StreamSlot,
 }
 
 impl FollowState {

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState, parse_json, read_body};
+use super::{ApiError, AppState, detached, parse_json, read_body};
 use crate::dispatch::{DeadLetterView, Start, SubscriptionSpec};
 
 const MAX_SPEC_BODY: usize = 256 * 1024;
@@ -21,7 +21,8 @@ pub async fn put(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let bytes = read_body(body, MAX_SPEC_BODY).await?;
     let spec: SubscriptionSpec = parse_json(&bytes)?;
-    let (status, created) = state.dispatcher.put(&group, spec).await?;
+    let d = state.dispatcher.clone();
+    let (status, created) = detached(async move { Ok(d.put(&group, spec).await?) }).await?;
     Ok((
         if created {
             StatusCode::CREATED
@@ -49,7 +50,9 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(group): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.dispatcher.delete(&group).await?;
+    let d = state.dispatcher.clone();
+    let name = group.clone();
+    detached(async move { Ok(d.delete(&name).await?) }).await?;
     Ok(Json(json!({ "deleted": group })))
 }
 
@@ -57,14 +60,20 @@ pub async fn pause(
     State(state): State<AppState>,
     Path(group): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(state.dispatcher.pause(&group).await?))
+    let d = state.dispatcher.clone();
+    Ok(Json(
+        detached(async move { Ok(d.pause(&group).await?) }).await?,
+    ))
 }
 
 pub async fn resume(
     State(state): State<AppState>,
     Path(group): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(state.dispatcher.resume(&group).await?))
+    let d = state.dispatcher.clone();
+    Ok(Json(
+        detached(async move { Ok(d.resume(&group).await?) }).await?,
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -86,7 +95,10 @@ pub async fn reset(
     } else {
         parse_json(&bytes)?
     };
-    Ok(Json(state.dispatcher.reset(&group, req.to).await?))
+    let d = state.dispatcher.clone();
+    Ok(Json(
+        detached(async move { Ok(d.reset(&group, req.to).await?) }).await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -115,6 +127,7 @@ pub async fn dlq(
         .into_iter()
         .map(|e| DeadLetterView {
             key: e.key(),
+            instance: e.instance(),
             entry: e,
         })
         .collect();
@@ -139,6 +152,7 @@ pub async fn redrive(
     } else {
         parse_json(&bytes)?
     };
-    let n = state.dispatcher.redrive(&group, req.ids.as_deref()).await?;
+    let d = state.dispatcher.clone();
+    let n = detached(async move { Ok(d.redrive(&group, req.ids.as_deref()).await?) }).await?;
     Ok(Json(json!({ "redriven": n })))
 }

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Serialize;
 
-use super::{ApiError, AppState, parse_json, read_body};
+use super::{ApiError, AppState, detached, parse_json, read_body};
 use crate::broker::{TopicMeta, TopicSpec};
 
 /// Topic metadata bodies are tiny.
@@ -43,17 +43,17 @@ pub async fn put(
     } else {
         parse_json(&bytes)?
     };
-    let queues_before = state
-        .broker
-        .topic_loaded(&topic)
-        .await
-        .map(|t| t.queues)
-        .ok();
-    let (meta, created) = state.broker.put_topic(&topic, spec).await?;
-    if queues_before.is_some_and(|q| q != meta.queues) {
-        // Subscriptions of the topic start reading its new queues.
-        state.dispatcher.refresh(None, Some(&topic)).await?;
-    }
+    let (broker, dispatcher) = (state.broker.clone(), state.dispatcher.clone());
+    let (meta, created) = detached(async move {
+        let queues_before = broker.topic_loaded(&topic).await.map(|t| t.queues).ok();
+        let (meta, created) = broker.put_topic(&topic, spec).await?;
+        if queues_before.is_some_and(|q| q != meta.queues) {
+            // Subscriptions of the topic start reading its new queues.
+            dispatcher.refresh(None, Some(&topic)).await?;
+        }
+        Ok((meta, created))
+    })
+    .await?;
     let status = if created {
         StatusCode::CREATED
     } else {

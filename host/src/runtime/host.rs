@@ -29,6 +29,31 @@ pub struct Grants {
     pub publish: Vec<String>,
 }
 
+impl Grants {
+    /// `None` if every capability of `self` is also in one of `configured` (what admins
+    /// granted the plugin in its subscriptions and as a transaction checker); otherwise the
+    /// first one that is not, named as the API spells it.
+    pub fn beyond(&self, configured: &[Grants]) -> Option<String> {
+        if self.email && !configured.iter().any(|g| g.email) {
+            return Some("email".into());
+        }
+        if self.sms && !configured.iter().any(|g| g.sms) {
+            return Some("sms".into());
+        }
+        if let Some(o) = self
+            .http
+            .iter()
+            .find(|o| !configured.iter().any(|g| g.http.contains(o)))
+        {
+            return Some(format!("http {o}"));
+        }
+        self.publish
+            .iter()
+            .find(|t| !configured.iter().any(|g| g.publish.contains(t)))
+            .map(|t| format!("publish {t}"))
+    }
+}
+
 /// Grants as the API spells them.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,12 +90,41 @@ pub struct PluginLimits {
     pub memory_mb: Option<u64>,
 }
 
+/// The longest call deadline a subscription or upload may ask for (`limits.timeout_ms`, 10 min).
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+/// The most memory a subscription or upload may ask for (`limits.memory_mb`; the server's
+/// `[plugins] memory_mb` caps it further).
+pub const MAX_MEMORY_MB: u64 = 65_536;
+
+impl PluginLimits {
+    /// Bounds what a client may ask of a plugin call: `timeout_ms` 1 to [`MAX_TIMEOUT_MS`],
+    /// `memory_mb` 1 to [`MAX_MEMORY_MB`] (subscription `limits` and plugin uploads); the
+    /// error names the field and its bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self
+            .timeout_ms
+            .is_some_and(|t| t == 0 || t > MAX_TIMEOUT_MS)
+        {
+            return Err(format!("limits.timeout_ms must be 1 to {MAX_TIMEOUT_MS}"));
+        }
+        if self.memory_mb.is_some_and(|m| m == 0 || m > MAX_MEMORY_MB) {
+            return Err(format!("limits.memory_mb must be 1 to {MAX_MEMORY_MB}"));
+        }
+        Ok(())
+    }
+}
+
 /// Who an instance is, what it may do, and the broker services behind its capabilities.
 #[derive(Clone)]
 pub struct InstanceContext {
     pub plugin: String,
     pub version: u32,
     pub group: String,
+    /// The dispatch member it serves: `all` for a clustering subscription, `iNNNN` for a
+    /// broadcast instance (each has its own offsets). Per-member plugin state (the SDKs'
+    /// `once()` markers) is kept under the group and this name, so one member's marker never
+    /// stands for another's.
+    pub member: String,
     pub instance_index: u32,
     pub instance_count: u32,
     pub config_json: String,
@@ -179,6 +233,7 @@ impl HostState {
         if let Err(GuestError::Denied(why)) = &result {
             self.denials += 1;
             if self.denials.is_power_of_two() {
+                let why = crate::text::from_plugin(why, crate::text::MAX_REASON_BYTES);
                 tracing::warn!(plugin = %self.ctx.plugin, group = %self.ctx.group, capability, denials = self.denials, "capability call denied: {why}");
             }
         }
@@ -187,6 +242,15 @@ impl HostState {
 
     fn kv_space(&self) -> String {
         format!("kv/{}", self.ctx.plugin)
+    }
+
+    /// The stored key of a plugin's kv key: the SDKs' `once()` markers (`__once/<message id>`)
+    /// are scoped to the subscription and member that ran the side effect.
+    fn kv_key(&self, key: &str) -> String {
+        match key.strip_prefix(ONCE_PREFIX) {
+            Some(id) => format!("{ONCE_PREFIX}{}/{}/{id}", self.ctx.group, self.ctx.member),
+            None => key.to_string(),
+        }
     }
 }
 
@@ -208,6 +272,9 @@ fn check_key(key: &str) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// The prefix of the keys the SDKs' `once()` writes (guest-sdk `capabilities::once`).
+const ONCE_PREFIX: &str = "__once/";
+
 fn unavailable(e: impl std::fmt::Display) -> GuestError {
     GuestError::Unavailable(e.to_string())
 }
@@ -224,7 +291,8 @@ impl log::Host for HostState {
             logs.dropped(&c.plugin, 1);
             return Ok(());
         }
-        let mut message = message;
+        // One line per call of `log`, inert in a terminal: a `\n` cannot forge a server line.
+        let mut message = crate::text::printable(&message).into_owned();
         if self.lines_this_call == LINES_PER_CALL {
             message = format!(
                 "(log limit of {LINES_PER_CALL} lines per call reached; later lines of this call are dropped) {message}"
@@ -287,7 +355,7 @@ impl kv::Host for HostState {
         }
         let storage = self.ctx.broker.storage();
         Ok(storage
-            .get_record(&self.kv_space(), &key)
+            .get_record(&self.kv_space(), &self.kv_key(&key))
             .await
             .map(|r| r.map(|r| r.value))
             .map_err(unavailable))
@@ -306,11 +374,19 @@ impl kv::Host for HostState {
                 "kv values have at most {MAX_KV_VALUE} bytes"
             ))));
         }
+        // kv state counts against the disk quota like messages do.
+        if let Err(e) = self
+            .ctx
+            .broker
+            .reserve_disk_bytes((key.len() + value.len()) as u64)
+        {
+            return Ok(Err(unavailable(e)));
+        }
         let storage = self.ctx.broker.storage();
         Ok(storage
             .put_record(
                 &self.kv_space(),
-                &key,
+                &self.kv_key(&key),
                 Some(value),
                 crate::storage::Expect::Any,
             )
@@ -325,7 +401,12 @@ impl kv::Host for HostState {
         }
         let storage = self.ctx.broker.storage();
         Ok(storage
-            .put_record(&self.kv_space(), &key, None, crate::storage::Expect::Any)
+            .put_record(
+                &self.kv_space(),
+                &self.kv_key(&key),
+                None,
+                crate::storage::Expect::Any,
+            )
             .await
             .map(drop)
             .map_err(unavailable))

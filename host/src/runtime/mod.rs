@@ -374,6 +374,12 @@ impl Runtime {
     }
 }
 
+/// A trap's text (it names the plugin's own functions and may carry its messages): capped and
+/// escaped like every plugin-provided string.
+fn trap_text(e: &wasmtime::Error) -> String {
+    crate::text::from_plugin(&format!("{e:#}"), 2 * crate::text::MAX_REASON_BYTES)
+}
+
 /// Maps a wasmtime error to what happened to the plugin; `Err` gives back anything else.
 fn classify(e: wasmtime::Error, config: &RuntimeConfig) -> Result<InvokeError, wasmtime::Error> {
     if e.downcast_ref::<host::DeadlineExceeded>().is_some()
@@ -385,7 +391,7 @@ fn classify(e: wasmtime::Error, config: &RuntimeConfig) -> Result<InvokeError, w
         return Ok(InvokeError::MemoryLimit(m.limit));
     }
     if e.downcast_ref::<Trap>().is_some() {
-        return Ok(InvokeError::Trap(format!("{e:#}")));
+        return Ok(InvokeError::Trap(trap_text(&e)));
     }
     Err(e)
 }
@@ -419,7 +425,7 @@ impl PluginInstance {
     fn finish<T>(&mut self, r: wasmtime::Result<T>) -> Result<T, InvokeError> {
         r.map_err(|e| {
             self.broken = true;
-            classify(e, &self.limits).unwrap_or_else(|e| InvokeError::Trap(format!("{e:#}")))
+            classify(e, &self.limits).unwrap_or_else(|e| InvokeError::Trap(trap_text(&e)))
         })
     }
 
@@ -429,7 +435,14 @@ impl PluginInstance {
         };
         self.start_call(&message.id);
         let r = guest.call_handle(&mut self.store, message).await;
-        self.finish(r)
+        // A reason is kept in dead letters, shown by the API and logged: capped and escaped.
+        self.finish(r).map(|o| match o {
+            Outcome::Reject(reason) => Outcome::Reject(crate::text::from_plugin(
+                &reason,
+                crate::text::MAX_REASON_BYTES,
+            )),
+            other => other,
+        })
     }
 
     pub async fn check_transaction(

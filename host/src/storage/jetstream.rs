@@ -48,6 +48,11 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> StorageError {
 
 /// A name as one NATS token that is also a valid stream name and KV key: ASCII letters, digits
 /// and `-` stay, every other byte becomes `=XX`; the empty string is `=`.
+/// A JetStream store time (the stream leader's clock) in ms since the epoch.
+fn epoch_ms(time: &async_nats::datetime::DateTime) -> u64 {
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
 fn enc(s: &str) -> String {
     if s.is_empty() {
         return "=".into();
@@ -761,7 +766,7 @@ impl Storage for JetStreamStorage {
             let stream = stream.clone();
             async move {
                 match stream.direct_get(seq).await {
-                    Ok(raw) => Ok(Some(raw.payload)),
+                    Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
                     // Direct gets may be answered by a replica that has not applied the newest
                     // messages yet: the read ends before them, and the next read gets them.
                     Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
@@ -769,19 +774,22 @@ impl Storage for JetStreamStorage {
                 }
             }
         });
-        let found: Vec<Option<bytes::Bytes>> = futures::stream::iter(gets)
+        let found: Vec<Option<(u64, bytes::Bytes)>> = futures::stream::iter(gets)
             .buffered(READ_AHEAD)
             .try_collect()
             .await?;
         let mut out = Vec::with_capacity(found.len());
         for (seq, payload) in (from + 1..).zip(found) {
-            let Some(payload) = payload else { break };
+            let Some((stored_at, payload)) = payload else {
+                break;
+            };
             let message: NewMessage = rmp_serde::from_slice(&payload).map_err(|e| {
                 StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
             })?;
             out.push(StoredMessage {
                 topic: topic.to_string(),
                 offset: seq - 1,
+                stored_at,
                 message,
             });
         }
@@ -820,6 +828,7 @@ impl Storage for JetStreamStorage {
         Ok(Some(StoredMessage {
             topic: at.topic,
             offset: at.offset,
+            stored_at: epoch_ms(&raw.time),
             message,
         }))
     }

@@ -66,11 +66,15 @@ pub struct NewMessage {
     pub deliver_at: u64,
 }
 
-/// A stored message: where it is, and what it is.
+/// A stored message: where it is, when the broker stored it, and what it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
     pub topic: String,
     pub offset: u64,
+    /// When the broker stored it (ms since the epoch; a transaction's message: at commit). Never
+    /// decreases along a queue, unlike `born_at` (producers' clocks differ, a transaction keeps
+    /// its begin time), so a reset to a time searches by it, as RocketMQ does by store time.
+    pub stored_at: u64,
     pub message: NewMessage,
 }
 

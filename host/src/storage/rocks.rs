@@ -136,6 +136,9 @@ impl RocksStorage {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // A bounded share of the process's file descriptors (see `crate::fds`): with the default
+        // (-1) table files alone could take every descriptor.
+        opts.set_max_open_files(crate::fds::STORAGE_OPEN_FILES as i32);
         // Write SST and WAL data out in 1 MiB steps: a memtable flush then never dumps tens of
         // MiB of dirty pages at once, which would stall the WAL fsync acknowledged publishes wait on.
         opts.set_bytes_per_sync(1 << 20);
@@ -152,7 +155,7 @@ impl RocksStorage {
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
-        let committed = recover_high_water(&db)?;
+        let (committed, last_stored_at) = recover_high_water(&db)?;
         let last_revision = match db.get(LAST_REVISION)? {
             Some(v) => u64::from_be_bytes(
                 v.as_slice()
@@ -172,6 +175,7 @@ impl RocksStorage {
             shared: high_water.clone(),
             watchers: watchers.clone(),
             last_revision,
+            last_stored_at,
             stats: stats.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -241,14 +245,29 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, StorageEr
         .ok_or_else(|| StorageError::Corrupt(format!("column family {name} missing")))
 }
 
+/// A stored value is the message (MessagePack) followed by the time it was stored (8 bytes, big
+/// endian, ms since the epoch); values written before store times existed end with the
+/// message, and read their birth time as store time.
 fn decode_message(key: &[u8], value: &[u8]) -> Result<StoredMessage, StorageError> {
     let (topic, queue, offset) = keys::parse_message(key)?;
-    let mut message: NewMessage = rmp_serde::from_slice(value)
-        .map_err(|e| StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}")))?;
+    let corrupt = |e: &dyn std::fmt::Display| {
+        StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}"))
+    };
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(value));
+    let mut message: NewMessage =
+        serde::Deserialize::deserialize(&mut de).map_err(|e| corrupt(&e))?;
+    let end = usize::try_from(de.position()).map_err(|e| corrupt(&e))?;
+    let stored_at = match value.get(end..) {
+        Some([]) | None => message.born_at,
+        Some(trailer) => {
+            u64::from_be_bytes(trailer.try_into().map_err(|_| corrupt(&"bad store time"))?)
+        }
+    };
     message.queue = queue;
     Ok(StoredMessage {
         topic,
         offset,
+        stored_at,
         message,
     })
 }
@@ -260,17 +279,22 @@ fn get_message_at(db: &DB, location: &[u8]) -> Result<Option<StoredMessage>, Sto
     }
 }
 
-/// Finds the last offset of every (topic, queue) with two seeks per queue.
-fn recover_high_water(db: &DB) -> Result<HighWater, StorageError> {
+/// Finds the last offset of every (topic, queue) with two seeks per queue, and the latest store
+/// time among those last messages (store times never go back, even if the clock does).
+fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
     let mut out = HighWater::new();
+    let mut latest = 0u64;
     let mut it = db.raw_iterator_cf(cf(db, CF_MESSAGES)?);
     it.seek_to_first();
     while let Some(key) = it.key() {
         let (topic, queue, _) = keys::parse_message(key)?;
         it.seek_for_prev(keys::message(&topic, queue, u64::MAX));
-        let last = match it.key() {
-            Some(k) => keys::parse_message(k)?.2,
-            None => {
+        let last = match (it.key(), it.value()) {
+            (Some(k), Some(v)) => {
+                latest = latest.max(decode_message(k, v)?.stored_at);
+                keys::parse_message(k)?.2
+            }
+            _ => {
                 return Err(StorageError::Corrupt(
                     "queue vanished during recovery".into(),
                 ));
@@ -290,7 +314,7 @@ fn recover_high_water(db: &DB) -> Result<HighWater, StorageError> {
         }
     }
     it.status()?;
-    Ok(out)
+    Ok((out, latest))
 }
 
 #[async_trait]
@@ -535,6 +559,9 @@ struct Writer {
     shared: Arc<RwLock<HighWater>>,
     watchers: Arc<Watchers>,
     last_revision: u64,
+    /// The store time given to the last group commit's messages: never decreasing, so every
+    /// queue's store times are in offset order (what a reset to a time searches by).
+    last_stored_at: u64,
     stats: Arc<WriterStats>,
 }
 
@@ -576,6 +603,8 @@ impl Writer {
         // Revision (None = deleted) of records written earlier in this same group.
         let mut staged_records: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
         let mut revision = self.last_revision;
+        let stored_at = crate::broker::now_ms().max(self.last_stored_at);
+        self.last_stored_at = stored_at;
         let mut replies = Vec::with_capacity(ops.len());
         let mut appended = 0u64;
         for op in ops {
@@ -594,7 +623,7 @@ impl Writer {
                         let _ = reply.send(Err(e));
                         continue;
                     }
-                    match self.stage_append(&mut batch, &mut staged, &topic, &messages) {
+                    match self.stage_append(&mut batch, &mut staged, &topic, &messages, stored_at) {
                         Ok(done) => {
                             let rev = match &guard {
                                 Some(g) => match self.write_record(
@@ -755,6 +784,7 @@ impl Writer {
         staged: &mut HighWater,
         topic: &str,
         messages: &[Encoded],
+        stored_at: u64,
     ) -> Result<Vec<Appended>, StorageError> {
         let (cf_messages, cf_ids, cf_keys) = (
             cf(&self.db, CF_MESSAGES)?,
@@ -773,7 +803,10 @@ impl Writer {
             let offset = next[q];
             next[q] += 1;
             let location = keys::message(topic, m.queue, offset);
-            batch.put_cf(cf_messages, &location, &m.value);
+            let mut value = Vec::with_capacity(m.value.len() + 8);
+            value.extend_from_slice(&m.value);
+            value.extend_from_slice(&stored_at.to_be_bytes());
+            batch.put_cf(cf_messages, &location, &value);
             batch.put_cf(cf_ids, keys::id(&m.id), &location);
             if let Some(key) = &m.key {
                 batch.put_cf(cf_keys, keys::business_key(topic, key, m.queue, offset), []);

@@ -39,7 +39,7 @@ pub enum TxnError {
     Storage(#[from] StorageError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TxnState {
     Pending,
@@ -125,11 +125,39 @@ pub struct Transactions {
     wake: Notify,
     /// Idle checker instances by plugin name and version.
     idle: tokio::sync::Mutex<HashMap<(String, u32), Vec<PluginInstance>>>,
+    /// Transaction ids by state, kept as this node writes them, so counts (`/metrics`, the
+    /// dashboard) and listings by state cost what they return, not every transaction ever
+    /// stored. `None` when nodes share the storage: other nodes decide transactions too, so
+    /// answers come from storage.
+    index: Option<std::sync::Mutex<StateIndex>>,
 }
 
-/// Every pending transaction in storage, with when it is due for a check.
-async fn pending(broker: &Broker) -> Result<Vec<(u64, String)>, TxnError> {
-    let mut out = Vec::new();
+/// Transaction ids by state (ids are UUIDv7: in each set, oldest first).
+#[derive(Debug, Default)]
+struct StateIndex {
+    state_of: HashMap<String, TxnState>,
+    by_state: HashMap<TxnState, BTreeSet<String>>,
+}
+
+impl StateIndex {
+    fn set(&mut self, id: &str, state: TxnState) {
+        if let Some(old) = self.state_of.insert(id.to_string(), state)
+            && let Some(ids) = self.by_state.get_mut(&old)
+        {
+            ids.remove(id);
+        }
+        self.by_state
+            .entry(state)
+            .or_default()
+            .insert(id.to_string());
+    }
+}
+
+/// Every transaction in storage: the pending ones with when they are due for a check, and
+/// each one's state.
+async fn scan(broker: &Broker) -> Result<(Vec<(u64, String)>, StateIndex), TxnError> {
+    let mut pending = Vec::new();
+    let mut index = StateIndex::default();
     for (id, r) in broker
         .storage()
         .list_records(TXN_SPACE, "", usize::MAX)
@@ -137,28 +165,59 @@ async fn pending(broker: &Broker) -> Result<Vec<(u64, String)>, TxnError> {
     {
         let t = decode(&id, &r.value)?;
         if t.state == TxnState::Pending {
-            out.push((t.next_check_at, id));
+            pending.push((t.next_check_at, id.clone()));
         }
+        index.set(&id, t.state);
     }
-    Ok(out)
+    Ok((pending, index))
 }
 
 impl Transactions {
-    /// Loads pending transactions so their checks resume where they were.
+    /// Loads pending transactions so their checks resume where they were. `shared`: other
+    /// nodes write transactions to the same storage.
     pub async fn new(
         broker: Arc<Broker>,
         plugins: Arc<Plugins>,
         defaults: TransactionsConfig,
+        shared: bool,
     ) -> Result<Arc<Self>, TxnError> {
-        let schedule: BTreeSet<(u64, String)> = pending(&broker).await?.into_iter().collect();
+        let (pending, index) = scan(&broker).await?;
         Ok(Arc::new(Self {
             broker,
             plugins,
             defaults,
-            schedule: std::sync::Mutex::new(schedule),
+            schedule: std::sync::Mutex::new(pending.into_iter().collect()),
             wake: Notify::new(),
             idle: Default::default(),
+            index: (!shared).then(|| std::sync::Mutex::new(index)),
         }))
+    }
+
+    /// Notes a state this node stored.
+    fn indexed(&self, t: &TxnRecord) {
+        if let Some(index) = &self.index {
+            let mut index = match index.lock() {
+                Ok(i) => i,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            index.set(&t.txn_id, t.state);
+        }
+    }
+
+    /// Ids in `state`, oldest first, at most `limit`; `None` without an index.
+    fn ids_in(&self, state: TxnState, limit: usize) -> Option<Vec<String>> {
+        let index = self.index.as_ref()?;
+        let index = match index.lock() {
+            Ok(i) => i,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Some(
+            index
+                .by_state
+                .get(&state)
+                .map(|ids| ids.iter().take(limit).cloned().collect())
+                .unwrap_or_default(),
+        )
     }
 
     fn schedule(&self, at: u64, id: &str) {
@@ -184,6 +243,29 @@ impl Transactions {
         state: Option<TxnState>,
         limit: usize,
     ) -> Result<Vec<TxnRecord>, TxnError> {
+        if let Some(ids) = state.and_then(|s| self.ids_in(s, limit)) {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                match self.load(&id).await {
+                    Ok((t, _)) => out.push(t),
+                    Err(TxnError::Unknown(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(out);
+        }
+        if state.is_none() {
+            let mut out = Vec::new();
+            for (id, r) in self
+                .broker
+                .storage()
+                .list_records(TXN_SPACE, "", limit)
+                .await?
+            {
+                out.push(decode(&id, &r.value)?);
+            }
+            return Ok(out);
+        }
         let mut out = Vec::new();
         for (id, r) in self
             .broker
@@ -202,8 +284,29 @@ impl Transactions {
         Ok(out)
     }
 
-    /// How many transactions are in each state (a scan: there is no retention yet).
+    /// How many transactions are in each state: from the index alone on a node alone on its
+    /// storage; a scan on shared storage.
     pub async fn counts(&self) -> Result<Vec<(String, u64)>, TxnError> {
+        let name = |s: TxnState| {
+            serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        if let Some(index) = &self.index {
+            let index = match index.lock() {
+                Ok(i) => i,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let mut counts: Vec<(String, u64)> = index
+                .by_state
+                .iter()
+                .filter(|(_, ids)| !ids.is_empty())
+                .map(|(s, ids)| (name(*s), ids.len() as u64))
+                .collect();
+            counts.sort();
+            return Ok(counts);
+        }
         let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
         for (id, r) in self
             .broker
@@ -223,6 +326,15 @@ impl Transactions {
     /// Stores a half message durably; it stays invisible until committed.
     pub async fn begin(&self, topic: &str, mut envelope: Envelope) -> Result<TxnRecord, TxnError> {
         let check_after_override = envelope.check_after_ms.take();
+        if check_after_override.is_some_and(|ms| ms > crate::broker::MAX_CHECK_MS) {
+            return Err(
+                BrokerError::Envelope(crate::broker::EnvelopeError::TooLong {
+                    field: "check_after_ms",
+                    max: crate::broker::MAX_CHECK_MS,
+                })
+                .into(),
+            );
+        }
         let message = self.broker.prepare_message(topic, envelope).await?;
         let timings = self.broker.topic_loaded(topic).await?.transactions;
         let d = &self.defaults;
@@ -237,7 +349,7 @@ impl Transactions {
             state: TxnState::Pending,
             checks: 0,
             created_at: now,
-            next_check_at: now + check_after,
+            next_check_at: now.saturating_add(check_after),
             check_interval_ms: timings
                 .check_interval_ms
                 .unwrap_or(d.check_interval_ms)
@@ -254,6 +366,7 @@ impl Transactions {
             .storage()
             .put_record(TXN_SPACE, &t.txn_id, Some(encode(&t)?), Expect::Absent)
             .await?;
+        self.indexed(&t);
         self.schedule(t.next_check_at, &t.txn_id);
         Ok(t)
     }
@@ -295,7 +408,10 @@ impl Transactions {
                 .append_guarded(&t.topic, vec![message], guard)
                 .await
             {
-                Ok(_) => return Ok(t),
+                Ok(_) => {
+                    self.indexed(&t);
+                    return Ok(t);
+                }
                 Err(StorageError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -357,7 +473,10 @@ impl Transactions {
                 .put_record(TXN_SPACE, id, Some(encode(&t)?), Expect::Revision(rev))
                 .await
             {
-                Ok(_) => return Ok(t),
+                Ok(_) => {
+                    self.indexed(&t);
+                    return Ok(t);
+                }
                 Err(StorageError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -367,7 +486,7 @@ impl Transactions {
     /// Schedules every pending transaction in storage, including those begun on other nodes
     /// (a node that takes over check-backs calls it, then now and then).
     pub async fn reload(&self) -> Result<(), TxnError> {
-        let found = pending(&self.broker).await?;
+        let (found, _) = scan(&self.broker).await?;
         if let Ok(mut s) = self.schedule.lock() {
             s.extend(found);
         }
@@ -393,7 +512,7 @@ impl Transactions {
                     running.spawn(async move {
                         if let Err(e) = me.check(&id).await {
                             tracing::error!(txn = %id, error = %e, "transaction check failed");
-                            me.schedule(now_ms() + 1000, &id);
+                            me.schedule(now_ms().saturating_add(1000), &id);
                         }
                     });
                 }
@@ -457,7 +576,7 @@ impl Transactions {
                                 )),
                             );
                         } else {
-                            t.next_check_at = now_ms() + t.check_interval_ms;
+                            t.next_check_at = now_ms().saturating_add(t.check_interval_ms);
                         }
                         Ok(true)
                     })
@@ -498,12 +617,19 @@ impl Transactions {
                     plugin: plugin.clone(),
                     version: version.version,
                     group: format!("txn-checker:{}", t.topic),
+                    member: "checker".into(),
                     instance_index: 0,
                     instance_count: 1,
-                    config_json: topic
-                        .transaction_checker_config
-                        .clone()
-                        .unwrap_or_else(|| serde_json::json!({}))
+                    config_json: self
+                        .broker
+                        .secrets()
+                        .resolve(
+                            &topic
+                                .transaction_checker_config
+                                .clone()
+                                .unwrap_or_else(|| serde_json::json!({})),
+                        )
+                        .map_err(|e| format!("transaction_checker_config: {e}"))?
                         .to_string(),
                     grants: topic.transaction_checker_grants.to_grants()?,
                     limits: version.limits,

@@ -52,6 +52,10 @@ enum Command {
     Log {
         lines: u32,
     },
+    /// Logs this text as one line, whatever it holds.
+    Say {
+        text: String,
+    },
     /// Calls an ungranted capability `calls` times, as a hostile plugin would.
     Flood {
         calls: u32,
@@ -131,6 +135,10 @@ impl Consumer for Probe {
                     })
                     .count();
                 report(json!({"denied": denied}))
+            }
+            Command::Say { text } => {
+                log::warn(&text);
+                Outcome::Ack
             }
             Command::Log { lines } => {
                 for i in 0..lines {

@@ -220,7 +220,7 @@ async function renderDlq(subs) {
   fill($("#dlq tbody"), page.entries.map((e) => {
     const actions = document.createElement("td");
     actions.appendChild(button("Redrive", () => api("POST", `/v1/subscriptions/${group}/dlq/redrive`, { ids: [e.message_id] }), "redrive"));
-    return row([cell(e.message_id), cell(`${e.queue}/${e.offset}`), cell(e.attempts, "num"), cell(e.reason), cell(time(e.dead_at)), actions], { dead: e.message_id });
+    return row([cell(e.message_id), cell(e.instance ?? "", "num"), cell(`${e.queue}/${e.offset}`), cell(e.attempts, "num"), cell(e.reason), cell(time(e.dead_at)), actions], { dead: e.message_id });
   }), "no dead letters");
 }
 
