@@ -63,7 +63,7 @@ async fn headers_slow_clients_and_the_connection_cap_get_their_own_answers() {
     // Headers that never finish: the connection is closed after the header timeout.
     let started = Instant::now();
     let mut slow = TcpStream::connect(s.addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n")
         .await
         .unwrap();
     let answer = read_to_close(&mut slow, Duration::from_secs(5)).await;
@@ -78,7 +78,7 @@ async fn headers_slow_clients_and_the_connection_cap_get_their_own_answers() {
     let mut trickle = TcpStream::connect(s.addr).await.unwrap();
     trickle
         .write_all(
-            b"POST /v1/topics/t/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+            b"POST /v1/topics/t/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
               content-length: 100\r\n\r\n{\"body\":",
         )
         .await
