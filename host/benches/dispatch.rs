@@ -234,6 +234,7 @@ async fn lifecycle(n: usize) -> (f64, f64) {
         let r = s
             .http
             .put(format!("{}/v1/plugins/p{i}", s.url))
+            .header("content-type", "application/wasm")
             .body(variant(&echo, i))
             .send()
             .await

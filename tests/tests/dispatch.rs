@@ -650,7 +650,14 @@ async fn updating_a_subscription_mid_stream_loses_and_repeats_nothing() {
                 // The same component with other limits is a new version; unpinned groups move to it.
                 let bytes = std::fs::read(RECORDER).unwrap();
                 let url = format!("{}/v1/plugins/recorder?timeout_ms=4000", s.url);
-                let r = s.client.put(url).body(bytes).send().await.unwrap();
+                let r = s
+                    .client
+                    .put(url)
+                    .header("content-type", "application/wasm")
+                    .body(bytes)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), StatusCode::CREATED);
             }
             _ => {}

@@ -379,6 +379,7 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
     let resp = s
         .client
         .put(format!("{}/v1/plugins/hog?memory_mb=8", s.url))
+        .header("content-type", "application/wasm")
         .body(bytes)
         .send()
         .await
@@ -401,6 +402,7 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
     let resp = s
         .client
         .put(format!("{}/v1/plugins/spin?timeout_ms=100", s.url))
+        .header("content-type", "application/wasm")
         .body(bytes.clone())
         .send()
         .await
@@ -419,6 +421,7 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
     let resp = s
         .client
         .put(format!("{}/v1/plugins/spin?memory_mb=64", s.url))
+        .header("content-type", "application/wasm")
         .body(bytes.clone())
         .send()
         .await
@@ -431,6 +434,7 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
     let resp = s
         .client
         .put(format!("{}/v1/plugins/spin?timeout_ms=soon", s.url))
+        .header("content-type", "application/wasm")
         .body(bytes)
         .send()
         .await

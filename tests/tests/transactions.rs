@@ -17,6 +17,7 @@ async fn setup(s: &TestServer, max_checks: u32) {
     let r = s
         .client
         .put(format!("{}/v1/plugins/body-checker?timeout_ms=200", s.url))
+        .header("content-type", "application/wasm")
         .body(bytes)
         .send()
         .await
