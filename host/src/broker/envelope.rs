@@ -54,7 +54,7 @@ pub enum EnvelopeError {
 }
 
 /// One message as a producer sends it (`POST /v1/topics/{topic}/messages`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
     /// Any JSON value, kept byte for byte. `null` is a body too.

@@ -120,7 +120,7 @@ pub struct TopicMeta {
 }
 
 /// Transaction check-back timings (any unset one falls back to the next level).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TxnTimings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,7 +158,7 @@ impl TxnTimings {
 }
 
 /// The body of `PUT /v1/topics/{topic}`: fields left out keep their value.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
     pub queues: Option<u32>,

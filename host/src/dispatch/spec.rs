@@ -20,7 +20,7 @@ pub const MAX_IN_FLIGHT: u32 = 65_536;
 pub const MIN_RATE: f64 = 0.001;
 pub const MAX_RATE: f64 = 10_000_000.0;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Each message to one instance.
@@ -30,7 +30,7 @@ pub enum Mode {
     Broadcast,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnExhausted {
     /// After `max_attempts`, to the dead-letter queue; the queue moves on.
@@ -40,7 +40,7 @@ pub enum OnExhausted {
     Block,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
@@ -88,6 +88,22 @@ impl Serialize for Start {
     }
 }
 
+impl schemars::JsonSchema for Start {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Start".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "\"earliest\", \"latest\", or a time in ms since the epoch (the first message stored at or after it)",
+            "anyOf": [
+                {"type": "string", "enum": ["earliest", "latest"]},
+                {"type": "integer", "minimum": 0}
+            ]
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Start {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Value::deserialize(d)? {
@@ -102,7 +118,7 @@ impl<'de> Deserialize<'de> for Start {
 }
 
 /// The body of `PUT /v1/subscriptions/{group}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionSpec {
     pub topic: String,

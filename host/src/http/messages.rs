@@ -80,7 +80,7 @@ pub async fn admit(state: &AppState, topic: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     messages: Vec<Envelope>,

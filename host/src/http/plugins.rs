@@ -129,7 +129,7 @@ pub async fn delete(
     Ok(Json(json!({ "deleted": name })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvokeRequest {
     message: Envelope,

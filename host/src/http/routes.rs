@@ -7,13 +7,22 @@ use serde_json::{Value, json};
 
 use super::{AppState, dashboard, messages, plugins, subscriptions, topics, transactions};
 
+/// The JSON Schema of a request body, from its serde type.
+pub type BodySchema = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
+
+fn schema<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    g.subschema_for::<T>()
+}
+
 /// One operation: method, path (axum's `{param}` syntax, as OpenAPI's), what it does, what its
-/// JSON body holds (if it takes one), and the handler.
+/// JSON body holds (if it takes one: an example and the schema of its serde type), and the
+/// handler.
 pub struct Route {
     pub method: Method,
     pub path: &'static str,
     pub summary: &'static str,
     pub body: Option<&'static str>,
+    pub schema: Option<BodySchema>,
     pub handler: MethodRouter<AppState>,
     /// Left out of the document (the dashboard's page and files).
     pub hidden: bool,
@@ -23,14 +32,15 @@ fn op(
     method: Method,
     path: &'static str,
     summary: &'static str,
-    body: Option<&'static str>,
+    body: Option<(&'static str, BodySchema)>,
     handler: MethodRouter<AppState>,
 ) -> Route {
     Route {
         method,
         path,
         summary,
-        body,
+        body: body.map(|b| b.0),
+        schema: body.map(|b| b.1),
         handler,
         hidden: false,
     }
@@ -50,7 +60,7 @@ pub fn routes() -> Vec<Route> {
         op(
             M::GET,
             "/metrics",
-            "Prometheus metrics (OpenMetrics text)",
+            "Prometheus metrics (OpenMetrics text: application/openmetrics-text)",
             None,
             get(super::metrics),
         ),
@@ -73,18 +83,14 @@ pub fn routes() -> Vec<Route> {
             M::PUT,
             "/v1/topics/{topic}",
             "Create a topic or add queues (201 created, 200 updated)",
-            Some(
-                r#"{"queues": 4, "transaction_checker": "plugin", "transactions": {"check_after_ms": 6000}}"#,
-            ),
+            Some((r#"{"queues": 4, "transaction_checker": "plugin", "transactions": {"check_after_ms": 6000}}"#, schema::<crate::broker::TopicSpec>)),
             put(topics::put),
         ),
         op(
             M::POST,
             "/v1/topics/{topic}/messages",
             "Publish one message; acknowledged once durable. Header Idempotency-Key deduplicates retries",
-            Some(
-                r#"{"body": {}, "body_base64": "", "key": "", "tag": "", "sharding_key": "", "properties": {}, "delay_ms": 0, "deliver_at": 0}"#,
-            ),
+            Some((r#"{"body": {"order": 42}, "key": "order-42", "tag": "paid", "sharding_key": "user-7", "properties": {"source": "web"}, "delay_ms": 0}"#, schema::<crate::broker::Envelope>)),
             post(messages::publish),
         ),
         op(
@@ -98,7 +104,7 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/topics/{topic}/messages/batch",
             "Publish a batch atomically (one group commit)",
-            Some(r#"{"messages": [{"body": {}}]}"#),
+            Some((r#"{"messages": [{"body": {}}]}"#, schema::<super::messages::BatchRequest>)),
             post(messages::publish_batch),
         ),
         op(
@@ -112,7 +118,7 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/topics/{topic}/transactions",
             "Store a half message (invisible until commit)",
-            Some(r#"{"body": {}, "check_after_ms": 6000}"#),
+            Some((r#"{"body": {}, "check_after_ms": 6000}"#, schema::<crate::broker::Envelope>)),
             post(transactions::begin),
         ),
         op(
@@ -182,9 +188,7 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/plugins/{name}/invoke",
             "Run the plugin's handle once, outside any subscription",
-            Some(
-                r#"{"message": {"body": {}}, "config": {}, "grants": {}, "version": 1, "attempt": 1, "topic": "invoke"}"#,
-            ),
+            Some((r#"{"message": {"body": {}}, "config": {}, "grants": {}, "version": 1, "attempt": 1, "topic": "invoke"}"#, schema::<super::plugins::InvokeRequest>)),
             post(plugins::invoke),
         ),
         op(
@@ -212,9 +216,7 @@ pub fn routes() -> Vec<Route> {
             M::PUT,
             "/v1/subscriptions/{group}",
             "Create or update a subscription",
-            Some(
-                r#"{"topic": "", "plugin": "", "plugin_version": 1, "mode": "clustering|broadcast", "ordered": false, "instances": 1, "filter": "*", "retry": {"max_attempts": 16, "backoff_ms": [10000]}, "on_exhausted": "dead_letter|block", "max_in_flight": 256, "max_rate": 100.0, "start": "earliest|latest|<ms>", "config": {}, "grants": {"email": false, "sms": false, "http": [], "publish": []}, "limits": {"timeout_ms": 5000, "memory_mb": 64}}"#,
-            ),
+            Some((r#"{"topic": "orders", "plugin": "notifier", "mode": "clustering", "ordered": false, "instances": 1, "filter": "*", "retry": {"max_attempts": 16, "backoff_ms": [10000, 30000]}, "on_exhausted": "dead_letter", "max_in_flight": 256, "max_rate": 100.0, "start": "earliest", "config": {"to": "{{email}}"}, "grants": {"email": true, "sms": false, "http": [], "publish": []}, "limits": {"timeout_ms": 5000, "memory_mb": 64}}"#, schema::<crate::dispatch::SubscriptionSpec>)),
             put(subscriptions::put),
         ),
         op(
@@ -242,7 +244,7 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/subscriptions/{group}/reset",
             "Move the offsets",
-            Some(r#"{"to": "earliest|latest|<ms>"}"#),
+            Some((r#"{"to": "earliest"}"#, schema::<super::subscriptions::ResetRequest>)),
             post(subscriptions::reset),
         ),
         op(
@@ -256,7 +258,7 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/subscriptions/{group}/dlq/redrive",
             "Redrive dead letters (some ids, or all)",
-            Some(r#"{"ids": ["message id"]}"#),
+            Some((r#"{"ids": ["message id"]}"#, schema::<super::subscriptions::RedriveRequest>)),
             post(subscriptions::redrive),
         ),
     ];
@@ -269,6 +271,7 @@ pub fn routes() -> Vec<Route> {
             path,
             summary: "The web dashboard",
             body: None,
+            schema: None,
             handler,
             hidden: true,
         });
@@ -276,9 +279,37 @@ pub fn routes() -> Vec<Route> {
     all
 }
 
-/// The OpenAPI 3.1 document of every route in the table.
+/// What a route answers on success: 201 for what creates, 200 otherwise; a PUT that may create
+/// or update, and a publish that may replay an idempotency key, answer either.
+fn success(method: &Method, path: &str) -> &'static [&'static str] {
+    match (method.as_str(), path) {
+        ("PUT", _) | ("POST", "/v1/topics/{topic}/messages") => &["200", "201"],
+        ("POST", "/v1/topics/{topic}/messages/batch" | "/v1/topics/{topic}/transactions") => {
+            &["201"]
+        }
+        _ => &["200"],
+    }
+}
+
+/// The content type of a route's success answer.
+fn answers_in(path: &str) -> Value {
+    match path {
+        "/metrics" => json!({"application/openmetrics-text": {"schema": {"type": "string"}}}),
+        "/v1/plugins/{name}/logs" => json!({
+            "application/json": {"schema": {"type": "object"}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+        }),
+        _ => json!({"application/json": {"schema": {}}}),
+    }
+}
+
+/// The OpenAPI 3.1 document of every route in the table; request bodies are described by the
+/// JSON Schemas of the serde types the handlers parse (schemars).
 pub fn document() -> Value {
     let mut paths = serde_json::Map::new();
+    let mut schemas = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.definitions_path = "#/components/schemas/".into())
+        .into_generator();
     for r in routes().into_iter().filter(|r| !r.hidden) {
         let params: Vec<Value> = r
             .path
@@ -287,24 +318,31 @@ pub fn document() -> Value {
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
         let scope = super::auth::scope_name(&r.method, r.path);
+        let mut responses = serde_json::Map::new();
+        for code in success(&r.method, r.path) {
+            let description = if *code == "201" { "created" } else { "success" };
+            responses.insert(
+                (*code).to_string(),
+                json!({"description": description, "content": answers_in(r.path)}),
+            );
+        }
+        responses.insert("4XX".into(), json!({"$ref": "#/components/responses/Error"}));
+        responses.insert("5XX".into(), json!({"$ref": "#/components/responses/Error"}));
         let mut operation = json!({
             "summary": r.summary,
             "operationId": format!("{} {}", r.method, r.path),
             "parameters": params,
-            "responses": {
-                "200": {"description": "success (201 for creations)", "content": {"application/json": {}}},
-                "4XX": {"$ref": "#/components/responses/Error"},
-                "5XX": {"$ref": "#/components/responses/Error"},
-            },
+            "responses": responses,
             "x-wasmq-scope": scope,
         });
         if scope != "none" {
             operation["security"] = json!([{"bearer": [scope]}]);
         }
-        if let Some(example) = r.body {
+        if let (Some(example), Some(schema)) = (r.body, r.schema) {
             let example: Value = serde_json::from_str(example).unwrap_or(Value::Null);
+            let schema = schema(&mut schemas).to_value();
             operation["requestBody"] = json!({
-                "content": {"application/json": {"schema": {"type": "object"}, "example": example}}
+                "content": {"application/json": {"schema": schema, "example": example}}
             });
         }
         let item = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
@@ -319,13 +357,83 @@ pub fn document() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                 "description": "Tokens from [auth] tokens with scopes admin, produce (listed topics) and read; none configured = open API on loopback"}},
             "responses": {"Error": {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
-            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}},
+            "schemas": component_schemas(schemas),
         },
     })
 }
 
+/// The request bodies' schemas, and the error every 4xx and 5xx answers with.
+fn component_schemas(mut schemas: schemars::SchemaGenerator) -> Value {
+    let mut all = schemas.take_definitions(true);
+    all.insert(
+        "Error".into(),
+        json!({"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}),
+    );
+    Value::Object(all)
+}
+
 async fn openapi() -> axum::Json<Value> {
     axum::Json(document())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example in the document is a request the server accepts (it once showed
+    /// `"mode": "clustering|broadcast"`), and every body has a real schema.
+    #[test]
+    fn every_example_parses_as_its_request_type() {
+        for r in routes() {
+            let Some(example) = r.body else { continue };
+            let parsed = match r.path {
+                "/v1/topics/{topic}" => {
+                    serde_json::from_str::<crate::broker::TopicSpec>(example).map(drop)
+                }
+                "/v1/topics/{topic}/messages" | "/v1/topics/{topic}/transactions" => {
+                    serde_json::from_str::<crate::broker::Envelope>(example).map(drop)
+                }
+                "/v1/topics/{topic}/messages/batch" => {
+                    serde_json::from_str::<super::super::messages::BatchRequest>(example).map(drop)
+                }
+                "/v1/plugins/{name}/invoke" => {
+                    serde_json::from_str::<super::super::plugins::InvokeRequest>(example).map(drop)
+                }
+                "/v1/subscriptions/{group}" => {
+                    let spec: crate::dispatch::SubscriptionSpec =
+                        serde_json::from_str(example).expect("a subscription spec");
+                    assert_eq!(spec.validate().err(), None);
+                    Ok(())
+                }
+                "/v1/subscriptions/{group}/reset" => {
+                    serde_json::from_str::<super::super::subscriptions::ResetRequest>(example)
+                        .map(drop)
+                }
+                "/v1/subscriptions/{group}/dlq/redrive" => {
+                    serde_json::from_str::<super::super::subscriptions::RedriveRequest>(example)
+                        .map(drop)
+                }
+                other => panic!("no request type known for {other}"),
+            };
+            assert!(parsed.is_ok(), "{} {}: {parsed:?}", r.method, r.path);
+        }
+        let doc = document();
+        let sub = &doc["paths"]["/v1/subscriptions/{group}"]["put"];
+        assert!(sub["responses"]["201"].is_object() && sub["responses"]["200"].is_object());
+        let schema = &sub["requestBody"]["content"]["application/json"]["schema"];
+        let name = schema["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
+        let spec = &doc["components"]["schemas"][name];
+        assert_eq!(spec["properties"]["mode"]["$ref"].as_str().map(|r| r.ends_with("Mode")), Some(true), "{spec}");
+        assert!(spec["required"].as_array().unwrap().contains(&json!("topic")));
+        assert_eq!(
+            doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            ["application/openmetrics-text"]
+        );
+    }
 }

@@ -76,7 +76,7 @@ pub async fn resume(
     ))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetRequest {
     #[serde(default)]
@@ -134,7 +134,7 @@ pub async fn dlq(
     Ok(Json(json!({ "entries": views, "next": next })))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedriveRequest {
     ids: Option<Vec<String>>,
