@@ -382,7 +382,10 @@ async fn durations_past_their_bounds_are_refused() {
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let (_, t) = s
-        .get(&format!("/v1/transactions/{}", v["txn_id"].as_str().unwrap()))
+        .get(&format!(
+            "/v1/transactions/{}",
+            v["txn_id"].as_str().unwrap()
+        ))
         .await;
     assert!(
         t["next_check_at"].as_u64().unwrap() > now_ms() + 29 * 24 * 3600 * 1000,

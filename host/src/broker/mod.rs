@@ -120,7 +120,9 @@ pub struct TopicMeta {
 }
 
 /// Transaction check-back timings (any unset one falls back to the next level).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct TxnTimings {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -83,14 +83,20 @@ pub fn routes() -> Vec<Route> {
             M::PUT,
             "/v1/topics/{topic}",
             "Create a topic or add queues (201 created, 200 updated)",
-            Some((r#"{"queues": 4, "transaction_checker": "plugin", "transactions": {"check_after_ms": 6000}}"#, schema::<crate::broker::TopicSpec>)),
+            Some((
+                r#"{"queues": 4, "transaction_checker": "plugin", "transactions": {"check_after_ms": 6000}}"#,
+                schema::<crate::broker::TopicSpec>,
+            )),
             put(topics::put),
         ),
         op(
             M::POST,
             "/v1/topics/{topic}/messages",
             "Publish one message; acknowledged once durable. Header Idempotency-Key deduplicates retries",
-            Some((r#"{"body": {"order": 42}, "key": "order-42", "tag": "paid", "sharding_key": "user-7", "properties": {"source": "web"}, "delay_ms": 0}"#, schema::<crate::broker::Envelope>)),
+            Some((
+                r#"{"body": {"order": 42}, "key": "order-42", "tag": "paid", "sharding_key": "user-7", "properties": {"source": "web"}, "delay_ms": 0}"#,
+                schema::<crate::broker::Envelope>,
+            )),
             post(messages::publish),
         ),
         op(
@@ -104,7 +110,10 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/topics/{topic}/messages/batch",
             "Publish a batch atomically (one group commit)",
-            Some((r#"{"messages": [{"body": {}}]}"#, schema::<super::messages::BatchRequest>)),
+            Some((
+                r#"{"messages": [{"body": {}}]}"#,
+                schema::<super::messages::BatchRequest>,
+            )),
             post(messages::publish_batch),
         ),
         op(
@@ -118,7 +127,10 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/topics/{topic}/transactions",
             "Store a half message (invisible until commit)",
-            Some((r#"{"body": {}, "check_after_ms": 6000}"#, schema::<crate::broker::Envelope>)),
+            Some((
+                r#"{"body": {}, "check_after_ms": 6000}"#,
+                schema::<crate::broker::Envelope>,
+            )),
             post(transactions::begin),
         ),
         op(
@@ -188,7 +200,10 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/plugins/{name}/invoke",
             "Run the plugin's handle once, outside any subscription",
-            Some((r#"{"message": {"body": {}}, "config": {}, "grants": {}, "version": 1, "attempt": 1, "topic": "invoke"}"#, schema::<super::plugins::InvokeRequest>)),
+            Some((
+                r#"{"message": {"body": {}}, "config": {}, "grants": {}, "version": 1, "attempt": 1, "topic": "invoke"}"#,
+                schema::<super::plugins::InvokeRequest>,
+            )),
             post(plugins::invoke),
         ),
         op(
@@ -216,7 +231,10 @@ pub fn routes() -> Vec<Route> {
             M::PUT,
             "/v1/subscriptions/{group}",
             "Create or update a subscription",
-            Some((r#"{"topic": "orders", "plugin": "notifier", "mode": "clustering", "ordered": false, "instances": 1, "filter": "*", "retry": {"max_attempts": 16, "backoff_ms": [10000, 30000]}, "on_exhausted": "dead_letter", "max_in_flight": 256, "max_rate": 100.0, "start": "earliest", "config": {"to": "{{email}}"}, "grants": {"email": true, "sms": false, "http": [], "publish": []}, "limits": {"timeout_ms": 5000, "memory_mb": 64}}"#, schema::<crate::dispatch::SubscriptionSpec>)),
+            Some((
+                r#"{"topic": "orders", "plugin": "notifier", "mode": "clustering", "ordered": false, "instances": 1, "filter": "*", "retry": {"max_attempts": 16, "backoff_ms": [10000, 30000]}, "on_exhausted": "dead_letter", "max_in_flight": 256, "max_rate": 100.0, "start": "earliest", "config": {"to": "{{email}}"}, "grants": {"email": true, "sms": false, "http": [], "publish": []}, "limits": {"timeout_ms": 5000, "memory_mb": 64}}"#,
+                schema::<crate::dispatch::SubscriptionSpec>,
+            )),
             put(subscriptions::put),
         ),
         op(
@@ -244,7 +262,10 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/subscriptions/{group}/reset",
             "Move the offsets",
-            Some((r#"{"to": "earliest"}"#, schema::<super::subscriptions::ResetRequest>)),
+            Some((
+                r#"{"to": "earliest"}"#,
+                schema::<super::subscriptions::ResetRequest>,
+            )),
             post(subscriptions::reset),
         ),
         op(
@@ -258,7 +279,10 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/subscriptions/{group}/dlq/redrive",
             "Redrive dead letters (some ids, or all)",
-            Some((r#"{"ids": ["message id"]}"#, schema::<super::subscriptions::RedriveRequest>)),
+            Some((
+                r#"{"ids": ["message id"]}"#,
+                schema::<super::subscriptions::RedriveRequest>,
+            )),
             post(subscriptions::redrive),
         ),
     ];
@@ -326,8 +350,14 @@ pub fn document() -> Value {
                 json!({"description": description, "content": answers_in(r.path)}),
             );
         }
-        responses.insert("4XX".into(), json!({"$ref": "#/components/responses/Error"}));
-        responses.insert("5XX".into(), json!({"$ref": "#/components/responses/Error"}));
+        responses.insert(
+            "4XX".into(),
+            json!({"$ref": "#/components/responses/Error"}),
+        );
+        responses.insert(
+            "5XX".into(),
+            json!({"$ref": "#/components/responses/Error"}),
+        );
         let mut operation = json!({
             "summary": r.summary,
             "operationId": format!("{} {}", r.method, r.path),
@@ -425,8 +455,19 @@ mod tests {
         let schema = &sub["requestBody"]["content"]["application/json"]["schema"];
         let name = schema["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
         let spec = &doc["components"]["schemas"][name];
-        assert_eq!(spec["properties"]["mode"]["$ref"].as_str().map(|r| r.ends_with("Mode")), Some(true), "{spec}");
-        assert!(spec["required"].as_array().unwrap().contains(&json!("topic")));
+        assert_eq!(
+            spec["properties"]["mode"]["$ref"]
+                .as_str()
+                .map(|r| r.ends_with("Mode")),
+            Some(true),
+            "{spec}"
+        );
+        assert!(
+            spec["required"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("topic"))
+        );
         assert_eq!(
             doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
                 .as_object()

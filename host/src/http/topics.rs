@@ -44,14 +44,20 @@ pub async fn put(
         parse_json(&bytes)?
     };
     // A checker must be a plugin that can answer check-backs, or nothing would ever ask it.
-    if let Some(checker) = spec.transaction_checker.as_deref().filter(|c| !c.is_empty()) {
+    if let Some(checker) = spec
+        .transaction_checker
+        .as_deref()
+        .filter(|c| !c.is_empty())
+    {
         let (_, code) = state.plugins.code(checker, None).await.map_err(|e| {
             ApiError::bad_request("bad_topic_spec", format!("transaction_checker: {e}"))
         })?;
         if !code.has_checker() {
             return Err(ApiError::bad_request(
                 "bad_topic_spec",
-                format!("transaction_checker: plugin {checker:?} does not export check-transaction"),
+                format!(
+                    "transaction_checker: plugin {checker:?} does not export check-transaction"
+                ),
             ));
         }
     }

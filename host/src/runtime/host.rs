@@ -55,7 +55,9 @@ impl Grants {
 }
 
 /// Grants as the API spells them.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrantSpec {
     pub email: bool,
@@ -83,7 +85,15 @@ impl GrantSpec {
 
 /// Per-plugin (or per-subscription) limits; `None` takes the runtime's default.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
 )]
 pub struct PluginLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
