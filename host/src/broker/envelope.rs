@@ -53,23 +53,40 @@ pub enum EnvelopeError {
     TooLong { field: &'static str, max: u64 },
 }
 
-/// One message as a producer sends it (`POST /v1/topics/{topic}/messages`).
+/// One message as a producer sends it (`POST /v1/topics/{topic}/messages`): `body` or
+/// `body_base64` (one of them), and at most one of `delay_ms` and `deliver_at`.
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[schemars(extend(
+    "oneOf" = [{"required": ["body"]}, {"required": ["body_base64"]}],
+    "not" = {"required": ["delay_ms", "deliver_at"], "properties": {
+        "delay_ms": {"type": "integer"}, "deliver_at": {"type": "integer"}}}
+))]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
     /// Any JSON value, kept byte for byte. `null` is a body too.
     #[serde(default, deserialize_with = "present")]
     pub body: Option<Box<RawValue>>,
+    #[serde(default)]
+    #[schemars(
+        with = "String",
+        regex(pattern = r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+    )]
     pub body_base64: Option<String>,
+    #[schemars(length(min = 1, max = MAX_KEY_LEN))]
     pub key: Option<String>,
+    /// No `|`, `*` or white space (they are filter syntax).
+    #[schemars(length(min = 1, max = MAX_TAG_LEN), regex(pattern = r"^[^|*\s\u0085]+$"))]
     pub tag: Option<String>,
+    #[schemars(length(min = 1, max = MAX_KEY_LEN))]
     pub sharding_key: Option<String>,
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    #[schemars(range(max = MAX_DELAY_MS))]
     pub delay_ms: Option<u64>,
     /// Absolute due time, ms since the Unix epoch.
     pub deliver_at: Option<u64>,
     /// Transactions only: when to first ask the checker, overriding the topic's setting.
+    #[schemars(range(max = super::MAX_CHECK_MS))]
     pub check_after_ms: Option<u64>,
 }
 
@@ -125,7 +142,14 @@ impl Envelope {
                         max,
                     });
                 }
-                let bytes = base64::engine::general_purpose::STANDARD
+                // Standard alphabet, padded; unused bits of the last symbol are ignored, as
+                // RFC 4648 lets decoders do (`Zm9=` and `Zm8=` are both "fo").
+                const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+                    &base64::alphabet::STANDARD,
+                    base64::engine::GeneralPurposeConfig::new()
+                        .with_decode_allow_trailing_bits(true),
+                );
+                let bytes = LENIENT
                     .decode(b64.as_bytes())
                     .map_err(|e| EnvelopeError::BadBase64(e.to_string()))?;
                 (BodyKind::Binary, bytes)
@@ -141,7 +165,8 @@ impl Envelope {
         let sharding_key = check_field("sharding_key", self.sharding_key, MAX_KEY_LEN)?;
         let tag = check_field("tag", self.tag, MAX_TAG_LEN)?;
         if let Some(t) = &tag
-            && t.chars().any(|c| c == '|' || c == '*' || c.is_whitespace())
+            && t.chars()
+                .any(|c| c == '|' || c == '*' || c.is_whitespace() || c == '\u{feff}')
         {
             return Err(EnvelopeError::BadTag(t.clone()));
         }

@@ -126,10 +126,13 @@ pub struct TopicMeta {
 #[serde(deny_unknown_fields)]
 pub struct TxnTimings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_CHECK_MS))]
     pub check_after_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_CHECK_MS))]
     pub check_interval_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_CHECKS))]
     pub max_checks: Option<u32>,
 }
 
@@ -163,10 +166,13 @@ impl TxnTimings {
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
+    /// 1 to `[limits] max_queues` (256 by default); never fewer than the topic has.
+    #[schemars(range(min = 1, max = 256))]
     pub queues: Option<u32>,
     /// A plugin name; `""` removes the checker.
     pub transaction_checker: Option<String>,
     pub transactions: Option<TxnTimings>,
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub transaction_checker_config: Option<serde_json::Value>,
     pub transaction_checker_grants: Option<crate::runtime::GrantSpec>,
 }

@@ -47,7 +47,9 @@ pub enum OnExhausted {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub max_attempts: u32,
+    #[schemars(length(min = 1, max = 64), inner(range(max = crate::broker::MAX_DELAY_MS)))]
     pub backoff_ms: Vec<u64>,
 }
 
@@ -114,6 +116,13 @@ impl<'de> Deserialize<'de> for Start {
             Value::String(s) if s == "earliest" => Ok(Start::Earliest),
             Value::String(s) if s == "latest" => Ok(Start::Latest),
             Value::Number(n) if n.as_u64().is_some() => Ok(Start::Time(n.as_u64().unwrap_or(0))),
+            // A whole number written as a float (`299.0`) is that number.
+            Value::Number(n)
+                if n.as_f64()
+                    .is_some_and(|f| f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64) =>
+            {
+                Ok(Start::Time(n.as_f64().map_or(0, |f| f as u64)))
+            }
             other => Err(serde::de::Error::custom(format!(
                 "start must be \"earliest\", \"latest\" or a time in ms since the epoch, not {other}"
             ))),
@@ -121,35 +130,55 @@ impl<'de> Deserialize<'de> for Start {
     }
 }
 
-/// The body of `PUT /v1/subscriptions/{group}`.
+/// The body of `PUT /v1/subscriptions/{group}`. `on_exhausted: "block"` needs ordered delivery
+/// (`ordered`, or broadcast).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(extend(
+    "if" = {"required": ["on_exhausted"], "properties": {"on_exhausted": {"const": "block"}}},
+    "then" = {"anyOf": [
+        {"required": ["ordered"], "properties": {"ordered": {"const": true}}},
+        {"required": ["mode"], "properties": {"mode": {"const": "broadcast"}}}
+    ]}
+))]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionSpec {
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"))]
     pub topic: String,
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"))]
     pub plugin: String,
     /// Pinned plugin version; unset follows the latest upload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub plugin_version: Option<u32>,
     #[serde(default)]
     pub mode: Mode,
     #[serde(default)]
     pub ordered: bool,
     #[serde(default = "one")]
+    #[schemars(range(min = 1, max = MAX_INSTANCES))]
     pub instances: u32,
     #[serde(default = "star")]
+    /// `*` (everything) or tags joined by `||` (`a || b`).
+    #[schemars(regex(
+        pattern = r"^[\s\u0085]*(\*|[^|*\s\u0085]+([\s\u0085]*\|\|[\s\u0085]*[^|*\s\u0085]+)*)?[\s\u0085]*$"
+    ))]
     pub filter: String,
     #[serde(default)]
     pub retry: RetryPolicy,
     #[serde(default)]
     pub on_exhausted: OnExhausted,
     #[serde(default = "default_in_flight")]
+    #[schemars(range(min = 1, max = MAX_IN_FLIGHT))]
     pub max_in_flight: u32,
     /// Messages per second, for draining a burst at the downstream's pace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = MIN_RATE, max = MAX_RATE))]
     pub max_rate: Option<f64>,
     #[serde(default)]
     pub start: Start,
+    /// A JSON object the plugin reads (`{"$secret": "NAME"}` values are resolved in the host).
     #[serde(default = "empty_object")]
+    #[schemars(with = "serde_json::Map<String, Value>")]
     pub config: Value,
     #[serde(default)]
     pub grants: GrantSpec,
@@ -230,14 +259,16 @@ pub enum TagFilter {
 
 impl TagFilter {
     pub fn parse(expr: &str) -> Result<Self, String> {
-        let expr = expr.trim();
+        // White space as Unicode and JSON Schema (ECMAScript `\s`, which has U+FEFF) see it.
+        let space = |c: char| c.is_whitespace() || c == '\u{feff}';
+        let expr = expr.trim_matches(space);
         if expr.is_empty() || expr == "*" {
             return Ok(TagFilter::All);
         }
         let mut tags = Vec::new();
         for part in expr.split("||") {
-            let tag = part.trim();
-            if tag.is_empty() || tag.contains(|c: char| c.is_whitespace() || c == '|' || c == '*') {
+            let tag = part.trim_matches(space);
+            if tag.is_empty() || tag.contains(|c: char| space(c) || c == '|' || c == '*') {
                 return Err(format!(
                     "filter {expr:?}: write \"*\" or tags joined by \"||\", like \"a || b\""
                 ));

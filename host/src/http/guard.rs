@@ -120,7 +120,13 @@ fn content_type_ok(method: &Method, path: &str, headers: &HeaderMap) -> Result<(
         Some(len) => len.as_bytes() != b"0",
         None => headers.contains_key(header::TRANSFER_ENCODING),
     };
-    if !has_body || matches!(*method, Method::GET | Method::HEAD) {
+    // Other methods are no route's (405 from the router).
+    if !has_body
+        || !matches!(
+            *method,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        )
+    {
         return Ok(());
     }
     let kind = headers
@@ -154,7 +160,22 @@ fn content_type_ok(method: &Method, path: &str, headers: &HeaderMap) -> Result<(
     ))
 }
 
-/// The middleware: host, cross-site and content-type checks before anything else runs.
+/// The content-type check, for requests that match a route (others get the router's 404 or
+/// 405, whatever they carry).
+pub async fn content_type(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if let Err(why) = content_type_ok(req.method(), &path, req.headers()) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            why,
+        );
+    }
+    next.run(req).await
+}
+
+/// The middleware: host and cross-site checks before anything else runs, and the response
+/// headers every answer carries.
 pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let policy = &state.browser;
     let headers = req.headers();
@@ -180,13 +201,6 @@ pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> R
             format!(
                 "a browser request from another site ({why}) is refused; allow its origin in [server] allowed_origins"
             ),
-        );
-    }
-    if let Err(why) = content_type_ok(req.method(), &path, headers) {
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            why,
         );
     }
     let mut resp = next.run(req).await;

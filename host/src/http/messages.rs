@@ -83,6 +83,8 @@ pub async fn admit(state: &AppState, topic: &str) -> Result<(), ApiError> {
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
+    /// At least one; at most `[limits] max_batch` (1000 by default), else 413.
+    #[schemars(length(min = 1))]
     messages: Vec<Envelope>,
 }
 
@@ -174,13 +176,17 @@ pub async fn by_id(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     key: Option<String>,
+    #[schemars(range(max = u32::MAX))]
     queue: Option<u32>,
+    /// An offset: at most 2^63 - 1, as every offset is.
+    #[schemars(range(max = i64::MAX))]
     from: Option<u64>,
-    limit: Option<usize>,
+    #[schemars(range(max = u32::MAX))]
+    limit: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -196,9 +202,22 @@ pub async fn list(
 ) -> Result<Json<MessageList>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let meta = state.broker.topic_loaded(&topic).await?;
-    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    let limit = q.limit.map_or(100, |l| l as usize).min(MAX_LIST);
+    if q.from.is_some_and(|f| i64::try_from(f).is_err()) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            "from is an offset: at most 9223372036854775807",
+        ));
+    }
     let found = match (q.key, q.queue) {
-        (Some(key), None) => state.broker.messages_by_key(&topic, &key, limit).await?,
+        // By business key; with a queue too, only that queue's.
+        (Some(key), queue) => {
+            let mut found = state.broker.messages_by_key(&topic, &key, limit).await?;
+            if let Some(q) = queue {
+                found.retain(|m| m.message.queue == q);
+            }
+            found
+        }
         (None, Some(queue)) if queue < meta.queues => {
             state
                 .broker
@@ -206,16 +225,17 @@ pub async fn list(
                 .await?
         }
         (None, Some(queue)) => {
-            return Err(ApiError::bad_request(
-                "bad_queue",
+            return Err(ApiError::not_found(
+                "unknown_queue",
                 format!("topic {topic:?} has queues 0..{}, not {queue}", meta.queues),
             ));
         }
-        _ => {
-            return Err(ApiError::bad_request(
-                "bad_query",
-                "give either ?key=K, or ?queue=Q with optional &from=OFFSET&limit=N",
-            ));
+        // Neither: queue 0 from `from` (a one-queue topic's whole log).
+        (None, None) => {
+            state
+                .broker
+                .read(&topic, 0, q.from.unwrap_or(0), limit)
+                .await?
         }
     };
     Ok(Json(MessageList {

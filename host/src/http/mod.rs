@@ -65,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         router = router.route(r.path, r.handler);
     }
     router
+        .route_layer(axum::middleware::from_fn(guard::content_type))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -267,7 +268,47 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 }
 
 /// Parses JSON with a message that points at the problem.
+/// Parses a JSON request body. A whole number written with a fraction (`722.0`) is that
+/// number, as JSON Schema's `integer` says; such bodies take a second, slower pass.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON: {e}")))
+    serde_json::from_slice(bytes).or_else(|first| {
+        let mut v: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|_| ApiError::bad_request("bad_json", format!("invalid JSON: {first}")))?;
+        if !whole_floats_to_integers(&mut v) {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                format!("invalid JSON: {first}"),
+            ));
+        }
+        serde_json::from_value(v)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON: {e}")))
+    })
+}
+
+/// Rewrites floats with no fraction that fit an integer (`722.0`) as integers; false if there
+/// were none (the first error stands).
+fn whole_floats_to_integers(v: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) else {
+                return false;
+            };
+            let whole = if (0.0..u64::MAX as f64).contains(&f) {
+                Some(Value::from(f as u64))
+            } else if (i64::MIN as f64..0.0).contains(&f) {
+                Some(Value::from(f as i64))
+            } else {
+                None
+            };
+            whole.map(|w| *v = w).is_some()
+        }
+        Value::Array(a) => a
+            .iter_mut()
+            .fold(false, |any, x| whole_floats_to_integers(x) | any),
+        Value::Object(m) => m
+            .values_mut()
+            .fold(false, |any, x| whole_floats_to_integers(x) | any),
+        _ => false,
+    }
 }

@@ -132,14 +132,17 @@ pub async fn delete(
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvokeRequest {
+    #[schemars(schema_with = "super::routes::plain_message")]
     message: Envelope,
     #[serde(default)]
     topic: Option<String>,
     #[serde(default)]
     config: Option<Value>,
     #[serde(default)]
+    #[schemars(range(max = u32::MAX))]
     version: Option<u32>,
     #[serde(default)]
+    #[schemars(range(max = u32::MAX))]
     attempt: Option<u32>,
     /// Capabilities to grant this call, as a subscription would.
     #[serde(default)]
@@ -233,20 +236,22 @@ pub async fn invoke(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// The first `seq` wanted; without it, the newest `limit` lines.
     #[serde(default)]
+    #[schemars(range(max = i64::MAX))]
     since: Option<u64>,
     #[serde(default = "default_log_limit")]
-    limit: usize,
+    #[schemars(range(max = u32::MAX))]
+    limit: u32,
     /// Keep the response open and stream new lines as NDJSON.
     #[serde(default)]
     follow: bool,
 }
 
-fn default_log_limit() -> usize {
+fn default_log_limit() -> u32 {
     100
 }
 
@@ -264,7 +269,13 @@ pub async fn logs(
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     state.plugins.get(&name).await?;
     let logs = state.plugins.runtime().capabilities().logs.clone();
-    let limit = q.limit.clamp(1, crate::logs::RING_LINES);
+    let limit = (q.limit as usize).clamp(1, crate::logs::RING_LINES);
+    if q.since.is_some_and(|s| i64::try_from(s).is_err()) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            "since is a line number: at most 9223372036854775807",
+        ));
+    }
     if !q.follow {
         return Ok(Json(logs.page(&name, q.since, limit)).into_response());
     }

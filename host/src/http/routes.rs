@@ -14,6 +14,22 @@ fn schema<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemar
     g.subschema_for::<T>()
 }
 
+/// A plain publish: an envelope without `check_after_ms` (transactions only).
+pub fn plain_message(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let envelope = g.subschema_for::<crate::broker::Envelope>();
+    schemars::json_schema!({"allOf": [envelope, {"not": {"required": ["check_after_ms"],
+        "properties": {"check_after_ms": {"type": "integer"}}}}]})
+}
+
+/// A batch of plain publishes.
+fn plain_batch(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let message = plain_message(g);
+    schemars::json_schema!({
+        "type": "object", "additionalProperties": false, "required": ["messages"],
+        "properties": {"messages": {"type": "array", "minItems": 1, "items": message}}
+    })
+}
+
 /// One operation: method, path (axum's `{param}` syntax, as OpenAPI's), what it does, what its
 /// JSON body holds (if it takes one: an example and the schema of its serde type), and the
 /// handler.
@@ -95,7 +111,7 @@ pub fn routes() -> Vec<Route> {
             "Publish one message; acknowledged once durable. Header Idempotency-Key deduplicates retries",
             Some((
                 r#"{"body": {"order": 42}, "key": "order-42", "tag": "paid", "sharding_key": "user-7", "properties": {"source": "web"}, "delay_ms": 0}"#,
-                schema::<crate::broker::Envelope>,
+                plain_message,
             )),
             post(messages::publish),
         ),
@@ -110,10 +126,7 @@ pub fn routes() -> Vec<Route> {
             M::POST,
             "/v1/topics/{topic}/messages/batch",
             "Publish a batch atomically (one group commit)",
-            Some((
-                r#"{"messages": [{"body": {}}]}"#,
-                schema::<super::messages::BatchRequest>,
-            )),
+            Some((r#"{"messages": [{"body": {}}]}"#, plain_batch)),
             post(messages::publish_batch),
         ),
         op(
@@ -327,20 +340,77 @@ fn answers_in(path: &str) -> Value {
     }
 }
 
-/// The OpenAPI 3.1 document of every route in the table; request bodies are described by the
-/// JSON Schemas of the serde types the handlers parse (schemars).
-pub fn document() -> Value {
+/// The query parameters a route takes: the serde type its handler parses them into.
+fn query_of(method: &Method, path: &str) -> Option<BodySchema> {
+    Some(match (method.as_str(), path) {
+        ("GET", "/v1/topics/{topic}/messages") => schema::<super::messages::ListQuery>,
+        ("GET", "/v1/transactions") => schema::<super::transactions::ListQuery>,
+        ("GET", "/v1/plugins/{name}/logs") => schema::<super::plugins::LogsQuery>,
+        ("GET", "/v1/subscriptions/{group}/dlq") => schema::<super::subscriptions::DlqQuery>,
+        ("PUT", "/v1/plugins/{name}") => schema::<crate::runtime::PluginLimits>,
+        _ => return None,
+    })
+}
+
+/// The schema of a path parameter: names follow the topic-name rule, ids are UUIDs.
+fn path_param(name: &str) -> Value {
+    match name {
+        "id" => json!({"type": "string", "format": "uuid",
+                       "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}),
+        _ => json!({"type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"}),
+    }
+}
+
+/// Query parameters from a query type's schema: each property one optional parameter.
+fn query_params(schema: BodySchema) -> Vec<Value> {
+    let mut g = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator();
+    let root = schema(&mut g).to_value();
+    let Some(props) = root["properties"].as_object() else {
+        return Vec::new();
+    };
+    props
+        .iter()
+        .map(|(name, s)| {
+            let mut s = s.clone();
+            // `Option<T>` reads as `T | null`; a query parameter is just absent instead.
+            if let Some(types) = s["type"].as_array() {
+                let kept: Vec<&Value> = types.iter().filter(|t| *t != "null").collect();
+                if let [one] = kept.as_slice() {
+                    s["type"] = (*one).clone();
+                }
+            }
+            if let Some(any) = s["anyOf"].as_array().cloned() {
+                let kept: Vec<Value> = any.into_iter().filter(|a| a["type"] != "null").collect();
+                s = match kept.as_slice() {
+                    [one] => one.clone(),
+                    _ => json!({"anyOf": kept}),
+                };
+            }
+            json!({"name": name, "in": "query", "required": false, "schema": s})
+        })
+        .collect()
+}
+
+/// The OpenAPI 3.1 document of every route in the table; request bodies and query parameters
+/// are described by the JSON Schemas of the serde types the handlers parse (schemars). `open`:
+/// this server has no tokens, so no operation asks for one.
+pub fn document(open: bool) -> Value {
     let mut paths = serde_json::Map::new();
     let mut schemas = schemars::generate::SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = "#/components/schemas/".into())
         .into_generator();
     for r in routes().into_iter().filter(|r| !r.hidden) {
-        let params: Vec<Value> = r
+        let mut params: Vec<Value> = r
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": path_param(name)}))
             .collect();
+        if let Some(q) = query_of(&r.method, r.path) {
+            params.extend(query_params(q));
+        }
         let scope = super::auth::scope_name(&r.method, r.path);
         let mut responses = serde_json::Map::new();
         for code in success(&r.method, r.path) {
@@ -365,13 +435,25 @@ pub fn document() -> Value {
             "responses": responses,
             "x-wasmq-scope": scope,
         });
-        if scope != "none" {
+        if scope != "none" && !open {
             operation["security"] = json!([{"bearer": [scope]}]);
+        }
+        if r.method == Method::PUT && r.path == "/v1/plugins/{name}" {
+            operation["requestBody"] = json!({"required": true, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}});
         }
         if let (Some(example), Some(schema)) = (r.body, r.schema) {
             let example: Value = serde_json::from_str(example).unwrap_or(Value::Null);
             let schema = schema(&mut schemas).to_value();
+            // Changes that have a meaning without a body (defaults) take an empty one.
+            let optional = matches!(
+                r.path,
+                "/v1/topics/{topic}"
+                    | "/v1/subscriptions/{group}/reset"
+                    | "/v1/subscriptions/{group}/dlq/redrive"
+            );
             operation["requestBody"] = json!({
+                "required": !optional,
                 "content": {"application/json": {"schema": schema, "example": example}}
             });
         }
@@ -395,6 +477,17 @@ pub fn document() -> Value {
 /// The request bodies' schemas, and the error every 4xx and 5xx answers with.
 fn component_schemas(mut schemas: schemars::SchemaGenerator) -> Value {
     let mut all = schemas.take_definitions(true);
+    // `deliver_at` is at most 30 days ahead of the server's clock: the bound moves, and the
+    // document is made per request (a day of slack for clocks and slow clients).
+    if let Some(at) = all
+        .get_mut("Envelope")
+        .and_then(|e| e.pointer_mut("/properties/deliver_at"))
+    {
+        let latest = crate::broker::now_ms()
+            .saturating_add(crate::broker::MAX_DELAY_MS)
+            .saturating_sub(24 * 3600 * 1000);
+        at["maximum"] = json!(latest);
+    }
     all.insert(
         "Error".into(),
         json!({"type": "object", "required": ["error"], "properties": {"error": {
@@ -404,8 +497,8 @@ fn component_schemas(mut schemas: schemars::SchemaGenerator) -> Value {
     Value::Object(all)
 }
 
-async fn openapi() -> axum::Json<Value> {
-    axum::Json(document())
+async fn openapi(axum::extract::State(state): axum::extract::State<AppState>) -> axum::Json<Value> {
+    axum::Json(document(state.tokens.is_empty()))
 }
 
 #[cfg(test)]
@@ -449,7 +542,7 @@ mod tests {
             };
             assert!(parsed.is_ok(), "{} {}: {parsed:?}", r.method, r.path);
         }
-        let doc = document();
+        let doc = document(false);
         let sub = &doc["paths"]["/v1/subscriptions/{group}"]["put"];
         assert!(sub["responses"]["201"].is_object() && sub["responses"]["200"].is_object());
         let schema = &sub["requestBody"]["content"]["application/json"]["schema"];

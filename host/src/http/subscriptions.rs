@@ -101,11 +101,12 @@ pub async fn reset(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DlqQuery {
     after: Option<String>,
-    limit: Option<usize>,
+    #[schemars(range(max = u32::MAX))]
+    limit: Option<u32>,
 }
 
 /// Oldest first; pass the last entry's `key` as `after` for the next page.
@@ -115,7 +116,7 @@ pub async fn dlq(
     query: Result<Query<DlqQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = q.limit.map_or(100, |l| l as usize).clamp(1, 1000);
     let entries = state
         .dispatcher
         .dlq(&group, q.after.as_deref(), limit)

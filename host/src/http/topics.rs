@@ -49,9 +49,7 @@ pub async fn put(
         .as_deref()
         .filter(|c| !c.is_empty())
     {
-        let (_, code) = state.plugins.code(checker, None).await.map_err(|e| {
-            ApiError::bad_request("bad_topic_spec", format!("transaction_checker: {e}"))
-        })?;
+        let (_, code) = state.plugins.code(checker, None).await?;
         if !code.has_checker() {
             return Err(ApiError::bad_request(
                 "bad_topic_spec",

@@ -63,11 +63,12 @@ pub async fn recheck(
     Ok(Json(state.transactions.recheck(&id).await?.view()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     state: Option<TxnState>,
-    limit: Option<usize>,
+    #[schemars(range(max = u32::MAX))]
+    limit: Option<u32>,
 }
 
 /// `?state=pending|committed|rolled_back|unresolved`
@@ -76,7 +77,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let limit = q.limit.map_or(1000, |l| l as usize).clamp(1, 10_000);
     let txns: Vec<Value> = state
         .transactions
         .list(q.state, limit)

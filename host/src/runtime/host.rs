@@ -62,6 +62,10 @@ impl Grants {
 pub struct GrantSpec {
     pub email: bool,
     pub sms: bool,
+    /// Origins: `http://host:port`, `https://host`, or `host:port` (http).
+    #[schemars(inner(regex(
+        pattern = r"^(https?://)?((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?/?$"
+    )))]
     pub http: Vec<String>,
     pub publish: Vec<String>,
 }
@@ -97,8 +101,10 @@ impl GrantSpec {
 )]
 pub struct PluginLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_MS))]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_MEMORY_MB))]
     pub memory_mb: Option<u64>,
 }
 
