@@ -11,6 +11,14 @@ const ADMIN: &str = "admin-token-123";
 const PRODUCER: &str = "orders-producer";
 const READER: &str = "dashboard-reader";
 
+fn token(t: &str, scopes: &[&str], topics: &[&str]) -> TokenConfig {
+    TokenConfig {
+        token: t.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        topics: topics.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
 async fn call(
     s: &TestServer,
     method: reqwest::Method,
@@ -32,11 +40,6 @@ async fn call(
 async fn tokens_and_scopes() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_in(dir.path());
-    let token = |t: &str, scopes: &[&str], topics: &[&str]| TokenConfig {
-        token: t.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        topics: topics.iter().map(|s| s.to_string()).collect(),
-    };
     config.auth.tokens = vec![
         token(ADMIN, &["admin"], &[]),
         token(PRODUCER, &["produce"], &["orders"]),
@@ -188,11 +191,6 @@ async fn tokens_and_scopes() {
 async fn a_topic_scoped_producer_decides_only_its_topics_transactions() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_in(dir.path());
-    let token = |t: &str, scopes: &[&str], topics: &[&str]| TokenConfig {
-        token: t.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        topics: topics.iter().map(|s| s.to_string()).collect(),
-    };
     config.auth.tokens = vec![
         token(ADMIN, &["admin"], &[]),
         token("producer-a", &["produce"], &["topic-a"]),
@@ -274,12 +272,7 @@ async fn a_topic_scoped_producer_decides_only_its_topics_transactions() {
 async fn secrets_are_resolved_in_the_host_and_config_is_redacted_for_readers() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_in(dir.path());
-    let token = |t: &str, scopes: &[&str]| TokenConfig {
-        token: t.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        topics: vec![],
-    };
-    config.auth.tokens = vec![token(ADMIN, &["admin"]), token(READER, &["read"])];
+    config.auth.tokens = vec![token(ADMIN, &["admin"], &[]), token(READER, &["read"], &[])];
     config.secrets = wasmq::secrets::Secrets::new(
         [("GATEWAY_KEY".to_string(), "s3cr3t-value-42".to_string())].into(),
     );

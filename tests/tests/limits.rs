@@ -231,6 +231,15 @@ async fn a_full_disk_holds_producers_with_503_and_keeps_what_was_acknowledged() 
     );
 }
 
+/// Opens a log-follow stream of the probe plugin on a connection of its own.
+async fn follow(s: &TestServer) -> reqwest::Response {
+    fresh_client()
+        .get(format!("{}/v1/plugins/probe/logs?follow=true", s.url))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Log-follow streams cannot take the connections requests need: with `max_connections` 8,
 /// eight follows once left an admin's publish a 503. Streams are capped in total (a quarter of
 /// the connections by default) and per token.
@@ -246,11 +255,7 @@ async fn log_follow_streams_are_capped_apart_from_requests() {
     let mut open = Vec::new();
     let mut refused = None;
     for _ in 0..8 {
-        let resp = fresh_client()
-            .get(format!("{}/v1/plugins/probe/logs?follow=true", s.url))
-            .send()
-            .await
-            .unwrap();
+        let resp = follow(&s).await;
         if resp.status() == StatusCode::OK {
             open.push(resp);
         } else {
@@ -278,11 +283,7 @@ async fn log_follow_streams_are_capped_apart_from_requests() {
     drop(open.pop());
     let reopened = async {
         loop {
-            let resp = fresh_client()
-                .get(format!("{}/v1/plugins/probe/logs?follow=true", s.url))
-                .send()
-                .await
-                .unwrap();
+            let resp = follow(&s).await;
             if resp.status() == StatusCode::OK {
                 return resp;
             }

@@ -399,6 +399,19 @@ impl Member {
         }
     }
 
+    /// The timer that holds a delayed message until it is due.
+    fn delay_timer(&self, m: &StoredMessage) -> Timer {
+        Timer {
+            member: self.shared.name.clone(),
+            due: m.message.deliver_at,
+            queue: m.message.queue,
+            offset: m.offset,
+            attempts: 0,
+            kind: TimerKind::Delay,
+            last_error: None,
+        }
+    }
+
     async fn remove_timer(&self, timer: &Timer) {
         let (space, key) = (state::timer_space(&self.group), timer.key());
         self.persist("a timer removal", || {
@@ -567,16 +580,7 @@ impl Member {
                 if !self.filter.matches(m.message.tag.as_deref()) {
                     finished.push(m.offset);
                 } else if m.message.deliver_at > now_ms() {
-                    let t = Timer {
-                        member: self.shared.name.clone(),
-                        due: m.message.deliver_at,
-                        queue,
-                        offset: m.offset,
-                        attempts: 0,
-                        kind: TimerKind::Delay,
-                        last_error: None,
-                    };
-                    self.add_timer(t).await;
+                    self.add_timer(self.delay_timer(m)).await;
                     finished.push(m.offset);
                 } else {
                     break;
@@ -733,16 +737,7 @@ impl Member {
             if cursor.head_attempts == 0 && m.message.deliver_at > now {
                 // Out of the queue order until due: stored as a timer of this queue first, so
                 // the offset passes it only once the timer is durable.
-                let t = Timer {
-                    member: self.shared.name.clone(),
-                    due: m.message.deliver_at,
-                    queue,
-                    offset: m.offset,
-                    attempts: 0,
-                    kind: TimerKind::Delay,
-                    last_error: None,
-                };
-                self.add_timer(t).await;
+                self.add_timer(self.delay_timer(&m)).await;
                 cursor = Cursor {
                     committed: cursor.committed.saturating_add(1),
                     ..Cursor::default()
