@@ -407,6 +407,7 @@ async fn recorder_work(url: &str, max_in_flight: usize) {
     let wasm = std::fs::read(wasmq_tests::plugins::RECORDER).unwrap();
     let r = http
         .put(format!("{url}/v1/plugins/recorder"))
+        .header("content-type", "application/wasm")
         .body(wasm)
         .send()
         .await
@@ -698,6 +699,7 @@ async fn sigkill_of_one_of_three_nodes_on_three_nats_servers_moves_its_queues_ti
     ] {
         let r = http
             .put(format!("{}/v1/plugins/{name}", b.url))
+            .header("content-type", "application/wasm")
             .body(std::fs::read(path).unwrap())
             .send()
             .await
@@ -994,6 +996,7 @@ async fn txn_setup(url: &str, interval_ms: u64, max_checks: u32) {
     ] {
         let r = http
             .put(format!("{url}/v1/plugins/{name}"))
+            .header("content-type", "application/wasm")
             .body(std::fs::read(path).unwrap())
             .send()
             .await
