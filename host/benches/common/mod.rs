@@ -91,6 +91,7 @@ impl Server {
         let r = self
             .http
             .put(format!("{}/v1/plugins/{name}", self.url))
+            .header("content-type", "application/wasm")
             .body(bytes)
             .send()
             .await
