@@ -170,6 +170,7 @@ pub struct TopicSpec {
     #[schemars(range(min = 1, max = 256))]
     pub queues: Option<u32>,
     /// A plugin name; `""` removes the checker.
+    #[schemars(regex(pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})?$"))]
     pub transaction_checker: Option<String>,
     pub transactions: Option<TxnTimings>,
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
