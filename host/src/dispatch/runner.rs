@@ -809,24 +809,7 @@ impl Member {
     /// of one of them), in the queue's turn. False if the runner stopped before the call began
     /// (the timer is kept).
     async fn deliver_in_order(&self, timer: Timer, block: bool) -> bool {
-        if self.shared_storage && !self.timer_stored(&timer).await {
-            self.shared.forget_timer(&timer.key());
-            return true;
-        }
-        let found = match self
-            .storage
-            .read(self.topic(), timer.queue, timer.offset, 1)
-            .await
-        {
-            Ok(mut v) => v.pop().filter(|m| m.offset == timer.offset),
-            Err(e) => {
-                tracing::error!(group = %self.group, error = %e, "read failed; timer kept");
-                tokio::time::sleep(STORAGE_RETRY).await;
-                return true;
-            }
-        };
-        let Some(m) = found.map(Arc::new) else {
-            self.remove_timer(&timer).await;
+        let Ok(Some(m)) = self.timer_message(&timer).await else {
             return true;
         };
         let permit = tokio::select! {
@@ -839,13 +822,54 @@ impl Member {
             return false;
         };
         let Ok(result) = rx.await else { return false };
-        // The old timer goes only after its successor (if any) is stored, and not at all when
-        // the successor has the same key.
-        if self.settle(&result, attempt, &m, block).await.as_deref() != Some(timer.key().as_str()) {
-            self.remove_timer(&timer).await;
-        }
+        self.finish_timer(&timer, &result, attempt, &m, block).await;
         drop(permit);
         true
+    }
+
+    /// The message a due timer delivers. `Ok(None)`: nothing to deliver any more (another node
+    /// dropped the timer, or the message is gone and the timer is removed). `Err`: the read
+    /// failed; the timer is kept under its stored key (a changed due time would leave the stored
+    /// record behind, to fire again after a restart) and the caller tries again later.
+    async fn timer_message(&self, timer: &Timer) -> Result<Option<Arc<StoredMessage>>, ()> {
+        if self.shared_storage && !self.timer_stored(timer).await {
+            self.shared.forget_timer(&timer.key());
+            return Ok(None);
+        }
+        match self
+            .storage
+            .read(self.topic(), timer.queue, timer.offset, 1)
+            .await
+        {
+            Ok(mut v) => match v.pop().filter(|m| m.offset == timer.offset) {
+                Some(m) => Ok(Some(Arc::new(m))),
+                None => {
+                    self.remove_timer(timer).await;
+                    Ok(None)
+                }
+            },
+            Err(e) => {
+                tracing::error!(group = %self.group, error = %e, "read failed; timer kept");
+                self.shared.add_timer(timer.clone());
+                tokio::time::sleep(STORAGE_RETRY).await;
+                Err(())
+            }
+        }
+    }
+
+    /// Stores what became of a timer's delivery. The old timer goes only after its successor
+    /// (if any) is stored, and not at all when the successor has the same key.
+    async fn finish_timer(
+        &self,
+        timer: &Timer,
+        result: &Result<Outcome, InvokeError>,
+        attempt: u32,
+        m: &StoredMessage,
+        block: bool,
+    ) {
+        if self.settle(result, attempt, m, block).await.as_deref() != Some(timer.key().as_str()) {
+            self.remove_timer(timer).await;
+        }
     }
 
     fn store_cursor(&self, queue: u32, committer: &watch::Sender<Cursor>, cursor: Cursor) {
@@ -886,13 +910,7 @@ impl Member {
                     let m: Arc<StoredMessage> = m;
                     let result: Option<Result<Outcome, InvokeError>> = result;
                     match result {
-                        // The old timer goes only after its successor (if any) is stored, and
-                        // not at all when the successor has the same key.
-                        Some(result) => {
-                            if self.settle(&result, attempt, &m, false).await.as_deref() != Some(timer.key().as_str()) {
-                                self.remove_timer(&timer).await;
-                            }
-                        }
+                        Some(result) => self.finish_timer(&timer, &result, attempt, &m, false).await,
                         // Dropped unstarted by a stopping worker: the stored timer stays.
                         None => self.shared.add_timer(timer),
                     }
@@ -901,24 +919,7 @@ impl Member {
                 permit = self.runner.in_flight.clone().acquire_owned(), if due_now => {
                     let Ok(permit) = permit else { break };
                     let Some(timer) = self.shared.pop_due(now_ms()) else { continue };
-                    if self.shared_storage && !self.timer_stored(&timer).await {
-                        continue;
-                    }
-                    let found = match self.storage.read(self.topic(), timer.queue, timer.offset, 1).await {
-                        Ok(mut v) => v.pop().filter(|m| m.offset == timer.offset),
-                        Err(e) => {
-                            // Kept under its stored key (a changed due time would leave the
-                            // stored record behind, to fire again after a restart).
-                            tracing::error!(group = %self.group, error = %e, "read failed; timer kept");
-                            self.shared.add_timer(timer);
-                            tokio::time::sleep(STORAGE_RETRY).await;
-                            continue;
-                        }
-                    };
-                    let Some(m) = found.map(Arc::new) else {
-                        self.remove_timer(&timer).await;
-                        continue;
-                    };
+                    let Ok(Some(m)) = self.timer_message(&timer).await else { continue };
                     let attempt = timer.attempts.saturating_add(1);
                     match self.dispatch(m.clone(), attempt).await {
                         Some(rx) => pending.push(async move { (timer, m, attempt, rx.await.ok(), permit) }),
