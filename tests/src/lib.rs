@@ -355,10 +355,27 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts `bin serve --listen 127.0.0.1:0 --data-dir dir` and waits for its address line.
     pub async fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Self {
+        let mut command = tokio::process::Command::new(bin);
+        command.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]);
+        Self::spawn(command, dir, extra).await
+    }
+
+    /// As [`ChildServer::start`], under an open-files limit (soft and hard) of `nofile`, as a
+    /// service manager may impose (systemd's default soft limit is 1024).
+    pub async fn start_with_nofile(bin: &Path, dir: &Path, extra: &[&str], nofile: u64) -> Self {
+        let mut command = tokio::process::Command::new("sh");
+        command
+            .args(["-c", r#"ulimit -n "$0" && exec "$@""#])
+            .arg(nofile.to_string())
+            .arg(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]);
+        Self::spawn(command, dir, extra).await
+    }
+
+    async fn spawn(mut command: tokio::process::Command, dir: &Path, extra: &[&str]) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         wasmq::capabilities::install_tls_provider();
-        let mut child = tokio::process::Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut child = command
             .arg(dir)
             .args(extra)
             .env("WASMQ_LOG", "warn")

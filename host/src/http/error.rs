@@ -133,7 +133,7 @@ impl From<StorageError> for ApiError {
             ),
             // The shared backend is unreachable or electing a leader: worth a retry, and the
             // request changed nothing that was acknowledged.
-            StorageError::JetStream(m) => {
+            StorageError::JetStream(m) | StorageError::Unavailable(m) => {
                 tracing::warn!(error = %m, "storage unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -23,7 +23,7 @@ pub use rocks::RocksStorage;
 /// A message id: a UUIDv7, so ids sort by creation time and never repeat.
 pub type MessageId = uuid::Uuid;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
@@ -35,6 +35,10 @@ pub enum StorageError {
     Conflict { space: String, key: String },
     #[error("storage is closed")]
     Closed,
+    /// Refused for now, nothing written: the store is reopening after an I/O error (RocksDB)
+    /// or its cluster is unreachable. A retry may succeed.
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
     #[error("encoding: {0}")]
     Encode(String),
 }

@@ -1,11 +1,14 @@
 //! The embedded RocksDB backend: column families, a single writer thread that group-commits
 //! every write (one WriteBatch and one fsync for all writes that arrive together), and recovery
-//! of per-queue high-water offsets on open.
+//! of per-queue high-water offsets on open and after an I/O error (the database is reopened
+//! behind its readers, so running out of descriptors or disk for a moment costs 503s, not a
+//! restart).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -35,6 +38,11 @@ const MAX_GROUP_OPS: usize = 4096;
 const MAX_GROUP_BYTES: usize = 64 * 1024 * 1024;
 /// Writes waiting for the writer thread; senders wait (backpressure) beyond this.
 const QUEUE_DEPTH: usize = 8192;
+/// After a failed reopen, writes are refused (503) for this long before the next attempt.
+const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+/// Default-CF key the writer writes after a failed group commit, to learn whether RocksDB still
+/// takes writes or has stopped on a background error (then only a reopen helps).
+const PROBE: &[u8] = b"write_probe";
 
 /// Counters of the writer thread, for metrics and benchmarks.
 #[derive(Debug)]
@@ -66,7 +74,7 @@ impl Default for WriterStats {
 type HighWater = HashMap<String, Vec<u64>>;
 
 pub struct RocksStorage {
-    db: Arc<DB>,
+    db: Arc<Slot>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     high_water: Arc<RwLock<HighWater>>,
     watchers: Arc<Watchers>,
@@ -119,6 +127,16 @@ enum WriteOp {
 }
 
 impl WriteOp {
+    /// Answers the op with `e` without writing it.
+    fn refuse(self, e: StorageError) {
+        let _ = match self {
+            WriteOp::Append { reply, .. } => reply.send(Err(e)).map_err(drop),
+            WriteOp::PutBlob { reply, .. } | WriteOp::PutRecord { reply, .. } => {
+                reply.send(Err(e)).map_err(drop)
+            }
+        };
+    }
+
     fn size(&self) -> usize {
         match self {
             WriteOp::Append { messages, .. } => messages.iter().map(|m| m.value.len() + 64).sum(),
@@ -132,44 +150,21 @@ impl WriteOp {
 impl RocksStorage {
     /// Opens (or creates) the database under `dir` and starts its writer thread.
     pub fn open(dir: &Path, flush: FlushMode) -> Result<Self, StorageError> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        opts.set_max_background_jobs(2);
-        // A bounded share of the process's file descriptors (see `crate::fds`): with the default
-        // (-1) table files alone could take every descriptor.
-        opts.set_max_open_files(crate::fds::STORAGE_OPEN_FILES as i32);
-        // Write SST and WAL data out in 1 MiB steps: a memtable flush then never dumps tens of
-        // MiB of dirty pages at once, which would stall the WAL fsync acknowledged publishes wait on.
-        opts.set_bytes_per_sync(1 << 20);
-        opts.set_wal_bytes_per_sync(1 << 20);
-        let cfs = COLUMN_FAMILIES.iter().map(|name| {
-            let mut cf = Options::default();
-            if *name == CF_MESSAGES {
-                cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            }
-            if *name == CF_BLOBS {
-                cf.set_enable_blob_files(true);
-                cf.set_min_blob_size(4096);
-            }
-            ColumnFamilyDescriptor::new(*name, cf)
-        });
-        let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
+        let db = Arc::new(open_db(dir)?);
         let (committed, last_stored_at) = recover_high_water(&db)?;
-        let last_revision = match db.get(LAST_REVISION)? {
-            Some(v) => u64::from_be_bytes(
-                v.as_slice()
-                    .try_into()
-                    .map_err(|_| StorageError::Corrupt("bad revision counter".into()))?,
-            ),
-            None => 0,
-        };
+        let last_revision = read_last_revision(&db)?;
+        let slot = Arc::new(Slot {
+            dir: dir.to_path_buf(),
+            db: RwLock::new(Some(db.clone())),
+        });
         let high_water = Arc::new(RwLock::new(committed.clone()));
         let stats = Arc::new(WriterStats::default());
         let watchers = Arc::new(Watchers::default());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
-            db: db.clone(),
+            slot: slot.clone(),
+            db: Some(db),
+            next_reopen: Instant::now(),
             sync: flush == FlushMode::Sync,
             committed,
             shared: high_water.clone(),
@@ -183,7 +178,7 @@ impl RocksStorage {
             .spawn(move || writer.run(rx))
             .map_err(|e| StorageError::Corrupt(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
-            db,
+            db: slot,
             tx: Mutex::new(Some(tx)),
             high_water,
             watchers,
@@ -220,7 +215,7 @@ impl RocksStorage {
         &self,
         f: impl FnOnce(&DB) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let db = self.db.clone();
+        let db = self.db.get()?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| StorageError::Corrupt(format!("reader task failed: {e}")))?
@@ -236,6 +231,101 @@ impl Drop for RocksStorage {
         }
         if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
+        }
+    }
+}
+
+/// Opens (or creates) the database under `dir` with its column families.
+fn open_db(dir: &Path) -> Result<DB, StorageError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_max_background_jobs(2);
+    // A bounded share of the process's file descriptors (see `crate::fds`): with the default
+    // (-1) table files alone could take every descriptor.
+    opts.set_max_open_files(crate::fds::STORAGE_OPEN_FILES as i32);
+    // Write SST and WAL data out in 1 MiB steps: a memtable flush then never dumps tens of
+    // MiB of dirty pages at once, which would stall the WAL fsync acknowledged publishes wait on.
+    opts.set_bytes_per_sync(1 << 20);
+    opts.set_wal_bytes_per_sync(1 << 20);
+    let cfs = COLUMN_FAMILIES.iter().map(|name| {
+        let mut cf = Options::default();
+        if *name == CF_MESSAGES {
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        }
+        if *name == CF_BLOBS {
+            cf.set_enable_blob_files(true);
+            cf.set_min_blob_size(4096);
+        }
+        ColumnFamilyDescriptor::new(*name, cf)
+    });
+    Ok(DB::open_cf_descriptors(&opts, dir, cfs)?)
+}
+
+/// The last record revision handed out (0 in a new database).
+fn read_last_revision(db: &DB) -> Result<u64, StorageError> {
+    match db.get(LAST_REVISION)? {
+        Some(v) => {
+            Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
+                |_| StorageError::Corrupt("bad revision counter".into()),
+            )?))
+        }
+        None => Ok(0),
+    }
+}
+
+/// The open database, shared by the writer and readers. Empty while the writer reopens it: after
+/// a failed WAL or table-file creation RocksDB stops taking writes (a background error) until the
+/// database is closed and opened again, and it can only be opened once it is closed.
+struct Slot {
+    dir: PathBuf,
+    db: RwLock<Option<Arc<DB>>>,
+}
+
+impl Slot {
+    /// The database, or [`StorageError::Unavailable`] while it is being reopened.
+    fn get(&self) -> Result<Arc<DB>, StorageError> {
+        let guard = match self.db.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.clone().ok_or_else(|| {
+            StorageError::Unavailable("reopening the database after an I/O error".into())
+        })
+    }
+
+    /// Takes the database out (readers now get `Unavailable`) and closes it once the reads
+    /// holding it have finished.
+    fn close(&self) {
+        let taken = match self.db.write() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(mut db) = taken else { return };
+        let started = Instant::now();
+        let mut warned = false;
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    drop(db);
+                    return;
+                }
+                Err(held) => {
+                    db = held;
+                    if !warned && started.elapsed() > Duration::from_secs(5) {
+                        tracing::warn!("reads still hold the database after 5 s; waiting");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    fn put(&self, db: Arc<DB>) {
+        match self.db.write() {
+            Ok(mut g) => *g = Some(db),
+            Err(poisoned) => *poisoned.into_inner() = Some(db),
         }
     }
 }
@@ -277,6 +367,19 @@ fn get_message_at(db: &DB, location: &[u8]) -> Result<Option<StoredMessage>, Sto
         Some(v) => decode_message(location, &v).map(Some),
         None => Ok(None),
     }
+}
+
+fn current_revision(db: &DB, key: &[u8]) -> Result<Option<u64>, StorageError> {
+    match db.get_cf(cf(db, CF_RECORDS)?, key)? {
+        Some(v) => Ok(Some(keys::parse_record_value(&v)?.0)),
+        None => Ok(None),
+    }
+}
+
+/// Whether RocksDB takes a write after a group commit failed: a background error (a WAL or
+/// table file that could not be created, a full disk) refuses every write until a reopen.
+fn still_writable(db: &DB) -> bool {
+    db.put(PROBE, []).is_ok()
 }
 
 /// Finds the last offset of every (topic, queue) with two seeks per queue, and the latest store
@@ -545,15 +648,24 @@ impl Storage for RocksStorage {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         // In async mode the WAL may not be on disk yet; a clean stop makes it so.
-        if let Err(e) = self.db.flush_wal(true) {
-            tracing::warn!(error = %e, "flushing the WAL on close failed");
+        match self.db.get() {
+            Ok(db) => {
+                if let Err(e) = db.flush_wal(true) {
+                    tracing::warn!(error = %e, "flushing the WAL on close failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "closing storage that is not open"),
         }
     }
 }
 
 /// The single writer: owns offset assignment and record revisions, so neither needs a lock.
 struct Writer {
-    db: Arc<DB>,
+    slot: Arc<Slot>,
+    /// The writer's handle on the open database; `None` after an I/O error until a reopen
+    /// succeeds (tried again no sooner than `next_reopen`).
+    db: Option<Arc<DB>>,
+    next_reopen: Instant,
     sync: bool,
     committed: HighWater,
     shared: Arc<RwLock<HighWater>>,
@@ -593,11 +705,78 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(ops, &wo);
+            let db = match self.open() {
+                Ok(db) => db,
+                Err(e) => {
+                    for op in ops {
+                        op.refuse(e.clone());
+                    }
+                    continue;
+                }
+            };
+            if self.commit_group(&db, ops, &wo) && !still_writable(&db) {
+                drop(db);
+                self.reopen();
+            }
         }
     }
 
-    fn commit_group(&mut self, ops: Vec<WriteOp>, wo: &WriteOptions) {
+    /// The open database, reopening it first if an I/O error closed it (at most once per
+    /// [`REOPEN_BACKOFF`]; until then writes are refused as `Unavailable`).
+    fn open(&mut self) -> Result<Arc<DB>, StorageError> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        if Instant::now() < self.next_reopen {
+            return Err(StorageError::Unavailable(
+                "the database could not be reopened after an I/O error; retrying".into(),
+            ));
+        }
+        self.reopen();
+        self.db.clone().ok_or_else(|| {
+            StorageError::Unavailable(
+                "the database could not be reopened after an I/O error".into(),
+            )
+        })
+    }
+
+    /// Closes the database and opens it again, recovering high water, revisions and store time
+    /// from what is on disk (a group commit answered with an error may have reached the WAL, so
+    /// the database, not the writer's memory, says what exists).
+    fn reopen(&mut self) {
+        self.db = None;
+        self.slot.close();
+        let opened = open_db(&self.slot.dir).and_then(|db| {
+            let (committed, stored_at) = recover_high_water(&db)?;
+            let revision = read_last_revision(&db)?;
+            Ok((db, committed, stored_at, revision))
+        });
+        match opened {
+            Ok((db, committed, stored_at, revision)) => {
+                let db = Arc::new(db);
+                self.last_revision = revision;
+                self.last_stored_at = self.last_stored_at.max(stored_at);
+                let changed: HighWater = committed
+                    .iter()
+                    .filter(|(topic, queues)| self.committed.get(*topic) != Some(*queues))
+                    .map(|(t, q)| (t.clone(), q.clone()))
+                    .collect();
+                self.committed = committed;
+                self.publish_high_water(changed);
+                self.slot.put(db.clone());
+                self.db = Some(db);
+                tracing::warn!("storage reopened after an I/O error; writes resume");
+            }
+            Err(e) => {
+                self.next_reopen = Instant::now() + REOPEN_BACKOFF;
+                tracing::error!(error = %e, "reopening storage failed; retrying");
+            }
+        }
+    }
+
+    /// Commits `ops` as one write batch; returns whether the write itself failed (every op was
+    /// answered with the error).
+    fn commit_group(&mut self, db: &DB, ops: Vec<WriteOp>, wo: &WriteOptions) -> bool {
         let mut batch = WriteBatch::default();
         let mut staged: HighWater = HashMap::new();
         // Revision (None = deleted) of records written earlier in this same group.
@@ -618,15 +797,23 @@ impl Writer {
                     // The guard's condition is checked before anything is staged, and written
                     // only if the messages could be staged: both land, or neither.
                     if let Some(g) = &guard
-                        && let Err(e) = self.check_record(&staged_records, g)
+                        && let Err(e) = self.check_record(db, &staged_records, g)
                     {
                         let _ = reply.send(Err(e));
                         continue;
                     }
-                    match self.stage_append(&mut batch, &mut staged, &topic, &messages, stored_at) {
+                    match self.stage_append(
+                        db,
+                        &mut batch,
+                        &mut staged,
+                        &topic,
+                        &messages,
+                        stored_at,
+                    ) {
                         Ok(done) => {
                             let rev = match &guard {
                                 Some(g) => match self.write_record(
+                                    db,
                                     &mut batch,
                                     &mut staged_records,
                                     &mut revision,
@@ -649,7 +836,7 @@ impl Writer {
                     }
                 }
                 WriteOp::PutBlob { key, value, reply } => {
-                    let Ok(blobs) = cf(&self.db, CF_BLOBS) else {
+                    let Ok(blobs) = cf(db, CF_BLOBS) else {
                         let _ = reply.send(Err(StorageError::Corrupt("no blobs CF".into())));
                         continue;
                     };
@@ -672,8 +859,8 @@ impl Writer {
                         value,
                         expect,
                     };
-                    let result = self.check_record(&staged_records, &w).and_then(|()| {
-                        self.write_record(&mut batch, &mut staged_records, &mut revision, &w)
+                    let result = self.check_record(db, &staged_records, &w).and_then(|()| {
+                        self.write_record(db, &mut batch, &mut staged_records, &mut revision, &w)
                     });
                     match result {
                         Ok(rev) => replies.push(Reply::Record(reply, rev)),
@@ -685,13 +872,13 @@ impl Writer {
             }
         }
         if replies.is_empty() {
-            return;
+            return false;
         }
         if revision != self.last_revision {
             batch.put(LAST_REVISION, revision.to_be_bytes());
         }
         let started = std::time::Instant::now();
-        let written = self.db.write_opt(batch, wo);
+        let written = db.write_opt(batch, wo);
         self.stats
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -711,6 +898,7 @@ impl Writer {
                         Reply::Record(tx, v) => tx.send(Ok(v)).map_err(drop),
                     };
                 }
+                false
             }
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
@@ -721,6 +909,7 @@ impl Writer {
                         Reply::Record(tx, _) => tx.send(Err(err)).map_err(drop),
                     };
                 }
+                true
             }
         }
     }
@@ -728,13 +917,14 @@ impl Writer {
     /// Whether `w.expect` holds, seeing writes staged earlier in this group.
     fn check_record(
         &self,
+        db: &DB,
         staged: &HashMap<Vec<u8>, Option<u64>>,
         w: &RecordWrite,
     ) -> Result<(), StorageError> {
         let k = keys::record(&w.space, &w.key);
         let current = match staged.get(&k) {
             Some(rev) => *rev,
-            None => self.current_revision(&k)?,
+            None => current_revision(db, &k)?,
         };
         let ok = match w.expect {
             Expect::Any => true,
@@ -754,12 +944,13 @@ impl Writer {
     /// Stages a checked record write under the next revision; returns that revision.
     fn write_record(
         &self,
+        db: &DB,
         batch: &mut WriteBatch,
         staged: &mut HashMap<Vec<u8>, Option<u64>>,
         revision: &mut u64,
         w: &RecordWrite,
     ) -> Result<u64, StorageError> {
-        let records = cf(&self.db, CF_RECORDS)?;
+        let records = cf(db, CF_RECORDS)?;
         let k = keys::record(&w.space, &w.key);
         *revision += 1;
         match &w.value {
@@ -770,27 +961,18 @@ impl Writer {
         Ok(*revision)
     }
 
-    fn current_revision(&self, key: &[u8]) -> Result<Option<u64>, StorageError> {
-        match self.db.get_cf(cf(&self.db, CF_RECORDS)?, key)? {
-            Some(v) => Ok(Some(keys::parse_record_value(&v)?.0)),
-            None => Ok(None),
-        }
-    }
-
     /// Assigns offsets and adds the message, id and key entries to the batch.
     fn stage_append(
         &self,
+        db: &DB,
         batch: &mut WriteBatch,
         staged: &mut HighWater,
         topic: &str,
         messages: &[Encoded],
         stored_at: u64,
     ) -> Result<Vec<Appended>, StorageError> {
-        let (cf_messages, cf_ids, cf_keys) = (
-            cf(&self.db, CF_MESSAGES)?,
-            cf(&self.db, CF_IDS)?,
-            cf(&self.db, CF_KEYS)?,
-        );
+        let (cf_messages, cf_ids, cf_keys) =
+            (cf(db, CF_MESSAGES)?, cf(db, CF_IDS)?, cf(db, CF_KEYS)?);
         let next = staged
             .entry(topic.to_string())
             .or_insert_with(|| self.committed.get(topic).cloned().unwrap_or_default());
