@@ -12,8 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use wasmq::capabilities::Grants;
 use wasmq::cli::scaffold;
-use wasmq::runtime::{Grants, InstanceContext, PluginLimits, Runtime, RuntimeConfig};
+use wasmq::runtime::{InstanceContext, PluginLimits, Runtime, RuntimeConfig};
 
 const LANGS: [(&str, &str); 3] = [("rust", "Rust"), ("python", "Python"), ("js", "JavaScript")];
 
@@ -98,7 +99,7 @@ fn main() {
                     memory_mb,
                     ..Default::default()
                 },
-                broker: broker.clone(),
+                services: broker.clone(),
             })
         };
         let body = body();

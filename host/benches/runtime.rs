@@ -9,9 +9,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use wasmq::bindings;
+use wasmq::capabilities::Grants;
 use wasmq::plugins::Plugins;
-use wasmq::runtime::bindings;
-use wasmq::runtime::{Grants, HostState, InstanceContext, Runtime, RuntimeConfig};
+use wasmq::runtime::{HostState, InstanceContext, Runtime, RuntimeConfig};
 use wasmq_tests::plugins::{CHECKER, ECHO};
 
 fn per_call(total: std::time::Duration, n: u32) -> f64 {
@@ -50,7 +51,7 @@ fn main() {
             config_json: "{}".into(),
             grants: Grants::default(),
             limits: Default::default(),
-            broker: broker.clone(),
+            services: broker.clone(),
         });
 
         // Raw wasmtime: same engine settings, no budget, no limiter, a prebuilt message.

@@ -14,9 +14,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use crate::bindings::GuestError;
+use crate::bindings::wasmq::plugin::http as wit_http;
 use crate::config::{Config, StartTls};
-use crate::runtime::bindings::GuestError;
-use crate::runtime::bindings::wasmq::plugin::http as wit_http;
 
 /// Caps on one outbound HTTP call.
 pub const MAX_HTTP_REQUEST_BYTES: usize = 1 << 20;
@@ -319,6 +319,75 @@ impl Origin {
             scheme,
             host: host.to_ascii_lowercase(),
             port,
+        })
+    }
+}
+
+/// What a subscription granted its plugin. Nothing by default.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub email: bool,
+    pub sms: bool,
+    /// Allowed HTTP origins.
+    pub http: Vec<Origin>,
+    /// Topics the plugin may publish to.
+    pub publish: Vec<String>,
+}
+
+impl Grants {
+    /// `None` if every capability of `self` is also in one of `configured` (what admins
+    /// granted the plugin in its subscriptions and as a transaction checker); otherwise the
+    /// first one that is not, named as the API spells it.
+    pub fn beyond(&self, configured: &[Grants]) -> Option<String> {
+        if self.email && !configured.iter().any(|g| g.email) {
+            return Some("email".into());
+        }
+        if self.sms && !configured.iter().any(|g| g.sms) {
+            return Some("sms".into());
+        }
+        if let Some(o) = self
+            .http
+            .iter()
+            .find(|o| !configured.iter().any(|g| g.http.contains(o)))
+        {
+            return Some(format!("http {o}"));
+        }
+        self.publish
+            .iter()
+            .find(|t| !configured.iter().any(|g| g.publish.contains(t)))
+            .map(|t| format!("publish {t}"))
+    }
+}
+
+/// Grants as the API spells them.
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrantSpec {
+    pub email: bool,
+    pub sms: bool,
+    /// Origins: `http://host:port`, `https://host`, or `host:port` (http).
+    #[schemars(inner(regex(
+        pattern = r"^(https?://)?((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?/?$"
+    )))]
+    pub http: Vec<String>,
+    pub publish: Vec<String>,
+}
+
+impl GrantSpec {
+    /// The runtime's form of these grants; every HTTP grant must be an origin.
+    pub fn to_grants(&self) -> Result<Grants, String> {
+        let http = self
+            .http
+            .iter()
+            .map(|g| Origin::parse_grant(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Grants {
+            email: self.email,
+            sms: self.sms,
+            http,
+            publish: self.publish.clone(),
         })
     }
 }

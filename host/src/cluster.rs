@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::now_ms;
+use crate::base::now_ms;
 use crate::storage::{Expect, Storage, StorageError};
 
 pub const NODE_SPACE: &str = "cluster/node";
@@ -350,42 +350,42 @@ impl Node {
     }
 
     /// Every node that ever registered (silent ones are kept for a while, marked down), and
-    /// every lease with its owner: what `GET /v1/cluster` shows.
-    pub async fn view(&self) -> Result<serde_json::Value, StorageError> {
+    /// every lease with its owner: what `GET /v1/cluster` shows (the HTTP layer names the
+    /// subscription unit each lease is for, which dispatch defines).
+    pub async fn view(&self) -> Result<ClusterView, StorageError> {
         let now = now_ms();
-        let nodes: Vec<serde_json::Value> = nodes(self.storage.as_ref())
+        let nodes = nodes(self.storage.as_ref())
             .await?
             .into_iter()
-            .map(|n| {
-                serde_json::json!({
-                    "node": n.node, "api": n.api, "started_at": n.started_at,
-                    "heartbeat_at": n.heartbeat_at,
-                    "heartbeat_age_ms": now.saturating_sub(n.heartbeat_at),
-                    "up": n.is_up(now), "self": n.node == self.id,
-                })
+            .map(|n| NodeView {
+                heartbeat_age_ms: now.saturating_sub(n.heartbeat_at),
+                up: n.is_up(now),
+                is_self: n.node == self.id,
+                node: n.node,
+                api: n.api,
+                started_at: n.started_at,
+                heartbeat_at: n.heartbeat_at,
             })
             .collect();
-        let leases: Vec<serde_json::Value> = leases(self.storage.as_ref())
+        let leases = leases(self.storage.as_ref())
             .await?
             .into_iter()
-            .map(|(key, l, _)| {
-                let mut v = serde_json::json!({
-                    "lease": key, "owner": l.owner, "expires_at": l.expires_at,
-                    "expired": l.expires_at <= now,
-                });
-                if let Some((group, unit)) = crate::dispatch::share::parse_key(&key) {
-                    v["subscription"] = group.into();
-                    match unit {
-                        crate::dispatch::share::UnitKey::Queue(q) => v["queue"] = q.into(),
-                        crate::dispatch::share::UnitKey::Instance(i) => v["instance"] = i.into(),
-                    }
-                }
-                v
+            .map(|(lease, l, _)| LeaseView {
+                lease,
+                owner: l.owner,
+                expires_at: l.expires_at,
+                expired: l.expires_at <= now,
+                subscription: None,
+                queue: None,
+                instance: None,
             })
             .collect();
-        Ok(serde_json::json!({
-            "node": self.id, "backend": self.backend, "nodes": nodes, "leases": leases,
-        }))
+        Ok(ClusterView {
+            node: self.id.clone(),
+            backend: self.backend,
+            nodes,
+            leases,
+        })
     }
 
     /// `wasmq_node_info{node, backend}` (always 1), `wasmq_node_dispatching` (1 while this
@@ -434,6 +434,43 @@ impl Node {
             .put_record(NODE_SPACE, &self.id, None, Expect::Any)
             .await;
     }
+}
+
+/// `GET /v1/cluster`: this node, the backend, every node and every lease.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterView {
+    pub node: String,
+    pub backend: &'static str,
+    pub nodes: Vec<NodeView>,
+    pub leases: Vec<LeaseView>,
+}
+
+/// A node as heartbeats show it (times in ms since the epoch).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeView {
+    pub node: String,
+    pub api: String,
+    pub started_at: u64,
+    pub heartbeat_at: u64,
+    pub heartbeat_age_ms: u64,
+    pub up: bool,
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// A lease, its holder, and the subscription unit it is for (when its key names one).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LeaseView {
+    pub lease: String,
+    pub owner: String,
+    pub expires_at: u64,
+    pub expired: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
 }
 
 #[cfg(test)]
@@ -538,9 +575,9 @@ mod tests {
             .await
             .unwrap();
         let v = node.view().await.unwrap();
-        assert_eq!(v["nodes"][0]["node"], node.id.as_str());
-        assert_eq!(v["nodes"][0]["up"], true);
+        assert_eq!(v.nodes[0].node, node.id);
+        assert!(v.nodes[0].up);
         node.stop().await;
-        assert_eq!(node.view().await.unwrap()["nodes"], serde_json::json!([]));
+        assert!(node.view().await.unwrap().nodes.is_empty());
     }
 }

@@ -335,7 +335,7 @@ impl Config {
             ));
         }
         let t = &self.transactions;
-        crate::broker::TxnTimings {
+        crate::base::TxnTimings {
             check_after_ms: Some(t.check_after_ms),
             check_interval_ms: Some(t.check_interval_ms),
             max_checks: Some(t.max_checks),

@@ -1,27 +1,29 @@
 //! wasmq: a durable message broker whose consumers are sandboxed WebAssembly plugins.
 //!
-//! Components:
-//! - [`config`]: `wasmq.toml`, environment overrides and defaults.
-//! - [`storage`]: the storage trait, its RocksDB backend (group commit, key encodings) and its
-//!   NATS JetStream backend (scale-out).
-//! - [`broker`]: topics, publish validation, queue selection.
-//! - [`runtime`]: wasmtime engine, limits, plugin instances and the imports they call.
-//! - [`capabilities`]: email (SMTP), SMS (gateway) and allow-listed HTTP for plugins.
-//! - [`dispatch`]: subscriptions and delivery (offsets, retries, DLQ, delays, broadcast).
-//! - [`disk`]: the disk quota that turns a filling disk into a retryable 503.
-//! - [`fds`]: the open-files limit raised, and divided between storage and connections.
-//! - [`logs`]: plugin log lines: a bounded ring per plugin and live followers.
-//! - [`metrics`]: Prometheus counters and histograms of publishing and delivery.
-//! - [`txn`]: transactional (half) messages and their check-back.
-//! - [`text`]: plugin-provided text capped and escaped before it is kept, logged or shown.
-//! - [`secrets`]: `{"$secret": "NAME"}` references in plugin config, resolved in the host.
-//! - [`plugins`]: the plugin catalogue (versions, stored bytes and compiled artifacts).
-//! - [`http`]: the JSON API.
-//! - [`cli`]: the `wasmq` command line (server and client verbs).
+//! Modules, in layers: each uses only layers below it, never one beside or above it (no import
+//! cycle; `.ci/run` checks with cargo-modules).
+//! 1. Bottom, no wasmq imports or only each other: [`base`] (clock, name rule, time bounds),
+//!    [`text`] (plugin text capped and escaped), [`secrets`] (`{"$secret": "NAME"}`), [`fds`]
+//!    (descriptor budget), [`disk`] (quota), [`config`] (`wasmq.toml`, environment overrides).
+//! 2. [`storage`]: the storage trait, its RocksDB backend (group commit, key encodings) and its
+//!    NATS JetStream backend (scale-out); [`bindings`]: the WIT contract bound for the host.
+//! 3. [`logs`] (plugin log rings and followers), [`metrics`] (counters and histograms the broker
+//!    and dispatch update), [`capabilities`] (email, SMS, allow-listed HTTP, and the grants
+//!    that allow them).
+//! 4. [`runtime`]: wasmtime engine, limits, instances and the imports they call; what it needs
+//!    of the broker (kv, publish) is its [`runtime::Services`] trait.
+//! 5. [`broker`]: topics, publish validation, queue selection (and `runtime::Services` for it).
+//! 6. [`plugins`] (catalogue: versions, code, compiled artifacts), [`cluster`] (nodes, leases).
+//! 7. [`txn`] (half messages and check-back) and [`dispatch`] (subscriptions and delivery:
+//!    offsets, retries, dead letters, delays, broadcast; `dispatch::runner` split by concern).
+//! 8. [`http`] (the JSON API; what is read at scrape time and the cluster view's lease names are
+//!    put together here), [`cli`] (the `wasmq` verbs), and [`run`] below, which wires them.
 //!
 //! [`run`] serves the API on a listener until `shutdown` resolves; the binary and the tests
 //! both start the server through it.
 
+pub mod base;
+pub mod bindings;
 pub mod broker;
 pub mod capabilities;
 pub mod cli;

@@ -194,7 +194,7 @@ impl PluginLogs {
         let line = LogLine {
             seq: 0,
             node: sharing.map(|s| s.node.clone()),
-            at: crate::broker::now_ms(),
+            at: crate::base::now_ms(),
             level: line.level.into(),
             plugin: line.plugin.to_string(),
             version: line.version,

@@ -1,5 +1,6 @@
 //! Prometheus metrics the broker updates as it works (publishes, deliveries, plugin calls);
-//! state read at scrape time (lag, DLQ, timers, transactions) is added by the `/metrics` route.
+//! state read at scrape time (lag, DLQ, timers, transactions) is added by the `/metrics` route
+//! (`http::metrics`).
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -107,100 +108,4 @@ impl Metrics {
         self.published.get_or_create(&label).inc_by(messages);
         self.published_bytes.get_or_create(&label).inc_by(bytes);
     }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LagLabels {
-    group: String,
-    topic: String,
-    queue: u32,
-    /// The broadcast instance; empty for a clustering subscription (one shared offset).
-    instance: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: String,
-}
-
-/// Adds what is read at scrape time: lag per subscription and queue (and broadcast instance),
-/// dead letters and pending timers per subscription, transactions by state, disk use.
-pub async fn scrape_state(
-    r: &mut Registry,
-    dispatcher: &crate::dispatch::Dispatcher,
-    transactions: &crate::txn::Transactions,
-    disk: Option<&crate::disk::DiskGuard>,
-) -> anyhow::Result<()> {
-    use prometheus_client::metrics::gauge::Gauge;
-    let lag: Family<LagLabels, Gauge> = Family::default();
-    let dlq: Family<GroupLabel, Gauge> = Family::default();
-    let timers: Family<GroupLabel, Gauge> = Family::default();
-    for sub in dispatcher.list().await? {
-        let group = sub["group"].as_str().unwrap_or_default().to_string();
-        let topic = sub["spec"]["topic"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let members: Vec<(String, &serde_json::Value)> = match sub["instances"].as_array() {
-            Some(instances) => instances
-                .iter()
-                .map(|i| (i["instance"].to_string(), &i["queues"]))
-                .collect(),
-            None => vec![(String::new(), &sub["queues"])],
-        };
-        for (instance, queues) in members {
-            for q in queues.as_array().into_iter().flatten() {
-                let labels = LagLabels {
-                    group: group.clone(),
-                    topic: topic.clone(),
-                    queue: q["queue"].as_u64().unwrap_or(0) as u32,
-                    instance: instance.clone(),
-                };
-                lag.get_or_create(&labels)
-                    .set(q["lag"].as_i64().unwrap_or(0));
-            }
-        }
-        let g = GroupLabel { group };
-        dlq.get_or_create(&g).set(sub["dlq"].as_i64().unwrap_or(0));
-        timers
-            .get_or_create(&g)
-            .set(sub["pending_timers"].as_i64().unwrap_or(0));
-    }
-    r.register(
-        "wasmq_subscription_lag",
-        "Messages not yet done, by subscription, queue and broadcast instance",
-        lag,
-    );
-    r.register(
-        "wasmq_dead_letters",
-        "Messages in a subscription's dead-letter queue",
-        dlq,
-    );
-    r.register(
-        "wasmq_timers_pending",
-        "Delayed messages and retries waiting for their time, by subscription",
-        timers,
-    );
-    let txns: Family<StateLabel, Gauge> = Family::default();
-    for (state, n) in transactions.counts().await? {
-        txns.get_or_create(&StateLabel { state }).set(n as i64);
-    }
-    r.register("wasmq_transactions", "Transactions by state", txns);
-    if let Some(d) = disk {
-        let used: Gauge = Gauge::default();
-        used.set(d.used() as i64);
-        r.register(
-            "wasmq_data_dir_bytes",
-            "Bytes the data directory holds (sampled)",
-            used,
-        );
-        let free: Gauge = Gauge::default();
-        free.set(d.free().min(i64::MAX as u64) as i64);
-        r.register(
-            "wasmq_disk_free_bytes",
-            "Free bytes on the data directory's filesystem (sampled)",
-            free,
-        );
-    }
-    Ok(())
 }

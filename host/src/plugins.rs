@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio::sync::OnceCell;
 
-use crate::broker::{now_ms, validate_topic_name};
+use crate::base::{check_name, now_ms};
 use crate::runtime::{
     CompileError, InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits, Runtime,
 };
@@ -389,19 +389,11 @@ impl Plugins {
         name: &str,
         version: Option<u32>,
         ctx: InstanceContext,
-        message: &crate::runtime::bindings::Message,
-    ) -> Result<
-        (
-            PluginVersion,
-            Result<crate::runtime::bindings::Outcome, InvokeError>,
-        ),
-        PluginError,
-    > {
+        message: &crate::bindings::Message,
+    ) -> Result<(PluginVersion, Result<crate::bindings::Outcome, InvokeError>), PluginError> {
         let (v, code) = self.code(name, version).await?;
         if !code.has_consumer() {
-            return Err(
-                InvokeError::MissingExport(crate::runtime::bindings::CONSUMER_EXPORT).into(),
-            );
+            return Err(InvokeError::MissingExport(crate::bindings::CONSUMER_EXPORT).into());
         }
         // Instances are reused only for the same configuration and grants.
         let pool_key = (
@@ -448,11 +440,7 @@ const MAX_IDLE_INVOKE: usize = 16;
 
 /// Plugin names follow the topic name rules (they appear in URLs and storage keys).
 pub fn validate_name(name: &str) -> Result<(), PluginError> {
-    validate_topic_name(name).map_err(|_| {
-        PluginError::BadName(format!(
-            "{name:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
-        ))
-    })
+    check_name(name).map_err(PluginError::BadName)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -205,8 +205,8 @@ impl PluginHost {
 
 /// A message for a plugin call, built per call the way dispatch builds it from a stored message
 /// (id rendered, body copied).
-pub fn message(id: &uuid::Uuid, body: &[u8]) -> wasmq::runtime::bindings::Message {
-    wasmq::runtime::bindings::Message {
+pub fn message(id: &uuid::Uuid, body: &[u8]) -> wasmq::bindings::Message {
+    wasmq::bindings::Message {
         id: id.to_string(),
         topic: "bench".into(),
         queue: 0,

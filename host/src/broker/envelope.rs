@@ -6,7 +6,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use super::MAX_DELAY_MS;
+use crate::base::MAX_DELAY_MS;
 use crate::config::LimitsConfig;
 use crate::storage::BodyKind;
 use crate::storage::keys::MAX_KEY_LEN;
@@ -86,7 +86,7 @@ pub struct Envelope {
     /// Absolute due time, ms since the Unix epoch.
     pub deliver_at: Option<u64>,
     /// Transactions only: when to first ask the checker, overriding the topic's setting.
-    #[schemars(range(max = super::MAX_CHECK_MS))]
+    #[schemars(range(max = crate::base::MAX_CHECK_MS))]
     pub check_after_ms: Option<u64>,
 }
 

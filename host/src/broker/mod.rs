@@ -2,14 +2,16 @@
 //! hash or round-robin), stamps ids and times, and hands durable writes to storage.
 
 pub mod envelope;
+mod publish;
+mod services;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::base::{TxnTimings, check_name, now_ms};
 use crate::config::LimitsConfig;
 use crate::storage::{
     Appended, Expect, MessageId, NewMessage, RecordWrite, Storage, StorageError, StoredMessage,
@@ -18,13 +20,6 @@ pub use envelope::{Envelope, EnvelopeError};
 
 /// Record space holding topic metadata.
 const TOPIC_SPACE: &str = "topic";
-/// The longest a message may be delayed: 30 days.
-pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
-/// The longest a transaction waits for its first check-back or between two (30 days, as a
-/// delay): `check_after_ms` and `check_interval_ms` past it are refused with a 400.
-pub const MAX_CHECK_MS: u64 = MAX_DELAY_MS;
-/// The most check-backs a transaction may ask for before it is parked as unresolved.
-pub const MAX_CHECKS: u32 = 10_000;
 /// Queues of a topic created without saying how many.
 pub const DEFAULT_QUEUES: u32 = 4;
 
@@ -60,45 +55,6 @@ pub enum BrokerError {
     DiskFull(#[from] crate::disk::DiskFull),
 }
 
-/// What an idempotency key remembers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct IdempotentPublish {
-    at: u64,
-    appended: Appended,
-    /// SHA-256 (hex) of what the request asked to store ([`request_digest`]); absent in
-    /// records written before digests were kept, which match any request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    digest: Option<String>,
-}
-
-/// What makes two publishes "the same request" for an idempotency key: body (and its kind),
-/// business key, tag, sharding key and properties. Not the timing (`delay_ms` is relative to
-/// each attempt), as payment APIs compare request parameters.
-fn request_digest(m: &NewMessage) -> String {
-    use sha2::Digest as _;
-    let mut h = sha2::Sha256::new();
-    let mut field = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_be_bytes());
-        h.update(bytes);
-    };
-    field(&[u8::from(m.body_kind == crate::storage::BodyKind::Json)]);
-    field(&m.body);
-    for f in [&m.key, &m.tag, &m.sharding_key] {
-        match f {
-            Some(v) => {
-                field(b"some");
-                field(v.as_bytes());
-            }
-            None => field(b"none"),
-        }
-    }
-    for (k, v) in &m.properties {
-        field(k.as_bytes());
-        field(v.as_bytes());
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What is kept about a topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopicMeta {
@@ -116,50 +72,7 @@ pub struct TopicMeta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transaction_checker_config: Option<serde_json::Value>,
     #[serde(default)]
-    pub transaction_checker_grants: crate::runtime::GrantSpec,
-}
-
-/// Transaction check-back timings (any unset one falls back to the next level).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(deny_unknown_fields)]
-pub struct TxnTimings {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(max = MAX_CHECK_MS))]
-    pub check_after_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = MAX_CHECK_MS))]
-    pub check_interval_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = MAX_CHECKS))]
-    pub max_checks: Option<u32>,
-}
-
-impl TxnTimings {
-    /// Every duration at most [`MAX_CHECK_MS`], `check_interval_ms` and `max_checks` positive,
-    /// `max_checks` at most [`MAX_CHECKS`]; the error names the field and its bound.
-    pub fn validate(&self) -> Result<(), String> {
-        for (field, v) in [
-            ("check_after_ms", self.check_after_ms),
-            ("check_interval_ms", self.check_interval_ms),
-        ] {
-            if v.is_some_and(|v| v > MAX_CHECK_MS) {
-                return Err(format!(
-                    "transactions.{field} is at most {MAX_CHECK_MS} ms (30 days)"
-                ));
-            }
-        }
-        if self.check_interval_ms == Some(0) {
-            return Err("transactions.check_interval_ms must be positive".into());
-        }
-        if self.max_checks.is_some_and(|n| n == 0 || n > MAX_CHECKS) {
-            return Err(format!(
-                "transactions.max_checks is between 1 and {MAX_CHECKS}"
-            ));
-        }
-        Ok(())
-    }
+    pub transaction_checker_grants: crate::capabilities::GrantSpec,
 }
 
 /// The body of `PUT /v1/topics/{topic}`: fields left out keep their value.
@@ -175,7 +88,7 @@ pub struct TopicSpec {
     pub transactions: Option<TxnTimings>,
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub transaction_checker_config: Option<serde_json::Value>,
-    pub transaction_checker_grants: Option<crate::runtime::GrantSpec>,
+    pub transaction_checker_grants: Option<crate::capabilities::GrantSpec>,
 }
 
 /// A topic cached in memory, with its round-robin cursor.
@@ -195,28 +108,9 @@ pub struct Broker {
     secrets: crate::secrets::Secrets,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Topic names: 1–128 of `A-Z a-z 0-9 . _ -`, not starting with `.` (keeps URLs and keys plain).
+/// Topic names follow [`check_name`].
 pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if name.is_empty()
-        || name.len() > crate::storage::keys::MAX_TOPIC_LEN
-        || !ok_chars
-        || name.starts_with('.')
-    {
-        return Err(BrokerError::BadTopicName(format!(
-            "topic name {name:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with '.'"
-        )));
-    }
-    Ok(())
+    check_name(name).map_err(|e| BrokerError::BadTopicName(format!("topic name {e}")))
 }
 
 /// The queue a sharding key maps to: stable across restarts and versions (xxh3, seed 0).
@@ -441,76 +335,6 @@ impl Broker {
         );
     }
 
-    /// Validates an envelope for `topic` and binds it to a queue, without storing it (a
-    /// transaction's half message is stored elsewhere until commit).
-    pub async fn prepare_message(
-        &self,
-        topic: &str,
-        envelope: Envelope,
-    ) -> Result<NewMessage, BrokerError> {
-        let t = self.topic_for_publish(topic).await?;
-        let message = self.prepare(&t, envelope, now_ms())?;
-        self.reserve_disk(std::slice::from_ref(&message))?;
-        Ok(message)
-    }
-
-    /// Turns a validated envelope into a message bound for a queue of `topic`.
-    fn prepare(
-        &self,
-        topic: &CachedTopic,
-        envelope: Envelope,
-        now: u64,
-    ) -> Result<NewMessage, EnvelopeError> {
-        let checked = envelope.check(&self.limits, now)?;
-        let queues = topic.meta.queues;
-        let queue = match &checked.sharding_key {
-            Some(k) => queue_for_key(k, queues),
-            None => topic.cursor.fetch_add(1, Ordering::Relaxed) % queues,
-        };
-        Ok(NewMessage {
-            id: MessageId::now_v7(),
-            queue,
-            key: checked.key,
-            tag: checked.tag,
-            sharding_key: checked.sharding_key,
-            properties: checked.properties,
-            body_kind: checked.body_kind,
-            body: checked.body,
-            born_at: now,
-            deliver_at: checked.deliver_at,
-        })
-    }
-
-    async fn topic_for_publish(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
-        validate_topic_name(name)?;
-        if let Some(disk) = &self.disk {
-            disk.check()?;
-        }
-        self.lookup(name).await
-    }
-
-    /// Reserves room on disk for messages about to be stored (see [`crate::disk::DiskGuard`]);
-    /// refused with [`BrokerError::DiskFull`] once the quota or free-space floor is reached.
-    fn reserve_disk(&self, messages: &[NewMessage]) -> Result<(), BrokerError> {
-        if let Some(disk) = &self.disk {
-            disk.reserve(
-                messages
-                    .iter()
-                    .map(stored_size)
-                    .fold(0, u64::saturating_add),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Reserves room on disk for a record write of `bytes` (a plugin's kv value).
-    pub fn reserve_disk_bytes(&self, bytes: u64) -> Result<(), BrokerError> {
-        if let Some(disk) = &self.disk {
-            disk.reserve(bytes.saturating_add(RECORD_OVERHEAD))?;
-        }
-        Ok(())
-    }
-
     /// A topic from the cache, else from storage (created by another node on a shared backend).
     async fn lookup(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
         if let Some(t) = self.cached(name) {
@@ -532,146 +356,6 @@ impl Broker {
     pub async fn topic_loaded(&self, name: &str) -> Result<TopicMeta, BrokerError> {
         validate_topic_name(name)?;
         Ok(self.lookup(name).await?.meta.clone())
-    }
-
-    /// Publishes one message; returns once it is durable.
-    pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Appended, BrokerError> {
-        let started = std::time::Instant::now();
-        let t = self.topic_for_publish(topic).await?;
-        let message = self.prepare(&t, envelope, now_ms())?;
-        self.reserve_disk(std::slice::from_ref(&message))?;
-        let size = (1, message.body.len());
-        let mut out = self.storage.append(topic, vec![message]).await?;
-        self.observe(topic, crate::metrics::PublishKind::single, size, started);
-        out.pop().ok_or_else(|| {
-            BrokerError::Storage(StorageError::Corrupt("append returned nothing".into()))
-        })
-    }
-
-    /// Publishes once per idempotency key (within `limits.idempotency_window_ms`): the message
-    /// and the key's record are written in one atomic step; a retry with the same key gets the
-    /// original answer back (`true` = replayed) and stores nothing.
-    pub async fn publish_idempotent(
-        &self,
-        topic: &str,
-        key: &str,
-        envelope: Envelope,
-    ) -> Result<(Appended, bool), BrokerError> {
-        if key.is_empty() || key.len() > 256 {
-            return Err(BrokerError::BadIdempotencyKey);
-        }
-        let started = std::time::Instant::now();
-        let t = self.topic_for_publish(topic).await?;
-        let now = now_ms();
-        let message = self.prepare(&t, envelope, now)?;
-        let digest = request_digest(&message);
-        let space = format!("idem/{topic}");
-        loop {
-            let expect = match self.storage.get_record(&space, key).await? {
-                Some(r) => {
-                    let seen: IdempotentPublish = serde_json::from_slice(&r.value)
-                        .map_err(|e| StorageError::Corrupt(format!("idempotency record: {e}")))?;
-                    if now.saturating_sub(seen.at) < self.limits.idempotency_window_ms {
-                        if seen.digest.as_ref().is_some_and(|d| *d != digest) {
-                            return Err(BrokerError::IdempotencyKeyReused(key.to_string()));
-                        }
-                        let original = self
-                            .storage
-                            .message_by_id(seen.appended.id)
-                            .await?
-                            .ok_or_else(|| {
-                                StorageError::Corrupt(format!(
-                                    "idempotency key {key:?} names a missing message"
-                                ))
-                            })?;
-                        let appended = Appended {
-                            id: original.message.id,
-                            queue: original.message.queue,
-                            offset: original.offset,
-                        };
-                        return Ok((appended, true));
-                    }
-                    Expect::Revision(r.revision)
-                }
-                None => Expect::Absent,
-            };
-            // Only what will be stored reserves room (a replay stores nothing).
-            self.reserve_disk(std::slice::from_ref(&message))?;
-            // The record names the message id; queue and offset are known only after the
-            // append, so they are looked up by id when the key is replayed.
-            let record = IdempotentPublish {
-                at: now,
-                appended: Appended {
-                    id: message.id,
-                    queue: message.queue,
-                    offset: 0,
-                },
-                digest: Some(digest.clone()),
-            };
-            let guard = RecordWrite {
-                space: space.clone(),
-                key: key.to_string(),
-                value: Some(
-                    serde_json::to_vec(&record).map_err(|e| StorageError::Encode(e.to_string()))?,
-                ),
-                expect,
-            };
-            match self
-                .storage
-                .append_guarded(topic, vec![message.clone()], guard)
-                .await
-            {
-                Ok((mut out, _)) => {
-                    self.observe(
-                        topic,
-                        crate::metrics::PublishKind::idempotent,
-                        (1, message.body.len()),
-                        started,
-                    );
-                    let appended = out
-                        .pop()
-                        .ok_or_else(|| StorageError::Corrupt("append returned nothing".into()))?;
-                    return Ok((appended, false));
-                }
-                // Another publish with this key won the race: answer as it did.
-                Err(StorageError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Publishes a batch in one group commit: all messages or, on any invalid one, none.
-    pub async fn publish_batch(
-        &self,
-        topic: &str,
-        envelopes: Vec<Envelope>,
-    ) -> Result<Vec<Appended>, BrokerError> {
-        let started = std::time::Instant::now();
-        let t = self.topic_for_publish(topic).await?;
-        if envelopes.is_empty() {
-            return Err(BrokerError::EmptyBatch);
-        }
-        if envelopes.len() > self.limits.max_batch {
-            return Err(BrokerError::BatchTooLarge {
-                len: envelopes.len(),
-                max: self.limits.max_batch,
-            });
-        }
-        let now = now_ms();
-        let messages = envelopes
-            .into_iter()
-            .enumerate()
-            .map(|(index, e)| {
-                self.prepare(&t, e, now)
-                    .map_err(|source| BrokerError::InBatch { index, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.reserve_disk(&messages)?;
-        // Sizes are counted before the messages move into the write.
-        let size = (messages.len(), messages.iter().map(|m| m.body.len()).sum());
-        let out = self.storage.append(topic, messages).await?;
-        self.observe(topic, crate::metrics::PublishKind::batch, size, started);
-        Ok(out)
     }
 
     pub async fn message(&self, id: MessageId) -> Result<Option<StoredMessage>, BrokerError> {
@@ -707,19 +391,6 @@ impl Broker {
         }
         Ok(out)
     }
-}
-
-/// What a stored record costs beyond its value: key, revision, log and index entries.
-const RECORD_OVERHEAD: u64 = 64;
-
-/// An estimate of the bytes a message takes on disk (write-ahead log and table, before
-/// compression): its fields plus the id and business-key index entries.
-fn stored_size(m: &NewMessage) -> u64 {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-    let properties: usize = m.properties.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let fields =
-        m.body.len() + 2 * text(&m.key) + text(&m.tag) + text(&m.sharding_key) + properties;
-    (fields as u64).saturating_add(2 * RECORD_OVERHEAD)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use sha2::Digest as _;
 
 use super::spec::Mode;
 use super::state::SubscriptionRecord;
-use crate::broker::now_ms;
+use crate::base::now_ms;
 use crate::cluster::{self, HeldLease};
 use crate::storage::{Storage, StorageError};
 

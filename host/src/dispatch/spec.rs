@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::runtime::GrantSpec;
+pub use crate::capabilities::GrantSpec;
 use crate::runtime::PluginLimits;
 
 /// RocketMQ's default backoff: 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h.
@@ -49,7 +49,7 @@ pub enum OnExhausted {
 pub struct RetryPolicy {
     #[schemars(range(min = 1, max = u32::MAX))]
     pub max_attempts: u32,
-    #[schemars(length(min = 1, max = 64), inner(range(max = crate::broker::MAX_DELAY_MS)))]
+    #[schemars(length(min = 1, max = 64), inner(range(max = crate::base::MAX_DELAY_MS)))]
     pub backoff_ms: Vec<u64>,
 }
 
@@ -66,7 +66,7 @@ impl RetryPolicy {
     /// Delay before attempt `attempt + 1`, after `attempt` failed; the plugin may ask for its own.
     pub fn backoff(&self, attempt: u32, asked_ms: u64) -> u64 {
         if asked_ms > 0 {
-            return asked_ms.min(crate::broker::MAX_DELAY_MS);
+            return asked_ms.min(crate::base::MAX_DELAY_MS);
         }
         let i = (attempt.max(1) as usize - 1).min(self.backoff_ms.len().saturating_sub(1));
         self.backoff_ms.get(i).copied().unwrap_or(1000)
@@ -218,7 +218,7 @@ impl SubscriptionSpec {
             .retry
             .backoff_ms
             .iter()
-            .any(|&b| b > crate::broker::MAX_DELAY_MS)
+            .any(|&b| b > crate::base::MAX_DELAY_MS)
         {
             return Err("a retry delay is at most 30 days".into());
         }

@@ -1,10 +1,12 @@
-//! The HTTP API: routes of DESIGN.md's public surface, request parsing with JSON errors.
+//! The HTTP API: the public routes (documented at `GET /v1/openapi.json`), request parsing with
+//! JSON errors.
 
 mod auth;
 mod dashboard;
 mod error;
 pub mod guard;
 mod messages;
+mod metrics;
 mod plugins;
 pub mod routes;
 mod serve;
@@ -184,8 +186,20 @@ pub(crate) async fn healthz() -> axum::Json<serde_json::Value> {
 pub(crate) async fn cluster(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> axum::Json<serde_json::Value> {
+    use crate::dispatch::share::{UnitKey, parse_key};
     let mut view = match state.node.view().await {
-        Ok(v) => v,
+        Ok(mut v) => {
+            for l in &mut v.leases {
+                if let Some((group, unit)) = parse_key(&l.lease) {
+                    l.subscription = Some(group.to_string());
+                    match unit {
+                        UnitKey::Queue(q) => l.queue = Some(q),
+                        UnitKey::Instance(i) => l.instance = Some(i),
+                    }
+                }
+            }
+            serde_json::to_value(v).unwrap_or_default()
+        }
         Err(e) => serde_json::json!({
             "node": state.node.id, "backend": state.node.backend,
             "backend_error": e.to_string(),
@@ -197,49 +211,11 @@ pub(crate) async fn cluster(
     axum::Json(view)
 }
 
-/// Prometheus text format: counters and histograms kept as the broker works, plus state read
-/// now (lag, dead letters, timers, transactions, disk).
-pub(crate) async fn metrics(
-    axum::extract::State(state): axum::extract::State<AppState>,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse as _;
-    let mut registry = prometheus_client::registry::Registry::default();
-    state.plugins.runtime().stats().register(&mut registry);
-    registry.register(
-        "wasmq_capability_calls",
-        "Plugin capability calls by capability and result",
-        state.plugins.runtime().capabilities().calls.clone(),
-    );
-    state.broker.metrics().register(&mut registry);
-    state.broker.storage().register_metrics(&mut registry);
-    state.node.register_metrics(
-        &mut registry,
-        state.dispatcher.dispatching().await,
-        state.dispatcher.leases_held().await,
-    );
-    crate::metrics::scrape_state(
-        &mut registry,
-        &state.dispatcher,
-        &state.transactions,
-        state.broker.disk().map(|d| d.as_ref()),
-    )
-    .await
-    .map_err(ApiError::internal)?;
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
-}
-
 async fn not_found() -> ApiError {
-    ApiError::not_found("no_route", "no such route; see DESIGN.md for the API")
+    ApiError::not_found(
+        "no_route",
+        "no such route; GET /v1/openapi.json lists the API",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {

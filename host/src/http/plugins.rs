@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, detached, parse_json, read_body};
-use crate::broker::{Envelope, now_ms};
+use crate::base::now_ms;
+use crate::bindings::{Message, Outcome};
+use crate::broker::Envelope;
 use crate::dispatch::spec::GrantSpec;
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
-use crate::runtime::bindings::{Message, Outcome};
 use crate::runtime::{InstanceContext, PluginLimits};
 
 #[derive(Serialize)]
@@ -217,7 +218,7 @@ pub async fn invoke(
         config_json: req.config.unwrap_or_else(|| json!({})).to_string(),
         grants,
         limits: PluginLimits::default(),
-        broker: state.broker.clone(),
+        services: state.broker.clone(),
     };
     let started = Instant::now();
     let (version, result) = state

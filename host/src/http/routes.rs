@@ -78,7 +78,7 @@ pub fn routes() -> Vec<Route> {
             "/metrics",
             "Prometheus metrics (OpenMetrics text: application/openmetrics-text)",
             None,
-            get(super::metrics),
+            get(super::metrics::metrics),
         ),
         op(
             M::GET,
@@ -483,8 +483,8 @@ fn component_schemas(mut schemas: schemars::SchemaGenerator) -> Value {
         .get_mut("Envelope")
         .and_then(|e| e.pointer_mut("/properties/deliver_at"))
     {
-        let latest = crate::broker::now_ms()
-            .saturating_add(crate::broker::MAX_DELAY_MS)
+        let latest = crate::base::now_ms()
+            .saturating_add(crate::base::MAX_DELAY_MS)
             .saturating_sub(24 * 3600 * 1000);
         at["maximum"] = json!(latest);
     }

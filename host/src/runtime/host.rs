@@ -3,89 +3,19 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::GuestError;
-use super::bindings::wasmq::plugin::{context, email, http, kv, log, publish, sms, types};
-use crate::broker::{Broker, Envelope};
-use crate::capabilities::{Capabilities, Origin};
+use crate::bindings::GuestError;
+use crate::bindings::wasmq::plugin::{context, email, http, kv, log, publish, sms, types};
+use crate::capabilities::{Capabilities, Grants};
+use crate::storage::{MessageId, Storage};
 
 /// Longest kv key and largest kv value.
 pub const MAX_KV_KEY: usize = 1024;
 pub const MAX_KV_VALUE: usize = 1024 * 1024;
 /// Longest log line kept; the rest is cut.
 const MAX_LOG_LINE: usize = 4096;
-
-/// What a subscription granted its plugin. Nothing by default.
-#[derive(Debug, Clone, Default)]
-pub struct Grants {
-    pub email: bool,
-    pub sms: bool,
-    /// Allowed HTTP origins.
-    pub http: Vec<Origin>,
-    /// Topics the plugin may publish to.
-    pub publish: Vec<String>,
-}
-
-impl Grants {
-    /// `None` if every capability of `self` is also in one of `configured` (what admins
-    /// granted the plugin in its subscriptions and as a transaction checker); otherwise the
-    /// first one that is not, named as the API spells it.
-    pub fn beyond(&self, configured: &[Grants]) -> Option<String> {
-        if self.email && !configured.iter().any(|g| g.email) {
-            return Some("email".into());
-        }
-        if self.sms && !configured.iter().any(|g| g.sms) {
-            return Some("sms".into());
-        }
-        if let Some(o) = self
-            .http
-            .iter()
-            .find(|o| !configured.iter().any(|g| g.http.contains(o)))
-        {
-            return Some(format!("http {o}"));
-        }
-        self.publish
-            .iter()
-            .find(|t| !configured.iter().any(|g| g.publish.contains(t)))
-            .map(|t| format!("publish {t}"))
-    }
-}
-
-/// Grants as the API spells them.
-#[derive(
-    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
-)]
-#[serde(deny_unknown_fields, default)]
-pub struct GrantSpec {
-    pub email: bool,
-    pub sms: bool,
-    /// Origins: `http://host:port`, `https://host`, or `host:port` (http).
-    #[schemars(inner(regex(
-        pattern = r"^(https?://)?((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?/?$"
-    )))]
-    pub http: Vec<String>,
-    pub publish: Vec<String>,
-}
-
-impl GrantSpec {
-    /// The runtime's form of these grants; every HTTP grant must be an origin.
-    pub fn to_grants(&self) -> Result<Grants, String> {
-        let http = self
-            .http
-            .iter()
-            .map(|g| Origin::parse_grant(g))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Grants {
-            email: self.email,
-            sms: self.sms,
-            http,
-            publish: self.publish.clone(),
-        })
-    }
-}
 
 /// Per-plugin (or per-subscription) limits; `None` takes the runtime's default.
 #[derive(
@@ -148,7 +78,21 @@ pub struct InstanceContext {
     pub config_json: String,
     pub grants: Grants,
     pub limits: PluginLimits,
-    pub broker: Arc<Broker>,
+    pub services: Arc<dyn Services>,
+}
+
+/// What the kv and publish capabilities need of the broker. The broker implements it; the
+/// runtime sits below the broker and knows only this.
+#[async_trait::async_trait]
+pub trait Services: Send + Sync + 'static {
+    /// Where kv records are kept.
+    fn storage(&self) -> &Arc<dyn Storage>;
+    /// Counts `bytes` of kv state against the disk quota; the error says why it is refused.
+    fn reserve_disk_bytes(&self, bytes: u64) -> Result<(), String>;
+    /// Publishes a plugin's message (the caller has checked the grant): its id, or
+    /// [`GuestError::Unavailable`] for what a retry may fix (storage, a full disk) and
+    /// [`GuestError::Invalid`] for a message the broker refuses.
+    async fn publish(&self, message: publish::Outgoing) -> Result<MessageId, GuestError>;
 }
 
 /// The memory cap of one instance; a growth past it traps with [`MemoryLimitExceeded`].
@@ -371,7 +315,7 @@ impl kv::Host for HostState {
         if let Err(e) = check_key(&key) {
             return Ok(Err(e));
         }
-        let storage = self.ctx.broker.storage();
+        let storage = self.ctx.services.storage();
         Ok(storage
             .get_record(&self.kv_space(), &self.kv_key(&key))
             .await
@@ -395,12 +339,12 @@ impl kv::Host for HostState {
         // kv state counts against the disk quota like messages do.
         if let Err(e) = self
             .ctx
-            .broker
+            .services
             .reserve_disk_bytes((key.len() + value.len()) as u64)
         {
             return Ok(Err(unavailable(e)));
         }
-        let storage = self.ctx.broker.storage();
+        let storage = self.ctx.services.storage();
         Ok(storage
             .put_record(
                 &self.kv_space(),
@@ -417,7 +361,7 @@ impl kv::Host for HostState {
         if let Err(e) = check_key(&key) {
             return Ok(Err(e));
         }
-        let storage = self.ctx.broker.storage();
+        let storage = self.ctx.services.storage();
         Ok(storage
             .put_record(
                 &self.kv_space(),
@@ -435,7 +379,7 @@ impl kv::Host for HostState {
         prefix: String,
         limit: u32,
     ) -> wasmtime::Result<Result<Vec<String>, GuestError>> {
-        let storage = self.ctx.broker.storage();
+        let storage = self.ctx.services.storage();
         let limit = (limit as usize).min(10_000);
         Ok(storage
             .list_records(&self.kv_space(), &prefix, limit)
@@ -461,37 +405,12 @@ impl publish::Host for HostState {
                 self.denied(&format!("publishing to {:?}", message.topic))
             ));
         }
-        // JSON bodies stay JSON (readable in the API); anything else travels as bytes.
-        let (body, body_base64) = match std::str::from_utf8(&message.body)
-            .ok()
-            .and_then(|s| serde_json::value::RawValue::from_string(s.to_string()).ok())
-        {
-            Some(raw) => (Some(raw), None),
-            None => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&message.body)),
-            ),
-        };
-        let envelope = Envelope {
-            body,
-            body_base64,
-            key: message.key,
-            tag: message.tag,
-            sharding_key: message.sharding_key,
-            properties: message.properties.into_iter().collect(),
-            ..Envelope::default()
-        };
-        Ok(
-            match self.ctx.broker.publish(&message.topic, envelope).await {
-                Ok(a) => Ok(a.id.to_string()),
-                // Transient: the plugin's message is retried rather than rejected.
-                Err(
-                    e @ (crate::broker::BrokerError::Storage(_)
-                    | crate::broker::BrokerError::DiskFull(_)),
-                ) => Err(unavailable(e)),
-                Err(e) => Err(GuestError::Invalid(e.to_string())),
-            },
-        )
+        Ok(self
+            .ctx
+            .services
+            .publish(message)
+            .await
+            .map(|id| id.to_string()))
     }
 }
 

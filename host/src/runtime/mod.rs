@@ -3,7 +3,6 @@
 //! CPU budget and a memory cap per call. Traps, deadlines and memory overruns become
 //! [`InvokeError`]s; the host never crashes because of a plugin.
 
-pub mod bindings;
 pub mod host;
 
 use std::hash::{Hash as _, Hasher as _};
@@ -19,8 +18,10 @@ use wasmtime::{
     UpdateDeadline,
 };
 
-use bindings::{CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer};
-pub use host::{GrantSpec, Grants, HostState, InstanceContext, PluginLimits};
+use crate::bindings::{
+    CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer,
+};
+pub use host::{HostState, InstanceContext, PluginLimits, Services};
 
 /// How often the engine's epoch advances; CPU budgets are counted in these ticks.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -211,7 +212,10 @@ impl Runtime {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        crate::bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
         std::thread::Builder::new()

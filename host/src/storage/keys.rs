@@ -6,7 +6,7 @@
 use super::{MessageId, StorageError};
 
 /// Longest topic name (it is length-prefixed by one byte).
-pub const MAX_TOPIC_LEN: usize = 128;
+pub const MAX_TOPIC_LEN: usize = crate::base::MAX_NAME_LEN;
 /// Longest business key (length-prefixed by two bytes).
 pub const MAX_KEY_LEN: usize = 1024;
 

@@ -3,6 +3,10 @@
 //! producer says neither; after `max_checks` unknowns a transaction is parked as unresolved for
 //! an operator. A decided transaction is never checked again.
 
+mod check;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -10,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, Envelope, now_ms};
+use crate::base::now_ms;
+use crate::bindings::{CheckResult, Message};
+use crate::broker::{Broker, BrokerError, Envelope};
 use crate::config::TransactionsConfig;
 use crate::plugins::{PluginError, Plugins};
-use crate::runtime::bindings::{CheckResult, Message};
 use crate::runtime::{InstanceContext, PluginInstance};
 use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
 
@@ -338,11 +343,11 @@ impl Transactions {
     /// Stores a half message durably; it stays invisible until committed.
     pub async fn begin(&self, topic: &str, mut envelope: Envelope) -> Result<TxnRecord, TxnError> {
         let check_after_override = envelope.check_after_ms.take();
-        if check_after_override.is_some_and(|ms| ms > crate::broker::MAX_CHECK_MS) {
+        if check_after_override.is_some_and(|ms| ms > crate::base::MAX_CHECK_MS) {
             return Err(
                 BrokerError::Envelope(crate::broker::EnvelopeError::TooLong {
                     field: "check_after_ms",
-                    max: crate::broker::MAX_CHECK_MS,
+                    max: crate::base::MAX_CHECK_MS,
                 })
                 .into(),
             );
@@ -504,362 +509,5 @@ impl Transactions {
         }
         self.wake.notify_one();
         Ok(())
-    }
-
-    /// Runs due checks until `cancel`; checks in progress finish first.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut running = tokio::task::JoinSet::new();
-        loop {
-            let now = now_ms();
-            let next = self
-                .schedule
-                .lock()
-                .ok()
-                .and_then(|s| s.first().map(|(at, _)| *at));
-            let due = next.is_some_and(|at| at <= now) && running.len() < PARALLEL_CHECKS;
-            if due {
-                let popped = self.schedule.lock().ok().and_then(|mut s| s.pop_first());
-                if let Some((_, id)) = popped {
-                    let me = self.clone();
-                    running.spawn(async move {
-                        if let Err(e) = me.check(&id).await {
-                            tracing::error!(txn = %id, error = %e, "transaction check failed");
-                            me.schedule(now_ms().saturating_add(1000), &id);
-                        }
-                    });
-                }
-                continue;
-            }
-            let sleep = match next {
-                Some(at) if at > now => std::time::Duration::from_millis(at - now),
-                _ => std::time::Duration::from_secs(3600),
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(sleep), if running.len() < PARALLEL_CHECKS => {}
-                Some(_) = running.join_next() => {}
-                _ = self.wake.notified() => {}
-                _ = cancel.cancelled() => break,
-            }
-        }
-        while running.join_next().await.is_some() {}
-    }
-
-    /// Asks the checker about one transaction, if it is still pending and due.
-    async fn check(&self, id: &str) -> Result<(), TxnError> {
-        let (t, _) = self.load(id).await?;
-        // Decided (or parked) transactions are never checked; a stale schedule entry is dropped.
-        if t.state != TxnState::Pending {
-            return Ok(());
-        }
-        if t.next_check_at > now_ms() {
-            self.schedule(t.next_check_at, id);
-            return Ok(());
-        }
-        let answer = self.ask_checker(&t).await;
-        match answer {
-            Ok(CheckResult::Commit) => match self.commit(id, "checker").await {
-                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Ok(CheckResult::Rollback) => match self.rollback(id, "checker").await {
-                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Ok(CheckResult::Unknown) | Err(_) => {
-                let detail = match &answer {
-                    Err(e) => e.clone(),
-                    _ => "the checker does not know yet".to_string(),
-                };
-                let t = self
-                    .update(id, |t| {
-                        if t.state != TxnState::Pending {
-                            return Ok(false);
-                        }
-                        t.checks += 1;
-                        t.log("checked: unknown", Some(detail.clone()));
-                        if t.checks >= t.max_checks {
-                            t.state = TxnState::Unresolved;
-                            t.next_check_at = 0;
-                            t.log(
-                                "unresolved",
-                                Some(format!(
-                                    "{} checks gave no answer; an operator must decide",
-                                    t.checks
-                                )),
-                            );
-                        } else {
-                            t.next_check_at = now_ms().saturating_add(t.check_interval_ms);
-                        }
-                        Ok(true)
-                    })
-                    .await?;
-                if t.state == TxnState::Pending {
-                    self.schedule(t.next_check_at, id);
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Calls the topic checker's `check-transaction`; any failure reads as "unknown".
-    async fn ask_checker(&self, t: &TxnRecord) -> Result<CheckResult, String> {
-        let topic = self
-            .broker
-            .topic_loaded(&t.topic)
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some(plugin) = topic.transaction_checker else {
-            return Err(format!("topic {} has no transaction_checker", t.topic));
-        };
-        let (version, code) = self
-            .plugins
-            .code(&plugin, None)
-            .await
-            .map_err(|e: PluginError| e.to_string())?;
-        if !code.has_checker() {
-            return Err(format!("plugin {plugin} does not export check-transaction"));
-        }
-        // Instances are reused per plugin version and topic (whose config and grants they carry).
-        let key = (format!("{plugin}|{}", t.topic), version.version);
-        let idle = self.idle.lock().await.get_mut(&key).and_then(Vec::pop);
-        let mut instance = match idle {
-            Some(i) => i,
-            None => {
-                let ctx = InstanceContext {
-                    plugin: plugin.clone(),
-                    version: version.version,
-                    group: format!("txn-checker:{}", t.topic),
-                    member: "checker".into(),
-                    instance_index: 0,
-                    instance_count: 1,
-                    config_json: self
-                        .broker
-                        .secrets()
-                        .resolve(
-                            &topic
-                                .transaction_checker_config
-                                .clone()
-                                .unwrap_or_else(|| serde_json::json!({})),
-                        )
-                        .map_err(|e| format!("transaction_checker_config: {e}"))?
-                        .to_string(),
-                    grants: topic.transaction_checker_grants.to_grants()?,
-                    limits: version.limits,
-                    broker: self.broker.clone(),
-                };
-                self.plugins
-                    .runtime()
-                    .instantiate(&code, Arc::new(ctx))
-                    .await
-                    .map_err(|e| e.to_string())?
-            }
-        };
-        let Some(m) = &t.message else {
-            return Err("the half message is gone".into());
-        };
-        let message = Message::of(&t.topic, 0, m, t.checks + 1);
-        let result = instance.check_transaction(&message).await;
-        if instance.is_usable() {
-            self.idle
-                .lock()
-                .await
-                .entry(key)
-                .or_default()
-                .push(instance);
-        }
-        result.map_err(|e| e.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use async_trait::async_trait;
-
-    use super::*;
-    use crate::config::{Config, FlushMode};
-    use crate::storage::{Appended, Record, RocksStorage, Storage, StoredMessage};
-
-    /// RocksDB, counting the transaction records each read brings back.
-    struct Counting {
-        inner: RocksStorage,
-        txn_records_read: AtomicUsize,
-    }
-
-    impl Counting {
-        fn count(&self, space: &str, n: usize) {
-            if space == TXN_SPACE {
-                self.txn_records_read.fetch_add(n, Ordering::Relaxed);
-            }
-        }
-    }
-
-    #[async_trait]
-    impl Storage for Counting {
-        async fn append(
-            &self,
-            topic: &str,
-            m: Vec<NewMessage>,
-        ) -> Result<Vec<Appended>, StorageError> {
-            self.inner.append(topic, m).await
-        }
-        async fn append_guarded(
-            &self,
-            topic: &str,
-            m: Vec<NewMessage>,
-            guard: RecordWrite,
-        ) -> Result<(Vec<Appended>, u64), StorageError> {
-            self.inner.append_guarded(topic, m, guard).await
-        }
-        async fn read(
-            &self,
-            topic: &str,
-            queue: u32,
-            from: u64,
-            limit: usize,
-        ) -> Result<Vec<StoredMessage>, StorageError> {
-            self.inner.read(topic, queue, from, limit).await
-        }
-        async fn message_by_id(
-            &self,
-            id: MessageId,
-        ) -> Result<Option<StoredMessage>, StorageError> {
-            self.inner.message_by_id(id).await
-        }
-        async fn messages_by_key(
-            &self,
-            topic: &str,
-            key: &str,
-            limit: usize,
-        ) -> Result<Vec<StoredMessage>, StorageError> {
-            self.inner.messages_by_key(topic, key, limit).await
-        }
-        fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
-            self.inner.watch(topic)
-        }
-        async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
-            self.inner.high_water(topic, queue).await
-        }
-        async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
-            let r = self.inner.get_record(space, key).await?;
-            self.count(space, usize::from(r.is_some()));
-            Ok(r)
-        }
-        async fn list_records(
-            &self,
-            space: &str,
-            prefix: &str,
-            limit: usize,
-        ) -> Result<Vec<(String, Record)>, StorageError> {
-            let r = self.inner.list_records(space, prefix, limit).await?;
-            self.count(space, r.len());
-            Ok(r)
-        }
-        async fn put_record(
-            &self,
-            space: &str,
-            key: &str,
-            value: Option<Vec<u8>>,
-            expect: Expect,
-        ) -> Result<u64, StorageError> {
-            self.inner.put_record(space, key, value, expect).await
-        }
-        async fn put_blob(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StorageError> {
-            self.inner.put_blob(key, value).await
-        }
-        async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-            self.inner.get_blob(key).await
-        }
-        async fn close(&self) {
-            self.inner.close().await;
-        }
-    }
-
-    async fn transactions(storage: Arc<Counting>, shared: bool) -> Arc<Transactions> {
-        let config = Config::default();
-        let broker = Arc::new(
-            Broker::new(storage.clone(), config.limits.clone())
-                .await
-                .unwrap(),
-        );
-        let capabilities = Arc::new(crate::capabilities::Capabilities::new(&config).unwrap());
-        let runtime = Arc::new(
-            crate::runtime::Runtime::new(
-                crate::runtime::RuntimeConfig {
-                    timeout_ms: 1000,
-                    memory_bytes: 64 << 20,
-                    pool_instances: 0,
-                },
-                capabilities,
-            )
-            .unwrap(),
-        );
-        let dir = std::env::temp_dir();
-        let plugins = Arc::new(Plugins::new(runtime, storage, 1 << 20, dir));
-        Transactions::new(broker, plugins, config.transactions.clone(), shared)
-            .await
-            .unwrap()
-    }
-
-    /// Stores `decided` committed transactions and 2 pending ones (checks due in 30 days).
-    async fn history(t: &Transactions, decided: usize) {
-        t.broker
-            .put_topic("orders", Default::default())
-            .await
-            .unwrap();
-        let envelope = |check_after_ms: u64| -> Envelope {
-            serde_json::from_value(serde_json::json!({
-                "body": {"order": 1},
-                "check_after_ms": check_after_ms,
-            }))
-            .unwrap()
-        };
-        for _ in 0..decided {
-            let id = t.begin("orders", envelope(1000)).await.unwrap().txn_id;
-            t.commit(&id, "producer").await.unwrap();
-        }
-        for _ in 0..2 {
-            t.begin("orders", envelope(30 * 24 * 3600 * 1000))
-                .await
-                .unwrap();
-        }
-    }
-
-    /// Issue 20.8: counts (`/metrics`, the dashboard) and a listing by state read what they
-    /// return, however many transactions were ever stored; on shared storage (no index) the
-    /// same questions read every record, which is what the counter shows.
-    #[tokio::test]
-    async fn counts_and_listing_by_state_cost_what_they_return() {
-        let mut read = Vec::new();
-        for decided in [5, 200] {
-            let dir = tempfile::tempdir().unwrap();
-            let storage = Arc::new(Counting {
-                inner: RocksStorage::open(dir.path(), FlushMode::Async).unwrap(),
-                txn_records_read: AtomicUsize::new(0),
-            });
-            let t = transactions(storage.clone(), false).await;
-            history(&t, decided).await;
-            let before = storage.txn_records_read.load(Ordering::Relaxed);
-            let counts = t.counts().await.unwrap();
-            assert_eq!(
-                counts,
-                vec![("committed".into(), decided as u64), ("pending".into(), 2)]
-            );
-            let pending = t.list(Some(TxnState::Pending), 100).await.unwrap();
-            assert_eq!(pending.len(), 2);
-            read.push(storage.txn_records_read.load(Ordering::Relaxed) - before);
-
-            let shared = transactions(storage.clone(), true).await;
-            let before = storage.txn_records_read.load(Ordering::Relaxed);
-            assert_eq!(shared.counts().await.unwrap(), counts);
-            assert_eq!(
-                storage.txn_records_read.load(Ordering::Relaxed) - before,
-                decided + 2,
-                "the counter sees a scan"
-            );
-        }
-        assert_eq!(read, vec![2, 2], "only the two pending records were read");
     }
 }

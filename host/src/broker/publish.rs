@@ -1,0 +1,271 @@
+//! Publishing: validating and stamping messages, the disk-quota reservation, idempotent
+//! publishes (a key remembered with a digest of its request) and batches.
+
+use super::*;
+
+/// What an idempotency key remembers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct IdempotentPublish {
+    at: u64,
+    appended: Appended,
+    /// SHA-256 (hex) of what the request asked to store ([`request_digest`]); absent in
+    /// records written before digests were kept, which match any request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+}
+
+/// What makes two publishes "the same request" for an idempotency key: body (and its kind),
+/// business key, tag, sharding key and properties. Not the timing (`delay_ms` is relative to
+/// each attempt), as payment APIs compare request parameters.
+pub(super) fn request_digest(m: &NewMessage) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(&[u8::from(m.body_kind == crate::storage::BodyKind::Json)]);
+    field(&m.body);
+    for f in [&m.key, &m.tag, &m.sharding_key] {
+        match f {
+            Some(v) => {
+                field(b"some");
+                field(v.as_bytes());
+            }
+            None => field(b"none"),
+        }
+    }
+    for (k, v) in &m.properties {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a stored record costs beyond its value: key, revision, log and index entries.
+pub(super) const RECORD_OVERHEAD: u64 = 64;
+
+/// An estimate of the bytes a message takes on disk (write-ahead log and table, before
+/// compression): its fields plus the id and business-key index entries.
+pub(super) fn stored_size(m: &NewMessage) -> u64 {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let properties: usize = m.properties.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let fields =
+        m.body.len() + 2 * text(&m.key) + text(&m.tag) + text(&m.sharding_key) + properties;
+    (fields as u64).saturating_add(2 * RECORD_OVERHEAD)
+}
+
+impl Broker {
+    /// Validates an envelope for `topic` and binds it to a queue, without storing it (a
+    /// transaction's half message is stored elsewhere until commit).
+    pub async fn prepare_message(
+        &self,
+        topic: &str,
+        envelope: Envelope,
+    ) -> Result<NewMessage, BrokerError> {
+        let t = self.topic_for_publish(topic).await?;
+        let message = self.prepare(&t, envelope, now_ms())?;
+        self.reserve_disk(std::slice::from_ref(&message))?;
+        Ok(message)
+    }
+
+    /// Turns a validated envelope into a message bound for a queue of `topic`.
+    pub(super) fn prepare(
+        &self,
+        topic: &CachedTopic,
+        envelope: Envelope,
+        now: u64,
+    ) -> Result<NewMessage, EnvelopeError> {
+        let checked = envelope.check(&self.limits, now)?;
+        let queues = topic.meta.queues;
+        let queue = match &checked.sharding_key {
+            Some(k) => queue_for_key(k, queues),
+            None => topic.cursor.fetch_add(1, Ordering::Relaxed) % queues,
+        };
+        Ok(NewMessage {
+            id: MessageId::now_v7(),
+            queue,
+            key: checked.key,
+            tag: checked.tag,
+            sharding_key: checked.sharding_key,
+            properties: checked.properties,
+            body_kind: checked.body_kind,
+            body: checked.body,
+            born_at: now,
+            deliver_at: checked.deliver_at,
+        })
+    }
+
+    pub(super) async fn topic_for_publish(
+        &self,
+        name: &str,
+    ) -> Result<Arc<CachedTopic>, BrokerError> {
+        validate_topic_name(name)?;
+        if let Some(disk) = &self.disk {
+            disk.check()?;
+        }
+        self.lookup(name).await
+    }
+
+    /// Reserves room on disk for messages about to be stored (see [`crate::disk::DiskGuard`]);
+    /// refused with [`BrokerError::DiskFull`] once the quota or free-space floor is reached.
+    pub(super) fn reserve_disk(&self, messages: &[NewMessage]) -> Result<(), BrokerError> {
+        if let Some(disk) = &self.disk {
+            disk.reserve(
+                messages
+                    .iter()
+                    .map(stored_size)
+                    .fold(0, u64::saturating_add),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reserves room on disk for a record write of `bytes` (a plugin's kv value).
+    pub fn reserve_disk_bytes(&self, bytes: u64) -> Result<(), BrokerError> {
+        if let Some(disk) = &self.disk {
+            disk.reserve(bytes.saturating_add(RECORD_OVERHEAD))?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one message; returns once it is durable.
+    pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Appended, BrokerError> {
+        let started = std::time::Instant::now();
+        let t = self.topic_for_publish(topic).await?;
+        let message = self.prepare(&t, envelope, now_ms())?;
+        self.reserve_disk(std::slice::from_ref(&message))?;
+        let size = (1, message.body.len());
+        let mut out = self.storage.append(topic, vec![message]).await?;
+        self.observe(topic, crate::metrics::PublishKind::single, size, started);
+        out.pop().ok_or_else(|| {
+            BrokerError::Storage(StorageError::Corrupt("append returned nothing".into()))
+        })
+    }
+
+    /// Publishes once per idempotency key (within `limits.idempotency_window_ms`): the message
+    /// and the key's record are written in one atomic step; a retry with the same key gets the
+    /// original answer back (`true` = replayed) and stores nothing.
+    pub async fn publish_idempotent(
+        &self,
+        topic: &str,
+        key: &str,
+        envelope: Envelope,
+    ) -> Result<(Appended, bool), BrokerError> {
+        if key.is_empty() || key.len() > 256 {
+            return Err(BrokerError::BadIdempotencyKey);
+        }
+        let started = std::time::Instant::now();
+        let t = self.topic_for_publish(topic).await?;
+        let now = now_ms();
+        let message = self.prepare(&t, envelope, now)?;
+        let digest = request_digest(&message);
+        let space = format!("idem/{topic}");
+        loop {
+            let expect = match self.storage.get_record(&space, key).await? {
+                Some(r) => {
+                    let seen: IdempotentPublish = serde_json::from_slice(&r.value)
+                        .map_err(|e| StorageError::Corrupt(format!("idempotency record: {e}")))?;
+                    if now.saturating_sub(seen.at) < self.limits.idempotency_window_ms {
+                        if seen.digest.as_ref().is_some_and(|d| *d != digest) {
+                            return Err(BrokerError::IdempotencyKeyReused(key.to_string()));
+                        }
+                        let original = self
+                            .storage
+                            .message_by_id(seen.appended.id)
+                            .await?
+                            .ok_or_else(|| {
+                                StorageError::Corrupt(format!(
+                                    "idempotency key {key:?} names a missing message"
+                                ))
+                            })?;
+                        let appended = Appended {
+                            id: original.message.id,
+                            queue: original.message.queue,
+                            offset: original.offset,
+                        };
+                        return Ok((appended, true));
+                    }
+                    Expect::Revision(r.revision)
+                }
+                None => Expect::Absent,
+            };
+            // Only what will be stored reserves room (a replay stores nothing).
+            self.reserve_disk(std::slice::from_ref(&message))?;
+            // The record names the message id; queue and offset are known only after the
+            // append, so they are looked up by id when the key is replayed.
+            let record = IdempotentPublish {
+                at: now,
+                appended: Appended {
+                    id: message.id,
+                    queue: message.queue,
+                    offset: 0,
+                },
+                digest: Some(digest.clone()),
+            };
+            let guard = RecordWrite {
+                space: space.clone(),
+                key: key.to_string(),
+                value: Some(
+                    serde_json::to_vec(&record).map_err(|e| StorageError::Encode(e.to_string()))?,
+                ),
+                expect,
+            };
+            match self
+                .storage
+                .append_guarded(topic, vec![message.clone()], guard)
+                .await
+            {
+                Ok((mut out, _)) => {
+                    self.observe(
+                        topic,
+                        crate::metrics::PublishKind::idempotent,
+                        (1, message.body.len()),
+                        started,
+                    );
+                    let appended = out
+                        .pop()
+                        .ok_or_else(|| StorageError::Corrupt("append returned nothing".into()))?;
+                    return Ok((appended, false));
+                }
+                // Another publish with this key won the race: answer as it did.
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Publishes a batch in one group commit: all messages or, on any invalid one, none.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Appended>, BrokerError> {
+        let started = std::time::Instant::now();
+        let t = self.topic_for_publish(topic).await?;
+        if envelopes.is_empty() {
+            return Err(BrokerError::EmptyBatch);
+        }
+        if envelopes.len() > self.limits.max_batch {
+            return Err(BrokerError::BatchTooLarge {
+                len: envelopes.len(),
+                max: self.limits.max_batch,
+            });
+        }
+        let now = now_ms();
+        let messages = envelopes
+            .into_iter()
+            .enumerate()
+            .map(|(index, e)| {
+                self.prepare(&t, e, now)
+                    .map_err(|source| BrokerError::InBatch { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.reserve_disk(&messages)?;
+        // Sizes are counted before the messages move into the write.
+        let size = (messages.len(), messages.iter().map(|m| m.body.len()).sum());
+        let out = self.storage.append(topic, messages).await?;
+        self.observe(topic, crate::metrics::PublishKind::batch, size, started);
+        Ok(out)
+    }
+}

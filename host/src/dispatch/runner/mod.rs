@@ -1,0 +1,427 @@
+//! A running subscription (on this node: the queues it holds, when nodes share the work). Its
+//! members (one shared member for clustering; one per instance for broadcast) each run a loop
+//! per queue, a timer loop (delays, retries, redrives) and plugin workers. Offsets advance only
+//! over messages that are done: acknowledged, dead-lettered, or handed durably to a timer, so a
+//! crash redelivers at most what was in flight.
+
+mod offsets;
+mod ordered;
+mod outcome;
+mod timers;
+mod unordered;
+mod worker;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::spec::{OnExhausted, RetryPolicy, Start, SubscriptionSpec, TagFilter};
+use super::state::{self, Cursor, DeadLetter, SubscriptionRecord, Timer, TimerKind};
+use super::{DispatchError, Env};
+use crate::base::now_ms;
+use crate::bindings::{Message, Outcome};
+use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits};
+use crate::storage::{Expect, Storage, StorageError, StoredMessage};
+use offsets::{Parked, mark_done, park};
+pub use offsets::{ensure_cursors, start_offset};
+use outcome::{Fate, OUTCOMES, count, judge, outcome_index};
+use timers::sleep_until_ms;
+use worker::{Rate, WorkItem, WorkQueue, worker};
+
+/// Messages read from storage per round trip.
+const READ_BATCH: usize = 256;
+
+/// Pause after a storage error before trying again.
+const STORAGE_RETRY: Duration = Duration::from_millis(200);
+
+/// Delivery counters since the subscription (re)started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Calls that trapped, timed out or hit the memory limit (each also counts as a retry).
+    pub failed: AtomicU64,
+}
+
+/// What status reads of one member.
+pub struct MemberShared {
+    pub name: String,
+    /// The queues this node runs for the member (all of them unless several nodes share the
+    /// work); `committed` of the others is only where they stood at start.
+    pub owned: Vec<bool>,
+    pub committed: Vec<AtomicU64>,
+    /// Ordered delivery: attempts made on each queue's head message (0 = not blocked).
+    pub head_attempts: Vec<AtomicU32>,
+    /// Ordered delivery: when each queue's head message is tried again (0 = not waiting).
+    pub head_due: Vec<AtomicU64>,
+    timers: std::sync::Mutex<BTreeMap<String, Timer>>,
+    timer_wake: Notify,
+}
+
+impl MemberShared {
+    /// The committed offset of `queue` if this node runs it.
+    pub fn live_committed(&self, queue: usize) -> Option<u64> {
+        self.owned
+            .get(queue)
+            .filter(|o| **o)
+            .and_then(|_| self.committed.get(queue))
+            .map(|c| c.load(Ordering::Relaxed))
+    }
+
+    pub fn pending_timers(&self) -> usize {
+        self.timers.lock().map_or(0, |t| t.len())
+    }
+
+    fn add_timer(&self, t: Timer) {
+        if let Ok(mut timers) = self.timers.lock() {
+            timers.insert(t.key(), t);
+        }
+        self.timer_wake.notify_one();
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        self.timers.lock().ok()?.values().next().map(|t| t.due)
+    }
+
+    /// The earliest timer of `queue` (ordered delivery runs its queue's timers itself).
+    fn first_of_queue(&self, queue: u32) -> Option<Timer> {
+        self.timers
+            .lock()
+            .ok()?
+            .values()
+            .find(|t| t.queue == queue)
+            .cloned()
+    }
+
+    /// The earliest retry timer of `queue`: in ordered delivery it blocks its queue.
+    fn retry_of_queue(&self, queue: u32) -> Option<Timer> {
+        self.timers
+            .lock()
+            .ok()?
+            .values()
+            .find(|t| t.queue == queue && t.kind == TimerKind::Retry)
+            .cloned()
+    }
+
+    fn forget_timer(&self, key: &str) {
+        if let Ok(mut timers) = self.timers.lock() {
+            timers.remove(key);
+        }
+    }
+
+    fn pop_due(&self, now: u64) -> Option<Timer> {
+        let mut timers = self.timers.lock().ok()?;
+        let key = timers
+            .iter()
+            .next()
+            .filter(|(_, t)| t.due <= now)
+            .map(|(k, _)| k.clone())?;
+        timers.remove(&key)
+    }
+}
+
+pub struct RunnerShared {
+    pub plugin_version: u32,
+    pub counters: Counters,
+    pub members: Vec<Arc<MemberShared>>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+}
+
+impl RunnerShared {
+    /// Its counters, in-flight count and plugin version, as status shows them.
+    pub fn tally(&self) -> super::Tally {
+        let c = &self.counters;
+        super::Tally {
+            delivered: c.delivered.load(Ordering::Relaxed),
+            acked: c.acked.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            in_flight: u64::from(self.in_flight()),
+            plugin_version: self.plugin_version,
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.max_in_flight
+            .saturating_sub(self.in_flight.available_permits() as u32)
+    }
+}
+
+/// Which (member, queue) pairs a runner runs; `None` means all of them.
+pub type Units = Option<BTreeSet<(u32, u32)>>;
+
+fn owns(units: &Units, member: u32, queue: u32) -> bool {
+    units.as_ref().is_none_or(|u| u.contains(&(member, queue)))
+}
+
+pub struct Runner {
+    /// The topic it reads.
+    pub topic: String,
+    /// The (member, queue) pairs it was started for.
+    pub units: Units,
+    /// The `updated_at` of the subscription record it was started from (a newer record, say
+    /// written by another node, means it must restart).
+    pub record_updated_at: u64,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    pub shared: Arc<RunnerShared>,
+}
+
+impl Runner {
+    /// Whether it stopped on its own: a lease was lost or another node moved an offset.
+    pub fn fenced(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A token that stops the runner when cancelled (a lost lease cancels it).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Runs `task` (say, a lease watcher) until the runner stops.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(task);
+    }
+
+    /// Stops fetching, lets in-flight messages finish and their offsets be stored, then returns.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Everything the loops of one member share.
+struct Member {
+    group: String,
+    spec: Arc<SubscriptionSpec>,
+    filter: TagFilter,
+    storage: Arc<dyn Storage>,
+    shared: Arc<MemberShared>,
+    runner: Arc<RunnerShared>,
+    work: mpsc::Sender<WorkItem>,
+    rate: Option<Arc<Rate>>,
+    cancel: CancellationToken,
+    /// Several nodes share the storage: a timer fires only while its record still exists
+    /// (another node's reset or delete may have dropped it).
+    shared_storage: bool,
+}
+
+/// Starts a subscription's members, loops and workers, for the (member, queue) pairs in
+/// `units` (all when `None`). `shared_storage`: other nodes may write this subscription's
+/// state too.
+pub async fn start(
+    env: &Env,
+    record: &SubscriptionRecord,
+    units: Units,
+    shared_storage: bool,
+) -> Result<Runner, DispatchError> {
+    let spec = Arc::new(record.spec.clone());
+    let filter = spec.validate().map_err(DispatchError::Invalid)?;
+    let topic = env.broker.topic(&spec.topic)?;
+    let (version, code) = env.plugins.code(&spec.plugin, spec.plugin_version).await?;
+    if !code.has_consumer() {
+        return Err(DispatchError::Invalid(format!(
+            "plugin {:?} does not export a consumer (handle)",
+            spec.plugin
+        )));
+    }
+    let storage = env.broker.storage().clone();
+    let broadcast = spec.mode == super::spec::Mode::Broadcast;
+    let member_count = if broadcast { spec.instances } else { 1 };
+    let limits = PluginLimits {
+        timeout_ms: spec.limits.timeout_ms.or(version.limits.timeout_ms),
+        memory_mb: spec.limits.memory_mb.or(version.limits.memory_mb),
+    };
+    ensure_cursors(storage.as_ref(), record, topic.queues).await?;
+    let cursor_space = state::cursor_space(&record.group);
+    let mut members = Vec::new();
+    let mut starts = Vec::new();
+    for i in 0..member_count {
+        let name = state::member_name(broadcast, i);
+        let stored: BTreeMap<String, (Cursor, u64)> = storage
+            .list_records(&cursor_space, &format!("{name}/"), usize::MAX)
+            .await?
+            .iter()
+            .map(|(k, r)| {
+                Ok((
+                    k.clone(),
+                    (state::decode::<Cursor>("cursor", r)?, r.revision),
+                ))
+            })
+            .collect::<Result<_, DispatchError>>()?;
+        let mut cursors = Vec::new();
+        for q in 0..topic.queues {
+            let key = state::cursor_key(&name, q);
+            let stored = stored.get(&key).copied().ok_or_else(|| {
+                StorageError::Corrupt(format!("cursor {key} of {} vanished", record.group))
+            })?;
+            cursors.push(stored);
+        }
+        let owned: Vec<bool> = (0..topic.queues).map(|q| owns(&units, i, q)).collect();
+        // Timers belong to the node that runs their queue.
+        let timers: BTreeMap<String, Timer> = storage
+            .list_records(
+                &state::timer_space(&record.group),
+                &format!("{name}/"),
+                usize::MAX,
+            )
+            .await?
+            .iter()
+            .map(|(k, r)| Ok((k.clone(), state::decode::<Timer>("timer", r)?)))
+            .filter(|t: &Result<(String, Timer), DispatchError>| {
+                t.as_ref().map_or(true, |(_, t)| {
+                    owned.get(t.queue as usize).copied().unwrap_or(false)
+                })
+            })
+            .collect::<Result<_, DispatchError>>()?;
+        members.push(Arc::new(MemberShared {
+            name,
+            owned,
+            committed: cursors
+                .iter()
+                .map(|(c, _)| AtomicU64::new(c.committed))
+                .collect(),
+            head_attempts: cursors
+                .iter()
+                .map(|(c, _)| AtomicU32::new(c.head_attempts))
+                .collect(),
+            head_due: cursors
+                .iter()
+                .map(|(c, _)| AtomicU64::new(c.head_due))
+                .collect(),
+            timers: std::sync::Mutex::new(timers),
+            timer_wake: Notify::new(),
+        }));
+        starts.push(cursors);
+    }
+    let shared = Arc::new(RunnerShared {
+        plugin_version: version.version,
+        counters: Counters::default(),
+        members: members.clone(),
+        in_flight: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
+        max_in_flight: spec.max_in_flight,
+    });
+    // Nodes sharing a subscription share its rate by the part of its queues each runs, so
+    // together they never exceed it.
+    let share = match &units {
+        None => 1.0,
+        Some(u) => u.len() as f64 / (f64::from(member_count) * f64::from(topic.queues)).max(1.0),
+    };
+    let rate = spec.max_rate.filter(|_| share > 0.0).map(|r| {
+        Arc::new(Rate {
+            interval: Duration::from_secs_f64(1.0 / (r * share)),
+            next: std::sync::Mutex::new(Instant::now()),
+        })
+    });
+    let grants = spec.grants.to_grants().map_err(DispatchError::Invalid)?;
+    // Secret references are resolved here, for the instances only.
+    let config_json = env
+        .broker
+        .secrets()
+        .resolve(&spec.config)
+        .map_err(|e| DispatchError::Invalid(format!("config: {e}")))?
+        .to_string();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let ctx_for = |index: u32| InstanceContext {
+        plugin: spec.plugin.clone(),
+        version: version.version,
+        group: record.group.clone(),
+        member: state::member_name(broadcast, index),
+        instance_index: index,
+        instance_count: spec.instances,
+        config_json: config_json.clone(),
+        grants: grants.clone(),
+        limits,
+        services: env.broker.clone(),
+    };
+    let active: Vec<bool> = members.iter().map(|m| m.owned.contains(&true)).collect();
+    // Clustering: one channel that every instance pulls from. Broadcast: a channel per instance.
+    let channels: Vec<(mpsc::Sender<WorkItem>, WorkQueue)> = (0..member_count)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(spec.max_in_flight as usize);
+            (tx, Arc::new(Mutex::new(rx)))
+        })
+        .collect();
+    for i in 0..spec.instances {
+        let m = if broadcast { i as usize } else { 0 };
+        // Instances serve only members this node runs something of.
+        if active[m] {
+            let rx = channels[m].1.clone();
+            tracker.spawn(worker(
+                env.clone(),
+                code.clone(),
+                Arc::new(ctx_for(i)),
+                rx,
+                cancel.clone(),
+            ));
+        }
+    }
+    for (m, (shared_member, cursors)) in members.iter().zip(starts).enumerate() {
+        if !active[m] {
+            continue;
+        }
+        let member = Arc::new(Member {
+            group: record.group.clone(),
+            spec: spec.clone(),
+            filter: filter.clone(),
+            storage: storage.clone(),
+            shared: shared_member.clone(),
+            runner: shared.clone(),
+            work: channels[m].0.clone(),
+            rate: rate.clone(),
+            cancel: cancel.clone(),
+            shared_storage,
+        });
+        for (q, cursor) in cursors.into_iter().enumerate() {
+            if !shared_member.owned[q] {
+                continue;
+            }
+            let parked = Parked::default();
+            let (committer, store_task) = member.cursor_committer(q as u32, cursor, parked.clone());
+            tracker.spawn(store_task);
+            if spec.is_ordered() {
+                tracker.spawn(
+                    member
+                        .clone()
+                        .run_ordered(q as u32, cursor.0, committer, parked),
+                );
+            } else {
+                tracker.spawn(
+                    member
+                        .clone()
+                        .run_unordered(q as u32, cursor.0, committer, parked),
+                );
+            }
+        }
+        // Ordered delivery runs each queue's timers in its queue loop.
+        if !spec.is_ordered() {
+            tracker.spawn(member.clone().run_timers());
+        }
+    }
+    drop(channels);
+    Ok(Runner {
+        topic: spec.topic.clone(),
+        units,
+        record_updated_at: record.updated_at,
+        cancel,
+        tracker,
+        shared,
+    })
+}

@@ -1,0 +1,185 @@
+//! The ordered loop of one queue: one message at a time, retried in place, delayed messages and
+//! retries delivered between messages of the queue, never beside one.
+
+use super::*;
+
+impl Member {
+    /// Ordered: one message of the queue at a time, in queue order; message n+1 is handed out
+    /// only after n is done. A failing message blocks its queue while it is retried; its
+    /// attempts and next-attempt time are stored with the cursor, so its backoff holds across
+    /// pause, update and restart. A delayed message leaves the queue order until it is due (a
+    /// durable timer of this queue holds it), then takes its place: it is delivered between
+    /// two messages of the queue, never beside one, so a delay never holds up messages that are
+    /// due. Messages published without a delay keep their queue order (FIFO per sharding key).
+    pub(super) async fn run_ordered(
+        self: Arc<Self>,
+        queue: u32,
+        start: Cursor,
+        committer: watch::Sender<Cursor>,
+        parked: Parked,
+    ) {
+        let mut watch = self.storage.watch(self.topic());
+        let mut cursor = start;
+        let block = self.spec.on_exhausted == OnExhausted::Block;
+        // Messages read ahead of the cursor: one storage read per batch, not per message.
+        let mut ahead: std::collections::VecDeque<Arc<StoredMessage>> = Default::default();
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            watch.borrow_and_update();
+            let now = now_ms();
+            // A message of the queue being retried (the head, or one a timer delivered) blocks
+            // the queue until its next attempt; nothing passes it.
+            let timer = if cursor.head_attempts == 0 {
+                self.shared
+                    .retry_of_queue(queue)
+                    .or_else(|| self.shared.first_of_queue(queue))
+            } else {
+                None
+            };
+            if let Some(t) = &timer
+                && (t.due <= now || t.kind == TimerKind::Retry)
+            {
+                if t.due > now {
+                    if !self.sleep_until(t.due).await {
+                        break;
+                    }
+                } else if !self.deliver_in_order(t.clone(), block).await {
+                    break;
+                }
+                continue;
+            }
+            while ahead.front().is_some_and(|m| m.offset < cursor.committed) {
+                ahead.pop_front();
+            }
+            if ahead.front().is_some_and(|m| m.offset != cursor.committed) {
+                ahead.clear();
+            }
+            if ahead.is_empty() {
+                match self
+                    .storage
+                    .read(self.topic(), queue, cursor.committed, READ_BATCH)
+                    .await
+                {
+                    Ok(v) => ahead.extend(v.into_iter().map(Arc::new)),
+                    Err(e) => {
+                        tracing::error!(group = %self.group, error = %e, "read failed");
+                        tokio::time::sleep(STORAGE_RETRY).await;
+                        continue;
+                    }
+                }
+            }
+            let head = ahead.front().cloned();
+            let Some(m) = head else {
+                // Idle: wake for an append, or for the next delayed message of the queue.
+                let next_timer = timer.map(|t| t.due);
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => break,
+                    r = watch.changed() => if r.is_err() { break },
+                    _ = sleep_until_ms(next_timer.unwrap_or(u64::MAX)), if next_timer.is_some() => {}
+                }
+                continue;
+            };
+            if !self.filter.matches(m.message.tag.as_deref()) {
+                cursor = Cursor {
+                    committed: cursor.committed.saturating_add(1),
+                    ..Cursor::default()
+                };
+                self.store_cursor(queue, &committer, cursor);
+                continue;
+            }
+            if cursor.head_attempts == 0 && m.message.deliver_at > now {
+                // Out of the queue order until due: stored as a timer of this queue first, so
+                // the offset passes it only once the timer is durable.
+                self.add_timer(self.delay_timer(&m)).await;
+                cursor = Cursor {
+                    committed: cursor.committed.saturating_add(1),
+                    ..Cursor::default()
+                };
+                self.store_cursor(queue, &committer, cursor);
+                continue;
+            }
+            if cursor.head_due > now {
+                if !self.sleep_until(cursor.head_due).await {
+                    break;
+                }
+                continue;
+            }
+            let permit = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
+                p = self.runner.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let attempt = cursor.head_attempts.saturating_add(1);
+            let Some(rx) = self.dispatch(m.clone(), attempt).await else {
+                break;
+            };
+            // Once handed out, the call is waited for, even when stopping; a message a
+            // stopping worker dropped unstarted stays the head, its attempts unchanged.
+            let Ok(result) = rx.await else { break };
+            let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
+            count(&self.runner.counters, &result, &fate);
+            match fate {
+                Fate::Done => {
+                    cursor = Cursor {
+                        committed: cursor.committed.saturating_add(1),
+                        ..Cursor::default()
+                    };
+                }
+                Fate::Retry {
+                    due,
+                    attempts,
+                    error,
+                } => {
+                    tracing::debug!(group = %self.group, queue, attempts, %error, "ordered retry");
+                    cursor.head_attempts = attempts;
+                    cursor.head_due = due;
+                }
+                Fate::Dead { attempts, reason } => {
+                    self.dead_letter(&m, attempts, reason).await;
+                    cursor = Cursor {
+                        committed: cursor.committed.saturating_add(1),
+                        ..Cursor::default()
+                    };
+                }
+            }
+            if cursor.committed > m.offset {
+                park(&parked, m.offset, permit);
+            }
+            self.store_cursor(queue, &committer, cursor);
+        }
+    }
+
+    /// Sleeps until `due` (ms since the epoch); false if the runner stopped first.
+    pub(super) async fn sleep_until(&self, due: u64) -> bool {
+        tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => false,
+            () = sleep_until_ms(due) => true,
+        }
+    }
+
+    /// Ordered delivery of a due timer of the queue (a delayed message, a redrive, or the retry
+    /// of one of them), in the queue's turn. False if the runner stopped before the call began
+    /// (the timer is kept).
+    pub(super) async fn deliver_in_order(&self, timer: Timer, block: bool) -> bool {
+        let Ok(Some(m)) = self.timer_message(&timer).await else {
+            return true;
+        };
+        let permit = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => return false,
+            p = self.runner.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return false },
+        };
+        let attempt = timer.attempts.saturating_add(1);
+        let Some(rx) = self.dispatch(m.clone(), attempt).await else {
+            return false;
+        };
+        let Ok(result) = rx.await else { return false };
+        self.finish_timer(&timer, &result, attempt, &m, block).await;
+        drop(permit);
+        true
+    }
+}

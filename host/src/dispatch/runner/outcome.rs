@@ -1,0 +1,254 @@
+//! A delivery's outcome: the fate the retry policy gives it (a pure function of result,
+//! attempts, policy and time), the counters, and settling it durably (retry timer or dead letter).
+
+use super::*;
+
+/// What happens to a message after a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Fate {
+    Done,
+    Retry {
+        due: u64,
+        attempts: u32,
+        error: String,
+    },
+    Dead {
+        attempts: u32,
+        reason: String,
+    },
+}
+
+/// The fate of a message after attempt number `attempts` (1-based) answered `result`, at `now`
+/// (ms since the epoch): RocketMQ's rules. `ack` is done; `reject` dead-letters at once; a
+/// `retry`, trap, timeout or memory overrun retries after the policy's backoff (or the delay
+/// the plugin asked for), until `max_attempts` are spent, then dead-letters, unless `block`
+/// (ordered `on_exhausted: block`) keeps retrying at the last backoff. A pure function: it reads
+/// no clock and counts nothing ([`count`] does).
+pub(super) fn judge(
+    result: &Result<Outcome, InvokeError>,
+    attempts: u32,
+    policy: &RetryPolicy,
+    block: bool,
+    now: u64,
+) -> Fate {
+    let (asked, error) = match result {
+        Ok(Outcome::Ack) => return Fate::Done,
+        Ok(Outcome::Reject(reason)) => {
+            return Fate::Dead {
+                attempts,
+                reason: format!("rejected: {reason}"),
+            };
+        }
+        Ok(Outcome::Retry(ms)) => (*ms, "the plugin asked for a retry".to_string()),
+        Err(e) => (0, e.to_string()),
+    };
+    if attempts >= policy.max_attempts && !block {
+        return Fate::Dead {
+            attempts,
+            reason: format!("{attempts} attempts failed; last: {error}"),
+        };
+    }
+    let delay = policy.backoff(attempts.min(policy.max_attempts), asked);
+    Fate::Retry {
+        due: now.saturating_add(delay),
+        attempts,
+        error,
+    }
+}
+
+/// Counts a delivery's result and fate (dead letters are counted once stored).
+pub(super) fn count(counters: &Counters, result: &Result<Outcome, InvokeError>, fate: &Fate) {
+    if result.is_err() {
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    match fate {
+        Fate::Done => counters.acked.fetch_add(1, Ordering::Relaxed),
+        Fate::Retry { .. } => counters.retried.fetch_add(1, Ordering::Relaxed),
+        Fate::Dead { .. } => 0,
+    };
+}
+
+/// Delivery outcomes as `wasmq_deliveries_total` labels them.
+pub(super) const OUTCOMES: [&str; 7] =
+    ["ack", "retry", "reject", "timeout", "oom", "trap", "error"];
+
+pub(super) fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
+    match result {
+        Ok(Outcome::Ack) => 0,
+        Ok(Outcome::Retry(_)) => 1,
+        Ok(Outcome::Reject(_)) => 2,
+        Err(InvokeError::Timeout(_)) => 3,
+        Err(InvokeError::MemoryLimit(_)) => 4,
+        Err(InvokeError::Trap(_)) => 5,
+        Err(InvokeError::MissingExport(_) | InvokeError::Instantiate(_)) => 6,
+    }
+}
+
+impl Member {
+    pub(super) fn topic(&self) -> &str {
+        &self.spec.topic
+    }
+
+    /// Retries a durable write until it succeeds: an offset must not pass a message whose
+    /// timer or dead letter is not stored.
+    pub(super) async fn persist<F, Fut>(&self, what: &str, mut write: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), crate::storage::StorageError>>,
+    {
+        loop {
+            match write().await {
+                Ok(()) | Err(crate::storage::StorageError::Closed) => return,
+                Err(e) => {
+                    tracing::error!(group = %self.group, error = %e, "cannot store {what}; retrying");
+                    tokio::time::sleep(STORAGE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    pub(super) async fn dead_letter(&self, m: &StoredMessage, attempts: u32, reason: String) {
+        let dl = DeadLetter {
+            message_id: m.message.id.to_string(),
+            member: self.shared.name.clone(),
+            queue: m.message.queue,
+            offset: m.offset,
+            attempts,
+            reason,
+            dead_at: now_ms(),
+        };
+        let space = state::dlq_space(&self.group);
+        tracing::info!(group = %self.group, message = %dl.message_id, reason = %dl.reason, "dead-lettered");
+        let key = dl.key();
+        self.persist("a dead letter", || {
+            state::put(self.storage.as_ref(), &space, &key, &dl)
+        })
+        .await;
+        // Counted once stored, so whoever sees the count can read the entry.
+        self.runner
+            .counters
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stores what becomes of a delivered message besides its offset: a retry timer (whose key
+    /// is returned) or a dead letter; an ack needs nothing.
+    pub(super) async fn settle(
+        &self,
+        result: &Result<Outcome, InvokeError>,
+        attempt: u32,
+        m: &StoredMessage,
+        block: bool,
+    ) -> Option<String> {
+        let fate = judge(result, attempt, &self.spec.retry, block, now_ms());
+        count(&self.runner.counters, result, &fate);
+        match fate {
+            Fate::Done => None,
+            Fate::Retry {
+                due,
+                attempts,
+                error,
+            } => {
+                let t = Timer {
+                    member: self.shared.name.clone(),
+                    due,
+                    queue: m.message.queue,
+                    offset: m.offset,
+                    attempts,
+                    kind: TimerKind::Retry,
+                    last_error: Some(error),
+                };
+                let key = t.key();
+                self.add_timer(t).await;
+                Some(key)
+            }
+            Fate::Dead { attempts, reason } => {
+                self.dead_letter(m, attempts, reason).await;
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outcome decision over its whole table: each result, below and at `max_attempts`,
+    /// with and without `block`, with the plugin's own delay and the policy's, near the end of
+    /// time.
+    #[test]
+    fn judge_decides_every_outcome_by_the_policy() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            backoff_ms: vec![100, 1000],
+        };
+        let now = 1_000_000;
+        let retry =
+            |r: &Result<Outcome, InvokeError>, a, block, now| judge(r, a, &policy, block, now);
+        let ack = Ok(Outcome::Ack);
+        let reject = Ok(Outcome::Reject("bad".into()));
+        let asks = Ok(Outcome::Retry(0));
+        let asks_5s = Ok(Outcome::Retry(5000));
+        let trap = Err(InvokeError::Trap("boom".into()));
+        for block in [false, true] {
+            for a in 1..=4 {
+                assert_eq!(retry(&ack, a, block, now), Fate::Done);
+                assert_eq!(
+                    retry(&reject, a, block, now),
+                    Fate::Dead {
+                        attempts: a,
+                        reason: "rejected: bad".into()
+                    },
+                    "reject dead-letters at once, blocking or not"
+                );
+            }
+        }
+        // Below max_attempts: the policy's backoff by attempt, the last one repeated.
+        let due = |f: Fate| match f {
+            Fate::Retry { due, .. } => due,
+            other => panic!("not a retry: {other:?}"),
+        };
+        assert_eq!(due(retry(&asks, 1, false, now)), now + 100);
+        assert_eq!(due(retry(&asks, 2, false, now)), now + 1000);
+        assert_eq!(
+            due(retry(&asks_5s, 1, false, now)),
+            now + 5000,
+            "the plugin's delay wins"
+        );
+        assert!(matches!(
+            retry(&trap, 2, false, now),
+            Fate::Retry { attempts: 2, ref error, .. } if error.contains("boom")
+        ));
+        // At max_attempts: dead, unless blocking (then the last backoff, forever).
+        for r in [&asks, &trap] {
+            assert!(matches!(
+                retry(r, 3, false, now),
+                Fate::Dead { attempts: 3, ref reason } if reason.starts_with("3 attempts failed")
+            ));
+            assert_eq!(due(retry(r, 3, true, now)), now + 1000);
+            assert_eq!(due(retry(r, 40, true, now)), now + 1000);
+        }
+        // A delay the plugin asks for is capped; time never wraps around.
+        assert_eq!(
+            due(retry(&Ok(Outcome::Retry(u64::MAX)), 1, false, now)),
+            now + crate::base::MAX_DELAY_MS
+        );
+        assert_eq!(due(retry(&asks, 1, false, u64::MAX - 5)), u64::MAX);
+        // Counting: failed for errors, retried for retries, acked for acks; dead letters later.
+        let c = Counters::default();
+        count(&c, &trap, &retry(&trap, 1, false, now));
+        count(&c, &ack, &Fate::Done);
+        count(&c, &reject, &retry(&reject, 1, false, now));
+        let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(
+            (
+                read(&c.failed),
+                read(&c.retried),
+                read(&c.acked),
+                read(&c.dead_lettered)
+            ),
+            (1, 1, 1, 0)
+        );
+    }
+}

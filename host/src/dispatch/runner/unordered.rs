@@ -1,0 +1,112 @@
+//! The unordered loop of one queue: many messages in flight, a failing one goes to a retry timer.
+
+use super::*;
+
+impl Member {
+    /// Unordered: many messages of the queue in flight; a failing one goes to a retry timer.
+    pub(super) async fn run_unordered(
+        self: Arc<Self>,
+        queue: u32,
+        start: Cursor,
+        committer: watch::Sender<Cursor>,
+        parked: Parked,
+    ) {
+        let mut watch = self.storage.watch(self.topic());
+        let mut committed = start.committed;
+        let mut done: BTreeSet<u64> = BTreeSet::new();
+        let mut fetch = committed;
+        let mut buffer: std::collections::VecDeque<Arc<StoredMessage>> = Default::default();
+        let mut pending = FuturesUnordered::new();
+        let mut stopping = false;
+        let per_queue_cap = self.spec.max_in_flight as usize;
+        let mut high_water = fetch;
+        loop {
+            watch.borrow_and_update();
+            // Asked only when the buffer ran dry: on a networked backend it is a round trip.
+            if buffer.is_empty() && !stopping {
+                high_water = self
+                    .storage
+                    .high_water(self.topic(), queue)
+                    .await
+                    .unwrap_or(fetch);
+            }
+            if buffer.is_empty() && fetch < high_water && !stopping {
+                match self
+                    .storage
+                    .read(self.topic(), queue, fetch, READ_BATCH)
+                    .await
+                {
+                    Ok(batch) => {
+                        if let Some(last) = batch.last() {
+                            fetch = last.offset + 1;
+                        }
+                        buffer.extend(batch.into_iter().map(Arc::new));
+                    }
+                    Err(e) => {
+                        tracing::error!(group = %self.group, error = %e, "read failed");
+                        tokio::time::sleep(STORAGE_RETRY).await;
+                        continue;
+                    }
+                }
+            }
+            // Messages that need no delivery are done at once.
+            let mut finished = Vec::new();
+            while let Some(m) = buffer.front() {
+                if !self.filter.matches(m.message.tag.as_deref()) {
+                    finished.push(m.offset);
+                } else if m.message.deliver_at > now_ms() {
+                    self.add_timer(self.delay_timer(m)).await;
+                    finished.push(m.offset);
+                } else {
+                    break;
+                }
+                buffer.pop_front();
+            }
+            for o in finished {
+                mark_done(&mut committed, &mut done, o);
+            }
+            self.publish(queue, &committer, committed);
+            let want = !stopping && !buffer.is_empty() && pending.len() < per_queue_cap;
+            let idle = !stopping && buffer.is_empty() && fetch >= high_water;
+            // Cancellation is seen first: the other branches may be ready all the time.
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled(), if !stopping => { stopping = true; }
+                Some((m, attempt, result, permit)) = pending.next() => {
+                    let m: Arc<StoredMessage> = m;
+                    let permit: OwnedSemaphorePermit = permit;
+                    let result: Option<Result<Outcome, InvokeError>> = result;
+                    match result {
+                        Some(result) => {
+                            self.settle(&result, attempt, &m, false).await;
+                            mark_done(&mut committed, &mut done, m.offset);
+                            self.publish(queue, &committer, committed);
+                            park(&parked, m.offset, permit);
+                        }
+                        // Dropped unstarted by a stopping worker: not done, delivered later.
+                        None => buffer.push_front(m),
+                    }
+                }
+                permit = self.runner.in_flight.clone().acquire_owned(), if want => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(m) = buffer.pop_front() {
+                        match self.dispatch(m.clone(), 1).await {
+                            Some(rx) => pending.push(async move { (m, 1u32, rx.await.ok(), permit) }),
+                            None => {
+                                buffer.push_front(m);
+                                stopping = true;
+                            }
+                        }
+                    }
+                }
+                changed = watch.changed(), if idle => {
+                    if changed.is_err() { stopping = true; }
+                }
+                else => break,
+            }
+            if stopping && pending.is_empty() {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Plugin workers: the work channel a loop hands messages to, the rate limit in front of it,
+//! and the instances that call the plugin.
+
+use super::*;
+
+/// The receiving end of a work channel, shared by the instances that serve it.
+pub(super) type WorkQueue = Arc<Mutex<mpsc::Receiver<WorkItem>>>;
+
+pub(super) struct WorkItem {
+    pub(super) message: Arc<StoredMessage>,
+    pub(super) attempt: u32,
+    pub(super) reply: oneshot::Sender<Result<Outcome, InvokeError>>,
+}
+
+/// Spaces messages `1/rate` seconds apart, across all queues of a subscription.
+pub(super) struct Rate {
+    pub(super) interval: Duration,
+    pub(super) next: std::sync::Mutex<Instant>,
+}
+
+impl Rate {
+    async fn wait(&self) {
+        let at = {
+            let Ok(mut next) = self.next.lock() else {
+                return;
+            };
+            let at = (*next).max(Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// One plugin instance serving a work channel; replaced after a trap, timeout or memory overrun.
+/// Once `cancel` fires, messages still queued are dropped unstarted (their senders see the
+/// reply channel closed: not done, no attempt made), so a stop waits only for calls running.
+pub(super) async fn worker(
+    env: Env,
+    code: Arc<PluginCode>,
+    ctx: Arc<InstanceContext>,
+    work: WorkQueue,
+    cancel: CancellationToken,
+) {
+    let mut instance: Option<PluginInstance> = None;
+    let metrics = env.broker.metrics().clone();
+    let group = crate::metrics::GroupLabel {
+        group: ctx.group.clone(),
+    };
+    let delay = metrics.dispatch_delay_seconds.get_or_create(&group).clone();
+    let duration = metrics.invocation_seconds.get_or_create(&group).clone();
+    // One counter per outcome, looked up once: not a label map lookup per delivery.
+    let mut outcomes: [Option<prometheus_client::metrics::counter::Counter>; OUTCOMES.len()] =
+        Default::default();
+    let mut failures = 0u64;
+    loop {
+        let item = { work.lock().await.recv().await };
+        let Some(item) = item else { break };
+        if cancel.is_cancelled() {
+            continue;
+        }
+        if instance.is_none() {
+            match env.plugins.runtime().instantiate(&code, ctx.clone()).await {
+                Ok(i) => instance = Some(i),
+                Err(e) => {
+                    tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
+                    let _ = item.reply.send(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some(inst) = instance.as_mut() else {
+            continue;
+        };
+        let m = &item.message.message;
+        if item.attempt == 1 {
+            // Retries wait by design; the first attempt shows how far behind dispatch runs.
+            let due = m.born_at.max(m.deliver_at);
+            delay.observe(crate::base::now_ms().saturating_sub(due) as f64 / 1000.0);
+        }
+        let started = std::time::Instant::now();
+        let result = inst
+            .handle(&Message::of(
+                &item.message.topic,
+                item.message.offset,
+                m,
+                item.attempt,
+            ))
+            .await;
+        duration.observe(started.elapsed().as_secs_f64());
+        let i = outcome_index(&result);
+        outcomes[i]
+            .get_or_insert_with(|| {
+                metrics
+                    .deliveries
+                    .get_or_create(&crate::metrics::OutcomeLabels {
+                        group: ctx.group.clone(),
+                        outcome: OUTCOMES[i],
+                    })
+                    .clone()
+            })
+            .inc();
+        if let Err(e) = &result {
+            // Sampled (1st, 2nd, 4th, … failure of this worker): a trap storm must not flood the log.
+            failures += 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %m.id, error = %e, failures, "plugin call failed");
+            }
+        }
+        if !inst.is_usable() {
+            instance = None;
+        }
+        let _ = item.reply.send(result);
+    }
+}
+
+impl Member {
+    /// Hands a message to the workers (after the rate allows it). The caller holds an in-flight
+    /// permit until the outcome is handled (stored), so `in_flight` counts a message until its
+    /// fate is durable. `None`: the runner stopped first and nothing was handed out. The
+    /// receiver yields an error if a worker dropped the message unstarted because the runner
+    /// stopped: the message is not done, and no attempt was made.
+    pub(super) async fn dispatch(
+        &self,
+        message: Arc<StoredMessage>,
+        attempt: u32,
+    ) -> Option<oneshot::Receiver<Result<Outcome, InvokeError>>> {
+        if let Some(rate) = &self.rate {
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return None,
+                () = rate.wait() => {}
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.runner
+            .counters
+            .delivered
+            .fetch_add(1, Ordering::Relaxed);
+        // Workers outlive the loops that feed them, so this send only fails during teardown,
+        // and then the dropped reply reads as a failed call that is retried.
+        let _ = self
+            .work
+            .send(WorkItem {
+                message,
+                attempt,
+                reply,
+            })
+            .await;
+        Some(rx)
+    }
+}

@@ -1,0 +1,226 @@
+//! What subscriptions look like from outside: their list and status (offsets, lag, timers,
+//! dead letters), dead-letter pages and redrive, and the backlog that publishes are held to.
+
+use super::*;
+
+/// A dead letter as the API shows it: its paging key, the broadcast instance that gave it up
+/// (absent for clustering), and the stored entry.
+#[derive(Serialize)]
+pub struct DeadLetterView {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    #[serde(flatten)]
+    pub entry: DeadLetter,
+}
+
+impl Dispatcher {
+    pub async fn list(&self) -> Result<Vec<Value>, DispatchError> {
+        let mut out = Vec::new();
+        for (group, _) in storage(&self.env)
+            .list_records(state::SUB_SPACE, "", usize::MAX)
+            .await?
+        {
+            out.push(self.status(&group).await?);
+        }
+        Ok(out)
+    }
+
+    /// The spec, state, offsets and lag per queue (and per instance for broadcast), counters.
+    pub async fn status(&self, group: &str) -> Result<Value, DispatchError> {
+        let record = self.record(group).await?;
+        let topic = self.env.broker.topic(&record.spec.topic)?;
+        let high_water = self.env.broker.high_water(&topic).await?;
+        // Shared storage: which node runs each queue (or instance).
+        let owners = match &self.share {
+            Some(s) => s.owners(group).await?,
+            None => HashMap::new(),
+        };
+        let runners = self.runners.lock().await;
+        let runner = runners.get(group);
+        let broadcast = record.spec.mode == Mode::Broadcast;
+        let members = if broadcast { record.spec.instances } else { 1 };
+        let mut member_views = Vec::new();
+        let mut total_lag = 0u64;
+        let mut timers = 0usize;
+        for i in 0..members {
+            let name = state::member_name(broadcast, i);
+            let live = runner.and_then(|r| r.shared.members.iter().find(|m| m.name == name));
+            let stored: HashMap<String, state::Cursor> = storage(&self.env)
+                .list_records(&state::cursor_space(group), &format!("{name}/"), usize::MAX)
+                .await?
+                .iter()
+                .map(|(k, r)| Ok((k.clone(), state::decode(k, r)?)))
+                .collect::<Result<_, StorageError>>()?;
+            let mut queues = Vec::new();
+            let mut lag = 0u64;
+            for (q, hw) in high_water.iter().enumerate() {
+                let live_committed = live.and_then(|m| m.live_committed(q));
+                let (committed, head_attempts, head_due) = match (live, live_committed) {
+                    (Some(m), Some(c)) => (
+                        c,
+                        m.head_attempts[q].load(Ordering::Relaxed),
+                        m.head_due[q].load(Ordering::Relaxed),
+                    ),
+                    _ => stored
+                        .get(&state::cursor_key(&name, q as u32))
+                        .map_or((0, 0, 0), |c| (c.committed, c.head_attempts, c.head_due)),
+                };
+                let l = hw.saturating_sub(committed);
+                lag += l;
+                let mut v = json!({"queue": q, "committed": committed, "high_water": hw, "lag": l});
+                if head_attempts > 0 {
+                    v["blocked_attempts"] = json!(head_attempts);
+                }
+                if head_due > 0 {
+                    v["retry_at"] = json!(head_due);
+                }
+                let unit = if broadcast {
+                    share::UnitKey::Instance(i)
+                } else {
+                    share::UnitKey::Queue(q as u32)
+                };
+                if let Some(node) = owners.get(&share::lease_key(group, unit)) {
+                    v["node"] = json!(node);
+                }
+                queues.push(v);
+            }
+            total_lag += lag;
+            let pending = match live {
+                Some(m) => m.pending_timers(),
+                None => storage(&self.env)
+                    .list_records(&state::timer_space(group), &format!("{name}/"), usize::MAX)
+                    .await?
+                    .len(),
+            };
+            timers += pending;
+            member_views.push(
+                json!({"instance": i, "lag": lag, "pending_timers": pending, "queues": queues}),
+            );
+        }
+        let dlq = storage(&self.env)
+            .list_records(&state::dlq_space(group), "", usize::MAX)
+            .await?
+            .len();
+        let mut v = json!({
+            "group": group,
+            "state": record.state,
+            "spec": record.spec,
+            "created_at": record.created_at,
+            "updated_at": record.updated_at,
+            "lag": total_lag,
+            "pending_timers": timers,
+            "dlq": dlq,
+        });
+        if broadcast {
+            v["instances"] = Value::Array(member_views);
+        } else if let Some(m) = member_views.pop() {
+            v["queues"] = m["queues"].clone();
+        }
+        if let Some(t) = self.tally(group, runner) {
+            v["plugin_version"] = json!(t.plugin_version);
+            v["in_flight"] = json!(t.in_flight);
+            v["counters"] = json!({
+                "delivered": t.delivered,
+                "acked": t.acked,
+                "retried": t.retried,
+                "dead_lettered": t.dead_lettered,
+                "failed": t.failed,
+            });
+        }
+        Ok(v)
+    }
+
+    /// Dead letters, oldest first, after the key `after` (for paging).
+    pub async fn dlq(
+        &self,
+        group: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DispatchError> {
+        self.record(group).await?;
+        let all = storage(&self.env)
+            .list_records(&state::dlq_space(group), "", usize::MAX)
+            .await?;
+        all.iter()
+            .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
+            .take(limit)
+            .map(|(k, r)| Ok(state::decode(k, r)?))
+            .collect()
+    }
+
+    /// Delivers dead letters again (all, or those with these message ids) as fresh attempts.
+    pub async fn redrive(
+        &self,
+        group: &str,
+        ids: Option<&[String]>,
+    ) -> Result<usize, DispatchError> {
+        let _g = self.lock_group(group).await;
+        let mut record = self.record(group).await?;
+        let store = storage(&self.env);
+        let space = state::dlq_space(group);
+        // Timers of a running member are also held in memory: stop, write, start again.
+        self.halt(group).await;
+        let mut n = 0;
+        for (k, r) in store.list_records(&space, "", usize::MAX).await? {
+            let dl: DeadLetter = state::decode(&k, &r)?;
+            if ids.is_some_and(|ids| !ids.contains(&dl.message_id)) {
+                continue;
+            }
+            let t = Timer {
+                member: dl.member.clone(),
+                due: now_ms(),
+                queue: dl.queue,
+                offset: dl.offset,
+                attempts: 0,
+                kind: TimerKind::Redrive,
+                last_error: None,
+            };
+            state::put(store.as_ref(), &state::timer_space(group), &t.key(), &t).await?;
+            state::delete(store.as_ref(), &space, &k).await?;
+            n += 1;
+        }
+        // The nodes running the group's queues load the new timers when they restart.
+        self.touch(&mut record).await?;
+        if record.state == SubState::Running {
+            self.start_group(&record).await?;
+        }
+        Ok(n)
+    }
+
+    /// How far the slowest running subscription of `topic` is behind, in messages.
+    pub async fn backlog(&self, topic: &str, high_water: &[u64]) -> u64 {
+        let behind = |offsets: &Vec<u64>| -> u64 {
+            offsets
+                .iter()
+                .zip(high_water)
+                .map(|(c, hw)| hw.saturating_sub(*c))
+                .sum()
+        };
+        // Queues other nodes run: as stored at the last reconcile (a second old at most).
+        let stored = self
+            .stored_offsets
+            .lock()
+            .ok()
+            .and_then(|s| {
+                s.get(topic)
+                    .map(|m| m.iter().map(behind).max().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let runners = self.runners.lock().await;
+        let live = runners
+            .values()
+            .filter(|r| r.topic == topic)
+            .flat_map(|r| r.shared.members.iter())
+            .map(|m| {
+                high_water
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(q, hw)| Some(hw.saturating_sub(m.live_committed(q)?)))
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or(0);
+        live.max(stored)
+    }
+}

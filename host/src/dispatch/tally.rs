@@ -1,0 +1,106 @@
+//! Delivery tallies (acked, retried, dead-lettered, failed): counted by each runner, announced
+//! between nodes sharing storage, and summed for status.
+
+use super::*;
+
+/// A runner's delivery counters (since it started), in-flight count and plugin version: this
+/// node's, or summed over the nodes running parts of a subscription.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub delivered: u64,
+    pub acked: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub failed: u64,
+    pub in_flight: u64,
+    pub plugin_version: u32,
+}
+
+impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.delivered += o.delivered;
+        self.acked += o.acked;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.failed += o.failed;
+        self.in_flight += o.in_flight;
+        self.plugin_version = self.plugin_version.max(o.plugin_version);
+    }
+}
+
+/// What a node tells the others about its runners, every second.
+#[derive(Serialize, serde::Deserialize)]
+pub(super) struct TallyReport {
+    node: String,
+    groups: HashMap<String, Tally>,
+}
+
+/// The channel tallies are announced on.
+pub(super) const TALLY_CHANNEL: &str = "tallies";
+
+/// A node's report older than this is ignored (the node stopped or died).
+pub(super) const TALLY_FRESH: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Dispatcher {
+    /// Tells the other nodes sharing the storage what this node's runners counted.
+    pub async fn announce_tallies(&self) {
+        let Some(share) = &self.share else {
+            return;
+        };
+        let groups = self
+            .runners
+            .lock()
+            .await
+            .iter()
+            .map(|(g, r)| (g.clone(), r.shared.tally()))
+            .collect();
+        let report = TallyReport {
+            node: share.node.clone(),
+            groups,
+        };
+        if let Ok(bytes) = serde_json::to_vec(&report) {
+            storage(&self.env).announce(TALLY_CHANNEL, bytes).await;
+        }
+    }
+
+    /// Keeps the other nodes' tallies as they announce them, until `stop`.
+    pub async fn listen_tallies(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt as _;
+        let Some(share) = &self.share else {
+            return;
+        };
+        let Some(mut reports) = storage(&self.env).listen(TALLY_CHANNEL).await else {
+            return;
+        };
+        loop {
+            let bytes = tokio::select! {
+                _ = stop.cancelled() => return,
+                b = reports.next() => match b { Some(b) => b, None => return },
+            };
+            let Ok(report) = serde_json::from_slice::<TallyReport>(&bytes) else {
+                continue;
+            };
+            if report.node == share.node {
+                continue;
+            }
+            if let Ok(mut peers) = self.peer_tallies.lock() {
+                peers.retain(|_, (at, _)| at.elapsed() < TALLY_FRESH);
+                peers.insert(report.node, (std::time::Instant::now(), report.groups));
+            }
+        }
+    }
+
+    /// `group`'s tally on this node plus those other nodes reported lately; `None` if no node
+    /// runs it.
+    pub(super) fn tally(&self, group: &str, local: Option<&Runner>) -> Option<Tally> {
+        let mut total = local.map(|r| r.shared.tally());
+        if let Ok(peers) = self.peer_tallies.lock() {
+            for (at, groups) in peers.values() {
+                if let Some(t) = groups.get(group).filter(|_| at.elapsed() < TALLY_FRESH) {
+                    total.get_or_insert_default().add(t);
+                }
+            }
+        }
+        total
+    }
+}

@@ -1,0 +1,127 @@
+//! Reads on JetStream: scanning a stream by subject and listing KV records by prefix, bounded in
+//! time.
+
+use super::*;
+
+impl JetStreamStorage {
+    /// Messages of `stream` whose subject matches `filter`, at most `limit`, in stream order.
+    pub(super) async fn scan(
+        &self,
+        stream: &Stream,
+        filter: String,
+        limit: usize,
+    ) -> Result<Vec<async_nats::jetstream::Message>, StorageError> {
+        // What exists now is the answer: writes that land during the scan (a hot space, say
+        // cursors being committed) would otherwise keep it going.
+        let last = stream
+            .clone()
+            .info()
+            .await
+            .map_err(|e| js_err("scan", e))?
+            .state
+            .last_sequence;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: filter,
+                deliver_policy: DeliverPolicy::All,
+                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("scan consumer", e))?;
+        if consumer.cached_info().num_pending == 0 || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut messages = consumer.messages().await.map_err(|e| js_err("scan", e))?;
+        let mut out = Vec::new();
+        let collect = async {
+            while let Some(m) = messages.next().await {
+                let m = m.map_err(|e| js_err("scan", e))?;
+                let (pending, seq) = m
+                    .info()
+                    .map(|i| (i.pending, i.stream_sequence))
+                    .unwrap_or((0, last));
+                if seq > last {
+                    break;
+                }
+                out.push(m);
+                if pending == 0 || seq == last || out.len() >= limit {
+                    break;
+                }
+            }
+            Ok::<_, StorageError>(())
+        };
+        tokio::time::timeout(SCAN_TIMEOUT, collect)
+            .await
+            .map_err(|_| js_err("scan", "timed out"))??;
+        Ok(out)
+    }
+
+    /// The records of a space: which subjects exist now (stream info with a subject filter),
+    /// then the last value of each from the stream's leader. A consumer-based listing cannot
+    /// tell, in a space being written, when it has seen everything.
+    pub(super) async fn list_inner(
+        &self,
+        space: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        let filter = format!("$KV.{RECORDS}.{}.*", enc(space));
+        let subjects: Vec<String> = self
+            .records_stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| js_err("list", e))?
+            .map_ok(|(subject, _)| subject)
+            .try_collect()
+            .await
+            .map_err(|e| js_err("list", e))?;
+        let mut wanted = Vec::new();
+        for subject in subjects {
+            let Some(encoded) = subject.rsplit('.').next() else {
+                continue;
+            };
+            let key = dec(encoded)?;
+            if key.starts_with(prefix) {
+                wanted.push((key, subject));
+            }
+        }
+        wanted.sort();
+        let stream = &self.records_stream;
+        let gets = wanted.into_iter().map(|(key, subject)| async move {
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => Ok(Some((key, m))),
+                // Purged since the listing.
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(js_err("list", e)),
+            }
+        });
+        let found: Vec<Option<(String, async_nats::jetstream::message::StreamMessage)>> =
+            futures::stream::iter(gets)
+                .buffered(READ_AHEAD)
+                .try_collect()
+                .await?;
+        let mut out = Vec::new();
+        for (key, m) in found.into_iter().flatten() {
+            let deleted = m
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() != "PUT");
+            if deleted {
+                continue;
+            }
+            out.push((
+                key,
+                Record {
+                    revision: m.sequence,
+                    value: m.payload.to_vec(),
+                },
+            ));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

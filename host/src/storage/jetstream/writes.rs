@@ -1,0 +1,271 @@
+//! Writes on JetStream: appends with their id and key index entries, record writes by revision,
+//! and the intents that make a guarded append (messages and a record in different streams)
+//! finish after a writer died halfway.
+
+use super::*;
+
+impl JetStreamStorage {
+    pub(super) async fn publish_acked(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Vec<u8>,
+    ) -> Result<Result<u64, PublishErrorKind>, StorageError> {
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload.into())
+            .await;
+        let ack = match ack {
+            Ok(future) => future.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(a) => Ok(Ok(a.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Err(e.kind())),
+            Err(e) => Err(js_err("publish", e)),
+        }
+    }
+
+    /// Appends without the closed check, for [`Self::finish_intents`] too.
+    pub(super) async fn append_inner(
+        &self,
+        topic: &str,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Appended>, StorageError> {
+        let mut acks = Vec::with_capacity(messages.len());
+        // Published back to back on one connection: per queue, offsets follow the given order.
+        for m in messages {
+            self.queue_stream(topic, m.queue, true).await?;
+            let payload = rmp_serde::to_vec(m).map_err(|e| StorageError::Encode(e.to_string()))?;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", m.id.to_string().as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject(topic, m.queue), headers, payload.into())
+                .await
+                .map_err(|e| js_err("append", e))?;
+            acks.push(ack);
+        }
+        let mut appended = Vec::with_capacity(messages.len());
+        for (m, ack) in messages.iter().zip(acks) {
+            let ack = match ack.await {
+                Ok(a) => a,
+                Err(e) => {
+                    if e.kind() == PublishErrorKind::StreamNotFound {
+                        // Deleted behind our back: made again on the producer's retry.
+                        self.streams
+                            .lock()
+                            .await
+                            .remove(&(topic.to_string(), m.queue));
+                    }
+                    return Err(js_err("append", e));
+                }
+            };
+            appended.push(Appended {
+                id: m.id,
+                queue: m.queue,
+                offset: ack.sequence.saturating_sub(1),
+            });
+        }
+        // The indexes, before the append is acknowledged: a retry rewrites them idempotently.
+        let mut pending = Vec::new();
+        for (m, a) in messages.iter().zip(&appended) {
+            let location = rmp_serde::to_vec(&Location {
+                topic: topic.to_string(),
+                queue: a.queue,
+                offset: a.offset,
+            })
+            .map_err(|e| StorageError::Encode(e.to_string()))?;
+            let ids = self.ids.clone();
+            let id = m.id.to_string();
+            pending.push(
+                async move {
+                    ids.put(id, location.into())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                .boxed(),
+            );
+            if let Some(key) = &m.key {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{}:k", m.id).as_str());
+                let at = rmp_serde::to_vec(&(a.queue, a.offset))
+                    .map_err(|e| StorageError::Encode(e.to_string()))?;
+                let js = self.js.clone();
+                let subject = format!("wqk.{}.{}", enc(topic), enc(key));
+                pending.push(
+                    async move {
+                        js.publish_with_headers(subject, headers, at.into())
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map(|a| a.sequence)
+                            .map_err(|e| e.to_string())
+                    }
+                    .boxed(),
+                );
+            }
+        }
+        for r in futures::future::join_all(pending).await {
+            r.map_err(|e| js_err("index", e))?;
+        }
+        self.watchers.bump(topic);
+        // Other nodes' watchers; losing one only delays them until their next poll.
+        let _ = self
+            .client
+            .publish(format!("wqn.{}", enc(topic)), bytes::Bytes::new())
+            .await;
+        Ok(appended)
+    }
+
+    pub(super) async fn write_record(
+        &self,
+        space: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        expect: Expect,
+    ) -> Result<u64, StorageError> {
+        let k = record_key(space, key);
+        let subject = format!("$KV.{RECORDS}.{k}");
+        let conflict = || StorageError::Conflict {
+            space: space.to_string(),
+            key: key.to_string(),
+        };
+        let current = || async {
+            self.records
+                .entry(k.clone())
+                .await
+                .map_err(|e| js_err("record", e))
+        };
+        let mut expected = match expect {
+            Expect::Any => None,
+            Expect::Revision(r) => Some(r),
+            Expect::Absent => match current().await? {
+                // A deleted record's marker is its last revision: "absent" means after it.
+                Some(e) if e.operation != kv::Operation::Put => Some(e.revision),
+                Some(_) => return Err(conflict()),
+                None => Some(0),
+            },
+        };
+        loop {
+            let mut headers = HeaderMap::new();
+            if value.is_none() {
+                headers.insert("KV-Operation", "DEL");
+            }
+            if let Some(r) = expected {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    r.to_string().as_str(),
+                );
+            }
+            let payload = value.clone().unwrap_or_default();
+            match self
+                .publish_acked(subject.clone(), headers, payload)
+                .await?
+            {
+                Ok(revision) => return Ok(revision),
+                Err(_) if expect == Expect::Absent => {
+                    // Raced with a delete or create: decide again on what is there now.
+                    match current().await? {
+                        Some(e) if e.operation != kv::Operation::Put => {
+                            if expected == Some(e.revision) {
+                                return Err(conflict());
+                            }
+                            expected = Some(e.revision);
+                        }
+                        _ => return Err(conflict()),
+                    }
+                }
+                Err(_) => return Err(conflict()),
+            }
+        }
+    }
+
+    /// The first half of a guarded append: the intent (naming the messages), then the guard
+    /// record. Returns the intent's id and the guard's revision.
+    pub(super) async fn guard_with_intent(
+        &self,
+        topic: &str,
+        messages: &[NewMessage],
+        guard: RecordWrite,
+    ) -> Result<(String, u64), StorageError> {
+        let intent_id = uuid::Uuid::now_v7().to_string();
+        let intent = rmp_serde::to_vec(&Intent {
+            topic: topic.to_string(),
+            messages: messages.to_vec(),
+            space: guard.space.clone(),
+            key: guard.key.clone(),
+            value: guard.value.clone().unwrap_or_default(),
+        })
+        .map_err(|e| StorageError::Encode(e.to_string()))?;
+        self.write_record(INTENTS, &intent_id, Some(intent), Expect::Absent)
+            .await?;
+        match self
+            .write_record(&guard.space, &guard.key, guard.value, guard.expect)
+            .await
+        {
+            Ok(r) => Ok((intent_id, r)),
+            Err(e) => {
+                self.write_record(INTENTS, &intent_id, None, Expect::Any)
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// A guarded append by a writer that dies after its guard record was written: for tests
+    /// of [`Storage::recover`].
+    #[doc(hidden)]
+    pub async fn guarded_append_dying_halfway(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<u64, StorageError> {
+        self.guard_with_intent(topic, &messages, guard)
+            .await
+            .map(|(_, r)| r)
+    }
+
+    /// Finishes guarded appends older than `age` whose record write happened but whose
+    /// messages a dead node never appended; drops the others. Younger ones may belong to a
+    /// live writer and are left to it. Returns how many were finished or dropped.
+    pub(super) async fn finish_intents(
+        &self,
+        age: std::time::Duration,
+    ) -> Result<usize, StorageError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut done = 0;
+        for (id, record) in self.list_inner(INTENTS, "", usize::MAX).await? {
+            // Intent ids are v7 UUIDs: their time says how old they are.
+            let born = uuid::Uuid::parse_str(&id)
+                .ok()
+                .and_then(|u| u.get_timestamp())
+                .map(|t| {
+                    let (secs, nanos) = t.to_unix();
+                    std::time::Duration::new(secs, nanos)
+                })
+                .unwrap_or_default();
+            if now.saturating_sub(born) < age {
+                continue;
+            }
+            let intent: Intent = rmp_serde::from_slice(&record.value)
+                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            let guard = self.get_record(&intent.space, &intent.key).await?;
+            if guard.is_some_and(|g| g.value == intent.value) {
+                let mut missing = Vec::new();
+                for m in intent.messages {
+                    if self.message_by_id(m.id).await?.is_none() {
+                        missing.push(m);
+                    }
+                }
+                self.append_inner(&intent.topic, &missing).await?;
+            }
+            self.write_record(INTENTS, &id, None, Expect::Any).await?;
+            done += 1;
+        }
+        Ok(done)
+    }
+}

@@ -1,0 +1,462 @@
+//! The single writer thread: group commit (one WriteBatch and one fsync for every write that
+//! arrives together), offset and revision assignment, and the reopen after an I/O error.
+
+use super::*;
+
+pub(super) enum WriteOp {
+    Append {
+        topic: String,
+        messages: Vec<Encoded>,
+        /// A record write that must succeed for the append to happen (and happens with it).
+        guard: Option<RecordWrite>,
+        reply: oneshot::Sender<Result<AppendResult, StorageError>>,
+    },
+    PutBlob {
+        key: String,
+        value: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
+    PutRecord {
+        space: String,
+        key: String,
+        value: Option<Vec<u8>>,
+        expect: Expect,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
+}
+
+impl WriteOp {
+    /// Answers the op with `e` without writing it.
+    fn refuse(self, e: StorageError) {
+        let _ = match self {
+            WriteOp::Append { reply, .. } => reply.send(Err(e)).map_err(drop),
+            WriteOp::PutBlob { reply, .. } | WriteOp::PutRecord { reply, .. } => {
+                reply.send(Err(e)).map_err(drop)
+            }
+        };
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            WriteOp::Append { messages, .. } => messages.iter().map(|m| m.value.len() + 64).sum(),
+            WriteOp::PutRecord { value, .. } | WriteOp::PutBlob { value, .. } => {
+                value.as_ref().map_or(0, Vec::len) + 64
+            }
+        }
+    }
+}
+
+/// The single writer: owns offset assignment and record revisions, so neither needs a lock.
+pub(super) struct Writer {
+    pub(super) slot: Arc<Slot>,
+    /// The writer's handle on the open database; `None` after an I/O error until a reopen
+    /// succeeds (tried again no sooner than `next_reopen`).
+    pub(super) db: Option<Arc<DB>>,
+    pub(super) next_reopen: Instant,
+    pub(super) sync: bool,
+    pub(super) committed: HighWater,
+    pub(super) shared: Arc<RwLock<HighWater>>,
+    pub(super) watchers: Arc<Watchers>,
+    pub(super) last_revision: u64,
+    /// The store time given to the last group commit's messages: never decreasing, so every
+    /// queue's store times are in offset order (what a reset to a time searches by).
+    pub(super) last_stored_at: u64,
+    pub(super) stats: Arc<WriterStats>,
+}
+
+/// What an append replies: where the messages went, and the guard record's new revision.
+pub(super) type AppendResult = (Vec<Appended>, Option<u64>);
+
+pub(super) enum Reply {
+    Append(
+        oneshot::Sender<Result<AppendResult, StorageError>>,
+        AppendResult,
+    ),
+    Record(oneshot::Sender<Result<u64, StorageError>>, u64),
+}
+
+impl Writer {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync);
+        while let Some(first) = rx.blocking_recv() {
+            // Everything that queued up while the last batch was being fsynced joins this one.
+            let mut bytes = first.size();
+            let mut ops = vec![first];
+            while ops.len() < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.size();
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let db = match self.open() {
+                Ok(db) => db,
+                Err(e) => {
+                    for op in ops {
+                        op.refuse(e.clone());
+                    }
+                    continue;
+                }
+            };
+            if self.commit_group(&db, ops, &wo) && !still_writable(&db) {
+                drop(db);
+                self.reopen();
+            }
+        }
+    }
+
+    /// The open database, reopening it first if an I/O error closed it (at most once per
+    /// [`REOPEN_BACKOFF`]; until then writes are refused as `Unavailable`).
+    fn open(&mut self) -> Result<Arc<DB>, StorageError> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        if Instant::now() < self.next_reopen {
+            return Err(StorageError::Unavailable(
+                "the database could not be reopened after an I/O error; retrying".into(),
+            ));
+        }
+        self.reopen();
+        self.db.clone().ok_or_else(|| {
+            StorageError::Unavailable(
+                "the database could not be reopened after an I/O error".into(),
+            )
+        })
+    }
+
+    /// Closes the database and opens it again, recovering high water, revisions and store time
+    /// from what is on disk (a group commit answered with an error may have reached the WAL, so
+    /// the database, not the writer's memory, says what exists).
+    fn reopen(&mut self) {
+        self.db = None;
+        self.slot.close();
+        let opened = open_db(&self.slot.dir).and_then(|db| {
+            let (committed, stored_at) = recover_high_water(&db)?;
+            let revision = read_last_revision(&db)?;
+            Ok((db, committed, stored_at, revision))
+        });
+        match opened {
+            Ok((db, committed, stored_at, revision)) => {
+                let db = Arc::new(db);
+                self.last_revision = revision;
+                self.last_stored_at = self.last_stored_at.max(stored_at);
+                let changed: HighWater = committed
+                    .iter()
+                    .filter(|(topic, queues)| self.committed.get(*topic) != Some(*queues))
+                    .map(|(t, q)| (t.clone(), q.clone()))
+                    .collect();
+                self.committed = committed;
+                self.publish_high_water(changed);
+                self.slot.put(db.clone());
+                self.db = Some(db);
+                tracing::warn!("storage reopened after an I/O error; writes resume");
+            }
+            Err(e) => {
+                self.next_reopen = Instant::now() + REOPEN_BACKOFF;
+                tracing::error!(error = %e, "reopening storage failed; retrying");
+            }
+        }
+    }
+
+    /// Commits `ops` as one write batch; returns whether the write itself failed (every op was
+    /// answered with the error).
+    fn commit_group(&mut self, db: &DB, ops: Vec<WriteOp>, wo: &WriteOptions) -> bool {
+        let mut batch = WriteBatch::default();
+        let mut staged: HighWater = HashMap::new();
+        // Revision (None = deleted) of records written earlier in this same group.
+        let mut staged_records: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
+        let mut revision = self.last_revision;
+        let stored_at = crate::base::now_ms().max(self.last_stored_at);
+        self.last_stored_at = stored_at;
+        let mut replies = Vec::with_capacity(ops.len());
+        let mut appended = 0u64;
+        for op in ops {
+            match op {
+                WriteOp::Append {
+                    topic,
+                    messages,
+                    guard,
+                    reply,
+                } => {
+                    // The guard's condition is checked before anything is staged, and written
+                    // only if the messages could be staged: both land, or neither.
+                    if let Some(g) = &guard
+                        && let Err(e) = self.check_record(db, &staged_records, g)
+                    {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                    match self.stage_append(
+                        db,
+                        &mut batch,
+                        &mut staged,
+                        &topic,
+                        &messages,
+                        stored_at,
+                    ) {
+                        Ok(done) => {
+                            let rev = match &guard {
+                                Some(g) => match self.write_record(
+                                    db,
+                                    &mut batch,
+                                    &mut staged_records,
+                                    &mut revision,
+                                    g,
+                                ) {
+                                    Ok(r) => Some(r),
+                                    Err(e) => {
+                                        let _ = reply.send(Err(e));
+                                        continue;
+                                    }
+                                },
+                                None => None,
+                            };
+                            appended += done.len() as u64;
+                            replies.push(Reply::Append(reply, (done, rev)));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                WriteOp::PutBlob { key, value, reply } => {
+                    let Ok(blobs) = cf(db, CF_BLOBS) else {
+                        let _ = reply.send(Err(StorageError::Corrupt("no blobs CF".into())));
+                        continue;
+                    };
+                    match value {
+                        Some(v) => batch.put_cf(blobs, key.as_bytes(), v),
+                        None => batch.delete_cf(blobs, key.as_bytes()),
+                    }
+                    replies.push(Reply::Record(reply, 0));
+                }
+                WriteOp::PutRecord {
+                    space,
+                    key,
+                    value,
+                    expect,
+                    reply,
+                } => {
+                    let w = RecordWrite {
+                        space,
+                        key,
+                        value,
+                        expect,
+                    };
+                    let result = self.check_record(db, &staged_records, &w).and_then(|()| {
+                        self.write_record(db, &mut batch, &mut staged_records, &mut revision, &w)
+                    });
+                    match result {
+                        Ok(rev) => replies.push(Reply::Record(reply, rev)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+        if replies.is_empty() {
+            return false;
+        }
+        if revision != self.last_revision {
+            batch.put(LAST_REVISION, revision.to_be_bytes());
+        }
+        let started = std::time::Instant::now();
+        let written = db.write_opt(batch, wo);
+        self.stats
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.stats.group_ops.observe(replies.len() as f64);
+        match written {
+            Ok(()) => {
+                self.last_revision = revision;
+                self.publish_high_water(staged);
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .ops
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                self.stats.messages.fetch_add(appended, Ordering::Relaxed);
+                for r in replies {
+                    let _ = match r {
+                        Reply::Append(tx, v) => tx.send(Ok(v)).map_err(drop),
+                        Reply::Record(tx, v) => tx.send(Ok(v)).map_err(drop),
+                    };
+                }
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "group commit failed");
+                for r in replies {
+                    let err = StorageError::Rocks(e.clone());
+                    let _ = match r {
+                        Reply::Append(tx, _) => tx.send(Err(err)).map_err(drop),
+                        Reply::Record(tx, _) => tx.send(Err(err)).map_err(drop),
+                    };
+                }
+                true
+            }
+        }
+    }
+
+    /// Whether `w.expect` holds, seeing writes staged earlier in this group.
+    fn check_record(
+        &self,
+        db: &DB,
+        staged: &HashMap<Vec<u8>, Option<u64>>,
+        w: &RecordWrite,
+    ) -> Result<(), StorageError> {
+        let k = keys::record(&w.space, &w.key);
+        let current = match staged.get(&k) {
+            Some(rev) => *rev,
+            None => current_revision(db, &k)?,
+        };
+        let ok = match w.expect {
+            Expect::Any => true,
+            Expect::Absent => current.is_none(),
+            Expect::Revision(r) => current == Some(r),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StorageError::Conflict {
+                space: w.space.clone(),
+                key: w.key.clone(),
+            })
+        }
+    }
+
+    /// Stages a checked record write under the next revision; returns that revision.
+    fn write_record(
+        &self,
+        db: &DB,
+        batch: &mut WriteBatch,
+        staged: &mut HashMap<Vec<u8>, Option<u64>>,
+        revision: &mut u64,
+        w: &RecordWrite,
+    ) -> Result<u64, StorageError> {
+        let records = cf(db, CF_RECORDS)?;
+        let k = keys::record(&w.space, &w.key);
+        *revision += 1;
+        match &w.value {
+            Some(v) => batch.put_cf(records, &k, keys::record_value(*revision, v)),
+            None => batch.delete_cf(records, &k),
+        }
+        staged.insert(k, w.value.as_ref().map(|_| *revision));
+        Ok(*revision)
+    }
+
+    /// Assigns offsets and adds the message, id and key entries to the batch.
+    fn stage_append(
+        &self,
+        db: &DB,
+        batch: &mut WriteBatch,
+        staged: &mut HighWater,
+        topic: &str,
+        messages: &[Encoded],
+        stored_at: u64,
+    ) -> Result<Vec<Appended>, StorageError> {
+        let (cf_messages, cf_ids, cf_keys) =
+            (cf(db, CF_MESSAGES)?, cf(db, CF_IDS)?, cf(db, CF_KEYS)?);
+        let next = staged
+            .entry(topic.to_string())
+            .or_insert_with(|| self.committed.get(topic).cloned().unwrap_or_default());
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            let q = m.queue as usize;
+            if next.len() <= q {
+                next.resize(q + 1, 0);
+            }
+            let offset = next[q];
+            next[q] += 1;
+            let location = keys::message(topic, m.queue, offset);
+            let mut value = Vec::with_capacity(m.value.len() + 8);
+            value.extend_from_slice(&m.value);
+            value.extend_from_slice(&stored_at.to_be_bytes());
+            batch.put_cf(cf_messages, &location, &value);
+            batch.put_cf(cf_ids, keys::id(&m.id), &location);
+            if let Some(key) = &m.key {
+                batch.put_cf(cf_keys, keys::business_key(topic, key, m.queue, offset), []);
+            }
+            out.push(Appended {
+                id: m.id,
+                queue: m.queue,
+                offset,
+            });
+        }
+        Ok(out)
+    }
+
+    fn publish_high_water(&mut self, staged: HighWater) {
+        if staged.is_empty() {
+            return;
+        }
+        let mut shared = match self.shared.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (topic, queues) in staged {
+            self.watchers.bump(&topic);
+            shared.insert(topic.clone(), queues.clone());
+            self.committed.insert(topic, queues);
+        }
+    }
+}
+
+/// The open database, shared by the writer and readers. Empty while the writer reopens it: after
+/// a failed WAL or table-file creation RocksDB stops taking writes (a background error) until the
+/// database is closed and opened again, and it can only be opened once it is closed.
+pub(super) struct Slot {
+    pub(super) dir: PathBuf,
+    pub(super) db: RwLock<Option<Arc<DB>>>,
+}
+
+impl Slot {
+    /// The database, or [`StorageError::Unavailable`] while it is being reopened.
+    pub(super) fn get(&self) -> Result<Arc<DB>, StorageError> {
+        let guard = match self.db.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.clone().ok_or_else(|| {
+            StorageError::Unavailable("reopening the database after an I/O error".into())
+        })
+    }
+
+    /// Takes the database out (readers now get `Unavailable`) and closes it once the reads
+    /// holding it have finished.
+    fn close(&self) {
+        let taken = match self.db.write() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(mut db) = taken else { return };
+        let started = Instant::now();
+        let mut warned = false;
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    drop(db);
+                    return;
+                }
+                Err(held) => {
+                    db = held;
+                    if !warned && started.elapsed() > Duration::from_secs(5) {
+                        tracing::warn!("reads still hold the database after 5 s; waiting");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    fn put(&self, db: Arc<DB>) {
+        match self.db.write() {
+            Ok(mut g) => *g = Some(db),
+            Err(poisoned) => *poisoned.into_inner() = Some(db),
+        }
+    }
+}

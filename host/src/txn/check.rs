@@ -1,0 +1,170 @@
+//! The check-back loop: pending transactions asked of their topic's checker plugin when due,
+//! at most `PARALLEL_CHECKS` at once, parked as unresolved after `max_checks`.
+
+use super::*;
+
+impl Transactions {
+    /// Runs due checks until `cancel`; checks in progress finish first.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            let now = now_ms();
+            let next = self
+                .schedule
+                .lock()
+                .ok()
+                .and_then(|s| s.first().map(|(at, _)| *at));
+            let due = next.is_some_and(|at| at <= now) && running.len() < PARALLEL_CHECKS;
+            if due {
+                let popped = self.schedule.lock().ok().and_then(|mut s| s.pop_first());
+                if let Some((_, id)) = popped {
+                    let me = self.clone();
+                    running.spawn(async move {
+                        if let Err(e) = me.check(&id).await {
+                            tracing::error!(txn = %id, error = %e, "transaction check failed");
+                            me.schedule(now_ms().saturating_add(1000), &id);
+                        }
+                    });
+                }
+                continue;
+            }
+            let sleep = match next {
+                Some(at) if at > now => std::time::Duration::from_millis(at - now),
+                _ => std::time::Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep), if running.len() < PARALLEL_CHECKS => {}
+                Some(_) = running.join_next() => {}
+                _ = self.wake.notified() => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Asks the checker about one transaction, if it is still pending and due.
+    pub(super) async fn check(&self, id: &str) -> Result<(), TxnError> {
+        let (t, _) = self.load(id).await?;
+        // Decided (or parked) transactions are never checked; a stale schedule entry is dropped.
+        if t.state != TxnState::Pending {
+            return Ok(());
+        }
+        if t.next_check_at > now_ms() {
+            self.schedule(t.next_check_at, id);
+            return Ok(());
+        }
+        let answer = self.ask_checker(&t).await;
+        match answer {
+            Ok(CheckResult::Commit) => match self.commit(id, "checker").await {
+                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Ok(CheckResult::Rollback) => match self.rollback(id, "checker").await {
+                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Ok(CheckResult::Unknown) | Err(_) => {
+                let detail = match &answer {
+                    Err(e) => e.clone(),
+                    _ => "the checker does not know yet".to_string(),
+                };
+                let t = self
+                    .update(id, |t| {
+                        if t.state != TxnState::Pending {
+                            return Ok(false);
+                        }
+                        t.checks += 1;
+                        t.log("checked: unknown", Some(detail.clone()));
+                        if t.checks >= t.max_checks {
+                            t.state = TxnState::Unresolved;
+                            t.next_check_at = 0;
+                            t.log(
+                                "unresolved",
+                                Some(format!(
+                                    "{} checks gave no answer; an operator must decide",
+                                    t.checks
+                                )),
+                            );
+                        } else {
+                            t.next_check_at = now_ms().saturating_add(t.check_interval_ms);
+                        }
+                        Ok(true)
+                    })
+                    .await?;
+                if t.state == TxnState::Pending {
+                    self.schedule(t.next_check_at, id);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Calls the topic checker's `check-transaction`; any failure reads as "unknown".
+    pub(super) async fn ask_checker(&self, t: &TxnRecord) -> Result<CheckResult, String> {
+        let topic = self
+            .broker
+            .topic_loaded(&t.topic)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(plugin) = topic.transaction_checker else {
+            return Err(format!("topic {} has no transaction_checker", t.topic));
+        };
+        let (version, code) = self
+            .plugins
+            .code(&plugin, None)
+            .await
+            .map_err(|e: PluginError| e.to_string())?;
+        if !code.has_checker() {
+            return Err(format!("plugin {plugin} does not export check-transaction"));
+        }
+        // Instances are reused per plugin version and topic (whose config and grants they carry).
+        let key = (format!("{plugin}|{}", t.topic), version.version);
+        let idle = self.idle.lock().await.get_mut(&key).and_then(Vec::pop);
+        let mut instance = match idle {
+            Some(i) => i,
+            None => {
+                let ctx = InstanceContext {
+                    plugin: plugin.clone(),
+                    version: version.version,
+                    group: format!("txn-checker:{}", t.topic),
+                    member: "checker".into(),
+                    instance_index: 0,
+                    instance_count: 1,
+                    config_json: self
+                        .broker
+                        .secrets()
+                        .resolve(
+                            &topic
+                                .transaction_checker_config
+                                .clone()
+                                .unwrap_or_else(|| serde_json::json!({})),
+                        )
+                        .map_err(|e| format!("transaction_checker_config: {e}"))?
+                        .to_string(),
+                    grants: topic.transaction_checker_grants.to_grants()?,
+                    limits: version.limits,
+                    services: self.broker.clone(),
+                };
+                self.plugins
+                    .runtime()
+                    .instantiate(&code, Arc::new(ctx))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let Some(m) = &t.message else {
+            return Err("the half message is gone".into());
+        };
+        let message = Message::of(&t.topic, 0, m, t.checks + 1);
+        let result = instance.check_transaction(&message).await;
+        if instance.is_usable() {
+            self.idle
+                .lock()
+                .await
+                .entry(key)
+                .or_default()
+                .push(instance);
+        }
+        result.map_err(|e| e.to_string())
+    }
+}
