@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
-use serde_json::{Value, json};
 
 use crate::base::now_ms;
 use crate::broker::{Broker, BrokerError};
@@ -24,7 +23,9 @@ use crate::storage::{Expect, Storage, StorageError};
 use runner::Runner;
 pub use spec::{Mode, Start, SubscriptionSpec};
 use state::{DeadLetter, SubState, SubscriptionRecord, Timer, TimerKind};
-pub use status::DeadLetterView;
+pub use status::{
+    DeadLetterView, DeliveryCounters, InstanceStatus, QueueStatus, SubscriptionStatus,
+};
 pub use tally::Tally;
 
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +226,7 @@ impl Dispatcher {
         &self,
         group: &str,
         spec: SubscriptionSpec,
-    ) -> Result<(Value, bool), DispatchError> {
+    ) -> Result<(SubscriptionStatus, bool), DispatchError> {
         validate_group(group)?;
         spec.validate().map_err(DispatchError::Invalid)?;
         self.env
@@ -276,7 +277,11 @@ impl Dispatcher {
         Ok((self.status(group).await?, existing.is_none()))
     }
 
-    async fn set_state(&self, group: &str, state: SubState) -> Result<Value, DispatchError> {
+    async fn set_state(
+        &self,
+        group: &str,
+        state: SubState,
+    ) -> Result<SubscriptionStatus, DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         self.halt(group).await;
@@ -290,17 +295,17 @@ impl Dispatcher {
         self.status(group).await
     }
 
-    pub async fn pause(&self, group: &str) -> Result<Value, DispatchError> {
+    pub async fn pause(&self, group: &str) -> Result<SubscriptionStatus, DispatchError> {
         self.set_state(group, SubState::Paused).await
     }
 
-    pub async fn resume(&self, group: &str) -> Result<Value, DispatchError> {
+    pub async fn resume(&self, group: &str) -> Result<SubscriptionStatus, DispatchError> {
         self.set_state(group, SubState::Running).await
     }
 
     /// Moves every offset of the group to `to` (replay, or skip ahead); pending delays and
     /// retries are dropped, dead letters kept.
-    pub async fn reset(&self, group: &str, to: Start) -> Result<Value, DispatchError> {
+    pub async fn reset(&self, group: &str, to: Start) -> Result<SubscriptionStatus, DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         self.halt(group).await;

@@ -14,8 +14,74 @@ pub struct DeadLetterView {
     pub entry: DeadLetter,
 }
 
+/// `GET /v1/subscriptions/{group}`: the spec and state, offsets and lag per queue (per
+/// broadcast instance for broadcast), timers, dead letters, and delivery counters while it runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionStatus {
+    pub group: String,
+    pub state: SubState,
+    pub spec: SubscriptionSpec,
+    /// ms since the epoch.
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// Messages not yet done, summed over queues (and instances).
+    pub lag: u64,
+    pub pending_timers: usize,
+    /// Entries in the dead-letter queue.
+    pub dlq: usize,
+    /// Broadcast: each instance with its own offsets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Vec<InstanceStatus>>,
+    /// Clustering: the one shared offset per queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queues: Option<Vec<QueueStatus>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin_version: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counters: Option<DeliveryCounters>,
+}
+
+/// One broadcast instance (or the one member of a clustering subscription).
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    pub instance: u32,
+    pub lag: u64,
+    pub pending_timers: usize,
+    pub queues: Vec<QueueStatus>,
+}
+
+/// One queue of a member: committed offset (everything before it is done), high water, lag.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStatus {
+    pub queue: u32,
+    pub committed: u64,
+    pub high_water: u64,
+    pub lag: u64,
+    /// Ordered delivery: attempts spent on the message at the head of the queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_attempts: Option<u32>,
+    /// Ordered delivery: when the head's next attempt is due (ms since the epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<u64>,
+    /// Shared storage: the node running this queue (or instance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// Deliveries since the runner started (summed over nodes on shared storage).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DeliveryCounters {
+    pub delivered: u64,
+    pub acked: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub failed: u64,
+}
+
 impl Dispatcher {
-    pub async fn list(&self) -> Result<Vec<Value>, DispatchError> {
+    pub async fn list(&self) -> Result<Vec<SubscriptionStatus>, DispatchError> {
         let mut out = Vec::new();
         for (group, _) in storage(&self.env)
             .list_records(state::SUB_SPACE, "", usize::MAX)
@@ -27,7 +93,7 @@ impl Dispatcher {
     }
 
     /// The spec, state, offsets and lag per queue (and per instance for broadcast), counters.
-    pub async fn status(&self, group: &str) -> Result<Value, DispatchError> {
+    pub async fn status(&self, group: &str) -> Result<SubscriptionStatus, DispatchError> {
         let record = self.record(group).await?;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         let high_water = self.env.broker.high_water(&topic).await?;
@@ -68,22 +134,20 @@ impl Dispatcher {
                 };
                 let l = hw.saturating_sub(committed);
                 lag += l;
-                let mut v = json!({"queue": q, "committed": committed, "high_water": hw, "lag": l});
-                if head_attempts > 0 {
-                    v["blocked_attempts"] = json!(head_attempts);
-                }
-                if head_due > 0 {
-                    v["retry_at"] = json!(head_due);
-                }
                 let unit = if broadcast {
                     share::UnitKey::Instance(i)
                 } else {
                     share::UnitKey::Queue(q as u32)
                 };
-                if let Some(node) = owners.get(&share::lease_key(group, unit)) {
-                    v["node"] = json!(node);
-                }
-                queues.push(v);
+                queues.push(QueueStatus {
+                    queue: q as u32,
+                    committed,
+                    high_water: *hw,
+                    lag: l,
+                    blocked_attempts: (head_attempts > 0).then_some(head_attempts),
+                    retry_at: (head_due > 0).then_some(head_due),
+                    node: owners.get(&share::lease_key(group, unit)).cloned(),
+                });
             }
             total_lag += lag;
             let pending = match live {
@@ -94,41 +158,47 @@ impl Dispatcher {
                     .len(),
             };
             timers += pending;
-            member_views.push(
-                json!({"instance": i, "lag": lag, "pending_timers": pending, "queues": queues}),
-            );
+            member_views.push(InstanceStatus {
+                instance: i,
+                lag,
+                pending_timers: pending,
+                queues,
+            });
         }
         let dlq = storage(&self.env)
             .list_records(&state::dlq_space(group), "", usize::MAX)
             .await?
             .len();
-        let mut v = json!({
-            "group": group,
-            "state": record.state,
-            "spec": record.spec,
-            "created_at": record.created_at,
-            "updated_at": record.updated_at,
-            "lag": total_lag,
-            "pending_timers": timers,
-            "dlq": dlq,
-        });
-        if broadcast {
-            v["instances"] = Value::Array(member_views);
-        } else if let Some(m) = member_views.pop() {
-            v["queues"] = m["queues"].clone();
-        }
-        if let Some(t) = self.tally(group, runner) {
-            v["plugin_version"] = json!(t.plugin_version);
-            v["in_flight"] = json!(t.in_flight);
-            v["counters"] = json!({
-                "delivered": t.delivered,
-                "acked": t.acked,
-                "retried": t.retried,
-                "dead_lettered": t.dead_lettered,
-                "failed": t.failed,
-            });
-        }
-        Ok(v)
+        let tally = self.tally(group, runner);
+        let (instances, queues) = if broadcast {
+            (Some(member_views), None)
+        } else {
+            (
+                None,
+                Some(member_views.pop().map(|m| m.queues).unwrap_or_default()),
+            )
+        };
+        Ok(SubscriptionStatus {
+            group: group.to_string(),
+            state: record.state,
+            spec: record.spec,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+            lag: total_lag,
+            pending_timers: timers,
+            dlq,
+            instances,
+            queues,
+            plugin_version: tally.map(|t| t.plugin_version),
+            in_flight: tally.map(|t| t.in_flight),
+            counters: tally.map(|t| DeliveryCounters {
+                delivered: t.delivered,
+                acked: t.acked,
+                retried: t.retried,
+                dead_lettered: t.dead_lettered,
+                failed: t.failed,
+            }),
+        })
     }
 
     /// Dead letters, oldest first, after the key `after` (for paging).

@@ -78,35 +78,33 @@ async fn scrape_state(
     let dlq: Family<GroupLabel, Gauge> = Family::default();
     let timers: Family<GroupLabel, Gauge> = Family::default();
     for sub in dispatcher.list().await? {
-        let group = sub["group"].as_str().unwrap_or_default().to_string();
-        let topic = sub["spec"]["topic"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let members: Vec<(String, &serde_json::Value)> = match sub["instances"].as_array() {
+        let members: Vec<(String, &[crate::dispatch::QueueStatus])> = match &sub.instances {
             Some(instances) => instances
                 .iter()
-                .map(|i| (i["instance"].to_string(), &i["queues"]))
+                .map(|i| (i.instance.to_string(), i.queues.as_slice()))
                 .collect(),
-            None => vec![(String::new(), &sub["queues"])],
+            None => vec![(String::new(), sub.queues.as_deref().unwrap_or_default())],
         };
         for (instance, queues) in members {
-            for q in queues.as_array().into_iter().flatten() {
+            for q in queues {
                 let labels = LagLabels {
-                    group: group.clone(),
-                    topic: topic.clone(),
-                    queue: q["queue"].as_u64().unwrap_or(0) as u32,
+                    group: sub.group.clone(),
+                    topic: sub.spec.topic.clone(),
+                    queue: q.queue,
                     instance: instance.clone(),
                 };
                 lag.get_or_create(&labels)
-                    .set(q["lag"].as_i64().unwrap_or(0));
+                    .set(i64::try_from(q.lag).unwrap_or(i64::MAX));
             }
         }
-        let g = GroupLabel { group };
-        dlq.get_or_create(&g).set(sub["dlq"].as_i64().unwrap_or(0));
+        let g = GroupLabel {
+            group: sub.group.clone(),
+        };
+        dlq.get_or_create(&g)
+            .set(i64::try_from(sub.dlq).unwrap_or(i64::MAX));
         timers
             .get_or_create(&g)
-            .set(sub["pending_timers"].as_i64().unwrap_or(0));
+            .set(i64::try_from(sub.pending_timers).unwrap_or(i64::MAX));
     }
     r.register(
         "wasmq_subscription_lag",

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, detached, parse_json, read_body};
-use crate::dispatch::{DeadLetterView, Start, SubscriptionSpec};
+use crate::dispatch::{DeadLetterView, Start, SubscriptionSpec, SubscriptionStatus};
 
 const MAX_SPEC_BODY: usize = 256 * 1024;
 
@@ -18,7 +18,7 @@ pub async fn put(
     State(state): State<AppState>,
     Path(group): Path<String>,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<SubscriptionStatus>), ApiError> {
     let bytes = read_body(body, MAX_SPEC_BODY).await?;
     let spec: SubscriptionSpec = parse_json(&bytes)?;
     let d = state.dispatcher.clone();
@@ -36,14 +36,20 @@ pub async fn put(
 pub async fn show(
     State(state): State<AppState>,
     Path(group): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SubscriptionStatus>, ApiError> {
     Ok(Json(state.dispatcher.status(&group).await?))
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        json!({ "subscriptions": state.dispatcher.list().await? }),
-    ))
+/// `GET /v1/subscriptions`.
+#[derive(serde::Serialize)]
+pub struct SubscriptionList {
+    subscriptions: Vec<SubscriptionStatus>,
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<SubscriptionList>, ApiError> {
+    Ok(Json(SubscriptionList {
+        subscriptions: state.dispatcher.list().await?,
+    }))
 }
 
 pub async fn delete(
@@ -59,7 +65,7 @@ pub async fn delete(
 pub async fn pause(
     State(state): State<AppState>,
     Path(group): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SubscriptionStatus>, ApiError> {
     let d = state.dispatcher.clone();
     Ok(Json(
         detached(async move { Ok(d.pause(&group).await?) }).await?,
@@ -69,7 +75,7 @@ pub async fn pause(
 pub async fn resume(
     State(state): State<AppState>,
     Path(group): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SubscriptionStatus>, ApiError> {
     let d = state.dispatcher.clone();
     Ok(Json(
         detached(async move { Ok(d.resume(&group).await?) }).await?,
@@ -88,7 +94,7 @@ pub async fn reset(
     State(state): State<AppState>,
     Path(group): Path<String>,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SubscriptionStatus>, ApiError> {
     let bytes = read_body(body, MAX_SPEC_BODY).await?;
     let req: ResetRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         ResetRequest::default()
