@@ -145,6 +145,7 @@ async fn serve(
             .with_secrets(config.secrets.clone()),
     );
     let capabilities = Arc::new(Capabilities::new(config)?);
+    let logs = capabilities.logs.clone();
     let runtime = Arc::new(Runtime::new(
         RuntimeConfig {
             timeout_ms: config.plugins.timeout_ms,
@@ -184,11 +185,7 @@ async fn serve(
     let checker = if shared {
         // Every node's log view holds the lines of all nodes' plugin instances, and every
         // node's status counts what all nodes delivered.
-        plugins.runtime().capabilities().logs.share(
-            node.id.clone(),
-            storage.clone(),
-            checks.clone(),
-        );
+        logs.share(node.id.clone(), storage.clone(), checks.clone());
         tokio::spawn(dispatcher.clone().listen_tallies(checks.clone()));
         // Each node runs the subscription queues it holds leases for, and one of them the
         // check-backs; work moves when a node dies.
@@ -208,6 +205,7 @@ async fn serve(
     let app = http::app(http::AppState {
         broker,
         plugins,
+        logs,
         dispatcher: dispatcher.clone(),
         transactions,
         node: node.clone(),

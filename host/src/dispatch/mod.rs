@@ -46,15 +46,19 @@ pub enum DispatchError {
     Storage(#[from] StorageError),
 }
 
-/// The services a runner needs.
+/// What dispatch works with: the broker (topics, publish), the plugin catalogue, and the storage
+/// that keeps subscriptions, cursors, timers and dead letters (passed, not reached through the
+/// broker).
 #[derive(Clone)]
-pub struct Env {
+pub struct Handles {
     pub broker: Arc<Broker>,
     pub plugins: Arc<Plugins>,
+    /// Where subscriptions, cursors, timers and dead letters are kept (the broker's storage).
+    pub storage: Arc<dyn Storage>,
 }
 
 pub struct Dispatcher {
-    env: Env,
+    env: Handles,
     runners: tokio::sync::Mutex<HashMap<String, Runner>>,
     /// Control changes (create, update, pause, resume, reset, redrive, delete, refresh) take it
     /// shared, each with its group's lock, so changes of different subscriptions never wait on
@@ -108,10 +112,6 @@ impl Drop for GroupGuard<'_> {
     }
 }
 
-fn storage(env: &Env) -> &Arc<dyn Storage> {
-    env.broker.storage()
-}
-
 pub fn validate_group(group: &str) -> Result<(), DispatchError> {
     crate::base::check_name(group).map_err(DispatchError::BadName)
 }
@@ -127,7 +127,11 @@ impl Dispatcher {
     /// A dispatcher alone on its storage: it runs every subscription.
     pub fn new(broker: Arc<Broker>, plugins: Arc<Plugins>) -> Self {
         Self {
-            env: Env { broker, plugins },
+            env: Handles {
+                storage: broker.storage().clone(),
+                broker,
+                plugins,
+            },
             runners: Default::default(),
             control: Default::default(),
             group_locks: Default::default(),
@@ -194,10 +198,7 @@ impl Dispatcher {
 
     async fn record(&self, group: &str) -> Result<SubscriptionRecord, DispatchError> {
         validate_group(group)?;
-        match storage(&self.env)
-            .get_record(state::SUB_SPACE, group)
-            .await?
-        {
+        match self.env.storage.get_record(state::SUB_SPACE, group).await? {
             Some(r) => Ok(state::decode(group, &r)?),
             None => Err(DispatchError::Unknown(group.to_string())),
         }
@@ -211,7 +212,7 @@ impl Dispatcher {
 
     async fn save(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
         state::put(
-            storage(&self.env).as_ref(),
+            self.env.storage.as_ref(),
             state::SUB_SPACE,
             &record.group,
             record,
@@ -268,7 +269,7 @@ impl Dispatcher {
         self.halt(group).await;
         // Offsets first: whichever node runs the subscription finds them all where `start` says.
         let queues = self.env.broker.topic(&record.spec.topic)?.queues;
-        runner::ensure_cursors(storage(&self.env).as_ref(), &record, queues).await?;
+        runner::ensure_cursors(self.env.storage.as_ref(), &record, queues).await?;
         self.save(&record).await?;
         if record.state == SubState::Running {
             self.start_group(&record).await?;
@@ -309,7 +310,7 @@ impl Dispatcher {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         self.halt(group).await;
-        let store = storage(&self.env);
+        let store = &self.env.storage;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         state::clear(store.as_ref(), &state::timer_space(group), "").await?;
         let broadcast = record.spec.mode == Mode::Broadcast;
@@ -346,7 +347,7 @@ impl Dispatcher {
         let _g = self.lock_group(group).await;
         self.record(group).await?;
         self.halt(group).await;
-        let store = storage(&self.env);
+        let store = &self.env.storage;
         for space in [
             state::cursor_space(group),
             state::timer_space(group),
@@ -363,7 +364,9 @@ impl Dispatcher {
     /// The grants of every subscription of `plugin` (what admins allowed it).
     pub async fn plugin_grants(&self, plugin: &str) -> Result<Vec<spec::GrantSpec>, DispatchError> {
         let mut out = Vec::new();
-        for (group, r) in storage(&self.env)
+        for (group, r) in self
+            .env
+            .storage
             .list_records(state::SUB_SPACE, "", usize::MAX)
             .await?
         {
@@ -377,7 +380,9 @@ impl Dispatcher {
 
     /// The subscription using a plugin, if any (a used plugin cannot be deleted).
     pub async fn plugin_user(&self, plugin: &str) -> Result<Option<String>, DispatchError> {
-        for (group, r) in storage(&self.env)
+        for (group, r) in self
+            .env
+            .storage
             .list_records(state::SUB_SPACE, "", usize::MAX)
             .await?
         {

@@ -17,7 +17,9 @@ impl Dispatcher {
             return Ok(());
         }
         let mut wanted = HashMap::new();
-        for (group, r) in storage(&self.env)
+        for (group, r) in self
+            .env
+            .storage
             .list_records(state::SUB_SPACE, "", usize::MAX)
             .await?
         {
@@ -90,7 +92,9 @@ impl Dispatcher {
         let mut by_topic: HashMap<String, Vec<Vec<u64>>> = HashMap::new();
         for (group, (record, queues)) in wanted {
             let mut members: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
-            for (key, r) in storage(&self.env)
+            for (key, r) in self
+                .env
+                .storage
                 .list_records(&state::cursor_space(group), "", usize::MAX)
                 .await?
             {

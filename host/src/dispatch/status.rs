@@ -83,7 +83,9 @@ pub struct DeliveryCounters {
 impl Dispatcher {
     pub async fn list(&self) -> Result<Vec<SubscriptionStatus>, DispatchError> {
         let mut out = Vec::new();
-        for (group, _) in storage(&self.env)
+        for (group, _) in self
+            .env
+            .storage
             .list_records(state::SUB_SPACE, "", usize::MAX)
             .await?
         {
@@ -112,7 +114,9 @@ impl Dispatcher {
         for i in 0..members {
             let name = state::member_name(broadcast, i);
             let live = runner.and_then(|r| r.shared.members.iter().find(|m| m.name == name));
-            let stored: HashMap<String, state::Cursor> = storage(&self.env)
+            let stored: HashMap<String, state::Cursor> = self
+                .env
+                .storage
                 .list_records(&state::cursor_space(group), &format!("{name}/"), usize::MAX)
                 .await?
                 .iter()
@@ -152,7 +156,9 @@ impl Dispatcher {
             total_lag += lag;
             let pending = match live {
                 Some(m) => m.pending_timers(),
-                None => storage(&self.env)
+                None => self
+                    .env
+                    .storage
                     .list_records(&state::timer_space(group), &format!("{name}/"), usize::MAX)
                     .await?
                     .len(),
@@ -165,7 +171,9 @@ impl Dispatcher {
                 queues,
             });
         }
-        let dlq = storage(&self.env)
+        let dlq = self
+            .env
+            .storage
             .list_records(&state::dlq_space(group), "", usize::MAX)
             .await?
             .len();
@@ -209,7 +217,9 @@ impl Dispatcher {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, DispatchError> {
         self.record(group).await?;
-        let all = storage(&self.env)
+        let all = self
+            .env
+            .storage
             .list_records(&state::dlq_space(group), "", usize::MAX)
             .await?;
         all.iter()
@@ -227,7 +237,7 @@ impl Dispatcher {
     ) -> Result<usize, DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
-        let store = storage(&self.env);
+        let store = &self.env.storage;
         let space = state::dlq_space(group);
         // Timers of a running member are also held in memory: stop, write, start again.
         self.halt(group).await;

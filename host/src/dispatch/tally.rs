@@ -59,7 +59,7 @@ impl Dispatcher {
             groups,
         };
         if let Ok(bytes) = serde_json::to_vec(&report) {
-            storage(&self.env).announce(TALLY_CHANNEL, bytes).await;
+            self.env.storage.announce(TALLY_CHANNEL, bytes).await;
         }
     }
 
@@ -69,7 +69,7 @@ impl Dispatcher {
         let Some(share) = &self.share else {
             return;
         };
-        let Some(mut reports) = storage(&self.env).listen(TALLY_CHANNEL).await else {
+        let Some(mut reports) = self.env.storage.listen(TALLY_CHANNEL).await else {
             return;
         };
         loop {

@@ -33,6 +33,8 @@ pub use serve::serve;
 pub struct AppState {
     pub broker: Arc<Broker>,
     pub plugins: Arc<Plugins>,
+    /// Plugin log lines (rings per plugin, followers).
+    pub logs: Arc<crate::logs::PluginLogs>,
     pub dispatcher: Arc<Dispatcher>,
     pub transactions: Arc<Transactions>,
     /// Bearer tokens; none = open API (loopback only).

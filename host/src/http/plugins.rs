@@ -126,7 +126,7 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let user = state.dispatcher.plugin_user(&name).await?;
     state.plugins.delete(&name, user).await?;
-    state.plugins.runtime().capabilities().logs.remove(&name);
+    state.logs.remove(&name);
     Ok(Json(json!({ "deleted": name })))
 }
 
@@ -269,7 +269,7 @@ pub async fn logs(
     use axum::response::IntoResponse as _;
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     state.plugins.get(&name).await?;
-    let logs = state.plugins.runtime().capabilities().logs.clone();
+    let logs = state.logs.clone();
     let limit = (q.limit as usize).clamp(1, crate::logs::RING_LINES);
     if q.since.is_some_and(|s| i64::try_from(s).is_err()) {
         return Err(ApiError::bad_request(

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::spec::{OnExhausted, RetryPolicy, Start, SubscriptionSpec, TagFilter};
 use super::state::{self, Cursor, DeadLetter, SubscriptionRecord, Timer, TimerKind};
-use super::{DispatchError, Env};
+use super::{DispatchError, Handles};
 use crate::base::now_ms;
 use crate::bindings::{Message, Outcome};
 use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits};
@@ -226,7 +226,7 @@ struct Member {
 /// `units` (all when `None`). `shared_storage`: other nodes may write this subscription's
 /// state too.
 pub async fn start(
-    env: &Env,
+    env: &Handles,
     record: &SubscriptionRecord,
     units: Units,
     shared_storage: bool,
@@ -241,7 +241,7 @@ pub async fn start(
             spec.plugin
         )));
     }
-    let storage = env.broker.storage().clone();
+    let storage = env.storage.clone();
     let broadcast = spec.mode == super::spec::Mode::Broadcast;
     let member_count = if broadcast { spec.instances } else { 1 };
     let limits = PluginLimits {

@@ -36,7 +36,7 @@ impl Rate {
 /// Once `cancel` fires, messages still queued are dropped unstarted (their senders see the
 /// reply channel closed: not done, no attempt made), so a stop waits only for calls running.
 pub(super) async fn worker(
-    env: Env,
+    env: Handles,
     code: Arc<PluginCode>,
     ctx: Arc<InstanceContext>,
     work: WorkQueue,
