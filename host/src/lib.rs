@@ -278,7 +278,7 @@ async fn coordinate(
                 // Half-done guarded appends (a commit whose messages a dead node never wrote).
                 rounds += 1;
                 if rounds.is_multiple_of(RECOVER_EVERY) {
-                    match storage.recover(storage::jetstream::INTENT_AGE).await {
+                    match storage.recover(storage.recovery_age()).await {
                         Ok(0) => {}
                         Ok(n) => tracing::warn!(n, "finished writes a dead node left half done"),
                         Err(e) => tracing::warn!(error = %e, "cannot recover half-done writes"),

@@ -366,6 +366,10 @@ impl Storage for JetStreamStorage {
         self.finish_intents(age).await
     }
 
+    fn recovery_age(&self) -> std::time::Duration {
+        INTENT_AGE
+    }
+
     async fn read(
         &self,
         topic: &str,

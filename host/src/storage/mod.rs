@@ -25,8 +25,9 @@ pub type MessageId = uuid::Uuid;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
-    #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
+    /// The backend failed to read or write (RocksDB: an I/O error or corruption).
+    #[error("storage backend: {0}")]
+    Backend(String),
     #[error("jetstream: {0}")]
     JetStream(String),
     #[error("stored data is corrupt: {0}")]
@@ -231,6 +232,12 @@ pub trait Storage: Send + Sync + 'static {
     /// finishes its writes atomically and has nothing to do.
     async fn recover(&self, _age: std::time::Duration) -> Result<usize, StorageError> {
         Ok(0)
+    }
+
+    /// How old a half-done write must be before [`Storage::recover`] may finish it: older than
+    /// any live writer takes to finish one (zero for a backend with nothing to recover).
+    fn recovery_age(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 
     /// Sends `payload` to every node sharing this storage that listens on `channel`, best

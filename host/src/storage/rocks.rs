@@ -29,6 +29,13 @@ use super::{
 };
 use crate::config::FlushMode;
 
+/// RocksDB's errors reach callers as the backend-neutral [`StorageError::Backend`].
+impl From<rocksdb::Error> for StorageError {
+    fn from(e: rocksdb::Error) -> Self {
+        StorageError::Backend(e.to_string())
+    }
+}
+
 const CF_MESSAGES: &str = "messages";
 const CF_IDS: &str = "ids";
 const CF_KEYS: &str = "keys";

@@ -290,7 +290,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed");
                 for r in replies {
-                    let err = StorageError::Rocks(e.clone());
+                    let err = StorageError::from(e.clone());
                     let _ = match r {
                         Reply::Append(tx, _) => tx.send(Err(err)).map_err(drop),
                         Reply::Record(tx, _) => tx.send(Err(err)).map_err(drop),
