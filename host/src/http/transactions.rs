@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, parse_json, read_body};
 use crate::broker::Envelope;
-use crate::txn::TxnState;
+use crate::txn::{TxnState, TxnView};
 
 /// Same body as a publish, plus an optional `check_after_ms`.
 pub async fn begin(
@@ -34,14 +34,14 @@ pub async fn begin(
 pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TxnView>, ApiError> {
     Ok(Json(state.transactions.get(&id).await?.view()))
 }
 
 pub async fn commit(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TxnView>, ApiError> {
     Ok(Json(
         state.transactions.commit(&id, "producer").await?.view(),
     ))
@@ -50,7 +50,7 @@ pub async fn commit(
 pub async fn rollback(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TxnView>, ApiError> {
     Ok(Json(
         state.transactions.rollback(&id, "producer").await?.view(),
     ))
@@ -59,7 +59,7 @@ pub async fn rollback(
 pub async fn recheck(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TxnView>, ApiError> {
     Ok(Json(state.transactions.recheck(&id).await?.view()))
 }
 
@@ -72,18 +72,24 @@ pub struct ListQuery {
 }
 
 /// `?state=pending|committed|rolled_back|unresolved`
+/// `GET /v1/transactions`.
+#[derive(serde::Serialize)]
+pub struct TxnList {
+    transactions: Vec<TxnView>,
+}
+
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TxnList>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let limit = q.limit.map_or(1000, |l| l as usize).clamp(1, 10_000);
-    let txns: Vec<Value> = state
+    let transactions = state
         .transactions
         .list(q.state, limit)
         .await?
         .iter()
         .map(|t| t.view())
         .collect();
-    Ok(Json(json!({ "transactions": txns })))
+    Ok(Json(TxnList { transactions }))
 }

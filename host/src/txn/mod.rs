@@ -113,15 +113,34 @@ impl TxnRecord {
     }
 
     /// The API's view (no body).
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "txn_id": self.txn_id, "topic": self.topic, "message_id": self.message_id,
-            "state": self.state, "checks": self.checks, "max_checks": self.max_checks,
-            "created_at": self.created_at,
-            "next_check_at": (self.next_check_at > 0).then_some(self.next_check_at),
-            "history": self.history,
-        })
+    pub fn view(&self) -> TxnView {
+        TxnView {
+            txn_id: self.txn_id.clone(),
+            topic: self.topic.clone(),
+            message_id: self.message_id,
+            state: self.state,
+            checks: self.checks,
+            max_checks: self.max_checks,
+            created_at: self.created_at,
+            next_check_at: (self.next_check_at > 0).then_some(self.next_check_at),
+            history: self.history.clone(),
+        }
     }
+}
+
+/// A transaction as the API shows it: its state and history, not its half message's body.
+/// Times in ms since the epoch; `next_check_at` is null once decided or unresolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct TxnView {
+    pub txn_id: String,
+    pub topic: String,
+    pub message_id: MessageId,
+    pub state: TxnState,
+    pub checks: u32,
+    pub max_checks: u32,
+    pub created_at: u64,
+    pub next_check_at: Option<u64>,
+    pub history: Vec<Event>,
 }
 
 fn encode(r: &TxnRecord) -> Result<Vec<u8>, StorageError> {
