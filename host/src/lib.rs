@@ -1,7 +1,7 @@
 //! wasmq: a durable message broker whose consumers are sandboxed WebAssembly plugins.
 //!
 //! Modules, in layers: each uses only layers below it, never one beside or above it (no import
-//! cycle; `.ci/run` checks with cargo-modules).
+//! cycle; `host/tests/layering.rs` checks it).
 //! 1. Bottom, no wasmq imports or only each other: [`base`] (clock, name rule, time bounds),
 //!    [`text`] (plugin text capped and escaped), [`secrets`] (`{"$secret": "NAME"}`), [`fds`]
 //!    (descriptor budget), [`disk`] (quota), [`config`] (`wasmq.toml`, environment overrides).
