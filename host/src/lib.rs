@@ -1,8 +1,8 @@
 //! wasmq: a durable message broker whose consumers are sandboxed WebAssembly plugins.
 //!
-//! Modules, in layers: each uses only layers below it, never one beside or above it (no import
-//! cycle; `host/tests/layering.rs` checks it).
-//! 1. Bottom, no wasmq imports or only each other: [`base`] (clock, name rule, time bounds),
+//! Modules, in layers: each uses only modules listed before it, never one after it (so there is
+//! no import cycle; `host/tests/layering.rs` checks that).
+//! 1. Bottom: [`base`] (clock, name rule, time bounds),
 //!    [`text`] (plugin text capped and escaped), [`secrets`] (`{"$secret": "NAME"}`), [`fds`]
 //!    (descriptor budget), [`disk`] (quota), [`config`] (`wasmq.toml`, environment overrides).
 //! 2. [`storage`]: the storage trait, its RocksDB backend (group commit, key encodings) and its
