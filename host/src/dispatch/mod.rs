@@ -101,10 +101,10 @@ struct GroupGuard<'a> {
 impl Drop for GroupGuard<'_> {
     fn drop(&mut self) {
         self.guard.take();
-        let mut locks = match self.locks.lock() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // The map's reference and ours: nobody else holds or waits for it.
         if Arc::strong_count(&self.lock) <= 2 {
             locks.remove(&self.name);
@@ -161,10 +161,10 @@ impl Dispatcher {
         }
         let shared = self.control.read().await;
         let lock = {
-            let mut locks = match self.group_locks.lock() {
-                Ok(l) => l,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut locks = self
+                .group_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             locks.entry(group.to_string()).or_default().clone()
         };
         let guard = lock.clone().lock_owned().await;

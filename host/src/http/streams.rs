@@ -33,10 +33,10 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut held = match self.held.lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = held.get_mut(&self.caller) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -60,10 +60,10 @@ impl StreamLimits {
 
     /// A place for one more stream of `caller`, or why not (a message naming the cap).
     pub fn open(&self, caller: Caller) -> Result<StreamSlot, String> {
-        let mut held = match self.held.lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mine = held.get(&caller).copied().unwrap_or(0);
         if mine >= self.per_caller {
             return Err(format!(

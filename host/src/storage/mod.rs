@@ -126,10 +126,10 @@ pub struct Watchers(
 
 impl Watchers {
     pub fn subscribe(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
-        let mut watchers = match self.0.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut watchers = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         watchers
             .entry(topic.to_string())
             .or_insert_with(|| tokio::sync::watch::channel(0).0)
@@ -138,10 +138,10 @@ impl Watchers {
 
     /// Wakes the readers of `topic` (after its appends are durable and readable).
     pub fn bump(&self, topic: &str) {
-        let watchers = match self.0.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let watchers = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(tx) = watchers.get(topic) {
             tx.send_modify(|n| *n = n.wrapping_add(1));
         }

@@ -232,10 +232,9 @@ impl Transactions {
     /// Notes a state this node stored.
     fn indexed(&self, t: &TxnRecord) {
         if let Some(index) = &self.index {
-            let mut index = match index.lock() {
-                Ok(i) => i,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut index = index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             index.set(&t.txn_id, t.state);
         }
     }
@@ -243,10 +242,9 @@ impl Transactions {
     /// Ids in `state`, oldest first, at most `limit`; `None` without an index.
     fn ids_in(&self, state: TxnState, limit: usize) -> Option<Vec<String>> {
         let index = self.index.as_ref()?;
-        let index = match index.lock() {
-            Ok(i) => i,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let index = index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Some(
             index
                 .by_state
@@ -330,10 +328,9 @@ impl Transactions {
                 .unwrap_or_default()
         };
         if let Some(index) = &self.index {
-            let index = match index.lock() {
-                Ok(i) => i,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let index = index
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut counts: Vec<(String, u64)> = index
                 .by_state
                 .iter()

@@ -393,10 +393,10 @@ impl Writer {
         if staged.is_empty() {
             return;
         }
-        let mut shared = match self.shared.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut shared = self
+            .shared
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (topic, queues) in staged {
             self.watchers.bump(&topic);
             shared.insert(topic.clone(), queues.clone());
@@ -416,10 +416,10 @@ pub(super) struct Slot {
 impl Slot {
     /// The database, or [`StorageError::Unavailable`] while it is being reopened.
     pub(super) fn get(&self) -> Result<Arc<DB>, StorageError> {
-        let guard = match self.db.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let guard = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         guard.clone().ok_or_else(|| {
             StorageError::Unavailable("reopening the database after an I/O error".into())
         })
@@ -428,10 +428,11 @@ impl Slot {
     /// Takes the database out (readers now get `Unavailable`) and closes it once the reads
     /// holding it have finished.
     fn close(&self) {
-        let taken = match self.db.write() {
-            Ok(mut g) => g.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
+        let taken = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         let Some(mut db) = taken else { return };
         let started = Instant::now();
         let mut warned = false;
@@ -454,9 +455,9 @@ impl Slot {
     }
 
     fn put(&self, db: Arc<DB>) {
-        match self.db.write() {
-            Ok(mut g) => *g = Some(db),
-            Err(poisoned) => *poisoned.into_inner() = Some(db),
-        }
+        *self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(db);
     }
 }
