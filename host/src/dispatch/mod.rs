@@ -361,8 +361,8 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// The grants of every subscription of `plugin` (what admins allowed it).
-    pub async fn plugin_grants(&self, plugin: &str) -> Result<Vec<spec::GrantSpec>, DispatchError> {
+    /// Every stored subscription, by group, in group order.
+    async fn subscriptions(&self) -> Result<Vec<(String, SubscriptionRecord)>, DispatchError> {
         let mut out = Vec::new();
         for (group, r) in self
             .env
@@ -371,27 +371,30 @@ impl Dispatcher {
             .await?
         {
             let record: SubscriptionRecord = state::decode(&group, &r)?;
-            if record.spec.plugin == plugin {
-                out.push(record.spec.grants);
-            }
+            out.push((group, record));
         }
         Ok(out)
     }
 
+    /// The grants of every subscription of `plugin` (what admins allowed it).
+    pub async fn plugin_grants(&self, plugin: &str) -> Result<Vec<spec::GrantSpec>, DispatchError> {
+        Ok(self
+            .subscriptions()
+            .await?
+            .into_iter()
+            .filter(|(_, record)| record.spec.plugin == plugin)
+            .map(|(_, record)| record.spec.grants)
+            .collect())
+    }
+
     /// The subscription using a plugin, if any (a used plugin cannot be deleted).
     pub async fn plugin_user(&self, plugin: &str) -> Result<Option<String>, DispatchError> {
-        for (group, r) in self
-            .env
-            .storage
-            .list_records(state::SUB_SPACE, "", usize::MAX)
+        Ok(self
+            .subscriptions()
             .await?
-        {
-            let record: SubscriptionRecord = state::decode(&group, &r)?;
-            if record.spec.plugin == plugin {
-                return Ok(Some(group));
-            }
-        }
-        Ok(None)
+            .into_iter()
+            .find(|(_, record)| record.spec.plugin == plugin)
+            .map(|(group, _)| group))
     }
 
     /// Restarts running subscriptions that follow `plugin`'s latest version (after an upload)

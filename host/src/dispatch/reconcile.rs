@@ -17,13 +17,7 @@ impl Dispatcher {
             return Ok(());
         }
         let mut wanted = HashMap::new();
-        for (group, r) in self
-            .env
-            .storage
-            .list_records(state::SUB_SPACE, "", usize::MAX)
-            .await?
-        {
-            let record: SubscriptionRecord = state::decode(&group, &r)?;
+        for (group, record) in self.subscriptions().await? {
             if record.state != SubState::Running {
                 continue;
             }
