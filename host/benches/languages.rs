@@ -81,6 +81,9 @@ fn main() {
                 timeout_ms: defaults.timeout_ms,
                 memory_bytes: (defaults.memory_mb << 20) as usize,
                 pool_instances: 64,
+                threads: 0,
+                compile: Default::default(),
+                stop_grace_ms: 0,
             },
             capabilities,
         )
@@ -99,6 +102,9 @@ fn main() {
                     memory_mb,
                     ..Default::default()
                 },
+                kv_space: wasmq::runtime::host::kv_space(
+                    wasmq::runtime::host::KvOwner::Subscription("bench"),
+                ),
                 services: broker.clone(),
             })
         };

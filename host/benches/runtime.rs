@@ -37,6 +37,9 @@ fn main() {
             timeout_ms: 5000,
             memory_bytes: 64 << 20,
             pool_instances: 64,
+            threads: 0,
+            compile: Default::default(),
+            stop_grace_ms: 0,
         };
         let runtime = Arc::new(Runtime::new(config, capabilities.clone()).unwrap());
         let echo = std::fs::read(ECHO).unwrap();
@@ -51,6 +54,9 @@ fn main() {
             config_json: "{}".into(),
             grants: Grants::default(),
             limits: Default::default(),
+            kv_space: wasmq::runtime::host::kv_space(wasmq::runtime::host::KvOwner::Subscription(
+                "bench",
+            )),
             services: broker.clone(),
         });
 
@@ -67,8 +73,17 @@ fn main() {
         .unwrap();
         let component = wasmtime::component::Component::new(&engine, &echo).unwrap();
         let pre = linker.instantiate_pre(&component).unwrap();
-        let mut store =
-            wasmtime::Store::new(&engine, HostState::new(ctx.clone(), 64 << 20, capabilities));
+        let turns = wasmq::runtime::host::Turns {
+            sched: runtime.scheduler().clone(),
+            tenant: runtime.scheduler().tenant("raw"),
+            clock: Default::default(),
+            budget_ns: u64::MAX,
+            last_yield: Instant::now(),
+        };
+        let mut store = wasmtime::Store::new(
+            &engine,
+            HostState::new(ctx.clone(), 64 << 20, capabilities, turns),
+        );
         let instance = pre.instantiate_async(&mut store).await.unwrap();
         let guest = bindings::consumer::GuestIndices::new(&pre)
             .unwrap()

@@ -146,6 +146,9 @@ pub struct LimitsConfig {
     pub max_disk_bytes: u64,
     /// Publishing answers 503 while its filesystem has less than this free (0 = no floor).
     pub min_free_disk_bytes: u64,
+    /// Bytes (keys and values) one kv namespace may hold: a subscription's own, or a plugin's
+    /// shared one. A `kv.set` past it fails with `unavailable`.
+    pub max_kv_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -162,6 +165,7 @@ impl Default for LimitsConfig {
             max_disk_bytes: 0,
             // Room for compactions, offsets and decisions to go on once producers are held.
             min_free_disk_bytes: 256 * 1024 * 1024,
+            max_kv_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -173,8 +177,24 @@ pub struct PluginsConfig {
     pub timeout_ms: u64,
     /// Linear memory of one plugin instance.
     pub memory_mb: u64,
-    /// Instances the pooling allocator keeps room for (0: allocate on demand).
+    /// Instances the pooling allocator keeps room for (0: allocate on demand); also the most
+    /// instances that exist at once (1024 when 0).
     pub pool_instances: u32,
+    /// Threads that run plugin calls, apart from the API's (0: one per core). Also how many
+    /// calls run wasm at once, shared fairly between subscriptions.
+    pub threads: u32,
+    /// CPU time one compile of an uploaded component may use (ms, whole seconds count).
+    pub compile_timeout_ms: u64,
+    /// Memory one compile may use (MiB).
+    pub compile_memory_mb: u64,
+    /// Compiles that run at once; more uploads wait their turn.
+    pub max_compiles: u32,
+    /// How long stopping a subscription (pause, update, delete, shutdown) waits for its running
+    /// calls before cutting them off (ms).
+    pub stop_grace_ms: u64,
+    /// The binary that compiles in a child process (`wasmq serve` sets itself); not a config key.
+    #[serde(skip)]
+    pub compile_worker: Option<std::path::PathBuf>,
 }
 
 impl Default for PluginsConfig {
@@ -183,6 +203,12 @@ impl Default for PluginsConfig {
             timeout_ms: 5000,
             memory_mb: 64,
             pool_instances: 256,
+            threads: 0,
+            compile_timeout_ms: 60_000,
+            compile_memory_mb: 2048,
+            max_compiles: 2,
+            stop_grace_ms: 10_000,
+            compile_worker: None,
         }
     }
 }
@@ -322,6 +348,32 @@ impl Config {
         if self.plugins.timeout_ms == 0 || self.plugins.memory_mb == 0 {
             return Err(ConfigError::Invalid(
                 "plugins.timeout_ms and plugins.memory_mb must be positive".into(),
+            ));
+        }
+        let p = &self.plugins;
+        if p.compile_timeout_ms == 0 || p.compile_timeout_ms > 3_600_000 {
+            return Err(ConfigError::Invalid(
+                "plugins.compile_timeout_ms must be 1 to 3600000".into(),
+            ));
+        }
+        if p.compile_memory_mb < 64 || p.compile_memory_mb > 1 << 20 {
+            return Err(ConfigError::Invalid(
+                "plugins.compile_memory_mb must be 64 to 1048576".into(),
+            ));
+        }
+        if p.stop_grace_ms > 600_000 {
+            return Err(ConfigError::Invalid(
+                "plugins.stop_grace_ms must be 0 to 600000".into(),
+            ));
+        }
+        if p.max_compiles == 0 || p.max_compiles > 64 {
+            return Err(ConfigError::Invalid(
+                "plugins.max_compiles must be 1 to 64".into(),
+            ));
+        }
+        if self.plugins.threads > 1024 {
+            return Err(ConfigError::Invalid(
+                "plugins.threads must be 0 (one per core) to 1024".into(),
             ));
         }
         let id = &self.server.node_id;

@@ -10,8 +10,9 @@ use sha2::Digest as _;
 use tokio::sync::OnceCell;
 
 use crate::base::{check_name, now_ms};
+use crate::runtime::host::{KvOwner, kv_space};
 use crate::runtime::{
-    CompileError, InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits, Runtime,
+    CompileError, InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey, Runtime,
 };
 use crate::storage::{Expect, Storage, StorageError};
 
@@ -69,6 +70,7 @@ impl PluginRecord {
 /// Compiled artifacts on this node's disk, by digest and engine version. Only a cache: a node
 /// lacking one compiles the stored bytes again, so shared storage never carries machine code
 /// and nodes with different engines can share one backend.
+#[derive(Clone)]
 struct Artifacts {
     dir: std::path::PathBuf,
 }
@@ -117,9 +119,20 @@ pub struct Plugins {
     max_bytes: usize,
     /// Compiled code by digest; the cell makes concurrent loads of one digest load it once.
     code: Mutex<HashMap<String, Arc<OnceCell<Arc<PluginCode>>>>>,
-    /// Idle instances for direct invocations, by (name, version, config and grants).
-    idle: Mutex<HashMap<(String, u32, String), Vec<PluginInstance>>>,
+    /// Compiles under way by digest, shared by every upload of the same bytes. A compile runs
+    /// to its end even when its client gives up; its artifact is then on disk for the retry.
+    compiling: Mutex<HashMap<String, SharedCompile>>,
+    /// Digests whose compile ran out of its budget: a retry is refused at once, not compiled
+    /// again (cleared at restart, e.g. after raising `[plugins] compile_timeout_ms`).
+    over_budget: Arc<Mutex<HashMap<String, CompileError>>>,
 }
+
+type SharedCompile = futures::future::Shared<
+    futures::future::BoxFuture<'static, Result<Arc<PluginCode>, CompileError>>,
+>;
+
+/// Over-budget digests remembered at most; the oldest are forgotten first.
+const MAX_OVER_BUDGET: usize = 256;
 
 fn wasm_key(digest: &str) -> String {
     format!("wasm/{digest}")
@@ -139,7 +152,8 @@ impl Plugins {
             artifacts: Artifacts { dir: artifact_dir },
             max_bytes,
             code: Mutex::new(HashMap::new()),
-            idle: Mutex::new(HashMap::new()),
+            compiling: Mutex::new(HashMap::new()),
+            over_budget: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -205,17 +219,13 @@ impl Plugins {
         let code = match self.cached(&digest) {
             Some(code) => code,
             None => {
-                let runtime = self.runtime.clone();
-                let input = bytes.clone();
-                let (code, artifact) = tokio::task::spawn_blocking(move || runtime.compile(&input))
-                    .await
-                    .map_err(|e| CompileError::Invalid(format!("compiler task failed: {e}")))??;
+                let code = match self.cached_artifact("(upload)", &digest).await {
+                    Some(code) => code,
+                    None => self.compile_once(&digest, bytes.clone()).await?,
+                };
                 self.storage
                     .put_blob(&wasm_key(&digest), Some(bytes.clone()))
                     .await?;
-                self.artifacts
-                    .put(&digest, &self.runtime.engine_key(), &artifact)
-                    .await;
                 self.cache(&digest, code.clone());
                 code
             }
@@ -274,6 +284,11 @@ impl Plugins {
         self.storage
             .put_record(PLUGIN_SPACE, name, None, Expect::Any)
             .await?;
+        // Its shared kv state and the invoke API's go with it (issue 22): a plugin uploaded
+        // later under the same name starts empty.
+        for owner in [KvOwner::Plugin(name), KvOwner::Invoke(name)] {
+            crate::storage::clear_space(self.storage.as_ref(), &kv_space(owner), "").await?;
+        }
         // Bytes are shared by digest: drop only those no other plugin references.
         let still_used: std::collections::HashSet<String> = self
             .list()
@@ -295,9 +310,7 @@ impl Plugins {
                 }
             }
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|(n, _, _), _| n != name);
-        }
+        self.runtime.forget_plugin(name);
         Ok(())
     }
 
@@ -341,18 +354,94 @@ impl Plugins {
         Ok((v, code))
     }
 
-    async fn load(&self, name: &str, v: &PluginVersion) -> Result<Arc<PluginCode>, PluginError> {
+    /// The code of `digest` from this node's artifact cache, if it is there and loads.
+    async fn cached_artifact(&self, name: &str, digest: &str) -> Option<Arc<PluginCode>> {
         let runtime = self.runtime.clone();
-        let engine = runtime.engine_key();
-        if let Some(artifact) = self.artifacts.get(&v.digest, &engine).await {
-            let loaded = tokio::task::spawn_blocking(move || runtime.load_artifact(&artifact))
-                .await
-                .map_err(|e| CompileError::Invalid(format!("loader task failed: {e}")))?;
-            match loaded {
-                Ok(code) => return Ok(code),
-                // A damaged cache file is compiled again, not fatal.
-                Err(e) => tracing::warn!(plugin = %name, error = %e, "cached artifact unusable"),
+        let artifact = self.artifacts.get(digest, &runtime.engine_key()).await?;
+        match tokio::task::spawn_blocking(move || runtime.load_artifact(&artifact)).await {
+            Ok(Ok(code)) => Some(code),
+            // A damaged cache file is compiled again, not fatal.
+            Ok(Err(e)) => {
+                tracing::warn!(plugin = %name, error = %e, "cached artifact unusable");
+                None
             }
+            Err(e) => {
+                tracing::warn!(plugin = %name, error = %e, "loader task failed");
+                None
+            }
+        }
+    }
+
+    /// Compiles `bytes` (of `digest`) within the runtime's compile limits, once however many
+    /// callers ask at the same time. The compile is detached from its callers: it finishes and
+    /// caches its artifact even if they all give up (a client's timeout), so a retry finds it.
+    async fn compile_once(
+        &self,
+        digest: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<PluginCode>, CompileError> {
+        use futures::FutureExt as _;
+        let lock = |m: &Mutex<HashMap<String, CompileError>>| {
+            m.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(digest)
+                .cloned()
+        };
+        if let Some(e) = lock(&self.over_budget) {
+            return Err(e);
+        }
+        let shared = {
+            let mut compiling = self
+                .compiling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            compiling
+                .entry(digest.to_string())
+                .or_insert_with(|| {
+                    let (runtime, artifacts) = (self.runtime.clone(), self.artifacts.clone());
+                    let (over_budget, digest) = (self.over_budget.clone(), digest.to_string());
+                    let task = tokio::spawn(async move {
+                        let (code, artifact) = match runtime.compile_bounded(bytes).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                if matches!(e, CompileError::Budget(_)) {
+                                    let mut m = over_budget
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                    if m.len() >= MAX_OVER_BUDGET {
+                                        m.clear();
+                                    }
+                                    m.insert(digest, e.clone());
+                                }
+                                return Err(e);
+                            }
+                        };
+                        artifacts
+                            .put(&digest, &runtime.engine_key(), &artifact)
+                            .await;
+                        Ok(code)
+                    });
+                    async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(CompileError::Invalid(format!("compiler task failed: {e}")))
+                        })
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = shared.await;
+        self.compiling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(digest);
+        result
+    }
+
+    async fn load(&self, name: &str, v: &PluginVersion) -> Result<Arc<PluginCode>, PluginError> {
+        if let Some(code) = self.cached_artifact(name, &v.digest).await {
+            return Ok(code);
         }
         let bytes = self
             .storage
@@ -361,12 +450,7 @@ impl Plugins {
             .ok_or_else(|| {
                 StorageError::Corrupt(format!("bytes of plugin {name} v{} are missing", v.version))
             })?;
-        let runtime = self.runtime.clone();
-        let (code, artifact) = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
-            .await
-            .map_err(|e| CompileError::Invalid(format!("compiler task failed: {e}")))??;
-        self.artifacts.put(&v.digest, &engine, &artifact).await;
-        Ok(code)
+        Ok(self.compile_once(&v.digest, bytes).await?)
     }
 
     /// Loads the latest version of every plugin, so the first message after a restart does not
@@ -382,61 +466,42 @@ impl Plugins {
         }
     }
 
-    /// Calls `handle` on an instance of the plugin outside any subscription (the invoke API):
-    /// idle instances are reused; a failed one is dropped and replaced next time.
+    /// Calls `handle` on an instance of the plugin outside any subscription (the invoke API),
+    /// on the plugin threads: an instance from the runtime's pool for the same plugin version,
+    /// configuration and grants is reused; a failed one is dropped and replaced next time.
     pub async fn invoke(
         &self,
         name: &str,
         version: Option<u32>,
         ctx: InstanceContext,
-        message: &crate::bindings::Message,
+        message: crate::bindings::Message,
     ) -> Result<(PluginVersion, Result<crate::bindings::Outcome, InvokeError>), PluginError> {
         let (v, code) = self.code(name, version).await?;
         if !code.has_consumer() {
             return Err(InvokeError::MissingExport(crate::bindings::CONSUMER_EXPORT).into());
         }
-        // Instances are reused only for the same configuration and grants.
-        let pool_key = (
-            name.to_string(),
-            v.version,
-            format!("{}|{:?}", ctx.config_json, ctx.grants),
-        );
-        let idle = self.idle.lock().ok().and_then(|mut m| {
-            let instances = m.get_mut(&pool_key)?;
-            let instance = instances.pop();
-            if instances.is_empty() {
-                m.remove(&pool_key);
-            }
-            instance
-        });
-        let mut instance = match idle {
-            Some(i) => i,
-            None => {
-                let ctx = InstanceContext {
-                    version: v.version,
-                    limits: v.limits,
-                    ..ctx
-                };
-                match self.runtime.instantiate(&code, Arc::new(ctx)).await {
-                    Ok(i) => i,
-                    Err(e) => return Ok((v, Err(e))),
-                }
-            }
+        let key = PoolKey {
+            plugin: name.to_string(),
+            version: v.version,
+            owner: format!("invoke/{}|{:?}", ctx.config_json, ctx.grants),
         };
-        let outcome = instance.handle(message).await;
-        if instance.is_usable()
-            && let Ok(mut m) = self.idle.lock()
-            && m.values().map(Vec::len).sum::<usize>() < MAX_IDLE_INVOKE
-        {
-            m.entry(pool_key).or_default().push(instance);
-        }
+        let ctx = Arc::new(InstanceContext {
+            version: v.version,
+            limits: v.limits,
+            ..ctx
+        });
+        let runtime = self.runtime.clone();
+        let outcome = self
+            .runtime
+            .spawn(async move {
+                let mut lease = runtime.lease(key, &code, || ctx).await?;
+                lease.handle(&message).await
+            })
+            .await
+            .unwrap_or_else(|e| Err(InvokeError::Trap(format!("the call's task failed: {e}"))));
         Ok((v, outcome))
     }
 }
-
-/// Idle instances the invoke API keeps, over all plugins and configs: each holds a slot of the
-/// instance pool that subscriptions need too, so many distinct configs must not fill it.
-const MAX_IDLE_INVOKE: usize = 16;
 
 /// Plugin names follow the topic name rules (they appear in URLs and storage keys).
 pub fn validate_name(name: &str) -> Result<(), PluginError> {

@@ -1,5 +1,7 @@
 """Misbehaves on request, for the limit tests: {"do": "spin"} loops forever, {"do": "hog"}
-allocates without bound; anything else acks."""
+allocates without bound, {"do": "sleep", "s": 3} sleeps; anything else acks."""
+
+import time
 
 import wasmq
 
@@ -11,6 +13,8 @@ def handle(message: wasmq.Message):
         n = 0
         while True:
             n += 1
+    if what == "sleep":
+        time.sleep(float(message.json().get("s", 1)))
     if what == "hog":
         hoard = []
         while True:

@@ -583,10 +583,15 @@ async fn plugin_logs_are_kept_paged_followed_and_capped_per_call() {
     assert_eq!(page["next"], 3);
 }
 
+/// The one instance pool (issue 21) is bounded by `pool_instances`: invocations with 40
+/// distinct configs all run, each leaving an idle instance that the next one evicts (least
+/// recently used first), and a subscription still gets its instances afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_invoke_api_keeps_a_bounded_number_of_idle_instances() {
+async fn the_instance_pool_is_bounded_and_idle_instances_make_room() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start(dir.path()).await;
+    let mut config = config_in(dir.path());
+    config.plugins.pool_instances = 8;
+    let s = TestServer::start_with(config).await;
     s.upload_plugin("probe", PROBE).await;
     let call = |i: usize| {
         let (client, url) = (s.client.clone(), s.url.clone());
@@ -598,25 +603,47 @@ async fn the_invoke_api_keeps_a_bounded_number_of_idle_instances() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), StatusCode::OK);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["outcome"]["type"], "ack", "{v}");
         }
+    };
+    let gauge = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not in metrics:\n{text}"))
+            .parse()
+            .unwrap()
     };
     let before = metric(&s, "wasmq_plugin_instantiations").await;
     for i in 0..40 {
         call(i).await;
     }
-    let first = metric(&s, "wasmq_plugin_instantiations").await - before;
-    assert_eq!(first, 40, "each config gets its own instance");
-    // At most 16 were kept: calling all 40 configs again instantiates at least 24 anew.
-    for i in 0..40 {
-        call(i).await;
-    }
-    let second = metric(&s, "wasmq_plugin_instantiations").await - before - first;
-    assert!(
-        second >= 24,
-        "only {second} new instances: more than 16 idle were kept"
+    assert_eq!(
+        metric(&s, "wasmq_plugin_instantiations").await - before,
+        40,
+        "each config gets its own instance"
     );
-    // The kept ones still serve their configs without a new instance.
+    let text = s.metrics().await;
+    assert_eq!(gauge(&text, "wasmq_plugin_instances_live"), 8, "{text}");
+    assert_eq!(metric(&s, "wasmq_plugin_instance_evictions").await, 32);
+    // The most recent configs are still idle and serve without a new instance.
     let mid = metric(&s, "wasmq_plugin_instantiations").await;
-    call(0).await;
+    call(39).await;
+    call(33).await;
     assert_eq!(metric(&s, "wasmq_plugin_instantiations").await, mid);
+    // A subscription's two instances take room from idle ones.
+    s.create_topic("t", 2).await;
+    s.subscribe(
+        "g",
+        json!({"topic": "t", "plugin": "probe", "instances": 2}),
+    )
+    .await;
+    let messages: Vec<Value> = (0..10).map(|_| json!({"body": {"do": "ack"}})).collect();
+    s.publish_batch("t", messages).await;
+    s.wait_until("/v1/subscriptions/g", 60, |v| {
+        v["counters"]["acked"].as_u64() == Some(10)
+    })
+    .await;
+    let text = s.metrics().await;
+    assert!(gauge(&text, "wasmq_plugin_instances_live") <= 8, "{text}");
 }

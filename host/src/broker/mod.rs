@@ -106,6 +106,8 @@ pub struct Broker {
     metrics: Arc<crate::metrics::Metrics>,
     /// What `{"$secret": …}` references in plugin config resolve to.
     secrets: crate::secrets::Secrets,
+    /// Bytes (keys and values) each kv namespace holds, counted from storage at first use.
+    kv_usage: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 /// Topic names follow [`check_name`].
@@ -139,6 +141,7 @@ impl Broker {
             topics: std::sync::RwLock::new(topics),
             disk: None,
             secrets: Default::default(),
+            kv_usage: Default::default(),
             metrics: Arc::default(),
         })
     }

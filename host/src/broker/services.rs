@@ -9,14 +9,60 @@ use crate::bindings::wasmq::plugin::publish::Outgoing;
 use crate::runtime::Services;
 use crate::storage::{MessageId, Storage};
 
+impl Broker {
+    fn usage(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.kv_usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets a kv namespace's count (its records were removed); counted again at next use.
+    pub fn forget_kv_usage(&self, space: &str) {
+        self.usage().remove(space);
+    }
+}
+
 #[async_trait::async_trait]
 impl Services for Broker {
     fn storage(&self) -> &std::sync::Arc<dyn Storage> {
         Broker::storage(self)
     }
 
-    fn reserve_disk_bytes(&self, bytes: u64) -> Result<(), String> {
-        Broker::reserve_disk_bytes(self, bytes).map_err(|e| e.to_string())
+    async fn reserve_kv(&self, space: &str, old: u64, new: u64) -> Result<(), GuestError> {
+        let unavailable = |e: String| GuestError::Unavailable(e);
+        let known = self.usage().get(space).copied();
+        let used = match known {
+            Some(u) => u,
+            None => {
+                // First write since start: count what storage holds (bounded by the cap).
+                let records = self
+                    .storage()
+                    .list_records(space, "", usize::MAX)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                let counted = records
+                    .iter()
+                    .map(|(k, r)| (k.len() + r.value.len()) as u64)
+                    .sum::<u64>();
+                *self.usage().entry(space.to_string()).or_insert(counted)
+            }
+        };
+        let cap = self.limits().max_kv_bytes;
+        if new > old {
+            let after = used.saturating_add(new - old);
+            if after > cap {
+                return Err(unavailable(format!(
+                    "the kv namespace is full: {used} of {cap} bytes ([limits] max_kv_bytes) used, {} more asked",
+                    new - old
+                )));
+            }
+            // kv state counts against the disk quota like messages do.
+            Broker::reserve_disk_bytes(self, new - old).map_err(|e| unavailable(e.to_string()))?;
+        }
+        let mut usage = self.usage();
+        let u = usage.entry(space.to_string()).or_insert(used);
+        *u = u.saturating_add(new).saturating_sub(old);
+        Ok(())
     }
 
     async fn publish(&self, message: Outgoing) -> Result<MessageId, GuestError> {

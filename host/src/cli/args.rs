@@ -101,6 +101,19 @@ pub(super) enum Command {
         #[arg(long = "property", value_name = "NAME=VALUE")]
         properties: Vec<String>,
     },
+    /// Internal: compiles the component on stdin to an artifact on stdout under CPU and memory
+    /// limits (the server runs it as a child process for each upload).
+    #[command(hide = true)]
+    CompileWorker {
+        #[arg(long)]
+        cpu_seconds: u64,
+        #[arg(long)]
+        memory_bytes: u64,
+        #[arg(long)]
+        instance_memory_bytes: usize,
+        #[arg(long)]
+        pool_instances: u32,
+    },
 }
 
 #[derive(Args)]

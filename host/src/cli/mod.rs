@@ -26,6 +26,21 @@ use verbs::*;
 pub fn main() -> ExitCode {
     crate::capabilities::install_tls_provider();
     let cli = Cli::parse();
+    if let Command::CompileWorker {
+        cpu_seconds,
+        memory_bytes,
+        instance_memory_bytes,
+        pool_instances,
+    } = cli.command
+    {
+        let code = crate::runtime::compile_worker(
+            cpu_seconds,
+            memory_bytes,
+            instance_memory_bytes,
+            pool_instances,
+        );
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,6 +65,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.server, cli.token.as_deref())?;
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        // Handled in `main`, without an async runtime.
+        Command::CompileWorker { .. } => anyhow::bail!("compile-worker is run by the server"),
         Command::Topic(TopicCommand::Create { name, queues }) => {
             let body = match queues {
                 Some(q) => json!({ "queues": q }),
@@ -265,6 +282,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(f) = args.flush {
         config.server.flush = f;
     }
+    // Uploads compile in a child process of this binary, under [plugins] compile limits.
+    config.plugins.compile_worker = std::env::current_exe().ok();
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;

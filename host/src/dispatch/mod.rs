@@ -348,13 +348,16 @@ impl Dispatcher {
         self.record(group).await?;
         self.halt(group).await;
         let store = &self.env.storage;
+        let kv = crate::runtime::host::kv_space(crate::runtime::host::KvOwner::Subscription(group));
         for space in [
             state::cursor_space(group),
             state::timer_space(group),
             state::dlq_space(group),
+            kv.clone(),
         ] {
             state::clear(store.as_ref(), &space, "").await?;
         }
+        self.env.broker.forget_kv_usage(&kv);
         store
             .put_record(state::SUB_SPACE, group, None, Expect::Any)
             .await?;

@@ -20,6 +20,20 @@ pub const MAX_IN_FLIGHT: u32 = 65_536;
 pub const MIN_RATE: f64 = 0.001;
 pub const MAX_RATE: f64 = 10_000_000.0;
 
+/// Whose kv state a subscription's instances read and write (issue 22).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KvScope {
+    /// Its own namespace, which no other subscription sees; removed with the subscription.
+    #[default]
+    Subscription,
+    /// The plugin's namespace, shared with the other subscriptions of the plugin that ask for
+    /// it and with topic transaction checkers of the plugin; removed with the plugin.
+    Plugin,
+}
+
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
 )]
@@ -184,6 +198,8 @@ pub struct SubscriptionSpec {
     pub grants: GrantSpec,
     #[serde(default)]
     pub limits: PluginLimits,
+    #[serde(default)]
+    pub kv_scope: KvScope,
 }
 
 fn one() -> u32 {
@@ -201,6 +217,15 @@ fn empty_object() -> Value {
 
 impl SubscriptionSpec {
     /// Checks what can be checked without the broker; returns the parsed filter.
+    /// The storage space of its instances' kv state (see [`KvScope`]).
+    pub fn kv_space(&self, group: &str) -> String {
+        use crate::runtime::host::{KvOwner, kv_space};
+        match self.kv_scope {
+            KvScope::Subscription => kv_space(KvOwner::Subscription(group)),
+            KvScope::Plugin => kv_space(KvOwner::Plugin(&self.plugin)),
+        }
+    }
+
     pub fn validate(&self) -> Result<TagFilter, String> {
         if self.instances == 0 || self.instances > MAX_INSTANCES {
             return Err(format!("instances must be 1 to {MAX_INSTANCES}"));

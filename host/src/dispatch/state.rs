@@ -167,18 +167,7 @@ pub async fn delete(storage: &dyn Storage, space: &str, key: &str) -> Result<(),
         .map(drop)
 }
 
-/// Deletes every record of a space (a subscription's cursors, timers or dead letters).
-pub async fn clear(storage: &dyn Storage, space: &str, prefix: &str) -> Result<(), StorageError> {
-    loop {
-        let batch = storage.list_records(space, prefix, 1000).await?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        for (k, _) in batch {
-            delete(storage, space, &k).await?;
-        }
-    }
-}
+pub use crate::storage::clear_space as clear;
 
 #[cfg(test)]
 mod tests {

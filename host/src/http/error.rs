@@ -157,6 +157,9 @@ impl From<crate::plugins::PluginError> for ApiError {
             P::Unknown(_) => Self::not_found("unknown_plugin", msg),
             P::UnknownVersion { .. } => Self::not_found("unknown_plugin_version", msg),
             P::TooLarge { .. } => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "plugin_too_large", msg),
+            P::Compile(C::Budget(_)) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "compile_budget", msg)
+            }
             P::Compile(c) => Self::bad_request(
                 match c {
                     C::NotWasm => "not_wasm",
@@ -164,6 +167,7 @@ impl From<crate::plugins::PluginError> for ApiError {
                     C::Invalid(_) => "invalid_component",
                     C::UnknownWorld => "unknown_world",
                     C::UnsupportedImports(_) => "unsupported_imports",
+                    C::Budget(_) => "compile_budget",
                 },
                 msg,
             ),

@@ -17,7 +17,7 @@ pub(super) async fn metrics(
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse as _;
     let mut registry = prometheus_client::registry::Registry::default();
-    state.plugins.runtime().stats().register(&mut registry);
+    state.plugins.runtime().register_metrics(&mut registry);
     registry.register(
         "wasmq_capability_calls",
         "Plugin capability calls by capability and result",

@@ -17,6 +17,7 @@ use crate::bindings::{Message, Outcome};
 use crate::broker::Envelope;
 use crate::dispatch::spec::GrantSpec;
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
+use crate::runtime::host::{KvOwner, kv_space};
 use crate::runtime::{InstanceContext, PluginLimits};
 
 #[derive(Serialize)]
@@ -127,6 +128,9 @@ pub async fn delete(
     let user = state.dispatcher.plugin_user(&name).await?;
     state.plugins.delete(&name, user).await?;
     state.logs.remove(&name);
+    for owner in [KvOwner::Plugin(&name), KvOwner::Invoke(&name)] {
+        state.broker.forget_kv_usage(&kv_space(owner));
+    }
     Ok(Json(json!({ "deleted": name })))
 }
 
@@ -218,12 +222,14 @@ pub async fn invoke(
         config_json: req.config.unwrap_or_else(|| json!({})).to_string(),
         grants,
         limits: PluginLimits::default(),
+        // Its own scratch namespace: trying a plugin never touches a subscription's state.
+        kv_space: kv_space(KvOwner::Invoke(&name)),
         services: state.broker.clone(),
     };
     let started = Instant::now();
     let (version, result) = state
         .plugins
-        .invoke(&name, req.version, ctx, &message)
+        .invoke(&name, req.version, ctx, message)
         .await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(Json(match result {

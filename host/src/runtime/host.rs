@@ -78,7 +78,31 @@ pub struct InstanceContext {
     pub config_json: String,
     pub grants: Grants,
     pub limits: PluginLimits,
+    /// The storage space its kv calls read and write (see [`kv_space`]).
+    pub kv_space: String,
     pub services: Arc<dyn Services>,
+}
+
+/// Whose kv state an instance sees (issue 22): kv is a namespace per subscription unless the
+/// subscription asks for its plugin's shared one.
+#[derive(Debug, Clone, Copy)]
+pub enum KvOwner<'a> {
+    /// A subscription's own state; removed with the subscription.
+    Subscription(&'a str),
+    /// A plugin's state shared by its subscriptions that ask for it (`kv_scope: "plugin"`) and
+    /// by topic transaction checkers; removed with the plugin. Older versions kept all kv here.
+    Plugin(&'a str),
+    /// The invoke API's scratch state of a plugin; removed with the plugin.
+    Invoke(&'a str),
+}
+
+/// The storage space of a kv namespace. Names cannot hold `/`, so the three never overlap.
+pub fn kv_space(owner: KvOwner<'_>) -> String {
+    match owner {
+        KvOwner::Subscription(group) => format!("kvsub/{group}"),
+        KvOwner::Plugin(plugin) => format!("kv/{plugin}"),
+        KvOwner::Invoke(plugin) => format!("kvinvoke/{plugin}"),
+    }
 }
 
 /// What the kv and publish capabilities need of the broker. The broker implements it; the
@@ -87,17 +111,47 @@ pub struct InstanceContext {
 pub trait Services: Send + Sync + 'static {
     /// Where kv records are kept.
     fn storage(&self) -> &Arc<dyn Storage>;
-    /// Counts `bytes` of kv state against the disk quota; the error says why it is refused.
-    fn reserve_disk_bytes(&self, bytes: u64) -> Result<(), String>;
+    /// Accounts a kv write in `space` that replaces `old` bytes (key and value; 0 if new) by
+    /// `new` (0 for a delete): refused with [`GuestError::Unavailable`] past the namespace's
+    /// cap (`[limits] max_kv_bytes`) or the disk quota.
+    async fn reserve_kv(&self, space: &str, old: u64, new: u64) -> Result<(), GuestError>;
     /// Publishes a plugin's message (the caller has checked the grant): its id, or
     /// [`GuestError::Unavailable`] for what a retry may fix (storage, a full disk) and
     /// [`GuestError::Invalid`] for a message the broker refuses.
     async fn publish(&self, message: publish::Outgoing) -> Result<MessageId, GuestError>;
 }
 
-/// The memory cap of one instance; a growth past it traps with [`MemoryLimitExceeded`].
+/// The memory cap of one instance: the sum of all its linear memories and tables (a component
+/// may hold many of each; the cap holds for their total, issue 22). A growth past it traps with
+/// [`MemoryLimitExceeded`].
 pub struct MemoryLimiter {
     pub max_bytes: usize,
+    /// Bytes of all memories and tables so far.
+    used: usize,
+}
+
+/// What one table element is counted as (a function or resource reference and its metadata).
+const TABLE_ELEMENT_BYTES: usize = 16;
+/// Most entries in an instance's WASI resource table (streams, pollables, fields…).
+pub const MAX_RESOURCES: usize = 10_000;
+
+impl MemoryLimiter {
+    pub fn new(max_bytes: usize) -> Self {
+        Self { max_bytes, used: 0 }
+    }
+
+    fn grow(&mut self, current: usize, desired: usize) -> wasmtime::Result<bool> {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.max_bytes {
+            return Err(MemoryLimitExceeded {
+                limit: self.max_bytes,
+                asked: total,
+            }
+            .into());
+        }
+        self.used = total;
+        Ok(true)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,39 +167,45 @@ pub struct MemoryLimitExceeded {
 pub struct DeadlineExceeded;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
+    /// Called for each memory's creation (from 0) and every growth.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            return Err(MemoryLimitExceeded {
-                limit: self.max_bytes,
-                asked: desired,
-            }
-            .into());
-        }
-        Ok(true)
+        self.grow(current, desired)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        self.grow(
+            current.saturating_mul(TABLE_ELEMENT_BYTES),
+            desired.saturating_mul(TABLE_ELEMENT_BYTES),
+        )
     }
+}
+
+/// What the scheduler and the epoch callback know of an instance's calls.
+pub struct Turns {
+    pub sched: Arc<super::Scheduler>,
+    pub tenant: Arc<super::Tenant>,
+    pub clock: Arc<super::CallClock>,
+    /// CPU budget of one call (ns).
+    pub budget_ns: u64,
+    /// When the running call last yielded its thread.
+    pub last_yield: std::time::Instant,
 }
 
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub limiter: MemoryLimiter,
-    /// Epoch ticks (of `TICK`) the current call has run; compared against `tick_budget`.
-    pub ticks_used: u64,
-    pub tick_budget: u64,
+    pub turns: Turns,
     pub ctx: Arc<InstanceContext>,
     caps: Arc<Capabilities>,
     /// Denied calls so far; logged at 1, 2, 4, 8, … so a flood cannot flood the log.
@@ -157,7 +217,12 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(ctx: Arc<InstanceContext>, max_memory: usize, caps: Arc<Capabilities>) -> Self {
+    pub fn new(
+        ctx: Arc<InstanceContext>,
+        max_memory: usize,
+        caps: Arc<Capabilities>,
+        turns: Turns,
+    ) -> Self {
         // No preopened dirs, no env, no args, no network, no stdio: only clocks and randomness.
         let wasi = WasiCtx::builder()
             .allow_tcp(false)
@@ -165,14 +230,13 @@ impl HostState {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         Self {
             wasi,
-            table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                max_bytes: max_memory,
-            },
-            ticks_used: 0,
-            tick_budget: u64::MAX,
+            table,
+            limiter: MemoryLimiter::new(max_memory),
+            turns,
             ctx,
             caps,
             denials: 0,
@@ -202,8 +266,8 @@ impl HostState {
         result
     }
 
-    fn kv_space(&self) -> String {
-        format!("kv/{}", self.ctx.plugin)
+    fn kv_space(&self) -> &str {
+        &self.ctx.kv_space
     }
 
     /// The stored key of a plugin's kv key: the SDKs' `once()` markers (`__once/<message id>`)
@@ -223,6 +287,20 @@ impl WasiView for HostState {
             table: &mut self.table,
         }
     }
+}
+
+/// Bytes `stored_key` holds now in `space` (key and value; 0 if absent).
+async fn kv_size(
+    services: &Arc<dyn Services>,
+    space: &str,
+    stored_key: &str,
+) -> Result<u64, GuestError> {
+    let old = services
+        .storage()
+        .get_record(space, stored_key)
+        .await
+        .map_err(unavailable)?;
+    Ok(old.map_or(0, |r| (stored_key.len() + r.value.len()) as u64))
 }
 
 fn check_key(key: &str) -> Result<(), GuestError> {
@@ -317,7 +395,7 @@ impl kv::Host for HostState {
         }
         let storage = self.ctx.services.storage();
         Ok(storage
-            .get_record(&self.kv_space(), &self.kv_key(&key))
+            .get_record(self.kv_space(), &self.kv_key(&key))
             .await
             .map(|r| r.map(|r| r.value))
             .map_err(unavailable))
@@ -336,42 +414,53 @@ impl kv::Host for HostState {
                 "kv values have at most {MAX_KV_VALUE} bytes"
             ))));
         }
-        // kv state counts against the disk quota like messages do.
-        if let Err(e) = self
-            .ctx
-            .services
-            .reserve_disk_bytes((key.len() + value.len()) as u64)
-        {
-            return Ok(Err(unavailable(e)));
+        let stored_key = self.kv_key(&key);
+        let (services, space) = (self.ctx.services.clone(), self.kv_space().to_string());
+        let new = (stored_key.len() + value.len()) as u64;
+        let old = match kv_size(&services, &space, &stored_key).await {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Err(e) = services.reserve_kv(&space, old, new).await {
+            return Ok(Err(e));
         }
-        let storage = self.ctx.services.storage();
-        Ok(storage
+        let written = services
+            .storage()
             .put_record(
-                &self.kv_space(),
-                &self.kv_key(&key),
+                &space,
+                &stored_key,
                 Some(value),
                 crate::storage::Expect::Any,
             )
-            .await
-            .map(drop)
-            .map_err(unavailable))
+            .await;
+        if let Err(e) = written {
+            // Not written: give the reservation back.
+            let _ = services.reserve_kv(&space, new, old).await;
+            return Ok(Err(unavailable(e)));
+        }
+        Ok(Ok(()))
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), GuestError>> {
         if let Err(e) = check_key(&key) {
             return Ok(Err(e));
         }
-        let storage = self.ctx.services.storage();
-        Ok(storage
-            .put_record(
-                &self.kv_space(),
-                &self.kv_key(&key),
-                None,
-                crate::storage::Expect::Any,
-            )
-            .await
-            .map(drop)
-            .map_err(unavailable))
+        let stored_key = self.kv_key(&key);
+        let (services, space) = (self.ctx.services.clone(), self.kv_space().to_string());
+        let old = match kv_size(&services, &space, &stored_key).await {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        let deleted = services
+            .storage()
+            .put_record(&space, &stored_key, None, crate::storage::Expect::Any)
+            .await;
+        if let Err(e) = deleted {
+            return Ok(Err(unavailable(e)));
+        }
+        // Freeing never fails: only growth is checked.
+        let _ = services.reserve_kv(&space, old, 0).await;
+        Ok(Ok(()))
     }
 
     async fn list_keys(
@@ -382,7 +471,7 @@ impl kv::Host for HostState {
         let storage = self.ctx.services.storage();
         let limit = (limit as usize).min(10_000);
         Ok(storage
-            .list_records(&self.kv_space(), &prefix, limit)
+            .list_records(self.kv_space(), &prefix, limit)
             .await
             .map(|v| v.into_iter().map(|(k, _)| k).collect())
             .map_err(unavailable))
@@ -469,5 +558,73 @@ impl http::Host for HostState {
         let caps = self.caps.clone();
         let result = caps.http(&self.ctx.grants.http, req).await;
         Ok(self.report("http", result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_encoder::{MemorySection, MemoryType, Module, RefType, TableSection, TableType};
+
+    fn instantiate(module: &[u8]) -> wasmtime::Result<()> {
+        let engine = wasmtime::Engine::default();
+        let module = wasmtime::Module::new(&engine, module)?;
+        let mut store = wasmtime::Store::new(&engine, MemoryLimiter::new(64 << 20));
+        store.limiter(|l| l);
+        wasmtime::Instance::new(&mut store, &module, &[]).map(drop)
+    }
+
+    fn memories(n: u32, pages: u64) -> Vec<u8> {
+        let mut section = MemorySection::new();
+        for _ in 0..n {
+            section.memory(MemoryType {
+                minimum: pages,
+                maximum: None,
+                memory64: false,
+                shared: false,
+                page_size_log2: None,
+            });
+        }
+        let mut m = Module::new();
+        m.section(&section);
+        m.finish()
+    }
+
+    fn is_over(r: wasmtime::Result<()>) -> bool {
+        r.is_err_and(|e| e.downcast_ref::<MemoryLimitExceeded>().is_some())
+    }
+
+    /// Issue 22's input: extra memories each under the cap used to add up past it (5 × 64 MiB
+    /// with `memory_mb` 64). 256 pages are 16 MiB; the cap is 64 MiB.
+    #[test]
+    fn the_memory_cap_holds_for_the_sum_of_an_instances_memories() {
+        instantiate(&memories(4, 256)).expect("4 × 16 MiB fit in 64 MiB");
+        assert!(is_over(instantiate(&memories(5, 256))), "5 × 16 MiB do not");
+        assert!(
+            is_over(instantiate(&memories(2, 1024))),
+            "2 × 64 MiB do not"
+        );
+    }
+
+    #[test]
+    fn tables_count_against_the_same_cap() {
+        let table = |elements: u64| {
+            let mut section = TableSection::new();
+            section.table(TableType {
+                element_type: RefType::FUNCREF,
+                minimum: elements,
+                maximum: None,
+                table64: false,
+                shared: false,
+            });
+            let mut m = Module::new();
+            m.section(&section);
+            m.finish()
+        };
+        instantiate(&table(1 << 20)).expect("16 MiB of table fits");
+        assert!(
+            is_over(instantiate(&table(5 << 20))),
+            "80 MiB of table does not"
+        );
     }
 }

@@ -1,9 +1,14 @@
 //! The plugin runtime: one wasmtime `Engine` (epoch interruption, pooling allocator), component
-//! validation and compilation, `InstancePre` per plugin version, and long-lived instances with a
-//! CPU budget and a memory cap per call. Traps, deadlines and memory overruns become
-//! [`InvokeError`]s; the host never crashes because of a plugin.
+//! validation and compilation, `InstancePre` per plugin version, the one bounded instance pool
+//! ([`Runtime::lease`]), the plugin threads and their fair scheduler ([`fair`]), and instances
+//! with a CPU budget, a wall-clock deadline and a memory cap (the sum of all their memories)
+//! per call. Traps, deadlines and memory overruns become [`InvokeError`]s; the host never
+//! crashes because of a plugin.
 
+pub mod compile;
+pub mod fair;
 pub mod host;
+mod pool;
 
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
@@ -21,9 +26,13 @@ use wasmtime::{
 use crate::bindings::{
     CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer,
 };
+pub use compile::{CompileLimits, compile_worker};
+pub use fair::{CallClock, Scheduler, Tenant};
 pub use host::{HostState, InstanceContext, PluginLimits, Services};
+pub use pool::{Lease, PoolKey, PoolStats};
 
-/// How often the engine's epoch advances; CPU budgets are counted in these ticks.
+/// How often the engine's epoch advances: CPU budgets are checked, and running calls yield, at
+/// each tick.
 pub const TICK: Duration = Duration::from_millis(10);
 
 /// Runtime settings (from `[plugins]`).
@@ -35,9 +44,18 @@ pub struct RuntimeConfig {
     pub memory_bytes: usize,
     /// Instances the pooling allocator reserves room for; 0 = allocate on demand.
     pub pool_instances: u32,
+    /// Threads that run plugin calls, and calls that run wasm at once; 0 = one per core.
+    pub threads: usize,
+    /// How compiles are bounded.
+    pub compile: CompileLimits,
+    /// How long stopping a subscription waits for its running calls before cutting them off.
+    pub stop_grace_ms: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// The most instances that exist at once when the pooling allocator is off.
+const MAX_ON_DEMAND_INSTANCES: usize = 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CompileError {
     #[error("the upload is not WebAssembly (no \\0asm header)")]
     NotWasm,
@@ -53,12 +71,18 @@ pub enum CompileError {
     UnknownWorld,
     #[error("the component needs imports this host does not provide: {0}")]
     UnsupportedImports(String),
+    #[error("the component is too costly to compile: {0}")]
+    Budget(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InvokeError {
     #[error("the plugin ran past its CPU deadline of {0} ms")]
     Timeout(u64),
+    #[error(
+        "the plugin call ran past its deadline of {0} ms of wall-clock time (sleeps, waits and capability calls count)"
+    )]
+    WallClock(u64),
     #[error("the plugin exceeded its memory limit of {0} bytes")]
     MemoryLimit(usize),
     #[error("the plugin trapped: {0}")]
@@ -73,7 +97,7 @@ impl InvokeError {
     /// A short stable name, for metrics and API answers.
     pub fn kind(&self) -> &'static str {
         match self {
-            InvokeError::Timeout(_) => "timeout",
+            InvokeError::Timeout(_) | InvokeError::WallClock(_) => "timeout",
             InvokeError::MemoryLimit(_) => "memory_limit",
             InvokeError::Trap(_) => "trap",
             InvokeError::MissingExport(_) => "missing_export",
@@ -153,11 +177,26 @@ pub struct Runtime {
     config: RuntimeConfig,
     stats: RuntimeStats,
     ticker_stop: Arc<AtomicBool>,
+    pool: pool::Pool,
+    sched: Arc<Scheduler>,
+    /// Plugin calls run on these threads, apart from the HTTP API's.
+    executor: Option<tokio::runtime::Runtime>,
+    executor_handle: tokio::runtime::Handle,
+    /// Turns for compiles (`compile.max_compiles`).
+    compiles: tokio::sync::Semaphore,
+    compile_limits: CompileLimits,
+    /// Instances the engine's pooling allocator holds (0: it allocates on demand), as a
+    /// compile worker must configure its engine alike.
+    pooled_instances: u32,
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+        // Dropping a tokio runtime blocks, which an async caller may not do.
+        if let Some(executor) = self.executor.take() {
+            executor.shutdown_background();
+        }
     }
 }
 
@@ -200,13 +239,13 @@ impl Runtime {
         config: RuntimeConfig,
         capabilities: Arc<crate::capabilities::Capabilities>,
     ) -> anyhow::Result<Self> {
-        let engine = match config.pool_instances {
-            0 => Engine::new(&engine_config(&config, false))?,
-            _ => match Engine::new(&engine_config(&config, true)) {
-                Ok(e) => e,
+        let (engine, pooled_instances) = match config.pool_instances {
+            0 => (Engine::new(&engine_config(&config, false))?, 0),
+            n => match Engine::new(&engine_config(&config, true)) {
+                Ok(e) => (e, n),
                 Err(e) => {
                     tracing::warn!(error = %e, "pooling allocator unavailable; allocating instances on demand");
-                    Engine::new(&engine_config(&config, false))?
+                    (Engine::new(&engine_config(&config, false))?, 0)
                 }
             },
         };
@@ -216,6 +255,27 @@ impl Runtime {
             &mut linker,
             |s| s,
         )?;
+        let threads = match config.threads {
+            0 => std::thread::available_parallelism().map_or(2, usize::from),
+            n => n,
+        };
+        let executor = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("wasmq-plugin")
+            .enable_all()
+            .build()?;
+        let executor_handle = executor.handle().clone();
+        let weak = engine.weak();
+        let sched = Arc::new(Scheduler::new(threads, move || {
+            if let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+            }
+        }));
+        let max_live = match config.pool_instances {
+            0 => MAX_ON_DEMAND_INSTANCES,
+            n => n as usize,
+        };
+        let compile_limits = config.compile.clone();
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
         std::thread::Builder::new()
@@ -236,7 +296,33 @@ impl Runtime {
             config,
             stats: RuntimeStats::default(),
             ticker_stop,
+            pool: pool::Pool::new(max_live),
+            sched,
+            executor: Some(executor),
+            executor_handle,
+            compiles: tokio::sync::Semaphore::new(compile_limits.max_compiles.max(1)),
+            compile_limits,
+            pooled_instances,
         })
+    }
+
+    /// Runs `fut` on the plugin threads (where every plugin call should run, apart from the
+    /// threads that serve the API).
+    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.executor_handle.spawn(fut)
+    }
+
+    /// The plugin threads' executor (to spawn long-lived plugin workers on).
+    pub fn executor(&self) -> &tokio::runtime::Handle {
+        &self.executor_handle
+    }
+
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.sched
     }
 
     pub fn capabilities(&self) -> &Arc<crate::capabilities::Capabilities> {
@@ -245,6 +331,39 @@ impl Runtime {
 
     pub fn stats(&self) -> &RuntimeStats {
         &self.stats
+    }
+
+    /// Registers the runtime's counters, its instance pool's and its scheduler's.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.stats.register(registry);
+        let pool = self.pool_stats();
+        registry.register(
+            "wasmq_plugin_instances_live",
+            "Plugin instances that exist (leased and idle), at most [plugins] pool_instances",
+            pool.live.clone(),
+        );
+        registry.register(
+            "wasmq_plugin_instances_idle",
+            "Plugin instances kept idle for their next call",
+            pool.idle.clone(),
+        );
+        registry.register(
+            "wasmq_plugin_instance_evictions",
+            "Idle instances dropped to make room for another caller's",
+            pool.evictions.clone(),
+        );
+        registry.register(
+            "wasmq_plugin_instance_waits",
+            "Callers that waited for room in the full instance pool",
+            pool.waits.clone(),
+        );
+        let waiting = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        waiting.set(self.sched.waiting() as i64);
+        registry.register(
+            "wasmq_plugin_calls_waiting",
+            "Plugin calls waiting for a CPU slot now",
+            waiting,
+        );
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -261,13 +380,7 @@ impl Runtime {
     /// Validates and compiles a component (CPU-heavy: call off the async executor). Returns the
     /// code and its serialised artifact.
     pub fn compile(&self, bytes: &[u8]) -> Result<(Arc<PluginCode>, Vec<u8>), CompileError> {
-        // Preamble: magic, then a 16-bit version and a 16-bit layer (0 = core module, 1 = component).
-        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-            return Err(CompileError::NotWasm);
-        }
-        if bytes[6..8] == [0, 0] {
-            return Err(CompileError::CoreModule);
-        }
+        compile::check_preamble(bytes)?;
         self.stats.compiles.inc();
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| CompileError::Invalid(format!("{e:#}")))?;
@@ -280,14 +393,20 @@ impl Runtime {
 
     /// Loads an artifact made by [`Runtime::compile`] of an engine with the same `engine_key`.
     pub fn load_artifact(&self, artifact: &[u8]) -> Result<Arc<PluginCode>, CompileError> {
-        // SAFETY: artifacts are written only by `compile` of this same engine configuration
-        // (they are keyed by `engine_key`) into this node's own data directory, never taken
-        // from a client or from shared storage; wasmtime also checks the embedded
+        let code = self.deserialize(artifact)?;
+        self.stats.artifact_loads.inc();
+        Ok(code)
+    }
+
+    fn deserialize(&self, artifact: &[u8]) -> Result<Arc<PluginCode>, CompileError> {
+        // SAFETY: artifacts are made only by this engine configuration, in this process
+        // (`compile`) or in a `compile-worker` child of this same binary given the same
+        // settings, and kept in this node's own data directory (keyed by `engine_key`), never
+        // taken from a client or from shared storage; wasmtime also checks the embedded
         // compatibility header.
         #[allow(unsafe_code)]
         let component = unsafe { Component::deserialize(&self.engine, artifact) }
             .map_err(|e| CompileError::Invalid(format!("stored artifact: {e:#}")))?;
-        self.stats.artifact_loads.inc();
         self.prepare(component)
     }
 
@@ -325,34 +444,57 @@ impl Runtime {
             .timeout_ms
             .unwrap_or(self.config.timeout_ms)
             .max(1);
-        let limits = RuntimeConfig {
-            timeout_ms,
-            memory_bytes,
-            pool_instances: 0,
-        };
+        let tenant = self.sched.tenant(&ctx.group);
+        let clock = Arc::new(CallClock::default());
         let mut store = Store::new(
             &self.engine,
-            HostState::new(ctx, memory_bytes, self.capabilities.clone()),
+            HostState::new(
+                ctx,
+                memory_bytes,
+                self.capabilities.clone(),
+                host::Turns {
+                    sched: self.sched.clone(),
+                    tenant: tenant.clone(),
+                    clock: clock.clone(),
+                    budget_ns: timeout_ms.saturating_mul(1_000_000),
+                    last_yield: std::time::Instant::now(),
+                },
+            ),
         );
         store.limiter(|s| &mut s.limiter);
-        // Every tick of running wasm costs one unit of budget; yielding each tick keeps a busy
-        // plugin from holding an executor thread, and host waits (SMTP, HTTP) cost nothing.
+        // The CPU budget is checked at each epoch tick (or a preemption's bump). A running call
+        // yields each tick, so other tasks of its thread run, and sooner when a tenant that
+        // used less CPU waits for a slot; host waits (SMTP, HTTP, sleeps) use no CPU budget,
+        // but count against the wall-clock deadline.
         store.epoch_deadline_callback(|mut ctx| {
-            let state = ctx.data_mut();
-            state.ticks_used += 1;
-            if state.ticks_used > state.tick_budget {
+            let turns = &mut ctx.data_mut().turns;
+            if turns.clock.used_ns() > turns.budget_ns {
                 return Err(host::DeadlineExceeded.into());
             }
-            Ok(UpdateDeadline::Yield(1))
+            let now = std::time::Instant::now();
+            if now.saturating_duration_since(turns.last_yield) >= TICK
+                || turns.sched.should_yield(&turns.tenant)
+            {
+                turns.last_yield = now;
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            Ok(UpdateDeadline::Continue(1))
         });
-        let budget = (timeout_ms / TICK.as_millis() as u64).max(1);
-        store.data_mut().ticks_used = 0;
-        store.data_mut().tick_budget = budget;
         store.set_epoch_deadline(1);
         self.stats.instantiations.inc();
-        let instance = code.pre.instantiate_async(&mut store).await.map_err(|e| {
-            classify(e, &limits).unwrap_or_else(|e| InvokeError::Instantiate(format!("{e:#}")))
-        })?;
+        let instantiated = tokio::time::timeout(
+            Duration::from_millis(timeout_ms),
+            self.sched
+                .run(&tenant, &clock, code.pre.instantiate_async(&mut store)),
+        )
+        .await;
+        let instance = match instantiated {
+            Err(_) => return Err(InvokeError::WallClock(timeout_ms)),
+            Ok(r) => r.map_err(|e| {
+                classify(e, timeout_ms)
+                    .unwrap_or_else(|e| InvokeError::Instantiate(format!("{e:#}")))
+            })?,
+        };
         let consumer = match &code.consumer {
             Some(ix) => Some(
                 ix.load(&mut store, &instance)
@@ -372,8 +514,11 @@ impl Runtime {
             consumer,
             checker,
             broken: false,
-            limits,
+            timeout_ms,
             calls: self.stats.calls.clone(),
+            sched: self.sched.clone(),
+            tenant,
+            clock,
         })
     }
 }
@@ -385,11 +530,11 @@ fn trap_text(e: &wasmtime::Error) -> String {
 }
 
 /// Maps a wasmtime error to what happened to the plugin; `Err` gives back anything else.
-fn classify(e: wasmtime::Error, config: &RuntimeConfig) -> Result<InvokeError, wasmtime::Error> {
+fn classify(e: wasmtime::Error, timeout_ms: u64) -> Result<InvokeError, wasmtime::Error> {
     if e.downcast_ref::<host::DeadlineExceeded>().is_some()
         || e.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
     {
-        return Ok(InvokeError::Timeout(config.timeout_ms));
+        return Ok(InvokeError::Timeout(timeout_ms));
     }
     if let Some(m) = e.downcast_ref::<host::MemoryLimitExceeded>() {
         return Ok(InvokeError::MemoryLimit(m.limit));
@@ -406,9 +551,12 @@ pub struct PluginInstance {
     consumer: Option<consumer::Guest>,
     checker: Option<checker::Guest>,
     broken: bool,
-    /// The resolved timeout and memory cap of this instance.
-    limits: RuntimeConfig,
+    /// CPU budget and wall-clock deadline of one call (ms).
+    timeout_ms: u64,
     calls: Counter,
+    sched: Arc<Scheduler>,
+    tenant: Arc<Tenant>,
+    clock: Arc<CallClock>,
 }
 
 impl PluginInstance {
@@ -419,18 +567,36 @@ impl PluginInstance {
 
     fn start_call(&mut self, message_id: &str) {
         self.calls.inc();
+        self.clock.reset();
         let state = self.store.data_mut();
-        state.ticks_used = 0;
         state.lines_this_call = 0;
         state.message_id = Some(message_id.to_string());
+        state.turns.last_yield = std::time::Instant::now();
         self.store.set_epoch_deadline(1);
+        // Until the call returns: a call dropped half-way (deadline, cancellation) leaves the
+        // store mid-execution, never to be used again.
+        self.broken = true;
     }
 
-    fn finish<T>(&mut self, r: wasmtime::Result<T>) -> Result<T, InvokeError> {
-        r.map_err(|e| {
-            self.broken = true;
-            classify(e, &self.limits).unwrap_or_else(|e| InvokeError::Trap(trap_text(&e)))
-        })
+    fn finish<T>(
+        &mut self,
+        r: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, InvokeError> {
+        match r {
+            Err(_) => Err(InvokeError::WallClock(self.timeout_ms)),
+            Ok(Err(e)) => {
+                Err(classify(e, self.timeout_ms)
+                    .unwrap_or_else(|e| InvokeError::Trap(trap_text(&e))))
+            }
+            Ok(Ok(v)) => {
+                self.broken = false;
+                Ok(v)
+            }
+        }
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
     }
 
     pub async fn handle(&mut self, message: &Message) -> Result<Outcome, InvokeError> {
@@ -438,7 +604,12 @@ impl PluginInstance {
             return Err(InvokeError::MissingExport(CONSUMER_EXPORT));
         };
         self.start_call(&message.id);
-        let r = guest.call_handle(&mut self.store, message).await;
+        let (sched, tenant, clock) = (self.sched.clone(), self.tenant.clone(), self.clock.clone());
+        let r = tokio::time::timeout(
+            self.deadline(),
+            sched.run(&tenant, &clock, guest.call_handle(&mut self.store, message)),
+        )
+        .await;
         // A reason is kept in dead letters, shown by the API and logged: capped and escaped.
         self.finish(r).map(|o| match o {
             Outcome::Reject(reason) => Outcome::Reject(crate::text::from_plugin(
@@ -457,7 +628,16 @@ impl PluginInstance {
             return Err(InvokeError::MissingExport(CHECKER_EXPORT));
         };
         self.start_call(&message.id);
-        let r = guest.call_check_transaction(&mut self.store, message).await;
+        let (sched, tenant, clock) = (self.sched.clone(), self.tenant.clone(), self.clock.clone());
+        let r = tokio::time::timeout(
+            self.deadline(),
+            sched.run(
+                &tenant,
+                &clock,
+                guest.call_check_transaction(&mut self.store, message),
+            ),
+        )
+        .await;
         self.finish(r)
     }
 }

@@ -257,3 +257,21 @@ pub trait Storage: Send + Sync + 'static {
     /// Finishes every write already accepted, then refuses new ones.
     async fn close(&self);
 }
+
+/// Deletes every record of a space whose key starts with `prefix` (a subscription's cursors,
+/// timers, dead letters or kv), a page of 1 000 at a time.
+pub async fn clear_space(
+    storage: &dyn Storage,
+    space: &str,
+    prefix: &str,
+) -> Result<(), StorageError> {
+    loop {
+        let batch = storage.list_records(space, prefix, 1000).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (k, _) in batch {
+            storage.put_record(space, &k, None, Expect::Any).await?;
+        }
+    }
+}

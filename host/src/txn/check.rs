@@ -117,54 +117,54 @@ impl Transactions {
         if !code.has_checker() {
             return Err(format!("plugin {plugin} does not export check-transaction"));
         }
-        // Instances are reused per plugin version and topic (whose config and grants they carry).
-        let key = (format!("{plugin}|{}", t.topic), version.version);
-        let idle = self.idle.lock().await.get_mut(&key).and_then(Vec::pop);
-        let mut instance = match idle {
-            Some(i) => i,
-            None => {
-                let ctx = InstanceContext {
-                    plugin: plugin.clone(),
-                    version: version.version,
-                    group: format!("txn-checker:{}", t.topic),
-                    member: "checker".into(),
-                    instance_index: 0,
-                    instance_count: 1,
-                    config_json: self
-                        .broker
-                        .secrets()
-                        .resolve(
-                            &topic
-                                .transaction_checker_config
-                                .clone()
-                                .unwrap_or_else(|| serde_json::json!({})),
-                        )
-                        .map_err(|e| format!("transaction_checker_config: {e}"))?
-                        .to_string(),
-                    grants: topic.transaction_checker_grants.to_grants()?,
-                    limits: version.limits,
-                    services: self.broker.clone(),
-                };
-                self.plugins
-                    .runtime()
-                    .instantiate(&code, Arc::new(ctx))
-                    .await
-                    .map_err(|e| e.to_string())?
-            }
+        let config_json = self
+            .broker
+            .secrets()
+            .resolve(
+                &topic
+                    .transaction_checker_config
+                    .clone()
+                    .unwrap_or_else(|| serde_json::json!({})),
+            )
+            .map_err(|e| format!("transaction_checker_config: {e}"))?
+            .to_string();
+        let grants = topic.transaction_checker_grants.to_grants()?;
+        // Instances are reused per plugin version, topic, config and grants.
+        let key = PoolKey {
+            plugin: plugin.clone(),
+            version: version.version,
+            owner: format!("check/{}/{config_json}|{grants:?}", t.topic),
         };
+        let ctx = Arc::new(InstanceContext {
+            // A checker looks up what the topic's consumers keep in their plugin's shared kv.
+            kv_space: crate::runtime::host::kv_space(crate::runtime::host::KvOwner::Plugin(
+                &plugin,
+            )),
+            plugin,
+            version: version.version,
+            group: format!("txn-checker:{}", t.topic),
+            member: "checker".into(),
+            instance_index: 0,
+            instance_count: 1,
+            config_json,
+            grants,
+            limits: version.limits,
+            services: self.broker.clone(),
+        });
         let Some(m) = &t.message else {
             return Err("the half message is gone".into());
         };
         let message = Message::of(&t.topic, 0, m, t.checks + 1);
-        let result = instance.check_transaction(&message).await;
-        if instance.is_usable() {
-            self.idle
-                .lock()
-                .await
-                .entry(key)
-                .or_default()
-                .push(instance);
-        }
+        let runtime = self.plugins.runtime().clone();
+        let result = self
+            .plugins
+            .runtime()
+            .spawn(async move {
+                let mut lease = runtime.lease(key, &code, || ctx).await?;
+                lease.check_transaction(&message).await
+            })
+            .await
+            .unwrap_or_else(|e| Err(InvokeError::Trap(format!("the call's task failed: {e}"))));
         result.map_err(|e| e.to_string())
     }
 }

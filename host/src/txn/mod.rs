@@ -19,7 +19,7 @@ use crate::bindings::{CheckResult, Message};
 use crate::broker::{Broker, BrokerError, Envelope};
 use crate::config::TransactionsConfig;
 use crate::plugins::{PluginError, Plugins};
-use crate::runtime::{InstanceContext, PluginInstance};
+use crate::runtime::{InstanceContext, InvokeError, PoolKey};
 use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
 
 const TXN_SPACE: &str = "txn";
@@ -159,8 +159,6 @@ pub struct Transactions {
     /// (next check time, txn id) of pending transactions.
     schedule: std::sync::Mutex<BTreeSet<(u64, String)>>,
     wake: Notify,
-    /// Idle checker instances by plugin name and version.
-    idle: tokio::sync::Mutex<HashMap<(String, u32), Vec<PluginInstance>>>,
     /// Transaction ids by state, kept as this node writes them, so counts (`/metrics`, the
     /// dashboard) and listings by state cost what they return, not every transaction ever
     /// stored. `None` when nodes share the storage: other nodes decide transactions too, so
@@ -224,7 +222,6 @@ impl Transactions {
             defaults,
             schedule: std::sync::Mutex::new(pending.into_iter().collect()),
             wake: Notify::new(),
-            idle: Default::default(),
             index: (!shared).then(|| std::sync::Mutex::new(index)),
         }))
     }

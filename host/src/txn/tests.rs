@@ -111,6 +111,9 @@ async fn transactions(storage: Arc<Counting>, shared: bool) -> Arc<Transactions>
                 timeout_ms: 1000,
                 memory_bytes: 64 << 20,
                 pool_instances: 0,
+                threads: 0,
+                compile: Default::default(),
+                stop_grace_ms: 0,
             },
             capabilities,
         )

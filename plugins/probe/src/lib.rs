@@ -60,6 +60,10 @@ enum Command {
     Flood {
         calls: u32,
     },
+    /// Sleeps `ms` milliseconds (a WASI clock wait, no CPU) and acks.
+    Sleep {
+        ms: u64,
+    },
 }
 
 fn fail(e: &wasmq_guest_sdk::Error) -> Outcome {
@@ -135,6 +139,10 @@ impl Consumer for Probe {
                     })
                     .count();
                 report(json!({"denied": denied}))
+            }
+            Command::Sleep { ms } => {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Outcome::Ack
             }
             Command::Say { text } => {
                 log::warn(&text);

@@ -28,13 +28,16 @@ use super::state::{self, Cursor, DeadLetter, SubscriptionRecord, Timer, TimerKin
 use super::{DispatchError, Handles};
 use crate::base::now_ms;
 use crate::bindings::{Message, Outcome};
-use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginInstance, PluginLimits};
+use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey};
 use crate::storage::{Expect, Storage, StorageError, StoredMessage};
 use offsets::{Parked, mark_done, park};
 pub use offsets::{ensure_cursors, start_offset};
 use outcome::{Fate, OUTCOMES, count, judge, outcome_index};
 use timers::sleep_until_ms;
 use worker::{Rate, WorkItem, WorkQueue, worker};
+
+/// Numbers runner starts (pool keys of their instances).
+static RUNS: AtomicU64 = AtomicU64::new(0);
 
 /// Messages read from storage per round trip.
 const READ_BATCH: usize = 256;
@@ -175,6 +178,10 @@ pub struct Runner {
     /// written by another node, means it must restart).
     pub record_updated_at: u64,
     cancel: CancellationToken,
+    /// Cuts off plugin calls still running (after the grace, or at once when fenced).
+    abort: CancellationToken,
+    /// How long a stop waits for running calls before cutting them off.
+    grace: Duration,
     tracker: TaskTracker,
     pub shared: Arc<RunnerShared>,
 }
@@ -198,11 +205,24 @@ impl Runner {
         self.tracker.spawn(task);
     }
 
-    /// Stops fetching, lets in-flight messages finish and their offsets be stored, then returns.
+    /// Stops fetching and lets in-flight messages finish and their offsets be stored, then
+    /// returns. Calls still running after `[plugins] stop_grace_ms` are cut off (not done, no
+    /// attempt counted; the message is delivered again), so a stop never waits out a sleeping
+    /// or slow plugin. A fenced runner (lost lease, offset moved by another node) cuts them at
+    /// once: their work belongs to another owner now.
     pub async fn stop(self) {
+        if self.cancel.is_cancelled() {
+            self.abort.cancel();
+        }
         self.cancel.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
     }
 }
 
@@ -338,7 +358,11 @@ pub async fn start(
         .map_err(|e| DispatchError::Invalid(format!("config: {e}")))?
         .to_string();
     let cancel = CancellationToken::new();
+    let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Each run's instances are its own: a restarted runner (new config, grants, version) never
+    // gets an instance of the run before it.
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let ctx_for = |index: u32| InstanceContext {
         plugin: spec.plugin.clone(),
         version: version.version,
@@ -349,6 +373,7 @@ pub async fn start(
         config_json: config_json.clone(),
         grants: grants.clone(),
         limits,
+        kv_space: spec.kv_space(&record.group),
         services: env.broker.clone(),
     };
     let active: Vec<bool> = members.iter().map(|m| m.owned.contains(&true)).collect();
@@ -364,13 +389,23 @@ pub async fn start(
         // Instances serve only members this node runs something of.
         if active[m] {
             let rx = channels[m].1.clone();
-            tracker.spawn(worker(
-                env.clone(),
-                code.clone(),
-                Arc::new(ctx_for(i)),
-                rx,
-                cancel.clone(),
-            ));
+            let key = PoolKey {
+                plugin: spec.plugin.clone(),
+                version: version.version,
+                owner: format!("sub/{}/{run}/{i}", record.group),
+            };
+            tracker.spawn_on(
+                worker(
+                    env.clone(),
+                    code.clone(),
+                    Arc::new(ctx_for(i)),
+                    key,
+                    rx,
+                    cancel.clone(),
+                    abort.clone(),
+                ),
+                env.plugins.runtime().executor(),
+            );
         }
     }
     for (m, (shared_member, cursors)) in members.iter().zip(starts).enumerate() {
@@ -421,6 +456,8 @@ pub async fn start(
         units,
         record_updated_at: record.updated_at,
         cancel,
+        abort,
+        grace: Duration::from_millis(env.plugins.runtime().config().stop_grace_ms),
         tracker,
         shared,
     })

@@ -77,7 +77,7 @@ pub(super) fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
         Ok(Outcome::Ack) => 0,
         Ok(Outcome::Retry(_)) => 1,
         Ok(Outcome::Reject(_)) => 2,
-        Err(InvokeError::Timeout(_)) => 3,
+        Err(InvokeError::Timeout(_) | InvokeError::WallClock(_)) => 3,
         Err(InvokeError::MemoryLimit(_)) => 4,
         Err(InvokeError::Trap(_)) => 5,
         Err(InvokeError::MissingExport(_) | InvokeError::Instantiate(_)) => 6,

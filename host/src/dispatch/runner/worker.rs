@@ -32,17 +32,22 @@ impl Rate {
     }
 }
 
-/// One plugin instance serving a work channel; replaced after a trap, timeout or memory overrun.
-/// Once `cancel` fires, messages still queued are dropped unstarted (their senders see the
-/// reply channel closed: not done, no attempt made), so a stop waits only for calls running.
+/// One plugin instance's worth of service on a work channel: each call leases the instance of
+/// `key` from the runtime's pool (the same one each time unless the pool evicted it; a new one
+/// after a trap, timeout or memory overrun). Runs on the plugin threads. Once `cancel` fires,
+/// messages still queued are dropped unstarted; once `abort` fires, a call running is cut off
+/// too (their senders see the reply channel closed: not done, no attempt counted), so a stop
+/// or a lost lease waits for no plugin.
 pub(super) async fn worker(
     env: Handles,
     code: Arc<PluginCode>,
     ctx: Arc<InstanceContext>,
+    key: PoolKey,
     work: WorkQueue,
     cancel: CancellationToken,
+    abort: CancellationToken,
 ) {
-    let mut instance: Option<PluginInstance> = None;
+    let runtime = env.plugins.runtime().clone();
     let metrics = env.broker.metrics().clone();
     let group = crate::metrics::GroupLabel {
         group: ctx.group.clone(),
@@ -59,18 +64,18 @@ pub(super) async fn worker(
         if cancel.is_cancelled() {
             continue;
         }
-        if instance.is_none() {
-            match env.plugins.runtime().instantiate(&code, ctx.clone()).await {
-                Ok(i) => instance = Some(i),
-                Err(e) => {
-                    tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
-                    let _ = item.reply.send(Err(e));
-                    continue;
-                }
+        let leased = tokio::select! {
+            biased;
+            () = cancel.cancelled() => continue,
+            l = runtime.lease(key.clone(), &code, || ctx.clone()) => l,
+        };
+        let mut lease = match leased {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
+                let _ = item.reply.send(Err(e));
+                continue;
             }
-        }
-        let Some(inst) = instance.as_mut() else {
-            continue;
         };
         let m = &item.message.message;
         if item.attempt == 1 {
@@ -79,14 +84,14 @@ pub(super) async fn worker(
             delay.observe(crate::base::now_ms().saturating_sub(due) as f64 / 1000.0);
         }
         let started = std::time::Instant::now();
-        let result = inst
-            .handle(&Message::of(
-                &item.message.topic,
-                item.message.offset,
-                m,
-                item.attempt,
-            ))
-            .await;
+        let message = Message::of(&item.message.topic, item.message.offset, m, item.attempt);
+        let result = tokio::select! {
+            biased;
+            // Cut off: the instance is dropped (its store stopped mid-call) and the reply too.
+            () = abort.cancelled() => continue,
+            r = lease.handle(&message) => r,
+        };
+        drop(lease);
         duration.observe(started.elapsed().as_secs_f64());
         let i = outcome_index(&result);
         outcomes[i]
@@ -107,11 +112,9 @@ pub(super) async fn worker(
                 tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %m.id, error = %e, failures, "plugin call failed");
             }
         }
-        if !inst.is_usable() {
-            instance = None;
-        }
         let _ = item.reply.send(result);
     }
+    runtime.forget_key(&key);
 }
 
 impl Member {

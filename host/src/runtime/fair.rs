@@ -1,0 +1,452 @@
+//! Fair CPU scheduling of plugin calls between subscriptions: at most `slots` calls run wasm at
+//! once, and a freed slot goes to the waiting tenant (subscription, invoke API, checker) that has
+//! used the least CPU so far, its *virtual runtime*, as Linux's CFS picks the next task. A call
+//! holds a slot only while wasm runs (one poll of its future): a call waiting on a host
+//! capability, a WASI sleep or a timer holds none.
+//!
+//! Why not tokio's own scheduling: a looping call yields once per epoch tick and goes to the back
+//! of the run queue, behind every other looping call, so with k looping subscriptions a healthy
+//! one ran one call per k ticks (issue 22: 12 msg/s beside 8 loops). Here a healthy tenant's
+//! virtual runtime stays low, so it is served first, and when it waits while all slots are busy
+//! it bumps the engine's epoch so that running calls reach their yield point now, not at the
+//! next tick.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+/// A waiter preempts a running call only if it has used this much less CPU (ns): running calls
+/// of tenants with similar use are not interrupted for each other, only at the next tick.
+const PREEMPT_GRANULARITY_NS: u64 = 2_000_000;
+/// How much CPU credit (ns) a tenant that was idle may bring back: it is placed at most this far
+/// behind the tenants that kept running, so a long pause does not buy a long monopoly.
+const IDLE_CREDIT_NS: u64 = 20_000_000;
+
+/// One party whose calls share a fair part of the CPU (by name: a subscription's group, the
+/// invoke API, a topic's checker).
+#[derive(Debug)]
+pub struct Tenant {
+    name: String,
+    /// CPU (ns) its calls have used, moved up to the floor when it comes back from idle.
+    vruntime: AtomicU64,
+}
+
+impl Tenant {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// CPU (ns) its calls have used, as the scheduler counts it.
+    pub fn vruntime_ns(&self) -> u64 {
+        self.vruntime.load(Ordering::Relaxed)
+    }
+}
+
+struct Waiter {
+    tenant: Arc<Tenant>,
+    seq: u64,
+    tx: oneshot::Sender<()>,
+}
+
+struct Inner {
+    free: usize,
+    /// Virtual runtime of the last tenant granted a slot from the queue (never decreases).
+    floor: u64,
+    seq: u64,
+    /// Invariant: non-empty only while `free` is 0.
+    waiters: Vec<Waiter>,
+    /// Tenants holding a slot (one entry per slot held).
+    running: Vec<Arc<Tenant>>,
+}
+
+/// Hands out `slots` wasm-running slots fairly between tenants.
+pub struct Scheduler {
+    slots: usize,
+    inner: Mutex<Inner>,
+    tenants: Mutex<HashMap<String, Weak<Tenant>>>,
+    /// Called when a waiter should preempt a running call (bumps the engine's epoch).
+    preempt: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Scheduler {
+    /// `slots` calls may run wasm at once (at least 1); `preempt` makes running calls reach
+    /// their epoch callback, where they yield if [`Scheduler::should_yield`] says so.
+    pub fn new(slots: usize, preempt: impl Fn() + Send + Sync + 'static) -> Self {
+        let slots = slots.max(1);
+        Self {
+            slots,
+            inner: Mutex::new(Inner {
+                free: slots,
+                floor: 0,
+                seq: 0,
+                waiters: Vec::new(),
+                running: Vec::with_capacity(slots),
+            }),
+            tenants: Mutex::new(HashMap::new()),
+            preempt: Box::new(preempt),
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// The tenant called `name`; every caller with the same name shares one.
+    pub fn tenant(&self, name: &str) -> Arc<Tenant> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = tenants.get(name).and_then(Weak::upgrade) {
+            return t;
+        }
+        // Forget tenants nobody holds any more, so the map stays as small as the live set.
+        tenants.retain(|_, t| t.strong_count() > 0);
+        let floor = self.lock().floor;
+        let t = Arc::new(Tenant {
+            name: name.to_string(),
+            vruntime: AtomicU64::new(floor.saturating_sub(IDLE_CREDIT_NS)),
+        });
+        tenants.insert(name.to_string(), Arc::downgrade(&t));
+        t
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Calls waiting for a slot right now.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiters.len()
+    }
+
+    /// True if a waiter has used clearly less CPU than `tenant`: a running call of `tenant`
+    /// should give its slot up at its next yield point.
+    pub fn should_yield(&self, tenant: &Tenant) -> bool {
+        let inner = self.lock();
+        let mine = tenant.vruntime_ns();
+        inner.waiters.iter().any(|w| {
+            w.tenant
+                .vruntime_ns()
+                .saturating_add(PREEMPT_GRANULARITY_NS)
+                < mine
+        })
+    }
+
+    fn try_acquire(&self, tenant: &Arc<Tenant>) -> bool {
+        let mut inner = self.lock();
+        if inner.free > 0 {
+            inner.free -= 1;
+            inner.running.push(tenant.clone());
+            return true;
+        }
+        false
+    }
+
+    /// Queues a request for a slot; the receiver completes when one is handed over.
+    fn enqueue(&self, tenant: &Arc<Tenant>) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let preempt = {
+            let mut inner = self.lock();
+            if inner.free > 0 {
+                inner.free -= 1;
+                inner.running.push(tenant.clone());
+                let _ = tx.send(());
+                return rx;
+            }
+            // Back from idle: no more than a little credit over those that kept running.
+            let floor = inner.floor.saturating_sub(IDLE_CREDIT_NS);
+            tenant.vruntime.fetch_max(floor, Ordering::Relaxed);
+            inner.seq += 1;
+            let seq = inner.seq;
+            inner.waiters.push(Waiter {
+                tenant: tenant.clone(),
+                seq,
+                tx,
+            });
+            let mine = tenant.vruntime_ns().saturating_add(PREEMPT_GRANULARITY_NS);
+            inner.running.iter().any(|r| mine < r.vruntime_ns())
+        };
+        if preempt {
+            (self.preempt)();
+        }
+        rx
+    }
+
+    /// Gives a slot back after `tenant` ran `used` on it, handing it to the waiter with the
+    /// least virtual runtime (the earliest among equals).
+    fn release(&self, tenant: &Arc<Tenant>, used: Duration) {
+        let used_ns = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX);
+        tenant.vruntime.fetch_add(used_ns, Ordering::Relaxed);
+        let mut inner = self.lock();
+        if let Some(i) = inner.running.iter().position(|r| Arc::ptr_eq(r, tenant)) {
+            inner.running.swap_remove(i);
+        }
+        loop {
+            let Some(i) = inner
+                .waiters
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| (w.tenant.vruntime_ns(), w.seq))
+                .map(|(i, _)| i)
+            else {
+                inner.free += 1;
+                return;
+            };
+            let w = inner.waiters.swap_remove(i);
+            let v = w.tenant.vruntime_ns();
+            if w.tx.send(()).is_ok() {
+                inner.floor = inner.floor.max(v);
+                inner.running.push(w.tenant);
+                return;
+            }
+            // That waiter gave up (its call was dropped): offer the slot to the next.
+        }
+    }
+
+    /// Runs `fut` so that each of its polls (each stretch of wasm between yields) holds a slot;
+    /// `clock` learns when a poll starts and how long polls took, for the call's CPU budget.
+    pub async fn run<F: Future>(
+        &self,
+        tenant: &Arc<Tenant>,
+        clock: &CallClock,
+        fut: F,
+    ) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut turn = Turn {
+            sched: self,
+            tenant,
+            waiting: None,
+        };
+        std::future::poll_fn(|cx: &mut Context<'_>| {
+            match turn.waiting.as_mut() {
+                Some(rx) => match Pin::new(rx).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(_) => turn.waiting = None,
+                },
+                None => {
+                    if !self.try_acquire(tenant) {
+                        let mut rx = self.enqueue(tenant);
+                        if Pin::new(&mut rx).poll(cx).is_pending() {
+                            turn.waiting = Some(rx);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            }
+            let started = Instant::now();
+            clock.poll_started(started);
+            let r = fut.as_mut().poll(cx);
+            let used = started.elapsed();
+            clock.poll_ended(used);
+            self.release(tenant, used);
+            r
+        })
+        .await
+    }
+}
+
+/// A place in the queue; dropped with the call, it gives back a slot handed over but not used.
+struct Turn<'a> {
+    sched: &'a Scheduler,
+    tenant: &'a Arc<Tenant>,
+    waiting: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.waiting.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                self.sched.release(self.tenant, Duration::ZERO);
+            }
+        }
+    }
+}
+
+/// The CPU a call has used: the time its polls held a slot, plus the poll running now. Shared by
+/// the scheduler (which times polls) and the epoch callback (which enforces the budget).
+#[derive(Debug)]
+pub struct CallClock {
+    base: Instant,
+    /// CPU (ns) of finished polls of the current call.
+    used_ns: AtomicU64,
+    /// When the running poll started (ns after `base`); 0 while none runs.
+    poll_start_ns: AtomicU64,
+}
+
+impl Default for CallClock {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            used_ns: AtomicU64::new(0),
+            poll_start_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl CallClock {
+    fn since_base(&self, at: Instant) -> u64 {
+        // +1: a poll starting at the base instant still reads as running.
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    fn poll_started(&self, at: Instant) {
+        self.poll_start_ns
+            .store(self.since_base(at), Ordering::Relaxed);
+    }
+
+    fn poll_ended(&self, used: Duration) {
+        self.poll_start_ns.store(0, Ordering::Relaxed);
+        let ns = u64::try_from(used.as_nanos()).unwrap_or(u64::MAX);
+        let _ = self
+            .used_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_add(ns))
+            });
+    }
+
+    /// Starts a new call: nothing used yet.
+    pub fn reset(&self) {
+        self.used_ns.store(0, Ordering::Relaxed);
+    }
+
+    /// CPU (ns) used by the current call so far, the running poll included.
+    pub fn used_ns(&self) -> u64 {
+        let done = self.used_ns.load(Ordering::Relaxed);
+        match self.poll_start_ns.load(Ordering::Relaxed) {
+            0 => done,
+            start => done.saturating_add(self.since_base(Instant::now()).saturating_sub(start)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A future that "runs wasm" for `step` per poll and yields, `polls` times, counting its
+    /// polls in `count`.
+    async fn spin(step: Duration, polls: u32, count: &AtomicUsize) {
+        for _ in 0..polls {
+            std::thread::sleep(step);
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn a_freed_slot_goes_to_the_tenant_that_used_least() {
+        let bumps = Arc::new(AtomicUsize::new(0));
+        let b = bumps.clone();
+        let s = Scheduler::new(1, move || {
+            b.fetch_add(1, Ordering::Relaxed);
+        });
+        let (hog, light) = (s.tenant("hog"), s.tenant("light"));
+        assert!(s.try_acquire(&hog));
+        s.release(&hog, Duration::from_millis(50));
+        assert!(s.try_acquire(&hog));
+        // Both wait; the light one has used nothing and is served first despite arriving last.
+        let mut hog_rx = s.enqueue(&hog);
+        let mut light_rx = s.enqueue(&light);
+        assert_eq!(
+            bumps.load(Ordering::Relaxed),
+            1,
+            "only the light waiter preempts"
+        );
+        assert!(s.should_yield(&hog));
+        s.release(&hog, Duration::from_millis(10));
+        assert!(light_rx.try_recv().is_ok());
+        assert!(hog_rx.try_recv().is_err());
+        s.release(&light, Duration::from_micros(5));
+        assert!(hog_rx.try_recv().is_ok());
+        s.release(&hog, Duration::ZERO);
+        assert_eq!(s.lock().free, 1);
+        assert!(s.lock().running.is_empty());
+    }
+
+    #[test]
+    fn a_tenant_back_from_idle_brings_little_credit() {
+        let s = Scheduler::new(1, || {});
+        let (a, b) = (s.tenant("a"), s.tenant("b"));
+        assert!(s.try_acquire(&a));
+        let rx = s.enqueue(&b);
+        s.release(&a, Duration::from_secs(10));
+        drop(rx);
+        // b was granted at vruntime 0 and the floor is 0; now a long run of b moves the floor.
+        s.release(&b, Duration::from_secs(20));
+        assert!(s.try_acquire(&a));
+        let _rx = s.enqueue(&b);
+        s.release(&a, Duration::ZERO);
+        let c = s.tenant("c");
+        assert!(
+            c.vruntime_ns() + IDLE_CREDIT_NS >= s.lock().floor,
+            "a new tenant starts near the floor, not at 0"
+        );
+    }
+
+    #[test]
+    fn a_dropped_waiter_hands_its_slot_on() {
+        let s = Scheduler::new(1, || {});
+        let (a, b, c) = (s.tenant("a"), s.tenant("b"), s.tenant("c"));
+        assert!(s.try_acquire(&a));
+        let rx_b = s.enqueue(&b);
+        let mut rx_c = s.enqueue(&c);
+        drop(rx_b);
+        s.release(&a, Duration::ZERO);
+        assert!(rx_c.try_recv().is_ok(), "b left the queue; c gets the slot");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn with_one_slot_a_light_tenant_waits_for_one_hog_poll_not_a_round_of_them() {
+        const HOGS: usize = 6;
+        let s = Arc::new(Scheduler::new(1, || {}));
+        let hog_polls = Arc::new(AtomicUsize::new(0));
+        let mut hogs = Vec::new();
+        for i in 0..HOGS {
+            let (s, hog_polls) = (s.clone(), hog_polls.clone());
+            hogs.push(tokio::spawn(async move {
+                let t = s.tenant(&format!("hog{i}"));
+                let clock = CallClock::default();
+                s.run(&t, &clock, spin(Duration::from_millis(2), 100, &hog_polls))
+                    .await;
+                clock.used_ns()
+            }));
+        }
+        // Every hog has run (so none is still at virtual runtime 0, where ties go by arrival)
+        // and all are running or queued before the light tenant starts asking.
+        while hog_polls.load(Ordering::SeqCst) < 2 * HOGS || s.waiting() < HOGS - 1 {
+            tokio::task::yield_now().await;
+        }
+        let light = s.tenant("light");
+        let mut worst = 0;
+        for _ in 0..30 {
+            let clock = CallClock::default();
+            let before = hog_polls.load(Ordering::SeqCst);
+            let ran_after = s
+                .run(&light, &clock, async { hog_polls.load(Ordering::SeqCst) })
+                .await;
+            worst = worst.max(ran_after - before);
+            if s.waiting() == 0 {
+                break;
+            }
+        }
+        for h in hogs {
+            let used = h.await.expect("hog");
+            assert!(
+                used >= 100 * 2_000_000,
+                "a hog's clock counts its polls: {used} ns"
+            );
+        }
+        // Counted, not timed: served in arrival order the light call would wait behind up to
+        // HOGS polls; served by least CPU it waits for the poll running when it asked (and one
+        // that started between reading the count and asking).
+        assert!(worst <= 2, "hog polls ran before a light call: {worst}");
+    }
+}
