@@ -8,11 +8,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use wasmq::config::FlushMode;
-use wasmq_tests::plugins::{ECHO, LATENCY};
+use wasmq_tests::plugins::ECHO;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -63,82 +63,12 @@ async fn throughput(n: usize, instances: u32) -> (f64, f64) {
     (publish_rate, rate)
 }
 
-/// Publishes at `rate` msg/s for `secs` (batches of 10 every `10/rate` s), each stamped with
-/// its send time; returns the latencies the plugin measured, in µs, sorted.
+/// Publish→handle latency at `rate` msg/s for `secs` on a fresh server (see
+/// [`common::latency`]), in µs, sorted.
 async fn latency(rate: u64, secs: u64, flush: FlushMode) -> Vec<u64> {
     let s = common::Server::start(flush).await;
-    s.put("/v1/topics/lat", json!({"queues": 4})).await;
-    s.put("/v1/topics/report", json!({"queues": 1})).await;
-    s.upload("latency", LATENCY).await;
-    let every = 500usize;
-    s.put(
-        "/v1/subscriptions/lat",
-        json!({"topic": "lat", "plugin": "latency", "instances": 4, "start": "latest",
-               "config": {"report": "report", "every": every}, "grants": {"publish": ["report"]}}),
-    )
-    .await;
-    let url = format!("{}/v1/topics/lat/messages/batch", s.url);
-    let batches = rate * secs / 10;
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(10.0 / rate as f64));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut sends = Vec::new();
-    for _ in 0..batches {
-        ticker.tick().await;
-        let sent_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_micros()
-            .to_string();
-        let msg = json!({"body": "x".repeat(254), "properties": {"sent_us": sent_us}});
-        let (http, url) = (s.http.clone(), url.clone());
-        sends.push(tokio::spawn(async move {
-            let r = http
-                .post(&url)
-                .json(&json!({"messages": vec![msg; 10]}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-        }));
-    }
-    for t in sends {
-        t.await.unwrap();
-    }
-    // Each instance reports in batches; wait for whole batches of everything that was sent.
-    let expected = (batches * 10) as usize;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut samples: Vec<u64> = Vec::new();
-    while Instant::now() < deadline {
-        samples.clear();
-        let mut from = 0;
-        loop {
-            let page = s
-                .get(&format!(
-                    "/v1/topics/report/messages?queue=0&from={from}&limit=1000"
-                ))
-                .await;
-            let msgs = page["messages"].as_array().unwrap().clone();
-            if msgs.is_empty() {
-                break;
-            }
-            from += msgs.len();
-            for m in msgs {
-                samples.extend(
-                    m["body"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|v: &Value| v.as_u64().unwrap()),
-                );
-            }
-        }
-        if samples.len() + 4 * every > expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let samples = common::latency(&s, rate, secs).await;
     s.stop().await;
-    samples.sort_unstable();
     samples
 }
 

@@ -10,8 +10,10 @@
 //! 3. [`logs`] (plugin log rings and followers), [`metrics`] (counters and histograms the broker
 //!    and dispatch update), [`capabilities`] (email, SMS, allow-listed HTTP, and the grants
 //!    that allow them).
-//! 4. [`runtime`]: wasmtime engine, limits, instances and the imports they call; what it needs
-//!    of the broker (kv, publish) is its [`runtime::Services`] trait.
+//! 4. [`runtime`]: wasmtime engine, instance limits, the imports plugins call, the one bounded
+//!    instance pool, the plugin threads and their fair scheduler, and bounded compiles (in a
+//!    child process); what it needs of the broker (kv, publish) is its [`runtime::Services`]
+//!    trait.
 //! 5. [`broker`]: topics, publish validation, queue selection (and `runtime::Services` for it).
 //! 6. [`plugins`] (catalogue: versions, code, compiled artifacts), [`cluster`] (nodes, leases).
 //! 7. [`txn`] (half messages and check-back) and [`dispatch`] (subscriptions and delivery:

@@ -7,57 +7,10 @@
 use std::path::Path;
 
 use serde_json::{Value, json};
-use wasmq_tests::ChildServer;
 use wasmq_tests::plugins::PROBE;
+use wasmq_tests::{ChildServer, costly_component};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wasmq");
-
-/// A component whose one core module has a start function with 4 000 `i64` locals, all
-/// rewritten inside 200 nested loops (~100 kB): cheap to validate, very costly for the
-/// compiler's SSA construction and register allocation (every loop header carries every local):
-/// 414 CPU-seconds on the 2-core machine of issue 22, whose input (a start function with 2 000
-/// locals) took 115. `salt` makes distinct bytes.
-fn costly_component(salt: u32) -> Vec<u8> {
-    use wasm_encoder::{
-        BlockType, CodeSection, Component, Function, FunctionSection, Instruction, Module,
-        ModuleSection, StartSection, TypeSection, ValType,
-    };
-    const LOCALS: u32 = 4000;
-    const DEPTH: u32 = 200;
-    let mut types = TypeSection::new();
-    types.ty().function([], []);
-    let mut funcs = FunctionSection::new();
-    funcs.function(0);
-    let mut f = Function::new([(LOCALS, ValType::I64)]);
-    f.instruction(&Instruction::I64Const(i64::from(salt)));
-    f.instruction(&Instruction::LocalSet(0));
-    for _ in 0..DEPTH {
-        f.instruction(&Instruction::Loop(BlockType::Empty));
-    }
-    for n in 0..10_000u32 {
-        f.instruction(&Instruction::LocalGet(n.wrapping_mul(7) % LOCALS));
-        f.instruction(&Instruction::LocalGet((n.wrapping_mul(13) + 1) % LOCALS));
-        f.instruction(&Instruction::I64Add);
-        f.instruction(&Instruction::LocalSet((n.wrapping_mul(17) + 3) % LOCALS));
-    }
-    for d in 0..DEPTH {
-        f.instruction(&Instruction::LocalGet(d));
-        f.instruction(&Instruction::I64Eqz);
-        f.instruction(&Instruction::BrIf(0));
-        f.instruction(&Instruction::End);
-    }
-    f.instruction(&Instruction::End);
-    let mut code = CodeSection::new();
-    code.function(&f);
-    let mut module = Module::new();
-    module.section(&types);
-    module.section(&funcs);
-    module.section(&StartSection { function_index: 0 });
-    module.section(&code);
-    let mut component = Component::new();
-    component.section(&ModuleSection(&module));
-    component.finish()
-}
 
 fn config(dir: &Path, toml: &str) -> String {
     let path = dir.join("wasmq.toml");

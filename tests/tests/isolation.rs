@@ -21,11 +21,12 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// The input, scaled to a count: 4 looping calls that each may run for a minute, beside
-/// a subscription with one instance that must handle 2 000 messages. Served in turn by tokio
+/// a subscription with one instance that must handle 10 000 messages. Served in turn by tokio
 /// alone (each looping call holds a thread for a tick, the healthy worker waits behind all of
-/// them), the healthy one managed ~12 calls/s: 2 000 took minutes, so the looping calls hit
-/// their deadline first. With the fair scheduler the healthy one is served at the next yield
-/// point and drains while all 4 loops are still in their first call.
+/// them), the healthy one managed ~12 calls/s (and ~100/s with fair slots but no spare
+/// thread): 10 000 took minutes, so the looping calls hit their deadline first. With the fair
+/// scheduler the healthy one is served at once and drains while all 4 loops are still in
+/// their first call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_subscription_drains_while_looping_calls_run() {
     let dir = tempfile::tempdir().unwrap();

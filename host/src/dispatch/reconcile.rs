@@ -29,19 +29,20 @@ impl Dispatcher {
             }
         }
         // What this node should run of each subscription.
-        let (targets, release): (HashMap<String, runner::Units>, Vec<String>) = match &self.share {
-            None => (
-                wanted.keys().map(|g| (g.clone(), None)).collect(),
-                Vec::new(),
-            ),
-            Some(share) => {
-                let list: Vec<(&SubscriptionRecord, u32)> =
-                    wanted.values().map(|(r, q)| (r, *q)).collect();
-                let a = share.assign(&list).await?;
-                let run = a.run.into_iter().map(|(g, u)| (g, Some(u))).collect();
-                (run, a.release)
-            }
-        };
+        let (targets, release): (HashMap<String, runner::Assignment>, Vec<String>) =
+            match &self.share {
+                None => (
+                    wanted.keys().map(|g| (g.clone(), None)).collect(),
+                    Vec::new(),
+                ),
+                Some(share) => {
+                    let list: Vec<(&SubscriptionRecord, u32)> =
+                        wanted.values().map(|(r, q)| (r, *q)).collect();
+                    let a = share.assign(&list).await?;
+                    let run = a.run.into_iter().map(|(g, u)| (g, Some(u))).collect();
+                    (run, a.release)
+                }
+            };
         if self.share.is_some()
             && self.env.broker.limits().max_backlog > 0
             && let Err(e) = self.read_stored_offsets(&wanted).await
@@ -115,7 +116,7 @@ impl Dispatcher {
     }
 
     /// Whether `group`'s runner stopped on its own or runs other units than `units`.
-    pub(super) async fn runner_differs(&self, group: &str, units: &runner::Units) -> bool {
+    pub(super) async fn runner_differs(&self, group: &str, units: &runner::Assignment) -> bool {
         self.runners
             .lock()
             .await
@@ -165,7 +166,7 @@ impl Dispatcher {
         &self,
         record: &SubscriptionRecord,
         queues: u32,
-        units: runner::Units,
+        units: runner::Assignment,
     ) -> Result<(), DispatchError> {
         if !self.is_active() {
             return Ok(());

@@ -8,6 +8,8 @@
 pub mod compile;
 pub mod fair;
 pub mod host;
+mod instance;
+mod limits;
 mod pool;
 
 use std::hash::{Hash as _, Hasher as _};
@@ -19,16 +21,15 @@ use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
 };
 
-use crate::bindings::{
-    CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer,
-};
+use crate::bindings::{CHECKER_EXPORT, CONSUMER_EXPORT, checker, consumer};
 pub use compile::{CompileLimits, compile_worker};
 pub use fair::{CallClock, Scheduler, Tenant};
 pub use host::{HostState, InstanceContext, PluginLimits, Services};
+pub use instance::PluginInstance;
+use instance::classify;
 pub use pool::{Lease, PoolKey, PoolStats};
 
 /// How often the engine's epoch advances: CPU budgets are checked, and running calls yield, at
@@ -51,6 +52,9 @@ pub struct RuntimeConfig {
     /// How long stopping a subscription waits for its running calls before cutting them off.
     pub stop_grace_ms: u64,
 }
+
+/// The nice value of the plugin threads (the broker's own run at the process's, usually 0).
+const PLUGIN_NICE: i32 = 10;
 
 /// The most instances that exist at once when the pooling allocator is off.
 const MAX_ON_DEMAND_INSTANCES: usize = 1024;
@@ -259,9 +263,22 @@ impl Runtime {
             0 => std::thread::available_parallelism().map_or(2, usize::from),
             n => n,
         };
+        // One thread more than calls may run wasm at once: while every slot runs a call, a
+        // thread is still free to take a woken worker (a healthy subscription's next message)
+        // at once, so it can ask the scheduler for a slot and preempt; otherwise it would wait
+        // in tokio's queues behind the running calls' tasks (measured: ~100 calls/s beside 4
+        // loops, one per epoch tick).
         let executor = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .worker_threads(threads + 1)
             .thread_name("wasmq-plugin")
+            // Below the broker's own threads (API, dispatch, storage writer) at the OS level:
+            // looping plugins cannot hold the cores those need (on Linux the nice value is per
+            // thread, and `None` is the calling one).
+            .on_thread_start(|| {
+                if let Err(e) = rustix::process::setpriority_process(None, PLUGIN_NICE) {
+                    tracing::debug!(error = %e, "cannot lower the plugin threads' priority");
+                }
+            })
             .enable_all()
             .build()?;
         let executor_handle = executor.handle().clone();
@@ -520,124 +537,5 @@ impl Runtime {
             tenant,
             clock,
         })
-    }
-}
-
-/// A trap's text (it names the plugin's own functions and may carry its messages): capped and
-/// escaped like every plugin-provided string.
-fn trap_text(e: &wasmtime::Error) -> String {
-    crate::text::from_plugin(&format!("{e:#}"), 2 * crate::text::MAX_REASON_BYTES)
-}
-
-/// Maps a wasmtime error to what happened to the plugin; `Err` gives back anything else.
-fn classify(e: wasmtime::Error, timeout_ms: u64) -> Result<InvokeError, wasmtime::Error> {
-    if e.downcast_ref::<host::DeadlineExceeded>().is_some()
-        || e.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
-    {
-        return Ok(InvokeError::Timeout(timeout_ms));
-    }
-    if let Some(m) = e.downcast_ref::<host::MemoryLimitExceeded>() {
-        return Ok(InvokeError::MemoryLimit(m.limit));
-    }
-    if e.downcast_ref::<Trap>().is_some() {
-        return Ok(InvokeError::Trap(trap_text(&e)));
-    }
-    Err(e)
-}
-
-/// One live instance: reused across calls until a call fails, then it must be replaced.
-pub struct PluginInstance {
-    store: Store<HostState>,
-    consumer: Option<consumer::Guest>,
-    checker: Option<checker::Guest>,
-    broken: bool,
-    /// CPU budget and wall-clock deadline of one call (ms).
-    timeout_ms: u64,
-    calls: Counter,
-    sched: Arc<Scheduler>,
-    tenant: Arc<Tenant>,
-    clock: Arc<CallClock>,
-}
-
-impl PluginInstance {
-    /// False after a trap, timeout or memory overrun: its state can no longer be trusted.
-    pub fn is_usable(&self) -> bool {
-        !self.broken
-    }
-
-    fn start_call(&mut self, message_id: &str) {
-        self.calls.inc();
-        self.clock.reset();
-        let state = self.store.data_mut();
-        state.lines_this_call = 0;
-        state.message_id = Some(message_id.to_string());
-        state.turns.last_yield = std::time::Instant::now();
-        self.store.set_epoch_deadline(1);
-        // Until the call returns: a call dropped half-way (deadline, cancellation) leaves the
-        // store mid-execution, never to be used again.
-        self.broken = true;
-    }
-
-    fn finish<T>(
-        &mut self,
-        r: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
-    ) -> Result<T, InvokeError> {
-        match r {
-            Err(_) => Err(InvokeError::WallClock(self.timeout_ms)),
-            Ok(Err(e)) => {
-                Err(classify(e, self.timeout_ms)
-                    .unwrap_or_else(|e| InvokeError::Trap(trap_text(&e))))
-            }
-            Ok(Ok(v)) => {
-                self.broken = false;
-                Ok(v)
-            }
-        }
-    }
-
-    fn deadline(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-    }
-
-    pub async fn handle(&mut self, message: &Message) -> Result<Outcome, InvokeError> {
-        let Some(guest) = self.consumer.clone() else {
-            return Err(InvokeError::MissingExport(CONSUMER_EXPORT));
-        };
-        self.start_call(&message.id);
-        let (sched, tenant, clock) = (self.sched.clone(), self.tenant.clone(), self.clock.clone());
-        let r = tokio::time::timeout(
-            self.deadline(),
-            sched.run(&tenant, &clock, guest.call_handle(&mut self.store, message)),
-        )
-        .await;
-        // A reason is kept in dead letters, shown by the API and logged: capped and escaped.
-        self.finish(r).map(|o| match o {
-            Outcome::Reject(reason) => Outcome::Reject(crate::text::from_plugin(
-                &reason,
-                crate::text::MAX_REASON_BYTES,
-            )),
-            other => other,
-        })
-    }
-
-    pub async fn check_transaction(
-        &mut self,
-        message: &Message,
-    ) -> Result<CheckResult, InvokeError> {
-        let Some(guest) = self.checker.clone() else {
-            return Err(InvokeError::MissingExport(CHECKER_EXPORT));
-        };
-        self.start_call(&message.id);
-        let (sched, tenant, clock) = (self.sched.clone(), self.tenant.clone(), self.clock.clone());
-        let r = tokio::time::timeout(
-            self.deadline(),
-            sched.run(
-                &tenant,
-                &clock,
-                guest.call_check_transaction(&mut self.store, message),
-            ),
-        )
-        .await;
-        self.finish(r)
     }
 }

@@ -2,11 +2,11 @@
 //! by id and by business key, and versioned records with compare-and-set.
 //!
 //! Two backends: RocksDB (embedded, the default, in [`rocks`]) and NATS JetStream (scale-out,
-//! in [`jetstream`]), both held to [`conformance`]. The trait therefore speaks in terms both can honour: an append is acknowledged
+//! in [`jetstream`]), both held to the `conformance` suite (feature `test-util`). The trait therefore speaks in terms both can honour: an append is acknowledged
 //! once durable; offsets are dense per queue; records carry a revision for compare-and-set
 //! (topics, subscription offsets, leases and transaction state are all records).
 
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
 pub mod jetstream;
 pub mod keys;

@@ -32,7 +32,7 @@ use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginLimits, Poo
 use crate::storage::{Expect, Storage, StorageError, StoredMessage};
 use offsets::{Parked, mark_done, park};
 pub use offsets::{ensure_cursors, start_offset};
-use outcome::{Fate, OUTCOMES, count, judge, outcome_index};
+use outcome::{Disposition, OUTCOMES, count, judge, outcome_index};
 use timers::sleep_until_ms;
 use worker::{Rate, WorkItem, WorkQueue, worker};
 
@@ -162,10 +162,11 @@ impl RunnerShared {
     }
 }
 
-/// Which (member, queue) pairs a runner runs; `None` means all of them.
-pub type Units = Option<BTreeSet<(u32, u32)>>;
+/// A runner's assignment (as Kafka names a consumer's partitions): the (member, queue)
+/// pairs it runs; `None` means all of them.
+pub type Assignment = Option<BTreeSet<(u32, u32)>>;
 
-fn owns(units: &Units, member: u32, queue: u32) -> bool {
+fn owns(units: &Assignment, member: u32, queue: u32) -> bool {
     units.as_ref().is_none_or(|u| u.contains(&(member, queue)))
 }
 
@@ -173,7 +174,7 @@ pub struct Runner {
     /// The topic it reads.
     pub topic: String,
     /// The (member, queue) pairs it was started for.
-    pub units: Units,
+    pub units: Assignment,
     /// The `updated_at` of the subscription record it was started from (a newer record, say
     /// written by another node, means it must restart).
     pub record_updated_at: u64,
@@ -248,7 +249,7 @@ struct Member {
 pub async fn start(
     env: &Handles,
     record: &SubscriptionRecord,
-    units: Units,
+    units: Assignment,
     shared_storage: bool,
 ) -> Result<Runner, DispatchError> {
     let spec = Arc::new(record.spec.clone());

@@ -122,13 +122,13 @@ impl Member {
             let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
             count(&self.runner.counters, &result, &fate);
             match fate {
-                Fate::Done => {
+                Disposition::Done => {
                     cursor = Cursor {
                         committed: cursor.committed.saturating_add(1),
                         ..Cursor::default()
                     };
                 }
-                Fate::Retry {
+                Disposition::Retry {
                     due,
                     attempts,
                     error,
@@ -137,7 +137,7 @@ impl Member {
                     cursor.head_attempts = attempts;
                     cursor.head_due = due;
                 }
-                Fate::Dead { attempts, reason } => {
+                Disposition::Dead { attempts, reason } => {
                     self.dead_letter(&m, attempts, reason).await;
                     cursor = Cursor {
                         committed: cursor.committed.saturating_add(1),

@@ -5,7 +5,7 @@ use super::*;
 
 /// What happens to a message after a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Fate {
+pub(super) enum Disposition {
     Done,
     Retry {
         due: u64,
@@ -30,11 +30,11 @@ pub(super) fn judge(
     policy: &RetryPolicy,
     block: bool,
     now: u64,
-) -> Fate {
+) -> Disposition {
     let (asked, error) = match result {
-        Ok(Outcome::Ack) => return Fate::Done,
+        Ok(Outcome::Ack) => return Disposition::Done,
         Ok(Outcome::Reject(reason)) => {
-            return Fate::Dead {
+            return Disposition::Dead {
                 attempts,
                 reason: format!("rejected: {reason}"),
             };
@@ -43,13 +43,13 @@ pub(super) fn judge(
         Err(e) => (0, e.to_string()),
     };
     if attempts >= policy.max_attempts && !block {
-        return Fate::Dead {
+        return Disposition::Dead {
             attempts,
             reason: format!("{attempts} attempts failed; last: {error}"),
         };
     }
     let delay = policy.backoff(attempts.min(policy.max_attempts), asked);
-    Fate::Retry {
+    Disposition::Retry {
         due: now.saturating_add(delay),
         attempts,
         error,
@@ -57,14 +57,18 @@ pub(super) fn judge(
 }
 
 /// Counts a delivery's result and fate (dead letters are counted once stored).
-pub(super) fn count(counters: &Counters, result: &Result<Outcome, InvokeError>, fate: &Fate) {
+pub(super) fn count(
+    counters: &Counters,
+    result: &Result<Outcome, InvokeError>,
+    fate: &Disposition,
+) {
     if result.is_err() {
         counters.failed.fetch_add(1, Ordering::Relaxed);
     }
     match fate {
-        Fate::Done => counters.acked.fetch_add(1, Ordering::Relaxed),
-        Fate::Retry { .. } => counters.retried.fetch_add(1, Ordering::Relaxed),
-        Fate::Dead { .. } => 0,
+        Disposition::Done => counters.acked.fetch_add(1, Ordering::Relaxed),
+        Disposition::Retry { .. } => counters.retried.fetch_add(1, Ordering::Relaxed),
+        Disposition::Dead { .. } => 0,
     };
 }
 
@@ -143,8 +147,8 @@ impl Member {
         let fate = judge(result, attempt, &self.spec.retry, block, now_ms());
         count(&self.runner.counters, result, &fate);
         match fate {
-            Fate::Done => None,
-            Fate::Retry {
+            Disposition::Done => None,
+            Disposition::Retry {
                 due,
                 attempts,
                 error,
@@ -162,7 +166,7 @@ impl Member {
                 self.add_timer(t).await;
                 Some(key)
             }
-            Fate::Dead { attempts, reason } => {
+            Disposition::Dead { attempts, reason } => {
                 self.dead_letter(m, attempts, reason).await;
                 None
             }
@@ -193,10 +197,10 @@ mod tests {
         let trap = Err(InvokeError::Trap("boom".into()));
         for block in [false, true] {
             for a in 1..=4 {
-                assert_eq!(retry(&ack, a, block, now), Fate::Done);
+                assert_eq!(retry(&ack, a, block, now), Disposition::Done);
                 assert_eq!(
                     retry(&reject, a, block, now),
-                    Fate::Dead {
+                    Disposition::Dead {
                         attempts: a,
                         reason: "rejected: bad".into()
                     },
@@ -205,8 +209,8 @@ mod tests {
             }
         }
         // Below max_attempts: the policy's backoff by attempt, the last one repeated.
-        let due = |f: Fate| match f {
-            Fate::Retry { due, .. } => due,
+        let due = |f: Disposition| match f {
+            Disposition::Retry { due, .. } => due,
             other => panic!("not a retry: {other:?}"),
         };
         assert_eq!(due(retry(&asks, 1, false, now)), now + 100);
@@ -218,13 +222,13 @@ mod tests {
         );
         assert!(matches!(
             retry(&trap, 2, false, now),
-            Fate::Retry { attempts: 2, ref error, .. } if error.contains("boom")
+            Disposition::Retry { attempts: 2, ref error, .. } if error.contains("boom")
         ));
         // At max_attempts: dead, unless blocking (then the last backoff, forever).
         for r in [&asks, &trap] {
             assert!(matches!(
                 retry(r, 3, false, now),
-                Fate::Dead { attempts: 3, ref reason } if reason.starts_with("3 attempts failed")
+                Disposition::Dead { attempts: 3, ref reason } if reason.starts_with("3 attempts failed")
             ));
             assert_eq!(due(retry(r, 3, true, now)), now + 1000);
             assert_eq!(due(retry(r, 40, true, now)), now + 1000);
@@ -238,7 +242,7 @@ mod tests {
         // Counting: failed for errors, retried for retries, acked for acks; dead letters later.
         let c = Counters::default();
         count(&c, &trap, &retry(&trap, 1, false, now));
-        count(&c, &ack, &Fate::Done);
+        count(&c, &ack, &Disposition::Done);
         count(&c, &reject, &retry(&reject, 1, false, now));
         let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
         assert_eq!(
