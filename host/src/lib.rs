@@ -164,6 +164,9 @@ async fn serve(
         },
         capabilities,
     )?);
+    // The plugin threads stop when serving ends, however it ends (a dropped future too), so
+    // nothing they hold outlives the server: storage is closed after them.
+    let _plugin_threads = StopPluginThreads(runtime.clone());
     let plugins = Arc::new(Plugins::new(
         runtime,
         storage.clone(),
@@ -248,6 +251,15 @@ async fn serve(
     dispatcher.shutdown().await;
     node.stop().await;
     served
+}
+
+/// Stops the runtime's plugin threads when dropped ([`Runtime::shutdown`]).
+struct StopPluginThreads(Arc<Runtime>);
+
+impl Drop for StopPluginThreads {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
 }
 
 /// How long the check-back lease lasts unless renewed; a dead node's checks move after it.

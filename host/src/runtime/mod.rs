@@ -184,7 +184,7 @@ pub struct Runtime {
     pool: pool::Pool,
     sched: Arc<Scheduler>,
     /// Plugin calls run on these threads, apart from the HTTP API's.
-    executor: Option<tokio::runtime::Runtime>,
+    executor: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
     executor_handle: tokio::runtime::Handle,
     /// Turns for compiles (`compile.max_compiles`).
     compiles: tokio::sync::Semaphore,
@@ -198,7 +198,12 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
         // Dropping a tokio runtime blocks, which an async caller may not do.
-        if let Some(executor) = self.executor.take() {
+        let executor = self
+            .executor
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(executor) = executor {
             executor.shutdown_background();
         }
     }
@@ -315,7 +320,7 @@ impl Runtime {
             ticker_stop,
             pool: pool::Pool::new(max_live),
             sched,
-            executor: Some(executor),
+            executor: std::sync::Mutex::new(Some(executor)),
             executor_handle,
             compiles: tokio::sync::Semaphore::new(compile_limits.max_compiles.max(1)),
             compile_limits,
@@ -331,6 +336,31 @@ impl Runtime {
         F::Output: Send + 'static,
     {
         self.executor_handle.spawn(fut)
+    }
+
+    /// Stops the plugin threads and drops every task on them and every idle instance, and
+    /// returns once they are gone (at most 10 s): what they held (the broker, its storage) is
+    /// released before the server closes storage or the process exits. The server calls it
+    /// when it stops (or its future is dropped); plugin calls fail afterwards. Blocks the
+    /// calling thread, though not through tokio (a helper thread waits for the executor).
+    pub fn shutdown(&self) {
+        let executor = self
+            .executor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(executor) = executor {
+            let stopper = std::thread::Builder::new()
+                .name("wasmq-plugin-stop".into())
+                .spawn(move || executor.shutdown_timeout(Duration::from_secs(10)));
+            match stopper {
+                Ok(t) => {
+                    let _ = t.join();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot stop the plugin threads in order"),
+            }
+        }
+        self.pool.forget(|_| true);
     }
 
     /// The plugin threads' executor (to spawn long-lived plugin workers on).
