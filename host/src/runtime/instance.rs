@@ -2,7 +2,7 @@
 //! a wall-clock deadline; how a failed call is classified ([`InvokeError`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use wasmtime::{Store, Trap};
@@ -36,6 +36,10 @@ pub(super) fn classify(
     }
     Err(e)
 }
+
+/// How long one scheduler turn may go on serving a batch of messages
+/// ([`PluginInstance::handle_batch`]) before it lets other tenants in.
+pub const BATCH_QUANTUM: Duration = Duration::from_millis(2);
 
 /// One live instance: reused across calls until a call fails, then it must be replaced.
 pub struct PluginInstance {
@@ -91,25 +95,82 @@ impl PluginInstance {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// Handles one message: [`PluginInstance::handle_batch`] with a batch of one.
     pub async fn handle(&mut self, message: &Message) -> Result<Outcome, InvokeError> {
-        let Some(guest) = self.consumer.clone() else {
-            return Err(InvokeError::MissingExport(CONSUMER_EXPORT));
-        };
-        self.start_call(&message.id);
-        let (sched, tenant, clock) = (self.sched.clone(), self.tenant.clone(), self.clock.clone());
-        let r = tokio::time::timeout(
-            self.deadline(),
-            sched.run(&tenant, &clock, guest.call_handle(&mut self.store, message)),
-        )
-        .await;
-        // A reason is kept in dead letters, shown by the API and logged: capped and escaped.
-        self.finish(r).map(|o| match o {
-            Outcome::Reject(reason) => Outcome::Reject(crate::text::from_plugin(
-                &reason,
-                crate::text::MAX_REASON_BYTES,
-            )),
-            other => other,
+        let mut out = None;
+        self.handle_batch(std::slice::from_ref(message), |_, r, _| {
+            out = Some(r);
+            true
         })
+        .await;
+        out.unwrap_or_else(|| Err(InvokeError::Instantiate("the call was not made".into())))
+    }
+
+    /// Handles `messages` in order within one scheduler turn: while each call finishes without
+    /// waiting, the next one starts on the same slot, so a subscription with a backlog pays one
+    /// slot hand-over per batch instead of one per message (issue 22: a hand-over beside looping
+    /// plugins costs ~0.3–0.5 ms, a no-op call ~5 µs). Each call keeps its own CPU budget and
+    /// wall-clock deadline (`timeout_ms`, counted from the call's start: waiting for a first
+    /// slot is the neighbours' doing, not the plugin's).
+    ///
+    /// `done(i, result, took)` is called after the call of `messages[i]`; it returns false to
+    /// stop. The batch also stops after a failed call (the instance must be replaced), once the
+    /// turn has run [`BATCH_QUANTUM`], or when a tenant that used less CPU waits for a slot.
+    /// Returns how many messages were handled (at least one unless `messages` is empty); the
+    /// caller passes the rest to the next batch.
+    pub async fn handle_batch(
+        &mut self,
+        messages: &[Message],
+        mut done: impl FnMut(usize, Result<Outcome, InvokeError>, Duration) -> bool,
+    ) -> usize {
+        let Some(first) = messages.first() else {
+            return 0;
+        };
+        let Some(guest) = self.consumer.clone() else {
+            done(
+                0,
+                Err(InvokeError::MissingExport(CONSUMER_EXPORT)),
+                Duration::ZERO,
+            );
+            return 1;
+        };
+        let (sched, tenant, clock) = (self.sched.clone(), self.tenant.clone(), self.clock.clone());
+        let turn_started = Instant::now();
+        let mut handled = 0;
+        let calls = async {
+            let mut next = Some(first);
+            while let Some(message) = next {
+                self.start_call(&message.id);
+                let started = Instant::now();
+                let r = tokio::time::timeout(
+                    self.deadline(),
+                    guest.call_handle(&mut self.store, message),
+                )
+                .await;
+                // A reason is kept in dead letters, shown by the API and logged: capped and
+                // escaped.
+                let r = self.finish(r).map(|o| match o {
+                    Outcome::Reject(reason) => Outcome::Reject(crate::text::from_plugin(
+                        &reason,
+                        crate::text::MAX_REASON_BYTES,
+                    )),
+                    other => other,
+                });
+                let failed = r.is_err();
+                let go_on = done(handled, r, started.elapsed());
+                handled += 1;
+                if failed
+                    || !go_on
+                    || turn_started.elapsed() >= BATCH_QUANTUM
+                    || sched.should_yield(&tenant)
+                {
+                    break;
+                }
+                next = messages.get(handled);
+            }
+        };
+        sched.run(&tenant, &clock, calls).await;
+        handled
     }
 
     pub async fn check_transaction(

@@ -28,8 +28,8 @@ use crate::bindings::{CHECKER_EXPORT, CONSUMER_EXPORT, checker, consumer};
 pub use compile::{CompileLimits, compile_worker};
 pub use fair::{CallClock, Scheduler, Tenant};
 pub use host::{HostState, InstanceContext, PluginLimits, Services};
-pub use instance::PluginInstance;
 use instance::classify;
+pub use instance::{BATCH_QUANTUM, PluginInstance};
 pub use pool::{Lease, PoolKey, PoolStats};
 
 /// How often the engine's epoch advances: CPU budgets are checked, and running calls yield, at
@@ -299,7 +299,7 @@ impl Runtime {
         };
         let compile_limits = config.compile.clone();
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        let (weak, stop, weak_sched) = (engine.weak(), ticker_stop.clone(), Arc::downgrade(&sched));
         std::thread::Builder::new()
             .name("wasmq-epoch".into())
             .spawn(move || {
@@ -308,6 +308,9 @@ impl Runtime {
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
+                    }
+                    if let Some(sched) = weak_sched.upgrade() {
+                        sched.tick();
                     }
                 }
             })?;

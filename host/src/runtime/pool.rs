@@ -170,6 +170,15 @@ impl Lease {
     }
 
     /// Calls the checker export (see [`PluginInstance::check_transaction`]).
+    /// [`PluginInstance::handle_batch`] on the leased instance.
+    pub async fn handle_batch(
+        &mut self,
+        messages: &[Message],
+        done: impl FnMut(usize, Result<Outcome, InvokeError>, std::time::Duration) -> bool,
+    ) -> Result<usize, InvokeError> {
+        Ok(self.instance()?.handle_batch(messages, done).await)
+    }
+
     pub async fn check_transaction(
         &mut self,
         message: &Message,

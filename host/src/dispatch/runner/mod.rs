@@ -402,6 +402,11 @@ pub async fn start(
                     Arc::new(ctx_for(i)),
                     key,
                     rx,
+                    if broadcast {
+                        1
+                    } else {
+                        spec.instances as usize
+                    },
                     cancel.clone(),
                     abort.clone(),
                 ),

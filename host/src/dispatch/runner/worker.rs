@@ -32,18 +32,26 @@ impl Rate {
     }
 }
 
-/// One plugin instance's worth of service on a work channel: each call leases the instance of
-/// `key` from the runtime's pool (the same one each time unless the pool evicted it; a new one
-/// after a trap, timeout or memory overrun). Runs on the plugin threads. Once `cancel` fires,
-/// messages still queued are dropped unstarted; once `abort` fires, a call running is cut off
-/// too (their senders see the reply channel closed: not done, no attempt counted), so a stop
-/// or a lost lease waits for no plugin.
+/// The most work items one instance takes from its channel for one batch.
+const MAX_BATCH: usize = 128;
+
+/// One plugin instance's worth of service on a work channel shared by `sharers` instances: it
+/// takes the items waiting (its share of them, at most [`MAX_BATCH`]) and calls the plugin on
+/// them one after another in one scheduler turn ([`Lease::handle_batch`]), so a backlog costs
+/// one slot hand-over per batch, not per message. Each batch leases the instance of `key` from
+/// the runtime's pool (the same one each time unless the pool evicted it; a new one after a
+/// trap, timeout or memory overrun). Runs on the plugin threads. Once `cancel` fires, messages
+/// still queued are dropped unstarted; once `abort` fires, a call running is cut off too (their
+/// senders see the reply channel closed: not done, no attempt counted), so a stop or a lost
+/// lease waits for no plugin.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn worker(
     env: Handles,
     code: Arc<PluginCode>,
     ctx: Arc<InstanceContext>,
     key: PoolKey,
     work: WorkQueue,
+    sharers: usize,
     cancel: CancellationToken,
     abort: CancellationToken,
 ) {
@@ -58,61 +66,102 @@ pub(super) async fn worker(
     let mut outcomes: [Option<prometheus_client::metrics::counter::Counter>; OUTCOMES.len()] =
         Default::default();
     let mut failures = 0u64;
+    let sharers = sharers.max(1);
     loop {
-        let item = { work.lock().await.recv().await };
-        let Some(item) = item else { break };
-        if cancel.is_cancelled() {
-            continue;
-        }
-        let leased = tokio::select! {
-            biased;
-            () = cancel.cancelled() => continue,
-            l = runtime.lease(key.clone(), &code, || ctx.clone()) => l,
-        };
-        let mut lease = match leased {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
-                let _ = item.reply.send(Err(e));
-                continue;
+        let items: Vec<WorkItem> = {
+            let mut rx = work.lock().await;
+            let Some(first) = rx.recv().await else { break };
+            let share = (rx.len() / sharers).min(MAX_BATCH - 1);
+            let mut items = vec![first];
+            while items.len() <= share
+                && let Ok(next) = rx.try_recv()
+            {
+                items.push(next);
             }
+            items
         };
-        let m = &item.message.message;
-        if item.attempt == 1 {
-            // Retries wait by design; the first attempt shows how far behind dispatch runs.
-            let due = m.born_at.max(m.deliver_at);
-            delay.observe(crate::base::now_ms().saturating_sub(due) as f64 / 1000.0);
+        let mut messages = Vec::with_capacity(items.len());
+        let mut replies = Vec::with_capacity(items.len());
+        for item in items {
+            let m = &item.message.message;
+            if item.attempt == 1 {
+                // Retries wait by design; the first attempt shows how far behind dispatch runs.
+                let due = m.born_at.max(m.deliver_at);
+                delay.observe(crate::base::now_ms().saturating_sub(due) as f64 / 1000.0);
+            }
+            messages.push(Message::of(
+                &item.message.topic,
+                item.message.offset,
+                m,
+                item.attempt,
+            ));
+            replies.push(Some(item.reply));
         }
-        let started = std::time::Instant::now();
-        let message = Message::of(&item.message.topic, item.message.offset, m, item.attempt);
-        let result = tokio::select! {
-            biased;
-            // Cut off: the instance is dropped (its store stopped mid-call) and the reply too.
-            () = abort.cancelled() => continue,
-            r = lease.handle(&message) => r,
-        };
-        drop(lease);
-        duration.observe(started.elapsed().as_secs_f64());
-        let i = outcome_index(&result);
-        outcomes[i]
-            .get_or_insert_with(|| {
-                metrics
-                    .deliveries
-                    .get_or_create(&crate::metrics::OutcomeLabels {
-                        group: ctx.group.clone(),
-                        outcome: OUTCOMES[i],
+        // messages[at..] are not handled yet. A reply dropped unsent (cancel, abort) reads as
+        // "not done, no attempt made".
+        let mut at = 0;
+        while at < messages.len() && !cancel.is_cancelled() {
+            let leased = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                l = runtime.lease(key.clone(), &code, || ctx.clone()) => l,
+            };
+            let mut lease = match leased {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
+                    if let Some(reply) = replies[at].take() {
+                        let _ = reply.send(Err(e));
+                    }
+                    at += 1;
+                    continue;
+                }
+            };
+            let on_done = |i: usize, result: Result<Outcome, InvokeError>, took: Duration| {
+                duration.observe(took.as_secs_f64());
+                let o = outcome_index(&result);
+                outcomes[o]
+                    .get_or_insert_with(|| {
+                        metrics
+                            .deliveries
+                            .get_or_create(&crate::metrics::OutcomeLabels {
+                                group: ctx.group.clone(),
+                                outcome: OUTCOMES[o],
+                            })
+                            .clone()
                     })
-                    .clone()
-            })
-            .inc();
-        if let Err(e) = &result {
-            // Sampled (1st, 2nd, 4th, … failure of this worker): a trap storm must not flood the log.
-            failures += 1;
-            if failures.is_power_of_two() {
-                tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %m.id, error = %e, failures, "plugin call failed");
+                    .inc();
+                if let Err(e) = &result {
+                    // Sampled (1st, 2nd, 4th, … failure of this worker): a trap storm must not
+                    // flood the log.
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %messages[at + i].id, error = %e, failures, "plugin call failed");
+                    }
+                }
+                if let Some(reply) = replies.get_mut(at + i).and_then(Option::take) {
+                    let _ = reply.send(result);
+                }
+                !cancel.is_cancelled()
+            };
+            let handled = tokio::select! {
+                biased;
+                // Cut off: the instance is dropped (its store stopped mid-call) and the replies
+                // of the unfinished calls too.
+                () = abort.cancelled() => break,
+                n = lease.handle_batch(&messages[at..], on_done) => n,
+            };
+            drop(lease);
+            match handled {
+                Ok(n) => at += n.max(1),
+                Err(e) => {
+                    if let Some(reply) = replies[at].take() {
+                        let _ = reply.send(Err(e));
+                    }
+                    at += 1;
+                }
             }
         }
-        let _ = item.reply.send(result);
     }
     runtime.forget_key(&key);
 }
