@@ -52,6 +52,8 @@ pub struct Metrics {
     /// From when a message was due (born, or its delay or retry timer) to its plugin call.
     pub dispatch_delay_seconds: Family<GroupLabel, Histogram>,
     pub invocation_seconds: Family<GroupLabel, Histogram>,
+    /// Messages retention deleted before a subscription handled them.
+    pub expired_unconsumed: Family<GroupLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,7 @@ impl Default for Metrics {
             deliveries: Family::default(),
             dispatch_delay_seconds: Family::new_with_constructor(seconds_histogram),
             invocation_seconds: Family::new_with_constructor(seconds_histogram),
+            expired_unconsumed: Family::default(),
         }
     }
 }
@@ -98,6 +101,11 @@ impl Metrics {
             "wasmq_plugin_invocation_seconds",
             "Duration of plugin handle calls, by subscription",
             self.invocation_seconds.clone(),
+        );
+        r.register(
+            "wasmq_messages_expired_unconsumed",
+            "Messages retention deleted before a subscription handled them, by subscription",
+            self.expired_unconsumed.clone(),
         );
     }
 

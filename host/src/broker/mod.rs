@@ -394,6 +394,15 @@ impl Broker {
         }
         Ok(out)
     }
+
+    /// The first offset still stored of each queue (retention deleted what lies below).
+    pub async fn low_water(&self, topic: &TopicMeta) -> Result<Vec<u64>, BrokerError> {
+        let mut out = Vec::with_capacity(topic.queues as usize);
+        for q in 0..topic.queues {
+            out.push(self.storage.low_water(&topic.name, q).await?);
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -57,7 +57,10 @@ pub struct InstanceStatus {
 pub struct QueueStatus {
     pub queue: u32,
     pub committed: u64,
+    /// The first offset still stored (retention deleted what lies below).
+    pub low_water: u64,
     pub high_water: u64,
+    /// Messages stored and not yet handled: high water − max(committed, low water).
     pub lag: u64,
     /// Ordered delivery: attempts spent on the message at the head of the queue.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +81,9 @@ pub struct DeliveryCounters {
     pub retried: u64,
     pub dead_lettered: u64,
     pub failed: u64,
+    /// Messages retention deleted before this subscription handled them (its offset was
+    /// behind the queue's low water and moved up to it).
+    pub expired_unconsumed: u64,
 }
 
 impl Dispatcher {
@@ -99,6 +105,7 @@ impl Dispatcher {
         let record = self.record(group).await?;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         let high_water = self.env.broker.high_water(&topic).await?;
+        let low_water = self.env.broker.low_water(&topic).await?;
         // Shared storage: which node runs each queue (or instance).
         let owners = match &self.share {
             Some(s) => s.owners(group).await?,
@@ -136,7 +143,10 @@ impl Dispatcher {
                         .get(&state::cursor_key(&name, q as u32))
                         .map_or((0, 0, 0), |c| (c.committed, c.head_attempts, c.head_due)),
                 };
-                let l = hw.saturating_sub(committed);
+                // What lies below the low water is gone, not waiting (the runner moves up to it
+                // on its next read and counts it as expired).
+                let low = low_water.get(q).copied().unwrap_or(0);
+                let l = hw.saturating_sub(committed.max(low));
                 lag += l;
                 let unit = if broadcast {
                     share::UnitKey::Instance(i)
@@ -146,6 +156,7 @@ impl Dispatcher {
                 queues.push(QueueStatus {
                     queue: q as u32,
                     committed,
+                    low_water: low,
                     high_water: *hw,
                     lag: l,
                     blocked_attempts: (head_attempts > 0).then_some(head_attempts),
@@ -205,6 +216,7 @@ impl Dispatcher {
                 retried: t.retried,
                 dead_lettered: t.dead_lettered,
                 failed: t.failed,
+                expired_unconsumed: t.expired,
             }),
         })
     }

@@ -12,6 +12,9 @@ pub struct Tally {
     pub retried: u64,
     pub dead_lettered: u64,
     pub failed: u64,
+    /// Messages retention deleted before they were handled.
+    #[serde(default)]
+    pub expired: u64,
     pub in_flight: u64,
     pub plugin_version: u32,
 }
@@ -23,6 +26,7 @@ impl Tally {
         self.retried += o.retried;
         self.dead_lettered += o.dead_lettered;
         self.failed += o.failed;
+        self.expired += o.expired;
         self.in_flight += o.in_flight;
         self.plugin_version = self.plugin_version.max(o.plugin_version);
     }

@@ -173,10 +173,11 @@ impl Lease {
     /// [`PluginInstance::handle_batch`] on the leased instance.
     pub async fn handle_batch(
         &mut self,
-        messages: &[Message],
-        done: impl FnMut(usize, Result<Outcome, InvokeError>, std::time::Duration) -> bool,
+        first: Message,
+        next: impl FnMut() -> Option<Message>,
+        done: impl FnMut(Result<Outcome, InvokeError>, std::time::Duration) -> bool,
     ) -> Result<usize, InvokeError> {
-        Ok(self.instance()?.handle_batch(messages, done).await)
+        Ok(self.instance()?.handle_batch(first, next, done).await)
     }
 
     pub async fn check_transaction(

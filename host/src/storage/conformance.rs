@@ -21,6 +21,7 @@ pub async fn run_all(open: &Open) {
     guarded_append_writes_messages_and_record_together_or_not_at_all(open).await;
     concurrent_appends_get_dense_offsets(open).await;
     blobs_watch_and_odd_names(open).await;
+    truncate_deletes_a_range_and_never_reuses_offsets(open).await;
 }
 
 pub fn msg(queue: u32, key: Option<&str>, body: &str) -> NewMessage {
@@ -277,5 +278,58 @@ pub async fn blobs_watch_and_odd_names(open: &Open) {
         ["", odd]
     );
     assert_eq!(s.list_records(odd, "a.b", 10).await.unwrap().len(), 1);
+    s.close().await;
+}
+
+pub async fn truncate_deletes_a_range_and_never_reuses_offsets(open: &Open) {
+    let s = open().await;
+    let (topic, other) = ("retained", "retained2");
+    let sent: Vec<_> = (0..10)
+        .map(|i| msg(0, Some(&format!("k{i}")), &i.to_string()))
+        .collect();
+    let ids: Vec<_> = s
+        .append(topic, sent)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    s.append(topic, vec![msg(1, None, "q1")]).await.unwrap();
+    s.append(other, vec![msg(0, None, "o")]).await.unwrap();
+    assert_eq!(s.low_water(topic, 0).await.unwrap(), 0);
+
+    assert_eq!(s.truncate(topic, 0, 4).await.unwrap(), 4);
+    assert_eq!(s.low_water(topic, 0).await.unwrap(), 4);
+    assert_eq!(s.high_water(topic, 0).await.unwrap(), 10);
+    // A read from below the low water starts at it; lookups miss what was deleted.
+    let read = s.read(topic, 0, 0, 100).await.unwrap();
+    assert_eq!(
+        read.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        (4..10).collect::<Vec<_>>()
+    );
+    assert!(s.message_by_id(ids[3]).await.unwrap().is_none());
+    assert_eq!(s.message_by_id(ids[4]).await.unwrap().unwrap().offset, 4);
+    assert!(s.messages_by_key(topic, "k2", 10).await.unwrap().is_empty());
+    assert_eq!(s.messages_by_key(topic, "k7", 10).await.unwrap().len(), 1);
+    // Other queues and topics are untouched; a lower cut changes nothing.
+    assert_eq!(s.read(topic, 1, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(s.read(other, 0, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(s.truncate(topic, 0, 2).await.unwrap(), 4);
+
+    // Everything, and more than there is: capped at the high water, which stays.
+    assert_eq!(s.truncate(topic, 0, u64::MAX).await.unwrap(), 10);
+    assert!(s.read(topic, 0, 0, 100).await.unwrap().is_empty());
+    s.close().await;
+    drop(s);
+
+    // After a restart the emptied queue keeps its offsets: the next append gets 10.
+    let s = open().await;
+    assert_eq!(s.low_water(topic, 0).await.unwrap(), 10);
+    assert_eq!(s.high_water(topic, 0).await.unwrap(), 10);
+    let next = s.append(topic, vec![msg(0, None, "after")]).await.unwrap();
+    assert_eq!(next[0].offset, 10);
+    let read = s.read(topic, 0, 0, 100).await.unwrap();
+    assert_eq!(read.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![10]);
+    assert_eq!(s.truncate("never-written", 0, 5).await.unwrap(), 0);
     s.close().await;
 }

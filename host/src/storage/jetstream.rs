@@ -93,6 +93,15 @@ fn dec(s: &str) -> Result<String, StorageError> {
     String::from_utf8(bytes).map_err(|_| StorageError::Corrupt(format!("bad name {s:?}")))
 }
 
+/// A queue's low water from its stream's state: sequences are offsets + 1, and a stream whose
+/// messages were all purged has its first sequence one past its last.
+fn low_water_of(state: &stream::State) -> u64 {
+    state
+        .first_sequence
+        .saturating_sub(1)
+        .min(state.last_sequence)
+}
+
 fn stream_name(topic: &str, queue: u32) -> String {
     format!("WQM_{}_{queue}", enc(topic))
 }
@@ -380,12 +389,10 @@ impl Storage for JetStreamStorage {
         let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
             return Ok(Vec::new());
         };
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| js_err("read", e))?
-            .state
-            .last_sequence;
+        let state = &stream.info().await.map_err(|e| js_err("read", e))?.state;
+        let last = state.last_sequence;
+        // Below the low water (purged by retention): start at the first message kept.
+        let from = from.max(low_water_of(state));
         let end = last.min(from.saturating_add(limit as u64));
         let gets = (from + 1..=end).map(|seq| {
             let stream = stream.clone();
@@ -432,22 +439,29 @@ impl Storage for JetStreamStorage {
         };
         let at: Location = rmp_serde::from_slice(&raw)
             .map_err(|e| StorageError::Corrupt(format!("id index {id}: {e}")))?;
-        if let Some(m) = self
-            .read(&at.topic, at.queue, at.offset, 1)
-            .await?
-            .into_iter()
-            .next()
-        {
+        if let Some(m) = self.read_one(&at.topic, at.queue, at.offset).await? {
             return Ok(Some(m));
         }
-        // A replica behind: ask the stream's leader, which has every acknowledged message.
+        // Deleted by retention (the index entry outlives it), or a replica behind: ask the
+        // stream's leader, which has every acknowledged message still kept.
         let Some(stream) = self.queue_stream(&at.topic, at.queue, false).await? else {
             return Ok(None);
         };
-        let raw = stream
-            .get_raw_message(at.offset + 1)
-            .await
-            .map_err(|e| js_err("message by id", e))?;
+        let raw = match stream.get_raw_message(at.offset + 1).await {
+            Ok(raw) => raw,
+            Err(e)
+                if match e.kind() {
+                    stream::RawMessageErrorKind::NoMessageFound => true,
+                    stream::RawMessageErrorKind::JetStream(j) => {
+                        j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                    }
+                    _ => false,
+                } =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(js_err("message by id", e)),
+        };
         let message: NewMessage = rmp_serde::from_slice(&raw.payload)
             .map_err(|e| StorageError::Corrupt(format!("message {id}: {e}")))?;
         Ok(Some(StoredMessage {
@@ -470,7 +484,7 @@ impl Storage for JetStreamStorage {
         for m in found {
             let (queue, offset): (u32, u64) = rmp_serde::from_slice(&m.payload)
                 .map_err(|e| StorageError::Corrupt(format!("key index: {e}")))?;
-            out.extend(self.read(topic, queue, offset, 1).await?);
+            out.extend(self.read_one(topic, queue, offset).await?);
         }
         Ok(out)
     }
@@ -489,6 +503,38 @@ impl Storage for JetStreamStorage {
                 .last_sequence),
             None => Ok(0),
         }
+    }
+
+    async fn low_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
+        match self.queue_stream(topic, queue, false).await? {
+            Some(mut s) => Ok(low_water_of(
+                &s.info().await.map_err(|e| js_err("low water", e))?.state,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    /// The stream's own purge up to a sequence: one request, not a delete per message.
+    async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError> {
+        let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
+            return Ok(0);
+        };
+        let state = &stream
+            .info()
+            .await
+            .map_err(|e| js_err("truncate", e))?
+            .state;
+        let (low, before) = (low_water_of(state), before.min(state.last_sequence));
+        if before <= low {
+            return Ok(low);
+        }
+        // Sequence = offset + 1; the purge keeps `before + 1` and up.
+        stream
+            .purge()
+            .sequence(before + 1)
+            .await
+            .map_err(|e| js_err("truncate", e))?;
+        Ok(before)
     }
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {

@@ -31,6 +31,30 @@ pub fn queue_prefix(topic: &str, queue: u32) -> Vec<u8> {
     k
 }
 
+/// Default-CF prefix of the low-water markers, one per truncated queue.
+pub const LOW_WATER_PREFIX: &[u8] = b"low_water/";
+
+/// Default-CF key of one queue's low-water marker (a big-endian u64: the first offset kept).
+pub fn low_water(topic: &str, queue: u32) -> Vec<u8> {
+    let mut k = LOW_WATER_PREFIX.to_vec();
+    k.extend_from_slice(&queue_prefix(topic, queue));
+    k
+}
+
+/// Splits a low-water marker's key back into (topic, queue).
+pub fn parse_low_water(key: &[u8]) -> Result<(String, u32), StorageError> {
+    let bad = || StorageError::Corrupt(format!("bad low-water key {key:02x?}"));
+    let rest = key.strip_prefix(LOW_WATER_PREFIX).ok_or_else(bad)?;
+    let (&len, rest) = rest.split_first().ok_or_else(bad)?;
+    let len = len as usize;
+    if rest.len() != len + 4 {
+        return Err(bad());
+    }
+    let topic = std::str::from_utf8(&rest[..len]).map_err(|_| bad())?;
+    let queue = u32::from_be_bytes(rest[len..].try_into().map_err(|_| bad())?);
+    Ok((topic.to_string(), queue))
+}
+
 /// Splits a `messages` key back into (topic, queue, offset).
 pub fn parse_message(key: &[u8]) -> Result<(String, u32, u64), StorageError> {
     let bad = || StorageError::Corrupt(format!("bad message key {key:02x?}"));
@@ -155,6 +179,14 @@ mod tests {
         assert!(parse_message(&k).is_err());
         assert!(parse_business_key_tail(&[1, 2]).is_err());
         assert!(parse_record_value(&[0; 7]).is_err());
+    }
+
+    #[test]
+    fn low_water_keys_round_trip() {
+        let k = low_water("orders", 7);
+        assert_eq!(parse_low_water(&k).unwrap(), ("orders".to_string(), 7));
+        assert!(parse_low_water(b"low_water/").is_err());
+        assert!(parse_low_water(&message("orders", 7, 1)).is_err());
     }
 
     #[test]

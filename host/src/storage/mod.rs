@@ -169,7 +169,8 @@ pub trait Storage: Send + Sync + 'static {
         guard: RecordWrite,
     ) -> Result<(Vec<Appended>, u64), StorageError>;
 
-    /// Up to `limit` messages of one queue with offset ≥ `from`, in offset order.
+    /// Up to `limit` messages of one queue with offset ≥ `from`, in offset order (from the low
+    /// water on if `from` is below it: the first offset returned may be above `from`).
     async fn read(
         &self,
         topic: &str,
@@ -193,7 +194,19 @@ pub trait Storage: Send + Sync + 'static {
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64>;
 
     /// The next offset an append to this queue will get (= number of messages ever appended).
+    /// It never goes back, also when retention deleted every message of the queue.
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError>;
+
+    /// The first offset of this queue still stored (its low water): retention deleted the
+    /// messages below it ([`Storage::truncate`]). 0 for a queue never truncated; equal to the
+    /// high water when no message is left. A [`Storage::read`] from below it starts at it.
+    async fn low_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError>;
+
+    /// Deletes the messages of one queue with offset < `before` (capped at the high water) as
+    /// one range, durably, and returns the new low water (unchanged if `before` is not above
+    /// it). Offsets are never reused. Lookups by id or business key no longer find the deleted
+    /// messages; their index entries are not visited (the cost is per range, not per message).
+    async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError>;
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError>;
 

@@ -90,6 +90,8 @@ pub struct RocksStorage {
     db: Arc<Slot>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
     high_water: Arc<RwLock<HighWater>>,
+    /// Per queue, the first offset kept (absent: 0).
+    low_water: Arc<RwLock<HighWater>>,
     watchers: Arc<Watchers>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<WriterStats>,
@@ -122,12 +124,14 @@ impl RocksStorage {
     pub fn open(dir: &Path, flush: FlushMode) -> Result<Self, StorageError> {
         let db = Arc::new(open_db(dir)?);
         let (committed, last_stored_at) = recover_high_water(&db)?;
+        let low = recover_low_water(&db)?;
         let last_revision = read_last_revision(&db)?;
         let slot = Arc::new(Slot {
             dir: dir.to_path_buf(),
             db: RwLock::new(Some(db.clone())),
         });
         let high_water = Arc::new(RwLock::new(committed.clone()));
+        let low_water = Arc::new(RwLock::new(low));
         let stats = Arc::new(WriterStats::default());
         let watchers = Arc::new(Watchers::default());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -138,6 +142,7 @@ impl RocksStorage {
             sync: flush == FlushMode::Sync,
             committed,
             shared: high_water.clone(),
+            low_water: low_water.clone(),
             watchers: watchers.clone(),
             last_revision,
             last_stored_at,
@@ -151,6 +156,7 @@ impl RocksStorage {
             db: slot,
             tx: Mutex::new(Some(tx)),
             high_water,
+            low_water,
             watchers,
             writer: Mutex::new(Some(handle)),
             stats,
@@ -296,10 +302,49 @@ fn still_writable(db: &DB) -> bool {
     db.put(PROBE, []).is_ok()
 }
 
-/// Finds the last offset of every (topic, queue) with two seeks per queue, and the latest store
-/// time among those last messages (store times never go back, even if the clock does).
-fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
+/// Every truncated queue's low water, from its marker.
+fn recover_low_water(db: &DB) -> Result<HighWater, StorageError> {
     let mut out = HighWater::new();
+    let iter = db.iterator(IteratorMode::From(
+        keys::LOW_WATER_PREFIX,
+        Direction::Forward,
+    ));
+    for item in iter {
+        let (k, v) = item?;
+        if !k.starts_with(keys::LOW_WATER_PREFIX) {
+            break;
+        }
+        let (topic, queue) = keys::parse_low_water(&k)?;
+        let low = u64::from_be_bytes(
+            v.as_ref()
+                .try_into()
+                .map_err(|_| StorageError::Corrupt("bad low-water value".into()))?,
+        );
+        set_queue(&mut out, &topic, queue, low);
+    }
+    Ok(out)
+}
+
+fn set_queue(map: &mut HighWater, topic: &str, queue: u32, value: u64) {
+    let queues = map.entry(topic.to_string()).or_default();
+    if queues.len() <= queue as usize {
+        queues.resize(queue as usize + 1, 0);
+    }
+    queues[queue as usize] = value;
+}
+
+fn queue_value(map: &HighWater, topic: &str, queue: u32) -> u64 {
+    map.get(topic)
+        .and_then(|q| q.get(queue as usize))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Finds the last offset of every (topic, queue) with two seeks per queue, and the latest store
+/// time among those last messages (store times never go back, even if the clock does). A queue
+/// retention emptied keeps its high water through its low-water marker: offsets are not reused.
+fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
+    let mut out = recover_low_water(db)?;
     let mut latest = 0u64;
     let mut it = db.raw_iterator_cf(cf(db, CF_MESSAGES)?);
     it.seek_to_first();
@@ -317,11 +362,7 @@ fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
                 ));
             }
         };
-        let queues = out.entry(topic.clone()).or_default();
-        if queues.len() <= queue as usize {
-            queues.resize(queue as usize + 1, 0);
-        }
-        queues[queue as usize] = last + 1;
+        set_queue(&mut out, &topic, queue, last + 1);
         match queue.checked_add(1) {
             Some(next) => it.seek(keys::queue_prefix(&topic, next)),
             None => it.seek(keys::message(&topic, u32::MAX, u64::MAX)),
@@ -383,6 +424,7 @@ impl Storage for RocksStorage {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         let end = self.high_water(topic, queue).await?;
+        let from = from.max(self.low_water(topic, queue).await?);
         if from >= end || limit == 0 {
             return Ok(Vec::new());
         }
@@ -454,11 +496,25 @@ impl Storage for RocksStorage {
 
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
         let map = self.high_water.read().map_err(|_| StorageError::Closed)?;
-        Ok(map
-            .get(topic)
-            .and_then(|q| q.get(queue as usize))
-            .copied()
-            .unwrap_or(0))
+        Ok(queue_value(&map, topic, queue))
+    }
+
+    async fn low_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
+        let map = self.low_water.read().map_err(|_| StorageError::Closed)?;
+        Ok(queue_value(&map, topic, queue))
+    }
+
+    /// One `DeleteRange` over the queue's message keys and the new low-water marker, in one
+    /// write batch through the writer thread (so it is ordered with appends).
+    async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError> {
+        let topic = topic.to_string();
+        self.submit(|reply| WriteOp::Truncate {
+            topic,
+            queue,
+            before,
+            reply,
+        })
+        .await
     }
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {

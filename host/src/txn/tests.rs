@@ -62,6 +62,12 @@ impl Storage for Counting {
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
         self.inner.high_water(topic, queue).await
     }
+    async fn low_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
+        self.inner.low_water(topic, queue).await
+    }
+    async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError> {
+        self.inner.truncate(topic, queue, before).await
+    }
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
         let r = self.inner.get_record(space, key).await?;
         self.count(space, usize::from(r.is_some()));

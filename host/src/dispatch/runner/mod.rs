@@ -30,7 +30,7 @@ use crate::base::now_ms;
 use crate::bindings::{Message, Outcome};
 use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey};
 use crate::storage::{Expect, Storage, StorageError, StoredMessage};
-use offsets::{Parked, mark_done, park};
+use offsets::{Done, Parked, park};
 pub use offsets::{ensure_cursors, start_offset};
 use outcome::{Disposition, OUTCOMES, count, judge, outcome_index};
 use timers::sleep_until_ms;
@@ -54,6 +54,8 @@ pub struct Counters {
     pub dead_lettered: AtomicU64,
     /// Calls that trapped, timed out or hit the memory limit (each also counts as a retry).
     pub failed: AtomicU64,
+    /// Messages retention deleted before this subscription handled them.
+    pub expired: AtomicU64,
 }
 
 /// What status reads of one member.
@@ -151,6 +153,7 @@ impl RunnerShared {
             retried: c.retried.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
             in_flight: u64::from(self.in_flight()),
             plugin_version: self.plugin_version,
         }
@@ -241,6 +244,8 @@ struct Member {
     /// Several nodes share the storage: a timer fires only while its record still exists
     /// (another node's reset or delete may have dropped it).
     shared_storage: bool,
+    /// `wasmq_messages_expired_unconsumed_total` of this subscription.
+    expired: prometheus_client::metrics::counter::Counter,
 }
 
 /// Starts a subscription's members, loops and workers, for the (member, queue) pairs in
@@ -402,11 +407,6 @@ pub async fn start(
                     Arc::new(ctx_for(i)),
                     key,
                     rx,
-                    if broadcast {
-                        1
-                    } else {
-                        spec.instances as usize
-                    },
                     cancel.clone(),
                     abort.clone(),
                 ),
@@ -414,6 +414,15 @@ pub async fn start(
             );
         }
     }
+    // Looked up once, and present (at 0) from the start.
+    let expired = env
+        .broker
+        .metrics()
+        .expired_unconsumed
+        .get_or_create(&crate::metrics::GroupLabel {
+            group: record.group.clone(),
+        })
+        .clone();
     for (m, (shared_member, cursors)) in members.iter().zip(starts).enumerate() {
         if !active[m] {
             continue;
@@ -429,6 +438,7 @@ pub async fn start(
             rate: rate.clone(),
             cancel: cancel.clone(),
             shared_storage,
+            expired: expired.clone(),
         });
         for (q, cursor) in cursors.into_iter().enumerate() {
             if !shared_member.owned[q] {

@@ -15,13 +15,66 @@ pub(super) fn park(parked: &Parked, offset: u64, permit: OwnedSemaphorePermit) {
     }
 }
 
-pub(super) fn mark_done(committed: &mut u64, done: &mut BTreeSet<u64>, offset: u64) {
-    if offset < *committed {
-        return;
+/// What is finished above a queue's committed offset, out of order: single messages, and ranges
+/// retention deleted before they were delivered. The committed offset moves only over a
+/// finished prefix, so it never passes a message still in flight.
+#[derive(Debug, Default)]
+pub(super) struct Done {
+    offsets: BTreeSet<u64>,
+    /// Deleted ranges, start → end (exclusive).
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl Done {
+    /// `offset` is finished.
+    pub(super) fn mark(&mut self, committed: &mut u64, offset: u64) {
+        if offset < *committed {
+            return;
+        }
+        self.offsets.insert(offset);
+        self.advance(committed);
     }
-    done.insert(offset);
-    while done.remove(committed) {
-        *committed += 1;
+
+    /// Offsets `from..to` are gone (deleted by retention): nothing of them is left to deliver.
+    pub(super) fn mark_range(&mut self, committed: &mut u64, from: u64, to: u64) {
+        if to <= *committed || from >= to {
+            return;
+        }
+        if from <= *committed {
+            self.jump(committed, to);
+        } else {
+            let end = self.ranges.entry(from).or_insert(to);
+            *end = (*end).max(to);
+        }
+        self.advance(committed);
+    }
+
+    /// Moves the committed offset over a deleted range; finished offsets inside it are settled.
+    fn jump(&mut self, committed: &mut u64, to: u64) {
+        if to > *committed {
+            *committed = to;
+            self.offsets = self.offsets.split_off(committed);
+        }
+    }
+
+    fn advance(&mut self, committed: &mut u64) {
+        loop {
+            if self.offsets.remove(committed) {
+                *committed += 1;
+            } else if let Some((&start, &end)) = self.ranges.first_key_value()
+                && start <= *committed
+            {
+                self.ranges.remove(&start);
+                self.jump(committed, end);
+            } else {
+                return;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.offsets.is_empty() && self.ranges.is_empty()
     }
 }
 
@@ -34,7 +87,10 @@ pub(super) async fn offset_at(
     queue: u32,
     time: u64,
 ) -> Result<u64, DispatchError> {
-    let (mut lo, mut hi) = (0u64, storage.high_water(topic, queue).await?);
+    let (mut lo, mut hi) = (
+        storage.low_water(topic, queue).await?,
+        storage.high_water(topic, queue).await?,
+    );
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         let stored = storage
@@ -59,7 +115,9 @@ pub async fn start_offset(
     start: Start,
 ) -> Result<u64, DispatchError> {
     Ok(match start {
-        Start::Earliest => 0,
+        // The oldest message still stored: what retention deleted before the subscription
+        // existed is not its loss.
+        Start::Earliest => storage.low_water(topic, queue).await?,
         Start::Latest => storage.high_water(topic, queue).await?,
         Start::Time(t) => offset_at(storage, topic, queue, t).await?,
     })
@@ -109,6 +167,33 @@ pub async fn ensure_cursors(
 }
 
 impl Member {
+    /// Counts `n` messages retention deleted before this subscription handled them.
+    pub(super) fn count_expired(&self, n: u64) {
+        self.runner.counters.expired.fetch_add(n, Ordering::Relaxed);
+        self.expired.inc_by(n);
+    }
+
+    /// After a read of `queue` from `from` whose first message is at `first` (`None`: nothing
+    /// came back): the end of the range retention deleted from `from` on, if there is one
+    /// (`first`, or the queue's low water when nothing came back), counted as expired. Messages
+    /// the subscription's tag filter would have skipped count too: nobody can tell them apart
+    /// any more.
+    pub(super) async fn deleted_from(
+        &self,
+        queue: u32,
+        from: u64,
+        first: Option<u64>,
+    ) -> Option<u64> {
+        let end = match first {
+            Some(o) => o,
+            None => self.storage.low_water(self.topic(), queue).await.ok()?,
+        };
+        (end > from).then(|| {
+            self.count_expired(end - from);
+            end
+        })
+    }
+
     /// A sender for the queue's cursor and the task that stores it: writes coalesce (only the
     /// newest cursor is stored), and the last one is stored before the task ends. Each write
     /// names the revision this runner last saw: if another node wrote the cursor meanwhile (a
@@ -203,14 +288,34 @@ mod tests {
 
     #[test]
     fn committed_offset_never_passes_an_unfinished_message() {
-        let (mut c, mut done) = (5u64, BTreeSet::new());
-        mark_done(&mut c, &mut done, 7);
-        mark_done(&mut c, &mut done, 6);
+        let (mut c, mut done) = (5u64, Done::default());
+        done.mark(&mut c, 7);
+        done.mark(&mut c, 6);
         assert_eq!(c, 5, "5 is not done yet");
-        mark_done(&mut c, &mut done, 5);
+        done.mark(&mut c, 5);
         assert_eq!(c, 8);
-        mark_done(&mut c, &mut done, 3);
-        assert_eq!((c, done.len()), (8, 0));
+        done.mark(&mut c, 3);
+        assert_eq!(c, 8);
+        assert!(done.is_empty());
+    }
+
+    #[test]
+    fn a_deleted_range_is_passed_only_once_what_precedes_it_is_done() {
+        let (mut c, mut done) = (5u64, Done::default());
+        // 5 and 6 are in flight; 7..100 were deleted; 100 is done.
+        done.mark_range(&mut c, 7, 100);
+        done.mark(&mut c, 100);
+        assert_eq!(c, 5);
+        done.mark(&mut c, 6);
+        assert_eq!(c, 5);
+        done.mark(&mut c, 5);
+        assert_eq!(c, 101);
+        assert!(done.is_empty());
+        // A range starting at or below the committed offset moves it at once.
+        done.mark_range(&mut c, 90, 200);
+        assert_eq!(c, 200);
+        done.mark_range(&mut c, 10, 20);
+        assert_eq!(c, 200);
     }
 
     mod properties {
@@ -222,10 +327,10 @@ mod tests {
             /// of the finished prefix, so it never passes a message still in flight.
             #[test]
             fn committed_offset_never_passes_an_unacked_message(order in Just((0u64..200).collect::<Vec<_>>()).prop_shuffle()) {
-                let (mut committed, mut done) = (0u64, BTreeSet::new());
+                let (mut committed, mut done) = (0u64, Done::default());
                 let mut finished = vec![false; order.len()];
                 for o in order {
-                    mark_done(&mut committed, &mut done, o);
+                    done.mark(&mut committed, o);
                     finished[o as usize] = true;
                     let prefix = finished.iter().take_while(|f| **f).count() as u64;
                     prop_assert_eq!(committed, prefix);

@@ -62,7 +62,18 @@ impl Member {
                     .read(self.topic(), queue, cursor.committed, READ_BATCH)
                     .await
                 {
-                    Ok(v) => ahead.extend(v.into_iter().map(Arc::new)),
+                    Ok(v) => {
+                        // Retention deleted the head and what followed: go on after it.
+                        let first = v.first().map(|m| m.offset);
+                        if let Some(end) = self.deleted_from(queue, cursor.committed, first).await {
+                            cursor = Cursor {
+                                committed: end,
+                                ..Cursor::default()
+                            };
+                            self.store_cursor(queue, &committer, cursor);
+                        }
+                        ahead.extend(v.into_iter().map(Arc::new));
+                    }
                     Err(e) => {
                         tracing::error!(group = %self.group, error = %e, "read failed");
                         tokio::time::sleep(STORAGE_RETRY).await;

@@ -63,7 +63,9 @@ impl Member {
         {
             Ok(mut v) => match v.pop().filter(|m| m.offset == timer.offset) {
                 Some(m) => Ok(Some(Arc::new(m))),
+                // Deleted by retention before its delay or retry came due.
                 None => {
+                    self.count_expired(1);
                     self.remove_timer(timer).await;
                     Ok(None)
                 }

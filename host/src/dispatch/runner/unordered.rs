@@ -13,7 +13,7 @@ impl Member {
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut committed = start.committed;
-        let mut done: BTreeSet<u64> = BTreeSet::new();
+        let mut done = Done::default();
         let mut fetch = committed;
         let mut buffer: std::collections::VecDeque<Arc<StoredMessage>> = Default::default();
         let mut pending = FuturesUnordered::new();
@@ -37,6 +37,12 @@ impl Member {
                     .await
                 {
                     Ok(batch) => {
+                        // Retention deleted what lay between: nothing of it is left to deliver.
+                        let first = batch.first().map(|m| m.offset);
+                        if let Some(end) = self.deleted_from(queue, fetch, first).await {
+                            done.mark_range(&mut committed, fetch, end);
+                            fetch = end;
+                        }
                         if let Some(last) = batch.last() {
                             fetch = last.offset + 1;
                         }
@@ -63,7 +69,7 @@ impl Member {
                 buffer.pop_front();
             }
             for o in finished {
-                mark_done(&mut committed, &mut done, o);
+                done.mark(&mut committed, o);
             }
             self.publish(queue, &committer, committed);
             let want = !stopping && !buffer.is_empty() && pending.len() < per_queue_cap;
@@ -79,7 +85,7 @@ impl Member {
                     match result {
                         Some(result) => {
                             self.settle(&result, attempt, &m, false).await;
-                            mark_done(&mut committed, &mut done, m.offset);
+                            done.mark(&mut committed, m.offset);
                             self.publish(queue, &committer, committed);
                             park(&parked, m.offset, permit);
                         }

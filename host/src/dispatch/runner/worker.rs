@@ -32,26 +32,22 @@ impl Rate {
     }
 }
 
-/// The most work items one instance takes from its channel for one batch.
-const MAX_BATCH: usize = 128;
-
-/// One plugin instance's worth of service on a work channel shared by `sharers` instances: it
-/// takes the items waiting (its share of them, at most [`MAX_BATCH`]) and calls the plugin on
-/// them one after another in one scheduler turn ([`Lease::handle_batch`]), so a backlog costs
-/// one slot hand-over per batch, not per message. Each batch leases the instance of `key` from
-/// the runtime's pool (the same one each time unless the pool evicted it; a new one after a
-/// trap, timeout or memory overrun). Runs on the plugin threads. Once `cancel` fires, messages
-/// still queued are dropped unstarted; once `abort` fires, a call running is cut off too (their
-/// senders see the reply channel closed: not done, no attempt counted), so a stop or a lost
-/// lease waits for no plugin.
-#[allow(clippy::too_many_arguments)]
+/// One plugin instance's worth of service on a work channel (shared by the instances of a
+/// clustering subscription). It calls the plugin on the item it received, then, while the channel
+/// has more at once, on those too within the same scheduler turn ([`Lease::handle_batch`]), so a
+/// backlog costs one slot hand-over per batch, not per message. An item is taken only when its
+/// call starts, so a stopping worker never holds items it has not started. Each batch leases the
+/// instance of `key` from the runtime's pool (the same one each time unless the pool evicted
+/// it; a new one after a trap, timeout or memory overrun). Runs on the plugin threads. Once
+/// `cancel` fires, messages still queued are dropped unstarted; once `abort` fires, a call
+/// running is cut off too (their senders see the reply channel closed: not done, no attempt
+/// counted), so a stop or a lost lease waits for no plugin.
 pub(super) async fn worker(
     env: Handles,
     code: Arc<PluginCode>,
     ctx: Arc<InstanceContext>,
     key: PoolKey,
     work: WorkQueue,
-    sharers: usize,
     cancel: CancellationToken,
     abort: CancellationToken,
 ) {
@@ -66,105 +62,107 @@ pub(super) async fn worker(
     let mut outcomes: [Option<prometheus_client::metrics::counter::Counter>; OUTCOMES.len()] =
         Default::default();
     let mut failures = 0u64;
-    let sharers = sharers.max(1);
-    loop {
-        let items: Vec<WorkItem> = {
-            let mut rx = work.lock().await;
-            let Some(first) = rx.recv().await else { break };
-            let share = (rx.len() / sharers).min(MAX_BATCH - 1);
-            let mut items = vec![first];
-            while items.len() <= share
-                && let Ok(next) = rx.try_recv()
-            {
-                items.push(next);
-            }
-            items
-        };
-        let mut messages = Vec::with_capacity(items.len());
-        let mut replies = Vec::with_capacity(items.len());
-        for item in items {
-            let m = &item.message.message;
-            if item.attempt == 1 {
-                // Retries wait by design; the first attempt shows how far behind dispatch runs.
-                let due = m.born_at.max(m.deliver_at);
-                delay.observe(crate::base::now_ms().saturating_sub(due) as f64 / 1000.0);
-            }
-            messages.push(Message::of(
-                &item.message.topic,
-                item.message.offset,
-                m,
-                item.attempt,
-            ));
-            replies.push(Some(item.reply));
+    // The replies of the items handed to the running batch, oldest first (each call answers
+    // the oldest); a Mutex only because the batch's future must be Send.
+    let replies: std::sync::Mutex<std::collections::VecDeque<(Reply, String)>> = Default::default();
+    let start = |item: WorkItem| -> Message {
+        let m = &item.message.message;
+        if item.attempt == 1 {
+            // Retries wait by design; the first attempt shows how far behind dispatch runs.
+            let due = m.born_at.max(m.deliver_at);
+            delay.observe(crate::base::now_ms().saturating_sub(due) as f64 / 1000.0);
         }
-        // messages[at..] are not handled yet. A reply dropped unsent (cancel, abort) reads as
-        // "not done, no attempt made".
-        let mut at = 0;
-        while at < messages.len() && !cancel.is_cancelled() {
-            let leased = tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                l = runtime.lease(key.clone(), &code, || ctx.clone()) => l,
-            };
-            let mut lease = match leased {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
-                    if let Some(reply) = replies[at].take() {
-                        let _ = reply.send(Err(e));
-                    }
-                    at += 1;
-                    continue;
-                }
-            };
-            let on_done = |i: usize, result: Result<Outcome, InvokeError>, took: Duration| {
-                duration.observe(took.as_secs_f64());
-                let o = outcome_index(&result);
-                outcomes[o]
-                    .get_or_insert_with(|| {
-                        metrics
-                            .deliveries
-                            .get_or_create(&crate::metrics::OutcomeLabels {
-                                group: ctx.group.clone(),
-                                outcome: OUTCOMES[o],
-                            })
-                            .clone()
-                    })
-                    .inc();
+        let message = Message::of(&item.message.topic, item.message.offset, m, item.attempt);
+        replies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back((item.reply, message.id.clone()));
+        message
+    };
+    loop {
+        let item = { work.lock().await.recv().await };
+        let Some(item) = item else { break };
+        if cancel.is_cancelled() {
+            continue;
+        }
+        let leased = tokio::select! {
+            biased;
+            () = cancel.cancelled() => continue,
+            l = runtime.lease(key.clone(), &code, || ctx.clone()) => l,
+        };
+        let mut lease = match leased {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
+                let _ = item.reply.send(Err(e));
+                continue;
+            }
+        };
+        let first = start(item);
+        let next = || {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            // Only what is there now: a batch never waits for work, nor for another instance
+            // that is waiting for work.
+            let item = work.try_lock().ok()?.try_recv().ok()?;
+            Some(start(item))
+        };
+        let done = |result: Result<Outcome, InvokeError>, took: Duration| {
+            duration.observe(took.as_secs_f64());
+            let o = outcome_index(&result);
+            outcomes[o]
+                .get_or_insert_with(|| {
+                    metrics
+                        .deliveries
+                        .get_or_create(&crate::metrics::OutcomeLabels {
+                            group: ctx.group.clone(),
+                            outcome: OUTCOMES[o],
+                        })
+                        .clone()
+                })
+                .inc();
+            let oldest = replies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop_front();
+            if let Some((reply, id)) = oldest {
                 if let Err(e) = &result {
                     // Sampled (1st, 2nd, 4th, … failure of this worker): a trap storm must not
                     // flood the log.
                     failures += 1;
                     if failures.is_power_of_two() {
-                        tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %messages[at + i].id, error = %e, failures, "plugin call failed");
+                        tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %id, error = %e, failures, "plugin call failed");
                     }
                 }
-                if let Some(reply) = replies.get_mut(at + i).and_then(Option::take) {
-                    let _ = reply.send(result);
-                }
-                !cancel.is_cancelled()
-            };
-            let handled = tokio::select! {
-                biased;
-                // Cut off: the instance is dropped (its store stopped mid-call) and the replies
-                // of the unfinished calls too.
-                () = abort.cancelled() => break,
-                n = lease.handle_batch(&messages[at..], on_done) => n,
-            };
-            drop(lease);
-            match handled {
-                Ok(n) => at += n.max(1),
-                Err(e) => {
-                    if let Some(reply) = replies[at].take() {
-                        let _ = reply.send(Err(e));
-                    }
-                    at += 1;
-                }
+                let _ = reply.send(result);
             }
+            !cancel.is_cancelled()
+        };
+        let handled = tokio::select! {
+            biased;
+            // Cut off: the instance is dropped (its store stopped mid-call) and the reply of
+            // the unfinished call too.
+            () = abort.cancelled() => Ok(0),
+            n = lease.handle_batch(first, next, done) => n,
+        };
+        drop(lease);
+        let mut left = replies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = handled
+            && let Some((reply, _)) = left.pop_front()
+        {
+            let _ = reply.send(Err(e));
         }
+        // Whatever is left was cut off by `abort`: its replies close (not done).
+        left.clear();
     }
     runtime.forget_key(&key);
 }
+
+/// Where a worker sends what became of one work item.
+type Reply = oneshot::Sender<Result<Outcome, InvokeError>>;
 
 impl Member {
     /// Hands a message to the workers (after the rate allows it). The caller holds an in-flight

@@ -4,6 +4,21 @@
 use super::*;
 
 impl JetStreamStorage {
+    /// The message at exactly `offset`, if a replica serving direct gets has it (`None` also
+    /// when retention deleted it: a read from below the low water starts above `offset`).
+    pub(super) async fn read_one(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        Ok(self
+            .read(topic, queue, offset, 1)
+            .await?
+            .into_iter()
+            .find(|m| m.offset == offset))
+    }
+
     /// Messages of `stream` whose subject matches `filter`, at most `limit`, in stream order.
     pub(super) async fn scan(
         &self,

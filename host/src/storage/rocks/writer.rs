@@ -23,6 +23,13 @@ pub(super) enum WriteOp {
         expect: Expect,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
+    /// Deletes a queue's messages below `before`; replies with the new low water.
+    Truncate {
+        topic: String,
+        queue: u32,
+        before: u64,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
 }
 
 impl WriteOp {
@@ -30,9 +37,9 @@ impl WriteOp {
     fn refuse(self, e: StorageError) {
         let _ = match self {
             WriteOp::Append { reply, .. } => reply.send(Err(e)).map_err(drop),
-            WriteOp::PutBlob { reply, .. } | WriteOp::PutRecord { reply, .. } => {
-                reply.send(Err(e)).map_err(drop)
-            }
+            WriteOp::PutBlob { reply, .. }
+            | WriteOp::PutRecord { reply, .. }
+            | WriteOp::Truncate { reply, .. } => reply.send(Err(e)).map_err(drop),
         };
     }
 
@@ -42,6 +49,7 @@ impl WriteOp {
             WriteOp::PutRecord { value, .. } | WriteOp::PutBlob { value, .. } => {
                 value.as_ref().map_or(0, Vec::len) + 64
             }
+            WriteOp::Truncate { .. } => 64,
         }
     }
 }
@@ -56,6 +64,8 @@ pub(super) struct Writer {
     pub(super) sync: bool,
     pub(super) committed: HighWater,
     pub(super) shared: Arc<RwLock<HighWater>>,
+    /// Per queue, the first offset kept, as readers see it.
+    pub(super) low_water: Arc<RwLock<HighWater>>,
     pub(super) watchers: Arc<Watchers>,
     pub(super) last_revision: u64,
     /// The store time given to the last group commit's messages: never decreasing, so every
@@ -135,11 +145,16 @@ impl Writer {
         self.slot.close();
         let opened = open_db(&self.slot.dir).and_then(|db| {
             let (committed, stored_at) = recover_high_water(&db)?;
+            let low = recover_low_water(&db)?;
             let revision = read_last_revision(&db)?;
-            Ok((db, committed, stored_at, revision))
+            Ok((db, committed, low, stored_at, revision))
         });
         match opened {
-            Ok((db, committed, stored_at, revision)) => {
+            Ok((db, committed, low, stored_at, revision)) => {
+                *self
+                    .low_water
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = low;
                 let db = Arc::new(db);
                 self.last_revision = revision;
                 self.last_stored_at = self.last_stored_at.max(stored_at);
@@ -166,6 +181,8 @@ impl Writer {
     fn commit_group(&mut self, db: &DB, ops: Vec<WriteOp>, wo: &WriteOptions) -> bool {
         let mut batch = WriteBatch::default();
         let mut staged: HighWater = HashMap::new();
+        // New low water of queues truncated in this group.
+        let mut staged_low: HashMap<(String, u32), u64> = HashMap::new();
         // Revision (None = deleted) of records written earlier in this same group.
         let mut staged_records: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
         let mut revision = self.last_revision;
@@ -233,6 +250,34 @@ impl Writer {
                     }
                     replies.push(Reply::Record(reply, 0));
                 }
+                WriteOp::Truncate {
+                    topic,
+                    queue,
+                    before,
+                    reply,
+                } => {
+                    let low = match staged_low.get(&(topic.clone(), queue)) {
+                        Some(l) => *l,
+                        None => queue_value(&self.low_water_now(), &topic, queue),
+                    };
+                    let before = before.min(queue_value(&self.committed, &topic, queue));
+                    if before <= low {
+                        replies.push(Reply::Record(reply, low));
+                        continue;
+                    }
+                    let Ok(messages) = cf(db, CF_MESSAGES) else {
+                        let _ = reply.send(Err(StorageError::Corrupt("no messages CF".into())));
+                        continue;
+                    };
+                    batch.delete_range_cf(
+                        messages,
+                        keys::message(&topic, queue, low),
+                        keys::message(&topic, queue, before),
+                    );
+                    batch.put(keys::low_water(&topic, queue), before.to_be_bytes());
+                    staged_low.insert((topic, queue), before);
+                    replies.push(Reply::Record(reply, before));
+                }
                 WriteOp::PutRecord {
                     space,
                     key,
@@ -274,6 +319,15 @@ impl Writer {
             Ok(()) => {
                 self.last_revision = revision;
                 self.publish_high_water(staged);
+                if !staged_low.is_empty() {
+                    let mut low = self
+                        .low_water
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for ((topic, queue), l) in staged_low {
+                        set_queue(&mut low, &topic, queue, l);
+                    }
+                }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .ops
@@ -387,6 +441,13 @@ impl Writer {
             });
         }
         Ok(out)
+    }
+
+    /// The low water readers see (the writer is the only one that changes it).
+    fn low_water_now(&self) -> std::sync::RwLockReadGuard<'_, HighWater> {
+        self.low_water
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn publish_high_water(&mut self, staged: HighWater) {
