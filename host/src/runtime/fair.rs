@@ -11,13 +11,16 @@
 //! it bumps the engine's epoch so that running calls reach their yield point now, not at the
 //! next tick.
 //!
-//! With two slots or more, one is kept for short calls while any tenant made short calls in the
+//! With three slots or more, one is kept for short calls while any tenant made short calls in the
 //! last [`SHORT_DEMAND_WINDOW`]: tenants whose last poll ran long ([`LONG_POLL`], a looping or
 //! CPU-heavy plugin) may hold at most `slots - 1` at once. A healthy subscription then takes a
 //! free slot at once instead of preempting a loop for each batch; every hand-over through
 //! preemption cost ~1.3 ms beside 4 loops on 2 cores (the loop must reach its yield point, and
 //! the woken worker must get a thread), which held the healthy drain to ~0.17 of alone. When
-//! short calls stop for a window, the long ones get every slot again (at the next tick).
+//! short calls stop for a window, the long ones get every slot again (at the next tick). With two
+//! slots it is off: long calls would share one, and a call's wall-clock deadline (its
+//! `timeout_ms`, also its CPU budget) counts its waits for a slot, so CPU-heavy calls beside
+//! each other timed out (`tests/tests/hostile.rs`, a log-flooding plugin beside 4 others).
 //!
 //! Virtual runtime counts the CPU time of the polling thread (`CLOCK_THREAD_CPUTIME_ID`), not the
 //! poll's wall time: a poll whose thread the OS preempted (for the broker's own threads, which run
@@ -48,6 +51,8 @@ const PREEMPT_GRANULARITY_NS: u64 = 2_000_000;
 /// How much CPU credit (ns) a tenant that was idle may bring back: it is placed at most this far
 /// behind the tenants that kept running, so a long pause does not buy a long monopoly.
 const IDLE_CREDIT_NS: u64 = 20_000_000;
+/// From this many slots on, one is kept for short calls (see the module docs).
+const RESERVE_FROM_SLOTS: usize = 3;
 /// How long after a tenant's last short poll a slot stays kept for short calls.
 pub const SHORT_DEMAND_WINDOW: Duration = Duration::from_millis(100);
 /// A poll this long marks its tenant as running long polls: its next poll runs in
@@ -175,7 +180,7 @@ impl Scheduler {
         if inner.free == 0 {
             return false;
         }
-        if self.slots < 2 || !tenant.ran_long.load(Ordering::Relaxed) {
+        if self.slots < RESERVE_FROM_SLOTS || !tenant.ran_long.load(Ordering::Relaxed) {
             return true;
         }
         let short_wanted = inner
@@ -501,12 +506,19 @@ mod tests {
 
     #[test]
     fn long_polls_leave_a_slot_for_short_calls_while_those_are_asked_for() {
-        let s = Scheduler::new(2, || {});
-        let (a, b, short) = (s.tenant("a"), s.tenant("b"), s.tenant("short"));
-        a.ran_long.store(true, Ordering::Relaxed);
-        b.ran_long.store(true, Ordering::Relaxed);
+        let s = Scheduler::new(3, || {});
+        let (a, b, c, short) = (
+            s.tenant("a"),
+            s.tenant("b"),
+            s.tenant("c"),
+            s.tenant("short"),
+        );
+        for t in [&a, &b, &c] {
+            t.ran_long.store(true, Ordering::Relaxed);
+        }
         // No short call yet: long polls may take every slot.
         assert!(s.try_acquire(&a));
+        assert!(s.try_acquire(&c));
         assert!(s.try_acquire(&b));
         s.release(&b, Duration::ZERO);
         // A short call was asked for: the second slot stays for short calls.
