@@ -25,6 +25,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub plugins: PluginsConfig,
     pub transactions: TransactionsConfig,
+    pub retention: RetentionConfig,
     pub smtp: SmtpConfig,
     pub sms: SmsConfig,
     pub auth: AuthConfig,
@@ -231,6 +232,24 @@ impl Default for TransactionsConfig {
     }
 }
 
+/// `[retention]`: how retention is enforced. What each topic keeps is its own `retention`
+/// (`PUT /v1/topics/{topic}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// How often every topic's queues are checked and trimmed (ms, 100 to 3 600 000). Age
+    /// limits hold to within this.
+    pub check_interval_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            check_interval_ms: 1000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StartTls {
@@ -394,6 +413,11 @@ impl Config {
         }
         .validate()
         .map_err(ConfigError::Invalid)?;
+        if !(100..=3_600_000).contains(&self.retention.check_interval_ms) {
+            return Err(ConfigError::Invalid(
+                "retention.check_interval_ms must be 100 to 3600000".into(),
+            ));
+        }
         if l.max_message_bytes == 0 || l.max_batch == 0 || l.max_queues == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_message_bytes, max_batch and max_queues must be positive".into(),

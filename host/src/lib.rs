@@ -215,6 +215,10 @@ async fn serve(
         dispatcher.reconcile().await?;
         tokio::spawn(transactions.clone().run(checks.clone()))
     };
+    let retention = tokio::spawn(dispatcher.clone().run_retention(
+        std::time::Duration::from_millis(config.retention.check_interval_ms),
+        checks.clone(),
+    ));
     let app = http::app(http::AppState {
         broker,
         plugins,
@@ -248,6 +252,7 @@ async fn serve(
     // In-flight deliveries and checks finish, and their state is stored, before storage closes.
     checks.cancel();
     let _ = checker.await;
+    let _ = retention.await;
     dispatcher.shutdown().await;
     node.stop().await;
     served

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub invocation_seconds: Family<GroupLabel, Histogram>,
     /// Messages retention deleted before a subscription handled them.
     pub expired_unconsumed: Family<GroupLabel, Counter>,
+    /// Messages retention deleted, by topic (consumed or not).
+    pub retention_deleted: Family<TopicLabel, Counter>,
+    /// Retention passes finished (each looks at every topic once).
+    pub retention_passes: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +70,8 @@ impl Default for Metrics {
             dispatch_delay_seconds: Family::new_with_constructor(seconds_histogram),
             invocation_seconds: Family::new_with_constructor(seconds_histogram),
             expired_unconsumed: Family::default(),
+            retention_deleted: Family::default(),
+            retention_passes: Counter::default(),
         }
     }
 }
@@ -106,6 +112,16 @@ impl Metrics {
             "wasmq_messages_expired_unconsumed",
             "Messages retention deleted before a subscription handled them, by subscription",
             self.expired_unconsumed.clone(),
+        );
+        r.register(
+            "wasmq_retention_deleted_messages",
+            "Messages retention deleted (by age, size, or once every subscription was done with them), by topic",
+            self.retention_deleted.clone(),
+        );
+        r.register(
+            "wasmq_retention_passes",
+            "Retention passes finished; each looks at every topic once",
+            self.retention_passes.clone(),
         );
     }
 

@@ -114,6 +114,17 @@ impl TestServer {
         .await
     }
 
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        decode(
+            self.client
+                .delete(format!("{}{path}", self.url))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
     pub async fn put_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
         decode(
             self.client

@@ -32,7 +32,10 @@ async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
     let writer = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
         .await
         .unwrap();
-    writer.prepare_topic("t", 1).await.unwrap();
+    writer
+        .prepare_topic("t", 1, Default::default())
+        .await
+        .unwrap();
     let m = conformance::msg(0, Some("order-1"), "committed body");
     let guard = RecordWrite {
         space: "txn".into(),
@@ -692,4 +695,74 @@ async fn a_node_that_loses_a_queue_lease_stops_delivering_it_under_max_rate() {
         after - before
     );
     storage.close().await;
+}
+
+/// Retention on JetStream: age and size limits are the queue streams' own `max_age` and
+/// `max_bytes` (set when the topic is created or changed); `after_consumed` purges what the
+/// subscriptions are done with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_on_jetstream_uses_the_streams_limits_and_purges_what_is_consumed() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    c.storage.backend = Backend::Jetstream;
+    c.storage.urls = vec![nats.url.clone()];
+    c.storage.replicas = 1;
+    c.retention.check_interval_ms = 100;
+    let s = TestServer::start_with(c).await;
+    let put = |topic: &'static str, body: serde_json::Value| {
+        let s = &s;
+        async move {
+            let (st, v) = s.put_json(&format!("/v1/topics/{topic}"), &body).await;
+            assert!(st.is_success(), "{st} {v}");
+            v
+        }
+    };
+    // Created without limits, then given a size limit: the stream is updated in place.
+    put("sized", json!({"queues": 1})).await;
+    put("sized", json!({"retention": {"max_bytes": 8192}})).await;
+    let pad = "p".repeat(1000);
+    let msgs: Vec<_> = (0..30)
+        .map(|n| json!({"body": {"n": n, "pad": pad}}))
+        .collect();
+    s.publish_batch("sized", msgs).await;
+    let (_, t) = s.get("/v1/topics/sized").await;
+    let bytes = t["stored_bytes"][0].as_u64().unwrap();
+    assert!(bytes <= 8192 && bytes > 4096, "{t}");
+    assert!(t["low_water"][0].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["high_water"][0], 30, "{t}");
+
+    put(
+        "aged",
+        json!({"queues": 2, "retention": {"max_age_ms": 1000}}),
+    )
+    .await;
+    s.publish_numbered("aged", 6).await;
+    let t = s
+        .wait_until("/v1/topics/aged", 60, |t| t["stored_messages"] == 0)
+        .await;
+    assert_eq!(t["messages"], 6, "{t}");
+
+    put(
+        "consumed",
+        json!({"queues": 2, "retention": {"after_consumed": true, "max_age_ms": null}}),
+    )
+    .await;
+    s.create_topic("audit", 1).await;
+    let (st, v) = s.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    s.subscribe(
+        "work",
+        json!({"topic": "consumed", "plugin": "recorder",
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    s.publish_numbered("consumed", 10).await;
+    assert_eq!(s.wait_audit("audit", 10, 60).await.len(), 10);
+    let t = s
+        .wait_until("/v1/topics/consumed", 60, |t| t["stored_messages"] == 0)
+        .await;
+    assert_eq!(t["messages"], 10, "{t}");
+    assert_eq!(t["low_water"], t["high_water"], "{t}");
+    s.stop().await.unwrap();
 }

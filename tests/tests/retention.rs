@@ -1,14 +1,46 @@
-//! Retention (issue 23): what a subscription does when the messages ahead of its offset were
-//! deleted. The range is deleted with the storage's own `truncate` while the server is stopped
-//! (the real RocksDB directory, reopened), then the server runs on it again.
+//! Retention (issue 23): each topic's policy (age, size per queue, after every subscription is
+//! done) enforced by the running server, and what a subscription does when the messages ahead
+//! of its offset were deleted (also by the storage's own `truncate` on the real RocksDB
+//! directory while the server is stopped).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wasmq::config::FlushMode;
 use wasmq::storage::{RocksStorage, Storage};
-use wasmq_tests::TestServer;
-use wasmq_tests::plugins::RECORDER;
+use wasmq_tests::plugins::{RECORDER, REJECT_ALL, TRAP};
+use wasmq_tests::{TestServer, assert_error, config_in};
+
+/// A server that enforces retention every 100 ms.
+async fn start(dir: &std::path::Path) -> TestServer {
+    let mut c = config_in(dir);
+    c.retention.check_interval_ms = 100;
+    TestServer::start_with(c).await
+}
+
+/// The value of an unlabelled counter in `/metrics`.
+async fn counter(s: &TestServer, name: &str) -> u64 {
+    let m = s.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+}
+
+/// Waits until two more retention passes finished (the second began after this call).
+async fn two_passes(s: &TestServer) {
+    let start = counter(s, "wasmq_retention_passes_total").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while counter(s, "wasmq_retention_passes_total").await < start + 2 {
+        assert!(std::time::Instant::now() < deadline, "no retention pass");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn put_topic(s: &TestServer, topic: &str, body: Value) -> Value {
+    let (st, v) = s.put_json(&format!("/v1/topics/{topic}"), &body).await;
+    assert!(st.is_success(), "{st} {v}");
+    v
+}
 
 fn recorder(topic: &str, ordered: bool) -> Value {
     json!({
@@ -87,5 +119,214 @@ async fn subscriptions_behind_a_deleted_range_move_to_the_low_water_and_count_wh
         let line = format!("wasmq_messages_expired_unconsumed_total{{group=\"{group}\"}} {lost}");
         assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
     }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_and_age_limits_trim_each_queue_and_a_paused_subscription_counts_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    // New topics keep 72 h, with no size limit and nothing deleted for being consumed.
+    let v = put_topic(&s, "plain", json!({})).await;
+    assert_eq!(
+        v["retention"],
+        json!({"max_age_ms": 259_200_000u64, "max_bytes": null, "after_consumed": false})
+    );
+    let v = put_topic(
+        &s,
+        "sized",
+        json!({"queues": 1, "retention": {"max_bytes": 8192, "max_age_ms": null}}),
+    )
+    .await;
+    assert_eq!(
+        v["retention"],
+        json!({"max_age_ms": null, "max_bytes": 8192, "after_consumed": false})
+    );
+    // Fields left out keep their value.
+    let v = put_topic(&s, "sized", json!({"retention": {}})).await;
+    assert_eq!(v["retention"]["max_bytes"], 8192);
+    for (bad, what) in [
+        (json!({"retention": {"max_age_ms": 5}}), "max_age_ms"),
+        (json!({"retention": {"max_bytes": 1}}), "max_bytes"),
+        (json!({"retention": {"max_bytes": u64::MAX}}), "max_bytes"),
+    ] {
+        let r = s.put_json("/v1/topics/sized", &bad).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "bad_topic_spec");
+        assert!(
+            r.1["error"]["message"].as_str().unwrap().contains(what),
+            "{}",
+            r.1
+        );
+    }
+    for bad in [
+        json!({"retention": {"max_bytes": "8k"}}),
+        json!({"retention": {"max_age_ms": -1}}),
+        json!({"retention": {"max_age": 1000}}),
+    ] {
+        let r = s.put_json("/v1/topics/sized", &bad).await;
+        assert_eq!(r.0, StatusCode::BAD_REQUEST, "{bad}: {}", r.1);
+    }
+
+    s.create_topic("audit-late", 1).await;
+    let (st, v) = s.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let mut late = recorder("sized", false);
+    late["config"]["audit"] = json!("audit-late");
+    late["grants"]["publish"] = json!(["audit-late"]);
+    s.subscribe("late", late).await;
+    let (st, v) = s
+        .post_json("/v1/subscriptions/late/pause", &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let pad = "p".repeat(1000);
+    let msgs: Vec<Value> = (0..50)
+        .map(|n| json!({"body": {"n": n, "pad": pad}}))
+        .collect();
+    s.publish_batch("sized", msgs).await;
+    let t = s
+        .wait_until("/v1/topics/sized", 60, |t| {
+            t["low_water"][0].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    let low = t["low_water"][0].as_u64().unwrap();
+    let bytes = t["stored_bytes"][0].as_u64().unwrap();
+    assert!(bytes <= 8192 && bytes > 8192 - 2_500, "{t}");
+    assert_eq!(t["high_water"][0], 50, "{t}");
+    assert_eq!(t["stored_messages"], 50 - low, "{t}");
+    two_passes(&s).await;
+    let (_, again) = s.get("/v1/topics/sized").await;
+    assert_eq!(
+        again["low_water"][0], low,
+        "a kept queue is not cut again: {again}"
+    );
+
+    let (st, v) = s
+        .post_json("/v1/subscriptions/late/resume", &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let v = s
+        .wait_until("/v1/subscriptions/late", 60, |v| {
+            v["lag"] == 0 && v["queues"][0]["committed"] == 50
+        })
+        .await;
+    assert_eq!(v["counters"]["expired_unconsumed"], low, "{v}");
+    assert_eq!(v["counters"]["acked"], 50 - low, "{v}");
+    let metrics = s.metrics().await;
+    let line = format!("wasmq_retention_deleted_messages_total{{topic=\"sized\"}} {low}");
+    assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+
+    // Age: everything stored more than a second ago goes, whatever its size.
+    put_topic(
+        &s,
+        "aged",
+        json!({"queues": 2, "retention": {"max_age_ms": 1000}}),
+    )
+    .await;
+    s.publish_numbered("aged", 6).await;
+    let t = s
+        .wait_until("/v1/topics/aged", 60, |t| t["stored_messages"] == 0)
+        .await;
+    assert_eq!(t["messages"], 6, "{t}");
+    assert_eq!(t["stored_bytes"], json!([0, 0]), "{t}");
+    assert_eq!(t["low_water"], t["high_water"], "{t}");
+    // An untouched topic with the 72 h default keeps everything.
+    s.publish_numbered("plain", 3).await;
+    two_passes(&s).await;
+    let (_, t) = s.get("/v1/topics/plain").await;
+    assert_eq!(t["stored_messages"], 3, "{t}");
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_consumed_deletes_only_what_every_subscription_is_done_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let rules = json!({"queues": 1, "retention": {"after_consumed": true, "max_age_ms": null}});
+    put_topic(&s, "events", rules).await;
+    s.create_topic("audit-fast", 1).await;
+    for (name, path) in [
+        ("recorder", RECORDER),
+        ("reject-all", REJECT_ALL),
+        ("trap", TRAP),
+    ] {
+        let (st, v) = s.upload_plugin(name, path).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let low = |t: &Value| t["low_water"][0].as_u64().unwrap();
+
+    // Nobody subscribed: nothing counts as consumed.
+    s.publish_numbered("events", 5).await;
+    two_passes(&s).await;
+    let (_, t) = s.get("/v1/topics/events").await;
+    assert_eq!(low(&t), 0, "{t}");
+
+    // One acks everything, one dead-letters everything, one waits 10 minutes to retry.
+    let mut fast = recorder("events", false);
+    fast["config"]["audit"] = json!("audit-fast");
+    fast["grants"]["publish"] = json!(["audit-fast"]);
+    s.subscribe("fast", fast).await;
+    s.subscribe("dead", json!({"topic": "events", "plugin": "reject-all"}))
+        .await;
+    s.subscribe(
+        "later",
+        json!({"topic": "events", "plugin": "trap",
+               "retry": {"max_attempts": 3, "backoff_ms": [600_000]}}),
+    )
+    .await;
+    s.wait_until("/v1/subscriptions/fast", 60, |v| {
+        v["lag"] == 0 && v["counters"]["acked"] == 5
+    })
+    .await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| v["dlq"] == 5)
+        .await;
+    s.wait_until("/v1/subscriptions/later", 60, |v| {
+        v["pending_timers"] == 5 && v["lag"] == 0
+    })
+    .await;
+    two_passes(&s).await;
+    let (_, t) = s.get("/v1/topics/events").await;
+    assert_eq!(
+        low(&t),
+        0,
+        "dead letters and retry timers hold their messages: {t}"
+    );
+
+    // Without the dead letters, the retry timers still hold them; without those, they go.
+    let (st, v) = s.delete("/v1/subscriptions/dead").await;
+    assert!(st.is_success(), "{st} {v}");
+    two_passes(&s).await;
+    let (_, t) = s.get("/v1/topics/events").await;
+    assert_eq!(low(&t), 0, "retry timers hold their messages: {t}");
+    let (st, v) = s.delete("/v1/subscriptions/later").await;
+    assert!(st.is_success(), "{st} {v}");
+    s.wait_until("/v1/topics/events", 60, |t| t["low_water"][0] == 5)
+        .await;
+
+    // A paused subscription holds what it has not consumed.
+    let (st, v) = s
+        .post_json("/v1/subscriptions/fast/pause", &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    s.publish_numbered("events", 3).await;
+    two_passes(&s).await;
+    let (_, t) = s.get("/v1/topics/events").await;
+    assert_eq!(low(&t), 5, "{t}");
+    let (st, v) = s
+        .post_json("/v1/subscriptions/fast/resume", &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let t = s
+        .wait_until("/v1/topics/events", 60, |t| t["low_water"][0] == 8)
+        .await;
+    assert_eq!(t["stored_messages"], 0, "{t}");
+    // Every message reached the subscription once, none was lost to retention.
+    assert_eq!(s.wait_audit("audit-fast", 8, 30).await.len(), 8);
+    let (_, v) = s.get("/v1/subscriptions/fast").await;
+    assert_eq!(
+        (v["dlq"].as_u64(), v["pending_timers"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    assert_eq!(v["counters"]["expired_unconsumed"], 0, "{v}");
     s.stop().await.unwrap();
 }

@@ -3,6 +3,7 @@
 
 pub mod envelope;
 mod publish;
+pub mod retention;
 mod services;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use crate::storage::{
     Appended, Expect, MessageId, NewMessage, RecordWrite, Storage, StorageError, StoredMessage,
 };
 pub use envelope::{Envelope, EnvelopeError};
+pub use retention::{Retention, RetentionSpec};
 
 /// Record space holding topic metadata.
 const TOPIC_SPACE: &str = "topic";
@@ -73,6 +75,9 @@ pub struct TopicMeta {
     pub transaction_checker_config: Option<serde_json::Value>,
     #[serde(default)]
     pub transaction_checker_grants: crate::capabilities::GrantSpec,
+    /// What the topic keeps (topics stored before retention existed read the default).
+    #[serde(default)]
+    pub retention: Retention,
 }
 
 /// The body of `PUT /v1/topics/{topic}`: fields left out keep their value.
@@ -89,6 +94,8 @@ pub struct TopicSpec {
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub transaction_checker_config: Option<serde_json::Value>,
     pub transaction_checker_grants: Option<crate::capabilities::GrantSpec>,
+    /// Age and size limits and early deletion of consumed messages; see [`Retention`].
+    pub retention: Option<RetentionSpec>,
 }
 
 /// A topic cached in memory, with its round-robin cursor.
@@ -245,6 +252,7 @@ impl Broker {
                         transactions: TxnTimings::default(),
                         transaction_checker_config: None,
                         transaction_checker_grants: Default::default(),
+                        retention: Retention::default(),
                     };
                     (meta, Expect::Absent, true)
                 }
@@ -280,10 +288,15 @@ impl Broker {
                 g.to_grants().map_err(BrokerError::BadTopicSpec)?;
                 meta.transaction_checker_grants = g.clone();
             }
+            if let Some(r) = &spec.retention {
+                meta.retention = r.apply(meta.retention).map_err(BrokerError::BadTopicSpec)?;
+            }
             let bytes =
                 serde_json::to_vec(&meta).map_err(|e| StorageError::Encode(e.to_string()))?;
             // Queues exist in the backend before any node can learn of the topic.
-            self.storage.prepare_topic(name, meta.queues).await?;
+            self.storage
+                .prepare_topic(name, meta.queues, meta.retention.limits())
+                .await?;
             match self
                 .storage
                 .put_record(TOPIC_SPACE, name, Some(bytes), expect)
@@ -395,11 +408,15 @@ impl Broker {
         Ok(out)
     }
 
-    /// The first offset still stored of each queue (retention deleted what lies below).
-    pub async fn low_water(&self, topic: &TopicMeta) -> Result<Vec<u64>, BrokerError> {
+    /// Low water (retention deleted what lies below), high water and stored bytes of each
+    /// queue of a topic.
+    pub async fn extents(
+        &self,
+        topic: &TopicMeta,
+    ) -> Result<Vec<crate::storage::QueueExtent>, BrokerError> {
         let mut out = Vec::with_capacity(topic.queues as usize);
         for q in 0..topic.queues {
-            out.push(self.storage.low_water(&topic.name, q).await?);
+            out.push(self.storage.extent(&topic.name, q).await?);
         }
         Ok(out)
     }

@@ -314,13 +314,38 @@ pub(super) enum MessageCommand {
     },
 }
 
+/// A retention limit on the command line: a number, or `none` for no limit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limit(pub Option<u64>);
+
+fn limit_or_none(s: &str) -> Result<Limit, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Limit(None));
+    }
+    s.parse()
+        .map(|n| Limit(Some(n)))
+        .map_err(|_| format!("expected a whole number or `none`, not {s:?}"))
+}
+
 #[derive(Subcommand)]
 pub(super) enum TopicCommand {
-    /// Create a topic (or add queues to it).
+    /// Create a topic, or change its queues and retention (what is not given stays).
     Create {
         name: String,
+        /// Number of queues (1 to the server's limits.max_queues); can grow, never shrink.
         #[arg(long)]
         queues: Option<u32>,
+        /// Delete messages stored longer ago than this many ms; `none` for no age limit
+        /// (new topics: 259200000, 72 h).
+        #[arg(long, value_name = "MS|none", value_parser = limit_or_none)]
+        retention_max_age_ms: Option<Limit>,
+        /// Delete a queue's oldest messages while it holds more bytes than this; `none` for
+        /// no size limit.
+        #[arg(long, value_name = "BYTES|none", value_parser = limit_or_none)]
+        retention_max_bytes: Option<Limit>,
+        /// Also delete what every subscription of the topic is done with.
+        #[arg(long, value_name = "BOOL")]
+        retention_after_consumed: Option<bool>,
     },
     List,
     Show {

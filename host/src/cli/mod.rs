@@ -67,11 +67,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         // Handled in `main`, without an async runtime.
         Command::CompileWorker { .. } => anyhow::bail!("compile-worker is run by the server"),
-        Command::Topic(TopicCommand::Create { name, queues }) => {
-            let body = match queues {
-                Some(q) => json!({ "queues": q }),
-                None => json!({}),
-            };
+        Command::Topic(TopicCommand::Create {
+            name,
+            queues,
+            retention_max_age_ms,
+            retention_max_bytes,
+            retention_after_consumed,
+        }) => {
+            let mut body = serde_json::Map::new();
+            if let Some(q) = queues {
+                body.insert("queues".into(), json!(q));
+            }
+            let mut retention = serde_json::Map::new();
+            if let Some(a) = retention_max_age_ms {
+                retention.insert("max_age_ms".into(), json!(a.0));
+            }
+            if let Some(b) = retention_max_bytes {
+                retention.insert("max_bytes".into(), json!(b.0));
+            }
+            if let Some(c) = retention_after_consumed {
+                retention.insert("after_consumed".into(), json!(c));
+            }
+            if !retention.is_empty() {
+                body.insert("retention".into(), retention.into());
+            }
+            let body = serde_json::Value::Object(body);
             print(
                 &client
                     .put_json(&format!("/v1/topics/{name}"), &body)

@@ -3,6 +3,7 @@
 //! dead-letter queue per group, delayed messages, rate and in-flight limits.
 
 mod reconcile;
+mod retention;
 pub mod runner;
 pub mod share;
 pub mod spec;
@@ -20,6 +21,7 @@ use crate::base::now_ms;
 use crate::broker::{Broker, BrokerError};
 use crate::plugins::{PluginError, Plugins};
 use crate::storage::{Expect, Storage, StorageError};
+pub use retention::RetentionPass;
 use runner::Runner;
 pub use spec::{Mode, Start, SubscriptionSpec};
 use state::{DeadLetter, SubState, SubscriptionRecord, Timer, TimerKind};

@@ -104,8 +104,7 @@ impl Dispatcher {
     pub async fn status(&self, group: &str) -> Result<SubscriptionStatus, DispatchError> {
         let record = self.record(group).await?;
         let topic = self.env.broker.topic(&record.spec.topic)?;
-        let high_water = self.env.broker.high_water(&topic).await?;
-        let low_water = self.env.broker.low_water(&topic).await?;
+        let extents = self.env.broker.extents(&topic).await?;
         // Shared storage: which node runs each queue (or instance).
         let owners = match &self.share {
             Some(s) => s.owners(group).await?,
@@ -131,7 +130,8 @@ impl Dispatcher {
                 .collect::<Result<_, StorageError>>()?;
             let mut queues = Vec::new();
             let mut lag = 0u64;
-            for (q, hw) in high_water.iter().enumerate() {
+            for (q, ext) in extents.iter().enumerate() {
+                let hw = &ext.high_water;
                 let live_committed = live.and_then(|m| m.live_committed(q));
                 let (committed, head_attempts, head_due) = match (live, live_committed) {
                     (Some(m), Some(c)) => (
@@ -145,7 +145,7 @@ impl Dispatcher {
                 };
                 // What lies below the low water is gone, not waiting (the runner moves up to it
                 // on its next read and counts it as expired).
-                let low = low_water.get(q).copied().unwrap_or(0);
+                let low = ext.low_water;
                 let l = hw.saturating_sub(committed.max(low));
                 lag += l;
                 let unit = if broadcast {

@@ -18,17 +18,28 @@ pub struct TopicView {
     meta: TopicMeta,
     /// Next offset of each queue.
     high_water: Vec<u64>,
+    /// First offset still stored of each queue (retention deleted what lies below).
+    low_water: Vec<u64>,
+    /// Bytes the stored messages of each queue take.
+    stored_bytes: Vec<u64>,
     /// Messages ever published to the topic.
     messages: u64,
+    /// Messages stored now (what retention has not deleted).
+    stored_messages: u64,
 }
 
 async fn view(state: &AppState, meta: TopicMeta) -> Result<TopicView, ApiError> {
-    let high_water = state.broker.high_water(&meta).await?;
-    let messages = high_water.iter().sum();
+    let extents = state.broker.extents(&meta).await?;
     Ok(TopicView {
         meta,
-        high_water,
-        messages,
+        high_water: extents.iter().map(|e| e.high_water).collect(),
+        low_water: extents.iter().map(|e| e.low_water).collect(),
+        stored_bytes: extents.iter().map(|e| e.bytes).collect(),
+        messages: extents.iter().map(|e| e.high_water).sum(),
+        stored_messages: extents
+            .iter()
+            .map(|e| e.high_water.saturating_sub(e.low_water))
+            .sum(),
     })
 }
 

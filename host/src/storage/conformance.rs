@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BodyKind, Expect, NewMessage, RecordWrite, Storage, StorageError};
+use super::{BodyKind, Expect, NewMessage, QueueLimits, RecordWrite, Storage, StorageError};
 
 /// Opens the backend under test onto the same durable state each time.
 pub type Open = dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Storage>> + Send>> + Send + Sync;
@@ -22,6 +22,7 @@ pub async fn run_all(open: &Open) {
     concurrent_appends_get_dense_offsets(open).await;
     blobs_watch_and_odd_names(open).await;
     truncate_deletes_a_range_and_never_reuses_offsets(open).await;
+    size_limit_keeps_each_queue_within_its_bytes(open).await;
 }
 
 pub fn msg(queue: u32, key: Option<&str>, body: &str) -> NewMessage {
@@ -331,5 +332,55 @@ pub async fn truncate_deletes_a_range_and_never_reuses_offsets(open: &Open) {
     let read = s.read(topic, 0, 0, 100).await.unwrap();
     assert_eq!(read.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![10]);
     assert_eq!(s.truncate("never-written", 0, 5).await.unwrap(), 0);
+    s.close().await;
+}
+
+/// A queue's stored bytes follow appends and truncations (and survive a restart), and a size
+/// limit keeps each queue at most that big once applied: by the backend itself, or by cutting
+/// where [`Storage::retention_cut`] says.
+pub async fn size_limit_keeps_each_queue_within_its_bytes(open: &Open) {
+    const LIMIT: u64 = 16 * 1024;
+    let s = open().await;
+    let topic = "sized";
+    let limits = QueueLimits {
+        max_age_ms: None,
+        max_bytes: Some(LIMIT),
+    };
+    s.prepare_topic(topic, 2, limits).await.unwrap();
+    s.append(topic, vec![msg(1, None, "small")]).await.unwrap();
+    let small = s.extent(topic, 1).await.unwrap();
+    assert_eq!((small.low_water, small.high_water), (0, 1));
+    assert!(small.bytes > 5 && small.bytes < 1000, "{small:?}");
+    let body = "x".repeat(1000);
+    for _ in 0..10 {
+        s.append(topic, (0..10).map(|_| msg(0, None, &body)).collect())
+            .await
+            .unwrap();
+    }
+    let now = crate::base::now_ms();
+    let cut = s.retention_cut(topic, 0, limits, now).await.unwrap();
+    s.truncate(topic, 0, cut).await.unwrap();
+    let e = s.extent(topic, 0).await.unwrap();
+    assert_eq!(e.high_water, 100);
+    assert!(e.low_water > 0 && e.low_water < 100, "{e:?}");
+    // At most the limit, and not less than one message below it.
+    assert!(e.bytes <= LIMIT && e.bytes > LIMIT - 2_000, "{e:?}");
+    let read = s.read(topic, 0, 0, 200).await.unwrap();
+    assert_eq!(read.first().map(|m| m.offset), Some(e.low_water));
+    assert_eq!(read.len() as u64, e.high_water - e.low_water);
+    // The limit is per queue: the small one is untouched, and a second cut changes nothing.
+    assert_eq!(s.extent(topic, 1).await.unwrap(), small);
+    let again = s.retention_cut(topic, 0, limits, now).await.unwrap();
+    assert_eq!(s.truncate(topic, 0, again).await.unwrap(), e.low_water);
+    s.close().await;
+    drop(s);
+    let s = open().await;
+    assert_eq!(s.extent(topic, 0).await.unwrap(), e);
+    // Without limits nothing is cut.
+    let none = s
+        .retention_cut(topic, 0, QueueLimits::default(), now)
+        .await
+        .unwrap();
+    assert_eq!(none, e.low_water);
     s.close().await;
 }

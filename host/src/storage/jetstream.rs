@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
-    Appended, Expect, MessageId, NewMessage, Record, RecordWrite, Storage, StorageError,
-    StoredMessage, Watchers,
+    Appended, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record, RecordWrite,
+    Storage, StorageError, StoredMessage, Watchers,
 };
 
 const RECORDS: &str = "WQ_RECORDS";
@@ -265,6 +265,23 @@ impl JetStreamStorage {
         Ok(())
     }
 
+    /// The configuration of a queue's stream: its subject, replicas and retention limits
+    /// (JetStream deletes by age and size itself; 0 is "no limit" to it).
+    fn queue_config(&self, topic: &str, queue: u32, limits: QueueLimits) -> stream::Config {
+        stream::Config {
+            name: stream_name(topic, queue),
+            subjects: vec![subject(topic, queue)],
+            num_replicas: self.replicas,
+            allow_direct: true,
+            max_age: Duration::from_millis(limits.max_age_ms.unwrap_or(0)),
+            max_bytes: limits
+                .max_bytes
+                .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        }
+    }
+
     /// The stream of a queue; created when `create` (appends), else `None` if it never existed.
     async fn queue_stream(
         &self,
@@ -279,13 +296,7 @@ impl JetStreamStorage {
         let name = stream_name(topic, queue);
         let found = if create {
             self.js
-                .get_or_create_stream(stream::Config {
-                    name: name.clone(),
-                    subjects: vec![subject(topic, queue)],
-                    num_replicas: self.replicas,
-                    allow_direct: true,
-                    ..Default::default()
-                })
+                .get_or_create_stream(self.queue_config(topic, queue, QueueLimits::default()))
                 .await
                 .map(Some)
                 .map_err(|e| js_err(&format!("stream {name}"), e))?
@@ -346,9 +357,26 @@ impl Storage for JetStreamStorage {
         Ok((appended, revision))
     }
 
-    async fn prepare_topic(&self, topic: &str, queues: u32) -> Result<(), StorageError> {
+    /// Creates each queue's stream, or updates its limits.
+    async fn prepare_topic(
+        &self,
+        topic: &str,
+        queues: u32,
+        limits: QueueLimits,
+    ) -> Result<(), StorageError> {
         for queue in 0..queues {
-            self.queue_stream(topic, queue, true).await?;
+            let config = self.queue_config(topic, queue, limits);
+            let name = config.name.clone();
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| js_err(&format!("stream {name}"), e))?;
+            // The cached handle carries the old configuration.
+            self.streams
+                .lock()
+                .await
+                .remove(&(topic.to_string(), queue));
+            self.queue_stream(topic, queue, false).await?;
         }
         Ok(())
     }
@@ -512,6 +540,33 @@ impl Storage for JetStreamStorage {
             )),
             None => Ok(0),
         }
+    }
+
+    /// One stream info: first and last sequence and the bytes the stream holds.
+    async fn extent(&self, topic: &str, queue: u32) -> Result<QueueExtent, StorageError> {
+        match self.queue_stream(topic, queue, false).await? {
+            Some(mut s) => {
+                let state = &s.info().await.map_err(|e| js_err("extent", e))?.state;
+                Ok(QueueExtent {
+                    low_water: low_water_of(state),
+                    high_water: state.last_sequence,
+                    bytes: state.bytes,
+                })
+            }
+            None => Ok(QueueExtent::default()),
+        }
+    }
+
+    /// The server applies age and size limits itself (set by [`Storage::prepare_topic`]), so
+    /// nothing is left to cut but what it already deleted.
+    async fn retention_cut(
+        &self,
+        topic: &str,
+        queue: u32,
+        _limits: QueueLimits,
+        _now_ms: u64,
+    ) -> Result<u64, StorageError> {
+        self.low_water(topic, queue).await
     }
 
     /// The stream's own purge up to a sequence: one request, not a delete per message.

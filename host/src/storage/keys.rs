@@ -41,10 +41,21 @@ pub fn low_water(topic: &str, queue: u32) -> Vec<u8> {
     k
 }
 
-/// Splits a low-water marker's key back into (topic, queue).
-pub fn parse_low_water(key: &[u8]) -> Result<(String, u32), StorageError> {
-    let bad = || StorageError::Corrupt(format!("bad low-water key {key:02x?}"));
-    let rest = key.strip_prefix(LOW_WATER_PREFIX).ok_or_else(bad)?;
+/// Default-CF prefix of the stored-bytes markers, one per queue that ever held a message.
+pub const QUEUE_BYTES_PREFIX: &[u8] = b"queue_bytes/";
+
+/// Default-CF key of one queue's stored-bytes marker (a big-endian u64: the bytes its messages
+/// between low and high water take).
+pub fn queue_bytes(topic: &str, queue: u32) -> Vec<u8> {
+    let mut k = QUEUE_BYTES_PREFIX.to_vec();
+    k.extend_from_slice(&queue_prefix(topic, queue));
+    k
+}
+
+/// Splits a per-queue marker's key (`prefix`, then the queue prefix) back into (topic, queue).
+pub fn parse_queue_marker(prefix: &[u8], key: &[u8]) -> Result<(String, u32), StorageError> {
+    let bad = || StorageError::Corrupt(format!("bad queue marker key {key:02x?}"));
+    let rest = key.strip_prefix(prefix).ok_or_else(bad)?;
     let (&len, rest) = rest.split_first().ok_or_else(bad)?;
     let len = len as usize;
     if rest.len() != len + 4 {
@@ -184,9 +195,18 @@ mod tests {
     #[test]
     fn low_water_keys_round_trip() {
         let k = low_water("orders", 7);
-        assert_eq!(parse_low_water(&k).unwrap(), ("orders".to_string(), 7));
-        assert!(parse_low_water(b"low_water/").is_err());
-        assert!(parse_low_water(&message("orders", 7, 1)).is_err());
+        assert_eq!(
+            parse_queue_marker(LOW_WATER_PREFIX, &k).unwrap(),
+            ("orders".to_string(), 7)
+        );
+        assert!(parse_queue_marker(LOW_WATER_PREFIX, b"low_water/").is_err());
+        assert!(parse_queue_marker(LOW_WATER_PREFIX, &message("orders", 7, 1)).is_err());
+        let k = queue_bytes("orders", 7);
+        assert_eq!(
+            parse_queue_marker(QUEUE_BYTES_PREFIX, &k).unwrap(),
+            ("orders".to_string(), 7)
+        );
+        assert!(parse_queue_marker(QUEUE_BYTES_PREFIX, &low_water("orders", 7)).is_err());
     }
 
     #[test]

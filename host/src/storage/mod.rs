@@ -148,6 +148,26 @@ impl Watchers {
     }
 }
 
+/// How much of each queue of a topic is kept: what a backend applies per queue, as Kafka's
+/// `retention.ms` and `retention.bytes` apply per partition. `None`: no limit of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Messages stored longer ago than this (ms) go.
+    pub max_age_ms: Option<u64>,
+    /// The oldest messages go while the queue's messages take more bytes than this.
+    pub max_bytes: Option<u64>,
+}
+
+/// Where a queue stands: offsets `low_water..high_water` are stored and take `bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueExtent {
+    pub low_water: u64,
+    pub high_water: u64,
+    /// The stored size of those messages (encoded body, headers and properties, as the backend
+    /// keeps them; index entries not counted).
+    pub bytes: u64,
+}
+
 /// Durable storage for one broker. Object-safe so backends are chosen at start-up.
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
@@ -202,6 +222,21 @@ pub trait Storage: Send + Sync + 'static {
     /// high water when no message is left. A [`Storage::read`] from below it starts at it.
     async fn low_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError>;
 
+    /// A queue's low water, high water and stored bytes, read together (one round trip on a
+    /// backend that keeps them in one place).
+    async fn extent(&self, topic: &str, queue: u32) -> Result<QueueExtent, StorageError>;
+
+    /// The first offset of this queue that `limits` keep at `now_ms` (ms since the epoch): the
+    /// low water when nothing is to go. Age counts from each message's store time. A backend
+    /// that applies the limits itself (see [`Storage::prepare_topic`]) answers its low water.
+    async fn retention_cut(
+        &self,
+        topic: &str,
+        queue: u32,
+        limits: QueueLimits,
+        now_ms: u64,
+    ) -> Result<u64, StorageError>;
+
     /// Deletes the messages of one queue with offset < `before` (capped at the high water) as
     /// one range, durably, and returns the new low water (unchanged if `before` is not above
     /// it). Offsets are never reused. Lookups by id or business key no longer find the deleted
@@ -235,8 +270,15 @@ pub trait Storage: Send + Sync + 'static {
     async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
     /// Makes the queues of a topic ready for appends (a backend that keeps a stream per queue
-    /// creates them here, before the topic is visible, so no node appends to a half-made queue).
-    async fn prepare_topic(&self, _topic: &str, _queues: u32) -> Result<(), StorageError> {
+    /// creates them here, before the topic is visible, so no node appends to a half-made queue)
+    /// and hands it the topic's retention `limits` when it applies them itself. Called again
+    /// whenever the topic changes.
+    async fn prepare_topic(
+        &self,
+        _topic: &str,
+        _queues: u32,
+        _limits: QueueLimits,
+    ) -> Result<(), StorageError> {
         Ok(())
     }
 

@@ -24,8 +24,8 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Expect, MessageId, NewMessage, Record, RecordWrite, Storage, StorageError,
-    StoredMessage, Watchers, keys,
+    Appended, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record, RecordWrite,
+    Storage, StorageError, StoredMessage, Watchers, keys,
 };
 use crate::config::FlushMode;
 
@@ -92,6 +92,8 @@ pub struct RocksStorage {
     high_water: Arc<RwLock<HighWater>>,
     /// Per queue, the first offset kept (absent: 0).
     low_water: Arc<RwLock<HighWater>>,
+    /// Per queue, the bytes its stored messages take (absent: 0).
+    bytes: Arc<RwLock<HighWater>>,
     watchers: Arc<Watchers>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<WriterStats>,
@@ -125,6 +127,7 @@ impl RocksStorage {
         let db = Arc::new(open_db(dir)?);
         let (committed, last_stored_at) = recover_high_water(&db)?;
         let low = recover_low_water(&db)?;
+        let bytes = Arc::new(RwLock::new(recover_queue_bytes(&db, &committed, &low)?));
         let last_revision = read_last_revision(&db)?;
         let slot = Arc::new(Slot {
             dir: dir.to_path_buf(),
@@ -143,6 +146,7 @@ impl RocksStorage {
             committed,
             shared: high_water.clone(),
             low_water: low_water.clone(),
+            bytes: bytes.clone(),
             watchers: watchers.clone(),
             last_revision,
             last_stored_at,
@@ -157,6 +161,7 @@ impl RocksStorage {
             tx: Mutex::new(Some(tx)),
             high_water,
             low_water,
+            bytes,
             watchers,
             writer: Mutex::new(Some(handle)),
             stats,
@@ -304,25 +309,63 @@ fn still_writable(db: &DB) -> bool {
 
 /// Every truncated queue's low water, from its marker.
 fn recover_low_water(db: &DB) -> Result<HighWater, StorageError> {
+    read_queue_markers(db, keys::LOW_WATER_PREFIX, "low-water")
+}
+
+/// The per-queue markers (big-endian u64 values) under `prefix` of the default CF.
+fn read_queue_markers(db: &DB, prefix: &[u8], what: &str) -> Result<HighWater, StorageError> {
     let mut out = HighWater::new();
-    let iter = db.iterator(IteratorMode::From(
-        keys::LOW_WATER_PREFIX,
-        Direction::Forward,
-    ));
-    for item in iter {
+    for item in db.iterator(IteratorMode::From(prefix, Direction::Forward)) {
         let (k, v) = item?;
-        if !k.starts_with(keys::LOW_WATER_PREFIX) {
+        if !k.starts_with(prefix) {
             break;
         }
-        let (topic, queue) = keys::parse_low_water(&k)?;
-        let low = u64::from_be_bytes(
-            v.as_ref()
-                .try_into()
-                .map_err(|_| StorageError::Corrupt("bad low-water value".into()))?,
-        );
-        set_queue(&mut out, &topic, queue, low);
+        let (topic, queue) = keys::parse_queue_marker(prefix, &k)?;
+        set_queue(&mut out, &topic, queue, be_u64(&v, what)?);
     }
     Ok(out)
+}
+
+/// Every queue's stored bytes, from its marker. A queue with messages but no marker (written
+/// before markers existed) is summed once here; its marker is written with its next change.
+fn recover_queue_bytes(
+    db: &DB,
+    high: &HighWater,
+    low: &HighWater,
+) -> Result<HighWater, StorageError> {
+    let mut out = read_queue_markers(db, keys::QUEUE_BYTES_PREFIX, "stored-bytes")?;
+    for (topic, queues) in high {
+        for (queue, hw) in (0u32..).zip(queues) {
+            let lw = queue_value(low, topic, queue);
+            let marked = out.get(topic).is_some_and(|q| q.len() > queue as usize);
+            if !marked && *hw > lw {
+                let sum = range_bytes(db, topic, queue, lw, *hw)?;
+                set_queue(&mut out, topic, queue, sum);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The bytes messages `from..to` of a queue take: one forward scan of their keys and values.
+fn range_bytes(db: &DB, topic: &str, queue: u32, from: u64, to: u64) -> Result<u64, StorageError> {
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.set_iterate_upper_bound(keys::message(topic, queue, to));
+    let mut it = db.raw_iterator_cf_opt(cf(db, CF_MESSAGES)?, opts);
+    it.seek(keys::message(topic, queue, from));
+    let mut sum = 0u64;
+    while let Some(v) = it.value() {
+        sum = sum.saturating_add(v.len() as u64);
+        it.next();
+    }
+    it.status()?;
+    Ok(sum)
+}
+
+fn be_u64(v: &[u8], what: &str) -> Result<u64, StorageError> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| {
+        StorageError::Corrupt(format!("bad {what} value"))
+    })?))
 }
 
 fn set_queue(map: &mut HighWater, topic: &str, queue: u32, value: u64) {
@@ -504,15 +547,116 @@ impl Storage for RocksStorage {
         Ok(queue_value(&map, topic, queue))
     }
 
-    /// One `DeleteRange` over the queue's message keys and the new low-water marker, in one
-    /// write batch through the writer thread (so it is ordered with appends).
+    /// One `DeleteRange` over the queue's message keys, the new low-water marker and stored
+    /// bytes, in one write batch through the writer thread (so it is ordered with appends). The
+    /// range's bytes are summed first by a reader thread (messages below the high water never
+    /// change), so the writer never scans.
     async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError> {
+        // Two truncations of one queue racing: the loser sums its range again.
+        for _ in 0..8 {
+            let low = self.low_water(topic, queue).await?;
+            let before = before.min(self.high_water(topic, queue).await?);
+            if before <= low {
+                return Ok(low);
+            }
+            let t = topic.to_string();
+            let range = self
+                .blocking(move |db| range_bytes(db, &t, queue, low, before))
+                .await?;
+            let topic = topic.to_string();
+            match self
+                .submit(|reply| WriteOp::Truncate {
+                    topic,
+                    queue,
+                    from: low,
+                    before,
+                    range_bytes: range,
+                    reply,
+                })
+                .await
+            {
+                Err(StorageError::Conflict { .. }) => continue,
+                r => return r,
+            }
+        }
+        Err(StorageError::Unavailable(format!(
+            "queue {topic}/{queue} kept being truncated by someone else"
+        )))
+    }
+
+    async fn extent(&self, topic: &str, queue: u32) -> Result<QueueExtent, StorageError> {
+        let bytes = {
+            let map = self.bytes.read().map_err(|_| StorageError::Closed)?;
+            queue_value(&map, topic, queue)
+        };
+        Ok(QueueExtent {
+            low_water: self.low_water(topic, queue).await?,
+            high_water: self.high_water(topic, queue).await?,
+            bytes,
+        })
+    }
+
+    /// Age: a binary search over the queue's store times (they never decrease along offsets),
+    /// a point read per step. Size: a forward scan from the low water, summing value sizes
+    /// until what is left fits.
+    async fn retention_cut(
+        &self,
+        topic: &str,
+        queue: u32,
+        limits: QueueLimits,
+        now_ms: u64,
+    ) -> Result<u64, StorageError> {
+        let ext = self.extent(topic, queue).await?;
+        let (low, high) = (ext.low_water, ext.high_water);
+        if low >= high {
+            return Ok(low);
+        }
+        let keep_after = limits.max_age_ms.and_then(|age| now_ms.checked_sub(age));
+        let over = limits
+            .max_bytes
+            .map_or(0, |max| ext.bytes.saturating_sub(max));
+        if keep_after.is_none() && over == 0 {
+            return Ok(low);
+        }
         let topic = topic.to_string();
-        self.submit(|reply| WriteOp::Truncate {
-            topic,
-            queue,
-            before,
-            reply,
+        self.blocking(move |db| {
+            let mut cut = low;
+            if let Some(t) = keep_after {
+                // First offset stored at or after `t`; messages deleted meanwhile read as old.
+                let (mut lo, mut hi) = (low, high);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    let old = match get_message_at(db, &keys::message(&topic, queue, mid))? {
+                        Some(m) => m.stored_at < t,
+                        None => true,
+                    };
+                    if old {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                cut = lo;
+            }
+            if over > 0 {
+                let mut opts = rocksdb::ReadOptions::default();
+                opts.set_iterate_upper_bound(keys::message(&topic, queue, high));
+                let mut it = db.raw_iterator_cf_opt(cf(db, CF_MESSAGES)?, opts);
+                it.seek(keys::message(&topic, queue, low));
+                let mut freed = 0u64;
+                let mut next = low;
+                while freed < over {
+                    let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                        break;
+                    };
+                    freed = freed.saturating_add(v.len() as u64);
+                    next = keys::parse_message(k)?.2 + 1;
+                    it.next();
+                }
+                it.status()?;
+                cut = cut.max(next);
+            }
+            Ok(cut)
         })
         .await
     }

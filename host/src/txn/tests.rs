@@ -68,6 +68,22 @@ impl Storage for Counting {
     async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError> {
         self.inner.truncate(topic, queue, before).await
     }
+    async fn extent(
+        &self,
+        topic: &str,
+        queue: u32,
+    ) -> Result<crate::storage::QueueExtent, StorageError> {
+        self.inner.extent(topic, queue).await
+    }
+    async fn retention_cut(
+        &self,
+        topic: &str,
+        queue: u32,
+        limits: crate::storage::QueueLimits,
+        now_ms: u64,
+    ) -> Result<u64, StorageError> {
+        self.inner.retention_cut(topic, queue, limits, now_ms).await
+    }
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
         let r = self.inner.get_record(space, key).await?;
         self.count(space, usize::from(r.is_some()));

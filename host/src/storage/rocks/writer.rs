@@ -23,11 +23,14 @@ pub(super) enum WriteOp {
         expect: Expect,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
-    /// Deletes a queue's messages below `before`; replies with the new low water.
+    /// Deletes a queue's messages from `from` (which must be its low water, else a conflict)
+    /// up to `before`; `range_bytes` is what they take. Replies with the new low water.
     Truncate {
         topic: String,
         queue: u32,
+        from: u64,
         before: u64,
+        range_bytes: u64,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
 }
@@ -66,12 +69,23 @@ pub(super) struct Writer {
     pub(super) shared: Arc<RwLock<HighWater>>,
     /// Per queue, the first offset kept, as readers see it.
     pub(super) low_water: Arc<RwLock<HighWater>>,
+    /// Per queue, the bytes its stored messages take, as readers see it.
+    pub(super) bytes: Arc<RwLock<HighWater>>,
     pub(super) watchers: Arc<Watchers>,
     pub(super) last_revision: u64,
     /// The store time given to the last group commit's messages: never decreasing, so every
     /// queue's store times are in offset order (what a reset to a time searches by).
     pub(super) last_stored_at: u64,
     pub(super) stats: Arc<WriterStats>,
+}
+
+/// What a group commit changes about queues, published to readers once it is durable.
+#[derive(Default)]
+struct QueueChanges {
+    /// New high water of the queues appended to, by topic.
+    high: HighWater,
+    /// New stored bytes of queues appended to or truncated.
+    bytes: HashMap<(String, u32), u64>,
 }
 
 /// What an append replies: where the messages went, and the guard record's new revision.
@@ -146,15 +160,20 @@ impl Writer {
         let opened = open_db(&self.slot.dir).and_then(|db| {
             let (committed, stored_at) = recover_high_water(&db)?;
             let low = recover_low_water(&db)?;
+            let bytes = recover_queue_bytes(&db, &committed, &low)?;
             let revision = read_last_revision(&db)?;
-            Ok((db, committed, low, stored_at, revision))
+            Ok((db, committed, low, bytes, stored_at, revision))
         });
         match opened {
-            Ok((db, committed, low, stored_at, revision)) => {
+            Ok((db, committed, low, bytes, stored_at, revision)) => {
                 *self
                     .low_water
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = low;
+                *self
+                    .bytes
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = bytes;
                 let db = Arc::new(db);
                 self.last_revision = revision;
                 self.last_stored_at = self.last_stored_at.max(stored_at);
@@ -180,7 +199,7 @@ impl Writer {
     /// answered with the error).
     fn commit_group(&mut self, db: &DB, ops: Vec<WriteOp>, wo: &WriteOptions) -> bool {
         let mut batch = WriteBatch::default();
-        let mut staged: HighWater = HashMap::new();
+        let mut staged = QueueChanges::default();
         // New low water of queues truncated in this group.
         let mut staged_low: HashMap<(String, u32), u64> = HashMap::new();
         // Revision (None = deleted) of records written earlier in this same group.
@@ -253,7 +272,9 @@ impl Writer {
                 WriteOp::Truncate {
                     topic,
                     queue,
+                    from,
                     before,
+                    range_bytes,
                     reply,
                 } => {
                     let low = match staged_low.get(&(topic.clone(), queue)) {
@@ -263,6 +284,14 @@ impl Writer {
                     let before = before.min(queue_value(&self.committed, &topic, queue));
                     if before <= low {
                         replies.push(Reply::Record(reply, low));
+                        continue;
+                    }
+                    if low != from {
+                        // Another truncation moved the low water since `range_bytes` was summed.
+                        let _ = reply.send(Err(StorageError::Conflict {
+                            space: "low_water".into(),
+                            key: format!("{topic}/{queue}"),
+                        }));
                         continue;
                     }
                     let Ok(messages) = cf(db, CF_MESSAGES) else {
@@ -275,6 +304,10 @@ impl Writer {
                         keys::message(&topic, queue, before),
                     );
                     batch.put(keys::low_water(&topic, queue), before.to_be_bytes());
+                    let bytes = self.staged_bytes(&staged.bytes, &topic, queue);
+                    staged
+                        .bytes
+                        .insert((topic.clone(), queue), bytes.saturating_sub(range_bytes));
                     staged_low.insert((topic, queue), before);
                     replies.push(Reply::Record(reply, before));
                 }
@@ -309,6 +342,9 @@ impl Writer {
         if revision != self.last_revision {
             batch.put(LAST_REVISION, revision.to_be_bytes());
         }
+        for ((topic, queue), b) in &staged.bytes {
+            batch.put(keys::queue_bytes(topic, *queue), b.to_be_bytes());
+        }
         let started = std::time::Instant::now();
         let written = db.write_opt(batch, wo);
         self.stats
@@ -318,7 +354,16 @@ impl Writer {
         match written {
             Ok(()) => {
                 self.last_revision = revision;
-                self.publish_high_water(staged);
+                self.publish_high_water(staged.high);
+                if !staged.bytes.is_empty() {
+                    let mut bytes = self
+                        .bytes
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for ((topic, queue), b) in staged.bytes {
+                        set_queue(&mut bytes, &topic, queue, b);
+                    }
+                }
                 if !staged_low.is_empty() {
                     let mut low = self
                         .low_water
@@ -407,7 +452,7 @@ impl Writer {
         &self,
         db: &DB,
         batch: &mut WriteBatch,
-        staged: &mut HighWater,
+        staged: &mut QueueChanges,
         topic: &str,
         messages: &[Encoded],
         stored_at: u64,
@@ -415,9 +460,12 @@ impl Writer {
         let (cf_messages, cf_ids, cf_keys) =
             (cf(db, CF_MESSAGES)?, cf(db, CF_IDS)?, cf(db, CF_KEYS)?);
         let next = staged
+            .high
             .entry(topic.to_string())
             .or_insert_with(|| self.committed.get(topic).cloned().unwrap_or_default());
         let mut out = Vec::with_capacity(messages.len());
+        // Bytes added per queue, folded into `staged.bytes` once per append.
+        let mut added: Vec<u64> = Vec::new();
         for m in messages {
             let q = m.queue as usize;
             if next.len() <= q {
@@ -429,6 +477,10 @@ impl Writer {
             let mut value = Vec::with_capacity(m.value.len() + 8);
             value.extend_from_slice(&m.value);
             value.extend_from_slice(&stored_at.to_be_bytes());
+            if added.len() <= q {
+                added.resize(q + 1, 0);
+            }
+            added[q] = added[q].saturating_add(value.len() as u64);
             batch.put_cf(cf_messages, &location, &value);
             batch.put_cf(cf_ids, keys::id(&m.id), &location);
             if let Some(key) = &m.key {
@@ -440,7 +492,30 @@ impl Writer {
                 offset,
             });
         }
+        for (queue, n) in (0u32..).zip(added) {
+            if n > 0 {
+                let bytes = self.staged_bytes(&staged.bytes, topic, queue);
+                staged
+                    .bytes
+                    .insert((topic.to_string(), queue), bytes.saturating_add(n));
+            }
+        }
         Ok(out)
+    }
+
+    /// A queue's stored bytes as of what this group staged so far.
+    fn staged_bytes(&self, staged: &HashMap<(String, u32), u64>, topic: &str, queue: u32) -> u64 {
+        match staged.get(&(topic.to_string(), queue)) {
+            Some(b) => *b,
+            None => queue_value(
+                &self
+                    .bytes
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                topic,
+                queue,
+            ),
+        }
     }
 
     /// The low water readers see (the writer is the only one that changes it).

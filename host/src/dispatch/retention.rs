@@ -1,0 +1,157 @@
+//! Retention enforcement: each pass deletes, per queue and as one range, what a topic's
+//! [`Retention`](crate::broker::Retention) lets go; `after_consumed` asks what every
+//! subscription of the topic still needs.
+
+use std::collections::HashMap;
+
+use super::state::{self, Cursor, DeadLetter, Timer};
+use super::{DispatchError, Dispatcher, Mode};
+use crate::broker::TopicMeta;
+use crate::metrics::TopicLabel;
+
+/// What one pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPass {
+    pub messages: u64,
+    /// Queues whose low water moved.
+    pub queues: u64,
+}
+
+impl Dispatcher {
+    /// One pass over every topic at `now_ms`: for each queue, the first offset its age and size
+    /// limits keep (the storage finds it) or, with `after_consumed`, what no subscription needs
+    /// any more, whichever is later; everything below goes with one truncation. Errors of one
+    /// topic are logged and the pass goes on with the next.
+    pub async fn enforce_retention(&self, now_ms: u64) -> RetentionPass {
+        let mut pass = RetentionPass::default();
+        for topic in self.env.broker.topics() {
+            if let Err(e) = self.enforce_topic(&topic, now_ms, &mut pass).await {
+                tracing::warn!(topic = %topic.name, error = %e, "retention pass failed; next pass tries again");
+            }
+        }
+        self.env.broker.metrics().retention_passes.inc();
+        pass
+    }
+
+    /// Runs a retention pass every `every` until `stop`.
+    pub async fn run_retention(
+        self: std::sync::Arc<Self>,
+        every: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            self.enforce_retention(crate::base::now_ms()).await;
+        }
+    }
+
+    async fn enforce_topic(
+        &self,
+        topic: &TopicMeta,
+        now_ms: u64,
+        pass: &mut RetentionPass,
+    ) -> Result<(), DispatchError> {
+        let storage = &self.env.storage;
+        let needed = if topic.retention.after_consumed {
+            self.still_needed(topic).await?
+        } else {
+            None
+        };
+        let limits = topic.retention.limits();
+        for q in 0..topic.queues {
+            let low = storage.low_water(&topic.name, q).await?;
+            let mut cut = storage
+                .retention_cut(&topic.name, q, limits, now_ms)
+                .await?;
+            if let Some(needed) = &needed {
+                cut = cut.max(needed.get(q as usize).copied().unwrap_or(0));
+            }
+            if cut <= low {
+                continue;
+            }
+            let new_low = storage.truncate(&topic.name, q, cut).await?;
+            let deleted = new_low.saturating_sub(low);
+            if deleted > 0 {
+                pass.messages += deleted;
+                pass.queues += 1;
+                self.env
+                    .broker
+                    .metrics()
+                    .retention_deleted
+                    .get_or_create(&TopicLabel {
+                        topic: topic.name.clone(),
+                    })
+                    .inc_by(deleted);
+                tracing::debug!(topic = %topic.name, queue = q, from = low, to = new_low, "retention deleted a range");
+            }
+        }
+        Ok(())
+    }
+
+    /// Per queue, the first offset some subscription of `topic` still needs: the lowest of its
+    /// members' committed offsets and of the offsets its timers (retries, delays, redrives) and
+    /// dead letters point at. `None` when the topic has no subscription (nothing is deleted
+    /// for being consumed then).
+    ///
+    /// Read from storage, so it holds for queues other nodes run. Cursors are read first: a
+    /// committed offset moves only after the message's timer or dead letter is stored, so one
+    /// read earlier than the timers can only be lower. Timers are read before dead letters, under
+    /// the group's lock (a redrive turns dead letters into timers only while holding it; a
+    /// runner turns a timer into a dead letter by storing the dead letter first).
+    async fn still_needed(&self, topic: &TopicMeta) -> Result<Option<Vec<u64>>, DispatchError> {
+        let storage = &self.env.storage;
+        let queues = topic.queues as usize;
+        let mut needed: Option<Vec<u64>> = None;
+        for (group, r) in storage
+            .list_records(state::SUB_SPACE, "", usize::MAX)
+            .await?
+        {
+            let record: state::SubscriptionRecord = state::decode(&group, &r)?;
+            if record.spec.topic != topic.name {
+                continue;
+            }
+            let needed = needed.get_or_insert_with(|| vec![u64::MAX; queues]);
+            let broadcast = record.spec.mode == Mode::Broadcast;
+            let members = if broadcast { record.spec.instances } else { 1 };
+            let cursors: HashMap<String, Cursor> = storage
+                .list_records(&state::cursor_space(&group), "", usize::MAX)
+                .await?
+                .iter()
+                .map(|(k, r)| Ok((k.clone(), state::decode(k, r)?)))
+                .collect::<Result<_, DispatchError>>()?;
+            for i in 0..members {
+                let member = state::member_name(broadcast, i);
+                for (q, n) in needed.iter_mut().enumerate() {
+                    // A member that has not stored where it starts needs everything.
+                    let committed = cursors
+                        .get(&state::cursor_key(&member, q as u32))
+                        .map_or(0, |c| c.committed);
+                    *n = (*n).min(committed);
+                }
+            }
+            let _g = self.lock_group(&group).await;
+            for (k, r) in storage
+                .list_records(&state::timer_space(&group), "", usize::MAX)
+                .await?
+            {
+                let t: Timer = state::decode(&k, &r)?;
+                if let Some(n) = needed.get_mut(t.queue as usize) {
+                    *n = (*n).min(t.offset);
+                }
+            }
+            for (k, r) in storage
+                .list_records(&state::dlq_space(&group), "", usize::MAX)
+                .await?
+            {
+                let d: DeadLetter = state::decode(&k, &r)?;
+                if let Some(n) = needed.get_mut(d.queue as usize) {
+                    *n = (*n).min(d.offset);
+                }
+            }
+        }
+        Ok(needed)
+    }
+}
