@@ -102,6 +102,19 @@ pub fn business_key(topic: &str, key: &str, queue: u32, offset: u64) -> Vec<u8> 
     k
 }
 
+/// Splits a `keys` entry back into (topic, queue, offset).
+pub fn parse_business_key(key: &[u8]) -> Result<(String, u32, u64), StorageError> {
+    let bad = || StorageError::Corrupt(format!("bad key index entry {key:02x?}"));
+    let (&len, rest) = key.split_first().ok_or_else(bad)?;
+    let topic = rest.get(..len as usize).ok_or_else(bad)?;
+    let topic = std::str::from_utf8(topic).map_err(|_| bad())?;
+    let (queue, offset) = parse_business_key_tail(key)?;
+    if rest.len() < len as usize + 2 + 12 {
+        return Err(bad());
+    }
+    Ok((topic.to_string(), queue, offset))
+}
+
 /// The (queue, offset) that ends a `keys` entry.
 pub fn parse_business_key_tail(key: &[u8]) -> Result<(u32, u64), StorageError> {
     let n = key.len();
@@ -190,6 +203,17 @@ mod tests {
         assert!(parse_message(&k).is_err());
         assert!(parse_business_key_tail(&[1, 2]).is_err());
         assert!(parse_record_value(&[0; 7]).is_err());
+    }
+
+    #[test]
+    fn business_keys_name_their_topic() {
+        let k = business_key("orders", "k-1", 3, 9);
+        assert_eq!(
+            parse_business_key(&k).unwrap(),
+            ("orders".to_string(), 3, 9)
+        );
+        assert!(parse_business_key(b"").is_err());
+        assert!(parse_business_key(&[9, b'a']).is_err());
     }
 
     #[test]

@@ -124,7 +124,8 @@ fn encode_all(messages: &[NewMessage]) -> Result<Vec<Encoded>, StorageError> {
 impl RocksStorage {
     /// Opens (or creates) the database under `dir` and starts its writer thread.
     pub fn open(dir: &Path, flush: FlushMode) -> Result<Self, StorageError> {
-        let db = Arc::new(open_db(dir)?);
+        let low_water = Arc::new(RwLock::new(HighWater::new()));
+        let db = Arc::new(open_db(dir, &low_water)?);
         let (committed, last_stored_at) = recover_high_water(&db)?;
         let low = recover_low_water(&db)?;
         let bytes = Arc::new(RwLock::new(recover_queue_bytes(&db, &committed, &low)?));
@@ -134,7 +135,7 @@ impl RocksStorage {
             db: RwLock::new(Some(db.clone())),
         });
         let high_water = Arc::new(RwLock::new(committed.clone()));
-        let low_water = Arc::new(RwLock::new(low));
+        *low_water.write().map_err(|_| StorageError::Closed)? = low;
         let stats = Arc::new(WriterStats::default());
         let watchers = Arc::new(Watchers::default());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -216,8 +217,11 @@ impl Drop for RocksStorage {
     }
 }
 
-/// Opens (or creates) the database under `dir` with its column families.
-fn open_db(dir: &Path) -> Result<DB, StorageError> {
+/// Opens (or creates) the database under `dir` with its column families. Compactions of the
+/// id and key indexes drop entries that point below their queue's low water (`low_water`, as
+/// readers see it): retention deletes a range of messages with one `DeleteRange`, and their
+/// index entries go with the next compaction that meets them, without a delete per message.
+fn open_db(dir: &Path, low_water: &Arc<RwLock<HighWater>>) -> Result<DB, StorageError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -237,6 +241,30 @@ fn open_db(dir: &Path) -> Result<DB, StorageError> {
         if *name == CF_BLOBS {
             cf.set_enable_blob_files(true);
             cf.set_min_blob_size(4096);
+        }
+        if *name == CF_IDS || *name == CF_KEYS {
+            let low = low_water.clone();
+            let ids = *name == CF_IDS;
+            cf.set_compaction_filter(
+                "wasmq-below-low-water",
+                move |_, key: &[u8], value: &[u8]| {
+                    // An id entry's value is its message's key; a key entry names it itself.
+                    let target = if ids {
+                        keys::parse_message(value).ok()
+                    } else {
+                        keys::parse_business_key(key).ok()
+                    };
+                    let below = target.is_some_and(|(topic, queue, offset)| {
+                        low.read()
+                            .is_ok_and(|l| offset < queue_value(&l, &topic, queue))
+                    });
+                    if below {
+                        rocksdb::compaction_filter::Decision::Remove
+                    } else {
+                        rocksdb::compaction_filter::Decision::Keep
+                    }
+                },
+            );
         }
         ColumnFamilyDescriptor::new(*name, cf)
     });

@@ -115,3 +115,44 @@ async fn age_cut_follows_store_times_and_bytes_follow_ranges() {
         sizes[3] + sizes[4]
     );
 }
+
+/// After a truncation, compactions of the id and key indexes drop the entries of the deleted
+/// range (and only those): no delete per message, and nothing of it left on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_drops_index_entries_below_the_low_water() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
+    let sent: Vec<_> = (0..10)
+        .map(|i| msg(0, Some(&format!("k{i}")), "x"))
+        .collect();
+    s.append("indexed", sent).await.unwrap();
+    s.append("kept", vec![msg(0, Some("k0"), "y")])
+        .await
+        .unwrap();
+    assert_eq!(s.truncate("indexed", 0, 4).await.unwrap(), 4);
+    let db = s.db.get().unwrap();
+    let entries = |name: &str| -> Vec<(String, u32, u64)> {
+        let handle = cf(&db, name).unwrap();
+        db.flush_cf(handle).unwrap();
+        db.compact_range_cf(handle, None::<&[u8]>, None::<&[u8]>);
+        db.iterator_cf(handle, IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                if name == CF_IDS {
+                    keys::parse_message(&v).unwrap()
+                } else {
+                    keys::parse_business_key(&k).unwrap()
+                }
+            })
+            .collect()
+    };
+    for name in [CF_IDS, CF_KEYS] {
+        let mut left = entries(name);
+        left.sort();
+        let mut want: Vec<_> = (4..10).map(|o| ("indexed".to_string(), 0, o)).collect();
+        want.push(("kept".to_string(), 0, 0));
+        assert_eq!(left, want, "{name}");
+    }
+    drop(db);
+    s.close().await;
+}

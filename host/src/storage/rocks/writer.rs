@@ -157,7 +157,7 @@ impl Writer {
     fn reopen(&mut self) {
         self.db = None;
         self.slot.close();
-        let opened = open_db(&self.slot.dir).and_then(|db| {
+        let opened = open_db(&self.slot.dir, &self.low_water).and_then(|db| {
             let (committed, stored_at) = recover_high_water(&db)?;
             let low = recover_low_water(&db)?;
             let bytes = recover_queue_bytes(&db, &committed, &low)?;
