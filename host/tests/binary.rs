@@ -230,6 +230,65 @@ async fn cli_verbs_talk_to_the_server() {
     assert_eq!(shown["messages"], 2);
     let out = cli(&url, &["topic", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("signups"));
+    // Retention flags set the topic's policy; `none` removes a limit; a bad value names its flag.
+    let args = [
+        "topic",
+        "create",
+        "signups",
+        "--retention-max-age-ms",
+        "none",
+        "--retention-max-bytes",
+        "65536",
+        "--retention-after-consumed",
+        "true",
+    ];
+    let out = cli(&url, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["retention"],
+        json!({"max_age_ms": null, "max_bytes": 65536, "after_consumed": true})
+    );
+    let out = cli(
+        &url,
+        &[
+            "topic",
+            "create",
+            "signups",
+            "--retention-max-bytes",
+            "lots",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--retention-max-bytes"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(
+        &url,
+        &["topic", "create", "signups", "--retention-max-age-ms", "10"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("retention.max_age_ms"),
+        "{}",
+        stderr(&out)
+    );
+    // Deleting: refused while a subscription uses it unless forced.
+    let out = cli(&url, &["topic", "create", "scratch"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&url, &["publish", "scratch", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&url, &["topic", "delete", "scratch"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gone: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (gone["topic"].as_str(), gone["messages"].as_u64()),
+        (Some("scratch"), Some(1))
+    );
+    let out = cli(&url, &["topic", "show", "scratch"]);
+    assert!(!out.status.success() && stderr(&out).contains("unknown_topic"));
     // Errors: a clear message and a non-zero exit, never a panic.
     let out = cli(&url, &["publish", "nosuch", "1"]);
     assert!(!out.status.success());

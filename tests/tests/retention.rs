@@ -330,3 +330,159 @@ async fn after_consumed_deletes_only_what_every_subscription_is_done_with() {
     assert_eq!(v["counters"]["expired_unconsumed"], 0, "{v}");
     s.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_removes_it_its_messages_and_with_force_its_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    put_topic(&s, "doomed", json!({"queues": 2})).await;
+    s.create_topic("audit-reader", 1).await;
+    let (st, v) = s.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let mut reader = recorder("doomed", false);
+    reader["config"]["audit"] = json!("audit-reader");
+    reader["grants"]["publish"] = json!(["audit-reader"]);
+    s.subscribe("reader", reader).await;
+    let msgs: Vec<Value> = (0..10)
+        .map(|n| json!({"body": {"n": n}, "key": format!("k{n}")}))
+        .collect();
+    let first = s.publish_batch("doomed", msgs).await;
+    let first_id = first["results"][0]["id"].as_str().unwrap().to_string();
+    let (st, txn) = s
+        .post_json(
+            "/v1/topics/doomed/transactions",
+            &json!({"body": {"half": 1}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{txn}");
+    let txn_id = txn["txn_id"].as_str().unwrap().to_string();
+
+    // Subscriptions hold a topic unless the delete is forced; bad queries are refused.
+    let r = s.delete("/v1/topics/doomed").await;
+    assert_error(&r, StatusCode::CONFLICT, "topic_in_use");
+    assert!(
+        r.1["error"]["message"].as_str().unwrap().contains("reader"),
+        "{}",
+        r.1
+    );
+    let r = s.delete("/v1/topics/doomed?force=maybe").await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_query");
+    let r = s.delete("/v1/topics/never-made").await;
+    assert_error(&r, StatusCode::NOT_FOUND, "unknown_topic");
+
+    // Producers keep publishing while the topic goes: each publish is either acknowledged
+    // (and deleted with the topic) or refused as unknown, never stored after the deletion.
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (client, url) = (s.client.clone(), s.url.clone());
+            tokio::spawn(async move {
+                let mut acked = 0u64;
+                for n in 0.. {
+                    let r = client
+                        .post(format!("{url}/v1/topics/doomed/messages"))
+                        .json(&json!({"body": {"p": p, "n": n}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    match r.status() {
+                        StatusCode::CREATED => acked += 1,
+                        StatusCode::NOT_FOUND => return acked,
+                        other => panic!("publish answered {other}"),
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    // Some publishes landed before the delete.
+    s.wait_until("/v1/topics/doomed", 60, |t| {
+        t["messages"].as_u64().unwrap_or(0) >= 50
+    })
+    .await;
+    let (st, gone) = s.delete("/v1/topics/doomed?force=true").await;
+    assert_eq!(st, StatusCode::OK, "{gone}");
+    let mut acked = 10;
+    for p in producers {
+        acked += p.await.unwrap();
+    }
+    assert_eq!(gone["messages"], acked, "{gone}");
+    assert_eq!(gone["subscriptions"], json!(["reader"]), "{gone}");
+    assert_eq!(gone["transactions_rolled_back"], 1, "{gone}");
+
+    assert_error(
+        &s.get("/v1/topics/doomed").await,
+        StatusCode::NOT_FOUND,
+        "unknown_topic",
+    );
+    assert_error(
+        &s.get("/v1/subscriptions/reader").await,
+        StatusCode::NOT_FOUND,
+        "unknown_subscription",
+    );
+    assert_eq!(
+        s.get(&format!("/v1/messages/{first_id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, t) = s.get(&format!("/v1/transactions/{txn_id}")).await;
+    assert_eq!(t["state"], "rolled_back", "{t}");
+    let (_, topics) = s.get("/v1/topics").await;
+    assert!(
+        topics["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["name"] != "doomed"),
+        "{topics}"
+    );
+    s.stop().await.unwrap();
+
+    // Nothing of the topic or its subscription is left in storage.
+    let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
+    for q in 0..2 {
+        let e = storage.extent("doomed", q).await.unwrap();
+        assert_eq!(
+            (e.low_water, e.bytes),
+            (e.high_water, 0),
+            "queue {q}: {e:?}"
+        );
+        assert!(storage.read("doomed", q, 0, 10).await.unwrap().is_empty());
+    }
+    assert!(
+        storage
+            .messages_by_key("doomed", "k1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for (space, key) in [("topic", "doomed"), ("sub", "reader")] {
+        assert!(
+            storage.get_record(space, key).await.unwrap().is_none(),
+            "{space}"
+        );
+    }
+    for space in ["cursor/reader", "timer/reader", "dlq/reader", "idem/doomed"] {
+        assert!(
+            storage
+                .list_records(space, "", 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{space}"
+        );
+    }
+    storage.close().await;
+    drop(storage);
+
+    // The name can be used again; its offsets go on from where they were (never reused).
+    let s = start(dir.path()).await;
+    put_topic(&s, "doomed", json!({"queues": 1})).await;
+    let (st, v) = s
+        .post_json(
+            "/v1/topics/doomed/messages",
+            &json!({"body": {"again": true}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(v["offset"].as_u64().unwrap() > 0, "{v}");
+    s.stop().await.unwrap();
+}

@@ -115,6 +115,13 @@ pub struct Broker {
     secrets: crate::secrets::Secrets,
     /// Bytes (keys and values) each kv namespace holds, counted from storage at first use.
     kv_usage: std::sync::Mutex<HashMap<String, u64>>,
+    /// Publishes hold it shared from their topic lookup to their append; deleting a topic
+    /// holds it alone while the topic disappears, so no publish that found the topic appends
+    /// after its messages were deleted.
+    deletion: tokio::sync::RwLock<()>,
+    /// Topics deleted so far (changed under the cache's lock): a topic read from storage
+    /// before a deletion is not cached after it.
+    deletions: std::sync::atomic::AtomicU64,
 }
 
 /// Topic names follow [`check_name`].
@@ -150,6 +157,8 @@ impl Broker {
             secrets: Default::default(),
             kv_usage: Default::default(),
             metrics: Arc::default(),
+            deletion: Default::default(),
+            deletions: Default::default(),
         })
     }
 
@@ -303,7 +312,7 @@ impl Broker {
                 .await
             {
                 Ok(_) => {
-                    self.cache_topic(meta.clone());
+                    self.cache_topic(meta.clone(), None);
                     return Ok((meta, created));
                 }
                 Err(StorageError::Conflict { .. }) => continue,
@@ -312,15 +321,21 @@ impl Broker {
         }
     }
 
-    /// Reloads topic metadata from storage: on a shared backend other nodes create and change
-    /// topics too. Returns how many cached topics changed.
+    /// Reloads topic metadata from storage: on a shared backend other nodes create, change and
+    /// delete topics too. Returns how many cached topics changed or went.
     pub async fn refresh_topics(&self) -> Result<usize, BrokerError> {
         let mut changed = 0;
-        for (name, record) in self
+        let seen = self.deletions.load(Ordering::Acquire);
+        let stored = self
             .storage
             .list_records(TOPIC_SPACE, "", usize::MAX)
-            .await?
-        {
+            .await?;
+        if let Ok(mut topics) = self.topics.write() {
+            let before = topics.len();
+            topics.retain(|name, _| stored.iter().any(|(n, _)| n == name));
+            changed += before - topics.len();
+        }
+        for (name, record) in stored {
             let known = self
                 .cached(&name)
                 .and_then(|t| serde_json::to_vec(&t.meta).ok());
@@ -329,16 +344,22 @@ impl Broker {
             }
             let meta: TopicMeta = serde_json::from_slice(&record.value)
                 .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
-            self.cache_topic(meta);
-            changed += 1;
+            if self.cache_topic(meta, Some(seen)) {
+                changed += 1;
+            }
         }
         Ok(changed)
     }
 
-    fn cache_topic(&self, meta: TopicMeta) {
+    /// Caches a topic; one read from storage when [`Self::deletions`] was `seen` is not cached
+    /// if a topic was deleted since (it may be that one). Returns whether it was cached.
+    fn cache_topic(&self, meta: TopicMeta, seen: Option<u64>) -> bool {
         let Ok(mut topics) = self.topics.write() else {
-            return;
+            return false;
         };
+        if seen.is_some_and(|s| s != self.deletions.load(Ordering::Acquire)) {
+            return false;
+        }
         let cursor = topics
             .get(&meta.name)
             .map_or(0, |t| t.cursor.load(Ordering::Relaxed));
@@ -349,23 +370,26 @@ impl Broker {
                 cursor: AtomicU32::new(cursor),
             }),
         );
+        true
     }
 
     /// A topic from the cache, else from storage (created by another node on a shared backend).
     async fn lookup(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
-        if let Some(t) = self.cached(name) {
-            return Ok(t);
+        loop {
+            if let Some(t) = self.cached(name) {
+                return Ok(t);
+            }
+            let seen = self.deletions.load(Ordering::Acquire);
+            let record = self
+                .storage
+                .get_record(TOPIC_SPACE, name)
+                .await?
+                .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
+            let meta: TopicMeta = serde_json::from_slice(&record.value)
+                .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
+            // Not cached: a deletion came between; read again.
+            self.cache_topic(meta, Some(seen));
         }
-        let record = self
-            .storage
-            .get_record(TOPIC_SPACE, name)
-            .await?
-            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
-        let meta: TopicMeta = serde_json::from_slice(&record.value)
-            .map_err(|e| StorageError::Corrupt(format!("topic {name}: {e}")))?;
-        self.cache_topic(meta);
-        self.cached(name)
-            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
     }
 
     /// Like [`Broker::topic`], looking in storage too when the cache does not know it.
@@ -397,6 +421,46 @@ impl Broker {
     ) -> Result<Vec<StoredMessage>, BrokerError> {
         self.topic(topic)?;
         Ok(self.storage.read(topic, queue, from, limit).await?)
+    }
+
+    /// Removes a topic's metadata: from the moment this returns, publishes and lookups answer
+    /// [`BrokerError::UnknownTopic`], and no publish that found it before is still appending.
+    /// Its messages stay until [`Broker::delete_messages`] (so a caller can first settle what
+    /// may still append to it, such as undecided transactions). Returns what the topic was.
+    pub async fn forget_topic(&self, name: &str) -> Result<TopicMeta, BrokerError> {
+        let meta = self.topic_loaded(name).await?;
+        let _alone = self.deletion.write().await;
+        // The record goes first: a lookup that read it before is refused its cache entry
+        // below, one that reads after finds nothing.
+        self.storage
+            .put_record(TOPIC_SPACE, name, None, Expect::Any)
+            .await?;
+        let mut topics = self
+            .topics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        topics.remove(name);
+        self.deletions.fetch_add(1, Ordering::AcqRel);
+        Ok(meta)
+    }
+
+    /// Deletes every message of a forgotten topic (each queue as one range; offsets are not
+    /// reused if the name is created again) and its idempotency records. Returns how many
+    /// messages went.
+    pub async fn delete_messages(&self, topic: &TopicMeta) -> Result<u64, BrokerError> {
+        let mut deleted = 0u64;
+        for q in 0..topic.queues {
+            let low = self.storage.low_water(&topic.name, q).await?;
+            let new_low = self.storage.truncate(&topic.name, q, u64::MAX).await?;
+            deleted = deleted.saturating_add(new_low.saturating_sub(low));
+        }
+        crate::storage::clear_space(
+            self.storage.as_ref(),
+            &publish::idempotency_space(&topic.name),
+            "",
+        )
+        .await?;
+        Ok(deleted)
     }
 
     /// Next offset of every queue of a topic.

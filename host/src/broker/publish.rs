@@ -132,6 +132,7 @@ impl Broker {
     /// Publishes one message; returns once it is durable.
     pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Appended, BrokerError> {
         let started = std::time::Instant::now();
+        let _topic_stays = self.deletion.read().await;
         let t = self.topic_for_publish(topic).await?;
         let message = self.prepare(&t, envelope, now_ms())?;
         self.reserve_disk(std::slice::from_ref(&message))?;
@@ -156,11 +157,12 @@ impl Broker {
             return Err(BrokerError::BadIdempotencyKey);
         }
         let started = std::time::Instant::now();
+        let _topic_stays = self.deletion.read().await;
         let t = self.topic_for_publish(topic).await?;
         let now = now_ms();
         let message = self.prepare(&t, envelope, now)?;
         let digest = request_digest(&message);
-        let space = format!("idem/{topic}");
+        let space = idempotency_space(topic);
         loop {
             let expect = match self.storage.get_record(&space, key).await? {
                 Some(r) => {
@@ -242,6 +244,7 @@ impl Broker {
         envelopes: Vec<Envelope>,
     ) -> Result<Vec<Appended>, BrokerError> {
         let started = std::time::Instant::now();
+        let _topic_stays = self.deletion.read().await;
         let t = self.topic_for_publish(topic).await?;
         if envelopes.is_empty() {
             return Err(BrokerError::EmptyBatch);
@@ -268,4 +271,9 @@ impl Broker {
         self.observe(topic, crate::metrics::PublishKind::batch, size, started);
         Ok(out)
     }
+}
+
+/// The record space of a topic's idempotency keys.
+pub(super) fn idempotency_space(topic: &str) -> String {
+    format!("idem/{topic}")
 }

@@ -351,4 +351,11 @@ pub(super) enum TopicCommand {
     Show {
         name: String,
     },
+    /// Delete a topic and its messages; undecided transactions of it are rolled back.
+    Delete {
+        name: String,
+        /// Also delete its subscriptions (refused while it has any, without this).
+        #[arg(long)]
+        force: bool,
+    },
 }

@@ -233,6 +233,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(TopicCommand::Show { name }) => {
             print(&client.get(&format!("/v1/topics/{name}")).await?)
         }
+        Command::Topic(TopicCommand::Delete { name, force }) => {
+            let query = if force { "?force=true" } else { "" };
+            print(&client.delete(&format!("/v1/topics/{name}{query}")).await?)
+        }
         Command::Publish {
             topic,
             file: Some(file),

@@ -40,6 +40,11 @@ pub enum DispatchError {
     Invalid(String),
     #[error("a subscription cannot move to another topic ({0:?}); create a new group")]
     TopicChange(String),
+    #[error(
+        "topic {topic:?} has subscriptions ({}); delete them first, or delete the topic with ?force=true to delete them with it",
+        groups.join(", ")
+    )]
+    TopicInUse { topic: String, groups: Vec<String> },
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
@@ -364,6 +369,17 @@ impl Dispatcher {
             .put_record(state::SUB_SPACE, group, None, Expect::Any)
             .await?;
         Ok(())
+    }
+
+    /// The groups subscribed to `topic`, in group order.
+    pub async fn subscriptions_of(&self, topic: &str) -> Result<Vec<String>, DispatchError> {
+        Ok(self
+            .subscriptions()
+            .await?
+            .into_iter()
+            .filter(|(_, r)| r.spec.topic == topic)
+            .map(|(g, _)| g)
+            .collect())
     }
 
     /// Every stored subscription, by group, in group order.

@@ -221,6 +221,7 @@ mod tests {
         );
         assert_eq!(need(&Method::GET, "/v1/subscriptions/g"), Need::Read);
         assert_eq!(need(&Method::PUT, "/v1/topics/orders"), Need::Admin);
+        assert_eq!(need(&Method::DELETE, "/v1/topics/orders"), Need::Admin);
         assert_eq!(need(&Method::POST, "/v1/plugins/p/invoke"), Need::Admin);
     }
 

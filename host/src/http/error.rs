@@ -189,6 +189,7 @@ impl From<crate::dispatch::DispatchError> for ApiError {
             D::Unknown(_) => Self::not_found("unknown_subscription", msg),
             D::Invalid(_) => Self::bad_request("invalid_subscription", msg),
             D::TopicChange(_) => Self::new(StatusCode::CONFLICT, "topic_change", msg),
+            D::TopicInUse { .. } => Self::new(StatusCode::CONFLICT, "topic_in_use", msg),
             D::Broker(b) => b.into(),
             D::Plugin(p) => p.into(),
             D::Storage(s) => s.into(),

@@ -91,19 +91,26 @@ pub fn routes() -> Vec<Route> {
         op(
             M::GET,
             "/v1/topics/{topic}",
-            "Show a topic: queues, high water per queue, message count",
+            "Show a topic: queues, retention, low and high water and stored bytes per queue, message counts",
             None,
             get(topics::show),
         ),
         op(
             M::PUT,
             "/v1/topics/{topic}",
-            "Create a topic or add queues (201 created, 200 updated)",
+            "Create a topic, add queues or change its retention (201 created, 200 updated)",
             Some((
-                r#"{"queues": 4, "transaction_checker": "plugin", "transactions": {"check_after_ms": 6000}}"#,
+                r#"{"queues": 4, "transaction_checker": "plugin", "transactions": {"check_after_ms": 6000}, "retention": {"max_age_ms": 259200000, "max_bytes": null, "after_consumed": false}}"#,
                 schema::<crate::broker::TopicSpec>,
             )),
             put(topics::put),
+        ),
+        op(
+            M::DELETE,
+            "/v1/topics/{topic}",
+            "Delete a topic with its messages (409 topic_in_use while it has subscriptions, unless ?force=true deletes them too); undecided transactions are rolled back",
+            None,
+            delete(topics::delete),
         ),
         op(
             M::POST,
@@ -347,6 +354,7 @@ fn query_of(method: &Method, path: &str) -> Option<BodySchema> {
         ("GET", "/v1/transactions") => schema::<super::transactions::ListQuery>,
         ("GET", "/v1/plugins/{name}/logs") => schema::<super::plugins::LogsQuery>,
         ("GET", "/v1/subscriptions/{group}/dlq") => schema::<super::subscriptions::DlqQuery>,
+        ("DELETE", "/v1/topics/{topic}") => schema::<super::topics::DeleteQuery>,
         ("PUT", "/v1/plugins/{name}") => schema::<crate::runtime::PluginLimits>,
         _ => return None,
     })

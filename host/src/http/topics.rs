@@ -1,10 +1,11 @@
-//! Topic routes: create or update, show, list.
+//! Topic routes: create or update, show, list, delete.
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, detached, parse_json, read_body};
 use crate::broker::{TopicMeta, TopicSpec};
@@ -108,4 +109,74 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<TopicList>, ApiE
         topics.push(view(&state, meta).await?);
     }
     Ok(Json(TopicList { topics }))
+}
+
+/// Query of `DELETE /v1/topics/{topic}`.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Also delete the topic's subscriptions (with their offsets, timers, dead letters and
+    /// kv); without it a topic with subscriptions is refused with 409 `topic_in_use`.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What deleting a topic removed.
+#[derive(Serialize)]
+pub struct Deleted {
+    topic: String,
+    /// Messages deleted (what retention had not deleted already).
+    messages: u64,
+    /// Subscriptions deleted with it (`?force=true`).
+    subscriptions: Vec<String>,
+    /// Undecided transactions of the topic, rolled back.
+    transactions_rolled_back: usize,
+}
+
+/// Deletes a topic, in this order: its subscriptions (only with `force`, else 409 while it
+/// has any); its metadata, after which publishes answer 404 and none in flight is still
+/// appending; its undecided transactions (rolled back, so no commit appends later); then its
+/// messages, one range per queue. The change runs to its end even if the request is cut off.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    query: Result<Query<DeleteQuery>, QueryRejection>,
+) -> Result<Json<Deleted>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    state.broker.topic_loaded(&topic).await?;
+    let (broker, dispatcher, txns) = (
+        state.broker.clone(),
+        state.dispatcher.clone(),
+        state.transactions.clone(),
+    );
+    let deleted = detached(async move {
+        let groups = dispatcher.subscriptions_of(&topic).await?;
+        if !groups.is_empty() && !q.force {
+            return Err(crate::dispatch::DispatchError::TopicInUse {
+                topic: topic.clone(),
+                groups,
+            }
+            .into());
+        }
+        for g in &groups {
+            dispatcher.delete(g).await?;
+        }
+        let meta = broker.forget_topic(&topic).await?;
+        // Made while the topic was going: they could not run anyway.
+        let mut subscriptions = groups;
+        for g in dispatcher.subscriptions_of(&topic).await? {
+            dispatcher.delete(&g).await?;
+            subscriptions.push(g);
+        }
+        let transactions_rolled_back = txns.rollback_topic(&topic).await?;
+        let messages = broker.delete_messages(&meta).await?;
+        Ok::<_, ApiError>(Deleted {
+            topic,
+            messages,
+            subscriptions,
+            transactions_rolled_back,
+        })
+    })
+    .await?;
+    Ok(Json(deleted))
 }

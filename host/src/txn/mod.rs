@@ -468,6 +468,27 @@ impl Transactions {
         .await
     }
 
+    /// Rolls back every undecided (pending or unresolved) transaction of `topic`, as deleting
+    /// the topic does: their half messages have nowhere to go. A commit racing this either
+    /// lands first (and the topic's messages are deleted after) or fails as decided. Returns
+    /// how many were rolled back.
+    pub async fn rollback_topic(&self, topic: &str) -> Result<usize, TxnError> {
+        let mut n = 0;
+        for state in [TxnState::Pending, TxnState::Unresolved] {
+            for t in self.list(Some(state), usize::MAX).await? {
+                if t.topic != topic {
+                    continue;
+                }
+                match self.rollback(&t.txn_id, "topic deletion").await {
+                    Ok(_) => n += 1,
+                    Err(TxnError::Decided { .. } | TxnError::Unknown(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Puts an unresolved transaction back to pending with a fresh round of checks, now.
     pub async fn recheck(&self, id: &str) -> Result<TxnRecord, TxnError> {
         let t = self
