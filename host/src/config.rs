@@ -134,6 +134,9 @@ pub struct LimitsConfig {
     pub max_batch: usize,
     /// Largest plugin upload, in bytes.
     pub max_plugin_bytes: usize,
+    /// Versions of a plugin kept after an upload (1 to 10000): older ones go, with their bytes
+    /// and compiled code, unless a subscription pins them (`plugin_version`).
+    pub max_plugin_versions: u32,
     /// Largest request body on the publish routes (a batch, or a base64 body), in bytes.
     pub max_request_bytes: usize,
     /// Most queues one topic may have.
@@ -159,6 +162,7 @@ impl Default for LimitsConfig {
             max_batch: 1000,
             // Python and JavaScript components start at 12-19 MB (the interpreter is inside).
             max_plugin_bytes: 64 * 1024 * 1024,
+            max_plugin_versions: 10,
             max_request_bytes: 16 * 1024 * 1024,
             max_queues: 256,
             idempotency_window_ms: 24 * 3600 * 1000,
@@ -416,6 +420,11 @@ impl Config {
         if !(100..=3_600_000).contains(&self.retention.check_interval_ms) {
             return Err(ConfigError::Invalid(
                 "retention.check_interval_ms must be 100 to 3600000".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&l.max_plugin_versions) {
+            return Err(ConfigError::Invalid(
+                "limits.max_plugin_versions must be 1 to 10000".into(),
             ));
         }
         if l.max_message_bytes == 0 || l.max_batch == 0 || l.max_queues == 0 {

@@ -289,14 +289,67 @@ impl Plugins {
         for owner in [KvOwner::Plugin(name), KvOwner::Invoke(name)] {
             crate::storage::clear_space(self.storage.as_ref(), &kv_space(owner), "").await?;
         }
-        // Bytes are shared by digest: drop only those no other plugin references.
+        self.drop_unused_code(&record.versions).await?;
+        self.runtime.forget_plugin(name);
+        Ok(())
+    }
+
+    /// Removes the versions of `name` beyond the newest `keep`, except those in `pinned`
+    /// (versions subscriptions name), with their bytes and compiled artifacts when no other
+    /// version of any plugin shares them. Returns the version numbers removed.
+    pub async fn prune(
+        &self,
+        name: &str,
+        keep: usize,
+        pinned: &[u32],
+    ) -> Result<Vec<u32>, PluginError> {
+        loop {
+            let Some(current) = self.storage.get_record(PLUGIN_SPACE, name).await? else {
+                return Ok(Vec::new());
+            };
+            let mut record = Self::decode(name, &current.value)?;
+            let cut = record.versions.len().saturating_sub(keep);
+            let (old, newest) = record.versions.split_at(cut);
+            let (kept, gone): (Vec<_>, Vec<_>) = old
+                .iter()
+                .cloned()
+                .partition(|v| pinned.contains(&v.version));
+            if gone.is_empty() {
+                return Ok(Vec::new());
+            }
+            record.versions = kept.into_iter().chain(newest.iter().cloned()).collect();
+            let value =
+                serde_json::to_vec(&record).map_err(|e| StorageError::Encode(e.to_string()))?;
+            match self
+                .storage
+                .put_record(
+                    PLUGIN_SPACE,
+                    name,
+                    Some(value),
+                    Expect::Revision(current.revision),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.drop_unused_code(&gone).await?;
+                    return Ok(gone.iter().map(|v| v.version).collect());
+                }
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Drops the bytes and compiled artifacts of `versions` that no stored version of any
+    /// plugin references any more (bytes are shared by digest).
+    async fn drop_unused_code(&self, versions: &[PluginVersion]) -> Result<(), PluginError> {
         let still_used: std::collections::HashSet<String> = self
             .list()
             .await?
             .iter()
             .flat_map(|r| r.versions.iter().map(|v| v.digest.clone()))
             .collect();
-        for v in &record.versions {
+        for v in versions {
             if !still_used.contains(&v.digest) {
                 self.storage.put_blob(&wasm_key(&v.digest), None).await?;
                 self.storage
@@ -310,7 +363,6 @@ impl Plugins {
                 }
             }
         }
-        self.runtime.forget_plugin(name);
         Ok(())
     }
 

@@ -647,3 +647,61 @@ async fn the_instance_pool_is_bounded_and_idle_instances_make_room() {
     let text = s.metrics().await;
     assert!(gauge(&text, "wasmq_plugin_instances_live") <= 8, "{text}");
 }
+
+/// Old versions go after an upload beyond `[limits] max_plugin_versions`, with their bytes,
+/// unless a subscription pins them; bytes another version still uses stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_beyond_the_limit_are_pruned_unless_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    c.limits.max_plugin_versions = 2;
+    let s = TestServer::start_with(c).await;
+    s.create_topic("t", 1).await;
+    let mut digests = Vec::new();
+    for (i, path) in [ECHO, TRAP, REJECT_ALL, CHECKER, TRAP].iter().enumerate() {
+        let (st, v) = s.upload_plugin("p", path).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        assert_eq!(v["version"], i + 1, "{v}");
+        digests.push(v["digest"].as_str().unwrap().to_string());
+        if i == 0 {
+            // Version 1 is pinned by a subscription.
+            s.subscribe(
+                "pinned",
+                json!({"topic": "t", "plugin": "p", "plugin_version": 1}),
+            )
+            .await;
+        }
+    }
+    let (_, p) = s.get("/v1/plugins/p").await;
+    let versions: Vec<u64> = p["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 4, 5], "{p}");
+    // The pinned version still runs.
+    s.publish_numbered("t", 1).await;
+    s.wait_until("/v1/subscriptions/pinned", 60, |v| {
+        v["counters"]["acked"] == 1
+    })
+    .await;
+    s.stop().await.unwrap();
+    let storage = wasmq::storage::RocksStorage::open(
+        &dir.path().join("rocksdb"),
+        wasmq::config::FlushMode::Sync,
+    )
+    .unwrap();
+    use wasmq::storage::Storage as _;
+    // v2's bytes are the same as v5's and stay; v3's are gone.
+    for (digest, kept) in [
+        (&digests[0], true),
+        (&digests[1], true),
+        (&digests[2], false),
+        (&digests[3], true),
+    ] {
+        let blob = storage.get_blob(&format!("wasm/{digest}")).await.unwrap();
+        assert_eq!(blob.is_some(), kept, "{digest}");
+    }
+    storage.close().await;
+}

@@ -306,7 +306,7 @@ async fn bad_input_gets_a_json_4xx() {
     );
     let r = s
         .client
-        .delete(format!("{}/v1/topics/t", s.url))
+        .patch(format!("{}/v1/topics/t", s.url))
         .send()
         .await
         .unwrap();

@@ -371,6 +371,17 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// The versions of `plugin` that subscriptions pin (`plugin_version`).
+    pub async fn pinned_versions(&self, plugin: &str) -> Result<Vec<u32>, DispatchError> {
+        Ok(self
+            .subscriptions()
+            .await?
+            .into_iter()
+            .filter(|(_, r)| r.spec.plugin == plugin)
+            .filter_map(|(_, r)| r.spec.plugin_version)
+            .collect())
+    }
+
     /// The groups subscribed to `topic`, in group order.
     pub async fn subscriptions_of(&self, topic: &str) -> Result<Vec<String>, DispatchError> {
         Ok(self

@@ -67,11 +67,18 @@ pub async fn upload(
         state.dispatcher.clone(),
         name.clone(),
     );
+    let keep = state.broker.limits().max_plugin_versions as usize;
     let (version, created) = detached(async move {
         let (version, created) = plugins.upload(&plugin, bytes.to_vec(), limits).await?;
         if created {
             // Subscriptions that follow the latest version move to it (after draining).
             dispatcher.refresh(Some(&plugin), None).await?;
+            // Then versions beyond the newest `keep` go, unless a subscription pins them.
+            let pinned = dispatcher.pinned_versions(&plugin).await?;
+            let pruned = plugins.prune(&plugin, keep, &pinned).await?;
+            if !pruned.is_empty() {
+                tracing::info!(%plugin, ?pruned, "removed old plugin versions");
+            }
         }
         Ok((version, created))
     })

@@ -591,10 +591,10 @@ impl Storage for RocksStorage {
             let range = self
                 .blocking(move |db| range_bytes(db, &t, queue, low, before))
                 .await?;
-            let topic = topic.to_string();
+            let owned = topic.to_string();
             match self
                 .submit(|reply| WriteOp::Truncate {
-                    topic,
+                    topic: owned,
                     queue,
                     from: low,
                     before,
@@ -604,7 +604,21 @@ impl Storage for RocksStorage {
                 .await
             {
                 Err(StorageError::Conflict { .. }) => continue,
-                r => return r,
+                Ok(new_low) => {
+                    // Table files wholly inside the deleted range go now, as a log segment
+                    // would; what shares a file with kept messages goes at its compaction.
+                    let (from, to) = (
+                        keys::message(topic, queue, low),
+                        keys::message(topic, queue, new_low),
+                    );
+                    self.blocking(move |db| {
+                        db.delete_file_in_range_cf(cf(db, CF_MESSAGES)?, from, to)?;
+                        Ok(())
+                    })
+                    .await?;
+                    return Ok(new_low);
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(StorageError::Unavailable(format!(
