@@ -100,6 +100,11 @@ impl Server {
         assert!(r.status().is_success(), "upload {name}: {}", r.status());
     }
 
+    /// Where this server keeps its data.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub async fn stop(self) {
         self.stop_keep_dir().await;
     }

@@ -97,7 +97,14 @@ pub struct RocksStorage {
     watchers: Arc<Watchers>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     stats: Arc<WriterStats>,
+    /// Per topic, message bytes deleted since its key range was last compacted.
+    deleted_since_compaction: Arc<Mutex<HashMap<String, u64>>>,
 }
+
+/// A topic's key range is compacted (so deleted messages leave the disk) once this many bytes
+/// were deleted from it, and at least as many as it still stores: each compaction rewrites the
+/// kept messages at most about once per their own size deleted (write amplification ≤ ~2).
+const COMPACT_AFTER_BYTES: u64 = 16 << 20;
 
 /// A message encoded by the caller, so the single writer thread only stages bytes.
 struct Encoded {
@@ -166,6 +173,7 @@ impl RocksStorage {
             watchers,
             writer: Mutex::new(Some(handle)),
             stats,
+            deleted_since_compaction: Arc::default(),
         })
     }
 
@@ -201,6 +209,46 @@ impl RocksStorage {
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| StorageError::Corrupt(format!("reader task failed: {e}")))?
+    }
+}
+
+impl RocksStorage {
+    /// Counts `deleted` bytes against `topic` and, past [`COMPACT_AFTER_BYTES`] and the bytes
+    /// the topic still stores, compacts the topic's message keys on a background thread: range
+    /// deletions free disk only when compaction meets them, and with writes that stopped none
+    /// would.
+    fn reclaim(&self, topic: &str, deleted: u64) {
+        let stored: u64 = self
+            .bytes
+            .read()
+            .map(|b| b.get(topic).map_or(0, |q| q.iter().sum()))
+            .unwrap_or(0);
+        let due = {
+            let Ok(mut pending) = self.deleted_since_compaction.lock() else {
+                return;
+            };
+            let d = pending.entry(topic.to_string()).or_default();
+            *d = d.saturating_add(deleted);
+            if *d < COMPACT_AFTER_BYTES.max(stored) {
+                return;
+            }
+            *d = 0;
+            true
+        };
+        let Ok(db) = self.db.get() else {
+            return;
+        };
+        if due {
+            let (from, to) = (
+                keys::queue_prefix(topic, 0),
+                keys::queue_prefix(topic, u32::MAX),
+            );
+            std::thread::spawn(move || {
+                if let Ok(messages) = cf(&db, CF_MESSAGES) {
+                    db.compact_range_cf(messages, Some(from), Some(to));
+                }
+            });
+        }
     }
 }
 
@@ -616,6 +664,7 @@ impl Storage for RocksStorage {
                         Ok(())
                     })
                     .await?;
+                    self.reclaim(topic, range);
                     return Ok(new_low);
                 }
                 Err(e) => return Err(e),

@@ -1,0 +1,290 @@
+//! Endurance (issue 23): random 256 B messages published and consumed through a subscription
+//! on a topic with a short age retention. Prints the data directory's size (peak and at each
+//! checkpoint, beside what the retention window holds), the process's peak RSS, the time from
+//! start to a healthy, dispatching server and the time of a `/metrics` scrape, after 0, N/5 and
+//! N messages and after M decided transactions, as ratios to the empty server. Goal: the data
+//! dir bounded by what the retention allows, every ratio ≤ 1.2. `--quick`: 100 000 messages,
+//! 2 s retention, 2 000 transactions; full: 5 000 000, 30 s, 100 000.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasmq::config::FlushMode;
+use wasmq_tests::plugins::ECHO;
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// This process's peak resident memory (server and load generator together), bytes.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A JSON string body of 256 bytes (quotes included) of random letters: LZ4 cannot shrink it.
+fn random_body(state: &mut u64) -> Value {
+    let s: String = (0..254)
+        .map(|_| {
+            // xorshift64
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            (b'a' + (*state % 26) as u8) as char
+        })
+        .collect();
+    Value::String(s)
+}
+
+const TOPIC: &str = "stream";
+const GROUP: &str = "sink";
+
+/// Publishes `n` messages in batches of 500 from 4 clients.
+async fn publish(s: &common::Server, n: u64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..4u64 {
+        let (http, url, next) = (s.http.clone(), s.url.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (c + 1);
+            loop {
+                let from = next.fetch_add(500, Ordering::Relaxed);
+                if from >= n {
+                    return;
+                }
+                let count = (n - from).min(500);
+                let msgs: Vec<Value> = (0..count)
+                    .map(|_| json!({"body": random_body(&mut rng)}))
+                    .collect();
+                let r = http
+                    .post(format!("{url}/v1/topics/{TOPIC}/messages/batch"))
+                    .json(&json!({"messages": msgs}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Waits until the subscription has committed past `total` messages.
+async fn consumed(s: &common::Server, total: u64) {
+    loop {
+        let v = s.get(&format!("/v1/subscriptions/{GROUP}")).await;
+        let committed: u64 = v["queues"]
+            .as_array()
+            .map(|q| q.iter().filter_map(|q| q["committed"].as_u64()).sum())
+            .unwrap_or(0);
+        if committed >= total {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Median time of 15 `/metrics` scrapes, ms.
+async fn metrics_ms(s: &common::Server) -> f64 {
+    let mut t = Vec::new();
+    for _ in 0..15 {
+        let started = Instant::now();
+        let r = s
+            .http
+            .get(format!("{}/metrics", s.url))
+            .send()
+            .await
+            .unwrap();
+        let _ = r.bytes().await.unwrap();
+        t.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// Stops the server and starts it again on the same data; the time until it answers and
+/// dispatches the subscription again, ms.
+async fn restart(s: common::Server, tune: fn(&mut wasmq::config::Config)) -> (common::Server, f64) {
+    let dir = s.stop_keep_dir().await;
+    let started = Instant::now();
+    let s = common::Server::start_in(dir, FlushMode::Async, tune).await;
+    loop {
+        let v = s.get(&format!("/v1/subscriptions/{GROUP}")).await;
+        if v["state"] == "running" && v["in_flight"].is_number() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (s, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+struct Checkpoint {
+    label: String,
+    dir_bytes: u64,
+    restart_ms: f64,
+    metrics_ms: f64,
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n, retention_ms, txns): (u64, u64, u64) = if quick {
+        (100_000, 2_000, 2_000)
+    } else {
+        (5_000_000, 30_000, 100_000)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        fn tune(c: &mut wasmq::config::Config) {
+            c.retention.check_interval_ms = 500;
+        }
+        let s = common::Server::start_with(FlushMode::Async, tune).await;
+        s.upload("echo", ECHO).await;
+        s.put(
+            &format!("/v1/topics/{TOPIC}"),
+            json!({"queues": 4, "retention": {"max_age_ms": retention_ms}}),
+        )
+        .await;
+        s.put(
+            &format!("/v1/subscriptions/{GROUP}"),
+            json!({"topic": TOPIC, "plugin": "echo"}),
+        )
+        .await;
+        let data = s.data_dir().to_path_buf();
+        let peak_dir = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (peak_dir, stop, data) = (peak_dir.clone(), stop.clone(), data.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let d = data.clone();
+                    let size = tokio::task::spawn_blocking(move || dir_bytes(&d)).await.unwrap();
+                    peak_dir.fetch_max(size, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
+        let mut points = Vec::new();
+        let (mut s, r0) = restart(s, tune).await;
+        points.push(Checkpoint {
+            label: "empty".into(),
+            dir_bytes: dir_bytes(&data),
+            restart_ms: r0,
+            metrics_ms: metrics_ms(&s).await,
+        });
+        let started = Instant::now();
+        let mut published = 0;
+        for target in [n / 5, n] {
+            publish(&s, target - published).await;
+            published = target;
+            consumed(&s, published).await;
+            let size = dir_bytes(&data);
+            let (next, r) = restart(s, tune).await;
+            s = next;
+            points.push(Checkpoint {
+                label: format!("{published} messages"),
+                dir_bytes: size,
+                restart_ms: r,
+                metrics_ms: metrics_ms(&s).await,
+            });
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        for i in 0..txns {
+            let v = s
+                .http
+                .post(format!("{}/v1/topics/{TOPIC}/transactions", s.url))
+                .json(&json!({"body": {"txn": i}}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap();
+            let id = v["txn_id"].as_str().unwrap();
+            let r = s
+                .http
+                .post(format!("{}/v1/transactions/{id}/commit", s.url))
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        }
+        consumed(&s, n + txns).await;
+        let size = dir_bytes(&data);
+        let (next, r) = restart(s, tune).await;
+        s = next;
+        points.push(Checkpoint {
+            label: format!("+{txns} decided transactions"),
+            dir_bytes: size,
+            restart_ms: r,
+            metrics_ms: metrics_ms(&s).await,
+        });
+        // Once the retention window has passed with no new messages, what is left.
+        tokio::time::sleep(Duration::from_millis(retention_ms + 2_000)).await;
+        let settled = dir_bytes(&data);
+        stop.store(true, Ordering::Relaxed);
+        sampler.await.unwrap();
+        let (_, topic) = (0, s.get(&format!("/v1/topics/{TOPIC}")).await);
+        s.stop().await;
+
+        let window_bytes = rate * retention_ms as f64 / 1000.0 * 256.0;
+        println!(
+            "\nEndurance: {n} random 256 B messages published and consumed at {rate:.0} msg/s \
+             through a topic with a {} s age retention, then {txns} decided transactions; {} cores\n",
+            retention_ms / 1000,
+            common::cores()
+        );
+        println!("| after | data dir | restart to dispatching | vs empty | /metrics | vs empty |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        let base = &points[0];
+        for p in &points {
+            println!(
+                "| {} | {:.1} MB | {:.0} ms | {:.2}x | {:.2} ms | {:.2}x |",
+                p.label,
+                p.dir_bytes as f64 / 1e6,
+                p.restart_ms,
+                p.restart_ms / base.restart_ms,
+                p.metrics_ms,
+                p.metrics_ms / base.metrics_ms
+            );
+        }
+        println!(
+            "\ndata dir peak {:.1} MB, {:.1} MB once the window passed with no new messages \
+             ({} messages still stored); message bytes one retention window holds at this rate: \
+             {:.1} MB; peak RSS (server and load generator) {:.0} MB",
+            peak_dir.load(Ordering::Relaxed) as f64 / 1e6,
+            settled as f64 / 1e6,
+            topic["stored_messages"],
+            window_bytes / 1e6,
+            peak_rss() as f64 / 1e6
+        );
+    });
+}
