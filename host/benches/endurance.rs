@@ -134,10 +134,22 @@ async fn restart(s: common::Server, tune: fn(&mut wasmq::config::Config)) -> (co
     let started = Instant::now();
     let s = common::Server::start_in(dir, FlushMode::Async, tune).await;
     loop {
-        let v = s.get(&format!("/v1/subscriptions/{GROUP}")).await;
-        if v["state"] == "running" && v["in_flight"].is_number() {
+        let r = s
+            .http
+            .get(format!("{}/v1/subscriptions/{GROUP}", s.url))
+            .send()
+            .await;
+        if let Ok(r) = r
+            && let Ok(v) = r.json::<Value>().await
+            && v["state"] == "running"
+            && v["in_flight"].is_number()
+        {
             break;
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the server did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     (s, started.elapsed().as_secs_f64() * 1000.0)

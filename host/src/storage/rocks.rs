@@ -99,6 +99,9 @@ pub struct RocksStorage {
     stats: Arc<WriterStats>,
     /// Per topic, message bytes deleted since its key range was last compacted.
     deleted_since_compaction: Arc<Mutex<HashMap<String, u64>>>,
+    /// The compaction [`RocksStorage::reclaim`] started last (one at a time); joined on close,
+    /// so the database is never held past it.
+    compaction: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A topic's key range is compacted (so deleted messages leave the disk) once this many bytes
@@ -174,6 +177,7 @@ impl RocksStorage {
             writer: Mutex::new(Some(handle)),
             stats,
             deleted_since_compaction: Arc::default(),
+            compaction: Mutex::new(None),
         })
     }
 
@@ -223,32 +227,36 @@ impl RocksStorage {
             .read()
             .map(|b| b.get(topic).map_or(0, |q| q.iter().sum()))
             .unwrap_or(0);
-        let due = {
-            let Ok(mut pending) = self.deleted_since_compaction.lock() else {
-                return;
-            };
-            let d = pending.entry(topic.to_string()).or_default();
-            *d = d.saturating_add(deleted);
-            if *d < COMPACT_AFTER_BYTES.max(stored) {
-                return;
-            }
-            *d = 0;
-            true
+        let Ok(mut running) = self.compaction.lock() else {
+            return;
         };
+        let Ok(mut pending) = self.deleted_since_compaction.lock() else {
+            return;
+        };
+        let d = pending.entry(topic.to_string()).or_default();
+        *d = d.saturating_add(deleted);
+        // One at a time: the next truncation starts the next one.
+        if *d < COMPACT_AFTER_BYTES.max(stored)
+            || running.as_ref().is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
         let Ok(db) = self.db.get() else {
             return;
         };
-        if due {
-            let (from, to) = (
-                keys::queue_prefix(topic, 0),
-                keys::queue_prefix(topic, u32::MAX),
-            );
-            std::thread::spawn(move || {
+        *d = 0;
+        let (from, to) = (
+            keys::queue_prefix(topic, 0),
+            keys::queue_prefix(topic, u32::MAX),
+        );
+        *running = std::thread::Builder::new()
+            .name("wasmq-compact".into())
+            .spawn(move || {
                 if let Ok(messages) = cf(&db, CF_MESSAGES) {
                     db.compact_range_cf(messages, Some(from), Some(to));
                 }
-            });
-        }
+            })
+            .ok();
     }
 }
 
@@ -260,6 +268,9 @@ impl Drop for RocksStorage {
             tx.take();
         }
         if let Some(handle) = self.writer.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self.compaction.lock().ok().and_then(|mut c| c.take()) {
             let _ = handle.join();
         }
     }
@@ -844,6 +855,10 @@ impl Storage for RocksStorage {
     }
 
     async fn close(&self) {
+        let compaction = self.compaction.lock().ok().and_then(|mut c| c.take());
+        if let Some(handle) = compaction {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
         // Dropping the last sender lets the writer drain what was accepted, then exit.
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
