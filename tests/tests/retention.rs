@@ -486,3 +486,41 @@ async fn deleting_a_topic_removes_it_its_messages_and_with_force_its_subscriptio
     assert!(v["offset"].as_u64().unwrap() > 0, "{v}");
     s.stop().await.unwrap();
 }
+
+/// A retry with an Idempotency-Key whose message retention deleted is not published again: it
+/// gets a clear 410, not a server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_after_retention_deleted_its_message_is_a_clear_410() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    put_topic(
+        &s,
+        "brief",
+        json!({"queues": 1, "retention": {"max_age_ms": 1000}}),
+    )
+    .await;
+    let send = || {
+        s.client
+            .post(format!("{}/v1/topics/brief/messages", s.url))
+            .header("Idempotency-Key", "order-7")
+            .json(&json!({"body": {"order": 7}}))
+            .send()
+    };
+    let first = wasmq_tests::decode(send().await.unwrap()).await;
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
+    s.wait_until("/v1/topics/brief", 60, |t| t["stored_messages"] == 0)
+        .await;
+    let again = wasmq_tests::decode(send().await.unwrap()).await;
+    assert_error(&again, StatusCode::GONE, "idempotent_message_deleted");
+    assert!(
+        again.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(first.1["id"].as_str().unwrap()),
+        "{}",
+        again.1
+    );
+    let (_, t) = s.get("/v1/topics/brief").await;
+    assert_eq!(t["messages"], 1, "nothing was published again: {t}");
+    s.stop().await.unwrap();
+}

@@ -41,6 +41,12 @@ pub enum BrokerError {
     IdempotencyKeyReused(String),
     #[error("a topic has between 1 and {max} queues, not {asked}")]
     TooManyQueues { asked: u32, max: u32 },
+    #[error("topic {0:?} is being deleted; create it again once that is done")]
+    BeingDeleted(String),
+    #[error(
+        "Idempotency-Key {key:?} was used for message {id}, which retention has deleted since; the publish is not repeated"
+    )]
+    IdempotentMessageDeleted { key: String, id: MessageId },
     #[error("topic {topic:?} has {current} queues; queues can be added but not removed")]
     QueuesShrink { topic: String, current: u32 },
     #[error(transparent)]
@@ -122,6 +128,24 @@ pub struct Broker {
     /// Topics deleted so far (changed under the cache's lock): a topic read from storage
     /// before a deletion is not cached after it.
     deletions: std::sync::atomic::AtomicU64,
+    /// Topics whose deletion is under way: they cannot be created again (or deleted twice)
+    /// until their messages are gone.
+    deleting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// A topic deletion under way: the name is free again when this is dropped.
+pub struct Deleting {
+    name: String,
+    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Drop for Deleting {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.name);
+    }
 }
 
 /// Topic names follow [`check_name`].
@@ -159,6 +183,7 @@ impl Broker {
             metrics: Arc::default(),
             deletion: Default::default(),
             deletions: Default::default(),
+            deleting: Default::default(),
         })
     }
 
@@ -242,6 +267,9 @@ impl Broker {
             && (q == 0 || q > max)
         {
             return Err(BrokerError::TooManyQueues { asked: q, max });
+        }
+        if self.is_deleting(name) {
+            return Err(BrokerError::BeingDeleted(name.to_string()));
         }
         // Compare-and-set loop: concurrent updates never shrink queues or lose a field.
         loop {
@@ -427,8 +455,21 @@ impl Broker {
     /// [`BrokerError::UnknownTopic`], and no publish that found it before is still appending.
     /// Its messages stay until [`Broker::delete_messages`] (so a caller can first settle what
     /// may still append to it, such as undecided transactions). Returns what the topic was.
-    pub async fn forget_topic(&self, name: &str) -> Result<TopicMeta, BrokerError> {
+    pub async fn forget_topic(&self, name: &str) -> Result<(TopicMeta, Deleting), BrokerError> {
         let meta = self.topic_loaded(name).await?;
+        let deleting = {
+            let mut set = self
+                .deleting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !set.insert(name.to_string()) {
+                return Err(BrokerError::BeingDeleted(name.to_string()));
+            }
+            Deleting {
+                name: name.to_string(),
+                set: self.deleting.clone(),
+            }
+        };
         let _alone = self.deletion.write().await;
         // The record goes first: a lookup that read it before is refused its cache entry
         // below, one that reads after finds nothing.
@@ -441,13 +482,31 @@ impl Broker {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         topics.remove(name);
         self.deletions.fetch_add(1, Ordering::AcqRel);
-        Ok(meta)
+        Ok((meta, deleting))
+    }
+
+    fn is_deleting(&self, name: &str) -> bool {
+        self.deleting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(name)
+    }
+
+    /// Held while something that appends to a topic outside the publish calls (a transaction's
+    /// half message being stored) finds the topic and records what it will append: a deletion
+    /// waits for it, so it sees what was recorded.
+    pub async fn topic_stays(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.deletion.read().await
     }
 
     /// Deletes every message of a forgotten topic (each queue as one range; offsets are not
-    /// reused if the name is created again) and its idempotency records. Returns how many
-    /// messages went.
-    pub async fn delete_messages(&self, topic: &TopicMeta) -> Result<u64, BrokerError> {
+    /// reused if the name is created again) and its idempotency records, while `_deleting`
+    /// keeps the name from being created again. Returns how many messages went.
+    pub async fn delete_messages(
+        &self,
+        topic: &TopicMeta,
+        _deleting: &Deleting,
+    ) -> Result<u64, BrokerError> {
         let mut deleted = 0u64;
         for q in 0..topic.queues {
             let low = self.storage.low_water(&topic.name, q).await?;

@@ -176,10 +176,9 @@ impl Broker {
                             .storage
                             .message_by_id(seen.appended.id)
                             .await?
-                            .ok_or_else(|| {
-                                StorageError::Corrupt(format!(
-                                    "idempotency key {key:?} names a missing message"
-                                ))
+                            .ok_or_else(|| BrokerError::IdempotentMessageDeleted {
+                                key: key.to_string(),
+                                id: seen.appended.id,
                             })?;
                         let appended = Appended {
                             id: original.message.id,

@@ -103,6 +103,12 @@ impl From<BrokerError> for ApiError {
                 msg,
             ),
             BrokerError::TooManyQueues { .. } => Self::bad_request("too_many_queues", msg),
+            BrokerError::BeingDeleted(_) => {
+                Self::new(StatusCode::CONFLICT, "topic_being_deleted", msg)
+            }
+            BrokerError::IdempotentMessageDeleted { .. } => {
+                Self::new(StatusCode::GONE, "idempotent_message_deleted", msg)
+            }
             BrokerError::QueuesShrink { .. } => {
                 Self::new(StatusCode::CONFLICT, "queues_shrink", msg)
             }

@@ -161,7 +161,7 @@ pub async fn delete(
         for g in &groups {
             dispatcher.delete(g).await?;
         }
-        let meta = broker.forget_topic(&topic).await?;
+        let (meta, deleting) = broker.forget_topic(&topic).await?;
         // Made while the topic was going: they could not run anyway.
         let mut subscriptions = groups;
         for g in dispatcher.subscriptions_of(&topic).await? {
@@ -169,7 +169,7 @@ pub async fn delete(
             subscriptions.push(g);
         }
         let transactions_rolled_back = txns.rollback_topic(&topic).await?;
-        let messages = broker.delete_messages(&meta).await?;
+        let messages = broker.delete_messages(&meta, &deleting).await?;
         Ok::<_, ApiError>(Deleted {
             topic,
             messages,

@@ -102,6 +102,9 @@ fn low_water_of(state: &stream::State) -> u64 {
         .min(state.last_sequence)
 }
 
+/// How long a queue stream remembers message ids to drop a re-sent append (JetStream's default).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
 fn stream_name(topic: &str, queue: u32) -> String {
     format!("WQM_{}_{queue}", enc(topic))
 }
@@ -278,6 +281,11 @@ impl JetStreamStorage {
                 .max_bytes
                 .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             discard: stream::DiscardPolicy::Old,
+            // JetStream's 2 min id deduplication, no longer than messages are kept.
+            duplicate_window: match limits.max_age_ms {
+                Some(age) => DUPLICATE_WINDOW.min(Duration::from_millis(age)),
+                None => DUPLICATE_WINDOW,
+            },
             ..Default::default()
         }
     }
@@ -357,7 +365,8 @@ impl Storage for JetStreamStorage {
         Ok((appended, revision))
     }
 
-    /// Creates each queue's stream, or updates its limits.
+    /// Creates each queue's stream with the topic's limits, or changes only the limits of one
+    /// that exists (whatever else an operator tuned on it stays).
     async fn prepare_topic(
         &self,
         topic: &str,
@@ -365,10 +374,29 @@ impl Storage for JetStreamStorage {
         limits: QueueLimits,
     ) -> Result<(), StorageError> {
         for queue in 0..queues {
-            let config = self.queue_config(topic, queue, limits);
-            let name = config.name.clone();
+            let wanted = self.queue_config(topic, queue, limits);
+            let name = wanted.name.clone();
+            let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
+                self.js
+                    .get_or_create_stream(wanted)
+                    .await
+                    .map_err(|e| js_err(&format!("stream {name}"), e))?;
+                continue;
+            };
+            let mut config = stream
+                .info()
+                .await
+                .map_err(|e| js_err(&format!("stream {name}"), e))?
+                .config
+                .clone();
+            if (config.max_age, config.max_bytes) == (wanted.max_age, wanted.max_bytes) {
+                continue;
+            }
+            config.max_age = wanted.max_age;
+            config.max_bytes = wanted.max_bytes;
+            config.duplicate_window = wanted.duplicate_window;
             self.js
-                .create_or_update_stream(config)
+                .update_stream(&config)
                 .await
                 .map_err(|e| js_err(&format!("stream {name}"), e))?;
             // The cached handle carries the old configuration.
@@ -376,7 +404,6 @@ impl Storage for JetStreamStorage {
                 .lock()
                 .await
                 .remove(&(topic.to_string(), queue));
-            self.queue_stream(topic, queue, false).await?;
         }
         Ok(())
     }

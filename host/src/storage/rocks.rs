@@ -86,6 +86,9 @@ impl Default for WriterStats {
 
 type HighWater = HashMap<String, Vec<u64>>;
 
+/// A per-queue marker of the default CF: (topic, queue) and its value.
+type QueueMarker = ((String, u32), u64);
+
 pub struct RocksStorage {
     db: Arc<Slot>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
@@ -396,21 +399,37 @@ fn still_writable(db: &DB) -> bool {
 
 /// Every truncated queue's low water, from its marker.
 fn recover_low_water(db: &DB) -> Result<HighWater, StorageError> {
-    read_queue_markers(db, keys::LOW_WATER_PREFIX, "low-water")
+    Ok(marker_table(&read_queue_markers(
+        db,
+        keys::LOW_WATER_PREFIX,
+        "low-water",
+    )?))
 }
 
 /// The per-queue markers (big-endian u64 values) under `prefix` of the default CF.
-fn read_queue_markers(db: &DB, prefix: &[u8], what: &str) -> Result<HighWater, StorageError> {
-    let mut out = HighWater::new();
+fn read_queue_markers(
+    db: &DB,
+    prefix: &[u8],
+    what: &str,
+) -> Result<Vec<QueueMarker>, StorageError> {
+    let mut out = Vec::new();
     for item in db.iterator(IteratorMode::From(prefix, Direction::Forward)) {
         let (k, v) = item?;
         if !k.starts_with(prefix) {
             break;
         }
-        let (topic, queue) = keys::parse_queue_marker(prefix, &k)?;
-        set_queue(&mut out, &topic, queue, be_u64(&v, what)?);
+        out.push((keys::parse_queue_marker(prefix, &k)?, be_u64(&v, what)?));
     }
     Ok(out)
+}
+
+/// Markers as a per-topic table (absent queues read 0).
+fn marker_table(markers: &[QueueMarker]) -> HighWater {
+    let mut out = HighWater::new();
+    for ((topic, queue), v) in markers {
+        set_queue(&mut out, topic, *queue, *v);
+    }
+    out
 }
 
 /// Every queue's stored bytes, from its marker. A queue with messages but no marker (written
@@ -420,12 +439,14 @@ fn recover_queue_bytes(
     high: &HighWater,
     low: &HighWater,
 ) -> Result<HighWater, StorageError> {
-    let mut out = read_queue_markers(db, keys::QUEUE_BYTES_PREFIX, "stored-bytes")?;
+    let markers = read_queue_markers(db, keys::QUEUE_BYTES_PREFIX, "stored-bytes")?;
+    let mut out = marker_table(&markers);
+    let marked: std::collections::HashSet<&(String, u32)> =
+        markers.iter().map(|(q, _)| q).collect();
     for (topic, queues) in high {
         for (queue, hw) in (0u32..).zip(queues) {
             let lw = queue_value(low, topic, queue);
-            let marked = out.get(topic).is_some_and(|q| q.len() > queue as usize);
-            if !marked && *hw > lw {
+            if !marked.contains(&(topic.clone(), queue)) && *hw > lw {
                 let sum = range_bytes(db, topic, queue, lw, *hw)?;
                 set_queue(&mut out, topic, queue, sum);
             }
@@ -666,15 +687,18 @@ impl Storage for RocksStorage {
                 Ok(new_low) => {
                     // Table files wholly inside the deleted range go now, as a log segment
                     // would; what shares a file with kept messages goes at its compaction.
-                    let (from, to) = (
-                        keys::message(topic, queue, low),
-                        keys::message(topic, queue, new_low),
-                    );
-                    self.blocking(move |db| {
-                        db.delete_file_in_range_cf(cf(db, CF_MESSAGES)?, from, to)?;
-                        Ok(())
-                    })
-                    .await?;
+                    // RocksDB's range includes its end: it ends at the last deleted offset.
+                    if let Some(last) = new_low.checked_sub(1).filter(|l| *l >= low) {
+                        let (from, to) = (
+                            keys::message(topic, queue, low),
+                            keys::message(topic, queue, last),
+                        );
+                        self.blocking(move |db| {
+                            db.delete_file_in_range_cf(cf(db, CF_MESSAGES)?, from, to)?;
+                            Ok(())
+                        })
+                        .await?;
+                    }
                     self.reclaim(topic, range);
                     return Ok(new_low);
                 }

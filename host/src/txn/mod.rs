@@ -365,6 +365,8 @@ impl Transactions {
                 .into(),
             );
         }
+        // A topic deletion waits until this half message is recorded, then rolls it back.
+        let _topic_stays = self.broker.topic_stays().await;
         let message = self.broker.prepare_message(topic, envelope).await?;
         let timings = self.broker.topic_loaded(topic).await?.transactions;
         let d = &self.defaults;

@@ -102,7 +102,9 @@ async fn age_cut_follows_store_times_and_bytes_follow_ranges() {
         sizes[3] + sizes[4]
     );
 
-    // Drop the marker, as a database from before it would be: open sums the queue again.
+    // Drop the marker, as a database from before it would be: open sums the queue again,
+    // also when a later queue of the topic has a marker.
+    s.append("aged", vec![msg(3, None, "c")]).await.unwrap();
     {
         let db = s.db.get().unwrap();
         db.delete(keys::queue_bytes("aged", 0)).unwrap();
@@ -154,5 +156,27 @@ async fn compaction_drops_index_entries_below_the_low_water() {
         assert_eq!(left, want, "{name}");
     }
     drop(db);
+    s.close().await;
+}
+
+/// Dropping the table files inside a truncated range never takes the first kept message with
+/// it (RocksDB's file range includes its end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncation_keeps_the_message_at_its_new_low_water() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
+    s.append("solo", (0..10).map(|_| msg(0, None, "x")).collect())
+        .await
+        .unwrap();
+    {
+        // One table file holding offsets 0..=9, below level 0.
+        let db = s.db.get().unwrap();
+        let messages = cf(&db, CF_MESSAGES).unwrap();
+        db.flush_cf(messages).unwrap();
+        db.compact_range_cf(messages, None::<&[u8]>, None::<&[u8]>);
+    }
+    assert_eq!(s.truncate("solo", 0, 9).await.unwrap(), 9);
+    let left = s.read("solo", 0, 0, 10).await.unwrap();
+    assert_eq!(left.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![9]);
     s.close().await;
 }
