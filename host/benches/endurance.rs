@@ -9,29 +9,14 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use wasmq::config::FlushMode;
+use wasmq::disk::dir_size;
 use wasmq_tests::plugins::ECHO;
-
-/// Bytes of the files under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
 
 /// This process's peak resident memory (server and load generator together), bytes.
 fn peak_rss() -> u64 {
@@ -162,6 +147,24 @@ struct Checkpoint {
     metrics_ms: f64,
 }
 
+/// The data dir's size now, then a restart and a `/metrics` timing on the restarted server.
+async fn checkpoint(
+    s: common::Server,
+    label: String,
+    tune: fn(&mut wasmq::config::Config),
+) -> (common::Server, Checkpoint) {
+    let dir_bytes = dir_size(s.data_dir());
+    let (s, restart_ms) = restart(s, tune).await;
+    let metrics_ms = metrics_ms(&s).await;
+    let point = Checkpoint {
+        label,
+        dir_bytes,
+        restart_ms,
+        metrics_ms,
+    };
+    (s, point)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n, retention_ms, txns): (u64, u64, u64) = if quick {
@@ -197,35 +200,23 @@ fn main() {
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let d = data.clone();
-                    let size = tokio::task::spawn_blocking(move || dir_bytes(&d)).await.unwrap();
+                    let size = tokio::task::spawn_blocking(move || dir_size(&d)).await.unwrap();
                     peak_dir.fetch_max(size, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             })
         };
-        let mut points = Vec::new();
-        let (mut s, r0) = restart(s, tune).await;
-        points.push(Checkpoint {
-            label: "empty".into(),
-            dir_bytes: dir_bytes(&data),
-            restart_ms: r0,
-            metrics_ms: metrics_ms(&s).await,
-        });
+        let (mut s, empty) = checkpoint(s, "empty".into(), tune).await;
+        let mut points = vec![empty];
         let started = Instant::now();
         let mut published = 0;
         for target in [n / 5, n] {
             publish(&s, target - published).await;
             published = target;
             consumed(&s, published).await;
-            let size = dir_bytes(&data);
-            let (next, r) = restart(s, tune).await;
-            s = next;
-            points.push(Checkpoint {
-                label: format!("{published} messages"),
-                dir_bytes: size,
-                restart_ms: r,
-                metrics_ms: metrics_ms(&s).await,
-            });
+            let point;
+            (s, point) = checkpoint(s, format!("{published} messages"), tune).await;
+            points.push(point);
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
         for i in 0..txns {
@@ -250,21 +241,15 @@ fn main() {
             assert!(r.status().is_success());
         }
         consumed(&s, n + txns).await;
-        let size = dir_bytes(&data);
-        let (next, r) = restart(s, tune).await;
-        s = next;
-        points.push(Checkpoint {
-            label: format!("+{txns} decided transactions"),
-            dir_bytes: size,
-            restart_ms: r,
-            metrics_ms: metrics_ms(&s).await,
-        });
+        let point;
+        (s, point) = checkpoint(s, format!("+{txns} decided transactions"), tune).await;
+        points.push(point);
         // Once the retention window has passed with no new messages, what is left.
         tokio::time::sleep(Duration::from_millis(retention_ms + 2_000)).await;
-        let settled = dir_bytes(&data);
+        let settled = dir_size(&data);
         stop.store(true, Ordering::Relaxed);
         sampler.await.unwrap();
-        let (_, topic) = (0, s.get(&format!("/v1/topics/{TOPIC}")).await);
+        let topic = s.get(&format!("/v1/topics/{TOPIC}")).await;
         s.stop().await;
 
         let window_bytes = rate * retention_ms as f64 / 1000.0 * 256.0;

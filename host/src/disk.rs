@@ -140,7 +140,8 @@ impl DiskGuard {
     }
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// Bytes of the files under `dir`, recursively (unreadable entries count 0).
+pub fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
