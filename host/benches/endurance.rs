@@ -167,6 +167,13 @@ async fn checkpoint(
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // RUST_LOG=wasmq=info shows where a restart spends its time.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let (n, retention_ms, txns): (u64, u64, u64) = if quick {
         (100_000, 2_000, 2_000)
     } else {

@@ -4,6 +4,11 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+/// The longest age any retention accepts (topics, decided transactions): 100 years in ms, so
+/// time sums stay far from overflow.
+pub const MAX_RETENTION_AGE_MS: u64 = 100 * 365 * 86_400_000;
+/// The most entries a count-bounded retention accepts.
+pub const MAX_RETENTION_COUNT: u64 = 1_000_000_000;
 
 /// The longest a message may be delayed: 30 days.
 pub const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;

@@ -236,20 +236,29 @@ impl Default for TransactionsConfig {
     }
 }
 
-/// `[retention]`: how retention is enforced. What each topic keeps is its own `retention`
-/// (`PUT /v1/topics/{topic}`).
+/// `[retention]`: how retention is enforced, and what the broker's own bookkeeping keeps.
+/// What each topic keeps is its own `retention` (`PUT /v1/topics/{topic}`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// How often every topic's queues are checked and trimmed (ms, 100 to 3 600 000). Age
     /// limits hold to within this.
     pub check_interval_ms: u64,
+    /// Decided (committed or rolled back) transactions are deleted this long after their
+    /// decision (ms, 1 000 to 100 years; default 72 h, as RocketMQ keeps the operation log
+    /// of half messages with its commit log). Undecided ones are never deleted.
+    pub transactions_max_age_ms: u64,
+    /// At most this many committed and this many rolled-back transactions are kept, the
+    /// oldest deleted first (1 to 10^9; default 1 000 000).
+    pub transactions_max_count: u64,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
         Self {
             check_interval_ms: 1000,
+            transactions_max_age_ms: 72 * 3600 * 1000,
+            transactions_max_count: 1_000_000,
         }
     }
 }
@@ -417,10 +426,22 @@ impl Config {
         }
         .validate()
         .map_err(ConfigError::Invalid)?;
-        if !(100..=3_600_000).contains(&self.retention.check_interval_ms) {
+        let r = &self.retention;
+        if !(100..=3_600_000).contains(&r.check_interval_ms) {
             return Err(ConfigError::Invalid(
                 "retention.check_interval_ms must be 100 to 3600000".into(),
             ));
+        }
+        use crate::base::{MAX_RETENTION_AGE_MS, MAX_RETENTION_COUNT};
+        if !(1000..=MAX_RETENTION_AGE_MS).contains(&r.transactions_max_age_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "retention.transactions_max_age_ms must be 1000 to {MAX_RETENTION_AGE_MS} (100 years)"
+            )));
+        }
+        if !(1..=MAX_RETENTION_COUNT).contains(&r.transactions_max_count) {
+            return Err(ConfigError::Invalid(format!(
+                "retention.transactions_max_count must be 1 to {MAX_RETENTION_COUNT}"
+            )));
         }
         if !(1..=10_000).contains(&l.max_plugin_versions) {
             return Err(ConfigError::Invalid(
@@ -544,6 +565,41 @@ mod tests {
         assert_eq!(c.server.node_id, "node-1");
         let err = Config::load(None, env(&[("WASMQ_SERVER_FLUSH", "sometimes")])).unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn retention_bounds_name_the_key() {
+        for (var, value, key) in [
+            (
+                "WASMQ_RETENTION_TRANSACTIONS_MAX_AGE_MS",
+                "999",
+                "transactions_max_age_ms",
+            ),
+            (
+                "WASMQ_RETENTION_TRANSACTIONS_MAX_AGE_MS",
+                "3153600000001",
+                "transactions_max_age_ms",
+            ),
+            (
+                "WASMQ_RETENTION_TRANSACTIONS_MAX_COUNT",
+                "0",
+                "transactions_max_count",
+            ),
+            (
+                "WASMQ_RETENTION_CHECK_INTERVAL_MS",
+                "99",
+                "check_interval_ms",
+            ),
+        ] {
+            let err = Config::load(None, env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[("WASMQ_RETENTION_TRANSACTIONS_MAX_COUNT", "1000000000")]),
+        )
+        .unwrap();
+        assert_eq!(c.retention.transactions_max_count, 1_000_000_000);
     }
 
     #[test]

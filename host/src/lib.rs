@@ -179,13 +179,19 @@ async fn serve(
         Backend::Rocksdb => ("rocksdb", false),
         Backend::Jetstream => ("jetstream", true),
     };
+    let loading = std::time::Instant::now();
     let transactions = Transactions::new(
         broker.clone(),
         plugins.clone(),
         config.transactions.clone(),
+        (&config.retention).into(),
         shared,
     )
     .await?;
+    tracing::info!(
+        ms = loading.elapsed().as_millis() as u64,
+        "transactions loaded"
+    );
     let api = format!("http://{}", listener.local_addr()?);
     let node = cluster::Node::start(storage.clone(), backend, api, &config.server.node_id).await?;
     let dispatcher = Arc::new(if shared {
@@ -212,7 +218,12 @@ async fn serve(
         ))
     } else {
         // Alone on its storage: dispatches everything from the start.
+        let starting = std::time::Instant::now();
         dispatcher.reconcile().await?;
+        tracing::info!(
+            ms = starting.elapsed().as_millis() as u64,
+            "subscriptions started"
+        );
         tokio::spawn(transactions.clone().run(checks.clone()))
     };
     let retention = tokio::spawn(dispatcher.clone().run_retention(

@@ -309,3 +309,85 @@ async fn a_commit_racing_a_rollback_from_the_checker_has_one_outcome() {
         "exactly the committed transactions are delivered, once each"
     );
 }
+
+/// Issue 23.4: decided transactions keep their counts, listings and lookups across a restart
+/// (which reads only the undecided ones), and go beyond `[retention] transactions_max_count`,
+/// oldest first; an undecided one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decided_transactions_survive_a_restart_and_expire_beyond_their_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = wasmq_tests::config_in(dir.path());
+        c.retention.transactions_max_count = 3;
+        c
+    };
+    let s = TestServer::start_with(config()).await;
+    s.create_topic("signups", 1).await;
+    let mut committed = Vec::new();
+    for i in 0..5 {
+        let id = begin(&s, json!({"order": i}), Some(3_600_000)).await;
+        let path = format!("/v1/transactions/{id}/commit");
+        assert_eq!(s.post_json(&path, &json!({})).await.0, StatusCode::OK);
+        committed.push(id);
+    }
+    let rolled = begin(&s, json!({"order": "rolled"}), Some(3_600_000)).await;
+    let path = format!("/v1/transactions/{rolled}/rollback");
+    assert_eq!(s.post_json(&path, &json!({})).await.0, StatusCode::OK);
+    let open = begin(&s, json!({"order": "open"}), Some(3_600_000)).await;
+
+    let ids = |v: &Value| -> Vec<String> {
+        v["transactions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["txn_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let newest: Vec<String> = committed[2..].to_vec();
+    let listed = s
+        .wait_until("/v1/transactions?state=committed", 30, |v| ids(v) == newest)
+        .await;
+    assert_eq!(ids(&listed), newest, "the two oldest went");
+    assert_eq!(
+        s.get(&format!("/v1/transactions/{}", committed[0])).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let counts = |m: &str| -> Vec<String> {
+        let mut lines: Vec<String> = m
+            .lines()
+            .filter(|l| l.starts_with("wasmq_transactions{"))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let before = counts(&s.metrics().await);
+    assert_eq!(
+        before,
+        [
+            r#"wasmq_transactions{state="committed"} 3"#,
+            r#"wasmq_transactions{state="pending"} 1"#,
+            r#"wasmq_transactions{state="rolled_back"} 1"#,
+        ]
+    );
+    s.stop().await.unwrap();
+
+    let s = TestServer::start_with(config()).await;
+    assert_eq!(counts(&s.metrics().await), before);
+    let (_, v) = s.get("/v1/transactions").await;
+    let mut all = newest.clone();
+    all.extend([rolled.clone(), open.clone()]);
+    assert_eq!(ids(&v), all);
+    assert_eq!(
+        s.get(&format!("/v1/transactions/{rolled}")).await.1["state"],
+        "rolled_back"
+    );
+    // Deciding the open one after the restart counts it with the others.
+    let path = format!("/v1/transactions/{open}/commit");
+    assert_eq!(s.post_json(&path, &json!({})).await.0, StatusCode::OK);
+    s.wait_until("/v1/transactions?state=committed", 30, |v| {
+        ids(v).last() == Some(&open) && ids(v).len() == 3
+    })
+    .await;
+    s.stop().await.unwrap();
+}

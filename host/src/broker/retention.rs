@@ -11,7 +11,7 @@ pub const DEFAULT_MAX_AGE_MS: u64 = 72 * 3_600_000;
 /// Shortest age limit a topic may set: 1 s.
 pub const MIN_MAX_AGE_MS: u64 = 1_000;
 /// Longest age limit a topic may set: 100 years (time sums stay far from overflow).
-pub const MAX_MAX_AGE_MS: u64 = 100 * 365 * 86_400_000;
+pub const MAX_MAX_AGE_MS: u64 = crate::base::MAX_RETENTION_AGE_MS;
 /// Smallest size limit per queue a topic may set: 4 KiB.
 pub const MIN_MAX_BYTES: u64 = 4_096;
 /// Largest size limit per queue a topic may set: 1 EiB.

@@ -42,6 +42,8 @@ const CF_KEYS: &str = "keys";
 const CF_RECORDS: &str = "records";
 /// Large values (plugin code, compiled artifacts), kept in RocksDB's blob files.
 const CF_BLOBS: &str = "blobs";
+/// The WAL size past which the column families it holds are flushed: bounds crash recovery.
+const MAX_WAL_BYTES: u64 = 64 << 20;
 const COLUMN_FAMILIES: [&str; 5] = [CF_MESSAGES, CF_IDS, CF_KEYS, CF_RECORDS, CF_BLOBS];
 /// Default-CF key of the last record revision handed out; revisions are global and never reused.
 const LAST_REVISION: &[u8] = b"last_record_revision";
@@ -137,12 +139,19 @@ fn encode_all(messages: &[NewMessage]) -> Result<Vec<Encoded>, StorageError> {
 impl RocksStorage {
     /// Opens (or creates) the database under `dir` and starts its writer thread.
     pub fn open(dir: &Path, flush: FlushMode) -> Result<Self, StorageError> {
+        let started = Instant::now();
         let low_water = Arc::new(RwLock::new(HighWater::new()));
         let db = Arc::new(open_db(dir, &low_water)?);
+        let opened = started.elapsed();
         let (committed, last_stored_at) = recover_high_water(&db)?;
         let low = recover_low_water(&db)?;
         let bytes = Arc::new(RwLock::new(recover_queue_bytes(&db, &committed, &low)?));
         let last_revision = read_last_revision(&db)?;
+        tracing::info!(
+            open_ms = opened.as_millis() as u64,
+            recover_ms = (started.elapsed() - opened).as_millis() as u64,
+            "RocksDB opened (open: the WAL replayed; recover: high and low water, stored bytes)"
+        );
         let slot = Arc::new(Slot {
             dir: dir.to_path_buf(),
             db: RwLock::new(Some(db.clone())),
@@ -288,6 +297,13 @@ fn open_db(dir: &Path, low_water: &Arc<RwLock<HighWater>>) -> Result<DB, Storage
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
+    // After a crash the WAL is replayed at open: cap it, so the memtables it holds are written
+    // out once it passes 64 MiB and no restart replays more (the default, four times all write
+    // buffers, replayed for seconds).
+    opts.set_max_total_wal_size(MAX_WAL_BYTES);
+    // Open without reading every table file's statistics (compaction's size estimates start
+    // from what later reads see): an open then costs the same with 1 or 1 000 files.
+    opts.set_skip_stats_update_on_db_open(true);
     // A bounded share of the process's file descriptors (see `crate::fds`): with the default
     // (-1) table files alone could take every descriptor.
     opts.set_max_open_files(crate::fds::STORAGE_OPEN_FILES as i32);
@@ -891,11 +907,24 @@ impl Storage for RocksStorage {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
-        // In async mode the WAL may not be on disk yet; a clean stop makes it so.
+        // In async mode the WAL may not be on disk yet; a clean stop makes it so. The memtables
+        // are written out too, so the next open has no WAL to replay: replay, not the data's
+        // size, is what a restart waits on (1.4 s after 1 M messages in the endurance bench).
         match self.db.get() {
             Ok(db) => {
                 if let Err(e) = db.flush_wal(true) {
                     tracing::warn!(error = %e, "flushing the WAL on close failed");
+                }
+                let flushed = tokio::task::spawn_blocking(move || {
+                    let handles: Vec<_> = COLUMN_FAMILIES
+                        .iter()
+                        .filter_map(|name| db.cf_handle(name))
+                        .collect();
+                    db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
+                })
+                .await;
+                if let Ok(Err(e)) = flushed {
+                    tracing::warn!(error = %e, "writing the memtables out on close failed");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "closing storage that is not open"),

@@ -4,8 +4,10 @@
 use super::*;
 
 impl Transactions {
-    /// Runs due checks until `cancel`; checks in progress finish first.
+    /// Runs due checks, and moves and expires decided transactions, until `cancel`; checks in
+    /// progress finish first.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let keeper = tokio::spawn(self.clone().keep_decided(cancel.clone()));
         let mut running = tokio::task::JoinSet::new();
         loop {
             let now = now_ms();
@@ -40,6 +42,7 @@ impl Transactions {
             }
         }
         while running.join_next().await.is_some() {}
+        let _ = keeper.await;
     }
 
     /// Asks the checker about one transaction, if it is still pending and due.

@@ -4,6 +4,7 @@
 //! an operator. A decided transaction is never checked again.
 
 mod check;
+mod decided;
 #[cfg(test)]
 mod tests;
 
@@ -22,6 +23,8 @@ use crate::plugins::{PluginError, Plugins};
 use crate::runtime::{InstanceContext, InvokeError, PoolKey};
 use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
 
+/// Undecided transactions (pending, unresolved), and decided ones until they move to the space
+/// of their outcome: start-up reads this space only, so it costs what is undecided.
 const TXN_SPACE: &str = "txn";
 /// Checks run at once, across all topics.
 const PARALLEL_CHECKS: usize = 16;
@@ -156,41 +159,73 @@ pub struct Transactions {
     broker: Arc<Broker>,
     plugins: Arc<Plugins>,
     defaults: TransactionsConfig,
+    /// How long and how many decided transactions are kept.
+    retention: DecidedRetention,
     /// (next check time, txn id) of pending transactions.
     schedule: std::sync::Mutex<BTreeSet<(u64, String)>>,
     wake: Notify,
-    /// Transaction ids by state, kept as this node writes them, so counts (`/metrics`, the
-    /// dashboard) and listings by state cost what they return, not every transaction ever
-    /// stored. `None` when nodes share the storage: other nodes decide transactions too, so
-    /// answers come from storage.
+    /// What [`TXN_SPACE`] holds by state, and how many decided transactions moved on, kept as
+    /// this node writes them, so counts (`/metrics`, the dashboard) and listings by state cost
+    /// what they return, not every transaction ever stored. `None` when nodes share the
+    /// storage: other nodes decide transactions too, so answers come from storage (the
+    /// undecided space and the tally record, still not the history).
     index: Option<std::sync::Mutex<StateIndex>>,
+    /// Decided transactions waiting to move out of [`TXN_SPACE`].
+    to_move: std::sync::Mutex<BTreeSet<String>>,
+    moved: Notify,
 }
 
-/// Transaction ids by state (ids are UUIDv7: in each set, oldest first).
+/// How long and how many decided transactions are kept (`[retention] transactions_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct DecidedRetention {
+    /// Deleted this long after their decision (ms).
+    pub max_age_ms: u64,
+    /// At most this many kept per outcome, oldest deleted first.
+    pub max_count: u64,
+}
+
+impl From<&crate::config::RetentionConfig> for DecidedRetention {
+    fn from(c: &crate::config::RetentionConfig) -> Self {
+        Self {
+            max_age_ms: c.transactions_max_age_ms,
+            max_count: c.transactions_max_count,
+        }
+    }
+}
+
+/// Ids in [`TXN_SPACE`] by state (ids are UUIDv7: in each set, oldest first), and the tally of
+/// those that moved on.
 #[derive(Debug, Default)]
 struct StateIndex {
     state_of: HashMap<String, TxnState>,
     by_state: HashMap<TxnState, BTreeSet<String>>,
+    decided: decided::Tally,
 }
 
 impl StateIndex {
     fn set(&mut self, id: &str, state: TxnState) {
-        if let Some(old) = self.state_of.insert(id.to_string(), state)
-            && let Some(ids) = self.by_state.get_mut(&old)
-        {
-            ids.remove(id);
-        }
+        self.remove(id);
+        self.state_of.insert(id.to_string(), state);
         self.by_state
             .entry(state)
             .or_default()
             .insert(id.to_string());
     }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.state_of.remove(id)
+            && let Some(ids) = self.by_state.get_mut(&old)
+        {
+            ids.remove(id);
+        }
+    }
 }
 
-/// Every transaction in storage: the pending ones with when they are due for a check, and
-/// each one's state.
-async fn scan(broker: &Broker) -> Result<(Vec<(u64, String)>, StateIndex), TxnError> {
+/// What [`TXN_SPACE`] holds: the pending transactions with when they are due for a check, the
+/// decided ones (to move on), and each one's state.
+async fn scan(broker: &Broker) -> Result<(Vec<(u64, String)>, Vec<String>, StateIndex), TxnError> {
     let mut pending = Vec::new();
+    let mut decided = Vec::new();
     let mut index = StateIndex::default();
     for (id, r) in broker
         .storage()
@@ -198,50 +233,72 @@ async fn scan(broker: &Broker) -> Result<(Vec<(u64, String)>, StateIndex), TxnEr
         .await?
     {
         let t = decode(&id, &r.value)?;
-        if t.state == TxnState::Pending {
-            pending.push((t.next_check_at, id.clone()));
+        match t.state {
+            TxnState::Pending => pending.push((t.next_check_at, id.clone())),
+            TxnState::Committed | TxnState::RolledBack => decided.push(id.clone()),
+            TxnState::Unresolved => {}
         }
         index.set(&id, t.state);
     }
-    Ok((pending, index))
+    Ok((pending, decided, index))
 }
 
 impl Transactions {
-    /// Loads pending transactions so their checks resume where they were. `shared`: other
-    /// nodes write transactions to the same storage.
+    /// Loads the undecided transactions (not the decided history) so their checks resume where
+    /// they were. `shared`: other nodes write transactions to the same storage.
     pub async fn new(
         broker: Arc<Broker>,
         plugins: Arc<Plugins>,
         defaults: TransactionsConfig,
+        retention: DecidedRetention,
         shared: bool,
     ) -> Result<Arc<Self>, TxnError> {
-        let (pending, index) = scan(&broker).await?;
-        Ok(Arc::new(Self {
+        let (pending, decided, mut index) = scan(&broker).await?;
+        let tally = decided::Tally::load(broker.storage().as_ref()).await?.0;
+        let counted = tally.moved.clone();
+        index.decided = tally;
+        let me = Arc::new(Self {
             broker,
             plugins,
             defaults,
+            retention,
             schedule: std::sync::Mutex::new(pending.into_iter().collect()),
             wake: Notify::new(),
             index: (!shared).then(|| std::sync::Mutex::new(index)),
-        }))
+            to_move: std::sync::Mutex::new(decided.into_iter().collect()),
+            moved: Notify::new(),
+        });
+        // A move the last mover stopped after counting is finished now, so no count shows a
+        // transaction twice (on shared storage the check-back holder does it).
+        if let Some(id) = counted.filter(|_| !shared) {
+            me.move_one(&id, decided::StopAfter::Nothing).await?;
+        }
+        Ok(me)
     }
 
-    /// Notes a state this node stored.
+    fn index(&self) -> Option<std::sync::MutexGuard<'_, StateIndex>> {
+        self.index
+            .as_ref()
+            .map(|i| i.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Notes a state this node stored; a decision is queued to move on.
     fn indexed(&self, t: &TxnRecord) {
-        if let Some(index) = &self.index {
-            let mut index = index
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(mut index) = self.index() {
             index.set(&t.txn_id, t.state);
+            if decided::space_of(t.state).is_some() {
+                if let Ok(mut q) = self.to_move.lock() {
+                    q.insert(t.txn_id.clone());
+                }
+                self.moved.notify_one();
+            }
         }
     }
 
-    /// Ids in `state`, oldest first, at most `limit`; `None` without an index.
+    /// Ids in `state` still in [`TXN_SPACE`], oldest first, at most `limit`; `None` without an
+    /// index.
     fn ids_in(&self, state: TxnState, limit: usize) -> Option<Vec<String>> {
-        let index = self.index.as_ref()?;
-        let index = index
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = self.index()?;
         Some(
             index
                 .by_state
@@ -258,65 +315,80 @@ impl Transactions {
         self.wake.notify_one();
     }
 
-    async fn load(&self, id: &str) -> Result<(TxnRecord, u64), TxnError> {
-        match self.broker.storage().get_record(TXN_SPACE, id).await? {
-            Some(r) => Ok((decode(id, &r.value)?, r.revision)),
-            None => Err(TxnError::Unknown(id.to_string())),
+    /// The transaction and, while it is in [`TXN_SPACE`], its revision there. A decided one that
+    /// moved on has none: it is never written again. Its record is written to its outcome's
+    /// space before it leaves [`TXN_SPACE`], so looking there second cannot miss it.
+    async fn load(&self, id: &str) -> Result<(TxnRecord, Option<u64>), TxnError> {
+        let storage = self.broker.storage();
+        if let Some(r) = storage.get_record(TXN_SPACE, id).await? {
+            return Ok((decode(id, &r.value)?, Some(r.revision)));
         }
+        for space in decided::SPACES {
+            if let Some(r) = storage.get_record(space, id).await? {
+                return Ok((decode(id, &r.value)?, None));
+            }
+        }
+        Err(TxnError::Unknown(id.to_string()))
     }
 
     pub async fn get(&self, id: &str) -> Result<TxnRecord, TxnError> {
         Ok(self.load(id).await?.0)
     }
 
+    /// Up to `limit` transactions in `state` (all states: `None`), oldest first. Reads what it
+    /// returns: undecided ones through the index (on shared storage, the undecided space),
+    /// decided ones from the front of their outcome's space.
     pub async fn list(
         &self,
         state: Option<TxnState>,
         limit: usize,
     ) -> Result<Vec<TxnRecord>, TxnError> {
-        if let Some(ids) = state.and_then(|s| self.ids_in(s, limit)) {
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                match self.load(&id).await {
-                    Ok((t, _)) => out.push(t),
-                    Err(TxnError::Unknown(_)) => {}
-                    Err(e) => return Err(e),
+        let wanted = |s: TxnState| state.is_none_or(|w| w == s);
+        let storage = self.broker.storage();
+        let mut out: Vec<TxnRecord> = Vec::new();
+        // What TXN_SPACE holds in those states.
+        let states = [
+            TxnState::Pending,
+            TxnState::Unresolved,
+            TxnState::Committed,
+            TxnState::RolledBack,
+        ];
+        if self.index.is_some() {
+            for s in states.into_iter().filter(|s| wanted(*s)) {
+                for id in self.ids_in(s, limit).unwrap_or_default() {
+                    match self.load(&id).await {
+                        Ok((t, _)) => out.push(t),
+                        Err(TxnError::Unknown(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
-            return Ok(out);
+        } else {
+            for (id, r) in storage.list_records(TXN_SPACE, "", usize::MAX).await? {
+                let t = decode(&id, &r.value)?;
+                if wanted(t.state) {
+                    out.push(t);
+                }
+            }
         }
-        if state.is_none() {
-            let mut out = Vec::new();
-            for (id, r) in self
-                .broker
-                .storage()
-                .list_records(TXN_SPACE, "", limit)
-                .await?
-            {
+        for (s, space) in decided::OUTCOMES {
+            if !wanted(s) {
+                continue;
+            }
+            for (id, r) in storage.list_records(space, "", limit).await? {
                 out.push(decode(&id, &r.value)?);
             }
-            return Ok(out);
         }
-        let mut out = Vec::new();
-        for (id, r) in self
-            .broker
-            .storage()
-            .list_records(TXN_SPACE, "", usize::MAX)
-            .await?
-        {
-            let t = decode(&id, &r.value)?;
-            if state.is_none_or(|s| s == t.state) {
-                out.push(t);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
+        // A transaction moving on while this ran may be read twice.
+        out.sort_by(|a, b| a.txn_id.cmp(&b.txn_id));
+        out.dedup_by(|a, b| a.txn_id == b.txn_id);
+        out.truncate(limit);
         Ok(out)
     }
 
-    /// How many transactions are in each state: from the index alone on a node alone on its
-    /// storage; a scan on shared storage.
+    /// How many transactions are in each state (decided ones: as many as retention keeps). On
+    /// a node alone on its storage from memory; on shared storage from the undecided space and
+    /// the tally record. Never from the decided history.
     pub async fn counts(&self) -> Result<Vec<(String, u64)>, TxnError> {
         let name = |s: TxnState| {
             serde_json::to_value(s)
@@ -324,33 +396,28 @@ impl Transactions {
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default()
         };
-        if let Some(index) = &self.index {
-            let index = index
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut counts: Vec<(String, u64)> = index
-                .by_state
-                .iter()
-                .filter(|(_, ids)| !ids.is_empty())
-                .map(|(s, ids)| (name(*s), ids.len() as u64))
-                .collect();
-            counts.sort();
-            return Ok(counts);
-        }
-        let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
-        for (id, r) in self
-            .broker
-            .storage()
-            .list_records(TXN_SPACE, "", usize::MAX)
-            .await?
-        {
-            let state = serde_json::to_value(decode(&id, &r.value)?.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            *counts.entry(state).or_default() += 1;
-        }
-        Ok(counts.into_iter().collect())
+        let mut counts: std::collections::BTreeMap<TxnState, u64> = Default::default();
+        let tally = if let Some(index) = self.index() {
+            for (s, ids) in &index.by_state {
+                *counts.entry(*s).or_default() += ids.len() as u64;
+            }
+            index.decided.clone()
+        } else {
+            let storage = self.broker.storage();
+            for (id, r) in storage.list_records(TXN_SPACE, "", usize::MAX).await? {
+                *counts.entry(decode(&id, &r.value)?.state).or_default() += 1;
+            }
+            decided::Tally::load(storage.as_ref()).await?.0
+        };
+        *counts.entry(TxnState::Committed).or_default() += tally.committed;
+        *counts.entry(TxnState::RolledBack).or_default() += tally.rolled_back;
+        let mut counts: Vec<(String, u64)> = counts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (name(s), n))
+            .collect();
+        counts.sort();
+        Ok(counts)
     }
 
     /// Stores a half message durably; it stays invisible until committed.
@@ -419,6 +486,9 @@ impl Transactions {
                 }
                 TxnState::Pending | TxnState::Unresolved => {}
             }
+            let Some(rev) = rev else {
+                return Err(decided::moved_undecided(id));
+            };
             let Some(message) = t.message.take() else {
                 return Err(StorageError::Corrupt(format!(
                     "transaction {id} lost its half message"
@@ -520,6 +590,9 @@ impl Transactions {
             if !f(&mut t)? {
                 return Ok(t);
             }
+            let Some(rev) = rev else {
+                return Err(decided::moved_undecided(id));
+            };
             match self
                 .broker
                 .storage()
@@ -539,11 +612,15 @@ impl Transactions {
     /// Schedules every pending transaction in storage, including those begun on other nodes
     /// (a node that takes over check-backs calls it, then now and then).
     pub async fn reload(&self) -> Result<(), TxnError> {
-        let (found, _) = scan(&self.broker).await?;
+        let (found, decided, _) = scan(&self.broker).await?;
         if let Ok(mut s) = self.schedule.lock() {
             s.extend(found);
         }
+        if let Ok(mut q) = self.to_move.lock() {
+            q.extend(decided);
+        }
         self.wake.notify_one();
+        self.moved.notify_one();
         Ok(())
     }
 }

@@ -119,14 +119,31 @@ impl Storage for Counting {
     }
 }
 
+/// RocksDB in a fresh directory (kept as long as the returned guard), counting reads.
+fn counting() -> (tempfile::TempDir, Arc<Counting>) {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(Counting {
+        inner: RocksStorage::open(dir.path(), FlushMode::Async).unwrap(),
+        txn_records_read: AtomicUsize::new(0),
+    });
+    (dir, storage)
+}
+
 async fn transactions(storage: Arc<Counting>, shared: bool) -> Arc<Transactions> {
-    let config = Config::default();
+    transactions_with(storage, shared, &Config::default()).await
+}
+
+async fn transactions_with(
+    storage: Arc<Counting>,
+    shared: bool,
+    config: &Config,
+) -> Arc<Transactions> {
     let broker = Arc::new(
         Broker::new(storage.clone(), config.limits.clone())
             .await
             .unwrap(),
     );
-    let capabilities = Arc::new(crate::capabilities::Capabilities::new(&config).unwrap());
+    let capabilities = Arc::new(crate::capabilities::Capabilities::new(config).unwrap());
     let runtime = Arc::new(
         crate::runtime::Runtime::new(
             crate::runtime::RuntimeConfig {
@@ -143,9 +160,23 @@ async fn transactions(storage: Arc<Counting>, shared: bool) -> Arc<Transactions>
     );
     let dir = std::env::temp_dir();
     let plugins = Arc::new(Plugins::new(runtime, storage, 1 << 20, dir));
-    Transactions::new(broker, plugins, config.transactions.clone(), shared)
-        .await
-        .unwrap()
+    Transactions::new(
+        broker,
+        plugins,
+        config.transactions.clone(),
+        (&config.retention).into(),
+        shared,
+    )
+    .await
+    .unwrap()
+}
+
+fn envelope(check_after_ms: u64) -> Envelope {
+    serde_json::from_value(serde_json::json!({
+        "body": {"order": 1},
+        "check_after_ms": check_after_ms,
+    }))
+    .unwrap()
 }
 
 /// Stores `decided` committed transactions and 2 pending ones (checks due in 30 days).
@@ -154,13 +185,6 @@ async fn history(t: &Transactions, decided: usize) {
         .put_topic("orders", Default::default())
         .await
         .unwrap();
-    let envelope = |check_after_ms: u64| -> Envelope {
-        serde_json::from_value(serde_json::json!({
-            "body": {"order": 1},
-            "check_after_ms": check_after_ms,
-        }))
-        .unwrap()
-    };
     for _ in 0..decided {
         let id = t.begin("orders", envelope(1000)).await.unwrap().txn_id;
         t.commit(&id, "producer").await.unwrap();
@@ -179,13 +203,10 @@ async fn history(t: &Transactions, decided: usize) {
 async fn counts_and_listing_by_state_cost_what_they_return() {
     let mut read = Vec::new();
     for decided in [5, 200] {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(Counting {
-            inner: RocksStorage::open(dir.path(), FlushMode::Async).unwrap(),
-            txn_records_read: AtomicUsize::new(0),
-        });
+        let (_dir, storage) = counting();
         let t = transactions(storage.clone(), false).await;
         history(&t, decided).await;
+        assert_eq!(t.move_decided().await.unwrap(), decided);
         let before = storage.txn_records_read.load(Ordering::Relaxed);
         let counts = t.counts().await.unwrap();
         assert_eq!(
@@ -201,9 +222,131 @@ async fn counts_and_listing_by_state_cost_what_they_return() {
         assert_eq!(shared.counts().await.unwrap(), counts);
         assert_eq!(
             storage.txn_records_read.load(Ordering::Relaxed) - before,
-            decided + 2,
-            "the counter sees a scan"
+            2,
+            "shared storage reads the undecided space, not the decided history"
         );
     }
     assert_eq!(read, vec![2, 2], "only the two pending records were read");
+}
+
+/// Issue 23.4: start-up reads the undecided transactions, not the decided history; counts,
+/// listings and lookups of decided transactions are the same after a restart.
+#[tokio::test]
+async fn a_restart_reads_only_undecided_transactions_and_keeps_the_counts() {
+    let (_dir, storage) = counting();
+    let t = transactions(storage.clone(), false).await;
+    history(&t, 50).await;
+    let rolled = t.begin("orders", envelope(1000)).await.unwrap().txn_id;
+    t.rollback(&rolled, "producer").await.unwrap();
+    let counts = t.counts().await.unwrap();
+    let expected: Vec<(String, u64)> = vec![
+        ("committed".into(), 50),
+        ("pending".into(), 2),
+        ("rolled_back".into(), 1),
+    ];
+    assert_eq!(counts, expected, "before the move");
+    assert_eq!(t.move_decided().await.unwrap(), 51);
+    assert_eq!(t.counts().await.unwrap(), expected, "after the move");
+    let oldest = t.list(Some(TxnState::Committed), 3).await.unwrap();
+    assert_eq!(oldest.len(), 3);
+    assert!(oldest.windows(2).all(|w| w[0].txn_id < w[1].txn_id));
+
+    let before = storage.txn_records_read.load(Ordering::Relaxed);
+    let again = transactions(storage.clone(), false).await;
+    assert_eq!(
+        storage.txn_records_read.load(Ordering::Relaxed) - before,
+        2,
+        "start-up read the two pending transactions only"
+    );
+    assert_eq!(again.counts().await.unwrap(), expected);
+    assert_eq!(
+        again.get(&rolled).await.unwrap().state,
+        TxnState::RolledBack
+    );
+    let listed = again.list(Some(TxnState::Committed), 3).await.unwrap();
+    let ids = |v: &[TxnRecord]| v.iter().map(|t| t.txn_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&listed), ids(&oldest));
+    // A decided transaction stays decided wherever it lives.
+    assert!(matches!(
+        again.commit(&rolled, "producer").await,
+        Err(TxnError::Decided { .. })
+    ));
+    assert_eq!(
+        again
+            .commit(&oldest[0].txn_id, "producer")
+            .await
+            .unwrap()
+            .state,
+        TxnState::Committed
+    );
+    assert_eq!(again.list(None, 1000).await.unwrap().len(), 53);
+}
+
+/// A mover that stopped between counting a transaction and taking it out of the undecided
+/// space (a crash) does not count it again: the restarted node finishes the move first.
+#[tokio::test]
+async fn a_move_cut_short_after_counting_is_counted_once() {
+    let (_dir, storage) = counting();
+    let t = transactions(storage.clone(), false).await;
+    history(&t, 3).await;
+    let first = t.list(Some(TxnState::Committed), 1).await.unwrap()[0]
+        .txn_id
+        .clone();
+    t.move_one(&first, decided::StopAfter::Counting)
+        .await
+        .unwrap();
+    // The crash: the queued moves die with the process.
+    drop(t);
+    let again = transactions(storage.clone(), false).await;
+    let committed = |c: Vec<(String, u64)>| c.into_iter().find(|(s, _)| s == "committed");
+    assert_eq!(
+        committed(again.counts().await.unwrap()),
+        Some(("committed".into(), 3)),
+        "counted once while the move is unfinished"
+    );
+    assert_eq!(again.move_decided().await.unwrap(), 2);
+    assert_eq!(
+        committed(again.counts().await.unwrap()),
+        Some(("committed".into(), 3))
+    );
+    let (tally, _) = decided::Tally::load(storage.as_ref()).await.unwrap();
+    assert_eq!(tally.committed, 3);
+    for (id, r) in storage.list_records(TXN_SPACE, "", 100).await.unwrap() {
+        assert_eq!(decode(&id, &r.value).unwrap().state, TxnState::Pending);
+    }
+}
+
+/// Decided transactions go by age (from their decision) and beyond the count, oldest first;
+/// undecided ones stay whatever their age.
+#[tokio::test]
+async fn decided_transactions_expire_by_age_and_by_count() {
+    let (_dir, storage) = counting();
+    let mut config = Config::default();
+    config.retention.transactions_max_count = 2;
+    let t = transactions_with(storage.clone(), false, &config).await;
+    history(&t, 5).await;
+    let all = t.list(Some(TxnState::Committed), 10).await.unwrap();
+    t.move_decided().await.unwrap();
+    assert_eq!(
+        t.expire_decided(now_ms()).await.unwrap(),
+        3,
+        "beyond the count"
+    );
+    let kept = t.list(Some(TxnState::Committed), 10).await.unwrap();
+    let ids = |v: &[TxnRecord]| v.iter().map(|t| t.txn_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&kept), ids(&all[3..]), "the newest stay");
+    assert!(matches!(
+        t.get(&all[0].txn_id).await,
+        Err(TxnError::Unknown(_))
+    ));
+    assert_eq!(t.expire_decided(now_ms()).await.unwrap(), 0);
+    let later = now_ms() + config.retention.transactions_max_age_ms;
+    assert_eq!(t.expire_decided(later).await.unwrap(), 2, "past the age");
+    assert_eq!(
+        t.counts().await.unwrap(),
+        vec![("pending".into(), 2)],
+        "undecided transactions never expire"
+    );
+    let again = transactions(storage.clone(), false).await;
+    assert_eq!(again.counts().await.unwrap(), vec![("pending".into(), 2)]);
 }
