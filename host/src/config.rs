@@ -251,6 +251,9 @@ pub struct RetentionConfig {
     /// At most this many committed and this many rolled-back transactions are kept, the
     /// oldest deleted first (1 to 10^9; default 1 000 000).
     pub transactions_max_count: u64,
+    /// Dead letters are deleted this long after they died (ms, 1 000 to 100 years; default
+    /// 72 h: RocketMQ's dead-letter queues are topics kept as long as its commit log).
+    pub dead_letters_max_age_ms: u64,
 }
 
 impl Default for RetentionConfig {
@@ -259,6 +262,7 @@ impl Default for RetentionConfig {
             check_interval_ms: 1000,
             transactions_max_age_ms: 72 * 3600 * 1000,
             transactions_max_count: 1_000_000,
+            dead_letters_max_age_ms: 72 * 3600 * 1000,
         }
     }
 }
@@ -433,10 +437,15 @@ impl Config {
             ));
         }
         use crate::base::{MAX_RETENTION_AGE_MS, MAX_RETENTION_COUNT};
-        if !(1000..=MAX_RETENTION_AGE_MS).contains(&r.transactions_max_age_ms) {
-            return Err(ConfigError::Invalid(format!(
-                "retention.transactions_max_age_ms must be 1000 to {MAX_RETENTION_AGE_MS} (100 years)"
-            )));
+        for (key, age) in [
+            ("transactions_max_age_ms", r.transactions_max_age_ms),
+            ("dead_letters_max_age_ms", r.dead_letters_max_age_ms),
+        ] {
+            if !(1000..=MAX_RETENTION_AGE_MS).contains(&age) {
+                return Err(ConfigError::Invalid(format!(
+                    "retention.{key} must be 1000 to {MAX_RETENTION_AGE_MS} (100 years)"
+                )));
+            }
         }
         if !(1..=MAX_RETENTION_COUNT).contains(&r.transactions_max_count) {
             return Err(ConfigError::Invalid(format!(
@@ -584,6 +593,11 @@ mod tests {
                 "WASMQ_RETENTION_TRANSACTIONS_MAX_COUNT",
                 "0",
                 "transactions_max_count",
+            ),
+            (
+                "WASMQ_RETENTION_DEAD_LETTERS_MAX_AGE_MS",
+                "0",
+                "dead_letters_max_age_ms",
             ),
             (
                 "WASMQ_RETENTION_CHECK_INTERVAL_MS",

@@ -194,11 +194,14 @@ async fn serve(
     );
     let api = format!("http://{}", listener.local_addr()?);
     let node = cluster::Node::start(storage.clone(), backend, api, &config.server.node_id).await?;
-    let dispatcher = Arc::new(if shared {
-        Dispatcher::shared(broker.clone(), plugins.clone(), node.id.clone())
-    } else {
-        Dispatcher::new(broker.clone(), plugins.clone())
-    });
+    let dispatcher = Arc::new(
+        if shared {
+            Dispatcher::shared(broker.clone(), plugins.clone(), node.id.clone())
+        } else {
+            Dispatcher::new(broker.clone(), plugins.clone())
+        }
+        .with_dead_letter_retention(config.retention.dead_letters_max_age_ms),
+    );
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();
     let checker = if shared {

@@ -524,3 +524,39 @@ async fn an_idempotent_retry_after_retention_deleted_its_message_is_a_clear_410(
     assert_eq!(t["messages"], 1, "nothing was published again: {t}");
     s.stop().await.unwrap();
 }
+
+/// Issue 23.4: dead letters stay `[retention] dead_letters_max_age_ms` after they died, then
+/// go, oldest first; a subscription with the default (72 h) keeps them across passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_go_once_their_age_passed() {
+    let kept = tempfile::tempdir().unwrap();
+    let s = start(kept.path()).await;
+    s.create_topic("events", 1).await;
+    s.upload_plugin("reject-all", REJECT_ALL).await;
+    s.subscribe("dead", json!({"topic": "events", "plugin": "reject-all"}))
+        .await;
+    s.publish_numbered("events", 3).await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| v["dlq"] == 3)
+        .await;
+    two_passes(&s).await;
+    assert_eq!(s.get("/v1/subscriptions/dead").await.1["dlq"], 3, "kept");
+    s.stop().await.unwrap();
+
+    let short = tempfile::tempdir().unwrap();
+    let mut c = config_in(short.path());
+    c.retention.check_interval_ms = 100;
+    c.retention.dead_letters_max_age_ms = 1000;
+    let s = TestServer::start_with(c).await;
+    s.create_topic("events", 1).await;
+    s.upload_plugin("reject-all", REJECT_ALL).await;
+    s.subscribe("dead", json!({"topic": "events", "plugin": "reject-all"}))
+        .await;
+    s.publish_numbered("events", 3).await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| {
+        v["counters"]["dead_lettered"] == 3 && v["dlq"] == 0
+    })
+    .await;
+    let (_, v) = s.get("/v1/subscriptions/dead/dlq").await;
+    assert_eq!(v["entries"], json!([]), "{v}");
+    s.stop().await.unwrap();
+}

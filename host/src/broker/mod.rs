@@ -513,12 +513,12 @@ impl Broker {
             let new_low = self.storage.truncate(&topic.name, q, u64::MAX).await?;
             deleted = deleted.saturating_add(new_low.saturating_sub(low));
         }
-        crate::storage::clear_space(
-            self.storage.as_ref(),
-            &publish::idempotency_space(&topic.name),
-            "",
-        )
-        .await?;
+        for space in [
+            publish::idempotency_space(&topic.name),
+            publish::expiry_space(&topic.name),
+        ] {
+            crate::storage::clear_space(self.storage.as_ref(), &space, "").await?;
+        }
         Ok(deleted)
     }
 
@@ -557,6 +557,102 @@ mod tests {
         for bad in ["", ".hidden", "a/b", "a b", "é", &"x".repeat(129), "a%2Fb"] {
             assert!(validate_topic_name(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Issue 23.4: an idempotency key's record goes once its window passed, oldest first,
+    /// with its expiry entry; a key published again keeps its newer record, and an entry
+    /// whose publish never landed goes alone.
+    #[tokio::test]
+    async fn idempotency_keys_expire_after_their_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(
+            crate::storage::RocksStorage::open(dir.path(), crate::config::FlushMode::Async)
+                .unwrap(),
+        );
+        let limits = LimitsConfig {
+            idempotency_window_ms: 60_000,
+            ..Default::default()
+        };
+        let window = limits.idempotency_window_ms;
+        let broker = Broker::new(storage.clone(), limits).await.unwrap();
+        broker.put_topic("t", Default::default()).await.unwrap();
+        let envelope = |n: u32| -> Envelope {
+            serde_json::from_value(serde_json::json!({"body": {"n": n}})).unwrap()
+        };
+        let (first, _) = broker
+            .publish_idempotent("t", "k1", envelope(1))
+            .await
+            .unwrap();
+        broker
+            .publish_idempotent("t", "k2", envelope(2))
+            .await
+            .unwrap();
+        let (replayed, again) = broker
+            .publish_idempotent("t", "k1", envelope(1))
+            .await
+            .unwrap();
+        assert!(again && replayed == first);
+        // An entry whose publish failed after it was written.
+        storage
+            .put_record(
+                &publish::expiry_space("t"),
+                &format!("{:016x}/never", now_ms()),
+                Some(Vec::new()),
+                Expect::Any,
+            )
+            .await
+            .unwrap();
+        let keys = |space: String| {
+            let storage = storage.clone();
+            async move {
+                storage
+                    .list_records(&space, "", 100)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            broker.expire_idempotency_keys("t", now_ms()).await.unwrap(),
+            0,
+            "within the window"
+        );
+        assert_eq!(keys(publish::idempotency_space("t")).await, ["k1", "k2"]);
+        // k1 is published again (its record rewritten) when the first window is over.
+        let record = storage
+            .get_record(&publish::idempotency_space("t"), "k1")
+            .await
+            .unwrap()
+            .unwrap();
+        let mut seen: publish::IdempotentPublish = serde_json::from_slice(&record.value).unwrap();
+        seen.at = seen.at.checked_add(window).unwrap();
+        storage
+            .put_record(
+                &publish::idempotency_space("t"),
+                "k1",
+                Some(serde_json::to_vec(&seen).unwrap()),
+                Expect::Revision(record.revision),
+            )
+            .await
+            .unwrap();
+        let later = now_ms() + window;
+        assert_eq!(
+            broker.expire_idempotency_keys("t", later).await.unwrap(),
+            1,
+            "k2 only"
+        );
+        assert_eq!(keys(publish::idempotency_space("t")).await, ["k1"]);
+        assert!(keys(publish::expiry_space("t")).await.is_empty());
+        let (fresh, again) = broker
+            .publish_idempotent("t", "k2", envelope(2))
+            .await
+            .unwrap();
+        assert!(
+            !again && fresh.id != first.id,
+            "k2 is a new key once expired"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::*;
 /// What an idempotency key remembers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct IdempotentPublish {
-    at: u64,
+    pub(super) at: u64,
     appended: Appended,
     /// SHA-256 (hex) of what the request asked to store ([`request_digest`]); absent in
     /// records written before digests were kept, which match any request.
@@ -212,11 +212,19 @@ impl Broker {
                 ),
                 expect,
             };
-            match self
-                .storage
-                .append_guarded(topic, vec![message.clone()], guard)
-                .await
-            {
+            // The key's expiry entry goes into the same group commit; one whose publish fails
+            // is dropped by the sweep, which checks the record it names.
+            let (expiry_space, expiry_key) = (expiry_space(topic), expiry_key(now, key));
+            let (appended, expiry) = tokio::join!(
+                self.storage
+                    .append_guarded(topic, vec![message.clone()], guard),
+                self.storage
+                    .put_record(&expiry_space, &expiry_key, Some(Vec::new()), Expect::Any,)
+            );
+            if let Err(e) = expiry {
+                tracing::warn!(%topic, %key, error = %e, "cannot index an idempotency key for expiry; it stays until the topic goes");
+            }
+            match appended {
                 Ok((mut out, _)) => {
                     self.observe(
                         topic,
@@ -275,4 +283,66 @@ impl Broker {
 /// The record space of a topic's idempotency keys.
 pub(super) fn idempotency_space(topic: &str) -> String {
     format!("idem/{topic}")
+}
+
+/// The record space naming a topic's idempotency keys by the time they were stored, so the
+/// sweep reads them oldest first and stops at the first one still in its window.
+pub(super) fn expiry_space(topic: &str) -> String {
+    format!("idem-expiry/{topic}")
+}
+
+/// `{at:016x}/{key}`: sorts by store time (ms since the epoch).
+fn expiry_key(at: u64, key: &str) -> String {
+    format!("{at:016x}/{key}")
+}
+
+/// Expiry entries the sweep reads at once.
+const EXPIRY_PAGE: usize = 256;
+
+impl Broker {
+    /// Deletes the idempotency records of `topic` stored `limits.idempotency_window_ms` or
+    /// longer before `now` (ms since the epoch), oldest first, with their expiry entries; a key
+    /// published again since keeps its newer record. Returns how many keys went. Records
+    /// written before expiry entries existed are not seen (they go with the topic).
+    pub async fn expire_idempotency_keys(&self, topic: &str, now: u64) -> Result<u64, BrokerError> {
+        let (space, expiry) = (idempotency_space(topic), expiry_space(topic));
+        let mut n = 0;
+        loop {
+            let page = self.storage.list_records(&expiry, "", EXPIRY_PAGE).await?;
+            if page.is_empty() {
+                return Ok(n);
+            }
+            for (entry, _) in page {
+                let parsed = entry
+                    .split_once('/')
+                    .and_then(|(at, key)| Some((u64::from_str_radix(at, 16).ok()?, key)));
+                if let Some((at, key)) = parsed {
+                    let expired = at
+                        .checked_add(self.limits.idempotency_window_ms)
+                        .is_some_and(|until| until <= now);
+                    if !expired {
+                        return Ok(n);
+                    }
+                    if let Some(r) = self.storage.get_record(&space, key).await? {
+                        let seen: Option<IdempotentPublish> = serde_json::from_slice(&r.value).ok();
+                        if seen.is_none_or(|s| s.at == at) {
+                            match self
+                                .storage
+                                .put_record(&space, key, None, Expect::Revision(r.revision))
+                                .await
+                            {
+                                // Published again meanwhile: the new record stays.
+                                Ok(_) | Err(StorageError::Conflict { .. }) => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                            n += 1;
+                        }
+                    }
+                }
+                self.storage
+                    .put_record(&expiry, &entry, None, Expect::Any)
+                    .await?;
+            }
+        }
+    }
 }

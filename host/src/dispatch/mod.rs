@@ -84,6 +84,9 @@ pub struct Dispatcher {
     stored_offsets: std::sync::Mutex<HashMap<String, Vec<Vec<u64>>>>,
     /// Shared storage: the other nodes' last tallies, by node, with when they arrived.
     peer_tallies: std::sync::Mutex<HashMap<String, PeerTallies>>,
+    /// Dead letters are deleted this long after they died (ms; `[retention]
+    /// dead_letters_max_age_ms`).
+    dead_letters_max_age_ms: u64,
 }
 
 type GroupLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
@@ -145,6 +148,8 @@ impl Dispatcher {
             active: std::sync::atomic::AtomicBool::new(true),
             share: None,
             stored_offsets: Default::default(),
+            dead_letters_max_age_ms: crate::config::RetentionConfig::default()
+                .dead_letters_max_age_ms,
             peer_tallies: Default::default(),
         }
     }
@@ -156,6 +161,14 @@ impl Dispatcher {
         Self {
             share: Some(share::Share::new(node, storage)),
             ..Self::new(broker, plugins)
+        }
+    }
+
+    /// Keeps dead letters `max_age_ms` after they died (see [`Dispatcher::enforce_retention`]).
+    pub fn with_dead_letter_retention(self, max_age_ms: u64) -> Self {
+        Self {
+            dead_letters_max_age_ms: max_age_ms,
+            ..self
         }
     }
 

@@ -15,6 +15,10 @@ pub struct RetentionPass {
     pub messages: u64,
     /// Queues whose low water moved.
     pub queues: u64,
+    /// Idempotency keys whose window passed.
+    pub idempotency_keys: u64,
+    /// Dead letters past their age.
+    pub dead_letters: u64,
 }
 
 impl Dispatcher {
@@ -28,9 +32,55 @@ impl Dispatcher {
             if let Err(e) = self.enforce_topic(&topic, now_ms, &mut pass).await {
                 tracing::warn!(topic = %topic.name, error = %e, "retention pass failed; next pass tries again");
             }
+            match self
+                .env
+                .broker
+                .expire_idempotency_keys(&topic.name, now_ms)
+                .await
+            {
+                Ok(n) => pass.idempotency_keys += n,
+                Err(e) => {
+                    tracing::warn!(topic = %topic.name, error = %e, "expiring idempotency keys failed; next pass tries again");
+                }
+            }
+        }
+        match self.expire_dead_letters(now_ms).await {
+            Ok(n) => pass.dead_letters += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "expiring dead letters failed; next pass tries again");
+            }
         }
         self.env.broker.metrics().retention_passes.inc();
         pass
+    }
+
+    /// Deletes every subscription's dead letters that died `dead_letters_max_age_ms` or longer
+    /// before `now` (ms since the epoch), oldest first: their keys sort by time of death, so a
+    /// pass reads what it deletes and one more. Returns how many went.
+    pub async fn expire_dead_letters(&self, now: u64) -> Result<u64, DispatchError> {
+        const PAGE: usize = 256;
+        let storage = &self.env.storage;
+        let mut n = 0;
+        for (group, _) in self.subscriptions().await? {
+            let space = state::dlq_space(&group);
+            'pages: loop {
+                let page = storage.list_records(&space, "", PAGE).await?;
+                if page.is_empty() {
+                    break;
+                }
+                for (key, _) in page {
+                    let expired = DeadLetter::died_at(&key)
+                        .and_then(|at| at.checked_add(self.dead_letters_max_age_ms))
+                        .is_some_and(|until| until <= now);
+                    if !expired {
+                        break 'pages;
+                    }
+                    state::delete(storage.as_ref(), &space, &key).await?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Runs a retention pass every `every` until `stop`.

@@ -129,6 +129,11 @@ impl DeadLetter {
         format!("{:016x}/{}/{}", self.dead_at, self.message_id, self.member)
     }
 
+    /// When the dead letter under a key made by [`DeadLetter::key`] died (ms since the epoch).
+    pub fn died_at(key: &str) -> Option<u64> {
+        u64::from_str_radix(key.split_once('/')?.0, 16).ok()
+    }
+
     /// The broadcast instance that dead-lettered it (`None` for a clustering subscription).
     pub fn instance(&self) -> Option<u32> {
         member_instance(&self.member)
@@ -211,6 +216,8 @@ mod tests {
             dead_at: 1000,
         };
         assert_ne!(dl("i0000").key(), dl("i0001").key());
+        assert_eq!(DeadLetter::died_at(&dl("i0000").key()), Some(1000));
+        assert_eq!(DeadLetter::died_at("zz/m/all"), None);
         assert_eq!(dl("i0002").instance(), Some(2));
         assert_eq!(dl(SHARED_MEMBER).instance(), None);
     }

@@ -920,7 +920,10 @@ impl Storage for RocksStorage {
                         .iter()
                         .filter_map(|name| db.cf_handle(name))
                         .collect();
-                    db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
+                    db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
+                    // The default family holds the writer's markers (last revision, stored
+                    // bytes per queue): unflushed, it would keep the WAL alive.
+                    db.flush()
                 })
                 .await;
                 if let Ok(Err(e)) = flushed {

@@ -3,11 +3,11 @@
 //! listings never read the decided history.
 //!
 //! One mover at a time (the node alone on its storage, or the check-back lease holder) does
-//! both, a transaction at a time, in steps that a crash can stop anywhere: (1) the record is
-//! written to its outcome's space, (2) the tally counts it and names it as `moved`, (3) it
-//! leaves the undecided space. A mover finding the undecided record of the transaction the
-//! tally names finishes (3) without counting again. Retention does the same with `expired`:
-//! (1) the tally uncounts it and names it, (2) the record goes.
+//! both, a batch at a time, in steps that a crash can stop anywhere: (1) the records are
+//! written to their outcome's space, (2) the tally counts them and names them as `moved`, (3)
+//! they leave the undecided space. A mover finds the batch the tally names first and finishes
+//! (3) without counting again. Retention does the same with `expired`: (1) the tally uncounts
+//! a batch and names it, (2) the records go.
 
 use super::*;
 use crate::storage::Storage;
@@ -46,18 +46,18 @@ pub(super) fn moved_undecided(id: &str) -> TxnError {
     .into()
 }
 
-/// How many decided transactions each outcome's space holds, and the last transaction each
-/// step counted (so a repeated step does not count twice).
+/// How many decided transactions each outcome's space holds, and the transactions the last
+/// step of each kind counted (so a repeated step does not count them twice).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Tally {
     pub committed: u64,
     pub rolled_back: u64,
-    /// The last transaction counted into its outcome's space.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moved: Option<String>,
-    /// The last transaction retention counted out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expired: Option<String>,
+    /// The last batch counted into its outcome's spaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<String>,
+    /// The last batch retention counted out: (space, id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired: Vec<(String, String)>,
 }
 
 impl Tally {
@@ -113,11 +113,15 @@ impl Transactions {
     /// queued, applies retention every second.
     pub(super) async fn keep_decided(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            if let Err(e) = self.move_decided().await {
-                tracing::warn!(error = %e, "cannot move decided transactions");
-            }
-            if let Err(e) = self.expire_decided(now_ms()).await {
-                tracing::warn!(error = %e, "cannot apply the retention of decided transactions");
+            match self.move_decided(&cancel).await {
+                // Retention waits for the moves: one half done leaves a transaction in its
+                // outcome's space that the tally does not count yet.
+                Ok(_) => {
+                    if let Err(e) = self.expire_decided(now_ms(), &cancel).await {
+                        tracing::warn!(error = %e, "cannot apply the retention of decided transactions");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot move decided transactions"),
             }
             tokio::select! {
                 _ = self.moved.notified() => {}
@@ -127,110 +131,163 @@ impl Transactions {
         }
     }
 
-    /// Moves every queued decided transaction to its outcome's space; returns how many moved.
-    pub(super) async fn move_decided(&self) -> Result<usize, TxnError> {
-        // A move the last mover stopped between counting and leaving is finished first, before
-        // the tally names another.
+    /// Moves every queued decided transaction to its outcome's space, a batch at a time;
+    /// returns how many moved.
+    pub(super) async fn move_decided(&self, cancel: &CancellationToken) -> Result<usize, TxnError> {
+        // A batch the last mover stopped between counting and leaving is finished first,
+        // before the tally names another.
         let (tally, _) = Tally::load(self.broker.storage().as_ref()).await?;
-        if let Some(id) = tally.moved {
-            self.move_one(&id, StopAfter::Nothing).await?;
+        if !tally.moved.is_empty() {
+            self.move_batch(tally.moved, StopAfter::Nothing).await?;
         }
         let mut n = 0;
-        loop {
-            let next = self.to_move.lock().ok().and_then(|mut q| q.pop_first());
-            let Some(id) = next else {
-                return Ok(n);
+        // Checked between batches: a node that lost the check-back lease stops before the
+        // next holder starts (it waits for the lease to expire).
+        while !cancel.is_cancelled() {
+            let batch: Vec<String> = match self.to_move.lock() {
+                Ok(mut q) => std::iter::from_fn(|| q.pop_first()).take(PAGE).collect(),
+                Err(_) => Vec::new(),
             };
-            match self.move_one(&id, StopAfter::Nothing).await {
-                Ok(moved) => n += usize::from(moved),
+            if batch.is_empty() {
+                return Ok(n);
+            }
+            match self.move_batch(batch.clone(), StopAfter::Nothing).await {
+                Ok(moved) => n += moved,
                 Err(e) => {
                     if let Ok(mut q) = self.to_move.lock() {
-                        q.insert(id);
+                        q.extend(batch);
                     }
                     return Err(e);
                 }
             }
         }
+        Ok(n)
     }
 
-    /// Moves one decided transaction out of the undecided space; `false` if it is not there or
-    /// not decided.
-    pub(super) async fn move_one(&self, id: &str, stop: StopAfter) -> Result<bool, TxnError> {
+    /// Moves decided transactions out of the undecided space (those not there or not decided
+    /// are skipped); returns how many moved. The writes of each step go out together, so they
+    /// share group commits.
+    pub(super) async fn move_batch(
+        &self,
+        ids: Vec<String>,
+        stop: StopAfter,
+    ) -> Result<usize, TxnError> {
+        use futures::future::try_join_all;
         let storage = self.broker.storage();
-        let Some(r) = storage.get_record(TXN_SPACE, id).await? else {
-            return Ok(false);
-        };
-        let t = decode(id, &r.value)?;
-        let Some(space) = space_of(t.state) else {
-            return Ok(false);
-        };
-        storage
-            .put_record(space, id, Some(r.value.clone()), Expect::Any)
-            .await?;
-        let tally = Tally::update(storage.as_ref(), |tally| {
-            if tally.moved.as_deref() != Some(id) {
-                let n = tally.count_mut(t.state);
-                *n = n.saturating_add(1);
-                tally.moved = Some(id.to_string());
+        let found = try_join_all(ids.iter().map(|id| storage.get_record(TXN_SPACE, id))).await?;
+        let mut batch = Vec::new();
+        for (id, r) in ids.into_iter().zip(found) {
+            let Some(r) = r else { continue };
+            let state = decode(&id, &r.value)?.state;
+            if let Some(space) = space_of(state) {
+                batch.push((id, r, state, space));
             }
+        }
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        try_join_all(batch.iter().map(|(id, r, _, space)| {
+            storage.put_record(space, id, Some(r.value.clone()), Expect::Any)
+        }))
+        .await?;
+        Tally::update(storage.as_ref(), |tally| {
+            for (id, _, state, _) in &batch {
+                if !tally.moved.contains(id) {
+                    let n = tally.count_mut(*state);
+                    *n = n.saturating_add(1);
+                }
+            }
+            tally.moved = batch.iter().map(|(id, ..)| id.clone()).collect();
         })
         .await?;
         if stop == StopAfter::Counting {
-            return Ok(false);
+            return Ok(0);
         }
-        match storage
-            .put_record(TXN_SPACE, id, None, Expect::Revision(r.revision))
-            .await
-        {
-            // Another mover (a lease holder that just lost its lease) finished it.
-            Ok(_) | Err(StorageError::Conflict { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+        try_join_all(batch.iter().map(|(id, r, ..)| async move {
+            match storage
+                .put_record(TXN_SPACE, id, None, Expect::Revision(r.revision))
+                .await
+            {
+                // Another mover (a lease holder that just lost its lease) finished it.
+                Ok(_) | Err(StorageError::Conflict { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }))
+        .await?;
+        // Done: the batch need not be named any more (a crash before this finds nothing left
+        // to move in it).
+        let tally = Tally::update(storage.as_ref(), |tally| tally.moved.clear()).await?;
         if let Some(mut index) = self.index() {
-            index.remove(id);
+            for (id, ..) in &batch {
+                index.remove(id);
+            }
             index.decided = tally;
         }
-        Ok(true)
+        Ok(batch.len())
     }
 
     /// Deletes decided transactions past `[retention] transactions_max_age_ms` (counted from
-    /// the decision) or beyond `transactions_max_count` per outcome, oldest first; returns how
-    /// many went. A transaction decided late keeps those begun after it until it goes too.
-    pub(super) async fn expire_decided(&self, now: u64) -> Result<usize, TxnError> {
+    /// the decision) or beyond `transactions_max_count` per outcome, oldest first, a page at a
+    /// time; returns how many went. A transaction decided late keeps those begun after it
+    /// until it goes too.
+    pub(super) async fn expire_decided(
+        &self,
+        now: u64,
+        cancel: &CancellationToken,
+    ) -> Result<usize, TxnError> {
+        use futures::future::try_join_all;
         let storage = self.broker.storage();
         let (mut tally, _) = Tally::load(storage.as_ref()).await?;
+        // A page the last pass counted out but did not delete.
+        try_join_all(
+            tally
+                .expired
+                .iter()
+                .map(|(space, id)| storage.put_record(space, id, None, Expect::Any)),
+        )
+        .await?;
+        if !tally.expired.is_empty() {
+            tally = Tally::update(storage.as_ref(), |tally| tally.expired.clear()).await?;
+        }
         let mut n = 0;
         for (state, space) in OUTCOMES {
-            'pages: loop {
+            while !cancel.is_cancelled() {
                 let page = storage.list_records(space, "", PAGE).await?;
-                if page.is_empty() {
-                    break;
-                }
-                for (id, r) in page {
-                    let t = decode(&id, &r.value)?;
+                let mut count = *tally.count_mut(state);
+                let mut expired = Vec::new();
+                for (id, r) in &page {
+                    let t = decode(id, &r.value)?;
                     let decided_at = t.history.last().map_or(t.created_at, |e| e.at);
                     let too_old = decided_at
                         .checked_add(self.retention.max_age_ms)
                         .is_some_and(|until| until <= now);
-                    let counted_out = tally.expired.as_deref() == Some(id.as_str());
-                    let too_many = *tally.count_mut(state) > self.retention.max_count;
-                    if !(too_old || too_many || counted_out) {
-                        break 'pages;
+                    if !(too_old || count > self.retention.max_count) {
+                        break;
                     }
-                    if !counted_out {
-                        tally = Tally::update(storage.as_ref(), |tally| {
-                            let c = tally.count_mut(state);
-                            *c = c.saturating_sub(1);
-                            tally.expired = Some(id.clone());
-                        })
-                        .await?;
-                    }
-                    storage.put_record(space, &id, None, Expect::Any).await?;
-                    if let Some(mut index) = self.index() {
-                        index.decided = tally.clone();
-                    }
-                    n += 1;
+                    count = count.saturating_sub(1);
+                    expired.push((space.to_string(), id.clone()));
                 }
+                if expired.is_empty() {
+                    break;
+                }
+                let gone = expired.len() as u64;
+                Tally::update(storage.as_ref(), |tally| {
+                    let c = tally.count_mut(state);
+                    *c = c.saturating_sub(gone);
+                    tally.expired = expired.clone();
+                })
+                .await?;
+                try_join_all(
+                    expired
+                        .iter()
+                        .map(|(space, id)| storage.put_record(space, id, None, Expect::Any)),
+                )
+                .await?;
+                tally = Tally::update(storage.as_ref(), |tally| tally.expired.clear()).await?;
+                if let Some(mut index) = self.index() {
+                    index.decided = tally.clone();
+                }
+                n += expired.len();
             }
         }
         Ok(n)

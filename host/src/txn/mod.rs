@@ -270,8 +270,8 @@ impl Transactions {
         });
         // A move the last mover stopped after counting is finished now, so no count shows a
         // transaction twice (on shared storage the check-back holder does it).
-        if let Some(id) = counted.filter(|_| !shared) {
-            me.move_one(&id, decided::StopAfter::Nothing).await?;
+        if !shared && !counted.is_empty() {
+            me.move_batch(counted, decided::StopAfter::Nothing).await?;
         }
         Ok(me)
     }

@@ -206,7 +206,10 @@ async fn counts_and_listing_by_state_cost_what_they_return() {
         let (_dir, storage) = counting();
         let t = transactions(storage.clone(), false).await;
         history(&t, decided).await;
-        assert_eq!(t.move_decided().await.unwrap(), decided);
+        assert_eq!(
+            t.move_decided(&CancellationToken::new()).await.unwrap(),
+            decided
+        );
         let before = storage.txn_records_read.load(Ordering::Relaxed);
         let counts = t.counts().await.unwrap();
         assert_eq!(
@@ -245,7 +248,7 @@ async fn a_restart_reads_only_undecided_transactions_and_keeps_the_counts() {
         ("rolled_back".into(), 1),
     ];
     assert_eq!(counts, expected, "before the move");
-    assert_eq!(t.move_decided().await.unwrap(), 51);
+    assert_eq!(t.move_decided(&CancellationToken::new()).await.unwrap(), 51);
     assert_eq!(t.counts().await.unwrap(), expected, "after the move");
     let oldest = t.list(Some(TxnState::Committed), 3).await.unwrap();
     assert_eq!(oldest.len(), 3);
@@ -292,7 +295,7 @@ async fn a_move_cut_short_after_counting_is_counted_once() {
     let first = t.list(Some(TxnState::Committed), 1).await.unwrap()[0]
         .txn_id
         .clone();
-    t.move_one(&first, decided::StopAfter::Counting)
+    t.move_batch(vec![first], decided::StopAfter::Counting)
         .await
         .unwrap();
     // The crash: the queued moves die with the process.
@@ -304,13 +307,20 @@ async fn a_move_cut_short_after_counting_is_counted_once() {
         Some(("committed".into(), 3)),
         "counted once while the move is unfinished"
     );
-    assert_eq!(again.move_decided().await.unwrap(), 2);
+    assert_eq!(
+        again.move_decided(&CancellationToken::new()).await.unwrap(),
+        2
+    );
     assert_eq!(
         committed(again.counts().await.unwrap()),
         Some(("committed".into(), 3))
     );
     let (tally, _) = decided::Tally::load(storage.as_ref()).await.unwrap();
     assert_eq!(tally.committed, 3);
+    assert!(
+        tally.moved.is_empty(),
+        "a finished move names nothing: {tally:?}"
+    );
     for (id, r) in storage.list_records(TXN_SPACE, "", 100).await.unwrap() {
         assert_eq!(decode(&id, &r.value).unwrap().state, TxnState::Pending);
     }
@@ -326,9 +336,11 @@ async fn decided_transactions_expire_by_age_and_by_count() {
     let t = transactions_with(storage.clone(), false, &config).await;
     history(&t, 5).await;
     let all = t.list(Some(TxnState::Committed), 10).await.unwrap();
-    t.move_decided().await.unwrap();
+    t.move_decided(&CancellationToken::new()).await.unwrap();
     assert_eq!(
-        t.expire_decided(now_ms()).await.unwrap(),
+        t.expire_decided(now_ms(), &CancellationToken::new())
+            .await
+            .unwrap(),
         3,
         "beyond the count"
     );
@@ -339,9 +351,20 @@ async fn decided_transactions_expire_by_age_and_by_count() {
         t.get(&all[0].txn_id).await,
         Err(TxnError::Unknown(_))
     ));
-    assert_eq!(t.expire_decided(now_ms()).await.unwrap(), 0);
+    assert_eq!(
+        t.expire_decided(now_ms(), &CancellationToken::new())
+            .await
+            .unwrap(),
+        0
+    );
     let later = now_ms() + config.retention.transactions_max_age_ms;
-    assert_eq!(t.expire_decided(later).await.unwrap(), 2, "past the age");
+    assert_eq!(
+        t.expire_decided(later, &CancellationToken::new())
+            .await
+            .unwrap(),
+        2,
+        "past the age"
+    );
     assert_eq!(
         t.counts().await.unwrap(),
         vec![("pending".into(), 2)],
