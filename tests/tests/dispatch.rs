@@ -849,3 +849,65 @@ async fn publishing_answers_429_while_the_slowest_subscription_is_too_far_behind
     let (_, t) = s.get("/v1/topics/t").await;
     assert_eq!(t["messages"].as_u64().unwrap(), accepted + 1);
 }
+
+/// Issue 23.4: a subscription's counters count from its creation: a restart, a pause and an
+/// update keep them; deleting the subscription deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_restarts_pauses_and_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let acked = |v: &Value| v["counters"]["acked"].as_u64();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("orders", 2).await;
+    s.upload_plugin("echo", ECHO).await;
+    s.subscribe("count", json!({"topic": "orders", "plugin": "echo"}))
+        .await;
+    s.publish_numbered("orders", 5).await;
+    s.wait_until("/v1/subscriptions/count", 60, |v| acked(v) == Some(5))
+        .await;
+    s.stop().await.unwrap();
+
+    let s = TestServer::start(dir.path()).await;
+    let v = s
+        .wait_until("/v1/subscriptions/count", 60, |v| acked(v).is_some())
+        .await;
+    assert_eq!(acked(&v), Some(5), "after a restart: {v}");
+    assert_eq!(v["counters"]["delivered"], 5, "{v}");
+    s.publish_numbered("orders", 2).await;
+    s.wait_until("/v1/subscriptions/count", 60, |v| acked(v) == Some(7))
+        .await;
+    for action in ["pause", "resume"] {
+        let (st, v) = s
+            .post_json(&format!("/v1/subscriptions/count/{action}"), &json!({}))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{action}: {v}");
+    }
+    let v = s
+        .wait_until("/v1/subscriptions/count", 60, |v| acked(v).is_some())
+        .await;
+    assert_eq!(acked(&v), Some(7), "after a pause: {v}");
+    let (st, v) = s
+        .put_json(
+            "/v1/subscriptions/count",
+            &json!({"topic": "orders", "plugin": "echo", "instances": 2}),
+        )
+        .await;
+    assert!(st.is_success(), "{st}: {v}");
+    let v = s
+        .wait_until("/v1/subscriptions/count", 60, |v| {
+            v["spec"]["instances"] == 2 && acked(v).is_some()
+        })
+        .await;
+    assert_eq!(acked(&v), Some(7), "after an update: {v}");
+
+    assert_eq!(s.delete("/v1/subscriptions/count").await.0, StatusCode::OK);
+    s.subscribe(
+        "count",
+        json!({"topic": "orders", "plugin": "echo", "start": "latest"}),
+    )
+    .await;
+    let v = s
+        .wait_until("/v1/subscriptions/count", 60, |v| acked(v).is_some())
+        .await;
+    assert_eq!(acked(&v), Some(0), "a new subscription counts afresh: {v}");
+    s.stop().await.unwrap();
+}

@@ -373,6 +373,7 @@ impl Dispatcher {
             state::cursor_space(group),
             state::timer_space(group),
             state::dlq_space(group),
+            state::counts_space(group),
             kv.clone(),
         ] {
             state::clear(store.as_ref(), &space, "").await?;

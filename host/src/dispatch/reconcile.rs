@@ -171,7 +171,8 @@ impl Dispatcher {
         if !self.is_active() {
             return Ok(());
         }
-        let runner = runner::start(&self.env, record, units.clone(), self.share.is_some()).await?;
+        let node = self.share.as_ref().map(|s| s.node.as_str());
+        let runner = runner::start(&self.env, record, units.clone(), node).await?;
         if let (Some(share), Some(pairs)) = (&self.share, &units) {
             // Fencing: the runner stops the moment a lease it runs under is lost.
             let lost = share.on_lost(&record.group, record, queues, pairs).await;

@@ -18,6 +18,26 @@ pub fn timer_space(group: &str) -> String {
 pub fn dlq_space(group: &str) -> String {
     format!("dlq/{group}")
 }
+/// A subscription's delivery counters, one record per node that ran it.
+pub fn counts_space(group: &str) -> String {
+    format!("counts/{group}")
+}
+
+/// The key of the counters of a node alone on its storage.
+pub const LOCAL_NODE: &str = "local";
+
+/// Delivery counters as stored: what a runner counted since the subscription was created,
+/// so status and `/metrics` keep them across restarts, pauses and updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCounts {
+    pub delivered: u64,
+    pub acked: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub failed: u64,
+    #[serde(default)]
+    pub expired: u64,
+}
 
 /// The clustering member, shared by all instances; broadcast members are instance indexes.
 pub const SHARED_MEMBER: &str = "all";

@@ -136,6 +136,16 @@ pub fn record(space: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// The first key after every key that starts with `prefix` (its last byte below 0xff counted
+/// up, the rest cut): an iterator bounded by it stops at the prefix's end instead of stepping
+/// over deleted keys beyond it. `None` when every byte is 0xff (no bound).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|b| *b != 0xff)?;
+    let mut end = prefix[..=last].to_vec();
+    end[last] += 1;
+    Some(end)
+}
+
 /// The prefix of every record in one space.
 pub fn record_space(space: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + space.len());
@@ -280,5 +290,18 @@ mod tests {
                 let _ = parse_record_value(&bytes);
             }
         }
+    }
+
+    #[test]
+    fn prefix_end_bounds_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+        let space = record_space("timer/g");
+        let end = prefix_end(&space).unwrap();
+        assert!(record("timer/g", "\u{10ffff}") < end);
+        assert!(record("timer/g", "") >= space);
+        assert!(record("timer/h", "") >= end);
     }
 }

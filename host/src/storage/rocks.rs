@@ -288,6 +288,17 @@ impl Drop for RocksStorage {
     }
 }
 
+/// Read options of an iterator over the keys that start with `prefix`: it stops at the
+/// prefix's end, where without a bound it would step over every deleted key up to the next
+/// live one (100 000 moved transactions made listing an empty space 20 times slower).
+fn bounded_by(prefix: &[u8]) -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    if let Some(end) = keys::prefix_end(prefix) {
+        opts.set_iterate_upper_bound(end);
+    }
+    opts
+}
+
 /// Opens (or creates) the database under `dir` with its column families. Compactions of the
 /// id and key indexes drop entries that point below their queue's low water (`low_water`, as
 /// readers see it): retention deletes a range of messages with one `DeleteRange`, and their
@@ -601,8 +612,9 @@ impl Storage for RocksStorage {
         );
         self.blocking(move |db| {
             let mut out = Vec::new();
-            let iter = db.iterator_cf(
+            let iter = db.iterator_cf_opt(
                 cf(db, CF_MESSAGES)?,
+                bounded_by(&prefix),
                 IteratorMode::From(&start, Direction::Forward),
             );
             for item in iter {
@@ -638,8 +650,9 @@ impl Storage for RocksStorage {
         let (topic, prefix) = (topic.to_string(), keys::business_key_prefix(topic, key));
         self.blocking(move |db| {
             let mut out = Vec::new();
-            let iter = db.iterator_cf(
+            let iter = db.iterator_cf_opt(
                 cf(db, CF_KEYS)?,
+                bounded_by(&prefix),
                 IteratorMode::From(&prefix, Direction::Forward),
             );
             for item in iter {
@@ -827,8 +840,9 @@ impl Storage for RocksStorage {
         let (space, start) = (space.to_string(), keys::record(space, prefix));
         self.blocking(move |db| {
             let mut out = Vec::new();
-            let iter = db.iterator_cf(
+            let iter = db.iterator_cf_opt(
                 cf(db, CF_RECORDS)?,
+                bounded_by(&start),
                 IteratorMode::From(&start, Direction::Forward),
             );
             for item in iter {

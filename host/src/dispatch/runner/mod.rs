@@ -45,7 +45,9 @@ const READ_BATCH: usize = 256;
 /// Pause after a storage error before trying again.
 const STORAGE_RETRY: Duration = Duration::from_millis(200);
 
-/// Delivery counters since the subscription (re)started.
+/// Delivery counters since the subscription was created: loaded from storage when a runner
+/// starts, stored every [`COUNTS_EVERY`] while it runs and when it stops (a crash loses at most
+/// that much counting, never a delivery).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub delivered: AtomicU64,
@@ -143,6 +145,72 @@ pub struct RunnerShared {
     max_in_flight: u32,
 }
 
+/// How often a running subscription's counters are stored (when they changed).
+const COUNTS_EVERY: Duration = Duration::from_secs(1);
+
+impl Counters {
+    fn from_stored(c: state::StoredCounts) -> Self {
+        Self {
+            delivered: AtomicU64::new(c.delivered),
+            acked: AtomicU64::new(c.acked),
+            retried: AtomicU64::new(c.retried),
+            dead_lettered: AtomicU64::new(c.dead_lettered),
+            failed: AtomicU64::new(c.failed),
+            expired: AtomicU64::new(c.expired),
+        }
+    }
+
+    fn stored(&self) -> state::StoredCounts {
+        state::StoredCounts {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where a runner keeps its counters: its node's record in the subscription's counts space.
+#[derive(Clone)]
+struct CountsRecord {
+    storage: Arc<dyn Storage>,
+    space: String,
+    node: String,
+}
+
+impl CountsRecord {
+    async fn load(&self) -> Result<state::StoredCounts, DispatchError> {
+        match self.storage.get_record(&self.space, &self.node).await? {
+            Some(r) => Ok(state::decode("delivery counters", &r)?),
+            None => Ok(state::StoredCounts::default()),
+        }
+    }
+
+    async fn store(&self, counts: state::StoredCounts) {
+        if let Err(e) = state::put(self.storage.as_ref(), &self.space, &self.node, &counts).await {
+            tracing::warn!(space = %self.space, error = %e, "cannot store delivery counters");
+        }
+    }
+
+    /// Stores `counters` whenever they changed, every [`COUNTS_EVERY`], until `cancel`.
+    async fn keep(self, shared: Arc<RunnerShared>, cancel: CancellationToken) {
+        let mut last = shared.counters.stored();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(COUNTS_EVERY) => {}
+            }
+            let now = shared.counters.stored();
+            if now != last {
+                self.store(now).await;
+                last = now;
+            }
+        }
+    }
+}
+
 impl RunnerShared {
     /// Its counters, in-flight count and plugin version, as status shows them.
     pub fn tally(&self) -> super::Tally {
@@ -188,6 +256,7 @@ pub struct Runner {
     grace: Duration,
     tracker: TaskTracker,
     pub shared: Arc<RunnerShared>,
+    counts: CountsRecord,
 }
 
 impl Runner {
@@ -227,6 +296,8 @@ impl Runner {
             self.abort.cancel();
             self.tracker.wait().await;
         }
+        // Every delivery is settled: the counters are final for this run.
+        self.counts.store(self.shared.counters.stored()).await;
     }
 }
 
@@ -255,8 +326,9 @@ pub async fn start(
     env: &Handles,
     record: &SubscriptionRecord,
     units: Assignment,
-    shared_storage: bool,
+    node: Option<&str>,
 ) -> Result<Runner, DispatchError> {
+    let shared_storage = node.is_some();
     let spec = Arc::new(record.spec.clone());
     let filter = spec.validate().map_err(DispatchError::Invalid)?;
     let topic = env.broker.topic(&spec.topic)?;
@@ -336,9 +408,14 @@ pub async fn start(
         }));
         starts.push(cursors);
     }
+    let counts = CountsRecord {
+        storage: storage.clone(),
+        space: state::counts_space(&record.group),
+        node: node.unwrap_or(state::LOCAL_NODE).to_string(),
+    };
     let shared = Arc::new(RunnerShared {
         plugin_version: version.version,
-        counters: Counters::default(),
+        counters: Counters::from_stored(counts.load().await?),
         members: members.clone(),
         in_flight: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
         max_in_flight: spec.max_in_flight,
@@ -467,7 +544,9 @@ pub async fn start(
         }
     }
     drop(channels);
+    tracker.spawn(counts.clone().keep(shared.clone(), cancel.clone()));
     Ok(Runner {
+        counts,
         topic: spec.topic.clone(),
         units,
         record_updated_at: record.updated_at,
