@@ -211,12 +211,12 @@ impl Dispatcher {
             plugin_version: tally.map(|t| t.plugin_version),
             in_flight: tally.map(|t| t.in_flight),
             counters: tally.map(|t| DeliveryCounters {
-                delivered: t.delivered,
-                acked: t.acked,
-                retried: t.retried,
-                dead_lettered: t.dead_lettered,
-                failed: t.failed,
-                expired_unconsumed: t.expired,
+                delivered: t.counts.delivered,
+                acked: t.counts.acked,
+                retried: t.counts.retried,
+                dead_lettered: t.counts.dead_lettered,
+                failed: t.counts.failed,
+                expired_unconsumed: t.counts.expired,
             }),
         })
     }
@@ -229,16 +229,12 @@ impl Dispatcher {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, DispatchError> {
         self.record(group).await?;
-        let all = self
+        let page = self
             .env
             .storage
-            .list_records(&state::dlq_space(group), "", usize::MAX)
+            .list_records_after(&state::dlq_space(group), "", after.unwrap_or(""), limit)
             .await?;
-        all.iter()
-            .filter(|(k, _)| after.is_none_or(|a| k.as_str() > a))
-            .take(limit)
-            .map(|(k, r)| Ok(state::decode(k, r)?))
-            .collect()
+        page.iter().map(|(k, r)| Ok(state::decode(k, r)?)).collect()
     }
 
     /// Delivers dead letters again (all, or those with these message ids) as fresh attempts.

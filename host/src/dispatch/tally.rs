@@ -3,30 +3,25 @@
 
 use super::*;
 
-/// A runner's delivery counters (since it started), in-flight count and plugin version: this
-/// node's, or summed over the nodes running parts of a subscription.
+/// A runner's delivery counters (since the subscription was created), in-flight count and
+/// plugin version: this node's, or summed over the nodes running parts of a subscription.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Tally {
-    pub delivered: u64,
-    pub acked: u64,
-    pub retried: u64,
-    pub dead_lettered: u64,
-    pub failed: u64,
-    /// Messages retention deleted before they were handled.
-    #[serde(default)]
-    pub expired: u64,
+    #[serde(flatten)]
+    pub counts: state::StoredCounts,
     pub in_flight: u64,
     pub plugin_version: u32,
 }
 
 impl Tally {
     fn add(&mut self, o: &Tally) {
-        self.delivered += o.delivered;
-        self.acked += o.acked;
-        self.retried += o.retried;
-        self.dead_lettered += o.dead_lettered;
-        self.failed += o.failed;
-        self.expired += o.expired;
+        let (c, d) = (&mut self.counts, &o.counts);
+        c.delivered += d.delivered;
+        c.acked += d.acked;
+        c.retried += d.retried;
+        c.dead_lettered += d.dead_lettered;
+        c.failed += d.failed;
+        c.expired += d.expired;
         self.in_flight += o.in_flight;
         self.plugin_version = self.plugin_version.max(o.plugin_version);
     }

@@ -9,7 +9,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BodyKind, Expect, NewMessage, QueueLimits, RecordWrite, Storage, StorageError};
+use super::{
+    BodyKind, Expect, NewMessage, QueueLimits, Record, RecordWrite, Storage, StorageError,
+};
 
 /// Opens the backend under test onto the same durable state each time.
 pub type Open = dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn Storage>> + Send>> + Send + Sync;
@@ -139,6 +141,18 @@ pub async fn records_compare_and_set(open: &Open) {
     assert_eq!(all[0].1.revision, r2);
     assert_eq!(s.list_records("topic", "b", 100).await.unwrap().len(), 1);
     assert_eq!(s.list_records("topic", "", 1).await.unwrap().len(), 1);
+    // Paging: after a key, within the prefix and the space, at most `limit`.
+    let keys = |v: Vec<(String, Record)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let after = |a: &'static str, p: &'static str, n: usize| {
+        let s = s.clone();
+        async move { keys(s.list_records_after("topic", p, a, n).await.unwrap()) }
+    };
+    assert_eq!(after("", "", 100).await, ["a", "b"]);
+    assert_eq!(after("a", "", 100).await, ["b"]);
+    assert_eq!(after("", "", 1).await, ["a"]);
+    assert_eq!(after("b", "", 100).await, Vec::<String>::new());
+    assert_eq!(after("0", "b", 100).await, ["b"]);
+    assert_eq!(after("aa", "", 100).await, ["b"], "a key between two");
     s.put_record("topic", "b", None, Expect::Any).await.unwrap();
     assert!(s.get_record("topic", "b").await.unwrap().is_none());
     assert_eq!(s.list_records("topic", "", 100).await.unwrap().len(), 1);

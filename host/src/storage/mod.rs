@@ -253,6 +253,25 @@ pub trait Storage: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError>;
 
+    /// Up to `limit` records of a space whose key starts with `prefix` and sorts after `after`,
+    /// in key order: a page after the last key of the one before. A backend with ordered keys
+    /// seeks to it; the default reads the prefix and skips.
+    async fn list_records_after(
+        &self,
+        space: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        Ok(self
+            .list_records(space, prefix, usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|(k, _)| k.as_str() > after)
+            .take(limit)
+            .collect())
+    }
+
     /// Writes (`Some`) or deletes (`None`) a record if `expect` holds, durably; returns the new
     /// revision. A failed condition is [`StorageError::Conflict`].
     async fn put_record(

@@ -214,14 +214,8 @@ impl CountsRecord {
 impl RunnerShared {
     /// Its counters, in-flight count and plugin version, as status shows them.
     pub fn tally(&self) -> super::Tally {
-        let c = &self.counters;
         super::Tally {
-            delivered: c.delivered.load(Ordering::Relaxed),
-            acked: c.acked.load(Ordering::Relaxed),
-            retried: c.retried.load(Ordering::Relaxed),
-            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
-            failed: c.failed.load(Ordering::Relaxed),
-            expired: c.expired.load(Ordering::Relaxed),
+            counts: self.counters.stored(),
             in_flight: u64::from(self.in_flight()),
             plugin_version: self.plugin_version,
         }
