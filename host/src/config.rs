@@ -153,6 +153,10 @@ pub struct LimitsConfig {
     /// Bytes (keys and values) one kv namespace may hold: a subscription's own, or a plugin's
     /// shared one. A `kv.set` past it fails with `unavailable`.
     pub max_kv_bytes: u64,
+    /// Timers (delayed messages, retries) each member of an unordered subscription holds in
+    /// memory, the earliest due (100 to 10 000 000): the rest stay in storage and are read a
+    /// page at a time as the earlier ones fire. Ordered subscriptions hold all of theirs.
+    pub max_timers_in_memory: usize,
 }
 
 impl Default for LimitsConfig {
@@ -163,6 +167,7 @@ impl Default for LimitsConfig {
             // Python and JavaScript components start at 12-19 MB (the interpreter is inside).
             max_plugin_bytes: 64 * 1024 * 1024,
             max_plugin_versions: 10,
+            max_timers_in_memory: 10_000,
             max_request_bytes: 16 * 1024 * 1024,
             max_queues: 256,
             idempotency_window_ms: 24 * 3600 * 1000,
@@ -452,6 +457,11 @@ impl Config {
                 "retention.transactions_max_count must be 1 to {MAX_RETENTION_COUNT}"
             )));
         }
+        if !(100..=10_000_000).contains(&l.max_timers_in_memory) {
+            return Err(ConfigError::Invalid(
+                "limits.max_timers_in_memory must be 100 to 10000000".into(),
+            ));
+        }
         if !(1..=10_000).contains(&l.max_plugin_versions) {
             return Err(ConfigError::Invalid(
                 "limits.max_plugin_versions must be 1 to 10000".into(),
@@ -593,6 +603,11 @@ mod tests {
                 "WASMQ_RETENTION_TRANSACTIONS_MAX_COUNT",
                 "0",
                 "transactions_max_count",
+            ),
+            (
+                "WASMQ_LIMITS_MAX_TIMERS_IN_MEMORY",
+                "99",
+                "max_timers_in_memory",
             ),
             (
                 "WASMQ_RETENTION_DEAD_LETTERS_MAX_AGE_MS",

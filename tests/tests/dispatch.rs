@@ -911,3 +911,52 @@ async fn counters_survive_restarts_pauses_and_updates() {
     assert_eq!(acked(&v), Some(0), "a new subscription counts afresh: {v}");
     s.stop().await.unwrap();
 }
+
+/// Issue 23.4: an unordered subscription holds at most `2 × [limits] max_timers_in_memory`
+/// timers in memory and reads the rest from storage a page at a time as the earlier ones fire:
+/// every delayed message is delivered once, and status counts the ones in storage too (also
+/// right after a restart, which reads only the first page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_beyond_the_memory_window_wait_in_storage_and_all_fire_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = wasmq_tests::config_in(dir.path());
+        c.limits.max_timers_in_memory = 100;
+        c
+    };
+    let s = TestServer::start_with(config()).await;
+    s.create_topic("later", 2).await;
+    s.create_topic("soon", 2).await;
+    s.upload_plugin("echo", ECHO).await;
+    for (group, topic) in [("hours", "later"), ("seconds", "soon")] {
+        s.subscribe(group, json!({"topic": topic, "plugin": "echo"}))
+            .await;
+    }
+    let delayed = |delay_ms: u64| -> Vec<Value> {
+        (0..450)
+            .map(|i| json!({"body": {"n": i}, "delay_ms": delay_ms + i % 7}))
+            .collect()
+    };
+    publish_batch(&s, "later", delayed(3_600_000)).await;
+    s.wait_until("/v1/subscriptions/hours", 60, |v| {
+        v["pending_timers"] == 450 && v["lag"] == 0
+    })
+    .await;
+    publish_batch(&s, "soon", delayed(1_000)).await;
+    let v = s
+        .wait_until("/v1/subscriptions/seconds", 120, |v| {
+            v["pending_timers"] == 0 && v["counters"]["acked"].as_u64() >= Some(450)
+        })
+        .await;
+    assert_eq!(v["counters"]["acked"], 450, "each once: {v}");
+    assert_eq!(v["counters"]["delivered"], 450, "{v}");
+    s.stop().await.unwrap();
+
+    let s = TestServer::start_with(config()).await;
+    let v = s
+        .wait_until("/v1/subscriptions/hours", 60, |v| v["state"] == "running")
+        .await;
+    assert_eq!(v["pending_timers"], 450, "after a restart: {v}");
+    assert_eq!(v["counters"]["acked"], 0, "{v}");
+    s.stop().await.unwrap();
+}

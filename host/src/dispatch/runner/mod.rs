@@ -71,7 +71,7 @@ pub struct MemberShared {
     pub head_attempts: Vec<AtomicU32>,
     /// Ordered delivery: when each queue's head message is tried again (0 = not waiting).
     pub head_due: Vec<AtomicU64>,
-    timers: std::sync::Mutex<BTreeMap<String, Timer>>,
+    timers: std::sync::Mutex<timers::TimerWindow>,
     timer_wake: Notify,
 }
 
@@ -85,26 +85,31 @@ impl MemberShared {
             .map(|c| c.load(Ordering::Relaxed))
     }
 
+    /// Its stored timers: those in memory and those past the window.
     pub fn pending_timers(&self) -> usize {
-        self.timers.lock().map_or(0, |t| t.len())
+        self.timers
+            .lock()
+            .map_or(0, |t| usize::try_from(t.len()).unwrap_or(usize::MAX))
     }
 
     fn add_timer(&self, t: Timer) {
         if let Ok(mut timers) = self.timers.lock() {
-            timers.insert(t.key(), t);
+            timers.insert(t);
         }
         self.timer_wake.notify_one();
     }
 
     fn next_due(&self) -> Option<u64> {
-        self.timers.lock().ok()?.values().next().map(|t| t.due)
+        self.timers.lock().ok()?.map.values().next().map(|t| t.due)
     }
 
-    /// The earliest timer of `queue` (ordered delivery runs its queue's timers itself).
+    /// The earliest timer of `queue` (ordered delivery runs its queue's timers itself, all in
+    /// memory).
     fn first_of_queue(&self, queue: u32) -> Option<Timer> {
         self.timers
             .lock()
             .ok()?
+            .map
             .values()
             .find(|t| t.queue == queue)
             .cloned()
@@ -115,6 +120,7 @@ impl MemberShared {
         self.timers
             .lock()
             .ok()?
+            .map
             .values()
             .find(|t| t.queue == queue && t.kind == TimerKind::Retry)
             .cloned()
@@ -122,18 +128,19 @@ impl MemberShared {
 
     fn forget_timer(&self, key: &str) {
         if let Ok(mut timers) = self.timers.lock() {
-            timers.remove(key);
+            timers.map.remove(key);
         }
     }
 
     fn pop_due(&self, now: u64) -> Option<Timer> {
         let mut timers = self.timers.lock().ok()?;
         let key = timers
+            .map
             .iter()
             .next()
             .filter(|(_, t)| t.due <= now)
             .map(|(k, _)| k.clone())?;
-        timers.remove(&key)
+        timers.map.remove(&key)
     }
 }
 
@@ -367,21 +374,19 @@ pub async fn start(
         }
         let owned: Vec<bool> = (0..topic.queues).map(|q| owns(&units, i, q)).collect();
         // Timers belong to the node that runs their queue.
-        let timers: BTreeMap<String, Timer> = storage
-            .list_records(
-                &state::timer_space(&record.group),
-                &format!("{name}/"),
-                usize::MAX,
-            )
-            .await?
-            .iter()
-            .map(|(k, r)| Ok((k.clone(), state::decode::<Timer>("timer", r)?)))
-            .filter(|t: &Result<(String, Timer), DispatchError>| {
-                t.as_ref().map_or(true, |(_, t)| {
-                    owned.get(t.queue as usize).copied().unwrap_or(false)
-                })
-            })
-            .collect::<Result<_, DispatchError>>()?;
+        let window = if spec.is_ordered() {
+            usize::MAX
+        } else {
+            env.broker.limits().max_timers_in_memory
+        };
+        let timers = timers::TimerWindow::load(
+            storage.as_ref(),
+            &state::timer_space(&record.group),
+            &name,
+            &owned,
+            window,
+        )
+        .await?;
         members.push(Arc::new(MemberShared {
             name,
             owned,

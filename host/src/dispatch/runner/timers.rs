@@ -11,7 +11,170 @@ pub(super) async fn sleep_until_ms(due: u64) {
     }
 }
 
+/// Timer records read per storage round trip while counting those past the window.
+const COUNT_PAGE: usize = 4096;
+
+/// A member's timers in due order (their keys sort so): every stored one of the queues this
+/// node runs, or, past `cap`, the earliest `cap` to `2 × cap` of them and how many more wait in
+/// storage after `horizon`. 10⁷ delayed messages then take `cap` timers' memory, not 10⁷.
+#[derive(Debug, Default)]
+pub(super) struct TimerWindow {
+    pub(super) map: BTreeMap<String, Timer>,
+    /// `Some(k)`: stored timers with keys after `k` are not in `map`.
+    horizon: Option<String>,
+    /// How many stored timers lie after `horizon`.
+    beyond: u64,
+    cap: usize,
+    /// While a page after the horizon is read: the timers added after the horizon meanwhile
+    /// (the read may have missed them).
+    refilling: Option<BTreeMap<String, Timer>>,
+}
+
+/// The queue of a timer key (`{member}/{due}/{queue}/{offset}`, hex).
+fn key_queue(key: &str) -> Option<u32> {
+    let mut parts = key.rsplit('/');
+    parts.next();
+    u32::from_str_radix(parts.next()?, 16).ok()
+}
+
+impl TimerWindow {
+    /// Reads `member`'s timers of the `owned` queues: up to `cap` into memory, the rest only
+    /// counted (a page at a time).
+    pub(super) async fn load(
+        storage: &dyn Storage,
+        space: &str,
+        member: &str,
+        owned: &[bool],
+        cap: usize,
+    ) -> Result<Self, DispatchError> {
+        let prefix = format!("{member}/");
+        let mut w = Self {
+            cap,
+            ..Self::default()
+        };
+        let mut after = String::new();
+        loop {
+            let page = storage
+                .list_records_after(space, &prefix, &after, COUNT_PAGE)
+                .await?;
+            let full = page.len() == COUNT_PAGE;
+            for (key, r) in page {
+                let queue = key_queue(&key);
+                if queue.is_some_and(|q| owned.get(q as usize).copied().unwrap_or(false)) {
+                    if w.map.len() < cap {
+                        w.map
+                            .insert(key.clone(), state::decode::<Timer>("timer", &r)?);
+                    } else {
+                        if w.horizon.is_none() {
+                            w.horizon = w.map.keys().next_back().cloned();
+                        }
+                        w.beyond += 1;
+                    }
+                }
+                after = key;
+            }
+            if !full {
+                return Ok(w);
+            }
+        }
+    }
+
+    /// Stored timers, in memory or not.
+    pub(super) fn len(&self) -> u64 {
+        (self.map.len() as u64).saturating_add(self.beyond)
+    }
+
+    /// Takes a stored timer into memory if it is due before the horizon; past `2 × cap` the
+    /// latest go back to storage only.
+    pub(super) fn insert(&mut self, t: Timer) {
+        let key = t.key();
+        if self.horizon.as_ref().is_some_and(|h| key > *h) {
+            self.beyond += 1;
+            if let Some(recent) = &mut self.refilling {
+                recent.insert(key, t);
+            }
+            return;
+        }
+        self.map.insert(key, t);
+        if self.map.len() > self.cap.saturating_mul(2) {
+            while self.map.len() > self.cap {
+                self.map.pop_last();
+                self.beyond += 1;
+            }
+            self.horizon = self.map.keys().next_back().cloned();
+        }
+    }
+}
+
 impl Member {
+    /// When every timer in memory fired and more wait in storage: reads the next page after
+    /// the horizon (timers added meanwhile are kept aside, so none is skipped).
+    async fn refill_timers(&self) {
+        let after = match self.shared.timers.lock() {
+            Ok(mut w) if w.map.is_empty() && w.refilling.is_none() => {
+                let h = w.horizon.clone();
+                if h.is_some() {
+                    w.refilling = Some(BTreeMap::new());
+                }
+                h
+            }
+            _ => None,
+        };
+        let Some(after) = after else { return };
+        let space = state::timer_space(&self.group);
+        let prefix = format!("{}/", self.shared.name);
+        let cap = self.shared.timers.lock().map_or(COUNT_PAGE, |w| w.cap);
+        let read = self
+            .storage
+            .list_records_after(&space, &prefix, &after, cap)
+            .await;
+        let page = match read {
+            Ok(page) => page,
+            Err(e) => {
+                if let Ok(mut w) = self.shared.timers.lock() {
+                    w.refilling = None;
+                }
+                tracing::error!(group = %self.group, error = %e, "reading timers failed; tried again");
+                tokio::time::sleep(STORAGE_RETRY).await;
+                return;
+            }
+        };
+        let Ok(mut w) = self.shared.timers.lock() else {
+            return;
+        };
+        let recent = w.refilling.take().unwrap_or_default();
+        let next = (page.len() == cap)
+            .then(|| page.last().map(|(k, _)| k.clone()))
+            .flatten();
+        let within = |k: &String| next.as_ref().is_none_or(|h| k <= h);
+        let mut taken = 0u64;
+        let owned = &self.shared.owned;
+        let loaded = page.into_iter().filter_map(|(k, r)| {
+            let queue = key_queue(&k)?;
+            owned
+                .get(queue as usize)
+                .copied()
+                .unwrap_or(false)
+                .then_some(())?;
+            Some((k, state::decode::<Timer>("timer", &r).ok()?))
+        });
+        let loaded: Vec<(String, Timer)> = loaded.collect();
+        for (k, t) in loaded
+            .into_iter()
+            .chain(recent.into_iter().filter(|(k, _)| within(k)))
+        {
+            if w.map.insert(k, t).is_none() {
+                taken += 1;
+            }
+        }
+        w.beyond = if next.is_none() {
+            0
+        } else {
+            w.beyond.saturating_sub(taken)
+        };
+        w.horizon = next;
+    }
+
     /// The timer that holds a delayed message until it is due.
     pub(super) fn delay_timer(&self, m: &StoredMessage) -> Timer {
         Timer {
@@ -108,6 +271,9 @@ impl Member {
         let mut pending = FuturesUnordered::new();
         let mut stopping = false;
         loop {
+            if !stopping && self.shared.next_due().is_none() {
+                self.refill_timers().await;
+            }
             let next = self.shared.next_due();
             let now = now_ms();
             let due_now = !stopping && next.is_some_and(|d| d <= now);
