@@ -331,11 +331,11 @@ impl Broker {
                                 .put_record(&space, key, None, Expect::Revision(r.revision))
                                 .await
                             {
+                                Ok(_) => n += 1,
                                 // Published again meanwhile: the new record stays.
-                                Ok(_) | Err(StorageError::Conflict { .. }) => {}
+                                Err(StorageError::Conflict { .. }) => {}
                                 Err(e) => return Err(e.into()),
                             }
-                            n += 1;
                         }
                     }
                 }

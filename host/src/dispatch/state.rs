@@ -18,12 +18,12 @@ pub fn timer_space(group: &str) -> String {
 pub fn dlq_space(group: &str) -> String {
     format!("dlq/{group}")
 }
-/// A subscription's delivery counters, one record per node that ran it.
+/// A subscription's delivery counters (a node alone on its storage keeps them).
 pub fn counts_space(group: &str) -> String {
     format!("counts/{group}")
 }
 
-/// The key of the counters of a node alone on its storage.
+/// The key of the counters in [`counts_space`].
 pub const LOCAL_NODE: &str = "local";
 
 /// Delivery counters as stored: what a runner counted since the subscription was created,

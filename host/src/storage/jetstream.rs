@@ -639,7 +639,17 @@ impl Storage for JetStreamStorage {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
-        self.list_inner(space, prefix, limit).await
+        self.list_inner(space, prefix, "", limit).await
+    }
+
+    async fn list_records_after(
+        &self,
+        space: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        self.list_inner(space, prefix, after, limit).await
     }
 
     async fn put_record(

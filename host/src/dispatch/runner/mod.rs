@@ -45,9 +45,10 @@ const READ_BATCH: usize = 256;
 /// Pause after a storage error before trying again.
 const STORAGE_RETRY: Duration = Duration::from_millis(200);
 
-/// Delivery counters since the subscription was created: loaded from storage when a runner
-/// starts, stored every [`COUNTS_EVERY`] while it runs and when it stops (a crash loses at most
-/// that much counting, never a delivery).
+/// Delivery counters since the subscription was created (on shared storage: since this node
+/// started running it): loaded from storage when a runner starts, stored every
+/// [`COUNTS_EVERY`] while it runs and when it stops (a crash loses at most that much counting,
+/// never a delivery).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub delivered: AtomicU64,
@@ -257,7 +258,7 @@ pub struct Runner {
     grace: Duration,
     tracker: TaskTracker,
     pub shared: Arc<RunnerShared>,
-    counts: CountsRecord,
+    counts: Option<CountsRecord>,
 }
 
 impl Runner {
@@ -298,7 +299,9 @@ impl Runner {
             self.tracker.wait().await;
         }
         // Every delivery is settled: the counters are final for this run.
-        self.counts.store(self.shared.counters.stored()).await;
+        if let Some(c) = &self.counts {
+            c.store(self.shared.counters.stored()).await;
+        }
     }
 }
 
@@ -407,14 +410,21 @@ pub async fn start(
         }));
         starts.push(cursors);
     }
-    let counts = CountsRecord {
+    // Kept by a node alone on its storage. Nodes sharing it count from their start (status
+    // sums the live ones): a node's id may change at each start, and a deleted
+    // subscription's runner on another node would write its record back.
+    let counts = node.is_none().then(|| CountsRecord {
         storage: storage.clone(),
         space: state::counts_space(&record.group),
-        node: node.unwrap_or(state::LOCAL_NODE).to_string(),
+        node: state::LOCAL_NODE.to_string(),
+    });
+    let stored = match &counts {
+        Some(c) => c.load().await?,
+        None => state::StoredCounts::default(),
     };
     let shared = Arc::new(RunnerShared {
         plugin_version: version.version,
-        counters: Counters::from_stored(counts.load().await?),
+        counters: Counters::from_stored(stored),
         members: members.clone(),
         in_flight: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
         max_in_flight: spec.max_in_flight,
@@ -543,7 +553,9 @@ pub async fn start(
         }
     }
     drop(channels);
-    tracker.spawn(counts.clone().keep(shared.clone(), cancel.clone()));
+    if let Some(c) = &counts {
+        tracker.spawn(c.clone().keep(shared.clone(), cancel.clone()));
+    }
     Ok(Runner {
         counts,
         topic: spec.topic.clone(),

@@ -96,7 +96,9 @@ impl TimerWindow {
             return;
         }
         self.map.insert(key, t);
-        if self.map.len() > self.cap.saturating_mul(2) {
+        // Not while a page is read: timers dropped below the horizon now would be after the
+        // horizon the page sets, and missed.
+        if self.refilling.is_none() && self.map.len() > self.cap.saturating_mul(2) {
             while self.map.len() > self.cap {
                 self.map.pop_last();
                 self.beyond += 1;

@@ -80,6 +80,7 @@ impl JetStreamStorage {
         &self,
         space: &str,
         prefix: &str,
+        after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
         let filter = format!("$KV.{RECORDS}.{}.*", enc(space));
@@ -98,7 +99,7 @@ impl JetStreamStorage {
                 continue;
             };
             let key = dec(encoded)?;
-            if key.starts_with(prefix) {
+            if key.starts_with(prefix) && (after.is_empty() || key.as_str() > after) {
                 wanted.push((key, subject));
             }
         }
@@ -112,13 +113,17 @@ impl JetStreamStorage {
                 Err(e) => Err(js_err("list", e)),
             }
         });
-        let found: Vec<Option<(String, async_nats::jetstream::message::StreamMessage)>> =
-            futures::stream::iter(gets)
-                .buffered(READ_AHEAD)
-                .try_collect()
-                .await?;
+        // Values are fetched in key order, a few ahead, until `limit` live records are found:
+        // a page costs its own records (and the deleted ones among them), not the space.
+        let mut found = std::pin::pin!(futures::stream::iter(gets).buffered(READ_AHEAD));
         let mut out = Vec::new();
-        for (key, m) in found.into_iter().flatten() {
+        while out.len() < limit {
+            let Some(next) = found.next().await else {
+                break;
+            };
+            let Some((key, m)) = next? else {
+                continue;
+            };
             let deleted = m
                 .headers
                 .get("KV-Operation")
@@ -133,9 +138,6 @@ impl JetStreamStorage {
                     value: m.payload.to_vec(),
                 },
             ));
-            if out.len() >= limit {
-                break;
-            }
         }
         Ok(out)
     }

@@ -238,7 +238,7 @@ impl JetStreamStorage {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let mut done = 0;
-        for (id, record) in self.list_inner(INTENTS, "", usize::MAX).await? {
+        for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
             // Intent ids are v7 UUIDs: their time says how old they are.
             let born = uuid::Uuid::parse_str(&id)
                 .ok()
