@@ -181,8 +181,14 @@ fn main() {
         .filter(|w| w[0] == "--kind")
         .map(|w| w[1].as_str())
         .collect();
+    // `--kind NAME` picks among every kind, also with `--quick`.
     let (kinds, ks, drain_n, rate, secs): (&[Kind], &[usize], usize, u64, u64) = if quick {
-        (&[Kind::Spin, Kind::Sleep], &[1, 4], 20_000, 2_000, 1)
+        let kinds: &[Kind] = if only.is_empty() {
+            &[Kind::Spin, Kind::Sleep]
+        } else {
+            &[Kind::Spin, Kind::Sleep, Kind::Allocate, Kind::Compile]
+        };
+        (kinds, &[1, 4], 20_000, 2_000, 1)
     } else {
         (
             &[Kind::Spin, Kind::Sleep, Kind::Allocate, Kind::Compile],
