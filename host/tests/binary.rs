@@ -178,6 +178,62 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Mistakes a new user makes (issue 26): each answer names the flag or the rule, never a route
+/// or a JSON field nobody typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_mistakes_get_answers_that_name_the_flag_or_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    // No scheme: http:// is assumed.
+    let bare = url.trim_start_matches("http://");
+    let out = cli(bare, &["topic", "create", "plain", "--queues", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli("ftp://127.0.0.1:1", &["topic", "list"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--server"), "{}", stderr(&out));
+    // A name with a slash reaches the server whole and gets the naming rule.
+    for args in [
+        vec!["topic", "create", "bad/name", "--queues", "1"],
+        vec!["topic", "show", "bad/name"],
+    ] {
+        let out = cli(&url, &args);
+        let said = stderr(&out);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!said.contains("no such route"), "{args:?}: {said}");
+        assert!(said.contains("bad/name"), "{args:?}: {said}");
+    }
+    let out = cli(&url, &["topic", "create", "bad/name", "--queues", "1"]);
+    assert!(stderr(&out).contains("A-Z a-z 0-9"), "{}", stderr(&out));
+    // A subscription without its topic or plugin names the flag.
+    let out = cli(&url, &["sub", "create", "g1", "--plugin", "echo"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--topic is required"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&url, &["sub", "create", "g1", "--topic", "plain"]);
+    assert!(
+        stderr(&out).contains("--plugin is required"),
+        "{}",
+        stderr(&out)
+    );
+    // Given in --spec instead, they are not asked for (the server answers about the plugin).
+    let out = cli(
+        &url,
+        &[
+            "sub",
+            "create",
+            "g1",
+            "--spec",
+            r#"{"topic":"plain","plugin":"nope"}"#,
+        ],
+    );
+    assert!(!stderr(&out).contains("is required"), "{}", stderr(&out));
+    server.kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_verbs_talk_to_the_server() {
     let dir = tempfile::tempdir().unwrap();

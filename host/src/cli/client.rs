@@ -3,6 +3,30 @@
 use anyhow::{Context as _, anyhow};
 use serde_json::Value;
 
+/// `name` as one URL path segment or query value: every byte but ASCII letters and digits is
+/// percent-encoded, so a name with `/`, `?` or `#` reaches the server whole and gets its rule
+/// named (`topic create bad/name` used to be answered "no such route").
+pub fn seg(name: &str) -> impl std::fmt::Display + '_ {
+    percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+}
+
+/// The server's base URL from `--server`: `http://` is assumed without a scheme
+/// (`127.0.0.1:7700`); anything but an http(s) URL is an error naming the flag.
+pub fn base_url(server: &str) -> anyhow::Result<String> {
+    let with_scheme = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let url = url::Url::parse(&with_scheme).map_err(|e| {
+        anyhow!("--server {server:?} is not a URL ({e}); e.g. http://127.0.0.1:7700")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        anyhow::bail!("--server {server:?} must be an http:// or https:// URL with a host");
+    }
+    Ok(with_scheme.trim_end_matches('/').to_string())
+}
+
 pub struct Client {
     base: String,
     http: reqwest::Client,
@@ -22,7 +46,7 @@ impl Client {
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
+            base: base_url(base)?,
             http,
         })
     }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, FlushMode};
 use args::*;
-use client::Client;
+use client::{Client, seg};
 use output::print;
 use verbs::*;
 
@@ -94,13 +94,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let body = serde_json::Value::Object(body);
             print(
                 &client
-                    .put_json(&format!("/v1/topics/{name}"), &body)
+                    .put_json(&format!("/v1/topics/{}", seg(&name)), &body)
                     .await?,
             )
         }
         Command::Plugin(cmd) => plugin(&client, cmd).await,
         Command::Message(cmd) => print(&match cmd {
-            MessageCommand::Get { id } => client.get(&format!("/v1/messages/{id}")).await?,
+            MessageCommand::Get { id } => client.get(&format!("/v1/messages/{}", seg(&id))).await?,
             MessageCommand::Find { topic, key } => {
                 client
                     .get(&format!(
@@ -179,30 +179,40 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 print(
                     &client
                         .post_json(
-                            &format!("/v1/topics/{topic}/transactions"),
+                            &format!("/v1/topics/{}/transactions", seg(&topic)),
                             &Value::Object(envelope),
                         )
                         .await?,
                 )
             }
-            TxnCommand::Show { id } => print(&client.get(&format!("/v1/transactions/{id}")).await?),
+            TxnCommand::Show { id } => print(
+                &client
+                    .get(&format!("/v1/transactions/{}", seg(&id)))
+                    .await?,
+            ),
             TxnCommand::List { state } => {
                 let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
                 print(&client.get(&format!("/v1/transactions{q}")).await?)
             }
             TxnCommand::Commit { id } => print(
                 &client
-                    .post_json(&format!("/v1/transactions/{id}/commit"), &json!({}))
+                    .post_json(&format!("/v1/transactions/{}/commit", seg(&id)), &json!({}))
                     .await?,
             ),
             TxnCommand::Rollback { id } => print(
                 &client
-                    .post_json(&format!("/v1/transactions/{id}/rollback"), &json!({}))
+                    .post_json(
+                        &format!("/v1/transactions/{}/rollback", seg(&id)),
+                        &json!({}),
+                    )
                     .await?,
             ),
             TxnCommand::Recheck { id } => print(
                 &client
-                    .post_json(&format!("/v1/transactions/{id}/recheck"), &json!({}))
+                    .post_json(
+                        &format!("/v1/transactions/{}/recheck", seg(&id)),
+                        &json!({}),
+                    )
                     .await?,
             ),
         },
@@ -211,9 +221,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             limit,
             after,
         }) => {
-            let mut path = format!("/v1/subscriptions/{group}/dlq?limit={limit}");
+            let mut path = format!("/v1/subscriptions/{}/dlq?limit={limit}", seg(&group));
             if let Some(a) = after {
-                path.push_str(&format!("&after={a}"));
+                path.push_str(&format!("&after={}", seg(&a)));
             }
             print(&client.get(&path).await?)
         }
@@ -225,17 +235,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             print(
                 &client
-                    .post_json(&format!("/v1/subscriptions/{group}/dlq/redrive"), &body)
+                    .post_json(
+                        &format!("/v1/subscriptions/{}/dlq/redrive", seg(&group)),
+                        &body,
+                    )
                     .await?,
             )
         }
         Command::Topic(TopicCommand::List) => print(&client.get("/v1/topics").await?),
         Command::Topic(TopicCommand::Show { name }) => {
-            print(&client.get(&format!("/v1/topics/{name}")).await?)
+            print(&client.get(&format!("/v1/topics/{}", seg(&name))).await?)
         }
         Command::Topic(TopicCommand::Delete { name, force }) => {
             let query = if force { "?force=true" } else { "" };
-            print(&client.delete(&format!("/v1/topics/{name}{query}")).await?)
+            print(
+                &client
+                    .delete(&format!("/v1/topics/{}{query}", seg(&name)))
+                    .await?,
+            )
         }
         Command::Publish {
             topic,
@@ -279,7 +296,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print(
                 &client
                     .post_json(
-                        &format!("/v1/topics/{topic}/messages"),
+                        &format!("/v1/topics/{}/messages", seg(&topic)),
                         &Value::Object(envelope),
                     )
                     .await?,

@@ -27,7 +27,7 @@ pub(super) async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Resul
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             print(
                 &client
-                    .put_wasm(&format!("/v1/plugins/{name}"), bytes)
+                    .put_wasm(&format!("/v1/plugins/{}", seg(&name)), bytes)
                     .await?,
             )
         }
@@ -47,14 +47,18 @@ pub(super) async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Resul
             }
             print(
                 &client
-                    .post_json(&format!("/v1/plugins/{name}/invoke"), &req)
+                    .post_json(&format!("/v1/plugins/{}/invoke", seg(&name)), &req)
                     .await?,
             )
         }
-        PluginCommand::Show { name } => print(&client.get(&format!("/v1/plugins/{name}")).await?),
-        PluginCommand::Delete { name } => {
-            print(&client.delete(&format!("/v1/plugins/{name}")).await?)
+        PluginCommand::Show { name } => {
+            print(&client.get(&format!("/v1/plugins/{}", seg(&name))).await?)
         }
+        PluginCommand::Delete { name } => print(
+            &client
+                .delete(&format!("/v1/plugins/{}", seg(&name)))
+                .await?,
+        ),
     }
 }
 
@@ -126,6 +130,12 @@ pub(super) fn sub_spec(a: SubArgs) -> anyhow::Result<(String, Value)> {
         }
         obj.insert("retry".into(), retry);
     }
+    // The server would say "missing field topic" of JSON nobody typed: name the flags.
+    for (field, flag) in [("topic", "--topic"), ("plugin", "--plugin")] {
+        if spec.get(field).is_none_or(Value::is_null) {
+            anyhow::bail!("{flag} is required (or give \"{field}\" in --spec)");
+        }
+    }
     Ok((a.group, spec))
 }
 
@@ -135,35 +145,45 @@ pub(super) async fn sub(client: &Client, cmd: SubCommand) -> anyhow::Result<()> 
             let (group, spec) = sub_spec(*args)?;
             print(
                 &client
-                    .put_json(&format!("/v1/subscriptions/{group}"), &spec)
+                    .put_json(&format!("/v1/subscriptions/{}", seg(&group)), &spec)
                     .await?,
             )
         }
-        SubCommand::Show { group } => {
-            print(&client.get(&format!("/v1/subscriptions/{group}")).await?)
-        }
+        SubCommand::Show { group } => print(
+            &client
+                .get(&format!("/v1/subscriptions/{}", seg(&group)))
+                .await?,
+        ),
         SubCommand::List => print(&client.get("/v1/subscriptions").await?),
         SubCommand::Pause { group } => print(
             &client
-                .post_json(&format!("/v1/subscriptions/{group}/pause"), &json!({}))
+                .post_json(
+                    &format!("/v1/subscriptions/{}/pause", seg(&group)),
+                    &json!({}),
+                )
                 .await?,
         ),
         SubCommand::Resume { group } => print(
             &client
-                .post_json(&format!("/v1/subscriptions/{group}/resume"), &json!({}))
+                .post_json(
+                    &format!("/v1/subscriptions/{}/resume", seg(&group)),
+                    &json!({}),
+                )
                 .await?,
         ),
         SubCommand::Reset { group, to } => {
             let body = json!({ "to": start_value(&to)? });
             print(
                 &client
-                    .post_json(&format!("/v1/subscriptions/{group}/reset"), &body)
+                    .post_json(&format!("/v1/subscriptions/{}/reset", seg(&group)), &body)
                     .await?,
             )
         }
-        SubCommand::Delete { group } => {
-            print(&client.delete(&format!("/v1/subscriptions/{group}")).await?)
-        }
+        SubCommand::Delete { group } => print(
+            &client
+                .delete(&format!("/v1/subscriptions/{}", seg(&group)))
+                .await?,
+        ),
     }
 }
 
@@ -242,7 +262,7 @@ pub(super) async fn publish_file(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
-    let url = format!("/v1/topics/{topic}/messages/batch");
+    let url = format!("/v1/topics/{}/messages/batch", seg(topic));
     let (mut published, mut pending, mut line_no) = (0u64, Vec::new(), 0u64);
     let mut lines = open()?.lines();
     loop {
@@ -303,7 +323,7 @@ pub(super) async fn logs(
     };
     if !follow {
         let page = client
-            .get(&format!("/v1/plugins/{name}/logs?limit={limit}"))
+            .get(&format!("/v1/plugins/{}/logs?limit={limit}", seg(name)))
             .await?;
         for line in page["lines"].as_array().into_iter().flatten() {
             show(line);
