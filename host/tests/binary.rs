@@ -178,6 +178,64 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `wasmq completions SHELL` and `wasmq man` need no server (issue 26): the bash script parses
+/// and completes the verbs, the man page is roff with every command, and `--dir` writes a page
+/// per subcommand.
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_itself() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            // Unreachable: nothing here may talk to a server.
+            .env("WASMQ_SERVER", "http://127.0.0.1:1")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        out.stdout
+    };
+    let bash = run(&["completions", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("wasmq.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(syntax.success(), "the bash completion does not parse");
+    let bash = String::from_utf8(bash).unwrap();
+    for verb in [
+        "publish",
+        "topic",
+        "sub",
+        "dlq",
+        "txn",
+        "retention-max-age-ms",
+    ] {
+        assert!(bash.contains(verb), "bash completion lacks {verb}");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        assert!(!run(&["completions", shell]).is_empty(), "{shell}");
+    }
+    let page = String::from_utf8(run(&["man"])).unwrap();
+    assert!(page.contains(".TH wasmq 1"), "{page}");
+    assert!(page.contains("sandboxed WebAssembly plugins"));
+    let pages = dir.path().join("man1");
+    run(&["man", "--dir", pages.to_str().unwrap()]);
+    let sub_create = std::fs::read_to_string(pages.join("wasmq-sub-create.1")).unwrap();
+    assert!(sub_create.contains("consumer group"), "{sub_create}");
+    assert!(
+        !pages.join("wasmq-compile-worker.1").exists(),
+        "internal verbs stay hidden"
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("tcsh"), "{}", stderr(&out));
+}
+
 /// Mistakes a new user makes (issue 26): each answer names the flag or the rule, never a route
 /// or a JSON field nobody typed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,25 @@ pub fn main() -> ExitCode {
         );
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    // Documentation verbs need no server and no async runtime.
+    let documented = match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "wasmq", &mut std::io::stdout());
+            Some(Ok(()))
+        }
+        Command::Man { dir } => Some(man_pages(dir.as_deref())),
+        _ => None,
+    };
+    if let Some(done) = documented {
+        return match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,12 +79,30 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `wasmq man`: the page of `wasmq` to stdout, or with `dir` one page per command and
+/// subcommand (`wasmq-topic-create.1`) written there.
+fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let Some(dir) = dir else {
+        return clap_mangen::Man::new(command)
+            .render(&mut std::io::stdout())
+            .context("cannot write the man page");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("--dir {}", dir.display()))?;
+    clap_mangen::generate_to(command, dir)
+        .with_context(|| format!("cannot write man pages into --dir {}", dir.display()))
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     output::set_format(cli.output);
+    // `serve` is no client: a bad WASMQ_SERVER must not stop a server from starting.
+    if let Command::Serve(args) = cli.command {
+        return serve(args).await;
+    }
     let client = Client::new(&cli.server, cli.token.as_deref())?;
     match cli.command {
-        Command::Serve(args) => serve(args).await,
-        // Handled in `main`, without an async runtime.
+        // Handled above or in `main`, without a client or an async runtime.
+        Command::Serve(_) | Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::CompileWorker { .. } => anyhow::bail!("compile-worker is run by the server"),
         Command::Topic(TopicCommand::Create {
             name,
