@@ -67,6 +67,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_announced(listener, config, shutdown, |_| {}).await
+}
+
+/// [`run`], calling `ready` with the API's address once storage is open and subscriptions
+/// started, just before requests are served: `wasmq serve` says "listening" there, so a data
+/// dir another wasmq holds fails before anything claims the server is up (issue 26).
+pub async fn run_announced(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
+) -> anyhow::Result<()> {
     let local = listener
         .local_addr()
         .map(|a| a.ip().is_loopback())
@@ -121,7 +133,7 @@ pub async fn run(
             )
         }
     };
-    let result = serve(listener, &config, storage.clone(), shutdown).await;
+    let result = serve(listener, &config, storage.clone(), shutdown, ready).await;
     storage.close().await;
     result
 }
@@ -131,6 +143,7 @@ async fn serve(
     config: &Config,
     storage: Arc<dyn Storage>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> anyhow::Result<()> {
     let samplers = CancellationToken::new();
     let disk = disk::DiskGuard::new(
@@ -260,6 +273,7 @@ async fn serve(
         shutdown.await;
         closing.cancel();
     };
+    ready(listener.local_addr()?);
     let served = http::serve(listener, app, &config.server, shutdown)
         .await
         .context("HTTP server failed");

@@ -178,6 +178,54 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A second `wasmq serve` on a data dir another one holds fails before it says "listening"
+/// (issue 26: it printed the line, then failed), and a server's log written to a file carries
+/// no terminal colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_says_listening_only_when_up_and_logs_plain_text_to_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let second = tokio::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stdout);
+    assert!(!said.contains("listening"), "{said}");
+    assert!(
+        stderr(&second).contains("another wasmq"),
+        "{}",
+        stderr(&second)
+    );
+    first.kill().await;
+
+    let other = tempfile::tempdir().unwrap();
+    let log_path = other.path().join("wasmq.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(other.path().join("data"))
+        .env("WASMQ_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt as _;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    assert!(line.contains("listening"), "{line}");
+    child.kill().await.unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("serving"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file: {text:?}"
+    );
+}
+
 /// `wasmq completions SHELL` and `wasmq man` need no server (issue 26): the bash script parses
 /// and completes the verbs, the man page is roff with every command, and `--dir` writes a page
 /// per subcommand.

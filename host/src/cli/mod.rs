@@ -349,6 +349,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: not in a file or a journal (issue 26).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(d) = args.data_dir {
@@ -365,11 +367,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    let addr = listener.local_addr()?;
-    // Scripts and tests read this line to find the port (`--listen 127.0.0.1:0`).
-    println!("wasmq listening on http://{addr}");
-    tracing::info!(%addr, data_dir = %config.server.data_dir.display(), flush = ?config.server.flush, "serving");
-    crate::run(listener, config, shutdown_signal()).await?;
+    let (data_dir, flush) = (config.server.data_dir.clone(), config.server.flush);
+    crate::run_announced(listener, config, shutdown_signal(), |addr| {
+        // Scripts and tests read this line to find the port (`--listen 127.0.0.1:0`); it comes
+        // once storage is open, so it means the server is up.
+        println!("wasmq listening on http://{addr}");
+        tracing::info!(%addr, data_dir = %data_dir.display(), ?flush, "serving");
+    })
+    .await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
