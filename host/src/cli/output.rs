@@ -53,7 +53,7 @@ pub fn human(v: &Value) -> String {
                     out.push_str(&table(rows));
                 }
                 for (k, v) in map.iter().filter(|(k, _)| k != only) {
-                    out.push_str(&format!("{k}: {}\n", scalar(v)));
+                    out.push_str(&format!("{k}: {}\n", cell(k, v)));
                 }
                 return out;
             }
@@ -81,7 +81,7 @@ fn fields(out: &mut String, prefix: &str, map: &serde_json::Map<String, Value>) 
                     }
                 }
             }
-            v => out.push_str(&format!("{key}: {}\n", scalar(v))),
+            v => out.push_str(&format!("{key}: {}\n", cell(k, v))),
         }
     }
 }
@@ -105,7 +105,7 @@ fn table(rows: &[Value]) -> String {
     t.load_preset(presets::NOTHING);
     t.set_header(columns.iter().map(|c| c.to_uppercase()));
     for row in rows {
-        t.add_row(columns.iter().map(|c| cut(&scalar(&row[c.as_str()]))));
+        t.add_row(columns.iter().map(|c| cut(&cell(c, &row[c.as_str()]))));
     }
     let mut text = t.to_string();
     text.push('\n');
@@ -124,6 +124,26 @@ fn scalar(v: &Value) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// A field's text in a table: times (`at` and `…_at` fields, ms since the Unix epoch) in
+/// RFC 3339 UTC, for people (`--output json` keeps the numbers); the rest as [`scalar`].
+fn cell(key: &str, v: &Value) -> String {
+    if key == "at" || key.ends_with("_at") {
+        if let Some(text) = v.as_u64().and_then(rfc3339) {
+            return text;
+        }
+    }
+    scalar(v)
+}
+
+/// `ms` since the Unix epoch as RFC 3339 UTC (milliseconds when not whole seconds); `None`
+/// past what it can show.
+fn rfc3339(ms: u64) -> Option<String> {
+    let nanos = i128::from(ms).checked_mul(1_000_000)?;
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?;
+    at.format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 fn cut(s: &str) -> String {
@@ -172,5 +192,23 @@ mod tests {
         let page = human(&json!({"entries": [], "next": null}));
         assert!(page.contains("next: -"), "{page}");
         assert_eq!(cut(&"x".repeat(100)).chars().count(), MAX_CELL);
+    }
+
+    #[test]
+    fn times_read_as_rfc3339_in_tables_and_stay_numbers_elsewhere() {
+        let t = human(&json!({"entries": [
+            {"id": "a", "died_at": 1_764_547_200_123_u64, "attempts": 3},
+        ]}));
+        assert!(t.contains("2025-12-01T00:00:00.123Z"), "{t}");
+        assert!(t.contains('3'), "{t}");
+        let s = human(
+            &json!({"id": "t1", "created_at": 0, "history": [{"at": 86_400_000}],
+                              "checks": 1_764_547_200_123_u64}),
+        );
+        assert!(s.contains("created_at: 1970-01-01T00:00:00Z"), "{s}");
+        assert!(s.contains("1970-01-02T00:00:00Z"), "{s}");
+        assert!(s.contains("checks: 1764547200123"), "not a time field: {s}");
+        // Past year 9999 the number stays.
+        assert!(human(&json!({"next_at": u64::MAX})).contains(&u64::MAX.to_string()));
     }
 }
