@@ -129,10 +129,10 @@ fn scalar(v: &Value) -> String {
 /// A field's text in a table: times (`at` and `…_at` fields, ms since the Unix epoch) in
 /// RFC 3339 UTC, for people (`--output json` keeps the numbers); the rest as [`scalar`].
 fn cell(key: &str, v: &Value) -> String {
-    if key == "at" || key.ends_with("_at") {
-        if let Some(text) = v.as_u64().and_then(rfc3339) {
-            return text;
-        }
+    if (key == "at" || key.ends_with("_at"))
+        && let Some(text) = v.as_u64().and_then(rfc3339)
+    {
+        return text;
     }
     scalar(v)
 }
