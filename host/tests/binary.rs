@@ -1554,12 +1554,36 @@ async fn cli_tables_for_people_and_bulk_publish_from_a_file() {
     let out = human(&["openapi"]);
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
+    // A summary, not raw metrics: the server, its topics and subscriptions with their lag.
     let out = human(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("status: ok") && text.contains("wasmq_published_messages_total"),
-        "{text}"
-    );
+    for part in [
+        "status: ok",
+        "version: ",
+        "backend: rocksdb",
+        "uptime: ",
+        "topics:",
+        "bulk",
+        "subscriptions:",
+    ] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    assert!(!text.contains("wasmq_published_messages_total"), "{text}");
+    assert!(text.lines().count() < 40, "{text}");
+    let out = cli(&url, &["status"]);
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bulk = summary["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "bulk")
+        .unwrap();
+    assert!(bulk["messages"].as_u64().unwrap() > 0, "{summary}");
+    assert!(bulk["stored_bytes"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["version"], summary["client_version"], "{summary}");
+    let out = human(&["status", "--metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("wasmq_published_messages_total"), "{text}");
 
     // A bad line stops the run and says how far it got.
     std::fs::write(&file, "{\"n\":1}\nnot json\n").unwrap();

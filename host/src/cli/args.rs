@@ -71,8 +71,17 @@ pub(super) enum Command {
     /// Look messages up by id or key, or read a queue.
     #[command(subcommand)]
     Message(MessageCommand),
-    /// The server's health and its Prometheus metrics (`--output json`: just the health).
-    Status,
+    /// A summary of the server: version, node, backend, uptime, topics (messages, bytes) and
+    /// subscriptions (state, lag, in flight, dead letters). `--metrics`: its Prometheus
+    /// metrics as they are.
+    #[command(
+        after_help = "Examples:\n  wasmq status\n  wasmq status -o json | jq '.subscriptions[] | select(.dlq > 0)'\n  wasmq status --metrics | grep wasmq_deliveries_total"
+    )]
+    Status {
+        /// Print the raw Prometheus metrics instead.
+        #[arg(long)]
+        metrics: bool,
+    },
     /// The nodes sharing the server's storage and who holds each lease (which node runs each
     /// subscription queue).
     Cluster,

@@ -79,6 +79,74 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `wasmq status`: what an operator looks at first, from the server's health, cluster view,
+/// topics and subscriptions. Shape: `{status, version, client_version, node, backend,
+/// started_at, uptime, topics: [{name, queues, messages, stored_bytes}], subscriptions:
+/// [{group, state, topic, plugin, lag, in_flight, dlq}]}` (`messages`: stored now; `lag`,
+/// `dlq`: messages).
+fn status_summary(
+    health: &Value,
+    cluster: &Value,
+    topics: &Value,
+    subscriptions: &Value,
+    now_ms: u64,
+) -> Value {
+    let this_node = cluster["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["self"] == true));
+    let started_at = this_node.and_then(|n| n["started_at"].as_u64());
+    let list = |v: &Value, field: &str| v[field].as_array().cloned().unwrap_or_default();
+    let sum = |v: &Value| {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).sum::<u64>())
+            .unwrap_or(0)
+    };
+    json!({
+        "status": health["status"],
+        "version": health["version"],
+        "client_version": env!("CARGO_PKG_VERSION"),
+        "node": cluster["node"],
+        "backend": cluster["backend"],
+        "started_at": started_at,
+        "uptime": started_at.map(|at| uptime(now_ms.saturating_sub(at))),
+        "topics": list(topics, "topics").iter().map(|t| json!({
+            "name": t["name"],
+            "queues": t["queues"],
+            "messages": t["stored_messages"],
+            "stored_bytes": sum(&t["stored_bytes"]),
+        })).collect::<Vec<_>>(),
+        "subscriptions": list(subscriptions, "subscriptions").iter().map(|s| json!({
+            "group": s["group"],
+            "state": s["state"],
+            "topic": s["spec"]["topic"],
+            "plugin": s["spec"]["plugin"],
+            "lag": s["lag"],
+            "in_flight": s["in_flight"],
+            "dlq": s["dlq"],
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `ms` as days, hours, minutes and seconds: `3d 4h 5m 6s`, `7m 0s`, `12s`.
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    let parts = [
+        (s / 86_400, "d"),
+        (s / 3600 % 24, "h"),
+        (s / 60 % 60, "m"),
+        (s % 60, "s"),
+    ];
+    let first = parts
+        .iter()
+        .position(|(n, _)| *n > 0)
+        .unwrap_or(parts.len() - 1);
+    parts[first..]
+        .iter()
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `wasmq man`: the page of `wasmq` to stdout, or with `dir` one page per command and
 /// subcommand (`wasmq-topic-create.1`) written there.
 fn man_pages(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
@@ -165,14 +233,43 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(())
         }
-        Command::Status => {
-            let health = client.get("/healthz").await?;
-            if output::format() == output::Format::Json {
-                return print(&health);
-            }
-            print(&health)?;
+        Command::Status { metrics: true } => {
             let metrics = client.get("/metrics").await?;
             println!("{}", metrics.as_str().unwrap_or_default().trim_end());
+            Ok(())
+        }
+        Command::Status { metrics: false } => {
+            let (health, cluster, topics, subscriptions) = tokio::try_join!(
+                client.get("/healthz"),
+                client.get("/v1/cluster"),
+                client.get("/v1/topics"),
+                client.get("/v1/subscriptions"),
+            )?;
+            let mut summary = status_summary(
+                &health,
+                &cluster,
+                &topics,
+                &subscriptions,
+                crate::base::now_ms(),
+            );
+            if output::format() == output::Format::Json {
+                return print(&summary);
+            }
+            // For people: the server's lines, then each listing under its name.
+            let listings = ["topics", "subscriptions"].map(|name| {
+                let rows = summary
+                    .as_object_mut()
+                    .and_then(|m| m.remove(name))
+                    .unwrap_or_default();
+                (name, rows)
+            });
+            print(&summary)?;
+            for (name, rows) in listings {
+                println!("{name}:");
+                for line in output::human(&rows).lines() {
+                    println!("  {line}");
+                }
+            }
             Ok(())
         }
         Command::Cluster => {
@@ -402,4 +499,19 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutdown requested; finishing in-flight work");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uptime_reads_in_days_hours_minutes_seconds() {
+        assert_eq!(super::uptime(0), "0s");
+        assert_eq!(super::uptime(12_999), "12s");
+        assert_eq!(super::uptime(420_000), "7m 0s");
+        assert_eq!(
+            super::uptime(((3 * 24 + 4) * 3600 + 5 * 60 + 6) * 1000),
+            "3d 4h 5m 6s"
+        );
+        assert_eq!(super::uptime(u64::MAX).split(' ').count(), 4);
+    }
 }

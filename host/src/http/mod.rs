@@ -179,8 +179,9 @@ async fn deadline(
     }
 }
 
+/// Liveness: `{"status": "ok", "version": the server's version}`.
 pub(crate) async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({"status": "ok"}))
+    axum::Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
 }
 
 /// The nodes sharing this broker's storage (heartbeats), the leases and their owners, which
