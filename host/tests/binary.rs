@@ -178,6 +178,80 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `message read/find/get` for people (issue 26): the queue read is named when the topic has
+/// others, and bodies show as text (JSON compact, UTF-8 bytes as they are, other bytes as a
+/// size), while `--output json` keeps the server's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_message_read_names_its_queue_and_shows_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let people = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["--server", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        people(&["topic", "create", "one", "--queues", "1"])
+            .status
+            .success()
+    );
+    assert!(
+        people(&["topic", "create", "four", "--queues", "4"])
+            .status
+            .success()
+    );
+    for body in ["hello", r#"{"a":1}"#] {
+        assert!(
+            people(&["publish", "one", body, "--key", "k/1"])
+                .status
+                .success()
+        );
+    }
+    let mut child = std::process::Command::new(BIN)
+        .args(["--server", &url, "publish", "one", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[0xff, 0xfe])
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let out = people(&["message", "read", "one"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    assert!(rows[1].ends_with("hello"), "{text}");
+    assert!(rows[2].ends_with(r#"{"a":1}"#), "{text}");
+    assert!(rows[3].ends_with("<2 bytes>"), "{text}");
+    assert!(!stderr(&out).contains("queue 0 of"), "{}", stderr(&out));
+    let out = people(&["message", "read", "four"]);
+    assert!(stderr(&out).contains("queue 0 of 4"), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(none)"));
+    let out = people(&["message", "read", "four", "--queue", "2"]);
+    assert!(!stderr(&out).contains("queue 0 of"), "{}", stderr(&out));
+    // The key has a '/': it reaches the server whole.
+    let out = people(&["message", "find", "one", "--key", "k/1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let json: Value =
+        serde_json::from_slice(&cli(&url, &["message", "read", "one"]).stdout).unwrap();
+    let first = &json["messages"][0];
+    assert_eq!(first["body_base64"], "aGVsbG8=", "{json}");
+    let id = first["id"].as_str().unwrap();
+    let out = people(&["message", "get", id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("body: hello"));
+    server.kill().await;
+}
+
 /// A second `wasmq serve` on a data dir another one holds fails before it says "listening"
 /// (issue 26: it printed the line, then failed), and a server's log written to a file carries
 /// no terminal colour codes.

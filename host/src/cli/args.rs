@@ -445,9 +445,10 @@ pub(super) enum MessageCommand {
     Read {
         /// The topic.
         topic: String,
-        /// Which queue (0 to the topic's queues - 1).
-        #[arg(long, default_value_t = 0)]
-        queue: u32,
+        /// Which queue (0 to the topic's queues - 1; default 0, and it says so when there are
+        /// others).
+        #[arg(long)]
+        queue: Option<u32>,
         /// The first offset to read.
         #[arg(long, default_value_t = 0)]
         from: u64,

@@ -79,6 +79,42 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// For people (tables), each message of a listing gets a `body` they can read: JSON as compact
+/// text, bytes that are UTF-8 as text, other bytes as `<N bytes>`; `--output json` keeps the
+/// server's answer as it is (`body` or `body_base64`).
+fn readable(mut answer: Value) -> Value {
+    if output::format() == output::Format::Json {
+        return answer;
+    }
+    fn body_text(m: &mut serde_json::Map<String, Value>) {
+        let text = match (m.remove("body"), m.remove("body_base64")) {
+            (Some(body), _) if !body.is_null() => body.to_string(),
+            (_, Some(Value::String(b64))) => {
+                match base64::engine::general_purpose::STANDARD.decode(&b64) {
+                    Ok(bytes) => String::from_utf8(bytes)
+                        .unwrap_or_else(|e| format!("<{} bytes>", e.into_bytes().len())),
+                    Err(_) => b64,
+                }
+            }
+            _ => String::new(),
+        };
+        m.insert("body".into(), Value::String(text));
+    }
+    match answer["messages"].as_array_mut() {
+        Some(messages) => messages
+            .iter_mut()
+            .filter_map(Value::as_object_mut)
+            .for_each(body_text),
+        // One message (`message get`).
+        None => {
+            if let Some(m) = answer.as_object_mut().filter(|m| m.contains_key("offset")) {
+                body_text(m);
+            }
+        }
+    }
+    answer
+}
+
 /// `wasmq status`: what an operator looks at first, from the server's health, cluster view,
 /// topics and subscriptions. Shape: `{status, version, client_version, node, backend,
 /// started_at, uptime, topics: [{name, queues, messages, stored_bytes}], subscriptions:
@@ -205,26 +241,40 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plugin(cmd) => plugin(&client, cmd).await,
         Command::Message(cmd) => print(&match cmd {
-            MessageCommand::Get { id } => client.get(&format!("/v1/messages/{}", seg(&id))).await?,
-            MessageCommand::Find { topic, key } => {
+            MessageCommand::Get { id } => {
+                readable(client.get(&format!("/v1/messages/{}", seg(&id))).await?)
+            }
+            MessageCommand::Find { topic, key } => readable(
                 client
                     .get(&format!(
-                        "/v1/topics/{topic}/messages?key={}",
-                        query_value(&key)
+                        "/v1/topics/{}/messages?key={}",
+                        seg(&topic),
+                        seg(&key)
                     ))
-                    .await?
-            }
+                    .await?,
+            ),
             MessageCommand::Read {
                 topic,
                 queue,
                 from,
                 limit,
             } => {
-                client
-                    .get(&format!(
-                        "/v1/topics/{topic}/messages?queue={queue}&from={from}&limit={limit}"
-                    ))
-                    .await?
+                if queue.is_none() {
+                    // Say which queue this is when there are others.
+                    let t = client.get(&format!("/v1/topics/{}", seg(&topic))).await?;
+                    if let Some(n) = t["queues"].as_u64().filter(|n| *n > 1) {
+                        eprintln!("queue 0 of {n} (--queue 1..{} for the others)", n - 1);
+                    }
+                }
+                readable(
+                    client
+                        .get(&format!(
+                            "/v1/topics/{}/messages?queue={}&from={from}&limit={limit}",
+                            seg(&topic),
+                            queue.unwrap_or(0)
+                        ))
+                        .await?,
+                )
             }
         }),
         Command::Openapi => {

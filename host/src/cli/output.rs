@@ -118,6 +118,7 @@ fn table(rows: &[Value]) -> String {
 fn scalar(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
+        Value::Array(items) if items.is_empty() => "(none)".into(),
         Value::String(s) => s.clone(),
         Value::Array(items) if items.iter().all(|i| !i.is_object() && !i.is_array()) => {
             items.iter().map(scalar).collect::<Vec<_>>().join(",")
@@ -191,6 +192,7 @@ mod tests {
 
         let page = human(&json!({"entries": [], "next": null}));
         assert!(page.contains("next: -"), "{page}");
+        assert!(page.contains("entries: (none)"), "{page}");
         assert_eq!(cut(&"x".repeat(100)).chars().count(), MAX_CELL);
     }
 

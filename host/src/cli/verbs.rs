@@ -188,10 +188,6 @@ pub(super) async fn sub(client: &Client, cmd: SubCommand) -> anyhow::Result<()> 
 }
 
 /// Percent-encodes a query value (keys may hold `&`, `=`, spaces).
-pub(super) fn query_value(v: &str) -> String {
-    url::form_urlencoded::byte_serialize(v.as_bytes()).collect()
-}
-
 /// JSON text becomes `body`; anything else is sent as bytes in `body_base64`.
 pub(super) fn body_field(arg: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
     let bytes = if arg == "-" {
@@ -335,7 +331,8 @@ pub(super) async fn logs(
     }
     let mut resp = client
         .get_stream(&format!(
-            "/v1/plugins/{name}/logs?limit={limit}&follow=true"
+            "/v1/plugins/{}/logs?limit={limit}&follow=true",
+            seg(name)
         ))
         .await?;
     let mut pending: Vec<u8> = Vec::new();
