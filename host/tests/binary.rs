@@ -246,6 +246,10 @@ async fn cli_message_read_names_its_queue_and_shows_bodies() {
         serde_json::from_slice(&cli(&url, &["message", "read", "one"]).stdout).unwrap();
     let first = &json["messages"][0];
     assert_eq!(first["body_base64"], "aGVsbG8=", "{json}");
+    // YAML is the same answer.
+    let out = people(&["--output", "yaml", "message", "read", "one"]);
+    let yaml: Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+    assert_eq!(yaml, json);
     let id = first["id"].as_str().unwrap();
     let out = people(&["message", "get", id]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("body: hello"));

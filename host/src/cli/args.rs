@@ -34,7 +34,7 @@ pub(super) struct Cli {
         help_heading = "Client options"
     )]
     pub(super) token: Option<String>,
-    /// `table` for people, `json` (the server's answer as is) for scripts.
+    /// `table` for people; `json` or `yaml` (the server's answer as it is) for scripts.
     #[arg(
         long,
         short,

@@ -83,7 +83,7 @@ pub fn main() -> ExitCode {
 /// text, bytes that are UTF-8 as text, other bytes as `<N bytes>`; `--output json` keeps the
 /// server's answer as it is (`body` or `body_base64`).
 fn readable(mut answer: Value) -> Value {
-    if output::format() == output::Format::Json {
+    if output::for_scripts() {
         return answer;
     }
     fn body_text(m: &mut serde_json::Map<String, Value>) {
@@ -302,7 +302,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 &subscriptions,
                 crate::base::now_ms(),
             );
-            if output::format() == output::Format::Json {
+            if output::for_scripts() {
                 return print(&summary);
             }
             // For people: the server's lines, then each listing under its name.
@@ -324,7 +324,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cluster => {
             let view = client.get("/v1/cluster").await?;
-            if output::format() == output::Format::Json {
+            if output::for_scripts() {
                 return print(&view);
             }
             println!(

@@ -10,6 +10,8 @@ use serde_json::Value;
 pub enum Format {
     Table,
     Json,
+    /// The server's answer as YAML.
+    Yaml,
 }
 
 static FORMAT: OnceLock<Format> = OnceLock::new();
@@ -23,12 +25,18 @@ pub fn format() -> Format {
     FORMAT.get().copied().unwrap_or(Format::Table)
 }
 
+/// JSON or YAML: the server's answer as it is, not shaped for people.
+pub fn for_scripts() -> bool {
+    format() != Format::Table
+}
+
 /// Longest cell in a table; the rest is cut (the JSON output has everything).
 const MAX_CELL: usize = 48;
 
 pub fn print(v: &Value) -> anyhow::Result<()> {
     match format() {
         Format::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(v)?),
         Format::Table => print!("{}", human(v)),
     }
     Ok(())
