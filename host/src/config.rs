@@ -376,11 +376,27 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, env)?;
+        let from_env = apply_env(&mut table, env)?;
+        // An error about a key a variable set names the variable too (issue 26: `WASMQ_SERVER_
+        // LISTEN=bad` was answered "invalid socket address syntax in `server.listen`").
+        let name_variables = |e: ConfigError| match e {
+            ConfigError::Invalid(text) => {
+                let set_by: Vec<String> = from_env
+                    .iter()
+                    .filter(|(key, _)| mentions(&text, key))
+                    .map(|(_, var)| var.clone())
+                    .collect();
+                ConfigError::Invalid(match set_by.as_slice() {
+                    [] => text,
+                    vars => format!("{text} (set by {})", vars.join(", ")),
+                })
+            }
+            other => other,
+        };
         let config: Config = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
-        config.validate()?;
+            .map_err(|e: toml::de::Error| name_variables(ConfigError::Invalid(e.to_string())))?;
+        config.validate().map_err(name_variables)?;
         Ok(config)
     }
 
@@ -476,11 +492,22 @@ impl Config {
     }
 }
 
-/// Overrides keys of `table` from variables named after the keys the defaults have, typed like them.
+/// Whether `text` names `key` (`server.listen`) as a whole: not `limits.max_batch` inside
+/// `limits.max_batch_bytes`.
+fn mentions(text: &str, key: &str) -> bool {
+    text.match_indices(key).any(|(at, _)| {
+        let after = text[at + key.len()..].chars().next();
+        !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+/// Overrides keys of `table` from variables named after the keys the defaults have, typed like
+/// them. Returns what it set: (`section.key`, `WASMQ_SECTION_KEY=value`).
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut set = Vec::new();
     let defaults = toml::Table::try_from(Config::default())
         .map_err(|e| ConfigError::Invalid(format!("defaults do not serialise: {e}")))?;
     let vars: std::collections::HashMap<String, String> = env
@@ -503,9 +530,10 @@ fn apply_env(
                 return Err(ConfigError::Invalid(format!("[{section}] must be a table")));
             };
             entry.insert(key.clone(), value);
+            set.push((format!("{section}.{key}"), format!("{name}={raw:?}")));
         }
     }
-    Ok(())
+    Ok(set)
 }
 
 fn typed_like(default: &toml::Value, raw: &str) -> Option<toml::Value> {
@@ -584,6 +612,29 @@ mod tests {
         assert_eq!(c.server.node_id, "node-1");
         let err = Config::load(None, env(&[("WASMQ_SERVER_FLUSH", "sometimes")])).unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+        // Errors found after parsing name the variable too.
+        let err = Config::load(None, env(&[("WASMQ_SERVER_LISTEN", "bad")])).unwrap_err();
+        assert!(
+            err.to_string().contains("WASMQ_SERVER_LISTEN=\"bad\""),
+            "{err}"
+        );
+        let err = Config::load(None, env(&[("WASMQ_PLUGINS_TIMEOUT_MS", "0")])).unwrap_err();
+        assert!(
+            err.to_string().contains("WASMQ_PLUGINS_TIMEOUT_MS"),
+            "{err}"
+        );
+        // Not a variable that had nothing to do with it.
+        let err = Config::load(
+            None,
+            env(&[("WASMQ_PLUGINS_TIMEOUT_MS", "0"), ("WASMQ_SMTP_PORT", "25")]),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("WASMQ_SMTP_PORT"), "{err}");
+        assert!(mentions("in `limits.max_batch`", "limits.max_batch"));
+        assert!(!mentions(
+            "limits.max_batch_bytes must be",
+            "limits.max_batch"
+        ));
     }
 
     #[test]
