@@ -159,9 +159,6 @@ impl Runtime {
     }
 }
 
-/// The nice value of a compile child: the lowest priority there is.
-const COMPILE_NICE: i32 = 19;
-
 /// `wasmq compile-worker`: compiles the component on stdin under the given limits with an engine
 /// configured as the server's, and writes the serialised artifact to stdout. Exits
 /// [`WORKER_INVALID`] with the reason on stderr when the bytes do not compile.
@@ -189,11 +186,12 @@ pub fn compile_worker(
             return 1;
         }
     }
-    // Below the plugin threads (and the broker's): an upload's compile is background work and
-    // must not take the cores subscriptions run on (issue 22: a healthy drain beside one
-    // compile storm at 0.41x of alone, the child at the broker's nice 0). Its budget is CPU
-    // time, so a slower compile is not a costlier one; threads the compiler starts inherit it.
-    if let Err(e) = rustix::process::setpriority_process(None, COMPILE_NICE) {
+    // With the plugin threads, below the broker's own: a compile is plugin work and must not
+    // take the cores the API, storage and dispatch need (issue 22: a healthy drain beside one
+    // compile storm at 0.41x of alone, the child at the broker's nice 0). Not lower: a busy
+    // broker would starve uploads past their wall-clock bound. Threads the compiler starts
+    // inherit it.
+    if let Err(e) = rustix::process::setpriority_process(None, super::PLUGIN_NICE) {
         eprintln!("cannot lower the compiler's priority: {e}");
     }
     let mut bytes = Vec::new();

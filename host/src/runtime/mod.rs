@@ -53,7 +53,8 @@ pub struct RuntimeConfig {
     pub stop_grace_ms: u64,
 }
 
-/// The nice value of the plugin threads (the broker's own run at the process's, usually 0).
+/// The nice value of the plugin threads and compile children (the broker's own threads run at
+/// the process's, usually 0).
 const PLUGIN_NICE: i32 = 10;
 
 /// The most instances that exist at once when the pooling allocator is off.
