@@ -375,7 +375,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     .await?,
             ),
             TxnCommand::List { state } => {
-                let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
+                let q = state
+                    .map(|s| format!("?state={}", seg(&s)))
+                    .unwrap_or_default();
                 print(&client.get(&format!("/v1/transactions{q}")).await?)
             }
             TxnCommand::Commit { id } => print(

@@ -166,6 +166,9 @@ impl From<crate::plugins::PluginError> for ApiError {
             P::Compile(C::Budget(_)) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "compile_budget", msg)
             }
+            P::Compile(C::TookTooLong(_)) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "compile_busy", msg).retry_after(5)
+            }
             P::Compile(c) => Self::bad_request(
                 match c {
                     C::NotWasm => "not_wasm",
@@ -174,6 +177,7 @@ impl From<crate::plugins::PluginError> for ApiError {
                     C::UnknownWorld => "unknown_world",
                     C::UnsupportedImports(_) => "unsupported_imports",
                     C::Budget(_) => "compile_budget",
+                    C::TookTooLong(_) => "compile_busy",
                 },
                 msg,
             ),

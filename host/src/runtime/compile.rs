@@ -125,7 +125,7 @@ impl Runtime {
             Ok(r) => r.map_err(|e| CompileError::Invalid(format!("the compiler process: {e}")))?,
             // Dropping the future kills the child (`kill_on_drop`).
             Err(_) => {
-                return Err(CompileError::Budget(format!(
+                return Err(CompileError::TookTooLong(format!(
                     "compiling took longer than {} s of wall-clock time",
                     wall.as_secs()
                 )));

@@ -543,6 +543,14 @@ mod tests {
         s.release(&again, Duration::ZERO);
         let used = again.vruntime_ns();
         drop(again);
+        // An unheld tenant above what a new one would start at survives others being made.
+        let _another = s.tenant("another");
+        assert!(
+            s.tenants
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key("crasher")
+        );
         // Once a new tenant would stand as well, an unheld one is forgotten.
         s.lock().floor = used + IDLE_CREDIT_NS;
         let _other = s.tenant("other");

@@ -78,6 +78,10 @@ pub enum CompileError {
     UnsupportedImports(String),
     #[error("the component is too costly to compile: {0}")]
     Budget(String),
+    /// The compile ran past its wall-clock bound without using up its CPU: the machine was
+    /// busy, not the component too costly, so a retry compiles again (not remembered).
+    #[error("compiling took too long on a busy machine; try again: {0}")]
+    TookTooLong(String),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
