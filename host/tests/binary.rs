@@ -174,6 +174,15 @@ fn cli(url: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs a CLI verb as people do (tables, the default output).
+fn cli_table(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -186,13 +195,7 @@ async fn cli_message_read_names_its_queue_and_shows_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
     let url = server.url.clone();
-    let people = |args: &[&str]| {
-        std::process::Command::new(BIN)
-            .args(["--server", &url])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let people = |args: &[&str]| cli_table(&url, args);
     assert!(
         people(&["topic", "create", "one", "--queues", "1"])
             .status
@@ -1539,13 +1542,7 @@ async fn cli_tables_for_people_and_bulk_publish_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
     let url = server.url.clone();
-    let human = |args: &[&str]| {
-        std::process::Command::new(BIN)
-            .args(["--server", &url])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let human = |args: &[&str]| cli_table(&url, args);
     let out = human(&["topic", "create", "bulk", "--queues", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("name: bulk"));

@@ -52,13 +52,7 @@ pub fn main() -> ExitCode {
         _ => None,
     };
     if let Some(done) = documented {
-        return match done {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return exit_code(done);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -70,7 +64,12 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    exit_code(runtime.block_on(dispatch(cli)))
+}
+
+/// A verb's outcome as the process's: an error is printed with its causes and exits 1.
+fn exit_code(outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

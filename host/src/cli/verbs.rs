@@ -187,7 +187,6 @@ pub(super) async fn sub(client: &Client, cmd: SubCommand) -> anyhow::Result<()> 
     }
 }
 
-/// Percent-encodes a query value (keys may hold `&`, `=`, spaces).
 /// JSON text becomes `body`; anything else is sent as bytes in `body_base64`.
 pub(super) fn body_field(arg: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
     let bytes = if arg == "-" {
