@@ -517,10 +517,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let (data_dir, flush) = (config.server.data_dir.clone(), config.server.flush);
     crate::run_announced(listener, config, shutdown_signal(), |addr| {
+        // The log line first: stderr is written synchronously, so whoever reads "listening"
+        // (and may stop the server at once) finds "serving" already in the log.
+        tracing::info!(%addr, data_dir = %data_dir.display(), ?flush, "serving");
         // Scripts and tests read this line to find the port (`--listen 127.0.0.1:0`); it comes
         // once storage is open, so it means the server is up.
         println!("wasmq listening on http://{addr}");
-        tracing::info!(%addr, data_dir = %data_dir.display(), ?flush, "serving");
     })
     .await?;
     tracing::info!("stopped cleanly");
