@@ -27,9 +27,17 @@ const MAX_TEXT: usize = 1 << 20;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    pub capability: String,
-    pub result: String,
+    /// One of [`GRANTED_CAPABILITIES`].
+    pub capability: &'static str,
+    /// One of [`CALL_RESULTS`].
+    pub result: &'static str,
 }
+
+/// The capabilities a subscription grants (`grants`), as `wasmq_capability_calls_total` names
+/// them.
+pub const GRANTED_CAPABILITIES: [&str; 4] = ["email", "sms", "http", "publish"];
+/// How a capability call ended: `ok`, or the guest error's kind.
+pub const CALL_RESULTS: [&str; 5] = ["ok", "denied", "invalid", "unavailable", "failed"];
 
 pub struct Capabilities {
     smtp: AsyncSmtpTransport<Tokio1Executor>,
@@ -90,13 +98,23 @@ impl Capabilities {
             sms_url: config.sms.url.clone(),
             sms_auth: config.sms.auth_header.clone(),
             http,
-            calls: Family::default(),
+            calls: {
+                // Every series at zero from the start: a rate or an alert on denials works
+                // before the first one.
+                let calls: Family<CallLabels, Counter> = Family::default();
+                for capability in GRANTED_CAPABILITIES {
+                    for result in CALL_RESULTS {
+                        let _ = calls.get_or_create(&CallLabels { capability, result });
+                    }
+                }
+                calls
+            },
             logs: Arc::default(),
         })
     }
 
     /// Counts a call's result, by capability.
-    pub fn count(&self, capability: &str, result: &Result<impl Sized, GuestError>) {
+    pub fn count(&self, capability: &'static str, result: &Result<impl Sized, GuestError>) {
         let result = match result {
             Ok(_) => "ok",
             Err(GuestError::Denied(_)) => "denied",
@@ -105,10 +123,7 @@ impl Capabilities {
             Err(GuestError::Failed(_)) => "failed",
         };
         self.calls
-            .get_or_create(&CallLabels {
-                capability: capability.into(),
-                result: result.into(),
-            })
+            .get_or_create(&CallLabels { capability, result })
             .inc();
     }
 

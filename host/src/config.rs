@@ -591,6 +591,26 @@ mod tests {
         assert_eq!(c.limits.max_message_bytes, 4 * 1024 * 1024);
     }
 
+    /// The configs a user copies (README's full listing, the release archive's example, issue
+    /// 26) load as they are: a renamed or removed key fails here, not on a user's machine.
+    #[test]
+    fn the_shipped_example_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let start = readme.find("## Configuration").unwrap();
+        let block = &readme[start..];
+        let block = &block[block.find("```toml\n").unwrap() + 8..];
+        let block = &block[..block.find("```").unwrap()];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasmq.toml");
+        std::fs::write(&path, block).unwrap();
+        let readme_config = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(readme_config.auth.tokens.len(), 3);
+        let example = root.join("examples/deploy/wasmq.toml");
+        let config = Config::load(Some(&example), env(&[])).unwrap();
+        assert_eq!(config.server.data_dir, Path::new("/var/lib/wasmq"));
+    }
+
     #[test]
     fn unknown_keys_are_errors() {
         let dir = tempfile::tempdir().unwrap();

@@ -34,9 +34,12 @@ pub struct GroupLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub group: String,
-    /// ack, retry, reject, trap, timeout, oom, error.
+    /// One of [`OUTCOMES`].
     pub outcome: &'static str,
 }
+
+/// Delivery outcomes as `wasmq_deliveries_total` labels them.
+pub const OUTCOMES: [&str; 7] = ["ack", "retry", "reject", "timeout", "oom", "trap", "error"];
 
 /// Seconds from 50 µs to ~100 s, doubling.
 fn seconds_histogram() -> Histogram {
@@ -58,20 +61,38 @@ pub struct Metrics {
     pub retention_deleted: Family<TopicLabel, Counter>,
     /// Retention passes finished (each looks at every topic once).
     pub retention_passes: Counter,
+    /// The topics and subscriptions whose series the last scrape made sure of, so the next one
+    /// can drop the series of those deleted since (on any node).
+    known: std::sync::Mutex<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    topics: std::collections::BTreeSet<String>,
+    groups: std::collections::BTreeSet<String>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let publish_seconds = Family::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        for kind in [
+            PublishKind::single,
+            PublishKind::batch,
+            PublishKind::idempotent,
+        ] {
+            let _ = publish_seconds.get_or_create(&PublishLabels { kind });
+        }
         Self {
             published: Family::default(),
             published_bytes: Family::default(),
-            publish_seconds: Family::new_with_constructor(seconds_histogram),
+            publish_seconds,
             deliveries: Family::default(),
             dispatch_delay_seconds: Family::new_with_constructor(seconds_histogram),
             invocation_seconds: Family::new_with_constructor(seconds_histogram),
             expired_unconsumed: Family::default(),
             retention_deleted: Family::default(),
             retention_passes: Counter::default(),
+            known: Default::default(),
         }
     }
 }
@@ -123,6 +144,77 @@ impl Metrics {
             "Retention passes finished; each looks at every topic once",
             self.retention_passes.clone(),
         );
+    }
+
+    /// Makes the series of every topic and subscription there is now exist (at zero until
+    /// their first event, so an alert or a rate sees them from the start: issue 26), and drops
+    /// the series of those deleted since the last call. Called by each scrape; deletions on
+    /// this node also drop their series at once ([`Metrics::forget_topic`],
+    /// [`Metrics::forget_group`]).
+    pub fn keep_series_of(
+        &self,
+        topics: std::collections::BTreeSet<String>,
+        groups: std::collections::BTreeSet<String>,
+    ) {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in known.topics.difference(&topics) {
+            self.forget_topic(gone);
+        }
+        for gone in known.groups.difference(&groups) {
+            self.forget_group(gone);
+        }
+        for topic in &topics {
+            let l = TopicLabel {
+                topic: topic.clone(),
+            };
+            let _ = self.published.get_or_create(&l);
+            let _ = self.published_bytes.get_or_create(&l);
+            let _ = self.retention_deleted.get_or_create(&l);
+        }
+        for group in &groups {
+            for outcome in OUTCOMES {
+                let _ = self.deliveries.get_or_create(&OutcomeLabels {
+                    group: group.clone(),
+                    outcome,
+                });
+            }
+            let l = GroupLabel {
+                group: group.clone(),
+            };
+            let _ = self.dispatch_delay_seconds.get_or_create(&l);
+            let _ = self.invocation_seconds.get_or_create(&l);
+            let _ = self.expired_unconsumed.get_or_create(&l);
+        }
+        *known = Known { topics, groups };
+    }
+
+    /// Drops a deleted topic's series (a topic made again under its name counts from zero).
+    pub fn forget_topic(&self, topic: &str) {
+        let l = TopicLabel {
+            topic: topic.to_string(),
+        };
+        self.published.remove(&l);
+        self.published_bytes.remove(&l);
+        self.retention_deleted.remove(&l);
+    }
+
+    /// Drops a deleted subscription's series.
+    pub fn forget_group(&self, group: &str) {
+        for outcome in OUTCOMES {
+            self.deliveries.remove(&OutcomeLabels {
+                group: group.to_string(),
+                outcome,
+            });
+        }
+        let l = GroupLabel {
+            group: group.to_string(),
+        };
+        self.dispatch_delay_seconds.remove(&l);
+        self.invocation_seconds.remove(&l);
+        self.expired_unconsumed.remove(&l);
     }
 
     pub fn published(&self, topic: &str, messages: u64, bytes: u64) {

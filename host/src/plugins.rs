@@ -560,6 +560,7 @@ pub fn validate_name(name: &str) -> Result<(), PluginError> {
     check_name(name).map_err(PluginError::BadName)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (digests in ids and keys).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -155,8 +155,9 @@ async fn without_a_grant_nothing_is_sent_and_the_denial_is_counted() {
     assert!(smtp.mails().is_empty());
     let metrics = s.metrics().await;
     assert!(
-        metrics.lines().any(|l| l
-            .starts_with("wasmq_capability_calls_total{capability=\"email\",result=\"denied\"} ")),
+        metrics
+            .lines()
+            .any(|l| l == "wasmq_capability_calls_total{capability=\"email\",result=\"denied\"} 1"),
         "{metrics}"
     );
 }

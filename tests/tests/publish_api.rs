@@ -534,3 +534,212 @@ async fn idempotency_keys_deduplicate_retries_durably_within_the_window() {
     let (st, _, v) = publish_with_key(&s, &"k".repeat(300), json!(1)).await;
     assert_error(&(st, v), StatusCode::BAD_REQUEST, "bad_idempotency_key");
 }
+
+/// A publish's answer (checked to be `status`) and the message it names, as the API shows it.
+async fn answered_and_stored(
+    s: &TestServer,
+    r: reqwest::Response,
+    status: StatusCode,
+) -> (Value, Value) {
+    assert_eq!(r.status(), status);
+    let answer: Value = r.json().await.unwrap();
+    let (_, m) = s
+        .get(&format!("/v1/messages/{}", answer["id"].as_str().unwrap()))
+        .await;
+    (answer, m)
+}
+
+/// Issue 26: CloudEvents' HTTP binding on publish. Binary mode (`ce-*` headers, the body is the
+/// data in its own media type) and structured mode (`application/cloudevents+json`) become
+/// messages: data → body, attributes and extensions → `ce_*` properties (percent-decoded from
+/// headers), id → key, type → tag (when it is one), partitionkey → sharding key; a repeated
+/// source + id is stored once; bad events get a 400 naming what is wrong; a plugin sees it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_binary_and_structured_modes_map_onto_messages() {
+    use wasmq_tests::plugins::RECORDER;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("orders", 4).await;
+    s.create_topic("audit", 1).await;
+    s.upload_plugin("recorder", RECORDER).await;
+    s.subscribe(
+        "seen",
+        json!({"topic": "orders", "plugin": "recorder", "config": {"audit": "audit"},
+               "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    let url = format!("{}/v1/topics/orders/messages", s.url);
+    let binary = |id: &str, content_type: &str, body: &'static [u8]| {
+        s.client
+            .post(&url)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-source", "/shop/eu")
+            .header("ce-type", "com.example.order.created")
+            .header("ce-subject", "order 7")
+            .header("ce-time", "2026-12-01T10:00:00Z")
+            .header("ce-partitionkey", "user-7")
+            .header("ce-region", "caf%C3%A9%20%25")
+            .header("content-type", content_type)
+            .body(body)
+    };
+
+    // Binary mode, JSON data.
+    let order = br#"{"order":7,"total":12.5}"#;
+    let sent = binary("order-1", "application/json", order).send().await;
+    let (first, m) = answered_and_stored(&s, sent.unwrap(), StatusCode::CREATED).await;
+    assert_eq!(m["body"], json!({"order": 7, "total": 12.5}), "{m}");
+    assert_eq!(m["key"], "order-1");
+    assert_eq!(m["tag"], "com.example.order.created");
+    assert_eq!(m["sharding_key"], "user-7");
+    let props = &m["properties"];
+    for (name, value) in [
+        ("ce_specversion", "1.0"),
+        ("ce_id", "order-1"),
+        ("ce_source", "/shop/eu"),
+        ("ce_type", "com.example.order.created"),
+        ("ce_subject", "order 7"),
+        ("ce_datacontenttype", "application/json"),
+        ("ce_partitionkey", "user-7"),
+        ("ce_region", "café %"),
+    ] {
+        assert_eq!(props[name], value, "{name}: {props}");
+    }
+    assert!(
+        props["ce_time"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-12-01T10:00:00"),
+        "{props}"
+    );
+    // The same source and id again: stored once, the first answer comes back.
+    let r = binary("order-1", "application/json", order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    // ... and with other data it is refused, not stored.
+    let r = binary("order-1", "application/json", br#"{"order":8}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "idempotency_key_reused", "{v}");
+    // Binary mode, text data: a binary body, byte for byte, in any media type.
+    let sent = binary("order-2", "text/plain; charset=utf-8", b"hello")
+        .send()
+        .await;
+    let (_, m) = answered_and_stored(&s, sent.unwrap(), StatusCode::CREATED).await;
+    assert_eq!(m["body_base64"], "aGVsbG8=", "{m}");
+    assert_eq!(
+        m["properties"]["ce_datacontenttype"],
+        "text/plain; charset=utf-8"
+    );
+
+    // Structured mode: JSON data, data_base64, no data; a type that is no tag stays a property.
+    let structured = |event: Value| {
+        s.client
+            .post(&url)
+            .header(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8",
+            )
+            .body(event.to_string())
+            .send()
+    };
+    let sent = structured(
+        json!({"specversion": "1.0", "id": "e-3", "source": "https://shop.example/",
+        "type": "order paid", "data": {"paid": true}, "tenant": "acme"}),
+    )
+    .await;
+    let (_, m) = answered_and_stored(&s, sent.unwrap(), StatusCode::CREATED).await;
+    assert_eq!(m["body"], json!({"paid": true}), "{m}");
+    assert!(m.get("tag").is_none(), "{m}");
+    assert_eq!(m["properties"]["ce_type"], "order paid");
+    assert_eq!(m["properties"]["ce_tenant"], "acme");
+    let sent = structured(
+        json!({"specversion": "1.0", "id": "e-4", "source": "/s", "type": "t",
+        "data_base64": "AP8Q"}),
+    )
+    .await;
+    let (_, m) = answered_and_stored(&s, sent.unwrap(), StatusCode::CREATED).await;
+    assert_eq!(m["body_base64"], "AP8Q", "{m}");
+    let r = structured(json!({"specversion": "1.0", "id": "e-5", "source": "/s", "type": "t"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // Bad events: a 400 that says what is wrong; nothing stored.
+    let (_, before) = s.get("/v1/topics/orders").await;
+    let missing_id = s
+        .client
+        .post(&url)
+        .header("ce-specversion", "1.0")
+        .header("ce-source", "/s")
+        .header("ce-type", "t")
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let wrong_version = s
+        .client
+        .post(&url)
+        .header("ce-specversion", "7.0")
+        .header("ce-id", "x")
+        .header("ce-source", "/s")
+        .header("ce-type", "t")
+        .header("content-type", "application/json")
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    let bad_json = structured(json!("not an event")).await.unwrap();
+    let bad_time = structured(
+        json!({"specversion": "1.0", "id": "e", "source": "/s", "type": "t", "time": "yesterday"}),
+    )
+    .await
+    .unwrap();
+    let empty_id = structured(json!({"specversion": "1.0", "id": "", "source": "/s", "type": "t"}))
+        .await
+        .unwrap();
+    for (what, r) in [
+        ("no id", missing_id),
+        ("specversion 7.0", wrong_version),
+        ("not an object", bad_json),
+        ("bad time", bad_time),
+        ("empty id", empty_id),
+    ] {
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{what}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "bad_cloudevent", "{what}: {v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let (_, after) = s.get("/v1/topics/orders").await;
+    assert_eq!(after["messages"], before["messages"]);
+    // A text/plain body without ce- headers is still refused (no cross-site form may publish).
+    let r = s
+        .client
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // The plugin sees the attributes as properties, the type as the tag.
+    let audit = s.wait_audit("audit", 5, 30).await;
+    let record = audit
+        .iter()
+        .find(|r| r["business_key"] == "order-1")
+        .unwrap_or_else(|| panic!("{audit:?}"));
+    assert_eq!(record["tag"], "com.example.order.created");
+    assert_eq!(record["properties"]["ce_source"], "/shop/eu");
+    assert_eq!(record["properties"]["ce_region"], "café %");
+    assert_eq!(record["body"], json!({"order": 7, "total": 12.5}));
+}

@@ -368,6 +368,8 @@ async fn decided_transactions_survive_a_restart_and_expire_beyond_their_count() 
             r#"wasmq_transactions{state="committed"} 3"#,
             r#"wasmq_transactions{state="pending"} 1"#,
             r#"wasmq_transactions{state="rolled_back"} 1"#,
+            // Every state has its series, at zero too.
+            r#"wasmq_transactions{state="unresolved"} 0"#,
         ]
     );
     s.stop().await.unwrap();

@@ -107,6 +107,16 @@ pub struct Checked {
     pub deliver_at: u64,
 }
 
+/// Whether `tag` is a tag: 1 to [`MAX_TAG_LEN`] bytes, no `|`, `*` or white space (they are
+/// the filter syntax of a subscription's `tag_filter`).
+pub fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && !tag
+            .chars()
+            .any(|c| c == '|' || c == '*' || c.is_whitespace() || c == '\u{feff}')
+}
+
 fn check_field(
     field: &'static str,
     value: Option<String>,
@@ -165,8 +175,7 @@ impl Envelope {
         let sharding_key = check_field("sharding_key", self.sharding_key, MAX_KEY_LEN)?;
         let tag = check_field("tag", self.tag, MAX_TAG_LEN)?;
         if let Some(t) = &tag
-            && t.chars()
-                .any(|c| c == '|' || c == '*' || c.is_whitespace() || c == '\u{feff}')
+            && !valid_tag(t)
         {
             return Err(EnvelopeError::BadTag(t.clone()));
         }

@@ -482,6 +482,7 @@ impl Broker {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         topics.remove(name);
         self.deletions.fetch_add(1, Ordering::AcqRel);
+        self.metrics.forget_topic(name);
         Ok((meta, deleting))
     }
 

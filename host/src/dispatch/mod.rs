@@ -382,6 +382,7 @@ impl Dispatcher {
         store
             .put_record(state::SUB_SPACE, group, None, Expect::Any)
             .await?;
+        self.env.broker.metrics().forget_group(group);
         Ok(())
     }
 

@@ -141,8 +141,17 @@ fn content_type_ok(method: &Method, path: &str, headers: &HeaderMap) -> Result<(
     let upload = *method == Method::PUT
         && path.starts_with("/v1/plugins/")
         && path.trim_end_matches('/').matches('/').count() == 3;
+    // A binary-mode CloudEvent's body is the event's data in its own media type. It carries a
+    // `ce-specversion` header, which no cross-site form can send without a CORS preflight.
+    let cloudevent = *method == Method::POST
+        && headers.contains_key("ce-specversion")
+        && path.starts_with("/v1/topics/")
+        && path.ends_with("/messages")
+        && path.matches('/').count() == 4;
     let ok = if upload {
         kind == "application/wasm" || kind == "application/octet-stream"
+    } else if cloudevent {
+        true
     } else {
         kind == "application/json" || (kind.starts_with("application/") && kind.ends_with("+json"))
     };
@@ -316,5 +325,14 @@ mod tests {
         assert!(content_type_ok(&Method::PUT, "/v1/plugins/p", &wasm).is_ok());
         assert!(content_type_ok(&Method::PUT, "/v1/plugins/p", &none).is_err());
         assert!(content_type_ok(&Method::PUT, "/v1/plugins/p", &json).is_err());
+        // A binary-mode CloudEvent may carry any media type, on the publish route only.
+        let event = headers(&[
+            ("content-length", "2"),
+            ("content-type", "text/plain"),
+            ("ce-specversion", "1.0"),
+        ]);
+        assert!(content_type_ok(&post, "/v1/topics/t/messages", &event).is_ok());
+        assert!(content_type_ok(&post, "/v1/topics/t/messages/batch", &event).is_err());
+        assert!(content_type_ok(&post, "/v1/topics/t/transactions", &event).is_err());
     }
 }

@@ -19,7 +19,9 @@ use crate::storage::{Appended, BodyKind, MessageId, StoredMessage};
 const MAX_LIST: usize = 1000;
 
 /// With an `Idempotency-Key` header, a retried publish returns the original answer (200 and
-/// `Idempotent-Replayed: true`) instead of storing the message again.
+/// `Idempotent-Replayed: true`) instead of storing the message again. A CloudEvent (binary
+/// mode: `ce-*` headers; structured mode: `Content-Type: application/cloudevents+json`) is
+/// published as [`super::cloudevents::from_request`] maps it.
 pub async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
@@ -29,9 +31,8 @@ pub async fn publish(
     // Check the topic (and its backlog) before reading a possibly large body.
     admit(&state, &topic).await?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
-    let envelope: Envelope = parse_json(&bytes)?;
     let mut out = HeaderMap::new();
-    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+    let explicit_key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         Some(Ok(k)) => Some(k.to_string()),
         Some(Err(_)) => {
             return Err(ApiError::bad_request(
@@ -40,6 +41,17 @@ pub async fn publish(
             ));
         }
         None => None,
+    };
+    // A CloudEvent (binary or structured mode) is deduplicated by its source and id unless the
+    // producer names its own Idempotency-Key.
+    let (envelope, key) = if super::cloudevents::is_cloudevent(&headers) {
+        let event = super::cloudevents::from_request(&headers, bytes.to_vec())?;
+        (
+            event.envelope,
+            Some(explicit_key.unwrap_or(event.idempotency_key)),
+        )
+    } else {
+        (parse_json::<Envelope>(&bytes)?, explicit_key)
     };
     let Some(key) = key else {
         let appended = state.broker.publish(&topic, envelope).await?;

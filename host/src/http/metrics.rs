@@ -10,10 +10,40 @@ use super::AppState;
 use super::error::ApiError;
 use crate::metrics::GroupLabel;
 
-/// Prometheus text format: counters and histograms kept as the broker works, plus state read
-/// now (lag, dead letters, timers, transactions, disk).
+/// The formats `/metrics` answers in, in the server's order of preference for an `Accept`
+/// that allows several equally (`*/*`, no header): the classic Prometheus text format
+/// (version 0.0.4, what `promtool check metrics` and older scrapers read), then OpenMetrics 1.0
+/// (what Prometheus asks for first by default).
+const FORMATS: [&str; 4] = [
+    "text/plain; version=0.0.4",
+    "text/plain",
+    "application/openmetrics-text; version=1.0.0",
+    "application/openmetrics-text",
+];
+
+/// Whether `accept` (an `Accept` header) prefers OpenMetrics to the classic text format, by
+/// RFC 9110 §12.5.1 (quality values, then the client's order). A missing or unreadable header,
+/// or one that names neither, gets the classic format, as Prometheus' own client libraries do.
+fn wants_openmetrics(accept: Option<&axum::http::HeaderValue>) -> bool {
+    let Some(accept) = accept.and_then(|v| headers_accept::Accept::try_from(v).ok()) else {
+        return false;
+    };
+    let formats: Vec<mediatype::MediaType<'static>> = FORMATS
+        .iter()
+        .filter_map(|f| mediatype::MediaType::parse(f).ok())
+        .collect();
+    accept
+        .negotiate(formats.iter())
+        .is_some_and(|m| m.subty.as_str() == "openmetrics-text")
+}
+
+/// Counters and histograms kept as the broker works, plus state read now (lag, dead letters,
+/// timers, transactions, disk). Every series the README lists exists from the start, at zero
+/// before its first event, for every topic and subscription there is. Answers OpenMetrics
+/// 1.0 when `Accept` prefers it, else the classic text format 0.0.4 (see [`FORMATS`]).
 pub(super) async fn metrics(
     axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse as _;
     let mut registry = prometheus_client::registry::Registry::default();
@@ -23,7 +53,13 @@ pub(super) async fn metrics(
         "Plugin capability calls by capability and result",
         state.plugins.runtime().capabilities().calls.clone(),
     );
-    state.broker.metrics().register(&mut registry);
+    let metrics = state.broker.metrics();
+    let subscriptions = state.dispatcher.list().await.map_err(ApiError::internal)?;
+    metrics.keep_series_of(
+        state.broker.topics().into_iter().map(|t| t.name).collect(),
+        subscriptions.iter().map(|s| s.group.clone()).collect(),
+    );
+    metrics.register(&mut registry);
     state.broker.storage().register_metrics(&mut registry);
     state.node.register_metrics(
         &mut registry,
@@ -32,20 +68,27 @@ pub(super) async fn metrics(
     );
     scrape_state(
         &mut registry,
-        &state.dispatcher,
+        &subscriptions,
         &state.transactions,
         state.broker.disk().map(|d| d.as_ref()),
     )
     .await
     .map_err(ApiError::internal)?;
     let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry)
+    let encoded = if wants_openmetrics(headers.get(axum::http::header::ACCEPT)) {
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .map(|()| "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+            .map(|()| prometheus_client::encoding::prometheus_text::CONTENT_TYPE)
+    };
+    let content_type = encoded
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (axum::http::header::VARY, "accept"),
+        ],
         text,
     )
         .into_response())
@@ -69,7 +112,7 @@ struct StateLabel {
 /// dead letters and pending timers per subscription, transactions by state, disk use.
 async fn scrape_state(
     r: &mut Registry,
-    dispatcher: &crate::dispatch::Dispatcher,
+    subscriptions: &[crate::dispatch::SubscriptionStatus],
     transactions: &crate::txn::Transactions,
     disk: Option<&crate::disk::DiskGuard>,
 ) -> anyhow::Result<()> {
@@ -77,7 +120,7 @@ async fn scrape_state(
     let lag: Family<LagLabels, Gauge> = Family::default();
     let dlq: Family<GroupLabel, Gauge> = Family::default();
     let timers: Family<GroupLabel, Gauge> = Family::default();
-    for sub in dispatcher.list().await? {
+    for sub in subscriptions {
         let members: Vec<(String, &[crate::dispatch::QueueStatus])> = match &sub.instances {
             Some(instances) => instances
                 .iter()
@@ -122,6 +165,11 @@ async fn scrape_state(
         timers,
     );
     let txns: Family<StateLabel, Gauge> = Family::default();
+    for state in crate::txn::TxnState::ALL {
+        let _ = txns.get_or_create(&StateLabel {
+            state: state.wire_name(),
+        });
+    }
     for (state, n) in transactions.counts().await? {
         txns.get_or_create(&StateLabel { state }).set(n as i64);
     }

@@ -2,6 +2,7 @@
 //! JSON errors.
 
 mod auth;
+mod cloudevents;
 mod dashboard;
 mod error;
 pub mod guard;

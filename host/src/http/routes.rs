@@ -76,7 +76,7 @@ pub fn routes() -> Vec<Route> {
         op(
             M::GET,
             "/metrics",
-            "Prometheus metrics (OpenMetrics text: application/openmetrics-text)",
+            "Prometheus metrics: the classic text format 0.0.4 (text/plain), or OpenMetrics 1.0 when Accept prefers application/openmetrics-text",
             None,
             get(super::metrics::metrics),
         ),
@@ -338,7 +338,10 @@ fn success(method: &Method, path: &str) -> &'static [&'static str] {
 /// The content type of a route's success answer.
 fn answers_in(path: &str) -> Value {
     match path {
-        "/metrics" => json!({"application/openmetrics-text": {"schema": {"type": "string"}}}),
+        "/metrics" => json!({
+            "text/plain": {"schema": {"type": "string"}},
+            "application/openmetrics-text": {"schema": {"type": "string"}},
+        }),
         "/v1/plugins/{name}/logs" => json!({
             "application/json": {"schema": {"type": "object"}},
             "application/x-ndjson": {"schema": {"type": "string"}},
@@ -465,6 +468,10 @@ pub fn document(open: bool) -> Value {
                 "content": {"application/json": {"schema": schema, "example": example}}
             });
         }
+        if r.method == Method::POST && r.path == "/v1/topics/{topic}/messages" {
+            operation["requestBody"]["content"]["application/cloudevents+json"] =
+                super::cloudevents::structured_schema();
+        }
         let item = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
         item[r.method.as_str().to_ascii_lowercase()] = operation;
     }
@@ -575,7 +582,7 @@ mod tests {
                 .unwrap()
                 .keys()
                 .collect::<Vec<_>>(),
-            ["application/openmetrics-text"]
+            ["text/plain", "application/openmetrics-text"]
         );
     }
 }

@@ -184,7 +184,7 @@ impl HostState {
     /// Counts a capability call and logs denials (sparingly).
     fn report<T>(
         &mut self,
-        capability: &str,
+        capability: &'static str,
         result: Result<T, GuestError>,
     ) -> Result<T, GuestError> {
         self.caps.count(capability, &result);
@@ -421,17 +421,17 @@ impl publish::Host for HostState {
             .publish
             .iter()
             .any(|t| t == &message.topic || t == "*");
-        if !granted {
-            return Ok(Err(
-                self.denied(&format!("publishing to {:?}", message.topic))
-            ));
-        }
-        Ok(self
-            .ctx
-            .services
-            .publish(message)
-            .await
-            .map(|id| id.to_string()))
+        let result = if granted {
+            self.ctx
+                .services
+                .publish(message)
+                .await
+                .map(|id| id.to_string())
+        } else {
+            Err(self.denied(&format!("publishing to {:?}", message.topic)))
+        };
+        // Counted (and a denial logged) like every granted capability.
+        Ok(self.report("publish", result))
     }
 }
 

@@ -68,6 +68,24 @@ pub enum TxnState {
     Unresolved,
 }
 
+impl TxnState {
+    /// Every state, in the order of the enum.
+    pub const ALL: [TxnState; 4] = [
+        TxnState::Pending,
+        TxnState::Committed,
+        TxnState::RolledBack,
+        TxnState::Unresolved,
+    ];
+
+    /// The state as the API and `wasmq_transactions{state}` spell it (`rolled_back`).
+    pub fn wire_name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
 impl std::fmt::Display for TxnState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -390,12 +408,6 @@ impl Transactions {
     /// a node alone on its storage from memory; on shared storage from the undecided space and
     /// the tally record. Never from the decided history.
     pub async fn counts(&self) -> Result<Vec<(String, u64)>, TxnError> {
-        let name = |s: TxnState| {
-            serde_json::to_value(s)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        };
         let mut counts: std::collections::BTreeMap<TxnState, u64> = Default::default();
         let tally = if let Some(index) = self.index() {
             for (s, ids) in &index.by_state {
@@ -414,7 +426,7 @@ impl Transactions {
         let mut counts: Vec<(String, u64)> = counts
             .into_iter()
             .filter(|(_, n)| *n > 0)
-            .map(|(s, n)| (name(s), n))
+            .map(|(s, n)| (s.wire_name(), n))
             .collect();
         counts.sort();
         Ok(counts)

@@ -1,5 +1,5 @@
-//! Records every message it acknowledges to an audit topic (what it saw, which instance, which
-//! attempt, when), so tests can check delivery order, counts and timing. Failures on request:
+//! Records every message it acknowledges to an audit topic (what it saw, with its tag, key and
+//! properties; which instance, which attempt, when), so tests can check delivery order, counts and timing. Failures on request:
 //! a body's `fail_attempts` (or the config's, for one instance or all) makes the first attempts
 //! answer `retry`; a body's `reject` makes it `reject` unless the config says `honor_reject: false`.
 
@@ -61,7 +61,9 @@ impl Consumer for Recorder {
         let record = json!({
             "id": message.id, "queue": message.queue, "offset": message.offset,
             "key": message.sharding_key, "instance": me.instance_index, "attempt": message.attempt,
-            "handled_at": now_ms(), "body": body,
+            "handled_at": now_ms(), "body": body, "tag": message.tag,
+            "business_key": message.key,
+            "properties": message.properties.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         });
         match publish::send_json(&config.audit, &record) {
             Ok(_) => Outcome::Ack,

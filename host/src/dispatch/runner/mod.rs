@@ -28,11 +28,12 @@ use super::state::{self, Cursor, DeadLetter, SubscriptionRecord, Timer, TimerKin
 use super::{DispatchError, Handles};
 use crate::base::now_ms;
 use crate::bindings::{Message, Outcome};
+use crate::metrics::OUTCOMES;
 use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey};
 use crate::storage::{Expect, Storage, StorageError, StoredMessage};
 use offsets::{Done, Parked, park};
 pub use offsets::{ensure_cursors, start_offset};
-use outcome::{Disposition, OUTCOMES, count, judge, outcome_index};
+use outcome::{Disposition, count, judge, outcome_index};
 use timers::sleep_until_ms;
 use worker::{Rate, WorkItem, WorkQueue, worker};
 

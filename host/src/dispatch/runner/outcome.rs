@@ -72,10 +72,6 @@ pub(super) fn count(
     };
 }
 
-/// Delivery outcomes as `wasmq_deliveries_total` labels them.
-pub(super) const OUTCOMES: [&str; 7] =
-    ["ack", "retry", "reject", "timeout", "oom", "trap", "error"];
-
 pub(super) fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
     match result {
         Ok(Outcome::Ack) => 0,
