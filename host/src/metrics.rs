@@ -64,6 +64,8 @@ pub struct Metrics {
     /// The topics and subscriptions whose series the last scrape made sure of, so the next one
     /// can drop the series of those deleted since (on any node).
     known: std::sync::Mutex<Known>,
+    /// Held by a scrape from its listing of topics and subscriptions to its sweep.
+    pub scrapes: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +95,7 @@ impl Default for Metrics {
             retention_deleted: Family::default(),
             retention_passes: Counter::default(),
             known: Default::default(),
+            scrapes: Default::default(),
         }
     }
 }

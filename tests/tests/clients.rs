@@ -29,6 +29,13 @@ async fn server(dir: &std::path::Path, prefixes: &[&str]) -> TestServer {
             json!({"topic": format!("{p}-slow"), "plugin": "echo", "max_rate": 0.001}),
         )
         .await;
+        // The rate limiter's first token goes to a message now: from then on the
+        // subscription takes nothing for ~17 minutes, so the backlog only grows.
+        s.publish_numbered(&format!("{p}-slow"), 1).await;
+        s.wait_until(&format!("/v1/subscriptions/{p}-slow"), 30, |v| {
+            v["counters"]["acked"] == 1
+        })
+        .await;
     }
     s
 }
@@ -178,15 +185,17 @@ async fn the_rust_client_publishes_decides_and_retries_against_a_real_server() {
         })
         .build()
         .unwrap();
-    let refused = loop {
-        match once
+    let mut refused = None;
+    for _ in 0..100 {
+        if let Err(e) = once
             .publish("rs-slow", &Message::json(&"fill").unwrap())
             .await
         {
-            Ok(_) => continue,
-            Err(e) => break e,
+            refused = Some(e);
+            break;
         }
-    };
+    }
+    let refused = refused.expect("max_backlog 2 never pushed back in 100 publishes");
     assert!(refused.is_overloaded(), "{refused}");
     assert!(
         matches!(&refused, Error::Api { code, retry_after: Some(d), .. }

@@ -210,8 +210,10 @@ async fn both_text_formats_pass_promtool_and_every_promised_series_starts_at_zer
 
     // Negotiation (RFC 9110 quality values), Prometheus 2.x's own scrape header first.
     let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    let prometheus3 = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1";
     for (accept, openmetrics) in [
         (Some(prometheus), true),
+        (Some(prometheus3), true),
         (Some("application/openmetrics-text"), true),
         (Some("text/plain;version=0.0.4"), false),
         (

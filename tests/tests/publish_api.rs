@@ -661,6 +661,47 @@ async fn cloudevents_binary_and_structured_modes_map_onto_messages() {
     assert!(m.get("tag").is_none(), "{m}");
     assert_eq!(m["properties"]["ce_type"], "order paid");
     assert_eq!(m["properties"]["ce_tenant"], "acme");
+    // JSON data is kept as sent, byte for byte (a number no f64 holds, an exponent), integer
+    // and boolean extensions become text, and string data of a text type is a text body.
+    let raw = r#"{"specversion":"1.0","id":"e-6","source":"/s","type":"t","count":7,"flag":true,
+                  "data":{"cents":123456789012345678901234567890,"rate":1e2}}"#;
+    let r = s
+        .client
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let shown = s
+        .client
+        .get(format!("{}/v1/messages/{id}", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        shown.contains(r#""body":{"cents":123456789012345678901234567890,"rate":1e2}"#),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(r#""ce_count":"7""#) && shown.contains(r#""ce_flag":"true""#),
+        "{shown}"
+    );
+    let sent = structured(
+        json!({"specversion": "1.0", "id": "e-7", "source": "/s", "type": "t",
+        "datacontenttype": "text/plain", "data": "plain words"}),
+    )
+    .await;
+    let (_, m) = answered_and_stored(&s, sent.unwrap(), StatusCode::CREATED).await;
+    assert_eq!(m["body_base64"], "cGxhaW4gd29yZHM=", "{m}");
     let sent = structured(
         json!({"specversion": "1.0", "id": "e-4", "source": "/s", "type": "t",
         "data_base64": "AP8Q"}),
@@ -707,12 +748,29 @@ async fn cloudevents_binary_and_structured_modes_map_onto_messages() {
     let empty_id = structured(json!({"specversion": "1.0", "id": "", "source": "/s", "type": "t"}))
         .await
         .unwrap();
+    let bad_name = structured(
+        json!({"specversion": "1.0", "id": "e", "source": "/s", "type": "t", "Tenant": "x"}),
+    )
+    .await
+    .unwrap();
+    let object_attribute = structured(
+        json!({"specversion": "1.0", "id": "e", "source": "/s", "type": "t", "ext": {"a": 1}}),
+    )
+    .await
+    .unwrap();
+    let both_data = structured(json!({"specversion": "1.0", "id": "e", "source": "/s",
+        "type": "t", "data": 1, "data_base64": "AA=="}))
+    .await
+    .unwrap();
     for (what, r) in [
         ("no id", missing_id),
         ("specversion 7.0", wrong_version),
         ("not an object", bad_json),
         ("bad time", bad_time),
         ("empty id", empty_id),
+        ("upper-case attribute name", bad_name),
+        ("object attribute", object_attribute),
+        ("data and data_base64", both_data),
     ] {
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{what}");
         let v: Value = r.json().await.unwrap();

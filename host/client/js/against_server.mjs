@@ -35,6 +35,8 @@ await rejects(client.publish("js-orders", { body: 1, tag: "a|b" }), 400);
 const down = await new Client("http://127.0.0.1:1", { maxAttempts: 2, backoffMs: 10 }).publish("t", { body: 1 }).catch((e) => e);
 assert.ok(down instanceof TransportError, String(down));
 assert.throws(() => new Client("127.0.0.1:7700"), TypeError);
+assert.throws(() => new Client(url, { maxAttempts: Number("many") }), TypeError);
+await assert.rejects(client.publish("js-orders", { body: 1 }, { idempotencyKey: "" }), TypeError);
 // Transactions: begin, commit (twice: idempotent), rollback of another; the opposite decision is a 409.
 const t = await client.begin("js-txn", { body: { order: 9 } }, { checkAfterMs: 60000 });
 assert.equal(await client.commit(t.txn_id), "committed");
@@ -45,14 +47,16 @@ assert.equal(await client.rollback(r.txn_id), "rolled_back");
 await rejects(client.commit(r.txn_id), 409);
 // 429: refused while the slow subscription is behind; the retry after Retry-After succeeds once
 // onRetry (the first refusal) has deleted that subscription.
-for (;;) {
+let pushedBack = false;
+for (let i = 0; i < 100 && !pushedBack; i++) {
   const e = await new Client(url, { maxAttempts: 1 }).publish("js-slow", { body: { fill: true } }).then(() => null, (e) => e);
   if (e) {
     assert.ok(e instanceof WasmqError && e.overloaded, String(e));
     assert.deepEqual([e.status, e.code, e.retryAfterMs], [429, "backlog_full", 1000]);
-    break;
+    pushedBack = true;
   }
 }
+assert.ok(pushedBack, "max_backlog 2 never pushed back in 100 publishes");
 await rejects(new Client(url, { maxAttempts: 2, maxWaitMs: 50 }).publish("js-slow", { body: 1 }), 429, "backlog_full");
 const seen = [];
 const late = await new Client(url, {

@@ -1,4 +1,4 @@
-// A producer client for wasmq's HTTP API (Node 18+ or a browser: only fetch).
+// A producer client for wasmq's HTTP API (Node 18+; only fetch).
 //
 // Publish one message or a batch, with an idempotency key; transactional half messages (begin,
 // commit, rollback); retries on 429 and 503 that honour Retry-After; typed errors.
@@ -7,11 +7,13 @@
 //   const client = new Client("http://127.0.0.1:7700");
 //   const sent = await client.publish("orders", { body: { order: 7 }, key: "order-7" });
 //
-// Retries: an answer 429 (backlog_full) or 503 (disk_full, too_many_connections, ...) means
-// nothing was stored, so the request is sent again after the server's Retry-After (at most
-// maxWaitMs per wait), up to maxAttempts sends in all. A connection that could not be made is
-// retried too. A send that failed after the request went out is retried only when a repeat
-// cannot store twice: a publish with an idempotency key, a commit, a rollback.
+// Retries: an answer 429 (backlog_full) or a 503 of an admission check (disk_full,
+// too_many_connections, too_many_streams, compile_busy) means nothing was done, so the request
+// is sent again after the server's Retry-After (at most maxWaitMs per wait), up to maxAttempts
+// sends in all. A connection that could not be made is retried too. After anything that may
+// have followed a write (a reset, storage_unavailable, another 5xx) a request is repeated only
+// when a repeat cannot store twice: a publish with an idempotency key, a commit, a rollback.
+// In a browser only same-origin: the server answers no CORS preflight.
 
 /** An error answer: status (HTTP), code (stable, e.g. "unknown_topic"), message. */
 export class WasmqError extends Error {
@@ -23,11 +25,24 @@ export class WasmqError extends Error {
     this.detail = message;
     this.retryAfterMs = retryAfterMs;
   }
-  /** 429 or 503: refused for now, nothing stored (already retried maxAttempts times). */
+  /** Refused for now before anything was done (already retried maxAttempts times). */
   get overloaded() {
-    return this.status === 429 || this.status === 503;
+    return refusedBeforeWriting(this.status, this.code);
   }
 }
+
+const ADMISSION = new Set(["disk_full", "too_many_connections", "too_many_streams", "compile_busy"]);
+
+/** 429, or a 503 of an admission check: the server did nothing, a repeat is safe. */
+export function refusedBeforeWriting(status, code) {
+  return status === 429 || (status === 503 && ADMISSION.has(code));
+}
+
+const count = (value, fallback, name) => {
+  const n = value ?? fallback;
+  if (!Number.isFinite(n) || n < 0) throw new TypeError(`${name} must be a finite number >= 0`);
+  return n;
+};
 
 /** No answer: the server could not be reached, or the connection broke. */
 export class TransportError extends Error {
@@ -82,17 +97,21 @@ export class Client {
     if (!/^https?:\/\//.test(baseUrl)) throw new TypeError(`${JSON.stringify(baseUrl)} is not an http:// or https:// URL`);
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.token = options.token;
-    this.maxAttempts = Math.max(1, options.maxAttempts ?? 5);
-    this.maxWaitMs = options.maxWaitMs ?? 30_000;
-    this.backoffMs = options.backoffMs ?? 100;
+    this.maxAttempts = Math.max(1, count(options.maxAttempts, 5, "maxAttempts"));
+    this.maxWaitMs = count(options.maxWaitMs, 30_000, "maxWaitMs");
+    this.backoffMs = count(options.backoffMs, 100, "backoffMs");
     this.onRetry = options.onRetry;
   }
 
   /** Publishes one message; `idempotencyKey` makes a repeat store nothing (result.replayed). */
   async publish(topic, message, { idempotencyKey } = {}) {
-    const headers = idempotencyKey ? { "idempotency-key": idempotencyKey } : {};
+    const keyed = idempotencyKey !== undefined && idempotencyKey !== null;
+    if (keyed && (typeof idempotencyKey !== "string" || idempotencyKey === "")) {
+      throw new TypeError("an idempotency key is a non-empty string");
+    }
+    const headers = keyed ? { "idempotency-key": idempotencyKey } : {};
     const { headers: answerHeaders, body } = await this.#send(
-      "POST", `/v1/topics/${seg(topic)}/messages`, envelope(message), headers, idempotencyKey !== undefined);
+      "POST", `/v1/topics/${seg(topic)}/messages`, envelope(message), headers, keyed);
     return { id: body.id, queue: body.queue, offset: body.offset, replayed: answerHeaders.get("idempotent-replayed") === "true" };
   }
 
@@ -134,9 +153,15 @@ export class Client {
       try {
         const resp = await fetch(this.baseUrl + path, { method, headers: all, body: payload });
         const text = await resp.text();
-        if (resp.ok) return { headers: resp.headers, body: text ? JSON.parse(text) : {} };
+        if (resp.ok) {
+          try {
+            return { headers: resp.headers, body: text ? JSON.parse(text) : {} };
+          } catch {
+            throw new WasmqError(resp.status, "bad_answer", `the answer is not JSON: ${text.slice(0, 200)}`);
+          }
+        }
         const retryAfter = Number.parseInt(resp.headers.get("retry-after") ?? "", 10);
-        const retryAfterMs = Number.isFinite(retryAfter) ? retryAfter * 1000 : undefined;
+        const retryAfterMs = Number.isFinite(retryAfter) ? Math.max(0, retryAfter) * 1000 : undefined;
         let code = "http_error";
         let message = text.slice(0, 500);
         try {
@@ -146,9 +171,10 @@ export class Client {
           // Not wasmq's error shape: keep the status and the text.
         }
         error = new WasmqError(resp.status, code, message, retryAfterMs);
-        again = resp.status === 429 || resp.status === 503;
+        again = refusedBeforeWriting(resp.status, code) || (resp.status >= 500 && safe);
         if (retryAfterMs !== undefined) waitMs = retryAfterMs;
       } catch (e) {
+        if (e instanceof WasmqError) throw e;
         const refused = e?.cause?.code === "ECONNREFUSED";
         error = new TransportError(`cannot reach wasmq at ${this.baseUrl}: ${e?.cause?.message ?? e.message}`, e);
         again = refused || safe;

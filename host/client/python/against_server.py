@@ -57,6 +57,7 @@ assert len(batch) == 2 and batch[1].offset >= 0
 raises(NotFound, lambda: client.publish("py-nope", {"x": 1}), "unknown_topic")
 raises(BadRequest, lambda: client.publish("py-orders", {"x": 1}, tag="a|b"))
 raises(TransportError, lambda: Client("http://127.0.0.1:1", max_attempts=2, backoff=0.01).publish("t", 1))
+raises(ValueError, lambda: client.publish("py-orders", 1, idempotency_key=""))
 # Transactions: begin, commit (twice: idempotent), rollback of another; the opposite decision is a 409.
 t = client.begin("py-txn", {"order": 9}, check_after_ms=60000)
 assert client.commit(t.txn_id) == "committed"
@@ -67,12 +68,14 @@ assert client.rollback(r.txn_id) == "rolled_back"
 raises(Conflict, lambda: client.commit(r.txn_id))
 # 429: refused while the slow subscription is behind; the retry after Retry-After succeeds once
 # on_retry (the first refusal) has deleted that subscription.
-while True:
+for _ in range(100):
     try:
         Client(url, max_attempts=1).publish("py-slow", {"fill": True})
     except Overloaded as e:
         assert e.status == 429 and e.code == "backlog_full" and e.retry_after == 1.0, e
         break
+else:
+    raise AssertionError("max_backlog 2 never pushed back in 100 publishes")
 raises(Overloaded, lambda: Client(url, max_attempts=2, max_wait=0.05).publish("py-slow", {"x": 1}), "backlog_full")
 seen = []
 

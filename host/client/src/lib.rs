@@ -13,12 +13,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Retries: a publish answered 429 (`backlog_full`) or 503 (`disk_full`, `too_many_connections`,
-//! …) was not stored, so it is sent again after the server's `Retry-After` (at most
-//! [`Retry::max_wait`] per wait), up to [`Retry::max_attempts`] sends. A connection that could
-//! not be made is retried too. A send that failed after the request went out (a reset, a
-//! timeout) is retried only when a repeat cannot store twice: a message with an idempotency
-//! key, a commit or a rollback.
+//! Retries: a request answered 429 (`backlog_full`) or a 503 of an admission check
+//! (`disk_full`, `too_many_connections`, … see [`refused_before_writing`]) was not acted on, so
+//! it is sent again after the server's `Retry-After` (at most [`Retry::max_wait`] per wait), up
+//! to [`Retry::max_attempts`] sends. A connection that could not be made is retried too. After
+//! anything that may have followed a write (a reset, a timeout, `storage_unavailable`, another
+//! 5xx) a request is repeated only when a repeat cannot store twice: a message with an
+//! idempotency key, a commit or a rollback.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -70,16 +71,11 @@ impl Error {
         }
     }
 
-    /// Whether the server refused for now and nothing was stored (429, 503): the client already
-    /// retried [`Retry::max_attempts`] times before returning it.
+    /// Whether the server refused for now before storing anything (429, or a 503 of an
+    /// admission check: [`refused_before_writing`]); the client already retried
+    /// [`Retry::max_attempts`] times before returning it.
     pub fn is_overloaded(&self) -> bool {
-        matches!(
-            self,
-            Error::Api {
-                status: 429 | 503,
-                ..
-            }
-        )
+        matches!(self, Error::Api { status, code, .. } if refused_before_writing(*status, code))
     }
 }
 
@@ -448,9 +444,10 @@ impl Client {
                 Err(e) => Error::Transport(e),
             };
             let again = match &error {
-                Error::Api {
-                    status: 429 | 503, ..
-                } => true,
+                Error::Api { status, code, .. } => {
+                    refused_before_writing(*status, code)
+                        || (*status >= 500 && repeat == Repeat::Safe)
+                }
                 Error::Transport(e) => e.is_connect() || repeat == Repeat::Safe,
                 _ => false,
             };
@@ -472,6 +469,19 @@ impl Client {
             attempt += 1;
         }
     }
+}
+
+/// Whether the server said it refused before writing anything: 429 (`backlog_full`), and the
+/// 503s of an admission check (`disk_full`, `too_many_connections`, `too_many_streams`,
+/// `compile_busy`). Other 5xx answers (`storage_unavailable`, `shutting_down`, a proxy's) may
+/// come after a write, so only a request that cannot store twice is repeated after them.
+pub fn refused_before_writing(status: u16, code: &str) -> bool {
+    status == 429
+        || (status == 503
+            && matches!(
+                code,
+                "disk_full" | "too_many_connections" | "too_many_streams" | "compile_busy"
+            ))
 }
 
 /// The error an error answer carries; its status alone when the body is not wasmq's shape.
@@ -550,6 +560,11 @@ mod tests {
         assert!(
             matches!(e, Error::Api { retry_after: Some(d), .. } if d == Duration::from_secs(2))
         );
+        // Only refusals made before any write are repeated without an idempotency key.
+        assert!(refused_before_writing(503, "disk_full"));
+        assert!(!refused_before_writing(503, "storage_unavailable"));
+        assert!(!refused_before_writing(503, "shutting_down"));
+        assert!(!refused_before_writing(500, "internal"));
         let e = api_error(
             502,
             &reqwest::header::HeaderMap::new(),

@@ -25,7 +25,10 @@ const FORMATS: [&str; 4] = [
 /// RFC 9110 §12.5.1 (quality values, then the client's order). A missing or unreadable header,
 /// or one that names neither, gets the classic format, as Prometheus' own client libraries do.
 fn wants_openmetrics(accept: Option<&axum::http::HeaderValue>) -> bool {
-    let Some(accept) = accept.and_then(|v| headers_accept::Accept::try_from(v).ok()) else {
+    let Some(accept) = accept
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| relevant_params(v).parse::<headers_accept::Accept>().ok())
+    else {
         return false;
     };
     let formats: Vec<mediatype::MediaType<'static>> = FORMATS
@@ -35,6 +38,25 @@ fn wants_openmetrics(accept: Option<&axum::http::HeaderValue>) -> bool {
     accept
         .negotiate(formats.iter())
         .is_some_and(|m| m.subty.as_str() == "openmetrics-text")
+}
+
+/// `accept` with only the parameters negotiation reads (`version`, `q`) on each media range:
+/// headers-accept matches a range only when all its parameters are equal, and Prometheus 3
+/// adds `escaping=allow-utf-8` to its OpenMetrics ranges.
+fn relevant_params(accept: &str) -> String {
+    accept
+        .split(',')
+        .map(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let mut kept: Vec<&str> = parts.next().into_iter().collect();
+            kept.extend(parts.filter(|p| {
+                let name = p.split('=').next().unwrap_or_default().trim();
+                name.eq_ignore_ascii_case("version") || name.eq_ignore_ascii_case("q")
+            }));
+            kept.join(";")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Counters and histograms kept as the broker works, plus state read now (lag, dead letters,
@@ -54,6 +76,9 @@ pub(super) async fn metrics(
         state.plugins.runtime().capabilities().calls.clone(),
     );
     let metrics = state.broker.metrics();
+    // One scrape at a time from listing to sweeping: a scrape with an older list must not drop
+    // the series of a subscription a newer one has seen made.
+    let _sweeping = metrics.scrapes.lock().await;
     let subscriptions = state.dispatcher.list().await.map_err(ApiError::internal)?;
     metrics.keep_series_of(
         state.broker.topics().into_iter().map(|t| t.name).collect(),

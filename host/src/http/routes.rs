@@ -115,7 +115,7 @@ pub fn routes() -> Vec<Route> {
         op(
             M::POST,
             "/v1/topics/{topic}/messages",
-            "Publish one message; acknowledged once durable. Header Idempotency-Key deduplicates retries",
+            "Publish one message; acknowledged once durable. Header Idempotency-Key deduplicates retries. A CloudEvent is published too: binary mode (ce-* headers, the body is the data) or structured mode (Content-Type: application/cloudevents+json); README maps its attributes",
             Some((
                 r#"{"body": {"order": 42}, "key": "order-42", "tag": "paid", "sharding_key": "user-7", "properties": {"source": "web"}, "delay_ms": 0}"#,
                 plain_message,
@@ -467,10 +467,6 @@ pub fn document(open: bool) -> Value {
                 "required": !optional,
                 "content": {"application/json": {"schema": schema, "example": example}}
             });
-        }
-        if r.method == Method::POST && r.path == "/v1/topics/{topic}/messages" {
-            operation["requestBody"]["content"]["application/cloudevents+json"] =
-                super::cloudevents::structured_schema();
         }
         let item = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
         item[r.method.as_str().to_ascii_lowercase()] = operation;

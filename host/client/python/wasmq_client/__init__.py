@@ -8,16 +8,19 @@ commit, rollback); retries on 429 and 503 that honour ``Retry-After``; typed err
     sent = client.publish("orders", {"order": 7}, key="order-7")
     print(sent.id, sent.queue, sent.offset)
 
-Retries: an answer 429 (``backlog_full``) or 503 (``disk_full``, ``too_many_connections``, ...)
-means nothing was stored, so the request is sent again after the server's ``Retry-After`` (at
-most ``max_wait`` seconds per wait), up to ``max_attempts`` sends in all. A connection that
-could not be made is retried too. A send that failed after the request went out is retried
-only when a repeat cannot store twice: a publish with an idempotency key, a commit, a rollback.
+Retries: an answer 429 (``backlog_full``) or a 503 of an admission check (``disk_full``,
+``too_many_connections``, ``too_many_streams``, ``compile_busy``) means nothing was done, so the
+request is sent again after the server's ``Retry-After`` (at most ``max_wait`` seconds per
+wait), up to ``max_attempts`` sends in all. A connection that could not be made is retried too.
+After anything that may have followed a write (a reset, a timeout, ``storage_unavailable``,
+another 5xx) a request is repeated only when a repeat cannot store twice: a publish with an
+idempotency key, a commit, a rollback.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import time
 import urllib.error
@@ -85,7 +88,15 @@ class Unprocessable(WasmqError):
 
 
 class Overloaded(WasmqError):
-    """429 or 503: refused for now, nothing stored (already retried ``max_attempts`` times)."""
+    """429 or 503: refused for now (already retried ``max_attempts`` times when nothing was done)."""
+
+
+_REFUSED_BEFORE_WRITING = {"disk_full", "too_many_connections", "too_many_streams", "compile_busy"}
+
+
+def refused_before_writing(status: int, code: str) -> bool:
+    """429, or a 503 of an admission check: the server did nothing, a repeat is safe."""
+    return status == 429 or (status == 503 and code in _REFUSED_BEFORE_WRITING)
 
 
 class ServerError(WasmqError):
@@ -210,7 +221,9 @@ class Client:
         """Publishes one message: ``body`` (JSON) or ``data=b"..."``, plus ``key``, ``tag``,
         ``sharding_key``, ``properties``, ``delay_ms`` or ``deliver_at``; or a ``Message``."""
         message = body if isinstance(body, Message) else Message(body, **fields)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        if idempotency_key is not None and not idempotency_key:
+            raise ValueError("an idempotency key is not empty")
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         status, answer_headers, answer = self._send(
             "POST",
             f"/v1/topics/{_seg(topic)}/messages",
@@ -267,9 +280,10 @@ class Client:
             except urllib.error.HTTPError as e:
                 raw = e.read()
                 retry_after = _retry_after(e.headers.get("Retry-After"))
-                error: Exception = _error(e.code, raw, retry_after)
-                again = e.code in (429, 503)
-            except (urllib.error.URLError, OSError) as e:
+                api_error = _error(e.code, raw, retry_after)
+                error: Exception = api_error
+                again = refused_before_writing(e.code, api_error.code) or (e.code >= 500 and safe)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 refused = isinstance(reason, ConnectionRefusedError)
                 error = TransportError(f"cannot reach wasmq at {self.base_url}: {reason}")
@@ -291,6 +305,6 @@ def _seg(name: str) -> str:
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
     try:
-        return float(int(value.strip())) if value else None
+        return max(0.0, float(int(value.strip()))) if value else None
     except ValueError:
         return None
