@@ -29,11 +29,16 @@ async fn python_and_javascript_plugins_that_spin_or_hog_are_stopped_and_the_host
     for t in ["healthy", "audit", "hostile-py", "hostile-js"] {
         s.create_topic(t, 2).await;
     }
+    // The hostile subscriptions get 2 s per call (the healthy one keeps the server's 300 ms):
+    // a hog must reach its memory cap before any deadline even when the CPU is contended
+    // (CI runs tests side by side on 2 cores; at 300 ms a contended hog sometimes met the
+    // wall-clock deadline first), and a spin still meets a deadline.
     for lang in ["py", "js"] {
         s.subscribe(
             &format!("hostile-{lang}"),
             json!({"topic": format!("hostile-{lang}"), "plugin": format!("hostile-{lang}"),
-                   "instances": 2, "retry": {"max_attempts": 2, "backoff_ms": [10]}}),
+                   "instances": 2, "retry": {"max_attempts": 2, "backoff_ms": [10]},
+                   "limits": {"timeout_ms": 2000}}),
         )
         .await;
     }
