@@ -1,5 +1,5 @@
 //! The bottom layer every other module may use: the clock, the name rule for topics, groups and
-//! plugins, and the time bounds every layer checks against (delays, check-backs).
+//! plugins, the time bounds every layer checks against (delays, check-backs), and hex.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,6 +19,11 @@ pub const MAX_CHECK_MS: u64 = MAX_DELAY_MS;
 pub const MAX_CHECKS: u32 = 10_000;
 /// The longest topic, group or plugin name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
+
+/// Lower-case hex of `bytes` (digests in ids and keys).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Milliseconds since the Unix epoch by the wall clock (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

@@ -61,15 +61,16 @@ pub struct Metrics {
     pub retention_deleted: Family<TopicLabel, Counter>,
     /// Retention passes finished (each looks at every topic once).
     pub retention_passes: Counter,
-    /// The topics and subscriptions whose series the last scrape made sure of, so the next one
-    /// can drop the series of those deleted since (on any node).
-    known: std::sync::Mutex<Known>,
-    /// Held by a scrape from its listing of topics and subscriptions to its sweep.
-    pub scrapes: tokio::sync::Mutex<()>,
+    /// Held by a scrape from its listing of topics and subscriptions to its sweep
+    /// ([`Metrics::keep_series_of`]), so a scrape with an older list cannot drop the series of
+    /// a subscription a newer one has seen made.
+    pub scrapes: tokio::sync::Mutex<Known>,
 }
 
+/// The topics and subscriptions whose series the last scrape made sure of, so the next one can
+/// drop the series of those deleted since (on any node).
 #[derive(Debug, Default)]
-struct Known {
+pub struct Known {
     topics: std::collections::BTreeSet<String>,
     groups: std::collections::BTreeSet<String>,
 }
@@ -94,7 +95,6 @@ impl Default for Metrics {
             expired_unconsumed: Family::default(),
             retention_deleted: Family::default(),
             retention_passes: Counter::default(),
-            known: Default::default(),
             scrapes: Default::default(),
         }
     }
@@ -156,13 +156,10 @@ impl Metrics {
     /// [`Metrics::forget_group`]).
     pub fn keep_series_of(
         &self,
+        known: &mut Known,
         topics: std::collections::BTreeSet<String>,
         groups: std::collections::BTreeSet<String>,
     ) {
-        let mut known = self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for gone in known.topics.difference(&topics) {
             self.forget_topic(gone);
         }

@@ -215,7 +215,7 @@ impl Plugins {
                 max: self.max_bytes,
             });
         }
-        let digest = hex(&sha2::Sha256::digest(&bytes));
+        let digest = crate::base::hex(&sha2::Sha256::digest(&bytes));
         let code = match self.cached(&digest) {
             Some(code) => code,
             None => {
@@ -558,9 +558,4 @@ impl Plugins {
 /// Plugin names follow the topic name rules (they appear in URLs and storage keys).
 pub fn validate_name(name: &str) -> Result<(), PluginError> {
     check_name(name).map_err(PluginError::BadName)
-}
-
-/// Lower-case hex of `bytes` (digests in ids and keys).
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -39,7 +39,7 @@ pub(super) fn request_digest(m: &NewMessage) -> String {
         field(k.as_bytes());
         field(v.as_bytes());
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::base::hex(&h.finalize())
 }
 
 /// What a stored record costs beyond its value: key, revision, log and index entries.

@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use sha2::Digest as _;
 
 use super::ApiError;
+use super::guard::{content_type_essence, media_essence};
 use crate::broker::Envelope;
 
 /// What a property name of a CloudEvents attribute starts with (`ce_id`, `ce_type`, …), as the
@@ -31,25 +32,11 @@ const SPEC_VERSION: &str = "1.0";
 /// The media type of a structured-mode event (JSON event format).
 const STRUCTURED: &str = "application/cloudevents+json";
 
-/// The essence (type/subtype, lower case, no parameters) of the request's `Content-Type`.
-fn content_type(headers: &HeaderMap) -> Option<String> {
-    let v = headers
-        .get(axum::http::header::CONTENT_TYPE)?
-        .to_str()
-        .ok()?;
-    Some(
-        v.split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase(),
-    )
-}
-
 /// Whether the request carries a CloudEvent: structured mode (`Content-Type:
 /// application/cloudevents+json`) or binary mode (a `ce-specversion` header).
 pub fn is_cloudevent(headers: &HeaderMap) -> bool {
-    headers.contains_key("ce-specversion") || content_type(headers).as_deref() == Some(STRUCTURED)
+    headers.contains_key("ce-specversion")
+        || content_type_essence(headers).as_deref() == Some(STRUCTURED)
 }
 
 /// A CloudEvent as a message to publish, and the idempotency key that deduplicates it.
@@ -91,7 +78,7 @@ enum EventData {
 /// JSON or base64); the message checks (sizes, at most 64 properties) apply after mapping as
 /// for any publish.
 pub fn from_request(headers: &HeaderMap, body: Vec<u8>) -> Result<Mapped, ApiError> {
-    let (attributes, data) = if content_type(headers).as_deref() == Some(STRUCTURED) {
+    let (attributes, data) = if content_type_essence(headers).as_deref() == Some(STRUCTURED) {
         structured(&body)?
     } else {
         binary(headers, body)?
@@ -103,16 +90,14 @@ pub fn from_request(headers: &HeaderMap, body: Vec<u8>) -> Result<Mapped, ApiErr
         .is_none_or(|t| is_json_media_type(t));
     let (body, body_base64) = match data {
         EventData::Json(raw) => (Some(raw), None),
-        EventData::Bytes(bytes)
-            if json_content && serde_json::from_slice::<&RawValue>(&bytes).is_ok() =>
-        {
-            let text = String::from_utf8(bytes).map_err(|e| bad(e.to_string()))?;
-            (Some(raw_json(text)?), None)
-        }
-        EventData::Bytes(bytes) => (
-            None,
-            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-        ),
+        // JSON-typed bytes that are one JSON value: a JSON body, parsed once.
+        EventData::Bytes(bytes) => match serde_json::from_slice::<&RawValue>(&bytes) {
+            Ok(raw) if json_content => (Some(raw.to_owned()), None),
+            _ => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+            ),
+        },
         EventData::None => (None, Some(String::new())),
     };
     let digest = sha2::Sha256::new()
@@ -120,7 +105,7 @@ pub fn from_request(headers: &HeaderMap, body: Vec<u8>) -> Result<Mapped, ApiErr
         .chain_update([0u8])
         .chain_update(attr("id").as_bytes())
         .finalize();
-    let idempotency_key = format!("ce:{}", crate::plugins::hex(&digest[..16]));
+    let idempotency_key = format!("ce:{}", crate::base::hex(&digest[..16]));
     let tag = Some(attr("type")).filter(|t| crate::broker::envelope::valid_tag(t));
     let sharding_key = attributes.get(PARTITION_KEY).cloned();
     let key = Some(attr("id"));
@@ -276,18 +261,9 @@ fn check(attributes: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn is_json_media_type(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+fn is_json_media_type(media_type: &str) -> bool {
+    let essence = media_essence(media_type);
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
-}
-
-fn raw_json(text: String) -> Result<Box<RawValue>, ApiError> {
-    RawValue::from_string(text).map_err(|e| bad(format!("data is not JSON: {e}")))
 }
 
 fn bad(message: String) -> ApiError {

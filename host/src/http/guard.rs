@@ -129,15 +129,7 @@ fn content_type_ok(method: &Method, path: &str, headers: &HeaderMap) -> Result<(
     {
         return Ok(());
     }
-    let kind = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let kind = content_type_essence(headers).unwrap_or_default();
     let upload = *method == Method::PUT
         && path.starts_with("/v1/plugins/")
         && path.trim_end_matches('/').matches('/').count() == 3;
@@ -167,6 +159,23 @@ fn content_type_ok(method: &Method, path: &str, headers: &HeaderMap) -> Result<(
     Err(format!(
         "send this body as {wanted} (Content-Type {given} is refused: a web page could send it across sites)"
     ))
+}
+
+/// A media type's essence: `type/subtype` in lower case, without parameters
+/// (`Application/JSON; charset=utf-8` → `application/json`).
+pub(super) fn media_essence(media_type: &str) -> String {
+    media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The essence of the request's `Content-Type`, if it has a readable one.
+pub(super) fn content_type_essence(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(media_essence(v))
 }
 
 /// The content-type check, for requests that match a route (others get the router's 404 or

@@ -76,11 +76,11 @@ pub(super) async fn metrics(
         state.plugins.runtime().capabilities().calls.clone(),
     );
     let metrics = state.broker.metrics();
-    // One scrape at a time from listing to sweeping: a scrape with an older list must not drop
-    // the series of a subscription a newer one has seen made.
-    let _sweeping = metrics.scrapes.lock().await;
+    // One scrape at a time from listing to sweeping.
+    let mut known = metrics.scrapes.lock().await;
     let subscriptions = state.dispatcher.list().await.map_err(ApiError::internal)?;
     metrics.keep_series_of(
+        &mut known,
         state.broker.topics().into_iter().map(|t| t.name).collect(),
         subscriptions.iter().map(|s| s.group.clone()).collect(),
     );
