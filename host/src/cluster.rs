@@ -446,7 +446,7 @@ pub struct ClusterView {
 }
 
 /// A node as heartbeats show it (times in ms since the epoch).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct NodeView {
     pub node: String,
     pub api: String,
@@ -459,7 +459,7 @@ pub struct NodeView {
 }
 
 /// A lease, its holder, and the subscription unit it is for (when its key names one).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct LeaseView {
     pub lease: String,
     pub owner: String,

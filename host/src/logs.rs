@@ -41,7 +41,7 @@ fn known_level<'de, D: serde::Deserializer<'de>>(
 }
 
 /// A kept line; also what nodes announce to each other (the receiver gives it its own `seq`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LogLine {
     /// Position in this plugin's log since the server started; `since` takes it.
     pub seq: u64,
@@ -98,7 +98,7 @@ impl Ring {
 }
 
 /// A page of a plugin's log.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct LogPage {
     pub lines: Vec<Arc<LogLine>>,
     /// Lines dropped by the per-call cap since the server started.

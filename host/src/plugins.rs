@@ -41,7 +41,7 @@ pub enum PluginError {
 }
 
 /// One uploaded version of a plugin.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PluginVersion {
     pub version: u32,
     /// SHA-256 of the component bytes, hex.

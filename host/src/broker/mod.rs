@@ -64,7 +64,7 @@ pub enum BrokerError {
 }
 
 /// What is kept about a topic.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TopicMeta {
     pub name: String,
     pub queues: u32,

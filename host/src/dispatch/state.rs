@@ -50,7 +50,7 @@ pub fn member_name(broadcast: bool, instance: u32) -> String {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SubState {
     Running,
@@ -130,7 +130,7 @@ impl Timer {
 }
 
 /// A message that will not be delivered again unless redriven.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeadLetter {
     pub message_id: String,
     pub member: String,

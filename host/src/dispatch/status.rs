@@ -5,7 +5,7 @@ use super::*;
 
 /// A dead letter as the API shows it: its paging key, the broadcast instance that gave it up
 /// (absent for clustering), and the stored entry.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct DeadLetterView {
     pub key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -16,7 +16,7 @@ pub struct DeadLetterView {
 
 /// `GET /v1/subscriptions/{group}`: the spec and state, offsets and lag per queue (per
 /// broadcast instance for broadcast), timers, dead letters, and delivery counters while it runs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct SubscriptionStatus {
     pub group: String,
     pub state: SubState,
@@ -44,7 +44,7 @@ pub struct SubscriptionStatus {
 }
 
 /// One broadcast instance (or the one member of a clustering subscription).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct InstanceStatus {
     pub instance: u32,
     pub lag: u64,
@@ -53,7 +53,7 @@ pub struct InstanceStatus {
 }
 
 /// One queue of a member: committed offset (everything before it is done), high water, lag.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct QueueStatus {
     pub queue: u32,
     pub committed: u64,
@@ -74,7 +74,7 @@ pub struct QueueStatus {
 }
 
 /// Deliveries since the runner started (summed over nodes on shared storage).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, schemars::JsonSchema)]
 pub struct DeliveryCounters {
     pub delivered: u64,
     pub acked: u64,

@@ -100,7 +100,7 @@ pub struct BatchRequest {
     messages: Vec<Envelope>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct BatchResponse {
     results: Vec<Appended>,
 }
@@ -118,7 +118,7 @@ pub async fn publish_batch(
 }
 
 /// A stored message as the API shows it: JSON bodies inline, others as base64.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct MessageView {
     id: MessageId,
     topic: String,
@@ -201,7 +201,7 @@ pub struct ListQuery {
     limit: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct MessageList {
     messages: Vec<MessageView>,
 }

@@ -180,18 +180,47 @@ async fn deadline(
     }
 }
 
+/// `GET /healthz`: the server answers, and which version it runs.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Health {
+    /// Always `"ok"`: an answer at all is the signal.
+    pub status: &'static str,
+    pub version: &'static str,
+}
+
 /// Liveness: `{"status": "ok", "version": the server's version}`.
-pub(crate) async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+pub(crate) async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// `GET /v1/cluster`: this node, the backend and whether it answers, every node's heartbeat
+/// and every lease (both empty when the backend does not answer), and what this node runs.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct ClusterAnswer {
+    pub node: String,
+    /// `rocksdb` or `jetstream`.
+    pub backend: &'static str,
+    pub nodes: Vec<crate::cluster::NodeView>,
+    pub leases: Vec<crate::cluster::LeaseView>,
+    pub backend_healthy: bool,
+    /// Why the backend did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_error: Option<String>,
+    /// This node runs subscriptions (on shared storage: holds at least one lease).
+    pub dispatching: bool,
+    pub leases_held: usize,
 }
 
 /// The nodes sharing this broker's storage (heartbeats), the leases and their owners, which
 /// node dispatches, and whether the backend answers.
 pub(crate) async fn cluster(
     axum::extract::State(state): axum::extract::State<AppState>,
-) -> axum::Json<serde_json::Value> {
+) -> axum::Json<ClusterAnswer> {
     use crate::dispatch::share::{UnitKey, parse_key};
-    let mut view = match state.node.view().await {
+    let (nodes, leases, backend_error) = match state.node.view().await {
         Ok(mut v) => {
             for l in &mut v.leases {
                 if let Some((group, unit)) = parse_key(&l.lease) {
@@ -202,17 +231,20 @@ pub(crate) async fn cluster(
                     }
                 }
             }
-            serde_json::to_value(v).unwrap_or_default()
+            (v.nodes, v.leases, None)
         }
-        Err(e) => serde_json::json!({
-            "node": state.node.id, "backend": state.node.backend,
-            "backend_error": e.to_string(),
-        }),
+        Err(e) => (Vec::new(), Vec::new(), Some(e.to_string())),
     };
-    view["backend_healthy"] = view.get("backend_error").is_none().into();
-    view["dispatching"] = state.dispatcher.dispatching().await.into();
-    view["leases_held"] = state.dispatcher.leases_held().await.into();
-    axum::Json(view)
+    axum::Json(ClusterAnswer {
+        node: state.node.id.clone(),
+        backend: state.node.backend,
+        nodes,
+        leases,
+        backend_healthy: backend_error.is_none(),
+        backend_error,
+        dispatching: state.dispatcher.dispatching().await,
+        leases_held: state.dispatcher.leases_held().await,
+    })
 }
 
 async fn not_found() -> ApiError {

@@ -20,7 +20,7 @@ use crate::plugins::{PluginRecord, PluginVersion, validate_name};
 use crate::runtime::host::{KvOwner, kv_space};
 use crate::runtime::{InstanceContext, PluginLimits};
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct VersionView {
     name: String,
     #[serde(flatten)]
@@ -91,7 +91,7 @@ pub async fn upload(
     Ok((status, Json(VersionView { name, version })))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct PluginView {
     name: String,
     /// The latest version's fields.
@@ -110,7 +110,19 @@ impl From<PluginRecord> for PluginView {
     }
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// `GET /v1/plugins`.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct PluginList {
+    plugins: Vec<PluginView>,
+}
+
+/// What a delete removed: `{"deleted": name}` (a plugin or a subscription).
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct Removed {
+    pub deleted: String,
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<PluginList>, ApiError> {
     let plugins: Vec<PluginView> = state
         .plugins
         .list()
@@ -118,7 +130,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
         .into_iter()
         .map(PluginView::from)
         .collect();
-    Ok(Json(json!({ "plugins": plugins })))
+    Ok(Json(PluginList { plugins }))
 }
 
 pub async fn show(
@@ -131,14 +143,14 @@ pub async fn show(
 pub async fn delete(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Removed>, ApiError> {
     let user = state.dispatcher.plugin_user(&name).await?;
     state.plugins.delete(&name, user).await?;
     state.logs.remove(&name);
     for owner in [KvOwner::Plugin(&name), KvOwner::Invoke(&name)] {
         state.broker.forget_kv_usage(&kv_space(owner));
     }
-    Ok(Json(json!({ "deleted": name })))
+    Ok(Json(Removed { deleted: name }))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -162,13 +174,53 @@ pub struct InvokeRequest {
 }
 
 /// A plugin's answer, as JSON: `{"type":"ack"}`, `{"type":"retry","after_ms":N}`,
-/// `{"type":"reject","reason":"..."}`.
-pub fn outcome_json(o: &Outcome) -> Value {
-    match o {
-        Outcome::Ack => json!({"type": "ack"}),
-        Outcome::Retry(ms) => json!({"type": "retry", "after_ms": ms}),
-        Outcome::Reject(reason) => json!({"type": "reject", "reason": reason}),
+/// `{"type":"reject","reason":"..."}` (the WIT `outcome` variant).
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutcomeView {
+    Ack,
+    /// Deliver again after `after_ms` milliseconds (0: the subscription's backoff).
+    Retry {
+        after_ms: u64,
+    },
+    /// Never deliver again: to the dead-letter queue with this reason.
+    Reject {
+        reason: String,
+    },
+}
+
+impl From<&Outcome> for OutcomeView {
+    fn from(o: &Outcome) -> Self {
+        match o {
+            Outcome::Ack => OutcomeView::Ack,
+            Outcome::Retry(ms) => OutcomeView::Retry { after_ms: *ms },
+            Outcome::Reject(reason) => OutcomeView::Reject {
+                reason: reason.clone(),
+            },
+        }
     }
+}
+
+/// Why a call gave no answer: `kind` is `trap`, `timeout`, `memory` or another
+/// [`crate::runtime::InvokeError::kind`], `message` the engine's words.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct FailureView {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// `POST /v1/plugins/{name}/invoke`: the version that ran, how long the call took, and
+/// either the plugin's `outcome` or the `failure` that stopped it.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct InvokeAnswer {
+    name: String,
+    version: u32,
+    /// Wall-clock time of the call, fractional milliseconds.
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<OutcomeView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<FailureView>,
 }
 
 /// Runs the plugin's `handle` on one message outside any subscription: for trying a plugin.
@@ -177,7 +229,7 @@ pub async fn invoke(
     State(state): State<AppState>,
     Path(name): Path<String>,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<InvokeAnswer>, ApiError> {
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let req: InvokeRequest = parse_json(&bytes)?;
     let now = now_ms();
@@ -239,14 +291,22 @@ pub async fn invoke(
         .invoke(&name, req.version, ctx, message)
         .await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    Ok(Json(match result {
-        Ok(o) => {
-            json!({"name": name, "version": version.version, "outcome": outcome_json(&o), "duration_ms": elapsed_ms})
-        }
-        Err(e) => json!({
-            "name": name, "version": version.version, "duration_ms": elapsed_ms,
-            "failure": {"kind": e.kind(), "message": e.to_string()},
-        }),
+    let (outcome, failure) = match result {
+        Ok(o) => (Some(OutcomeView::from(&o)), None),
+        Err(e) => (
+            None,
+            Some(FailureView {
+                kind: e.kind(),
+                message: e.to_string(),
+            }),
+        ),
+    };
+    Ok(Json(InvokeAnswer {
+        name,
+        version: version.version,
+        duration_ms: elapsed_ms,
+        outcome,
+        failure,
     }))
 }
 

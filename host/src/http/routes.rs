@@ -14,6 +14,14 @@ fn schema<T: schemars::JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemar
     g.subschema_for::<T>()
 }
 
+/// The JSON Schema of a success answer (what the serde type serializes to), with the name it
+/// has under `components/schemas`.
+pub type AnswerSchema = (fn() -> std::borrow::Cow<'static, str>, BodySchema);
+
+fn answer<T: schemars::JsonSchema>() -> AnswerSchema {
+    (T::schema_name, schema::<T>)
+}
+
 /// A plain publish: an envelope without `check_after_ms` (transactions only).
 pub fn plain_message(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let envelope = g.subschema_for::<crate::broker::Envelope>();
@@ -335,19 +343,141 @@ fn success(method: &Method, path: &str) -> &'static [&'static str] {
     }
 }
 
-/// The content type of a route's success answer.
-fn answers_in(path: &str) -> Value {
+/// The content types of a route's success answer, with their schemas: JSON answers refer to
+/// the component `answer_of` names.
+fn answers_in(method: &Method, path: &str) -> Value {
+    let json = || match answer_of(method, path) {
+        Some((name, _)) => json!({"$ref": format!("#/components/schemas/{}", name())}),
+        None => json!({}),
+    };
     match path {
         "/metrics" => json!({
             "text/plain": {"schema": {"type": "string"}},
             "application/openmetrics-text": {"schema": {"type": "string"}},
         }),
         "/v1/plugins/{name}/logs" => json!({
-            "application/json": {"schema": {"type": "object"}},
+            "application/json": {"schema": json()},
             "application/x-ndjson": {"schema": {"type": "string"}},
         }),
-        _ => json!({"application/json": {"schema": {}}}),
+        _ => json!({"application/json": {"schema": json()}}),
     }
+}
+
+/// The serde type a route's handler answers with on success (`None`: not JSON).
+fn answer_of(method: &Method, path: &str) -> Option<AnswerSchema> {
+    use super::{ClusterAnswer, Health};
+    use crate::dispatch::SubscriptionStatus;
+    use crate::txn::TxnView;
+    Some(match (method.as_str(), path) {
+        (_, "/metrics") => return None,
+        (_, "/healthz") => answer::<Health>(),
+        (_, "/v1/cluster") => answer::<ClusterAnswer>(),
+        (_, "/v1/openapi.json") => answer::<OpenApiDocument>(),
+        ("GET", "/v1/topics") => answer::<topics::TopicList>(),
+        ("DELETE", "/v1/topics/{topic}") => answer::<topics::Deleted>(),
+        (_, "/v1/topics/{topic}") => answer::<topics::TopicView>(),
+        ("POST", "/v1/topics/{topic}/messages") => answer::<crate::storage::Appended>(),
+        ("GET", "/v1/topics/{topic}/messages") => answer::<messages::MessageList>(),
+        (_, "/v1/topics/{topic}/messages/batch") => answer::<messages::BatchResponse>(),
+        (_, "/v1/messages/{id}") => answer::<messages::MessageView>(),
+        (_, "/v1/topics/{topic}/transactions") => answer::<transactions::TxnBegun>(),
+        (_, "/v1/transactions") => answer::<transactions::TxnList>(),
+        (_, p) if p.starts_with("/v1/transactions/{id}") => answer::<TxnView>(),
+        ("GET", "/v1/plugins") => answer::<plugins::PluginList>(),
+        ("GET", "/v1/plugins/{name}") => answer::<plugins::PluginView>(),
+        ("PUT", "/v1/plugins/{name}") => answer::<plugins::VersionView>(),
+        ("DELETE", "/v1/plugins/{name}" | "/v1/subscriptions/{group}") => {
+            answer::<plugins::Removed>()
+        }
+        (_, "/v1/plugins/{name}/invoke") => answer::<plugins::InvokeAnswer>(),
+        (_, "/v1/plugins/{name}/logs") => answer::<crate::logs::LogPage>(),
+        ("GET", "/v1/subscriptions") => answer::<subscriptions::SubscriptionList>(),
+        (_, "/v1/subscriptions/{group}/dlq") => answer::<subscriptions::DlqPage>(),
+        (_, "/v1/subscriptions/{group}/dlq/redrive") => answer::<subscriptions::Redriven>(),
+        (_, p) if p.starts_with("/v1/subscriptions/{group}") => answer::<SubscriptionStatus>(),
+        _ => return None,
+    })
+}
+
+/// `GET /v1/openapi.json` answers an OpenAPI 3.1 document.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)] // only its schema is used
+struct OpenApiDocument {
+    /// `3.1.0`.
+    openapi: String,
+    info: serde_json::Map<String, Value>,
+    paths: serde_json::Map<String, Value>,
+    components: serde_json::Map<String, Value>,
+}
+
+/// The error answers a route may give besides the catch-alls, from what its handler and the
+/// layers in front of it do: bodies and queries are parsed (400, 413, 415), path parameters
+/// name something that may not exist (404), tokens are checked (401, 403), publishes are held
+/// back (429, 503) or refused (410, 422), and storage may be away (503).
+fn errors_of(
+    method: &Method,
+    path: &str,
+    has_query: bool,
+    authenticated: bool,
+) -> Vec<(&'static str, &'static str)> {
+    let body = matches!(method.as_str(), "PUT" | "POST");
+    let mut codes = Vec::new();
+    if body || has_query || path.contains('{') {
+        codes.push((
+            "400",
+            "the request is malformed or breaks a rule the message names",
+        ));
+    }
+    if authenticated {
+        codes.push(("401", "no token, or an unknown one"));
+        codes.push(("403", "the token lacks this route's scope (or this topic)"));
+    }
+    if path.contains('{') {
+        codes.push(("404", "what the path names does not exist"));
+    }
+    let conflicts = matches!(
+        (method.as_str(), path),
+        ("DELETE", "/v1/topics/{topic}" | "/v1/plugins/{name}")
+            | ("PUT", "/v1/topics/{topic}" | "/v1/subscriptions/{group}")
+            | (
+                "POST",
+                "/v1/topics/{topic}/messages"
+                    | "/v1/topics/{topic}/messages/batch"
+                    | "/v1/topics/{topic}/transactions"
+            )
+    ) || path.starts_with("/v1/transactions/{id}/");
+    if conflicts {
+        codes.push((
+            "409",
+            "the change conflicts with the current state (the code says which)",
+        ));
+    }
+    let publish = path.starts_with("/v1/topics/{topic}/") && method == Method::POST;
+    if publish && path.ends_with("/messages") {
+        codes.push((
+            "410",
+            "the message an idempotency key names was deleted by retention",
+        ));
+    }
+    if body {
+        codes.push(("413", "the body is larger than the limit"));
+        codes.push(("415", "the body's content type is not one this route reads"));
+    }
+    if publish && path.ends_with("/messages")
+        || (method == Method::PUT && path == "/v1/plugins/{name}")
+    {
+        codes.push(("422", "the idempotency key was used with other content, or the component is too costly to compile"));
+    }
+    if publish {
+        codes.push((
+            "429",
+            "the topic's backlog is full; retry after Retry-After seconds",
+        ));
+    }
+    if !matches!(path, "/healthz" | "/metrics" | "/v1/openapi.json") {
+        codes.push(("503", "storage is unavailable, the disk is full or the server is stopping; retry after Retry-After seconds"));
+    }
+    codes
 }
 
 /// The query parameters a route takes: the serde type its handler parses them into.
@@ -412,6 +542,14 @@ pub fn document(open: bool) -> Value {
     let mut schemas = schemars::generate::SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = "#/components/schemas/".into())
         .into_generator();
+    // Answers are described as their types serialize (fields with a default are always
+    // there), which is not how the same types deserialize as requests: their schemas are
+    // generated apart and inline, so the two never share a component.
+    let mut answer_schemas = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .with(|s| s.inline_subschemas = true)
+        .into_generator();
+    let mut answers = serde_json::Map::new();
     for r in routes().into_iter().filter(|r| !r.hidden) {
         let mut params: Vec<Value> = r
             .path
@@ -419,7 +557,8 @@ pub fn document(open: bool) -> Value {
             .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": path_param(name)}))
             .collect();
-        if let Some(q) = query_of(&r.method, r.path) {
+        let query = query_of(&r.method, r.path);
+        if let Some(q) = query {
             params.extend(query_params(q));
         }
         let scope = super::auth::scope_name(&r.method, r.path);
@@ -428,7 +567,19 @@ pub fn document(open: bool) -> Value {
             let description = if *code == "201" { "created" } else { "success" };
             responses.insert(
                 (*code).to_string(),
-                json!({"description": description, "content": answers_in(r.path)}),
+                json!({"description": description, "content": answers_in(&r.method, r.path)}),
+            );
+        }
+        if let Some((name, schema)) = answer_of(&r.method, r.path) {
+            answers
+                .entry(name().into_owned())
+                .or_insert_with(|| schema(&mut answer_schemas).to_value());
+        }
+        let authenticated = scope != "none" && !open;
+        for (code, description) in errors_of(&r.method, r.path, query.is_some(), authenticated) {
+            responses.insert(
+                code.to_string(),
+                json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
             );
         }
         responses.insert(
@@ -446,7 +597,7 @@ pub fn document(open: bool) -> Value {
             "responses": responses,
             "x-wasmq-scope": scope,
         });
-        if scope != "none" && !open {
+        if authenticated {
             operation["security"] = json!([{"bearer": [scope]}]);
         }
         if r.method == Method::PUT && r.path == "/v1/plugins/{name}" {
@@ -480,14 +631,23 @@ pub fn document(open: bool) -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                 "description": "Tokens from [auth] tokens with scopes admin, produce (listed topics) and read; none configured = open API on loopback"}},
             "responses": {"Error": {"description": "an error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
-            "schemas": component_schemas(schemas),
+            "schemas": component_schemas(schemas, answers),
         },
     })
 }
 
-/// The request bodies' schemas, and the error every 4xx and 5xx answers with.
-fn component_schemas(mut schemas: schemars::SchemaGenerator) -> Value {
+/// The request bodies' schemas, the success answers' schemas, and the error every 4xx and
+/// 5xx answers with.
+fn component_schemas(
+    mut schemas: schemars::SchemaGenerator,
+    answers: serde_json::Map<String, Value>,
+) -> Value {
     let mut all = schemas.take_definitions(true);
+    for (name, schema) in answers {
+        // A request type of the same name would be shadowed; the route table test keeps
+        // the two sets of names apart.
+        all.entry(name).or_insert(schema);
+    }
     // `deliver_at` is at most 30 days ahead of the server's clock: the bound moves, and the
     // document is made per request (a day of slack for clocks and slow clients).
     if let Some(at) = all
@@ -580,5 +740,55 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["text/plain", "application/openmetrics-text"]
         );
+    }
+
+    /// Every JSON success answer names a component that exists and describes an object, and
+    /// no answer's name shadows a request type's.
+    #[test]
+    fn every_answer_has_a_schema_of_its_own() {
+        let mut requests = schemars::generate::SchemaSettings::draft2020_12()
+            .with(|s| s.definitions_path = "#/components/schemas/".into())
+            .into_generator();
+        for r in routes() {
+            if let Some(s) = r.schema {
+                s(&mut requests);
+            }
+            if let Some(q) = query_of(&r.method, r.path) {
+                q(&mut requests);
+            }
+        }
+        let requests = requests.take_definitions(true);
+        let doc = document(false);
+        let mut checked = 0;
+        for r in routes().into_iter().filter(|r| !r.hidden) {
+            let op = &doc["paths"][r.path][r.method.as_str().to_ascii_lowercase()];
+            if r.path == "/metrics" {
+                continue;
+            }
+            let (name, _) = answer_of(&r.method, r.path)
+                .unwrap_or_else(|| panic!("{} {} has no answer type", r.method, r.path));
+            let name = name();
+            assert!(
+                !requests.contains_key(name.as_ref()),
+                "{name} is a request type too"
+            );
+            for code in success(&r.method, r.path) {
+                let schema = &op["responses"][*code]["content"]["application/json"]["schema"];
+                assert_eq!(schema["$ref"], format!("#/components/schemas/{name}"));
+            }
+            let component = &doc["components"]["schemas"][name.as_ref()];
+            assert_eq!(component["type"], "object", "{name}: {component}");
+            assert!(component["properties"].is_object(), "{name}: {component}");
+            checked += 1;
+        }
+        assert!(checked >= 30, "{checked}");
+        // Specific error codes are listed where they happen.
+        let publish = &doc["paths"]["/v1/topics/{topic}/messages"]["post"]["responses"];
+        for code in [
+            "400", "401", "403", "404", "409", "410", "413", "415", "422", "429", "503",
+        ] {
+            assert!(publish[code].is_object(), "publish lacks {code}");
+        }
+        assert!(doc["paths"]["/healthz"]["get"]["responses"]["404"].is_null());
     }
 }

@@ -1,16 +1,15 @@
 //! Subscription routes: create or update, show, list, delete, pause, resume, reset, and the
 //! dead-letter queue (browse, redrive).
 
+use super::plugins::Removed;
+use super::{ApiError, AppState, detached, parse_json, read_body};
+use crate::dispatch::{DeadLetterView, Start, SubscriptionSpec, SubscriptionStatus};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
-
-use super::{ApiError, AppState, detached, parse_json, read_body};
-use crate::dispatch::{DeadLetterView, Start, SubscriptionSpec, SubscriptionStatus};
 
 const MAX_SPEC_BODY: usize = 256 * 1024;
 
@@ -41,7 +40,7 @@ pub async fn show(
 }
 
 /// `GET /v1/subscriptions`.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, schemars::JsonSchema)]
 pub struct SubscriptionList {
     subscriptions: Vec<SubscriptionStatus>,
 }
@@ -55,11 +54,11 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<SubscriptionList
 pub async fn delete(
     State(state): State<AppState>,
     Path(group): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Removed>, ApiError> {
     let d = state.dispatcher.clone();
     let name = group.clone();
     detached(async move { Ok(d.delete(&name).await?) }).await?;
-    Ok(Json(json!({ "deleted": group })))
+    Ok(Json(Removed { deleted: group }))
 }
 
 pub async fn pause(
@@ -115,12 +114,20 @@ pub struct DlqQuery {
     limit: Option<u32>,
 }
 
+/// A page of dead letters, oldest first.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct DlqPage {
+    entries: Vec<DeadLetterView>,
+    /// `after` for the next page; null on the last page.
+    next: Option<String>,
+}
+
 /// Oldest first; pass the last entry's `key` as `after` for the next page.
 pub async fn dlq(
     State(state): State<AppState>,
     Path(group): Path<String>,
     query: Result<Query<DlqQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DlqPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let limit = q.limit.map_or(100, |l| l as usize).clamp(1, 1000);
     let entries = state
@@ -138,7 +145,10 @@ pub async fn dlq(
             entry: e,
         })
         .collect();
-    Ok(Json(json!({ "entries": views, "next": next })))
+    Ok(Json(DlqPage {
+        entries: views,
+        next,
+    }))
 }
 
 #[derive(Deserialize, Default, schemars::JsonSchema)]
@@ -147,12 +157,18 @@ pub struct RedriveRequest {
     ids: Option<Vec<String>>,
 }
 
+/// How many dead letters a redrive published again.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Redriven {
+    redriven: usize,
+}
+
 /// `{"ids": [...]}` redrives those messages; an empty body redrives all.
 pub async fn redrive(
     State(state): State<AppState>,
     Path(group): Path<String>,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Redriven>, ApiError> {
     let bytes = read_body(body, MAX_SPEC_BODY).await?;
     let req: RedriveRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         RedriveRequest::default()
@@ -161,5 +177,5 @@ pub async fn redrive(
     };
     let d = state.dispatcher.clone();
     let n = detached(async move { Ok(d.redrive(&group, req.ids.as_deref()).await?) }).await?;
-    Ok(Json(json!({ "redriven": n })))
+    Ok(Json(Redriven { redriven: n }))
 }

@@ -13,7 +13,7 @@ use crate::broker::{TopicMeta, TopicSpec};
 /// Topic metadata bodies are tiny.
 const MAX_TOPIC_BODY: usize = 64 * 1024;
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct TopicView {
     #[serde(flatten)]
     meta: TopicMeta,
@@ -98,7 +98,7 @@ pub async fn show(
     Ok(Json(view(&state, meta).await?))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct TopicList {
     topics: Vec<TopicView>,
 }
@@ -122,7 +122,8 @@ pub struct DeleteQuery {
 }
 
 /// What deleting a topic removed.
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
+#[schemars(rename = "TopicDeleted")]
 pub struct Deleted {
     topic: String,
     /// Messages deleted (what retention had not deleted already).

@@ -6,18 +6,29 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{ApiError, AppState, parse_json, read_body};
 use crate::broker::Envelope;
 use crate::txn::{TxnState, TxnView};
+
+/// `POST /v1/topics/{topic}/transactions`: the half message is stored.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct TxnBegun {
+    txn_id: String,
+    /// The id the message has once committed.
+    message_id: crate::storage::MessageId,
+    /// When the transaction checker is first asked, in ms from now.
+    check_after_ms: u64,
+    /// Always `pending`.
+    state: TxnState,
+}
 
 /// Same body as a publish, plus an optional `check_after_ms`.
 pub async fn begin(
     State(state): State<AppState>,
     Path(topic): Path<String>,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TxnBegun>), ApiError> {
     super::messages::admit(&state, &topic).await?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let envelope: Envelope = parse_json(&bytes)?;
@@ -25,9 +36,12 @@ pub async fn begin(
     let check_after_ms = t.next_check_at.saturating_sub(t.created_at);
     Ok((
         StatusCode::CREATED,
-        Json(
-            json!({"txn_id": t.txn_id, "message_id": t.message_id, "check_after_ms": check_after_ms, "state": t.state}),
-        ),
+        Json(TxnBegun {
+            txn_id: t.txn_id,
+            message_id: t.message_id,
+            check_after_ms,
+            state: t.state,
+        }),
     ))
 }
 
@@ -73,7 +87,7 @@ pub struct ListQuery {
 
 /// `?state=pending|committed|rolled_back|unresolved`
 /// `GET /v1/transactions`.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, schemars::JsonSchema)]
 pub struct TxnList {
     transactions: Vec<TxnView>,
 }

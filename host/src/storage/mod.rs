@@ -84,7 +84,7 @@ pub struct StoredMessage {
 }
 
 /// Where an append put one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Appended {
     pub id: MessageId,
     pub queue: u32,

@@ -97,7 +97,7 @@ impl std::fmt::Display for TxnState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Event {
     pub at: u64,
     pub event: String,
@@ -151,7 +151,7 @@ impl TxnRecord {
 
 /// A transaction as the API shows it: its state and history, not its half message's body.
 /// Times in ms since the epoch; `next_check_at` is null once decided or unresolved.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct TxnView {
     pub txn_id: String,
     pub topic: String,
