@@ -49,6 +49,45 @@ pub struct Capabilities {
     pub calls: Family<CallLabels, Counter>,
     /// What plugins log through the `log` import.
     pub logs: Arc<crate::logs::PluginLogs>,
+    /// A dry run (`wasmq plugin test`): email, SMS and HTTP calls are checked as for real,
+    /// then recorded here instead of made.
+    dry_run: Option<Arc<Effects>>,
+}
+
+/// Side effects a dry-run host recorded instead of making, in call order.
+pub type Effects = std::sync::Mutex<Vec<Effect>>;
+
+/// A side effect as a dry run records it. `publish` is recorded by whoever publishes (the
+/// broker's stand-in), with the id the message got.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "capability", rename_all = "snake_case")]
+pub enum Effect {
+    Email {
+        to: String,
+        subject: String,
+        text: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        html: Option<String>,
+    },
+    Sms {
+        to: String,
+        text: String,
+    },
+    /// Answered `200` with an empty body.
+    Http {
+        method: String,
+        url: String,
+        /// Body size in bytes.
+        body_bytes: usize,
+    },
+    Publish {
+        topic: String,
+        id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        /// JSON bodies as JSON, others as text when UTF-8, else `<N bytes>`.
+        body: serde_json::Value,
+    },
 }
 
 fn transient(e: impl std::fmt::Display) -> GuestError {
@@ -110,7 +149,30 @@ impl Capabilities {
                 calls
             },
             logs: Arc::default(),
+            dry_run: None,
         })
+    }
+
+    /// Capabilities that check every call as [`Capabilities::new`]'s do (grants, origins,
+    /// sizes, addresses) and then record it in `effects` instead of sending anything: no
+    /// relay, gateway or network is needed.
+    pub fn dry_run(config: &Config, effects: Arc<Effects>) -> anyhow::Result<Self> {
+        Ok(Self {
+            dry_run: Some(effects),
+            ..Self::new(config)?
+        })
+    }
+
+    /// Records `effect` when this is a dry run; `false` when the call is to be made for real.
+    fn recorded(&self, effect: impl FnOnce() -> Effect) -> bool {
+        let Some(effects) = &self.dry_run else {
+            return false;
+        };
+        effects
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(effect());
+        true
     }
 
     /// Counts a call's result, by capability.
@@ -134,20 +196,29 @@ impl Capabilities {
         text: &str,
         html: Option<&str>,
     ) -> Result<(), GuestError> {
-        let Some(from) = self.from.clone() else {
-            return Err(GuestError::Unavailable(
-                "this host has no valid smtp.from address".into(),
-            ));
-        };
         if subject.len() > 1000 || text.len() > MAX_TEXT || html.is_some_and(|h| h.len() > MAX_TEXT)
         {
             return Err(GuestError::Invalid(
                 "email subject or body too large".into(),
             ));
         }
-        let to: Mailbox = to
+        let recipient: Mailbox = to
             .parse()
             .map_err(|e| GuestError::Invalid(format!("recipient {to:?}: {e}")))?;
+        if self.recorded(|| Effect::Email {
+            to: to.to_string(),
+            subject: subject.to_string(),
+            text: text.to_string(),
+            html: html.map(str::to_string),
+        }) {
+            return Ok(());
+        }
+        let Some(from) = self.from.clone() else {
+            return Err(GuestError::Unavailable(
+                "this host has no valid smtp.from address".into(),
+            ));
+        };
+        let to = recipient;
         let builder = Mail::builder().from(from).to(to).subject(subject);
         let mail = match html {
             Some(h) => builder.multipart(MultiPart::alternative_plain_html(
@@ -165,14 +236,20 @@ impl Capabilities {
     }
 
     pub async fn send_sms(&self, to: &str, text: &str) -> Result<(), GuestError> {
-        if self.sms_url.is_empty() {
-            return Err(GuestError::Unavailable(
-                "no SMS gateway is configured ([sms] url)".into(),
-            ));
-        }
         if to.is_empty() || to.len() > 64 || text.len() > 10_000 {
             return Err(GuestError::Invalid(
                 "an SMS needs a recipient and at most 10 000 bytes of text".into(),
+            ));
+        }
+        if self.recorded(|| Effect::Sms {
+            to: to.to_string(),
+            text: text.to_string(),
+        }) {
+            return Ok(());
+        }
+        if self.sms_url.is_empty() {
+            return Err(GuestError::Unavailable(
+                "no SMS gateway is configured ([sms] url)".into(),
             ));
         }
         let mut req = self
@@ -224,13 +301,28 @@ impl Capabilities {
                 "at most {MAX_HTTP_REQUEST_BYTES} bytes of body and {MAX_HEADERS} headers"
             )));
         }
+        if req
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            return Err(GuestError::Invalid(
+                "the Host header is set by the host".into(),
+            ));
+        }
+        if self.recorded(|| Effect::Http {
+            method: method.to_string(),
+            url: req.url.clone(),
+            body_bytes: req.body.len(),
+        }) {
+            return Ok(wit_http::Response {
+                status: 200,
+                headers: Vec::new(),
+                body: Vec::new(),
+            });
+        }
         let mut builder = self.http.request(method, &req.url).body(req.body);
         for (k, v) in &req.headers {
-            if k.eq_ignore_ascii_case("host") {
-                return Err(GuestError::Invalid(
-                    "the Host header is set by the host".into(),
-                ));
-            }
             builder = builder.header(k, v);
         }
         let mut resp = builder

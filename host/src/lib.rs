@@ -161,22 +161,7 @@ async fn serve(
     );
     let capabilities = Arc::new(Capabilities::new(config)?);
     let logs = capabilities.logs.clone();
-    let runtime = Arc::new(Runtime::new(
-        RuntimeConfig {
-            timeout_ms: config.plugins.timeout_ms,
-            memory_bytes: (config.plugins.memory_mb * 1024 * 1024) as usize,
-            pool_instances: config.plugins.pool_instances,
-            threads: config.plugins.threads as usize,
-            compile: crate::runtime::CompileLimits {
-                cpu_ms: config.plugins.compile_timeout_ms,
-                memory_bytes: config.plugins.compile_memory_mb.saturating_mul(1 << 20),
-                max_compiles: config.plugins.max_compiles as usize,
-                worker: config.plugins.compile_worker.clone(),
-            },
-            stop_grace_ms: config.plugins.stop_grace_ms,
-        },
-        capabilities,
-    )?);
+    let runtime = Arc::new(Runtime::new(RuntimeConfig::from(config), capabilities)?);
     // The plugin threads stop when serving ends, however it ends (a dropped future too), so
     // nothing they hold outlives the server: storage is closed after them.
     let _plugin_threads = StopPluginThreads(runtime.clone());

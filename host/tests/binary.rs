@@ -589,19 +589,58 @@ async fn scaffold_build_deploy_and_consume(lang: &str) -> ChildServer {
     // Builds with the toolchain a user gets (installed when missing); the shared target dir
     // only saves time between runs.
     let shared = Path::new(wasmq_tests::plugins::TARGET_DIR);
-    let out = std::process::Command::new(BIN)
-        .args(["plugin", "build"])
-        .arg(work.path().join("hello-world"))
-        .arg("--target-dir")
-        .arg(shared.join(format!("scaffold-{lang}")))
-        .env("CARGO_TARGET_DIR", shared)
-        .output()
-        .unwrap();
+    let building = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .arg("--target-dir")
+            .arg(shared.join(format!("scaffold-{lang}")))
+            .env("CARGO_TARGET_DIR", shared)
+            .output()
+            .unwrap()
+    };
+    let dir_arg = work.path().join("hello-world");
+    let out = building(&["plugin".as_ref(), "build".as_ref(), dir_arg.as_os_str()]);
     assert!(out.status.success(), "{lang}: {}", stderr(&out));
     let wasm = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(
         wasm.ends_with(".wasm") && Path::new(&wasm).is_file(),
         "{wasm}"
+    );
+
+    // `plugin test` runs it here first, no server: Rust from its directory (built again, a
+    // no-op), the others from the component just built. JSON is acked, bytes rejected.
+    let samples = tempfile::tempdir().unwrap();
+    let sample = samples.path().join("hello.json");
+    std::fs::write(&sample, r#"{"body": {"hello": "world"}, "key": "k1"}"#).unwrap();
+    let target = if lang == "rust" {
+        dir_arg.clone()
+    } else {
+        Path::new(&wasm).to_path_buf()
+    };
+    let out = building(&[
+        "--output".as_ref(),
+        "json".as_ref(),
+        "plugin".as_ref(),
+        "test".as_ref(),
+        target.as_os_str(),
+        "--message".as_ref(),
+        sample.as_os_str(),
+        "--body".as_ref(),
+        "\u{1}\u{2}not json".as_ref(),
+    ]);
+    assert!(out.status.success(), "{lang}: {}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let calls = report["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "{lang}: {report}");
+    assert_eq!(
+        calls[0]["outcome"],
+        json!({"type": "ack"}),
+        "{lang}: {report}"
+    );
+    assert_eq!(calls[1]["outcome"]["type"], "reject", "{lang}: {report}");
+    assert!(
+        calls[0]["logs"].to_string().contains("got "),
+        "{lang}: {report}"
     );
 
     let dir = tempfile::tempdir().unwrap();
@@ -1843,4 +1882,120 @@ async fn a_connection_flood_under_ulimit_1024_leaves_storage_working() {
         .collect();
     assert_eq!(offsets, vec![79, 80, 81]);
     server.kill().await;
+}
+
+/// Runs `wasmq plugin test ARGS` (no server); returns exit status, stdout, stderr.
+fn plugin_test(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(["plugin", "test"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr(&out),
+    )
+}
+
+/// `wasmq plugin test` (issue 26 item 7): a built component runs here on sample messages with
+/// no server; email, SMS, HTTP and publish are checked against --grants as a subscription's
+/// are and recorded instead of made; kv lasts the run and is shown at the end; a failed call
+/// makes the exit status 1; mistakes name their flag.
+#[test]
+fn plugin_test_runs_a_plugin_here_and_records_its_effects() {
+    let probe = wasmq_tests::plugins::PROBE;
+    let bodies = [
+        r#"{"do": "say", "text": "hello from the probe"}"#,
+        r#"{"do": "kv-set", "key": "count", "value": "1"}"#,
+        r#"{"do": "kv-get", "key": "count"}"#,
+        r#"{"do": "email"}"#,
+        r#"{"do": "sms"}"#,
+        r#"{"do": "http", "url": "http://api.example.com/users/1"}"#,
+        r#"{"do": "http", "url": "http://other.example.com/"}"#,
+        r#"{"do": "publish", "topic": "audit", "body": {"n": 1}}"#,
+        r#"{"do": "publish", "topic": "elsewhere", "body": {"n": 2}}"#,
+        r#"{"do": "retry", "after_ms": 250}"#,
+    ];
+    let mut args = vec![probe, "-o", "json", "--config", r#"{"greeting": "hi"}"#];
+    for b in &bodies {
+        args.extend(["--body", b]);
+    }
+    let grants = r#"{"email": true, "http": ["api.example.com"], "publish": ["audit"]}"#;
+    args.extend(["--grants", grants]);
+    // `-o` belongs before the verb as a global flag; clap takes it anywhere.
+    let (ok, out, err) = plugin_test(&args);
+    assert!(ok, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let calls = report["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), bodies.len(), "{report}");
+    assert_eq!(report["plugin"], "probe");
+    let reason = |i: usize| -> Value {
+        serde_json::from_str(calls[i]["outcome"]["reason"].as_str().unwrap_or("null")).unwrap()
+    };
+    assert_eq!(
+        calls[0]["logs"][0]["message"], "hello from the probe",
+        "{report}"
+    );
+    assert_eq!(calls[1]["outcome"], json!({"type": "ack"}));
+    assert_eq!(reason(2)["value"], "1", "kv lasts the run: {report}");
+    assert_eq!(reason(3)["sent"], true, "{report}");
+    assert_eq!(
+        calls[3]["effects"],
+        json!([{"capability": "email", "to": "a@example.com", "subject": "hi", "text": "text"}])
+    );
+    // Not granted: denied as in a subscription, and nothing recorded.
+    assert!(reason(4).to_string().contains("denied"), "{report}");
+    assert_eq!(calls[4]["effects"], json!([]));
+    assert_eq!(reason(5)["status"], 200, "{report}");
+    assert_eq!(
+        calls[5]["effects"][0]["url"],
+        "http://api.example.com/users/1"
+    );
+    assert!(reason(6).to_string().contains("denied"), "{report}");
+    let id = reason(7)["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        calls[7]["effects"],
+        json!([{"capability": "publish", "topic": "audit", "id": id, "body": {"n": 1}}])
+    );
+    assert!(reason(8).to_string().contains("denied"), "{report}");
+    assert_eq!(
+        calls[9]["outcome"],
+        json!({"type": "retry", "after_ms": 250})
+    );
+    assert_eq!(report["kv"], json!({"count": "1"}));
+
+    // For people: one block per message, then the kv.
+    let (ok, out, err) = plugin_test(&[probe, "--body", bodies[0], "--body", bodies[1]]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("message 1 (--body 1): ack")
+            && out.contains("hello from the probe")
+            && out.contains("count = \"1\""),
+        "{out}"
+    );
+
+    // A trap is reported and makes the exit status 1; the next message gets a new instance.
+    let trap = wasmq_tests::plugins::TRAP;
+    let (ok, out, err) = plugin_test(&[trap, "--body", "{}", "--body", "{}"]);
+    assert!(!ok && err.contains("2 of 2 calls failed"), "{out}{err}");
+    assert_eq!(out.matches("FAILED (trap)").count(), 2, "{out}");
+
+    // Mistakes name the flag.
+    let (ok, _, err) = plugin_test(&[probe, "--grants", "{\"emial\": true}"]);
+    assert!(!ok && err.contains("--grants"), "{err}");
+    let (ok, _, err) = plugin_test(&[probe, "--message", "/nonexistent.json"]);
+    assert!(!ok && err.contains("--message"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.json");
+    std::fs::write(&list, "[1, 2]").unwrap();
+    let (ok, _, err) = plugin_test(&[probe, "--message", list.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("--message") && err.contains("one message"),
+        "{err}"
+    );
+    let (ok, _, err) = plugin_test(&[probe, "--timeout-ms", "0"]);
+    assert!(!ok && err.contains("--timeout-ms"), "{err}");
+    let (ok, _, err) = plugin_test(&["/nonexistent-dir"]);
+    assert!(!ok && err.contains("/nonexistent-dir"), "{err}");
 }

@@ -217,6 +217,43 @@ pub(super) enum PluginCommand {
         #[arg(long)]
         target_dir: Option<PathBuf>,
     },
+    /// Build the plugin in DIR (or take a built .wasm) and run it here on sample messages, no
+    /// server needed: email, SMS, HTTP and publish are checked against --grants as a
+    /// subscription's are, then recorded instead of made (HTTP is answered 200, empty); kv
+    /// lives in a scratch store for the run. Prints each call's outcome, log lines and
+    /// effects, then the kv state; exits 1 when a call fails (trap, deadline, memory).
+    #[command(
+        after_help = "Examples:\n  wasmq plugin test notifier --body '{\"email\":\"a@b.c\"}' --grants '{\"email\":true}'\n  wasmq plugin test . --message samples/order.json --message samples/refund.json -o json\n  wasmq plugin test target/wasm32-wasip2/release/notifier.wasm --body hello"
+    )]
+    Test {
+        /// The plugin's directory, or a built component (.wasm).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// A JSON file holding one message as publish takes it ({"body": ..., "key": ...,
+        /// "properties": ...}); repeat for more, run in order.
+        #[arg(long = "message", value_name = "FILE")]
+        messages: Vec<PathBuf>,
+        /// A message body, as for publish (JSON, else the bytes); repeat for more, run after
+        /// the --message files. Without either: one message with body {}.
+        #[arg(long = "body", value_name = "BODY")]
+        bodies: Vec<String>,
+        /// The config the plugin sees, as JSON (or @FILE).
+        #[arg(long)]
+        config: Option<String>,
+        /// What the plugin may do, as a subscription's grants (JSON or @FILE), e.g.
+        /// {"email":true,"publish":["audit"],"http":["api.example.com"]}; none by default.
+        #[arg(long)]
+        grants: Option<String>,
+        /// The topic the messages seem to come from.
+        #[arg(long, default_value = "test")]
+        topic: String,
+        /// CPU time of one call, in ms (default: [plugins] timeout_ms, 5000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        timeout_ms: Option<u64>,
+        /// Build output here instead of DIR/target.
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
+    },
     /// Upload a component as the next version of plugin NAME.
     #[command(
         after_help = "Example:\n  wasmq plugin deploy notifier \"$(wasmq plugin build notifier)\""

@@ -3,6 +3,7 @@
 mod args;
 mod client;
 mod output;
+mod plugin_test;
 pub mod scaffold;
 mod verbs;
 

@@ -9,7 +9,7 @@ pub(super) async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Resul
             let root = scaffold::new_plugin(&name, &dir, &lang)?;
             println!("created {} ({lang})", root.display());
             println!(
-                "next: wasmq plugin build {} && wasmq plugin deploy {name} <the .wasm it prints>",
+                "next: wasmq plugin test {0} (runs it here on a sample message), then wasmq plugin deploy {name} \"$(wasmq plugin build {0})\"",
                 root.display()
             );
             Ok(())
@@ -21,6 +21,41 @@ pub(super) async fn plugin(client: &Client, cmd: PluginCommand) -> anyhow::Resul
             .await??;
             println!("{}", path.display());
             Ok(())
+        }
+        PluginCommand::Test {
+            dir,
+            messages,
+            bodies,
+            config,
+            grants,
+            topic,
+            timeout_ms,
+            target_dir,
+        } => {
+            let grants = match grants {
+                Some(g) => serde_json::from_value(json_arg("grants", &g)?)
+                    .context("--grants is not a subscription's grants")?,
+                None => Default::default(),
+            };
+            let report = super::plugin_test::run(super::plugin_test::TestRun {
+                dir,
+                target_dir,
+                messages: super::plugin_test::messages(&messages, &bodies)?,
+                config: config.map_or(Ok(json!({})), |c| json_arg("config", &c))?,
+                grants,
+                topic,
+                timeout_ms,
+            })
+            .await?;
+            if super::output::for_scripts() {
+                print(&serde_json::to_value(&report)?)?;
+            } else {
+                print!("{}", super::plugin_test::human(&report));
+            }
+            match report.failed() {
+                0 => Ok(()),
+                n => anyhow::bail!("{n} of {} calls failed", report.calls.len()),
+            }
         }
         PluginCommand::Deploy { name, file } => {
             let bytes =

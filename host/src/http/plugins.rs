@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, detached, parse_json, read_body};
 use crate::base::now_ms;
-use crate::bindings::{Message, Outcome};
+use crate::bindings::Message;
 use crate::broker::Envelope;
 use crate::dispatch::spec::GrantSpec;
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
 use crate::runtime::host::{KvOwner, kv_space};
-use crate::runtime::{InstanceContext, PluginLimits};
+use crate::runtime::{FailureView, InstanceContext, OutcomeView, PluginLimits};
 
 #[derive(Serialize, schemars::JsonSchema)]
 pub struct VersionView {
@@ -173,42 +173,6 @@ pub struct InvokeRequest {
     grants: GrantSpec,
 }
 
-/// A plugin's answer, as JSON: `{"type":"ack"}`, `{"type":"retry","after_ms":N}`,
-/// `{"type":"reject","reason":"..."}` (the WIT `outcome` variant).
-#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum OutcomeView {
-    Ack,
-    /// Deliver again after `after_ms` milliseconds (0: the subscription's backoff).
-    Retry {
-        after_ms: u64,
-    },
-    /// Never deliver again: to the dead-letter queue with this reason.
-    Reject {
-        reason: String,
-    },
-}
-
-impl From<&Outcome> for OutcomeView {
-    fn from(o: &Outcome) -> Self {
-        match o {
-            Outcome::Ack => OutcomeView::Ack,
-            Outcome::Retry(ms) => OutcomeView::Retry { after_ms: *ms },
-            Outcome::Reject(reason) => OutcomeView::Reject {
-                reason: reason.clone(),
-            },
-        }
-    }
-}
-
-/// Why a call gave no answer: `kind` is `trap`, `timeout`, `memory` or another
-/// [`crate::runtime::InvokeError::kind`], `message` the engine's words.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
-pub struct FailureView {
-    pub kind: &'static str,
-    pub message: String,
-}
-
 /// `POST /v1/plugins/{name}/invoke`: the version that ran, how long the call took, and
 /// either the plugin's `outcome` or the `failure` that stopped it.
 #[derive(Serialize, schemars::JsonSchema)]
@@ -293,13 +257,7 @@ pub async fn invoke(
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (outcome, failure) = match result {
         Ok(o) => (Some(OutcomeView::from(&o)), None),
-        Err(e) => (
-            None,
-            Some(FailureView {
-                kind: e.kind(),
-                message: e.to_string(),
-            }),
-        ),
+        Err(e) => (None, Some(FailureView::from(&e))),
     };
     Ok(Json(InvokeAnswer {
         name,

@@ -53,6 +53,27 @@ pub struct RuntimeConfig {
     pub stop_grace_ms: u64,
 }
 
+impl From<&crate::config::Config> for RuntimeConfig {
+    /// The `[plugins]` section's limits, threads and compile bounds.
+    fn from(config: &crate::config::Config) -> Self {
+        let p = &config.plugins;
+        RuntimeConfig {
+            timeout_ms: p.timeout_ms,
+            memory_bytes: usize::try_from(p.memory_mb.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            pool_instances: p.pool_instances,
+            threads: p.threads as usize,
+            compile: CompileLimits {
+                cpu_ms: p.compile_timeout_ms,
+                memory_bytes: p.compile_memory_mb.saturating_mul(1 << 20),
+                max_compiles: p.max_compiles as usize,
+                worker: p.compile_worker.clone(),
+            },
+            stop_grace_ms: p.stop_grace_ms,
+        }
+    }
+}
+
 /// The nice value of the plugin threads and compile children (the broker's own threads run at
 /// the process's, usually 0).
 const PLUGIN_NICE: i32 = 10;
@@ -111,6 +132,52 @@ impl InvokeError {
             InvokeError::Trap(_) => "trap",
             InvokeError::MissingExport(_) => "missing_export",
             InvokeError::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// A plugin's answer, as JSON: `{"type":"ack"}`, `{"type":"retry","after_ms":N}`,
+/// `{"type":"reject","reason":"..."}` (the WIT `outcome` variant).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutcomeView {
+    Ack,
+    /// Deliver again after `after_ms` milliseconds (0: the subscription's backoff).
+    Retry {
+        after_ms: u64,
+    },
+    /// Never deliver again: to the dead-letter queue with this reason.
+    Reject {
+        reason: String,
+    },
+}
+
+impl From<&crate::bindings::Outcome> for OutcomeView {
+    fn from(o: &crate::bindings::Outcome) -> Self {
+        use crate::bindings::Outcome;
+        match o {
+            Outcome::Ack => OutcomeView::Ack,
+            Outcome::Retry(ms) => OutcomeView::Retry { after_ms: *ms },
+            Outcome::Reject(reason) => OutcomeView::Reject {
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+/// Why a call gave no answer: `kind` is `trap`, `timeout`, `memory` or another
+/// [`InvokeError::kind`], `message` the engine's words.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct FailureView {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl From<&InvokeError> for FailureView {
+    fn from(e: &InvokeError) -> Self {
+        FailureView {
+            kind: e.kind(),
+            message: e.to_string(),
         }
     }
 }
