@@ -44,14 +44,16 @@ async fn hostile_subscriptions_leave_a_healthy_one_flowing() {
     for (i, (plugin, _, _)) in HOSTILE.iter().enumerate() {
         let topic = format!("hostile-{i}");
         s.create_topic(&topic, 2).await;
-        s.subscribe(
-            &format!("hostile-{i}"),
-            json!({
-                "topic": topic, "plugin": plugin, "instances": 2,
-                "retry": {"max_attempts": 2, "backoff_ms": [10]},
-            }),
-        )
-        .await;
+        let mut spec = json!({
+            "topic": topic, "plugin": plugin, "instances": 2,
+            "retry": {"max_attempts": 2, "backoff_ms": [10]},
+        });
+        // The spins get 2 s per call: each runs out that CPU budget on both of its attempts,
+        // one after the other, so their work lasts at least 4 s on any machine (below).
+        if *plugin == "spin" {
+            spec["limits"] = json!({"timeout_ms": 2000});
+        }
+        s.subscribe(&format!("hostile-{i}"), spec).await;
     }
     s.subscribe(
         "healthy",
@@ -80,10 +82,15 @@ async fn hostile_subscriptions_leave_a_healthy_one_flowing() {
         latencies[latencies.len() - 1],
     );
     println!("healthy publish→handle under the hostile matrix: p50 {p50} ms, max {max} ms");
-    // Generous bounds for a shared 2-core machine; a host held up by a hostile plugin's 300 ms
-    // deadline (or worse, stalled) blows through them.
-    assert!(p50 < 250, "p50 {p50} ms; all: {latencies:?}");
-    assert!(max < 2000, "max {max} ms; all: {latencies:?}");
+    // All 60 were handled while the spins still ran: the trickle takes 1.5 s plus 60 small
+    // calls, the spins at least 4 s however fast the machine. A host held up by hostile
+    // plugins serves the healthy one only after them. Events are ordered, nothing is timed
+    // (the isolation benchmark measures latencies).
+    let (_, spins) = s.get("/v1/subscriptions/hostile-0").await;
+    assert!(
+        spins["counters"]["dead_lettered"] != 6,
+        "the healthy subscription was served only after the spins were done: {spins}"
+    );
 
     // Every hostile message ends in its dead-letter queue, with the reason it failed.
     for (i, (plugin, body, n)) in HOSTILE.iter().enumerate() {

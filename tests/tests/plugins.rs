@@ -157,6 +157,18 @@ async fn bad_uploads_get_a_clear_400() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
     );
+    // Parameters and case do not change the media type (the guard and the handler agree).
+    let r = s
+        .client
+        .put(format!("{}/v1/plugins/echo", s.url))
+        .header("content-type", "Application/WASM; charset=binary")
+        .body(std::fs::read(ECHO).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = wasmq_tests::decode(r).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(s.delete("/v1/plugins/echo").await.0, StatusCode::OK);
     // Refused unread too, back to back on the pooled client.
     for _ in 0..3 {
         assert_error(

@@ -66,14 +66,29 @@ async fn python_and_javascript_plugins_that_spin_or_hog_are_stopped_and_the_host
             .await;
         assert_eq!(st, StatusCode::CREATED, "{v}");
     }
-    // Meanwhile a healthy subscription keeps handling messages.
+    // Meanwhile a healthy subscription keeps handling messages: all 40 are handled while the
+    // hostile work is still going on. That work takes at least 4 s on any machine: each spin
+    // runs out its 2 s CPU budget on both of its attempts, one after the other, however many
+    // cores there are; the trickle takes 1 s plus 40 small calls. So the test orders events
+    // and times nothing (the latencies are printed for people; the isolation benchmark
+    // measures them).
     let max = *s
         .trickle_latencies("healthy", "audit", 40)
         .await
         .last()
         .unwrap();
     println!("healthy publish→handle beside hostile Python/JS plugins: max {max} ms");
-    assert!(max < 2000, "max {max} ms");
+    let mut unfinished = 0;
+    for lang in ["py", "js"] {
+        let (_, v) = s.get(&format!("/v1/subscriptions/hostile-{lang}")).await;
+        if v["counters"]["dead_lettered"] != 4 {
+            unfinished += 1;
+        }
+    }
+    assert!(
+        unfinished > 0,
+        "the healthy subscription was served only after the hostile ones were done"
+    );
 
     for lang in ["py", "js"] {
         let group = format!("hostile-{lang}");

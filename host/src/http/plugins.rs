@@ -36,12 +36,10 @@ pub async fn upload(
 ) -> Result<(StatusCode, Json<VersionView>), ApiError> {
     validate_name(&name)?;
     let Query(limits) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    // Parameters (`application/wasm; charset=binary`) and case do not change the type.
+    let content_type = super::guard::content_type_essence(&headers).unwrap_or_default();
     if !matches!(
-        content_type,
+        content_type.as_str(),
         "" | "application/wasm" | "application/octet-stream"
     ) {
         return Err(ApiError::new(
