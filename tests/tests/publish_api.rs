@@ -801,3 +801,122 @@ async fn cloudevents_binary_and_structured_modes_map_onto_messages() {
     assert_eq!(record["properties"]["ce_region"], "café %");
     assert_eq!(record["body"], json!({"order": 7, "total": 12.5}));
 }
+
+/// CloudEvents' batch mode (`application/cloudevents-batch+json` on the batch route): every
+/// event is mapped as in structured mode and stored in order; a retried batch stores each
+/// event once (source + id); a bad event stores nothing and names its index; the single
+/// publish route says where a batch goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_batch_mode_stores_each_event_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.create_topic("orders", 1).await;
+    let send = |path: &str, body: Value| {
+        s.client
+            .post(format!("{}/v1/topics/orders/{path}", s.url))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body.to_string())
+            .send()
+    };
+    let event = |id: &str, data: Value| {
+        json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "order.created",
+               "partitionkey": "user-7", "data": data})
+    };
+    let batch = json!([
+        event("b-1", json!({"n": 1})),
+        event("b-2", json!({"n": 2})),
+        {"specversion": "1.0", "id": "b-3", "source": "/shop", "type": "order.created",
+         "data_base64": "AAE="},
+    ]);
+    let r = send("messages/batch", batch.clone()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let first: Value = r.json().await.unwrap();
+    let results = first["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{first}");
+    let offsets: Vec<u64> = results
+        .iter()
+        .map(|a| a["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [0, 1, 2], "{first}");
+    // Retried: the same ids come back and nothing more is stored.
+    let r = send("messages/batch", batch).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again, first);
+    let stored = s.read_queue("orders", 0).await;
+    assert_eq!(
+        stored,
+        [json!({"n": 1}), json!({"n": 2}), Value::Null],
+        "{stored:?}"
+    );
+    let (_, m) = s
+        .get(&format!(
+            "/v1/messages/{}",
+            results[0]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        (
+            &m["key"],
+            &m["tag"],
+            &m["sharding_key"],
+            &m["properties"]["ce_source"]
+        ),
+        (
+            &json!("b-1"),
+            &json!("order.created"),
+            &json!("user-7"),
+            &json!("/shop")
+        ),
+        "{m}"
+    );
+    assert_eq!(m["body"], json!({"n": 1}), "{m}");
+
+    // A bad event anywhere: 400 naming it, and none of the batch is stored.
+    for (bad, says) in [
+        (
+            json!([event("c-1", json!(1)), {"specversion": "1.0", "id": "c-2", "type": "t"}]),
+            "event 1",
+        ),
+        (json!([event("c-3", json!(1)), "not an event"]), "event 1"),
+        (json!([]), "no event"),
+        (json!({"not": "an array"}), "JSON array"),
+    ] {
+        let r = send("messages/batch", bad).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "bad_cloudevent", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{v}"
+        );
+    }
+    // An event too large for a message fails the batch before any event is stored.
+    let big = "x".repeat(5 << 20);
+    let r = send(
+        "messages/batch",
+        json!([event("d-1", json!(1)), event("d-2", json!(big))]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("event 1"),
+        "{v}"
+    );
+    assert_eq!(s.read_queue("orders", 0).await.len(), 3);
+    // One event's route points to the batch route.
+    let r = send("messages", json!([event("e-1", json!(1))]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/messages/batch"),
+        "{v}"
+    );
+}

@@ -55,7 +55,7 @@ pub enum EnvelopeError {
 
 /// One message as a producer sends it (`POST /v1/topics/{topic}/messages`): `body` or
 /// `body_base64` (one of them), and at most one of `delay_ms` and `deliver_at`.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[schemars(extend(
     "oneOf" = [{"required": ["body"]}, {"required": ["body_base64"]}],
     "not" = {"required": ["delay_ms", "deliver_at"], "properties": {

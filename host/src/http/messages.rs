@@ -44,6 +44,14 @@ pub async fn publish(
     };
     // A CloudEvent (binary or structured mode) is deduplicated by its source and id unless the
     // producer names its own Idempotency-Key.
+    if super::cloudevents::is_batch(&headers) {
+        return Err(ApiError::bad_request(
+            "bad_cloudevent",
+            format!(
+                "a batch of CloudEvents goes to POST /v1/topics/{topic}/messages/batch; this route takes one event"
+            ),
+        ));
+    }
     let (envelope, key) = if super::cloudevents::is_cloudevent(&headers) {
         let event = super::cloudevents::from_request(&headers, bytes.to_vec())?;
         (
@@ -105,13 +113,50 @@ pub struct BatchResponse {
     results: Vec<Appended>,
 }
 
+/// A batch of envelopes is stored atomically (one group commit). A batch of CloudEvents
+/// (`Content-Type: application/cloudevents-batch+json`) is checked whole first (a bad event
+/// stores nothing), then each event is published as a single structured-mode event is,
+/// deduplicated by its source and id, in order: not one atomic write, but a retried batch
+/// stores each event once.
 pub async fn publish_batch(
     State(state): State<AppState>,
     Path(topic): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BatchResponse>), ApiError> {
     admit(&state, &topic).await?;
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
+    if super::cloudevents::is_batch(&headers) {
+        let events = super::cloudevents::batch_from_body(&bytes)?;
+        let limits = state.broker.limits();
+        if events.len() > limits.max_batch {
+            return Err(crate::broker::BrokerError::BatchTooLarge {
+                len: events.len(),
+                max: limits.max_batch,
+            }
+            .into());
+        }
+        let now = crate::base::now_ms();
+        for (i, e) in events.iter().enumerate() {
+            e.envelope.clone().check(limits, now).map_err(|err| {
+                let inner = ApiError::from(err);
+                ApiError::new(
+                    inner.status,
+                    inner.code,
+                    format!("event {i}: {}", inner.message),
+                )
+            })?;
+        }
+        let mut results = Vec::with_capacity(events.len());
+        for e in events {
+            let (appended, _) = state
+                .broker
+                .publish_idempotent(&topic, &e.idempotency_key, e.envelope)
+                .await?;
+            results.push(appended);
+        }
+        return Ok((StatusCode::CREATED, Json(BatchResponse { results })));
+    }
     let req: BatchRequest = parse_json(&bytes)?;
     let results = state.broker.publish_batch(&topic, req.messages).await?;
     Ok((StatusCode::CREATED, Json(BatchResponse { results })))

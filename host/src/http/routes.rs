@@ -140,7 +140,7 @@ pub fn routes() -> Vec<Route> {
         op(
             M::POST,
             "/v1/topics/{topic}/messages/batch",
-            "Publish a batch atomically (one group commit)",
+            "Publish a batch atomically (one group commit). A CloudEvents batch (Content-Type: application/cloudevents-batch+json) is checked whole, then each event is published as one structured-mode event is, deduplicated by source and id",
             Some((r#"{"messages": [{"body": {}}]}"#, plain_batch)),
             post(messages::publish_batch),
         ),
@@ -453,7 +453,8 @@ fn errors_of(
         ));
     }
     let publish = path.starts_with("/v1/topics/{topic}/") && method == Method::POST;
-    if publish && path.ends_with("/messages") {
+    let messages = path.ends_with("/messages") || path.ends_with("/messages/batch");
+    if publish && messages {
         codes.push((
             "410",
             "the message an idempotency key names was deleted by retention",
@@ -463,9 +464,7 @@ fn errors_of(
         codes.push(("413", "the body is larger than the limit"));
         codes.push(("415", "the body's content type is not one this route reads"));
     }
-    if publish && path.ends_with("/messages")
-        || (method == Method::PUT && path == "/v1/plugins/{name}")
-    {
+    if publish && messages || (method == Method::PUT && path == "/v1/plugins/{name}") {
         codes.push(("422", "the idempotency key was used with other content, or the component is too costly to compile"));
     }
     if publish {
