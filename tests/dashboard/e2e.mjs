@@ -1,7 +1,10 @@
 // Drives the dashboard in headless Chromium (Debian's, through playwright-core): the paused
 // subscription's backlog shows, resuming it by a click lets its lag drop to 0, a dead letter
 // is redriven by a click, an undecided transaction is committed by a click; the answering node
-// (WASMQ_NODE_ID) is named and listed up.
+// (WASMQ_NODE_ID) is named and listed up. As a console: a topic is created, messages are
+// browsed by queue and by key (a text body shown as text), a subscription is created and one
+// opened for editing, offsets are reset to a time picked, a plugin (WASMQ_PROBE) is uploaded
+// and a plugin's log is read.
 // Usage: node e2e.mjs URL  (WASMQ_NODE_MODULES: where playwright-core is installed)
 import { createRequire } from "node:module";
 
@@ -54,6 +57,46 @@ try {
   await page.locator('#txns tr[data-txn] button[data-action="commit"]').first().click();
   await page.locator("#txns tr[data-txn]").first().waitFor({ state: "detached", timeout: 15000 });
   step("transaction committed");
+
+  await page.fill("#topic-name", "made-here");
+  await page.fill("#topic-queues", "2");
+  await page.click('#topic-form button[type="submit"]');
+  await expectText(page.locator('tr[data-topic="made-here"] td:nth-child(2)'), "2");
+  step("topic created");
+
+  await page.selectOption("#browse-topic", "notes");
+  await page.click('#browse-form button[type="submit"]');
+  await expectText(page.locator("#messages tr[data-message] td.body").first(), '{"note":1}');
+  await page.fill("#browse-key", "note-2");
+  await page.click('#browse-form button[type="submit"]');
+  await expectText(page.locator("#messages tr[data-message] td.body"), "hello text");
+  step("messages browsed");
+
+  await page.fill("#sub-group", "made-sub");
+  await page.fill("#sub-spec", JSON.stringify({ topic: "made-here", plugin: "recorder", config: { audit: "audit" }, grants: { publish: ["audit"] } }));
+  await page.click('#sub-form button[type="submit"]');
+  await page.locator('tr[data-sub="made-sub"]').waitFor({ timeout: 15000 });
+  step("subscription created");
+  await page.locator('tr[data-sub="slow"] button[data-action="edit"]').click();
+  const spec = JSON.parse(await page.inputValue("#sub-spec"));
+  if (spec.topic !== "orders" || (await page.inputValue("#sub-group")) !== "slow") throw new Error(`edit shows ${JSON.stringify(spec)}`);
+  step("subscription opened for editing");
+
+  await page.selectOption("#reset-group", "slow");
+  await page.fill("#reset-at", "2000-01-01T00:00:00");
+  await page.click('#reset-form button[type="submit"]');
+  await expectText(page.locator("#reset-form output"), "done");
+  step("offsets reset to a time");
+
+  await page.fill("#upload-name", "uploaded");
+  await page.setInputFiles("#upload-file", process.env.WASMQ_PROBE);
+  await page.click('#upload-form button[type="submit"]');
+  await expectText(page.locator('tr[data-plugin="uploaded"] td:nth-child(2)'), "v1");
+  step("plugin uploaded");
+
+  await page.locator('tr[data-plugin="probe"] button[data-action="logs"]').click();
+  await expectText(page.locator("#logs tr[data-line] td:nth-child(5)").first(), "from the console test");
+  step("plugin log read");
 
   if (process.env.WASMQ_SCREENSHOT) await page.screenshot({ path: process.env.WASMQ_SCREENSHOT, fullPage: true });
   if (errors.length) throw new Error(`page errors: ${errors.join("; ")}`);

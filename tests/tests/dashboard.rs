@@ -1,7 +1,8 @@
 //! The web dashboard end to end in headless Chromium (`tests/dashboard/e2e.mjs`, driven by
 //! playwright-core): it shows a paused subscription's backlog, a click on Resume lets the lag
-//! drop, a click redrives a dead letter, a click commits an undecided transaction. The server
-//! state is checked here afterwards. `bash .ci/setup-browser` installs Chromium and
+//! drop, a click redrives a dead letter, a click commits an undecided transaction; as a
+//! console it creates a topic and a subscription, browses messages, resets offsets to a time,
+//! uploads a plugin and reads a plugin's log. The server state is checked here afterwards. `bash .ci/setup-browser` installs Chromium and
 //! playwright-core (`.ci/run` does).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 
 use reqwest::StatusCode;
 use serde_json::json;
-use wasmq_tests::plugins::{RECORDER, REJECT_ALL};
+use wasmq_tests::plugins::{PROBE, RECORDER, REJECT_ALL};
 use wasmq_tests::{TestServer, config_in};
 
 fn node_modules() -> PathBuf {
@@ -84,6 +85,24 @@ async fn the_dashboard_shows_lag_and_redrives_and_commits_by_clicking() {
         .await;
     assert_eq!(st, StatusCode::CREATED, "{txn}");
 
+    // For the console steps: messages to browse (JSON, and text sent as bytes) and a plugin
+    // that logged a line.
+    s.create_topic("notes", 1).await;
+    s.publish_batch(
+        "notes",
+        vec![
+            json!({"body": {"note": 1}, "key": "note-1"}),
+            json!({"body_base64": "aGVsbG8gdGV4dA==", "key": "note-2"}),
+        ],
+    )
+    .await;
+    s.upload_plugin("probe", PROBE).await;
+    s.invoke(
+        "probe",
+        json!({"do": "say", "text": "from the console test"}),
+    )
+    .await;
+
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dashboard/e2e.mjs");
     // WASMQ_DASHBOARD_SHOT keeps the screenshot somewhere to look at.
     let shot = std::env::var_os("WASMQ_DASHBOARD_SHOT")
@@ -99,6 +118,7 @@ async fn the_dashboard_shows_lag_and_redrives_and_commits_by_clicking() {
         .env("WASMQ_NODE_ID", &node)
         .env("WASMQ_NODE_MODULES", &modules)
         .env("WASMQ_SCREENSHOT", &shot)
+        .env("WASMQ_PROBE", PROBE)
         .output()
         .await
         .expect("cannot run node");
@@ -110,16 +130,27 @@ async fn the_dashboard_shows_lag_and_redrives_and_commits_by_clicking() {
     );
     assert!(
         stdout.contains("step: lag dropped to 0 after resume")
-            && stdout.contains("step: the answering node shown"),
+            && stdout.contains("step: the answering node shown")
+            && stdout.contains("step: plugin log read"),
         "{stdout}"
     );
 
-    // What the clicks did, seen from the API.
+    // What the clicks did, seen from the API: resumed, then reset to a time before every
+    // message, so each of the 50 was handled twice (the recorder audits each handling; the
+    // committed transaction is the audit topic's 101st message).
+    s.wait_until("/v1/topics/audit", 30, |v| v["messages"] == 101)
+        .await;
     let (_, slow) = s.get("/v1/subscriptions/slow").await;
+    assert_eq!(slow["state"], "running");
+    let (st, made) = s.get("/v1/subscriptions/made-sub").await;
     assert_eq!(
-        (slow["state"].as_str(), slow["lag"].as_u64()),
-        (Some("running"), Some(0))
+        (st, &made["spec"]["topic"]),
+        (StatusCode::OK, &json!("made-here"))
     );
+    let (_, topic) = s.get("/v1/topics/made-here").await;
+    assert_eq!(topic["queues"], 2);
+    let (_, uploaded) = s.get("/v1/plugins/uploaded").await;
+    assert_eq!(uploaded["version"], 1, "{uploaded}");
     // Redriven, delivered again, rejected again: one dead letter, a new one.
     let dlq = s
         .wait_until("/v1/subscriptions/rejects/dlq", 30, |v| {

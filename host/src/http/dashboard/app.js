@@ -1,6 +1,10 @@
-// The wasmq dashboard: polls the JSON API once a second and renders topics, subscriptions
-// (lag per queue or instance and the node running it, a live throughput chart), plugins, dead
-// letters, the nodes sharing the storage and undecided transactions. No framework and nothing from a CDN: the host serves this file itself.
+// The wasmq console: polls the JSON API once a second and renders topics, subscriptions
+// (lag per queue or instance and the node running it, a live throughput chart with a time
+// axis), plugins, dead letters, the nodes sharing the storage and undecided transactions; and
+// acts through the same API: create topics, browse messages (by queue and offset, key or id;
+// bodies decoded), create and edit subscriptions, reset offsets to a time, upload plugins,
+// read a plugin's log, pause, resume, redrive, commit, roll back. No framework and nothing
+// from a CDN: the host serves this file itself.
 "use strict";
 
 const POLL_MS = 1000;
@@ -22,10 +26,11 @@ tokenInput.addEventListener("change", () => {
   refresh();
 });
 
-async function api(method, path, body) {
-  const headers = { "content-type": "application/json" };
+async function api(method, path, body, contentType) {
+  const headers = { "content-type": contentType || "application/json" };
   if (tokenInput.value) headers.authorization = "Bearer " + tokenInput.value;
-  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const payload = body === undefined || contentType ? body : JSON.stringify(body);
+  const resp = await fetch(path, { method, headers, body: payload });
   const text = await resp.text();
   const value = text ? JSON.parse(text) : {};
   if (!resp.ok) {
@@ -131,7 +136,7 @@ function renderSubs(subs) {
       ? button("Resume", () => api("POST", `/v1/subscriptions/${encodeURIComponent(s.group)}/resume`, {}), "resume")
       : button("Pause", () => api("POST", `/v1/subscriptions/${encodeURIComponent(s.group)}/pause`, {}), "pause");
     const actions = document.createElement("td");
-    actions.appendChild(action);
+    actions.append(action, " ", button("Edit", () => editSub(s), "edit"));
     rows.push(row([
       cell(s.group), cell(s.spec.topic), cell(`${s.spec.plugin}` + (s.plugin_version ? ` v${s.plugin_version}` : "")),
       cell(s.spec.mode + (s.spec.ordered ? ", ordered" : "")), cell(s.state, paused ? "bad" : "ok"),
@@ -144,7 +149,26 @@ function renderSubs(subs) {
     rows[rows.length - 1].className = "detail";
   }
   fill($("#subs tbody"), rows, "no subscriptions yet");
+  keepOptions($("#reset-group"), subs.map((s) => s.group));
   drawChart();
+}
+
+// Replaces a select's options, keeping the choice when it is still there.
+function keepOptions(select, values) {
+  const chosen = select.value;
+  select.replaceChildren(...values.map((v) => {
+    const o = document.createElement("option");
+    o.value = o.textContent = v;
+    o.selected = v === chosen;
+    return o;
+  }));
+}
+
+// Fills the subscription form with a subscription's spec, to change it.
+async function editSub(s) {
+  $("#sub-group").value = s.group;
+  $("#sub-spec").value = JSON.stringify(s.spec, null, 2);
+  $("#sub-spec").focus();
 }
 
 function drawChart() {
@@ -162,7 +186,14 @@ function drawChart() {
   ctx.stroke();
   ctx.fillText(`${max.toFixed(0)}/s`, 2, 12);
   ctx.fillText("0", 2, h - pad);
-  ctx.fillText(`last ${CHART_POINTS} s`, w - 70, h - 10);
+  // Time axis: a tick every 15 s, seconds before now.
+  ctx.textAlign = "center";
+  for (let ago = 0; ago < CHART_POINTS; ago += 15) {
+    const x = pad + (w - pad - 4) * (CHART_POINTS - 1 - ago) / (CHART_POINTS - 1);
+    ctx.beginPath(); ctx.moveTo(x, h - pad); ctx.lineTo(x, h - pad + 4); ctx.stroke();
+    ctx.fillText(ago === 0 ? "now" : `−${ago} s`, Math.min(x, w - 16), h - pad + 15);
+  }
+  ctx.textAlign = "start";
   const legend = [];
   let i = 0;
   for (const [group, s] of state.series) {
@@ -193,6 +224,7 @@ function renderPlugins(plugins, subs) {
       cell(p.size !== undefined ? `${Math.round(p.size / 1024)} KB` : "–", "num"),
       cell(users.map((s) => s.group).join(", ") || "–"),
       cell(sum("delivered"), "num"), cell(sum("acked"), "num"), cell(sum("failed"), "num"),
+      (() => { const td = document.createElement("td"); td.appendChild(button("Logs", () => showLogs(p.name), "logs")); return td; })(),
     ], { plugin: p.name });
   }), "no plugins yet");
 }
@@ -245,6 +277,87 @@ async function renderTxns() {
   }), "none");
 }
 
+// A body for people: JSON as compact text, base64 bytes as text when they are UTF-8, else
+// their size.
+function bodyText(m) {
+  if (m.body !== undefined) return JSON.stringify(m.body);
+  if (m.body_base64 === undefined) return "";
+  const bytes = Uint8Array.from(atob(m.body_base64), (c) => c.charCodeAt(0));
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    return `<${bytes.length} bytes>`;
+  }
+}
+
+async function browse() {
+  const topic = $("#browse-topic").value;
+  const id = $("#browse-id").value.trim();
+  const key = $("#browse-key").value.trim();
+  let messages;
+  if (id) {
+    messages = [await api("GET", `/v1/messages/${encodeURIComponent(id)}`)];
+  } else if (!topic) {
+    messages = [];
+  } else if (key) {
+    messages = (await api("GET", `/v1/topics/${encodeURIComponent(topic)}/messages?key=${encodeURIComponent(key)}`)).messages;
+  } else {
+    const q = Number($("#browse-queue").value) || 0, from = Number($("#browse-from").value) || 0;
+    messages = (await api("GET", `/v1/topics/${encodeURIComponent(topic)}/messages?queue=${q}&from=${from}&limit=100`)).messages;
+  }
+  fill($("#messages tbody"), messages.map((m) => row([
+    cell(m.id), cell(`${m.queue}/${m.offset}`), cell(m.key), cell(m.tag), cell(bodyText(m), "body"), cell(new Date(m.stored_at).toLocaleString()),
+  ], { message: m.id })), "no messages there");
+}
+
+async function showLogs(plugin) {
+  const page = await api("GET", `/v1/plugins/${encodeURIComponent(plugin)}/logs?limit=100`);
+  $("#logs-plugin").textContent = plugin;
+  $("#logs-box").hidden = false;
+  fill($("#logs tbody"), page.lines.map((l) => row([
+    cell(new Date(l.at).toLocaleTimeString()), cell(l.level, l.level === "error" ? "bad" : ""), cell(l.group), cell(l.instance, "num"), cell(l.message),
+  ], { line: l.seq })), "no log lines");
+}
+
+// Forms: each submits through the API and says in its own <output> whether that worked
+// (the status line is the poller's).
+function onSubmit(form, action) {
+  const out = $(`${form} output`);
+  $(form).addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    out.textContent = "…";
+    out.className = "muted";
+    try {
+      await action();
+      out.textContent = "done";
+      out.className = "ok";
+    } catch (e) {
+      out.textContent = e.message;
+      out.className = "bad";
+    }
+    refresh();
+  });
+}
+
+onSubmit("#topic-form", () => api("PUT", `/v1/topics/${encodeURIComponent($("#topic-name").value)}`,
+  { queues: Number($("#topic-queues").value) }));
+onSubmit("#browse-form", browse);
+onSubmit("#sub-form", () => {
+  let spec;
+  try { spec = JSON.parse($("#sub-spec").value); } catch (e) { throw new Error(`the spec is not JSON: ${e.message}`); }
+  return api("PUT", `/v1/subscriptions/${encodeURIComponent($("#sub-group").value)}`, spec);
+});
+onSubmit("#reset-form", () => {
+  const at = new Date($("#reset-at").value).getTime();
+  if (!Number.isFinite(at)) throw new Error("pick a time to reset to");
+  return api("POST", `/v1/subscriptions/${encodeURIComponent($("#reset-group").value)}/reset`, { to: at });
+});
+onSubmit("#upload-form", async () => {
+  const file = $("#upload-file").files[0];
+  if (!file) throw new Error("choose a component (.wasm) to upload");
+  await api("PUT", `/v1/plugins/${encodeURIComponent($("#upload-name").value)}`, await file.arrayBuffer(), "application/wasm");
+});
+
 let busy = false;
 async function refresh() {
   if (busy) return;
@@ -255,6 +368,7 @@ async function refresh() {
     ]);
     renderNodes(cluster);
     renderTopics(topics.topics || []);
+    keepOptions($("#browse-topic"), (topics.topics || []).map((t) => t.name));
     renderSubs(subs.subscriptions || []);
     renderPlugins(plugins.plugins || [], subs.subscriptions || []);
     await renderDlq(subs.subscriptions || []);
