@@ -85,7 +85,7 @@ pub enum Effect {
         id: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         key: Option<String>,
-        /// JSON bodies as JSON, others as text when UTF-8, else `<N bytes>`.
+        /// JSON bodies as JSON, others as text when UTF-8, else `{"base64": ...}`.
         body: serde_json::Value,
     },
 }
@@ -301,14 +301,21 @@ impl Capabilities {
                 "at most {MAX_HTTP_REQUEST_BYTES} bytes of body and {MAX_HEADERS} headers"
             )));
         }
-        if req
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
-        {
-            return Err(GuestError::Invalid(
-                "the Host header is set by the host".into(),
-            ));
+        for (k, v) in &req.headers {
+            if k.eq_ignore_ascii_case("host") {
+                return Err(GuestError::Invalid(
+                    "the Host header is set by the host".into(),
+                ));
+            }
+            // Checked here, not first by the client, so a dry run refuses what a real call
+            // would.
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(v).is_err()
+            {
+                return Err(GuestError::Invalid(format!(
+                    "header {k:?} is not valid HTTP"
+                )));
+            }
         }
         if self.recorded(|| Effect::Http {
             method: method.to_string(),
@@ -475,8 +482,10 @@ pub struct GrantSpec {
     pub email: bool,
     pub sms: bool,
     /// Origins: `http://host:port`, `https://host`, or `host:port` (http).
+    /// (The pattern matches only grants the server takes: ports 1 to 65535, IPv6 as `[::1]`
+    /// or in full.)
     #[schemars(inner(regex(
-        pattern = r"^(https?://)?((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[1-9][0-9]{0,3})?/?$"
+        pattern = r"^(https?://)?((([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])|\[(::1|[0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){7})\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?/?$"
     )))]
     pub http: Vec<String>,
     pub publish: Vec<String>,

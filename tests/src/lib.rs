@@ -517,6 +517,34 @@ impl TestServer {
         self.read_queue(topic, 0).await
     }
 
+    /// When the last of the audit records in `audit` was handled (ms since the epoch, the
+    /// server's clock).
+    pub async fn last_handled_at(&self, audit: &str) -> u64 {
+        self.read_queue(audit, 0)
+            .await
+            .iter()
+            .filter_map(|a| a["handled_at"].as_u64())
+            .max()
+            .unwrap()
+    }
+
+    /// When the last dead letter of `group` whose reason contains `reason` died (ms since the
+    /// epoch, the server's clock).
+    pub async fn last_dead_at(&self, group: &str, reason: &str) -> u64 {
+        let (st, dlq) = self
+            .get(&format!("/v1/subscriptions/{group}/dlq?limit=1000"))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{dlq}");
+        dlq["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains(reason)))
+            .filter_map(|e| e["dead_at"].as_u64())
+            .max()
+            .unwrap_or_else(|| panic!("no dead letter of {group} says {reason:?}: {dlq}"))
+    }
+
     /// Publishes `n` bodies `{"sent_at": <ms>}` to `topic`, 25 ms apart, and waits until the
     /// recorder subscription on it has recorded all of them in `audit`: the publish→handle
     /// latencies in ms, sorted (how a well-behaved subscription fares beside others).

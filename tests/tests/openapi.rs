@@ -82,6 +82,8 @@ struct Checker {
     doc: Value,
     /// Operations answered with a 2xx, as `METHOD template`.
     succeeded: std::collections::BTreeSet<String>,
+    /// Sent as a bearer token, when the server has tokens.
+    token: Option<&'static str>,
 }
 
 impl Checker {
@@ -112,6 +114,9 @@ impl Checker {
             .request(method.clone(), format!("{}{path}", self.s.url));
         if let Some(b) = body {
             req = req.json(&b);
+        }
+        if let Some(t) = self.token {
+            req = req.bearer_auth(t);
         }
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -193,6 +198,7 @@ async fn every_answer_matches_its_documented_schema() {
         s,
         doc,
         succeeded: Default::default(),
+        token: None,
     };
     let (get, post, put, delete) = (Method::GET, Method::POST, Method::PUT, Method::DELETE);
     let (ok, created) = (StatusCode::OK, StatusCode::CREATED);
@@ -397,4 +403,88 @@ async fn every_answer_matches_its_documented_schema() {
     }
     let missed: Vec<_> = all.difference(&c.succeeded).collect();
     assert!(missed.is_empty(), "never answered with success: {missed:?}");
+}
+
+/// With tokens, a read-only token sees plugin config and grants as `"[redacted]"`: the
+/// document with tokens says so, and an admin's full answer (an HTTP grant on a five-digit
+/// port) matches it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redacted_and_full_answers_match_the_document_with_tokens() {
+    use serde_json::json;
+    use wasmq::config::TokenConfig;
+    const ADMIN: &str = "admin-token-123";
+    const READER: &str = "reader-token-456";
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = wasmq_tests::config_in(dir.path());
+    let token = |t: &str, scope: &str| TokenConfig {
+        token: t.into(),
+        scopes: vec![scope.into()],
+        topics: Vec::new(),
+    };
+    config.auth.tokens = vec![token(ADMIN, "admin"), token(READER, "read")];
+    let s = TestServer::start_with(config).await;
+    let admin = |r: reqwest::RequestBuilder| r.bearer_auth(ADMIN).send();
+    for (name, path) in [
+        ("probe", wasmq_tests::plugins::PROBE),
+        ("checker", wasmq_tests::plugins::CHECKER),
+    ] {
+        let r = admin(
+            s.client
+                .put(format!("{}/v1/plugins/{name}", s.url))
+                .header("content-type", "application/wasm")
+                .body(std::fs::read(path).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let r = admin(s.client.put(format!("{}/v1/topics/t", s.url)).json(
+        &json!({"transaction_checker": "checker", "transaction_checker_config": {"k": 1},
+                "transaction_checker_grants": {"http": ["http://127.0.0.1:18081"]}}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let spec = json!({"topic": "t", "plugin": "probe", "config": {"api_key": "x"},
+                      "grants": {"http": ["127.0.0.1:18081", "https://api.example.com"]}});
+    let r = admin(
+        s.client
+            .put(format!("{}/v1/subscriptions/g", s.url))
+            .json(&spec),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let doc: Value = admin(s.client.get(format!("{}/v1/openapi.json", s.url)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut c = Checker {
+        s,
+        doc,
+        succeeded: Default::default(),
+        token: Some(READER),
+    };
+    let get = Method::GET;
+    let (ok, sub) = (StatusCode::OK, "/v1/subscriptions/{group}");
+    let v = c.want(ok, get.clone(), sub, &["g"], None).await;
+    assert_eq!(v["spec"]["config"], "[redacted]", "{v}");
+    c.want(ok, get.clone(), "/v1/subscriptions", &[], None)
+        .await;
+    let v = c
+        .want(ok, get.clone(), "/v1/topics/{topic}", &["t"], None)
+        .await;
+    assert_eq!(v["transaction_checker_grants"], "[redacted]", "{v}");
+    c.want(ok, get.clone(), "/v1/topics", &[], None).await;
+    c.token = Some(ADMIN);
+    let v = c.want(ok, get.clone(), sub, &["g"], None).await;
+    assert_eq!(v["spec"]["grants"]["http"][0], "127.0.0.1:18081", "{v}");
+    c.want(ok, get, "/v1/topics/{topic}", &["t"], None).await;
 }

@@ -247,7 +247,7 @@ pub(super) enum PluginCommand {
         /// The topic the messages seem to come from.
         #[arg(long, default_value = "test")]
         topic: String,
-        /// CPU time of one call, in ms (default: [plugins] timeout_ms, 5000).
+        /// CPU time of one call, in ms (default 5000, as the server's [plugins] timeout_ms).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=600_000))]
         timeout_ms: Option<u64>,
         /// Build output here instead of DIR/target.

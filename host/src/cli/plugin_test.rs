@@ -130,6 +130,30 @@ impl Drop for Scratch {
     }
 }
 
+/// Where a run keeps its scratch store: `<tmp>/wasmq-plugin-test-<pid>-<uuid>`.
+const SCRATCH_PREFIX: &str = "wasmq-plugin-test-";
+
+/// Removes scratch stores of runs whose process is gone (interrupted before they cleaned up).
+fn sweep_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// The component to run: `dir` itself when it is a `.wasm` file, else what building it gives.
 async fn component(dir: &Path, target_dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if dir.is_file() {
@@ -155,8 +179,9 @@ pub async fn run(t: TestRun) -> anyhow::Result<TestReport> {
         .map_err(|e| anyhow::anyhow!("--grants: {e}"))?;
 
     let config = Config::default();
+    sweep_stale_scratch();
     let scratch = Scratch(std::env::temp_dir().join(format!(
-        "wasmq-plugin-test-{}-{}",
+        "{SCRATCH_PREFIX}{}-{}",
         std::process::id(),
         uuid::Uuid::now_v7().simple()
     )));

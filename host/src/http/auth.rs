@@ -157,8 +157,11 @@ fn shows_plugin_config(method: &Method, path: &str) -> bool {
         )
 }
 
+/// What a redacted field reads.
+pub(super) const REDACTED: &str = "[redacted]";
+
 /// The fields that hold plugin config or grants, wherever they appear in an answer.
-const REDACTED_FIELDS: [&str; 4] = [
+pub(super) const REDACTED_FIELDS: [&str; 4] = [
     "config",
     "grants",
     "transaction_checker_config",
@@ -170,7 +173,7 @@ fn redact_value(v: &mut serde_json::Value) {
         serde_json::Value::Object(m) => {
             for (k, x) in m.iter_mut() {
                 if REDACTED_FIELDS.contains(&k.as_str()) {
-                    *x = serde_json::Value::String("[redacted]".into());
+                    *x = serde_json::Value::String(REDACTED.into());
                 } else {
                     redact_value(x);
                 }

@@ -411,16 +411,19 @@ struct OpenApiDocument {
 }
 
 /// The error answers a route may give besides the catch-alls, from what its handler and the
-/// layers in front of it do: bodies and queries are parsed (400, 413, 415), path parameters
-/// name something that may not exist (404), tokens are checked (401, 403), publishes are held
-/// back (429, 503) or refused (410, 422), and storage may be away (503).
+/// layers in front of it do: every route may meet a slow client (408), a Host that is not this
+/// server's (421) and, outside the pages, a cross-site browser request (403); bodies and
+/// queries are parsed (400, 413, 415), path parameters name something that may not exist
+/// (404), tokens are checked (401, 403), plugin code may have to be compiled again (422, 503),
+/// publishes are held back (429, 503) or refused (410, 422), and storage may be away (503).
 fn errors_of(
     method: &Method,
     path: &str,
     has_query: bool,
     authenticated: bool,
 ) -> Vec<(&'static str, &'static str)> {
-    let body = matches!(method.as_str(), "PUT" | "POST");
+    let body = matches!(method.as_str(), "PUT" | "POST" | "DELETE");
+    let page = path == "/healthz";
     let mut codes = Vec::new();
     if body || has_query || path.contains('{') {
         codes.push((
@@ -430,11 +433,17 @@ fn errors_of(
     }
     if authenticated {
         codes.push(("401", "no token, or an unknown one"));
-        codes.push(("403", "the token lacks this route's scope (or this topic)"));
+    }
+    if authenticated || !page {
+        codes.push((
+            "403",
+            "the token lacks this route's scope (or this topic), the call asks for a grant no subscription gives, or a browser request comes from another site",
+        ));
     }
     if path.contains('{') {
         codes.push(("404", "what the path names does not exist"));
     }
+    codes.push(("408", "the request was not read in time"));
     let conflicts = matches!(
         (method.as_str(), path),
         ("DELETE", "/v1/topics/{topic}" | "/v1/plugins/{name}")
@@ -464,8 +473,20 @@ fn errors_of(
         codes.push(("413", "the body is larger than the limit"));
         codes.push(("415", "the body's content type is not one this route reads"));
     }
-    if publish && messages || (method == Method::PUT && path == "/v1/plugins/{name}") {
-        codes.push(("422", "the idempotency key was used with other content, or the component is too costly to compile"));
+    codes.push(("421", "the Host header does not name this server"));
+    // Routes that may compile a plugin: an upload, and what loads one from stored bytes.
+    let compiles = matches!(
+        (method.as_str(), path),
+        (
+            "PUT",
+            "/v1/plugins/{name}" | "/v1/subscriptions/{group}" | "/v1/topics/{topic}"
+        ) | ("POST", "/v1/plugins/{name}/invoke")
+    );
+    if publish && messages || compiles {
+        codes.push((
+            "422",
+            "the idempotency key was used with other content, or the component is too costly to compile",
+        ));
     }
     if publish {
         codes.push((
@@ -473,8 +494,8 @@ fn errors_of(
             "the topic's backlog is full; retry after Retry-After seconds",
         ));
     }
-    if !matches!(path, "/healthz" | "/metrics" | "/v1/openapi.json") {
-        codes.push(("503", "storage is unavailable, the disk is full or the server is stopping; retry after Retry-After seconds"));
+    if !matches!(path, "/healthz" | "/metrics" | "/v1/openapi.json") || compiles {
+        codes.push(("503", "storage is unavailable, the disk is full, a compile is busy or the server is stopping; retry after Retry-After seconds"));
     }
     codes
 }
@@ -570,9 +591,13 @@ pub fn document(open: bool) -> Value {
             );
         }
         if let Some((name, schema)) = answer_of(&r.method, r.path) {
-            answers
-                .entry(name().into_owned())
-                .or_insert_with(|| schema(&mut answer_schemas).to_value());
+            answers.entry(name().into_owned()).or_insert_with(|| {
+                let mut answer = schema(&mut answer_schemas).to_value();
+                if !open {
+                    redactable(&mut answer);
+                }
+                answer
+            });
         }
         let authenticated = scope != "none" && !open;
         for (code, description) in errors_of(&r.method, r.path, query.is_some(), authenticated) {
@@ -633,6 +658,26 @@ pub fn document(open: bool) -> Value {
             "schemas": component_schemas(schemas, answers),
         },
     })
+}
+
+/// With tokens, a token without the admin scope reads plugin config and grants as
+/// `"[redacted]"` (see `auth`): every such property of an answer may be that string instead.
+fn redactable(schema: &mut Value) {
+    match schema {
+        Value::Object(m) => {
+            if let Some(Value::Object(props)) = m.get_mut("properties") {
+                for (name, prop) in props.iter_mut() {
+                    if super::auth::REDACTED_FIELDS.contains(&name.as_str()) {
+                        let full = std::mem::take(prop);
+                        *prop = json!({"anyOf": [full, {"const": super::auth::REDACTED}]});
+                    }
+                }
+            }
+            m.values_mut().for_each(redactable);
+        }
+        Value::Array(a) => a.iter_mut().for_each(redactable),
+        _ => {}
+    }
 }
 
 /// The request bodies' schemas, the success answers' schemas, and the error every 4xx and
@@ -789,5 +834,9 @@ mod tests {
             assert!(publish[code].is_object(), "publish lacks {code}");
         }
         assert!(doc["paths"]["/healthz"]["get"]["responses"]["404"].is_null());
+        let invoke = &doc["paths"]["/v1/plugins/{name}/invoke"]["post"]["responses"];
+        for code in ["403", "422", "503"] {
+            assert!(invoke[code].is_object(), "invoke lacks {code}");
+        }
     }
 }
