@@ -55,7 +55,26 @@ pub struct Capabilities {
 }
 
 /// Side effects a dry-run host recorded instead of making, in call order.
-pub type Effects = std::sync::Mutex<Vec<Effect>>;
+#[derive(Debug, Default)]
+pub struct Effects(std::sync::Mutex<Vec<Effect>>);
+
+impl Effects {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Effect>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds one, after those recorded before.
+    pub fn record(&self, effect: Effect) {
+        self.list().push(effect);
+    }
+
+    /// Every effect recorded since the last take, oldest first.
+    pub fn take(&self) -> Vec<Effect> {
+        std::mem::take(&mut *self.list())
+    }
+}
 
 /// A side effect as a dry run records it. `publish` is recorded by whoever publishes (the
 /// broker's stand-in), with the id the message got.
@@ -168,10 +187,7 @@ impl Capabilities {
         let Some(effects) = &self.dry_run else {
             return false;
         };
-        effects
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(effect());
+        effects.record(effect());
         true
     }
 
@@ -218,8 +234,7 @@ impl Capabilities {
                 "this host has no valid smtp.from address".into(),
             ));
         };
-        let to = recipient;
-        let builder = Mail::builder().from(from).to(to).subject(subject);
+        let builder = Mail::builder().from(from).to(recipient).subject(subject);
         let mail = match html {
             Some(h) => builder.multipart(MultiPart::alternative_plain_html(
                 text.to_string(),
@@ -301,21 +316,23 @@ impl Capabilities {
                 "at most {MAX_HTTP_REQUEST_BYTES} bytes of body and {MAX_HEADERS} headers"
             )));
         }
+        // Parsed here, not by the client, so a dry run refuses what a real call would.
+        let mut headers = reqwest::header::HeaderMap::new();
         for (k, v) in &req.headers {
             if k.eq_ignore_ascii_case("host") {
                 return Err(GuestError::Invalid(
                     "the Host header is set by the host".into(),
                 ));
             }
-            // Checked here, not first by the client, so a dry run refuses what a real call
-            // would.
-            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
-                || reqwest::header::HeaderValue::from_str(v).is_err()
-            {
+            let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                reqwest::header::HeaderValue::from_str(v),
+            ) else {
                 return Err(GuestError::Invalid(format!(
                     "header {k:?} is not valid HTTP"
                 )));
-            }
+            };
+            headers.append(name, value);
         }
         if self.recorded(|| Effect::Http {
             method: method.to_string(),
@@ -328,11 +345,11 @@ impl Capabilities {
                 body: Vec::new(),
             });
         }
-        let mut builder = self.http.request(method, &req.url).body(req.body);
-        for (k, v) in &req.headers {
-            builder = builder.header(k, v);
-        }
-        let mut resp = builder
+        let mut resp = self
+            .http
+            .request(method, &req.url)
+            .headers(headers)
+            .body(req.body)
             .send()
             .await
             .map_err(|e| transient(format!("http: {e}")))?;

@@ -107,6 +107,32 @@ pub struct Checked {
     pub deliver_at: u64,
 }
 
+impl Checked {
+    /// The message a plugin sees for this envelope when it is run outside any queue (the
+    /// invoke API, `wasmq plugin test`): a new id, queue 0, `born_at` and `attempt` as given.
+    pub fn into_trial_message(
+        self,
+        topic: String,
+        offset: u64,
+        born_at: u64,
+        attempt: u32,
+    ) -> crate::bindings::Message {
+        crate::bindings::Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            topic,
+            queue: 0,
+            offset,
+            key: self.key,
+            tag: self.tag,
+            sharding_key: self.sharding_key,
+            properties: self.properties.into_iter().collect(),
+            body: self.body,
+            born_at,
+            attempt,
+        }
+    }
+}
+
 /// Whether `tag` is a tag: 1 to [`MAX_TAG_LEN`] bytes, no `|`, `*` or white space (they are
 /// the filter syntax of a subscription's `tag_filter`).
 pub fn valid_tag(tag: &str) -> bool {

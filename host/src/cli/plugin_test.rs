@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::bindings::{CheckResult, GuestError, Message, wasmq::plugin::publish::Outgoing};
+use crate::bindings::{CheckResult, GuestError, wasmq::plugin::publish::Outgoing};
 use crate::broker::{Broker, Envelope, TopicSpec};
 use crate::capabilities::{Capabilities, Effect, Effects, GrantSpec};
 use crate::config::{Config, FlushMode};
@@ -97,24 +97,23 @@ impl Services for Recorder {
             readable(&message.body),
         );
         let id = Services::publish(self.broker.as_ref(), message).await?;
-        self.effects
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Effect::Publish {
-                topic,
-                id: id.to_string(),
-                key,
-                body,
-            });
+        self.effects.record(Effect::Publish {
+            topic,
+            id: id.to_string(),
+            key,
+            body,
+        });
         Ok(id)
     }
 }
 
-/// Bytes for people: JSON as JSON, UTF-8 as text, others as `{"base64": ...}`.
+/// Bytes for people: JSON as JSON, else as [`text_or_base64`].
 fn readable(bytes: &[u8]) -> Value {
-    if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
-        return v;
-    }
+    serde_json::from_slice::<Value>(bytes).unwrap_or_else(|_| text_or_base64(bytes))
+}
+
+/// UTF-8 bytes as text, others as `{"base64": ...}`.
+fn text_or_base64(bytes: &[u8]) -> Value {
     match std::str::from_utf8(bytes) {
         Ok(text) => Value::String(text.to_string()),
         Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(bytes)}),
@@ -201,22 +200,10 @@ pub async fn run(t: TestRun) -> anyhow::Result<TestReport> {
     for (i, (source, envelope)) in t.messages.into_iter().enumerate() {
         let envelope: Envelope = serde_json::from_value(envelope)
             .with_context(|| format!("{source} is not a message as publish takes it"))?;
-        let m = envelope
+        let message = envelope
             .check(&config.limits, now)
-            .with_context(|| source.clone())?;
-        let message = Message {
-            id: uuid::Uuid::now_v7().to_string(),
-            topic: t.topic.clone(),
-            queue: 0,
-            offset: i as u64,
-            key: m.key,
-            tag: m.tag,
-            sharding_key: m.sharding_key,
-            properties: m.properties.into_iter().collect(),
-            body: m.body,
-            born_at: now,
-            attempt: 1,
-        };
+            .with_context(|| source.clone())?
+            .into_trial_message(t.topic.clone(), i as u64, now, 1);
         messages.push((source, message));
     }
 
@@ -313,26 +300,18 @@ pub async fn run(t: TestRun) -> anyhow::Result<TestReport> {
                     .iter()
                     .map(|l| json!({"level": l.level, "message": l.message}))
                     .collect();
-                report.effects = std::mem::take(
-                    &mut *effects
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                );
+                report.effects = effects.take();
                 calls.push(report);
             }
             calls
         })
         .await?;
-    let mut kv = serde_json::Map::new();
-    for (key, record) in storage.list_records(&space, "", usize::MAX).await? {
-        let value = match String::from_utf8(record.value) {
-            Ok(text) => Value::String(text),
-            Err(e) => {
-                json!({"base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes())})
-            }
-        };
-        kv.insert(key, value);
-    }
+    let kv = storage
+        .list_records(&space, "", usize::MAX)
+        .await?
+        .into_iter()
+        .map(|(key, record)| (key, text_or_base64(&record.value)))
+        .collect();
     runtime.shutdown();
     storage.close().await;
     Ok(TestReport {

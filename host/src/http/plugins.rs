@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, detached, parse_json, read_body};
 use crate::base::now_ms;
-use crate::bindings::Message;
 use crate::broker::Envelope;
 use crate::dispatch::spec::GrantSpec;
 use crate::plugins::{PluginRecord, PluginVersion, validate_name};
@@ -195,20 +194,15 @@ pub async fn invoke(
     let bytes = read_body(body, state.broker.limits().max_request_bytes).await?;
     let req: InvokeRequest = parse_json(&bytes)?;
     let now = now_ms();
-    let checked = req.message.check(state.broker.limits(), now)?;
-    let message = Message {
-        id: uuid::Uuid::now_v7().to_string(),
-        topic: req.topic.unwrap_or_else(|| "invoke".into()),
-        queue: 0,
-        offset: 0,
-        key: checked.key,
-        tag: checked.tag,
-        sharding_key: checked.sharding_key,
-        properties: checked.properties.into_iter().collect(),
-        body: checked.body,
-        born_at: now,
-        attempt: req.attempt.unwrap_or(1).max(1),
-    };
+    let message = req
+        .message
+        .check(state.broker.limits(), now)?
+        .into_trial_message(
+            req.topic.unwrap_or_else(|| "invoke".into()),
+            0,
+            now,
+            req.attempt.unwrap_or(1).max(1),
+        );
     let grants = req
         .grants
         .to_grants()
