@@ -105,6 +105,7 @@ fn main() {
                 kv_space: wasmq::runtime::host::kv_space(
                     wasmq::runtime::host::KvOwner::Subscription("bench"),
                 ),
+                stage_effects: false,
                 services: broker.clone(),
             })
         };

@@ -1,6 +1,8 @@
 //! Plugin runtime costs: `handle` with a 256 B message through the host path (budgeted,
 //! limited instance, message built from a stored message) against a raw wasmtime call of the
-//! same component in the same run; instantiate time; upload→ready and restart→ready.
+//! same component in the same run; instantiate time; upload→ready and restart→ready; a
+//! kv-and-publish plugin with its effects applied as called (at-least-once) beside staged and
+//! committed with the delivery (exactly-once, issue 24).
 //! `--quick` shortens every loop, to keep the harness working in CI.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,8 +14,10 @@ use std::time::Instant;
 use wasmq::bindings;
 use wasmq::capabilities::Grants;
 use wasmq::plugins::Plugins;
+use wasmq::runtime::Services as _;
 use wasmq::runtime::{HostState, InstanceContext, Runtime, RuntimeConfig};
-use wasmq_tests::plugins::{CHECKER, ECHO};
+use wasmq::storage::{Expect, RecordWrite};
+use wasmq_tests::plugins::{CHECKER, ECHO, TALLY};
 
 fn per_call(total: std::time::Duration, n: u32) -> f64 {
     total.as_secs_f64() * 1e6 / f64::from(n)
@@ -57,6 +61,7 @@ fn main() {
             kv_space: wasmq::runtime::host::kv_space(wasmq::runtime::host::KvOwner::Subscription(
                 "bench",
             )),
+            stage_effects: false,
             services: broker.clone(),
         });
 
@@ -152,6 +157,61 @@ fn main() {
         runtime.instantiate(&code, ctx.clone()).await.unwrap();
         let restart_ready = t.elapsed().as_secs_f64() * 1e3;
 
+        // A kv-and-publish plugin (tally: a kv read, a kv write and a publish per message), each
+        // message finished as dispatch finishes it. At-least-once: every effect is a durable
+        // write when called. Exactly-once: they are staged and written in one commit with the
+        // delivery's completion marker.
+        broker
+            .put_topic("derived", Default::default())
+            .await
+            .unwrap();
+        let (tally, _) = runtime.compile(&std::fs::read(TALLY).unwrap()).unwrap();
+        let kv_n: u32 = if quick { 500 } else { 20_000 };
+        let mut kv_rates = Vec::new();
+        for stage in [false, true] {
+            let ctx = Arc::new(InstanceContext {
+                plugin: "tally".into(),
+                config_json: r#"{"derived":"derived"}"#.into(),
+                grants: Grants {
+                    publish: vec!["derived".into()],
+                    ..Grants::default()
+                },
+                kv_space: format!("kvsub/bench-{stage}"),
+                stage_effects: stage,
+                ..(*ctx).clone()
+            });
+            let mut inst = runtime.instantiate(&tally, ctx).await.unwrap();
+            let body = br#"{"counter":"c"}"#;
+            let t = Instant::now();
+            for i in 0..kv_n {
+                let mut staged = None;
+                inst.handle_batch(
+                    common::message(&uuid::Uuid::now_v7(), body),
+                    || None,
+                    |r, _, s| {
+                        assert!(matches!(r, Ok(bindings::Outcome::Ack)), "{r:?}");
+                        staged = Some(s);
+                        true
+                    },
+                )
+                .await;
+                let staged = staged.unwrap();
+                if stage {
+                    let marker = RecordWrite {
+                        space: "done/bench".into(),
+                        key: format!("all/00000000/{i:016x}"),
+                        value: Some(Vec::new()),
+                        expect: Expect::Absent,
+                    };
+                    broker
+                        .commit(staged.to_commit(vec![marker]))
+                        .await
+                        .unwrap();
+                }
+            }
+            kv_rates.push(f64::from(kv_n) / t.elapsed().as_secs_f64());
+        }
+
         println!(
             "\n256 B message, {n} calls; {} cores\n",
             std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -173,6 +233,15 @@ fn main() {
             checker.len() / 1024
         );
         println!("| restart→ready, same plugin from the stored artifact | {restart_ready:.1} ms |");
+        println!(
+            "| kv-and-publish plugin, effects applied as called (at-least-once) | {:.0} msg/s |",
+            kv_rates[0]
+        );
+        println!(
+            "| kv-and-publish plugin, effects committed with the delivery (exactly-once) | {:.0} msg/s ({:.2}x at-least-once; goal ≥ 0.8) |",
+            kv_rates[1],
+            kv_rates[1] / kv_rates[0]
+        );
         storage.close().await;
     });
 }

@@ -259,6 +259,10 @@ pub struct RetentionConfig {
     /// Dead letters are deleted this long after they died (ms, 1 000 to 100 years; default
     /// 72 h: RocketMQ's dead-letter queues are topics kept as long as its commit log).
     pub dead_letters_max_age_ms: u64,
+    /// Delivery attempts' trace records (`GET /v1/messages/{id}/trace`) are deleted this long
+    /// after their message was created (ms, 1 000 to 100 years; default 72 h, as messages);
+    /// 0 records no trace.
+    pub trace_max_age_ms: u64,
 }
 
 impl Default for RetentionConfig {
@@ -268,6 +272,7 @@ impl Default for RetentionConfig {
             transactions_max_age_ms: 72 * 3600 * 1000,
             transactions_max_count: 1_000_000,
             dead_letters_max_age_ms: 72 * 3600 * 1000,
+            trace_max_age_ms: 72 * 3600 * 1000,
         }
     }
 }
@@ -467,6 +472,11 @@ impl Config {
                     "retention.{key} must be 1000 to {MAX_RETENTION_AGE_MS} (100 years)"
                 )));
             }
+        }
+        if r.trace_max_age_ms != 0 && !(1000..=MAX_RETENTION_AGE_MS).contains(&r.trace_max_age_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "retention.trace_max_age_ms must be 0 (no trace) or 1000 to {MAX_RETENTION_AGE_MS} (100 years)"
+            )));
         }
         if !(1..=MAX_RETENTION_COUNT).contains(&r.transactions_max_count) {
             return Err(ConfigError::Invalid(format!(

@@ -125,7 +125,7 @@ pub async fn run_announced(
             let urls = &config.storage.urls;
             let replicas = config.storage.replicas as usize;
             Arc::new(
-                JetStreamStorage::connect(urls, replicas)
+                JetStreamStorage::connect_as(urls, replicas, &config.server.node_id)
                     .await
                     .with_context(|| {
                         format!("cannot open JetStream storage at {}", urls.join(", "))
@@ -198,7 +198,8 @@ async fn serve(
         } else {
             Dispatcher::new(broker.clone(), plugins.clone())
         }
-        .with_dead_letter_retention(config.retention.dead_letters_max_age_ms),
+        .with_dead_letter_retention(config.retention.dead_letters_max_age_ms)
+        .with_trace_retention(config.retention.trace_max_age_ms),
     );
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();

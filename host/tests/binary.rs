@@ -187,6 +187,55 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `wasmq message trace ID` (issue 26): where a message is for each subscription and its
+/// attempts, as tables for people and as the server's answer with `--output json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_message_trace_shows_where_it_is_and_each_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
+    let url = server.url.clone();
+    let people = |args: &[&str]| cli_table(&url, args);
+    create_topic(&url, "t", 1).await;
+    upload(&url, "reject-all", wasmq_tests::plugins::REJECT_ALL).await;
+    assert!(
+        people(&[
+            "sub",
+            "create",
+            "no",
+            "--topic",
+            "t",
+            "--plugin",
+            "reject-all"
+        ])
+        .status
+        .success()
+    );
+    let published: Value =
+        serde_json::from_slice(&cli(&url, &["publish", "t", "{}"]).stdout).unwrap();
+    let id = published["id"].as_str().unwrap().to_string();
+    // Records are written in batches: asked until the rejection is on record.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let json = loop {
+        let out = cli(&url, &["message", "trace", &id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["subscriptions"][0]["state"] == "dead_lettered" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(json["subscriptions"][0]["attempts"][0]["outcome"], "reject");
+    let text = String::from_utf8_lossy(&people(&["message", "trace", &id]).stdout).into_owned();
+    assert!(text.contains("dead_lettered"), "{text}");
+    assert!(text.contains("reject"), "{text}");
+    assert!(text.contains("OUTCOME"), "a table of attempts: {text}");
+    let out = people(&["message", "trace", "0193a5c0-7f1e-7cc2-9b1d-2f6e4f1a9c3d"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown_message"), "{}", stderr(&out));
+    server.kill().await;
+}
+
 /// `message read/find/get` for people (issue 26): the queue read is named when the topic has
 /// others, and bodies show as text (JSON compact, UTF-8 bytes as they are, other bytes as a
 /// size), while `--output json` keeps the server's answer.
@@ -739,21 +788,25 @@ async fn audit_records(url: &str) -> Vec<Value> {
     wasmq_tests::read_queue(&reqwest::Client::new(), url, "audit", 0).await
 }
 
+/// Uploads the plugin built at `path` as `name` to the server at `url`.
+async fn upload(url: &str, name: &str, path: &str) {
+    let r = reqwest::Client::new()
+        .put(format!("{url}/v1/plugins/{name}"))
+        .header("content-type", "application/wasm")
+        .body(std::fs::read(path).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED, "upload {name}");
+}
+
 /// Topic `jobs` (4 queues), `audit`, and subscription `work` of the recorder plugin (4
 /// instances, `max_in_flight`), set up through the server at `url`.
 async fn recorder_work(url: &str, max_in_flight: usize) {
     let http = reqwest::Client::new();
     create_topic(url, "jobs", 4).await;
     create_topic(url, "audit", 1).await;
-    let wasm = std::fs::read(wasmq_tests::plugins::RECORDER).unwrap();
-    let r = http
-        .put(format!("{url}/v1/plugins/recorder"))
-        .header("content-type", "application/wasm")
-        .body(wasm)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    upload(url, "recorder", wasmq_tests::plugins::RECORDER).await;
     let spec = json!({"topic": "jobs", "plugin": "recorder", "instances": 4, "max_in_flight": max_in_flight,
                       "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
     let r = http
@@ -840,8 +893,10 @@ async fn nothing_skipped(url: &str, ids: &[String], window: usize) -> usize {
     repeated
 }
 
+/// The recorder publishes its audit record as it acks: with exactly-once processing (issue 24)
+/// a SIGKILL mid-stream repeats none of them (before, up to the in-flight window repeated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flight_window() {
+async fn sigkill_while_dispatching_skips_nothing_and_repeats_no_effect() {
     const MAX_IN_FLIGHT: usize = 16;
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(Path::new(BIN), dir.path(), &[]).await;
@@ -855,7 +910,7 @@ async fn sigkill_while_dispatching_skips_nothing_and_repeats_at_most_the_in_flig
     let st: Value = get_json(&http, format!("{}/v1/subscriptions/work", server.url)).await;
     let lag_at_restart = st["lag"].as_u64().unwrap();
     work_caught_up(&server.url).await;
-    let repeated = nothing_skipped(&server.url, &ids, MAX_IN_FLIGHT).await;
+    let repeated = nothing_skipped(&server.url, &ids, 0).await;
     assert!(
         lag_at_restart > 0,
         "the kill came after dispatch had finished: nothing was tested"
@@ -933,7 +988,9 @@ async fn publish_keyed(
         if !ok {
             node = (node + 1) % urls.len();
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Paced (~25 batches a second): the backlog dispatch has to work off stays a few
+        // thousand messages per second of publishing, whatever the machine.
+        tokio::time::sleep(Duration::from_millis(40)).await;
     }
 }
 
@@ -1182,8 +1239,9 @@ async fn sigkill_of_one_of_three_nodes_on_three_nats_servers_moves_its_queues_ti
         p.await.unwrap();
     }
     // Everything is handled: lags reach 0, the transaction is committed by check-back, the
-    // delayed message comes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // delayed message comes. (The deadline only stops a hang: the work is bounded by what
+    // was published.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
     loop {
         let o = get_json(&http, format!("{}/v1/subscriptions/ordered", c.url)).await;
         let l = get_json(&http, format!("{}/v1/subscriptions/later-work", c.url)).await;

@@ -2,7 +2,8 @@
 // subscription's backlog shows, resuming it by a click lets its lag drop to 0, a dead letter
 // is redriven by a click, an undecided transaction is committed by a click; the answering node
 // (WASMQ_NODE_ID) is named and listed up. As a console: a topic is created, messages are
-// browsed by queue and by key (a text body shown as text), a subscription is created and one
+// browsed by queue and by key (a text body shown as text), a dead-lettered one traced, a
+// subscription is created and one
 // opened for editing, offsets are reset to a time picked, a plugin (WASMQ_PROBE) is uploaded
 // and a plugin's log is read.
 // Usage: node e2e.mjs URL  (WASMQ_NODE_MODULES: where playwright-core is installed)
@@ -71,6 +72,22 @@ try {
   await page.click('#browse-form button[type="submit"]');
   await expectText(page.locator("#messages tr[data-message] td.body"), "hello text");
   step("messages browsed");
+
+  // The rejected message's trace: dead-lettered, after one attempt the plugin rejected. Trace
+  // records are written in batches: asked again until they are there.
+  await page.fill("#browse-key", "");
+  await page.selectOption("#browse-topic", "bad");
+  await page.click('#browse-form button[type="submit"]');
+  await expectText(page.locator("#messages tr[data-message] td.body"), '"no"');
+  for (let i = 0; ; i++) {
+    await page.click('#messages tr[data-message] button[data-action="trace"]');
+    const seen = await page.locator('#trace-now tr[data-state="dead_lettered"]').count();
+    if (seen > 0) break;
+    if (i > 50) throw new Error("the trace never showed the message dead-lettered");
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  await expectText(page.locator('#trace tr[data-outcome="reject"] td').nth(6), "reject");
+  step("message traced");
 
   await page.fill("#sub-group", "made-sub");
   await page.fill("#sub-spec", JSON.stringify({ topic: "made-here", plugin: "recorder", config: { audit: "audit" }, grants: { publish: ["audit"] } }));

@@ -131,6 +131,7 @@ async fn the_dashboard_shows_lag_and_redrives_and_commits_by_clicking() {
     assert!(
         stdout.contains("step: lag dropped to 0 after resume")
             && stdout.contains("step: the answering node shown")
+            && stdout.contains("step: message traced")
             && stdout.contains("step: plugin log read"),
         "{stdout}"
     );

@@ -258,6 +258,8 @@ async fn every_answer_matches_its_documented_schema() {
     let id = first.1["id"].as_str().unwrap().to_string();
     c.want(ok, get.clone(), "/v1/messages/{id}", &[&id], None)
         .await;
+    c.want(ok, get.clone(), "/v1/messages/{id}/trace", &[&id], None)
+        .await;
 
     // Transactions: one committed, one rolled back (which then refuses a recheck), one on a
     // topic without a checker: its one check cannot decide, so it ends unresolved and takes

@@ -7,7 +7,7 @@ use super::{Broker, BrokerError, Envelope};
 use crate::bindings::GuestError;
 use crate::bindings::wasmq::plugin::publish::Outgoing;
 use crate::runtime::Services;
-use crate::storage::{MessageId, Storage};
+use crate::storage::{Commit, Committed, MessageId, NewMessage, Storage, StorageError};
 
 impl Broker {
     fn usage(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
@@ -66,6 +66,65 @@ impl Services for Broker {
     }
 
     async fn publish(&self, message: Outgoing) -> Result<MessageId, GuestError> {
+        let topic = message.topic.clone();
+        match Broker::publish(self, &topic, envelope_of(message)).await {
+            Ok(a) => Ok(a.id),
+            Err(e) => Err(guest_error(e)),
+        }
+    }
+
+    async fn prepare_publish(&self, message: Outgoing) -> Result<(String, NewMessage), GuestError> {
+        let topic = message.topic.clone();
+        match self.prepare_message(&topic, envelope_of(message)).await {
+            Ok(m) => Ok((topic, m)),
+            Err(e) => Err(guest_error(e)),
+        }
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        // No topic deletion runs meanwhile, and the topics published to still exist: a
+        // message is never stored under a topic deleted since the call staged it.
+        let _topics_stay = self.deletion.read().await;
+        for (topic, _) in &commit.appends {
+            if let Err(e) = self.lookup(topic).await {
+                return Err(StorageError::Unavailable(format!(
+                    "cannot publish to {topic:?}: {e}"
+                )));
+            }
+        }
+        let started = std::time::Instant::now();
+        let sizes: Vec<(String, usize, usize)> = commit
+            .appends
+            .iter()
+            .map(|(t, m)| (t.clone(), m.len(), m.iter().map(|m| m.body.len()).sum()))
+            .collect();
+        let out = self.storage().commit(commit).await?;
+        for (topic, n, bytes) in sizes {
+            self.observe(
+                &topic,
+                crate::metrics::PublishKind::single,
+                (n, bytes),
+                started,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// A transient failure (storage, a full disk) is `Unavailable`: the plugin's message is
+/// retried rather than rejected. Anything else the broker refuses is `Invalid`.
+fn guest_error(e: BrokerError) -> GuestError {
+    match e {
+        e @ (BrokerError::Storage(_) | BrokerError::DiskFull(_)) => {
+            GuestError::Unavailable(e.to_string())
+        }
+        e => GuestError::Invalid(e.to_string()),
+    }
+}
+
+/// A plugin's message as a producer's envelope.
+fn envelope_of(message: Outgoing) -> Envelope {
+    {
         // JSON bodies stay JSON (readable in the API); anything else travels as bytes.
         let (body, body_base64) = match std::str::from_utf8(&message.body)
             .ok()
@@ -77,7 +136,7 @@ impl Services for Broker {
                 Some(base64::engine::general_purpose::STANDARD.encode(&message.body)),
             ),
         };
-        let envelope = Envelope {
+        Envelope {
             body,
             body_base64,
             key: message.key,
@@ -85,14 +144,6 @@ impl Services for Broker {
             sharding_key: message.sharding_key,
             properties: message.properties.into_iter().collect(),
             ..Envelope::default()
-        };
-        match Broker::publish(self, &message.topic, envelope).await {
-            Ok(a) => Ok(a.id),
-            // Transient: the plugin's message is retried rather than rejected.
-            Err(e @ (BrokerError::Storage(_) | BrokerError::DiskFull(_))) => {
-                Err(GuestError::Unavailable(e.to_string()))
-            }
-            Err(e) => Err(GuestError::Invalid(e.to_string())),
         }
     }
 }

@@ -469,6 +469,13 @@ pub(super) enum MessageCommand {
         /// The message id (publish printed it).
         id: String,
     },
+    /// Where a message is now for each subscription of its topic, and every delivery attempt
+    /// on record (time, node, instance, outcome, fate, duration, reason).
+    #[command(after_help = "Example:\n  wasmq message trace 0193a5c0-7f1e-7cc2-9b1d-2f6e4f1a9c3d")]
+    Trace {
+        /// The message id (publish printed it).
+        id: String,
+    },
     /// Messages with business key KEY on TOPIC.
     Find {
         /// The topic.

@@ -82,6 +82,37 @@ fn exit_code(outcome: anyhow::Result<()>) -> ExitCode {
 /// For people (tables), each message of a listing gets a `body` they can read: JSON as compact
 /// text, bytes that are UTF-8 as text, other bytes as `<N bytes>`; `--output json` keeps the
 /// server's answer as it is (`body` or `body_base64`).
+/// A message trace as two tables: where it is for each subscription, and every attempt.
+fn trace_for_people(mut trace: Value) -> Value {
+    let subscriptions = match trace.get_mut("subscriptions").map(Value::take) {
+        Some(Value::Array(s)) => s,
+        _ => Vec::new(),
+    };
+    let mut now = Vec::new();
+    let mut attempts = Vec::new();
+    for mut s in subscriptions {
+        if let Some(Value::Array(list)) = s.get_mut("attempts").map(Value::take) {
+            attempts.extend(list.into_iter().map(|a| {
+                json!({
+                    "group": a["group"], "member": a["member"], "attempt": a["attempt"],
+                    "started_at": a["started_at"], "node": a["node"], "instance": a["instance"],
+                    "outcome": a["outcome"], "fate": a["fate"], "duration_ms": a["duration_ms"],
+                    "reason": a["reason"],
+                })
+            }));
+        }
+        now.push(json!({
+            "group": s["group"], "member": s["member"], "state": s["state"],
+            "next_attempt_at": s["next_attempt_at"],
+        }));
+    }
+    if let Some(map) = trace.as_object_mut() {
+        map.insert("now".into(), Value::Array(now));
+        map.insert("attempts".into(), Value::Array(attempts));
+    }
+    trace
+}
+
 fn readable(mut answer: Value) -> Value {
     if output::for_scripts() {
         return answer;
@@ -243,6 +274,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Message(cmd) => print(&match cmd {
             MessageCommand::Get { id } => {
                 readable(client.get(&format!("/v1/messages/{}", seg(&id))).await?)
+            }
+            MessageCommand::Trace { id } => {
+                let trace = client
+                    .get(&format!("/v1/messages/{}/trace", seg(&id)))
+                    .await?;
+                if output::for_scripts() {
+                    trace
+                } else {
+                    trace_for_people(trace)
+                }
             }
             MessageCommand::Find { topic, key } => readable(
                 client

@@ -105,6 +105,20 @@ impl Services for Recorder {
         });
         Ok(id)
     }
+
+    async fn prepare_publish(
+        &self,
+        message: Outgoing,
+    ) -> Result<(String, crate::storage::NewMessage), GuestError> {
+        Services::prepare_publish(self.broker.as_ref(), message).await
+    }
+
+    async fn commit(
+        &self,
+        commit: crate::storage::Commit,
+    ) -> Result<crate::storage::Committed, crate::storage::StorageError> {
+        Services::commit(self.broker.as_ref(), commit).await
+    }
 }
 
 /// Bytes for people: JSON as JSON, else as [`text_or_base64`].
@@ -237,6 +251,8 @@ pub async fn run(t: TestRun) -> anyhow::Result<TestReport> {
             memory_mb: None,
         },
         kv_space: space.clone(),
+        // Effects show as they are made, whatever the outcome (the run shows it beside them).
+        stage_effects: false,
         services: Arc::new(Recorder {
             broker: broker.clone(),
             effects: effects.clone(),
@@ -270,7 +286,9 @@ pub async fn run(t: TestRun) -> anyhow::Result<TestReport> {
                         let r = if code.has_consumer() {
                             i.handle(&message).await.map(|o| (Some(o), None))
                         } else {
-                            i.check_transaction(&message).await.map(|c| (None, Some(c)))
+                            i.check_transaction(&message)
+                                .await
+                                .map(|(c, _)| (None, Some(c)))
                         };
                         if i.is_usable() {
                             instance = Some(i);

@@ -10,6 +10,7 @@ pub mod spec;
 pub mod state;
 mod status;
 mod tally;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct Handles {
     pub plugins: Arc<Plugins>,
     /// Where subscriptions, cursors, timers and dead letters are kept (the broker's storage).
     pub storage: Arc<dyn Storage>,
+    /// Where delivery attempts are traced.
+    pub trace: Arc<trace::TraceWriter>,
 }
 
 pub struct Dispatcher {
@@ -87,6 +90,8 @@ pub struct Dispatcher {
     /// Dead letters are deleted this long after they died (ms; `[retention]
     /// dead_letters_max_age_ms`).
     dead_letters_max_age_ms: u64,
+    /// How long trace records are kept (`[retention] trace_max_age_ms`; 0: none are made).
+    trace_max_age_ms: u64,
 }
 
 type GroupLocks = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
@@ -139,6 +144,7 @@ impl Dispatcher {
         Self {
             env: Handles {
                 storage: broker.storage().clone(),
+                trace: Arc::new(trace::TraceWriter::new(broker.storage().clone(), true)),
                 broker,
                 plugins,
             },
@@ -150,6 +156,7 @@ impl Dispatcher {
             stored_offsets: Default::default(),
             dead_letters_max_age_ms: crate::config::RetentionConfig::default()
                 .dead_letters_max_age_ms,
+            trace_max_age_ms: crate::config::RetentionConfig::default().trace_max_age_ms,
             peer_tallies: Default::default(),
         }
     }
@@ -162,6 +169,17 @@ impl Dispatcher {
             share: Some(share::Share::new(node, storage)),
             ..Self::new(broker, plugins)
         }
+    }
+
+    /// Keeps delivery attempts' trace records `max_age_ms` after their message was created
+    /// (see [`Dispatcher::enforce_retention`]); 0 records none.
+    pub fn with_trace_retention(mut self, max_age_ms: u64) -> Self {
+        self.env.trace = Arc::new(trace::TraceWriter::new(
+            self.env.storage.clone(),
+            max_age_ms > 0,
+        ));
+        self.trace_max_age_ms = max_age_ms;
+        self
     }
 
     /// Keeps dead letters `max_age_ms` after they died (see [`Dispatcher::enforce_retention`]).
@@ -333,6 +351,8 @@ impl Dispatcher {
         let store = &self.env.storage;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         state::clear(store.as_ref(), &state::timer_space(group), "").await?;
+        // Completion markers name offsets that are delivered again after a reset.
+        state::clear(store.as_ref(), &state::done_space(group), "").await?;
         let broadcast = record.spec.mode == Mode::Broadcast;
         let members = if broadcast { record.spec.instances } else { 1 };
         for i in 0..members {
@@ -374,6 +394,7 @@ impl Dispatcher {
             state::timer_space(group),
             state::dlq_space(group),
             state::counts_space(group),
+            state::done_space(group),
             kv.clone(),
         ] {
             state::clear(store.as_ref(), &space, "").await?;

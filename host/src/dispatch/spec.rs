@@ -34,6 +34,23 @@ pub enum KvScope {
     Plugin,
 }
 
+/// What becomes of a plugin's kv writes and publishes when a delivery is repeated (issue 24;
+/// the names are Kafka Streams' `processing.guarantee` values).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessingGuarantee {
+    /// A call's kv writes and publishes are staged and stored in one atomic step with the
+    /// delivery's completion on `ack`; discarded on `retry`, `reject`, a trap, a timeout or a
+    /// crash. A delivery whose kv reads changed under it runs again. Email, SMS and HTTP
+    /// cannot be taken back: `once()` guards them.
+    #[default]
+    ExactlyOnce,
+    /// kv writes and publishes take effect when called; a repeated delivery repeats them.
+    AtLeastOnce,
+}
+
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
 )]
@@ -200,6 +217,8 @@ pub struct SubscriptionSpec {
     pub limits: PluginLimits,
     #[serde(default)]
     pub kv_scope: KvScope,
+    #[serde(default)]
+    pub processing_guarantee: ProcessingGuarantee,
 }
 
 fn one() -> u32 {

@@ -18,6 +18,23 @@ pub fn timer_space(group: &str) -> String {
 pub fn dlq_space(group: &str) -> String {
     format!("dlq/{group}")
 }
+/// Completion markers: a delivery whose plugin staged kv writes or publishes is completed by
+/// writing its marker in the same atomic step as them (issue 24), so a crash before the offset
+/// passes it never runs it again. Removed once the stored offset passes it.
+pub fn done_space(group: &str) -> String {
+    format!("done/{group}")
+}
+
+/// `{member}/{queue:08x}/{offset:016x}`: a member's markers sort by queue, then offset.
+pub fn done_key(member: &str, queue: u32, offset: u64) -> String {
+    format!("{}{offset:016x}", done_prefix(member, queue))
+}
+
+/// The keys of a member's markers on one queue start with this.
+pub fn done_prefix(member: &str, queue: u32) -> String {
+    format!("{member}/{queue:08x}/")
+}
+
 /// A subscription's delivery counters (a node alone on its storage keeps them).
 pub fn counts_space(group: &str) -> String {
     format!("counts/{group}")

@@ -217,18 +217,38 @@ impl From<StoredMessage> for MessageView {
     }
 }
 
+/// A message id from a path: 400 `bad_id` when it is not one.
+fn message_id(id: &str) -> Result<MessageId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request("bad_id", format!("{id:?} is not a message id")))
+}
+
 pub async fn by_id(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<MessageView>, ApiError> {
-    let id: MessageId = id
-        .parse()
-        .map_err(|_| ApiError::bad_request("bad_id", format!("{id:?} is not a message id")))?;
+    let id = message_id(&id)?;
     match state.broker.message(id).await? {
         Some(m) => Ok(Json(m.into())),
         None => Err(ApiError::not_found(
             "unknown_message",
             format!("no message with id {id}"),
+        )),
+    }
+}
+
+/// `GET /v1/messages/{id}/trace`: 404 `unknown_message` when neither the message nor any
+/// attempt record of it exists.
+pub async fn trace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::dispatch::trace::MessageTrace>, ApiError> {
+    let id = message_id(&id)?;
+    match state.dispatcher.trace(id).await? {
+        Some(t) => Ok(Json(t)),
+        None => Err(ApiError::not_found(
+            "unknown_message",
+            format!("no message with id {id}, and no trace of one"),
         )),
     }
 }

@@ -239,6 +239,8 @@ pub async fn invoke(
         limits: PluginLimits::default(),
         // Its own scratch namespace: trying a plugin never touches a subscription's state.
         kv_space: kv_space(KvOwner::Invoke(&name)),
+        // A trial call, not a delivery: its kv writes and publishes take effect as made.
+        stage_effects: false,
         services: state.broker.clone(),
     };
     let started = Instant::now();

@@ -152,6 +152,13 @@ pub fn routes() -> Vec<Route> {
             get(messages::by_id),
         ),
         op(
+            M::GET,
+            "/v1/messages/{id}/trace",
+            "A message's trace: for each subscription of its topic (each broadcast instance), every delivery attempt on record (time, node, instance, outcome, reason, duration, fate) and where it is now (pending, delayed, delivering, in_retry, acked, dead_lettered, filtered, expired, passed)",
+            None,
+            get(messages::trace),
+        ),
+        op(
             M::POST,
             "/v1/topics/{topic}/transactions",
             "Store a half message (invisible until commit)",
@@ -380,6 +387,7 @@ fn answer_of(method: &Method, path: &str) -> Option<AnswerSchema> {
         ("GET", "/v1/topics/{topic}/messages") => answer::<messages::MessageList>(),
         (_, "/v1/topics/{topic}/messages/batch") => answer::<messages::BatchResponse>(),
         (_, "/v1/messages/{id}") => answer::<messages::MessageView>(),
+        (_, "/v1/messages/{id}/trace") => answer::<crate::dispatch::trace::MessageTrace>(),
         (_, "/v1/topics/{topic}/transactions") => answer::<transactions::TxnBegun>(),
         (_, "/v1/transactions") => answer::<transactions::TxnList>(),
         (_, p) if p.starts_with("/v1/transactions/{id}") => answer::<TxnView>(),

@@ -1,12 +1,14 @@
 //! The host side of a plugin instance: its store data (WASI context with nothing granted,
 //! memory limiter, CPU budget) and the capability imports of the WIT contract.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use super::limits::{DeadlineExceeded, MAX_RESOURCES, MemoryLimitExceeded, MemoryLimiter};
+pub use super::staged::{CommitError, KvKey, Staged};
 use crate::bindings::GuestError;
 use crate::bindings::wasmq::plugin::{context, email, http, kv, log, publish, sms, types};
 use crate::capabilities::{Capabilities, Grants};
@@ -81,6 +83,10 @@ pub struct InstanceContext {
     pub limits: PluginLimits,
     /// The storage space its kv calls read and write (see [`kv_space`]).
     pub kv_space: String,
+    /// Exactly-once processing (issue 24): kv writes and publishes of a call are staged and
+    /// handed back with its outcome (see [`Staged`]), to be committed with the delivery's
+    /// completion. Off: they take effect when called (at-least-once).
+    pub stage_effects: bool,
     pub services: Arc<dyn Services>,
 }
 
@@ -120,6 +126,19 @@ pub trait Services: Send + Sync + 'static {
     /// [`GuestError::Unavailable`] for what a retry may fix (storage, a full disk) and
     /// [`GuestError::Invalid`] for a message the broker refuses.
     async fn publish(&self, message: publish::Outgoing) -> Result<MessageId, GuestError>;
+    /// Checks and stamps a plugin's message as [`Services::publish`] does (id, queue, disk
+    /// reservation) without storing it: its topic and the message, for a later
+    /// [`Services::commit`]. Errors as [`Services::publish`]'s.
+    async fn prepare_publish(
+        &self,
+        message: publish::Outgoing,
+    ) -> Result<(String, crate::storage::NewMessage), GuestError>;
+    /// Writes a call's staged effects and its delivery's completion in one atomic step
+    /// ([`crate::storage::Storage::commit`]), once the topics it publishes to still exist.
+    async fn commit(
+        &self,
+        commit: crate::storage::Commit,
+    ) -> Result<crate::storage::Committed, crate::storage::StorageError>;
 }
 
 /// What the scheduler and the epoch callback know of an instance's calls.
@@ -146,6 +165,8 @@ pub struct HostState {
     pub message_id: Option<String>,
     /// Lines the current call has logged, against [`crate::logs::LINES_PER_CALL`].
     pub lines_this_call: u32,
+    /// The current call's staged kv writes and publishes, when its context stages effects.
+    pub staged: Option<Staged>,
 }
 
 impl HostState {
@@ -169,11 +190,21 @@ impl HostState {
             table,
             limiter: MemoryLimiter::new(max_memory),
             turns,
-            ctx,
             caps,
             denials: 0,
             message_id: None,
             lines_this_call: 0,
+            staged: ctx.stage_effects.then(Staged::default),
+            ctx,
+        }
+    }
+
+    /// Takes the staged effects of the call that just ended (empty when nothing is staged),
+    /// leaving a fresh set for the next call.
+    pub fn take_staged(&mut self) -> Staged {
+        match &mut self.staged {
+            Some(s) => std::mem::take(s),
+            None => Staged::default(),
         }
     }
 
@@ -320,17 +351,87 @@ impl log::Host for HostState {
     }
 }
 
+impl HostState {
+    /// Whether a kv key's calls are staged: with staging on, every key but the SDKs' `once()`
+    /// markers, which guard external side effects already made and must outlive a retry.
+    fn stages(&self, key: &str) -> bool {
+        self.staged.is_some() && !key.starts_with(ONCE_PREFIX)
+    }
+
+    /// The value of a stored key as the call sees it: its own staged write, else storage's
+    /// (whose revision is noted, for the commit's check when `read`).
+    async fn kv_current(
+        &mut self,
+        stored: &KvKey,
+        read: bool,
+    ) -> Result<Option<Vec<u8>>, GuestError> {
+        // Read after its own write: what it reads is its own, nothing to check.
+        if let Some(staged) = &self.staged
+            && let Some(v) = staged.staged_value(stored)
+        {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
+        let record = self
+            .ctx
+            .services
+            .storage()
+            .get_record(&stored.0, &stored.1)
+            .await
+            .map_err(unavailable)?;
+        if let Some(s) = &mut self.staged {
+            s.saw(stored, record.as_ref().map_or(0, |r| r.revision), read);
+        }
+        Ok(record.map(|r| r.value))
+    }
+
+    /// Stages (or, unstaged, writes) `value` (`None`: a delete) under a plugin's kv `key`,
+    /// within the namespace's cap.
+    async fn kv_write(&mut self, key: &str, value: Option<Vec<u8>>) -> Result<(), GuestError> {
+        let stored: KvKey = (self.kv_space().to_string(), self.kv_key(key));
+        let size =
+            |v: &Option<Vec<u8>>| v.as_ref().map_or(0, |v| (stored.1.len() + v.len()) as u64);
+        let services = self.ctx.services.clone();
+        if self.stages(key) {
+            let old = size(&self.kv_current(&stored, false).await?);
+            let new = size(&value);
+            services.reserve_kv(&stored.0, old, new).await?;
+            if let Some(s) = &mut self.staged {
+                s.reserved.push((stored.0.clone(), old, new));
+                s.writes.insert(stored, value);
+            }
+            return Ok(());
+        }
+        let old = kv_size(&services, &stored.0, &stored.1).await?;
+        let new = size(&value);
+        services.reserve_kv(&stored.0, old, new).await?;
+        let written = services
+            .storage()
+            .put_record(&stored.0, &stored.1, value, crate::storage::Expect::Any)
+            .await;
+        if let Err(e) = written {
+            // Not written: give the reservation back.
+            let _ = services.reserve_kv(&stored.0, new, old).await;
+            return Err(unavailable(e));
+        }
+        Ok(())
+    }
+}
+
 impl kv::Host for HostState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, GuestError>> {
         if let Err(e) = check_key(&key) {
             return Ok(Err(e));
         }
-        let storage = self.ctx.services.storage();
-        Ok(storage
-            .get_record(self.kv_space(), &self.kv_key(&key))
-            .await
-            .map(|r| r.map(|r| r.value))
-            .map_err(unavailable))
+        let stored: KvKey = (self.kv_space().to_string(), self.kv_key(&key));
+        if !self.stages(&key) {
+            let storage = self.ctx.services.storage();
+            return Ok(storage
+                .get_record(&stored.0, &stored.1)
+                .await
+                .map(|r| r.map(|r| r.value))
+                .map_err(unavailable));
+        }
+        Ok(self.kv_current(&stored, true).await)
     }
 
     async fn set(
@@ -346,53 +447,14 @@ impl kv::Host for HostState {
                 "kv values have at most {MAX_KV_VALUE} bytes"
             ))));
         }
-        let stored_key = self.kv_key(&key);
-        let (services, space) = (self.ctx.services.clone(), self.kv_space().to_string());
-        let new = (stored_key.len() + value.len()) as u64;
-        let old = match kv_size(&services, &space, &stored_key).await {
-            Ok(n) => n,
-            Err(e) => return Ok(Err(e)),
-        };
-        if let Err(e) = services.reserve_kv(&space, old, new).await {
-            return Ok(Err(e));
-        }
-        let written = services
-            .storage()
-            .put_record(
-                &space,
-                &stored_key,
-                Some(value),
-                crate::storage::Expect::Any,
-            )
-            .await;
-        if let Err(e) = written {
-            // Not written: give the reservation back.
-            let _ = services.reserve_kv(&space, new, old).await;
-            return Ok(Err(unavailable(e)));
-        }
-        Ok(Ok(()))
+        Ok(self.kv_write(&key, Some(value)).await)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), GuestError>> {
         if let Err(e) = check_key(&key) {
             return Ok(Err(e));
         }
-        let stored_key = self.kv_key(&key);
-        let (services, space) = (self.ctx.services.clone(), self.kv_space().to_string());
-        let old = match kv_size(&services, &space, &stored_key).await {
-            Ok(n) => n,
-            Err(e) => return Ok(Err(e)),
-        };
-        let deleted = services
-            .storage()
-            .put_record(&space, &stored_key, None, crate::storage::Expect::Any)
-            .await;
-        if let Err(e) = deleted {
-            return Ok(Err(unavailable(e)));
-        }
-        // Freeing never fails: only growth is checked.
-        let _ = services.reserve_kv(&space, old, 0).await;
-        Ok(Ok(()))
+        Ok(self.kv_write(&key, None).await)
     }
 
     async fn list_keys(
@@ -402,11 +464,25 @@ impl kv::Host for HostState {
     ) -> wasmtime::Result<Result<Vec<String>, GuestError>> {
         let storage = self.ctx.services.storage();
         let limit = (limit as usize).min(10_000);
-        Ok(storage
-            .list_records(self.kv_space(), &prefix, limit)
-            .await
-            .map(|v| v.into_iter().map(|(k, _)| k).collect())
-            .map_err(unavailable))
+        let space = self.kv_space().to_string();
+        let stored = match storage.list_records(&space, &prefix, limit).await {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(unavailable(e))),
+        };
+        let mut keys: BTreeSet<String> = stored.into_iter().map(|(k, _)| k).collect();
+        // The call's own staged writes show: new keys appear, deleted ones go.
+        if let Some(s) = &self.staged {
+            for ((sp, k), v) in &s.writes {
+                if *sp == space && k.starts_with(&prefix) {
+                    if v.is_some() {
+                        keys.insert(k.clone());
+                    } else {
+                        keys.remove(k);
+                    }
+                }
+            }
+        }
+        Ok(Ok(keys.into_iter().take(limit).collect()))
     }
 }
 
@@ -421,14 +497,26 @@ impl publish::Host for HostState {
             .publish
             .iter()
             .any(|t| t == &message.topic || t == "*");
-        let result = if granted {
+        let result = if !granted {
+            Err(self.denied(&format!("publishing to {:?}", message.topic)))
+        } else if self.staged.is_some() {
+            // Staged: stored with the delivery's completion, under the id given out now.
+            match self.ctx.services.prepare_publish(message).await {
+                Ok((topic, m)) => {
+                    let id = m.id.to_string();
+                    if let Some(s) = &mut self.staged {
+                        s.publishes.push((topic, m));
+                    }
+                    Ok(id)
+                }
+                Err(e) => Err(e),
+            }
+        } else {
             self.ctx
                 .services
                 .publish(message)
                 .await
                 .map(|id| id.to_string())
-        } else {
-            Err(self.denied(&format!("publishing to {:?}", message.topic)))
         };
         // Counted (and a denial logged) like every granted capability.
         Ok(self.report("publish", result))

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::counter::Counter;
 use wasmtime::{Store, Trap};
 
-use super::{CallClock, HostState, InvokeError, Scheduler, Tenant, host};
+use super::{CallClock, HostState, InvokeError, Scheduler, Staged, Tenant, host};
 use crate::bindings::{
     CHECKER_EXPORT, CONSUMER_EXPORT, CheckResult, Message, Outcome, checker, consumer,
 };
@@ -101,7 +101,7 @@ impl PluginInstance {
         self.handle_batch(
             message.clone(),
             || None,
-            |r, _| {
+            |r, _, _| {
                 out = Some(r);
                 true
             },
@@ -128,12 +128,13 @@ impl PluginInstance {
         &mut self,
         first: Message,
         mut next: impl FnMut() -> Option<Message>,
-        mut done: impl FnMut(Result<Outcome, InvokeError>, Duration) -> bool,
+        mut done: impl FnMut(Result<Outcome, InvokeError>, Duration, Staged) -> bool,
     ) -> usize {
         let Some(guest) = self.consumer.clone() else {
             done(
                 Err(InvokeError::MissingExport(CONSUMER_EXPORT)),
                 Duration::ZERO,
+                Staged::default(),
             );
             return 1;
         };
@@ -158,7 +159,8 @@ impl PluginInstance {
                     other => other,
                 });
                 let failed = r.is_err();
-                let go_on = done(r, started.elapsed());
+                let staged = self.store.data_mut().take_staged();
+                let go_on = done(r, started.elapsed(), staged);
                 handled += 1;
                 if failed
                     || !go_on
@@ -174,10 +176,12 @@ impl PluginInstance {
         handled
     }
 
+    /// Calls the checker export; its answer comes with the kv writes it staged (to commit with
+    /// the decision; empty unless its context stages effects). A failed call's are discarded.
     pub async fn check_transaction(
         &mut self,
         message: &Message,
-    ) -> Result<CheckResult, InvokeError> {
+    ) -> Result<(CheckResult, Staged), InvokeError> {
         let Some(guest) = self.checker.clone() else {
             return Err(InvokeError::MissingExport(CHECKER_EXPORT));
         };
@@ -192,6 +196,15 @@ impl PluginInstance {
             ),
         )
         .await;
-        self.finish(r)
+        let r = self.finish(r);
+        let staged = self.store.data_mut().take_staged();
+        match r {
+            Ok(answer) => Ok((answer, staged)),
+            Err(e) => {
+                let services = self.store.data().ctx.services.clone();
+                staged.discard(services.as_ref()).await;
+                Err(e)
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod host;
 mod instance;
 mod limits;
 mod pool;
+mod staged;
 
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub use host::{HostState, InstanceContext, PluginLimits, Services};
 use instance::classify;
 pub use instance::{BATCH_QUANTUM, PluginInstance};
 pub use pool::{Lease, PoolKey, PoolStats};
+pub use staged::{CommitError, Staged};
 
 /// How often the engine's epoch advances: CPU budgets are checked, and running calls yield, at
 /// each tick.

@@ -175,7 +175,7 @@ impl Lease {
         &mut self,
         first: Message,
         next: impl FnMut() -> Option<Message>,
-        done: impl FnMut(Result<Outcome, InvokeError>, std::time::Duration) -> bool,
+        done: impl FnMut(Result<Outcome, InvokeError>, std::time::Duration, super::Staged) -> bool,
     ) -> Result<usize, InvokeError> {
         Ok(self.instance()?.handle_batch(first, next, done).await)
     }
@@ -183,7 +183,7 @@ impl Lease {
     pub async fn check_transaction(
         &mut self,
         message: &Message,
-    ) -> Result<CheckResult, InvokeError> {
+    ) -> Result<(CheckResult, super::Staged), InvokeError> {
         self.instance()?.check_transaction(message).await
     }
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    BodyKind, Expect, NewMessage, QueueLimits, Record, RecordWrite, Storage, StorageError,
+    BodyKind, Commit, Expect, NewMessage, QueueLimits, Record, RecordCheck, RecordWrite, Storage,
+    StorageError,
 };
 
 /// Opens the backend under test onto the same durable state each time.
@@ -21,6 +22,7 @@ pub async fn run_all(open: &Open) {
     append_read_lookup_and_recover(open).await;
     records_compare_and_set(open).await;
     guarded_append_writes_messages_and_record_together_or_not_at_all(open).await;
+    commit_writes_everything_or_nothing(open).await;
     concurrent_appends_get_dense_offsets(open).await;
     blobs_watch_and_odd_names(open).await;
     truncate_deletes_a_range_and_never_reuses_offsets(open).await;
@@ -229,6 +231,116 @@ pub async fn guarded_append_writes_messages_and_record_together_or_not_at_all(op
     );
     assert_eq!(s.high_water("t", 0).await.unwrap(), 1);
     assert_eq!(s.read("t", 0, 0, 10).await.unwrap()[0].message.body, b"a");
+    s.close().await;
+}
+
+/// A delivery's commit (issue 24): a completion marker, kv writes under the revisions read, a
+/// checked read and messages on two topics land together, or nothing does when any condition
+/// fails; a second commit of the same delivery fails on its marker.
+pub async fn commit_writes_everything_or_nothing(open: &Open) {
+    let s = open().await;
+    let counter = s
+        .put_record("kv", "counter", Some(b"1".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    let config = s
+        .put_record("kv", "config", Some(b"c".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    let timer = s
+        .put_record("timer", "t1", Some(b"due".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    let write = |space: &str, key: &str, value: Option<&str>, expect| RecordWrite {
+        space: space.into(),
+        key: key.into(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+        expect,
+    };
+    let commit = |counter_rev, config_rev| Commit {
+        checks: vec![RecordCheck {
+            space: "kv".into(),
+            key: "config".into(),
+            expect: Expect::Revision(config_rev),
+        }],
+        records: vec![
+            write("done", "m1", Some(""), Expect::Absent),
+            write("kv", "counter", Some("2"), Expect::Revision(counter_rev)),
+            write("kv", "new", Some("n"), Expect::Absent),
+            write("timer", "t1", None, Expect::Present),
+        ],
+        appends: vec![
+            ("derived", vec![msg(0, None, "d1"), msg(0, None, "d2")]),
+            ("audit", vec![msg(0, None, "a1")]),
+        ]
+        .into_iter()
+        .map(|(t, m)| (t.to_string(), m))
+        .collect(),
+    };
+    let nothing_written = |why: &'static str| {
+        let s = s.clone();
+        async move {
+            assert_eq!(s.high_water("derived", 0).await.unwrap(), 0, "{why}");
+            assert_eq!(s.high_water("audit", 0).await.unwrap(), 0, "{why}");
+            assert!(s.get_record("done", "m1").await.unwrap().is_none(), "{why}");
+            assert!(s.get_record("kv", "new").await.unwrap().is_none(), "{why}");
+            assert!(
+                s.get_record("timer", "t1").await.unwrap().is_some(),
+                "{why}"
+            );
+            assert_eq!(
+                s.get_record("kv", "counter").await.unwrap().unwrap().value,
+                b"1",
+                "{why}"
+            );
+        }
+    };
+    // A key the call wrote changed under it; then one it only read.
+    for (c, why) in [
+        (commit(counter + 100, config), "a stale write"),
+        (commit(counter, config + 100), "a stale read"),
+    ] {
+        assert!(
+            matches!(s.commit(c).await, Err(StorageError::Conflict { .. })),
+            "{why}"
+        );
+        nothing_written(why).await;
+    }
+    let done = s.commit(commit(counter, config)).await.unwrap();
+    assert_eq!(done.appended.len(), 3);
+    assert_eq!(done.revisions.len(), 4);
+    assert_eq!(done.revisions[3], 0, "a delete has no revision");
+    assert_eq!(
+        s.get_record("kv", "counter").await.unwrap().unwrap().value,
+        b"2"
+    );
+    assert_eq!(
+        s.get_record("kv", "new").await.unwrap().unwrap().value,
+        b"n"
+    );
+    assert!(s.get_record("timer", "t1").await.unwrap().is_none());
+    assert!(s.get_record("done", "m1").await.unwrap().is_some());
+    let bodies = |topic: &'static str| {
+        let s = s.clone();
+        async move {
+            s.read(topic, 0, 0, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| String::from_utf8(m.message.body).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(bodies("derived").await, ["d1", "d2"]);
+    assert_eq!(bodies("audit").await, ["a1"]);
+    let _ = timer;
+    // The same delivery again: its marker exists, nothing more is written.
+    let again = s.commit(commit(done.revisions[1], config)).await;
+    assert!(
+        matches!(&again, Err(StorageError::Conflict { space, key }) if space == "done" && key == "m1"),
+        "{again:?}"
+    );
+    assert_eq!(s.high_water("derived", 0).await.unwrap(), 2);
     s.close().await;
 }
 

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
 
 use super::{
-    Appended, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record, RecordWrite,
-    Storage, StorageError, StoredMessage, Watchers,
+    Appended, Commit, Committed, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record,
+    RecordWrite, Storage, StorageError, StoredMessage, Watchers,
 };
 
 const RECORDS: &str = "WQ_RECORDS";
@@ -135,6 +135,29 @@ struct Intent {
     key: String,
     #[serde(with = "serde_bytes")]
     value: Vec<u8>,
+    /// A [`Commit`]'s guard deletes its record (a timer) instead of writing `value`.
+    #[serde(default)]
+    guard_deletes: bool,
+    /// A [`Commit`]'s appends to topics other than `topic`, finished after the guard.
+    #[serde(default)]
+    appends: Vec<(String, Vec<NewMessage>)>,
+    /// A [`Commit`]'s record writes after the guard.
+    #[serde(default)]
+    records: Vec<IntentRecord>,
+    /// The node name of its writer (`[server] node_id`), if it has a fixed one.
+    #[serde(default)]
+    writer: String,
+}
+
+/// A record write an intent finishes after its guard.
+#[derive(Serialize, Deserialize)]
+struct IntentRecord {
+    space: String,
+    key: String,
+    value: Option<serde_bytes::ByteBuf>,
+    /// The revision the writer checked (a kv key it read); a recovery writes only over it, so
+    /// it never overwrites what a later writer wrote. `None`: written whatever is there.
+    revision: Option<u64>,
 }
 
 pub struct JetStreamStorage {
@@ -150,6 +173,13 @@ pub struct JetStreamStorage {
     watchers: Arc<Watchers>,
     closed: AtomicBool,
     notifier: tokio::task::JoinHandle<()>,
+    /// Serialises this node's commits: their conditions are checked and their records written
+    /// under it, so two deliveries on one node never both pass a check of the same revision.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// This node's fixed name (`[server] node_id`; empty: none). Its intents carry it, and at
+    /// connect it finishes its own at once, whatever their age: no other node runs under its
+    /// name, so none of them belongs to a live writer.
+    writer: String,
 }
 
 impl std::fmt::Debug for JetStreamStorage {
@@ -192,6 +222,16 @@ impl JetStreamStorage {
     /// Connects to the cluster at `urls` and creates what is missing (buckets, the key index),
     /// with `replicas` copies of everything; then finishes guarded appends a dead node left.
     pub async fn connect(urls: &[String], replicas: usize) -> Result<Self, StorageError> {
+        Self::connect_as(urls, replicas, "").await
+    }
+
+    /// [`Self::connect`] for the node named `writer` (`[server] node_id`; empty: none): its
+    /// intents carry the name, and the ones a former run of it left are finished now.
+    pub async fn connect_as(
+        urls: &[String],
+        replicas: usize,
+        writer: &str,
+    ) -> Result<Self, StorageError> {
         let addrs = urls
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>())
@@ -256,8 +296,10 @@ impl JetStreamStorage {
             watchers,
             closed: AtomicBool::new(false),
             notifier,
+            commit_lock: tokio::sync::Mutex::new(()),
+            writer: writer.to_string(),
         };
-        storage.finish_intents(INTENT_AGE).await?;
+        storage.finish_intents(INTENT_AGE, true).await?;
         Ok(storage)
     }
 
@@ -365,6 +407,125 @@ impl Storage for JetStreamStorage {
         Ok((appended, revision))
     }
 
+    /// A commit on JetStream: its conditions are checked (under this node's commit lock), an
+    /// intent names everything, the first record write is the guard (the commit point, by its
+    /// condition), then the other records and the appends follow and the intent is dropped. A
+    /// node that dies after the guard leaves the intent, and [`Storage::recover`] finishes it
+    /// (writing kv records only over the revision the writer checked). Between nodes, a check
+    /// and the write after it are not one step: two nodes committing over the same kv key at
+    /// the same moment can both pass their check (RocksDB has no such window).
+    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        self.check_open()?;
+        let Commit {
+            checks,
+            records,
+            appends,
+        } = commit;
+        // Only commits with conditions besides the commit point's (kv keys read) need the
+        // lock; the others (a completion and publishes) run side by side.
+        let conditional =
+            !checks.is_empty() || records.iter().skip(1).any(|r| r.expect != Expect::Any);
+        let _one_at_a_time = match conditional {
+            true => Some(self.commit_lock.lock().await),
+            false => None,
+        };
+        if conditional && let Some(g) = records.first() {
+            // The commit point's first: a delivery already completed is told so, whatever
+            // else changed since.
+            self.check_condition(&g.space, &g.key, g.expect).await?;
+        }
+        let conditions = checks
+            .iter()
+            .map(|c| (c.space.as_str(), c.key.as_str(), c.expect))
+            .chain(
+                records
+                    .iter()
+                    .skip(1)
+                    .map(|r| (r.space.as_str(), r.key.as_str(), r.expect)),
+            )
+            .map(|(space, key, expect)| self.check_condition(space, key, expect));
+        let checked = futures::future::join_all(conditions)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<u64>, StorageError>>()?;
+        let mut checked = checked;
+        let mut records = records.into_iter();
+        let Some(guard) = records.next() else {
+            // Nothing to guard: appends only, each topic's atomically on its own.
+            let mut out = Committed::default();
+            for (topic, messages) in &appends {
+                out.appended
+                    .extend(self.append_inner(topic, messages).await?);
+            }
+            return Ok(out);
+        };
+        let rest: Vec<RecordWrite> = records.collect();
+        let rest_revisions = checked.split_off(checks.len());
+        let intent_records = rest
+            .iter()
+            .zip(&rest_revisions)
+            .map(|(w, rev)| IntentRecord {
+                space: w.space.clone(),
+                key: w.key.clone(),
+                value: w.value.clone().map(serde_bytes::ByteBuf::from),
+                revision: match w.expect {
+                    Expect::Any | Expect::Present => None,
+                    Expect::Absent | Expect::Revision(_) => Some(*rev),
+                },
+            })
+            .collect();
+        let intent_id = uuid::Uuid::now_v7().to_string();
+        let intent = rmp_serde::to_vec(&Intent {
+            topic: String::new(),
+            messages: Vec::new(),
+            space: guard.space.clone(),
+            key: guard.key.clone(),
+            value: guard.value.clone().unwrap_or_default(),
+            guard_deletes: guard.value.is_none(),
+            appends: appends.clone(),
+            records: intent_records,
+            writer: self.writer.clone(),
+        })
+        .map_err(|e| StorageError::Encode(e.to_string()))?;
+        // A fresh id: no condition (and no read) needed.
+        self.write_record(INTENTS, &intent_id, Some(intent), Expect::Any)
+            .await?;
+        let guard_revision = match self
+            .write_record(&guard.space, &guard.key, guard.value.clone(), guard.expect)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.write_record(INTENTS, &intent_id, None, Expect::Any)
+                    .await?;
+                return Err(e);
+            }
+        };
+        let mut out = Committed::default();
+        out.revisions.push(if guard.value.is_some() {
+            guard_revision
+        } else {
+            0
+        });
+        // The rest side by side: their conditions were checked above.
+        let writes = rest.iter().map(|w| async move {
+            let r = self
+                .write_record(&w.space, &w.key, w.value.clone(), Expect::Any)
+                .await?;
+            Ok::<u64, StorageError>(if w.value.is_some() { r } else { 0 })
+        });
+        for r in futures::future::join_all(writes).await {
+            out.revisions.push(r?);
+        }
+        for (topic, messages) in &appends {
+            out.appended
+                .extend(self.append_inner(topic, messages).await?);
+        }
+        self.write_record(INTENTS, &intent_id, None, Expect::Any)
+            .await?;
+        Ok(out)
+    }
+
     /// Creates each queue's stream with the topic's limits, or changes only the limits of one
     /// that exists (whatever else an operator tuned on it stays).
     async fn prepare_topic(
@@ -427,7 +588,11 @@ impl Storage for JetStreamStorage {
 
     async fn recover(&self, age: std::time::Duration) -> Result<usize, StorageError> {
         self.check_open()?;
-        self.finish_intents(age).await
+        self.finish_intents(age, false).await
+    }
+
+    async fn finish_commits_of(&self, space: &str, prefix: &str) -> Result<usize, StorageError> {
+        self.finish_commits_of(space, prefix).await
     }
 
     fn recovery_age(&self) -> std::time::Duration {

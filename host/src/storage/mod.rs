@@ -107,6 +107,8 @@ pub enum Expect {
     Absent,
     /// Only if the record is at this revision.
     Revision(u64),
+    /// Only if the record exists, at any revision (a timer a delivery completes by deleting it).
+    Present,
 }
 
 /// A conditional record write, for [`Storage::append_guarded`].
@@ -116,6 +118,46 @@ pub struct RecordWrite {
     pub key: String,
     pub value: Option<Vec<u8>>,
     pub expect: Expect,
+}
+
+/// A condition a [`Commit`] checks without writing the record (a kv key a plugin read but did
+/// not write: its value must not have changed under the delivery).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordCheck {
+    pub space: String,
+    pub key: String,
+    pub expect: Expect,
+}
+
+/// What one [`Storage::commit`] writes as a single atomic, durable step: a plugin delivery's
+/// staged kv writes, the messages it published and its completion (issue 24: exactly-once
+/// processing, as Kafka's consume-transform-produce transactions give).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Commit {
+    /// Conditions checked together with the writes, not written.
+    pub checks: Vec<RecordCheck>,
+    /// Record writes. Every condition, of these and of `checks`, holds or nothing at all is
+    /// written ([`StorageError::Conflict`] names the first that failed, the first write's
+    /// checked before any other). The first write is the commit point on a backend that cannot write everything at once (JetStream): once it
+    /// is written the rest is finished, if need be by [`Storage::recover`].
+    pub records: Vec<RecordWrite>,
+    /// Messages to append, by topic, each topic's in order.
+    pub appends: Vec<(String, Vec<NewMessage>)>,
+}
+
+impl Commit {
+    /// Whether it writes nothing and checks nothing.
+    pub fn is_empty(&self) -> bool {
+        self.checks.is_empty() && self.records.is_empty() && self.appends.is_empty()
+    }
+}
+
+/// What a [`Commit`] wrote: where each message went (in the order of `appends`, flattened)
+/// and each record write's new revision (in the order of `records`; 0 for a delete).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub appended: Vec<Appended>,
+    pub revisions: Vec<u64>,
 }
 
 /// Wake-ups for readers waiting on a topic's appends: what [`Storage::watch`] hands out.
@@ -188,6 +230,13 @@ pub trait Storage: Send + Sync + 'static {
         messages: Vec<NewMessage>,
         guard: RecordWrite,
     ) -> Result<(Vec<Appended>, u64), StorageError>;
+
+    /// Writes a [`Commit`] as one atomic, durable step: its record writes and appends all
+    /// happen, or none does (a failed condition is [`StorageError::Conflict`]). RocksDB: one
+    /// `WriteBatch` of the single writer, conditions checked in it. JetStream: an intent, the
+    /// commit point, the rest, as [`Storage::append_guarded`] does; see its docs for the one
+    /// window this leaves between nodes.
+    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError>;
 
     /// Up to `limit` messages of one queue with offset ≥ `from`, in offset order (from the low
     /// water on if `from` is below it: the first offset returned may be above `from`).
@@ -282,6 +331,22 @@ pub trait Storage: Send + Sync + 'static {
         expect: Expect,
     ) -> Result<u64, StorageError>;
 
+    /// Writes (`Some`) or deletes (`None`) records that need no atomic step together, each
+    /// under its own condition (trace records, their expiry): the first error, if any; some
+    /// may be written when one fails. The default sends them side by side; RocksDB folds them
+    /// into one write.
+    async fn put_records(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
+        let writes = records.into_iter().map(|w| async move {
+            self.put_record(&w.space, &w.key, w.value, w.expect)
+                .await
+                .map(drop)
+        });
+        futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// Writes (`Some`) or deletes (`None`) a large immutable value (plugin code, compiled
     /// artifacts) durably.
     async fn put_blob(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StorageError>;
@@ -305,6 +370,15 @@ pub trait Storage: Send + Sync + 'static {
     /// writer is raced). A shared backend needs this from one node now and then; a local one
     /// finishes its writes atomically and has nothing to do.
     async fn recover(&self, _age: std::time::Duration) -> Result<usize, StorageError> {
+        Ok(0)
+    }
+
+    /// Finishes now, whatever their age, the half-done commits whose commit point was written
+    /// and is a record of `space` with a key starting with `prefix`: a node taking over a
+    /// queue calls it for the queue's completion markers, so what the last owner committed is
+    /// complete before delivery goes past it (issue 24). Returns how many it finished. A local
+    /// backend commits atomically and has nothing to do.
+    async fn finish_commits_of(&self, _space: &str, _prefix: &str) -> Result<usize, StorageError> {
         Ok(0)
     }
 

@@ -24,8 +24,8 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record, RecordWrite,
-    Storage, StorageError, StoredMessage, Watchers, keys,
+    Appended, Commit, Committed, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record,
+    RecordCheck, RecordWrite, Storage, StorageError, StoredMessage, Watchers, keys,
 };
 use crate::config::FlushMode;
 
@@ -599,6 +599,31 @@ impl Storage for RocksStorage {
             })
             .await?;
         Ok((appended, rev.unwrap_or(0)))
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        let appends = commit
+            .appends
+            .iter()
+            .map(|(topic, messages)| Ok((topic.clone(), encode_all(messages)?)))
+            .collect::<Result<Vec<_>, StorageError>>()?;
+        self.submit(|reply| WriteOp::Commit {
+            checks: commit.checks,
+            records: commit.records,
+            appends,
+            reply,
+        })
+        .await
+    }
+
+    /// One write for all of them (they land together, though nothing needs them to).
+    async fn put_records(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
+        self.commit(Commit {
+            records,
+            ..Commit::default()
+        })
+        .await
+        .map(drop)
     }
 
     async fn read(

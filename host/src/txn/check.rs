@@ -56,16 +56,34 @@ impl Transactions {
             self.schedule(t.next_check_at, id);
             return Ok(());
         }
-        let answer = self.ask_checker(&t).await;
+        let (answer, staged) = match self.ask_checker(&t).await {
+            Ok((a, s)) => (Ok(a), s),
+            Err(e) => (Err(e), Staged::default()),
+        };
+        // The checker's kv writes are stored with its decision, in one step (issue 24); a key
+        // that changed under it leaves the transaction undecided, checked again at once.
+        let decided = match answer {
+            Ok(CheckResult::Commit) => Some(self.commit_with(id, "checker", &staged).await),
+            Ok(CheckResult::Rollback) => Some(self.rollback_with(id, "checker", &staged).await),
+            _ => None,
+        };
+        if let Some(decided) = decided {
+            if decided.is_err() {
+                staged.discard(self.broker.as_ref()).await;
+            }
+            return match decided {
+                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
+                Err(TxnError::Storage(StorageError::Conflict { .. })) => {
+                    self.schedule(now_ms(), id);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+        }
+        // No decision: what the checker staged is dropped with it.
+        staged.discard(self.broker.as_ref()).await;
         match answer {
-            Ok(CheckResult::Commit) => match self.commit(id, "checker").await {
-                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Ok(CheckResult::Rollback) => match self.rollback(id, "checker").await {
-                Ok(_) | Err(TxnError::Decided { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
+            Ok(CheckResult::Commit | CheckResult::Rollback) => Ok(()),
             Ok(CheckResult::Unknown) | Err(_) => {
                 let detail = match &answer {
                     Err(e) => e.clone(),
@@ -103,7 +121,7 @@ impl Transactions {
     }
 
     /// Calls the topic checker's `check-transaction`; any failure reads as "unknown".
-    pub(super) async fn ask_checker(&self, t: &TxnRecord) -> Result<CheckResult, String> {
+    pub(super) async fn ask_checker(&self, t: &TxnRecord) -> Result<(CheckResult, Staged), String> {
         let topic = self
             .broker
             .topic_loaded(&t.topic)
@@ -152,6 +170,8 @@ impl Transactions {
             config_json,
             grants,
             limits: version.limits,
+            // Its kv writes are stored with its answer (issue 24).
+            stage_effects: true,
             services: self.broker.clone(),
         });
         let Some(m) = &t.message else {

@@ -20,7 +20,7 @@ use crate::bindings::{CheckResult, Message};
 use crate::broker::{Broker, BrokerError, Envelope};
 use crate::config::TransactionsConfig;
 use crate::plugins::{PluginError, Plugins};
-use crate::runtime::{InstanceContext, InvokeError, PoolKey};
+use crate::runtime::{InstanceContext, InvokeError, PoolKey, Staged};
 use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
 
 /// Undecided transactions (pending, unresolved), and decided ones until they move to the space
@@ -485,6 +485,18 @@ impl Transactions {
     /// Commits: the message is appended to its topic in the same atomic write that records the
     /// decision. Idempotent; a rolled-back transaction cannot be committed.
     pub async fn commit(&self, id: &str, by: &str) -> Result<TxnRecord, TxnError> {
+        self.commit_with(id, by, &Staged::default()).await
+    }
+
+    /// [`Self::commit`], storing `staged` (a checker's kv writes and publishes) in the same
+    /// atomic step as the decision (issue 24). A kv key that changed under the checker fails it
+    /// with [`StorageError::Conflict`] and nothing is decided.
+    pub(super) async fn commit_with(
+        &self,
+        id: &str,
+        by: &str,
+        staged: &Staged,
+    ) -> Result<TxnRecord, TxnError> {
         loop {
             let (mut t, rev) = self.load(id).await?;
             match t.state {
@@ -516,17 +528,25 @@ impl Transactions {
                 value: Some(encode(&t)?),
                 expect: Expect::Revision(rev),
             };
-            match self
-                .broker
-                .storage()
-                .append_guarded(&t.topic, vec![message], guard)
-                .await
-            {
-                Ok(_) => {
+            let written = if staged.is_empty() {
+                self.broker
+                    .storage()
+                    .append_guarded(&t.topic, vec![message], guard)
+                    .await
+                    .map(drop)
+            } else {
+                let mut c = staged.to_commit(vec![guard]);
+                c.appends.insert(0, (t.topic.clone(), vec![message]));
+                crate::runtime::Services::commit(self.broker.as_ref(), c)
+                    .await
+                    .map(drop)
+            };
+            match written {
+                Ok(()) => {
                     self.indexed(&t);
                     return Ok(t);
                 }
-                Err(StorageError::Conflict { .. }) => continue,
+                Err(StorageError::Conflict { space, .. }) if space == TXN_SPACE => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -534,7 +554,17 @@ impl Transactions {
 
     /// Rolls back: the half message is dropped. Idempotent; a committed one cannot be.
     pub async fn rollback(&self, id: &str, by: &str) -> Result<TxnRecord, TxnError> {
-        self.update(id, |t| match t.state {
+        self.rollback_with(id, by, &Staged::default()).await
+    }
+
+    /// [`Self::rollback`], storing `staged` with the decision (see [`Self::commit_with`]).
+    pub(super) async fn rollback_with(
+        &self,
+        id: &str,
+        by: &str,
+        staged: &Staged,
+    ) -> Result<TxnRecord, TxnError> {
+        self.update_with(id, staged, |t| match t.state {
             TxnState::RolledBack => Ok(false),
             TxnState::Committed => Err(TxnError::Decided {
                 id: id.into(),
@@ -597,6 +627,16 @@ impl Transactions {
         id: &str,
         f: impl Fn(&mut TxnRecord) -> Result<bool, TxnError>,
     ) -> Result<TxnRecord, TxnError> {
+        self.update_with(id, &Staged::default(), f).await
+    }
+
+    /// [`Self::update`], storing `staged` in the same atomic step when `f` changes the record.
+    async fn update_with(
+        &self,
+        id: &str,
+        staged: &Staged,
+        f: impl Fn(&mut TxnRecord) -> Result<bool, TxnError>,
+    ) -> Result<TxnRecord, TxnError> {
         loop {
             let (mut t, rev) = self.load(id).await?;
             if !f(&mut t)? {
@@ -605,17 +645,32 @@ impl Transactions {
             let Some(rev) = rev else {
                 return Err(decided::moved_undecided(id));
             };
-            match self
-                .broker
-                .storage()
-                .put_record(TXN_SPACE, id, Some(encode(&t)?), Expect::Revision(rev))
+            let written = if staged.is_empty() {
+                self.broker
+                    .storage()
+                    .put_record(TXN_SPACE, id, Some(encode(&t)?), Expect::Revision(rev))
+                    .await
+                    .map(drop)
+            } else {
+                let write = RecordWrite {
+                    space: TXN_SPACE.into(),
+                    key: id.into(),
+                    value: Some(encode(&t)?),
+                    expect: Expect::Revision(rev),
+                };
+                crate::runtime::Services::commit(
+                    self.broker.as_ref(),
+                    staged.to_commit(vec![write]),
+                )
                 .await
-            {
-                Ok(_) => {
+                .map(drop)
+            };
+            match written {
+                Ok(()) => {
                     self.indexed(&t);
                     return Ok(t);
                 }
-                Err(StorageError::Conflict { .. }) => continue,
+                Err(StorageError::Conflict { space, .. }) if space == TXN_SPACE => continue,
                 Err(e) => return Err(e.into()),
             }
         }

@@ -36,6 +36,12 @@ impl Storage for Counting {
     ) -> Result<(Vec<Appended>, u64), StorageError> {
         self.inner.append_guarded(topic, m, guard).await
     }
+    async fn commit(
+        &self,
+        commit: crate::storage::Commit,
+    ) -> Result<crate::storage::Committed, StorageError> {
+        self.inner.commit(commit).await
+    }
     async fn read(
         &self,
         topic: &str,

@@ -1,8 +1,12 @@
-//! Crash-recovery soak: rounds of start → load (publishers, a plugin with random failures) →
+//! Crash-recovery soak: rounds of start → load (publishers, plugins with random failures) →
 //! SIGKILL at a random moment → restart, against the real binary; then checks that every
 //! acknowledged publish is stored, every stored message was acked by the plugin or dead-lettered,
-//! and repeats stay within the in-flight window of each crash. Prints the counts; exits non-zero
-//! when a check fails. `.ci/soak` runs it (`--quick` in CI).
+//! and (exactly-once processing, issue 24) that no effect of a plugin was repeated: the
+//! recorder's audit topic holds one record per acked message, and the tally plugin (a kv
+//! counter and a derived message per input, with random retries and traps after both) leaves a
+//! derived topic whose counter values are exactly 1..n, one per input. Prints the counts; exits
+//! non-zero when a check fails. `.ci/soak` runs it (`--quick` in CI) on RocksDB and, with
+//! `--jetstream`, on a nats-server it starts.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
@@ -22,6 +26,8 @@ const PUBLISHERS: usize = 4;
 
 struct Options {
     bin: PathBuf,
+    /// Store on a JetStream server (started here) instead of RocksDB.
+    jetstream: bool,
     rounds: u32,
     /// Longest time a round runs before its SIGKILL.
     round_ms: u64,
@@ -31,6 +37,7 @@ struct Options {
 fn options() -> Result<Options, String> {
     let mut o = Options {
         bin: PathBuf::from(std::env::var("WASMQ_BIN").unwrap_or_default()),
+        jetstream: false,
         rounds: 10,
         round_ms: 8000,
         seed: std::time::SystemTime::now()
@@ -51,6 +58,7 @@ fn options() -> Result<Options, String> {
             }
             "--seed" => o.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--bin" => o.bin = PathBuf::from(value()?),
+            "--jetstream" => o.jetstream = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -165,9 +173,9 @@ async fn dead_letters(client: &reqwest::Client, url: &str) -> HashSet<String> {
     }
 }
 
-async fn setup(url: &str, recorder: &str) {
+async fn setup(url: &str, recorder: &str, tally: &str) {
     let client = reqwest::Client::new();
-    for (topic, queues) in [("orders", QUEUES), ("audit", 1)] {
+    for (topic, queues) in [("orders", QUEUES), ("audit", 1), ("derived", 1)] {
         let r = client
             .put(format!("{url}/v1/topics/{topic}"))
             .json(&json!({ "queues": queues }))
@@ -176,14 +184,31 @@ async fn setup(url: &str, recorder: &str) {
             .unwrap();
         assert!(r.status().is_success(), "topic {topic}: {}", r.status());
     }
+    for (name, path) in [("recorder", recorder), ("tally", tally)] {
+        let r = client
+            .put(format!("{url}/v1/plugins/{name}"))
+            .header("content-type", "application/wasm")
+            .body(std::fs::read(path).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "upload {name}: {}", r.status());
+    }
+    // One counter for every message: concurrent deliveries conflict on it all the time.
+    let spec = json!({
+        "topic": "orders", "plugin": "tally", "instances": INSTANCES,
+        "max_in_flight": MAX_IN_FLIGHT,
+        "config": {"derived": "derived", "retry_percent": 15, "trap_percent": 5},
+        "grants": {"publish": ["derived"]},
+        "retry": {"max_attempts": 100, "backoff_ms": [10, 20]},
+    });
     let r = client
-        .put(format!("{url}/v1/plugins/recorder"))
-        .header("content-type", "application/wasm")
-        .body(std::fs::read(recorder).unwrap())
+        .put(format!("{url}/v1/subscriptions/tally"))
+        .json(&spec)
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "upload: {}", r.status());
+    assert!(r.status().is_success(), "subscribe tally: {}", r.status());
     let spec = json!({
         "topic": "orders", "plugin": "recorder", "instances": INSTANCES,
         "max_in_flight": MAX_IN_FLIGHT,
@@ -209,17 +234,48 @@ async fn main() -> ExitCode {
         }
     };
     let dir = tempfile::tempdir().unwrap();
+    // JetStream: one nats-server for every round; a fixed node name, so a restarted node takes
+    // its leases back at once.
+    let nats = if o.jetstream {
+        Some(wasmq_tests::NatsServer::start().await)
+    } else {
+        None
+    };
+    let config = dir.path().join("wasmq.toml");
+    if let Some(n) = &nats {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nnode_id = \"soak\"\n[storage]\nbackend = \"jetstream\"\nurls = [{:?}]\nreplicas = 1\n",
+                n.url
+            ),
+        )
+        .unwrap();
+    } else {
+        std::fs::write(&config, "").unwrap();
+    }
+    let config = config.display().to_string();
+    let extra = ["--config", config.as_str()];
+    let data = dir.path().join("data");
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut rng = Rng::new(o.seed);
     println!(
-        "soak: seed {} rounds {} (up to {} ms each), {PUBLISHERS} publishers, {INSTANCES} instances, max_in_flight {MAX_IN_FLIGHT}",
-        o.seed, o.rounds, o.round_ms
+        "soak: {} seed {} rounds {} (up to {} ms each), {PUBLISHERS} publishers, {INSTANCES} instances, max_in_flight {MAX_IN_FLIGHT}",
+        if o.jetstream { "jetstream" } else { "rocksdb" },
+        o.seed,
+        o.rounds,
+        o.round_ms
     );
     let started = Instant::now();
     for round in 0..o.rounds {
-        let server = ChildServer::start(&o.bin, dir.path(), &[]).await;
+        let server = ChildServer::start(&o.bin, &data, &extra).await;
         if round == 0 {
-            setup(&server.url, wasmq_tests::plugins::RECORDER).await;
+            setup(
+                &server.url,
+                wasmq_tests::plugins::RECORDER,
+                wasmq_tests::plugins::TALLY,
+            )
+            .await;
         }
         let publishers: Vec<_> = (0..PUBLISHERS)
             .map(|i| {
@@ -243,11 +299,11 @@ async fn main() -> ExitCode {
     }
 
     // A last, clean run drains everything.
-    let server = ChildServer::start(&o.bin, dir.path(), &[]).await;
+    let server = ChildServer::start(&o.bin, &data, &extra).await;
     let client = reqwest::Client::new();
     let acked = std::mem::take(&mut acked.lock().unwrap().ids);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let (messages, audit, dead) = loop {
+    let (messages, audit, dead, derived) = loop {
         let messages = stored(&client, &server.url, "orders", QUEUES).await;
         let audit = stored(&client, &server.url, "audit", 1).await;
         let dead = dead_letters(&client, &server.url).await;
@@ -256,8 +312,10 @@ async fn main() -> ExitCode {
             .filter_map(|a| a["id"].as_str())
             .chain(dead.iter().map(String::as_str))
             .collect();
-        if messages.keys().all(|id| handled.contains(id.as_str())) || Instant::now() > deadline {
-            break (messages, audit, dead);
+        let derived = stored(&client, &server.url, "derived", 1).await;
+        let all_handled = messages.keys().all(|id| handled.contains(id.as_str()));
+        if (all_handled && derived.len() >= messages.len()) || Instant::now() > deadline {
+            break (messages, audit, dead, derived);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -307,11 +365,48 @@ async fn main() -> ExitCode {
             &misfiled[..misfiled.len().min(3)]
         ));
     }
+    // The recorder publishes its audit record as it acks: exactly once per message, however
+    // often it crashed mid-way.
     let repeats: u32 = deliveries.values().map(|n| n - 1).sum();
-    // Each SIGKILL can repeat at most the in-flight window of the subscription.
-    let allowed = o.rounds * MAX_IN_FLIGHT;
-    if repeats > allowed {
-        failures.push(format!("{repeats} repeated deliveries, more than {allowed} ({} crashes × window {MAX_IN_FLIGHT})", o.rounds));
+    if repeats > 0 {
+        failures.push(format!(
+            "{repeats} audit records repeat a message (a publish of a delivery stored twice)"
+        ));
+    }
+    // The tally plugin: one derived message per input, and the counter's values 1..n.
+    let mut inputs: HashMap<&str, u32> = HashMap::new();
+    let mut values: Vec<u64> = Vec::new();
+    for d in derived.values() {
+        *inputs.entry(d["input"].as_str().unwrap_or("")).or_default() += 1;
+        values.push(d["value"].as_u64().unwrap_or(0));
+    }
+    values.sort_unstable();
+    let twice = inputs.values().filter(|n| **n > 1).count();
+    let missing_derived = messages
+        .keys()
+        .filter(|id| !inputs.contains_key(id.as_str()))
+        .count();
+    let strangers = inputs
+        .keys()
+        .filter(|id| !messages.contains_key(**id))
+        .count();
+    let expected: Vec<u64> = (1..=derived.len() as u64).collect();
+    if twice > 0 || missing_derived > 0 || strangers > 0 {
+        failures.push(format!(
+            "derived topic: {twice} inputs derived more than once, {missing_derived} inputs not derived, {strangers} derived from no stored input"
+        ));
+    }
+    if values != expected {
+        let first_bad = values
+            .iter()
+            .zip(&expected)
+            .find(|(v, e)| v != e)
+            .map(|(v, e)| format!("value {v} where {e} belongs"));
+        failures.push(format!(
+            "the kv counter's values are not 1..{}: {} (an increment lost or counted twice)",
+            derived.len(),
+            first_bad.unwrap_or_else(|| "lengths differ".into())
+        ));
     }
     server.kill().await;
 
@@ -327,7 +422,12 @@ async fn main() -> ExitCode {
     println!("| acked by the plugin (unique) | {} |", deliveries.len());
     println!("| dead-lettered | {} |", dead.len());
     println!("| neither | {} |", unhandled.len());
-    println!("| repeated deliveries | {repeats} (allowed {allowed}) |");
+    println!("| repeated audit records (exactly-once publish) | {repeats} |");
+    println!("| derived messages (tally) | {} |", derived.len());
+    println!(
+        "| tally counter at the end | {} |",
+        values.last().copied().unwrap_or(0)
+    );
     println!("| time | {:.1} s |", started.elapsed().as_secs_f64());
     if failures.is_empty() {
         println!("soak: OK");

@@ -29,13 +29,15 @@ use super::{DispatchError, Handles};
 use crate::base::now_ms;
 use crate::bindings::{Message, Outcome};
 use crate::metrics::OUTCOMES;
-use crate::runtime::{InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey};
-use crate::storage::{Expect, Storage, StorageError, StoredMessage};
-use offsets::{Done, Parked, park};
+use crate::runtime::{
+    CommitError, InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey, Services, Staged,
+};
+use crate::storage::{Expect, RecordWrite, Storage, StorageError, StoredMessage};
+use offsets::{Done, Marked, Parked, is_marked, load_marked, park};
 pub use offsets::{ensure_cursors, start_offset};
-use outcome::{Disposition, count, judge, outcome_index};
+use outcome::{Disposition, Effects, count, judge, outcome_index};
 use timers::sleep_until_ms;
-use worker::{Rate, WorkItem, WorkQueue, worker};
+use worker::{CallInfo, Handled, Rate, WorkItem, WorkQueue, worker};
 
 /// Numbers runner starts (pool keys of their instances).
 static RUNS: AtomicU64 = AtomicU64::new(0);
@@ -60,6 +62,9 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Messages retention deleted before this subscription handled them.
     pub expired: AtomicU64,
+    /// Deliveries run again because a kv key they read changed before their effects were
+    /// stored (exactly-once processing; not attempts). Since this runner started.
+    pub reruns: AtomicU64,
 }
 
 /// What status reads of one member.
@@ -166,6 +171,7 @@ impl Counters {
             dead_lettered: AtomicU64::new(c.dead_lettered),
             failed: AtomicU64::new(c.failed),
             expired: AtomicU64::new(c.expired),
+            reruns: AtomicU64::new(0),
         }
     }
 
@@ -312,6 +318,8 @@ struct Member {
     spec: Arc<SubscriptionSpec>,
     filter: TagFilter,
     storage: Arc<dyn Storage>,
+    /// Where staged effects are committed (the broker).
+    services: Arc<dyn Services>,
     shared: Arc<MemberShared>,
     runner: Arc<RunnerShared>,
     work: mpsc::Sender<WorkItem>,
@@ -322,6 +330,9 @@ struct Member {
     shared_storage: bool,
     /// `wasmq_messages_expired_unconsumed_total` of this subscription.
     expired: prometheus_client::metrics::counter::Counter,
+    /// Where delivery attempts are traced, and this node's name in the records.
+    trace: Arc<super::trace::TraceWriter>,
+    node: String,
 }
 
 /// Starts a subscription's members, loops and workers, for the (member, queue) pairs in
@@ -467,6 +478,7 @@ pub async fn start(
         grants: grants.clone(),
         limits,
         kv_space: spec.kv_space(&record.group),
+        stage_effects: spec.processing_guarantee == super::spec::ProcessingGuarantee::ExactlyOnce,
         services: env.broker.clone(),
     };
     let active: Vec<bool> = members.iter().map(|m| m.owned.contains(&true)).collect();
@@ -519,6 +531,7 @@ pub async fn start(
             spec: spec.clone(),
             filter: filter.clone(),
             storage: storage.clone(),
+            services: env.broker.clone(),
             shared: shared_member.clone(),
             runner: shared.clone(),
             work: channels[m].0.clone(),
@@ -526,25 +539,36 @@ pub async fn start(
             cancel: cancel.clone(),
             shared_storage,
             expired: expired.clone(),
+            trace: env.trace.clone(),
+            node: node.unwrap_or(state::LOCAL_NODE).to_string(),
         });
         for (q, cursor) in cursors.into_iter().enumerate() {
             if !shared_member.owned[q] {
                 continue;
             }
             let parked = Parked::default();
-            let (committer, store_task) = member.cursor_committer(q as u32, cursor, parked.clone());
+            let marked = load_marked(
+                storage.as_ref(),
+                &record.group,
+                &shared_member.name,
+                q as u32,
+                cursor.0.committed,
+            )
+            .await?;
+            let (committer, store_task) =
+                member.cursor_committer(q as u32, cursor, parked.clone(), marked.clone());
             tracker.spawn(store_task);
             if spec.is_ordered() {
                 tracker.spawn(
                     member
                         .clone()
-                        .run_ordered(q as u32, cursor.0, committer, parked),
+                        .run_ordered(q as u32, cursor.0, committer, parked, marked),
                 );
             } else {
                 tracker.spawn(
                     member
                         .clone()
-                        .run_unordered(q as u32, cursor.0, committer, parked),
+                        .run_unordered(q as u32, cursor.0, committer, parked, marked),
                 );
             }
         }

@@ -15,6 +15,62 @@ pub(super) fn park(parked: &Parked, offset: u64, permit: OwnedSemaphorePermit) {
     }
 }
 
+/// Offsets of a queue whose delivery was completed with a marker (see [`state::done_space`])
+/// that the stored offset has not passed yet: not to be delivered again.
+pub(super) type Marked = Arc<std::sync::Mutex<BTreeSet<u64>>>;
+
+/// Whether `offset` has a completion marker.
+pub(super) fn is_marked(marked: &Marked, offset: u64) -> bool {
+    marked.lock().is_ok_and(|m| m.contains(&offset))
+}
+
+/// Notes a completion marker just stored.
+pub(super) fn mark(marked: &Marked, offset: u64) {
+    if let Ok(mut m) = marked.lock() {
+        m.insert(offset);
+    }
+}
+
+/// The completion markers of a member's queue at or above `committed` (those below are left
+/// over from a crash after the offset passed them, and are deleted here).
+pub(super) async fn load_marked(
+    storage: &dyn Storage,
+    group: &str,
+    member: &str,
+    queue: u32,
+    committed: u64,
+) -> Result<Marked, DispatchError> {
+    let space = state::done_space(group);
+    let prefix = state::done_prefix(member, queue);
+    let mut marked = BTreeSet::new();
+    let mut stale = Vec::new();
+    for (key, _) in storage.list_records(&space, &prefix, usize::MAX).await? {
+        let offset = key
+            .strip_prefix(&prefix)
+            .and_then(|o| u64::from_str_radix(o, 16).ok());
+        match offset {
+            Some(o) if o >= committed => {
+                marked.insert(o);
+            }
+            _ => stale.push(RecordWrite {
+                space: space.clone(),
+                key,
+                value: None,
+                expect: Expect::Any,
+            }),
+        }
+    }
+    if !stale.is_empty() {
+        storage.put_records(stale).await?;
+    }
+    if !marked.is_empty() {
+        // Completed by an owner that died before its offset was stored: what it committed is
+        // made complete first, so the queue's derived messages keep its order.
+        storage.finish_commits_of(&space, &prefix).await?;
+    }
+    Ok(Arc::new(std::sync::Mutex::new(marked)))
+}
+
 /// What is finished above a queue's committed offset, out of order: single messages, and ranges
 /// retention deleted before they were delivered. The committed offset moves only over a
 /// finished prefix, so it never passes a message still in flight.
@@ -204,6 +260,7 @@ impl Member {
         queue: u32,
         initial: (Cursor, u64),
         parked: Parked,
+        marked: Marked,
     ) -> (
         watch::Sender<Cursor>,
         impl std::future::Future<Output = ()> + Send + 'static,
@@ -215,6 +272,8 @@ impl Member {
         let key = state::cursor_key(&self.shared.name, queue);
         let group = self.group.clone();
         let cancel = self.cancel.clone();
+        let done_space = state::done_space(&self.group);
+        let member = self.shared.name.clone();
         let task = async move {
             while rx.changed().await.is_ok() {
                 let cursor = *rx.borrow_and_update();
@@ -222,17 +281,40 @@ impl Member {
                     break;
                 };
                 loop {
-                    match storage
+                    let written = storage
                         .put_record(
                             &space,
                             &key,
                             Some(value.clone()),
                             Expect::Revision(revision),
                         )
-                        .await
-                    {
+                        .await;
+                    match written {
                         Ok(r) => {
                             revision = r;
+                            // Completion markers the stored offset passed are not needed any
+                            // more; one left behind by a crash is deleted at the next start.
+                            let passed = marked.lock().map_or_else(
+                                |_| BTreeSet::new(),
+                                |mut m| {
+                                    let keep = m.split_off(&cursor.committed);
+                                    std::mem::replace(&mut *m, keep)
+                                },
+                            );
+                            if !passed.is_empty() {
+                                let deletes = passed
+                                    .iter()
+                                    .map(|o| RecordWrite {
+                                        space: done_space.clone(),
+                                        key: state::done_key(&member, queue, *o),
+                                        value: None,
+                                        expect: Expect::Any,
+                                    })
+                                    .collect();
+                                if let Err(e) = storage.put_records(deletes).await {
+                                    tracing::warn!(%group, error = %e, "cannot delete completion markers; the next start does");
+                                }
+                            }
                             if let Ok(mut p) = parked.lock() {
                                 let keep = p.split_off(&cursor.committed);
                                 *p = keep;

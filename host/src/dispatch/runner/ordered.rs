@@ -17,6 +17,7 @@ impl Member {
         start: Cursor,
         committer: watch::Sender<Cursor>,
         parked: Parked,
+        marked: Marked,
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut cursor = start;
@@ -93,7 +94,8 @@ impl Member {
                 }
                 continue;
             };
-            if !self.filter.matches(m.message.tag.as_deref()) {
+            // Completed (with its effects) before a restart, the offset not yet stored.
+            if !self.filter.matches(m.message.tag.as_deref()) || is_marked(&marked, m.offset) {
                 cursor = Cursor {
                     committed: cursor.committed.saturating_add(1),
                     ..Cursor::default()
@@ -129,9 +131,30 @@ impl Member {
             };
             // Once handed out, the call is waited for, even when stopping; a message a
             // stopping worker dropped unstarted stays the head, its attempts unchanged.
-            let Ok(result) = rx.await else { break };
+            let Ok((result, staged, call)) = rx.await else {
+                break;
+            };
+            match self
+                .commit_effects(&result, staged, self.marker(queue, m.offset))
+                .await
+            {
+                // The head again, as the same attempt.
+                Effects::Rerun => {
+                    self.trace(&m, attempt, &call, &result, "rerun", None);
+                    continue;
+                }
+                Effects::Stopped => break,
+                Effects::Committed => offsets::mark(&marked, m.offset),
+                Effects::Discarded => {}
+            }
             let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
             count(&self.runner.counters, &result, &fate);
+            let (traced, next) = match &fate {
+                Disposition::Done => ("done", None),
+                Disposition::Retry { due, .. } => ("retry", Some(*due)),
+                Disposition::Dead { .. } => ("dead_lettered", None),
+            };
+            self.trace(&m, attempt, &call, &result, traced, next);
             match fate {
                 Disposition::Done => {
                     cursor = Cursor {
@@ -188,8 +211,28 @@ impl Member {
         let Some(rx) = self.dispatch(m.clone(), attempt).await else {
             return false;
         };
-        let Ok(result) = rx.await else { return false };
-        self.finish_timer(&timer, &result, attempt, &m, block).await;
+        let Ok((result, staged, call)) = rx.await else {
+            return false;
+        };
+        match self
+            .commit_effects(&result, staged, self.timer_completion(&timer))
+            .await
+        {
+            // Tried again in the queue's next turn, as the same attempt.
+            Effects::Rerun => {
+                self.trace(&m, attempt, &call, &result, "rerun", None);
+                self.shared.add_timer(timer)
+            }
+            Effects::Stopped => return false,
+            Effects::Committed => {
+                self.settle(&result, attempt, &m, block, &call).await;
+                self.shared.forget_timer(&timer.key());
+            }
+            Effects::Discarded => {
+                self.finish_timer(&timer, &result, attempt, &m, block, &call)
+                    .await
+            }
+        }
         drop(permit);
         true
     }

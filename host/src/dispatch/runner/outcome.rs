@@ -84,7 +84,95 @@ pub(super) fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
     }
 }
 
+/// What became of a call's staged kv writes and publishes (issue 24).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effects {
+    /// It staged nothing, or did not ack and they were discarded: settle as usual.
+    Discarded,
+    /// Stored with the delivery's completion (or found completed already): the delivery is
+    /// done; settle it as acked.
+    Committed,
+    /// A kv key it read changed meanwhile: nothing was stored; run the delivery again, as the
+    /// same attempt.
+    Rerun,
+    /// The runner is stopping and storage is closed: the delivery is not done.
+    Stopped,
+}
+
 impl Member {
+    /// The record write that completes a first delivery of `offset`: its marker, which must
+    /// not exist yet.
+    pub(super) fn marker(&self, queue: u32, offset: u64) -> RecordWrite {
+        RecordWrite {
+            space: state::done_space(&self.group),
+            key: state::done_key(&self.shared.name, queue, offset),
+            value: Some(Vec::new()),
+            expect: Expect::Absent,
+        }
+    }
+
+    /// The record write that completes a timer's delivery: deleting the timer, which must
+    /// still exist.
+    pub(super) fn timer_completion(&self, timer: &Timer) -> RecordWrite {
+        RecordWrite {
+            space: state::timer_space(&self.group),
+            key: timer.key(),
+            value: None,
+            expect: Expect::Present,
+        }
+    }
+
+    /// Stores an acked call's staged effects together with `completion` in one atomic step, or
+    /// discards them when the call did not ack. Storage errors are retried (the delivery is
+    /// not done until its effects are stored).
+    pub(super) async fn commit_effects(
+        &self,
+        result: &Result<Outcome, InvokeError>,
+        staged: Staged,
+        completion: RecordWrite,
+    ) -> Effects {
+        if staged.is_empty() {
+            return Effects::Discarded;
+        }
+        if !matches!(result, Ok(Outcome::Ack)) {
+            staged.discard(self.services.as_ref()).await;
+            return Effects::Discarded;
+        }
+        let completion = [completion];
+        loop {
+            let commit = staged.to_commit(completion.to_vec());
+            let e = match self.services.commit(commit).await {
+                Ok(_) => return Effects::Committed,
+                Err(e) => Staged::classify(&completion, e),
+            };
+            match e {
+                CommitError::AlreadyDone => {
+                    staged.discard(self.services.as_ref()).await;
+                    return Effects::Committed;
+                }
+                CommitError::Conflict { space, key } => {
+                    tracing::debug!(group = %self.group, %space, %key, "kv changed during the call; delivering again");
+                    self.runner.counters.reruns.fetch_add(1, Ordering::Relaxed);
+                    staged.discard(self.services.as_ref()).await;
+                    return Effects::Rerun;
+                }
+                CommitError::Storage(StorageError::Closed) => {
+                    staged.discard(self.services.as_ref()).await;
+                    return Effects::Stopped;
+                }
+                CommitError::Storage(e) => {
+                    tracing::error!(group = %self.group, error = %e, "cannot store a delivery's effects; retrying");
+                    tokio::time::sleep(STORAGE_RETRY).await;
+                    if self.cancel.is_cancelled() && self.shared_storage {
+                        // Fenced: another node owns the queue now and delivers it.
+                        staged.discard(self.services.as_ref()).await;
+                        return Effects::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) fn topic(&self) -> &str {
         &self.spec.topic
     }
@@ -131,17 +219,59 @@ impl Member {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Queues the trace record of one attempt (see [`crate::dispatch::trace`]).
+    pub(super) fn trace(
+        &self,
+        m: &StoredMessage,
+        attempt: u32,
+        call: &CallInfo,
+        result: &Result<Outcome, InvokeError>,
+        fate: &str,
+        next_attempt_at: Option<u64>,
+    ) {
+        let reason = match result {
+            Ok(Outcome::Reject(r)) => Some(r.clone()),
+            Ok(Outcome::Ack | Outcome::Retry(_)) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        self.trace.record(
+            m.message.id,
+            &crate::dispatch::trace::Attempt {
+                topic: m.topic.clone(),
+                group: self.group.clone(),
+                member: self.shared.name.clone(),
+                instance: call.instance,
+                node: self.node.clone(),
+                attempt,
+                started_at: call.started_at,
+                duration_ms: call.duration_ms,
+                outcome: OUTCOMES[outcome_index(result)].to_string(),
+                reason,
+                fate: fate.to_string(),
+                next_attempt_at,
+            },
+        );
+    }
+
     /// Stores what becomes of a delivered message besides its offset: a retry timer (whose key
-    /// is returned) or a dead letter; an ack needs nothing.
+    /// is returned) or a dead letter; an ack needs nothing. The attempt is traced.
     pub(super) async fn settle(
         &self,
         result: &Result<Outcome, InvokeError>,
         attempt: u32,
         m: &StoredMessage,
         block: bool,
+        call: &CallInfo,
     ) -> Option<String> {
         let fate = judge(result, attempt, &self.spec.retry, block, now_ms());
         count(&self.runner.counters, result, &fate);
+        match &fate {
+            Disposition::Done => self.trace(m, attempt, call, result, "done", None),
+            Disposition::Retry { due, .. } => {
+                self.trace(m, attempt, call, result, "retry", Some(*due))
+            }
+            Disposition::Dead { .. } => self.trace(m, attempt, call, result, "dead_lettered", None),
+        }
         match fate {
             Disposition::Done => None,
             Disposition::Retry {

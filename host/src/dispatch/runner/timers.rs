@@ -253,8 +253,14 @@ impl Member {
         attempt: u32,
         m: &StoredMessage,
         block: bool,
+        call: &CallInfo,
     ) {
-        if self.settle(result, attempt, m, block).await.as_deref() != Some(timer.key().as_str()) {
+        if self
+            .settle(result, attempt, m, block, call)
+            .await
+            .as_deref()
+            != Some(timer.key().as_str())
+        {
             self.remove_timer(timer).await;
         }
     }
@@ -287,13 +293,30 @@ impl Member {
             tokio::select! {
                 biased;
                 () = self.cancel.cancelled(), if !stopping => { stopping = true; }
-                Some((timer, m, attempt, result, permit)) = pending.next() => {
+                Some((timer, m, attempt, handled, permit)) = pending.next() => {
                     let timer: Timer = timer;
                     let permit: OwnedSemaphorePermit = permit;
                     let m: Arc<StoredMessage> = m;
-                    let result: Option<Result<Outcome, InvokeError>> = result;
-                    match result {
-                        Some(result) => self.finish_timer(&timer, &result, attempt, &m, false).await,
+                    let handled: Option<Handled> = handled;
+                    match handled {
+                        Some((result, staged, call)) => {
+                            match self.commit_effects(&result, staged, self.timer_completion(&timer)).await {
+                                // Due now: delivered again as the same attempt; the stored
+                                // timer stays (as after a stop).
+                                Effects::Rerun => {
+                                    self.trace(&m, attempt, &call, &result, "rerun", None);
+                                    self.shared.add_timer(timer)
+                                }
+                                Effects::Stopped => self.shared.add_timer(timer),
+                                Effects::Committed => {
+                                    self.settle(&result, attempt, &m, false, &call).await;
+                                    self.shared.forget_timer(&timer.key());
+                                }
+                                Effects::Discarded => {
+                                    self.finish_timer(&timer, &result, attempt, &m, false, &call).await
+                                }
+                            }
+                        }
                         // Dropped unstarted by a stopping worker: the stored timer stays.
                         None => self.shared.add_timer(timer),
                     }

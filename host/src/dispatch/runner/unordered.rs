@@ -10,6 +10,7 @@ impl Member {
         start: Cursor,
         committer: watch::Sender<Cursor>,
         parked: Parked,
+        marked: Marked,
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut committed = start.committed;
@@ -58,7 +59,8 @@ impl Member {
             // Messages that need no delivery are done at once.
             let mut finished = Vec::new();
             while let Some(m) = buffer.front() {
-                if !self.filter.matches(m.message.tag.as_deref()) {
+                // Completed (with its effects) before a restart, the offset not yet stored.
+                if !self.filter.matches(m.message.tag.as_deref()) || is_marked(&marked, m.offset) {
                     finished.push(m.offset);
                 } else if m.message.deliver_at > now_ms() {
                     self.add_timer(self.delay_timer(m)).await;
@@ -78,16 +80,36 @@ impl Member {
             tokio::select! {
                 biased;
                 () = self.cancel.cancelled(), if !stopping => { stopping = true; }
-                Some((m, attempt, result, permit)) = pending.next() => {
+                Some((m, attempt, handled, permit)) = pending.next() => {
                     let m: Arc<StoredMessage> = m;
                     let permit: OwnedSemaphorePermit = permit;
-                    let result: Option<Result<Outcome, InvokeError>> = result;
-                    match result {
-                        Some(result) => {
-                            self.settle(&result, attempt, &m, false).await;
-                            done.mark(&mut committed, m.offset);
-                            self.publish(queue, &committer, committed);
-                            park(&parked, m.offset, permit);
+                    let handled: Option<Handled> = handled;
+                    match handled {
+                        Some((result, staged, call)) => {
+                            let marker = self.marker(queue, m.offset);
+                            match self.commit_effects(&result, staged, marker).await {
+                                // Delivered again as the same attempt, its permit kept.
+                                Effects::Rerun => {
+                                    self.trace(&m, attempt, &call, &result, "rerun", None);
+                                    match self.dispatch(m.clone(), attempt).await {
+                                        Some(rx) => pending.push(answer(m, attempt, rx, permit)),
+                                        None => {
+                                            buffer.push_front(m);
+                                            stopping = true;
+                                        }
+                                    }
+                                }
+                                Effects::Stopped => buffer.push_front(m),
+                                fate @ (Effects::Committed | Effects::Discarded) => {
+                                    if fate == Effects::Committed {
+                                        offsets::mark(&marked, m.offset);
+                                    }
+                                    self.settle(&result, attempt, &m, false, &call).await;
+                                    done.mark(&mut committed, m.offset);
+                                    self.publish(queue, &committer, committed);
+                                    park(&parked, m.offset, permit);
+                                }
+                            }
                         }
                         // Dropped unstarted by a stopping worker: not done, delivered later.
                         None => buffer.push_front(m),
@@ -97,7 +119,7 @@ impl Member {
                     let Ok(permit) = permit else { break };
                     if let Some(m) = buffer.pop_front() {
                         match self.dispatch(m.clone(), 1).await {
-                            Some(rx) => pending.push(async move { (m, 1u32, rx.await.ok(), permit) }),
+                            Some(rx) => pending.push(answer(m, 1, rx, permit)),
                             None => {
                                 buffer.push_front(m);
                                 stopping = true;
@@ -115,4 +137,20 @@ impl Member {
             }
         }
     }
+}
+
+/// Waits for a dispatched message's answer (`None`: dropped unstarted by a stopping worker);
+/// one function, so every pending delivery is the same future type.
+async fn answer(
+    m: Arc<StoredMessage>,
+    attempt: u32,
+    rx: oneshot::Receiver<Handled>,
+    permit: OwnedSemaphorePermit,
+) -> (
+    Arc<StoredMessage>,
+    u32,
+    Option<Handled>,
+    OwnedSemaphorePermit,
+) {
+    (m, attempt, rx.await.ok(), permit)
 }

@@ -9,7 +9,30 @@ pub(super) type WorkQueue = Arc<Mutex<mpsc::Receiver<WorkItem>>>;
 pub(super) struct WorkItem {
     pub(super) message: Arc<StoredMessage>,
     pub(super) attempt: u32,
-    pub(super) reply: oneshot::Sender<Result<Outcome, InvokeError>>,
+    pub(super) reply: Reply,
+}
+
+/// What a call answered, with the kv writes and publishes it staged and when and where it ran.
+pub(super) type Handled = (Result<Outcome, InvokeError>, Staged, CallInfo);
+
+/// When and where a call ran, for its trace record.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CallInfo {
+    pub(super) instance: u32,
+    /// ms since the epoch.
+    pub(super) started_at: u64,
+    pub(super) duration_ms: f64,
+}
+
+impl CallInfo {
+    /// A call that never ran (the instance could not be made).
+    fn none(instance: u32) -> Self {
+        Self {
+            instance,
+            started_at: crate::base::now_ms(),
+            duration_ms: 0.0,
+        }
+    }
 }
 
 /// Spaces messages `1/rate` seconds apart, across all queues of a subscription.
@@ -94,7 +117,11 @@ pub(super) async fn worker(
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
-                let _ = item.reply.send(Err(e));
+                let _ = item.reply.send((
+                    Err(e),
+                    Staged::default(),
+                    CallInfo::none(ctx.instance_index),
+                ));
                 continue;
             }
         };
@@ -108,7 +135,7 @@ pub(super) async fn worker(
             let item = work.try_lock().ok()?.try_recv().ok()?;
             Some(start(item))
         };
-        let done = |result: Result<Outcome, InvokeError>, took: Duration| {
+        let done = |result: Result<Outcome, InvokeError>, took: Duration, staged: Staged| {
             duration.observe(took.as_secs_f64());
             let o = outcome_index(&result);
             outcomes[o]
@@ -135,7 +162,13 @@ pub(super) async fn worker(
                         tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, message = %id, error = %e, failures, "plugin call failed");
                     }
                 }
-                let _ = reply.send(result);
+                let call = CallInfo {
+                    instance: ctx.instance_index,
+                    started_at: crate::base::now_ms()
+                        .saturating_sub(u64::try_from(took.as_millis()).unwrap_or(u64::MAX)),
+                    duration_ms: took.as_secs_f64() * 1000.0,
+                };
+                let _ = reply.send((result, staged, call));
             }
             !cancel.is_cancelled()
         };
@@ -153,7 +186,11 @@ pub(super) async fn worker(
         if let Err(e) = handled
             && let Some((reply, _)) = left.pop_front()
         {
-            let _ = reply.send(Err(e));
+            let _ = reply.send((
+                Err(e),
+                Staged::default(),
+                CallInfo::none(ctx.instance_index),
+            ));
         }
         // Whatever is left was cut off by `abort`: its replies close (not done).
         left.clear();
@@ -162,7 +199,7 @@ pub(super) async fn worker(
 }
 
 /// Where a worker sends what became of one work item.
-type Reply = oneshot::Sender<Result<Outcome, InvokeError>>;
+pub(super) type Reply = oneshot::Sender<Handled>;
 
 impl Member {
     /// Hands a message to the workers (after the rate allows it). The caller holds an in-flight
@@ -174,7 +211,7 @@ impl Member {
         &self,
         message: Arc<StoredMessage>,
         attempt: u32,
-    ) -> Option<oneshot::Receiver<Result<Outcome, InvokeError>>> {
+    ) -> Option<oneshot::Receiver<Handled>> {
         if let Some(rate) = &self.rate {
             tokio::select! {
                 biased;

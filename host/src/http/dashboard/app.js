@@ -2,7 +2,7 @@
 // (lag per queue or instance and the node running it, a live throughput chart with a time
 // axis), plugins, dead letters, the nodes sharing the storage and undecided transactions; and
 // acts through the same API: create topics, browse messages (by queue and offset, key or id;
-// bodies decoded), create and edit subscriptions, reset offsets to a time, upload plugins,
+// bodies decoded) and trace one (every delivery attempt, where it is now), create and edit subscriptions, reset offsets to a time, upload plugins,
 // read a plugin's log, pause, resume, redrive, commit, roll back. No framework and nothing
 // from a CDN: the host serves this file itself.
 "use strict";
@@ -307,7 +307,24 @@ async function browse() {
   }
   fill($("#messages tbody"), messages.map((m) => row([
     cell(m.id), cell(`${m.queue}/${m.offset}`), cell(m.key), cell(m.tag), cell(bodyText(m), "body"), cell(new Date(m.stored_at).toLocaleString()),
+    (() => { const td = cell(""); td.appendChild(button("trace", () => showTrace(m.id), "trace")); return td; })(),
   ], { message: m.id })), "no messages there");
+}
+
+// A message's trace: where it is for each subscription (member), then every attempt.
+async function showTrace(id) {
+  const t = await api("GET", `/v1/messages/${encodeURIComponent(id)}/trace`);
+  $("#trace-id").textContent = `${t.id} (${t.topic}${t.stored ? ` ${t.queue}/${t.offset}` : ", deleted by retention"})`;
+  $("#trace-box").hidden = false;
+  const subs = t.subscriptions || [];
+  fill($("#trace-now tbody"), subs.map((s) => row([
+    cell(s.group), cell(s.member), cell(s.state, s.state === "dead_lettered" || s.state === "expired" ? "bad" : s.state === "acked" ? "ok" : ""),
+    cell(s.next_attempt_at ? new Date(s.next_attempt_at).toLocaleString() : undefined),
+  ], { group: s.group, state: s.state })), "no subscription on its topic");
+  fill($("#trace tbody"), subs.flatMap((s) => s.attempts.map((a) => row([
+    cell(a.group), cell(a.member), cell(a.attempt, "num"), cell(new Date(a.started_at).toLocaleString()), cell(a.node),
+    cell(a.instance, "num"), cell(a.outcome, a.outcome === "ack" ? "ok" : "bad"), cell(a.fate), cell(a.duration_ms.toFixed(2), "num"), cell(a.reason),
+  ], { attempt: a.attempt, outcome: a.outcome }))), "no attempt on record yet");
 }
 
 async function showLogs(plugin) {

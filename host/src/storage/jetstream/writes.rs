@@ -140,12 +140,14 @@ impl JetStreamStorage {
         let mut expected = match expect {
             Expect::Any => None,
             Expect::Revision(r) => Some(r),
-            Expect::Absent => match current().await? {
-                // A deleted record's marker is its last revision: "absent" means after it.
-                Some(e) if e.operation != kv::Operation::Put => Some(e.revision),
-                Some(_) => return Err(conflict()),
-                None => Some(0),
+            Expect::Present => match current().await? {
+                Some(e) if e.operation == kv::Operation::Put => Some(e.revision),
+                _ => return Err(conflict()),
             },
+            // Tried first as a key never written (no read: most keys written "absent" are
+            // new); a deleted record's marker is its last revision, so the loop below reads
+            // it and tries again after it.
+            Expect::Absent => Some(0),
         };
         loop {
             let mut headers = HeaderMap::new();
@@ -196,6 +198,10 @@ impl JetStreamStorage {
             space: guard.space.clone(),
             key: guard.key.clone(),
             value: guard.value.clone().unwrap_or_default(),
+            guard_deletes: false,
+            appends: Vec::new(),
+            records: Vec::new(),
+            writer: self.writer.clone(),
         })
         .map_err(|e| StorageError::Encode(e.to_string()))?;
         self.write_record(INTENTS, &intent_id, Some(intent), Expect::Absent)
@@ -210,6 +216,31 @@ impl JetStreamStorage {
                     .await?;
                 Err(e)
             }
+        }
+    }
+
+    /// What `expect` needs of `space/key` now, checked without writing: the record's current
+    /// revision (0 when absent), or [`StorageError::Conflict`].
+    pub(super) async fn check_condition(
+        &self,
+        space: &str,
+        key: &str,
+        expect: Expect,
+    ) -> Result<u64, StorageError> {
+        let current = self.get_record(space, key).await?.map(|r| r.revision);
+        let holds = match expect {
+            Expect::Any => true,
+            Expect::Absent => current.is_none(),
+            Expect::Revision(r) => current == Some(r),
+            Expect::Present => current.is_some(),
+        };
+        if holds {
+            Ok(current.unwrap_or(0))
+        } else {
+            Err(StorageError::Conflict {
+                space: space.to_string(),
+                key: key.to_string(),
+            })
         }
     }
 
@@ -233,6 +264,7 @@ impl JetStreamStorage {
     pub(super) async fn finish_intents(
         &self,
         age: std::time::Duration,
+        own_at_any_age: bool,
     ) -> Result<usize, StorageError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -248,23 +280,93 @@ impl JetStreamStorage {
                     std::time::Duration::new(secs, nanos)
                 })
                 .unwrap_or_default();
-            if now.saturating_sub(born) < age {
-                continue;
-            }
             let intent: Intent = rmp_serde::from_slice(&record.value)
                 .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
-            let guard = self.get_record(&intent.space, &intent.key).await?;
-            if guard.is_some_and(|g| g.value == intent.value) {
+            let own = own_at_any_age && !self.writer.is_empty() && intent.writer == self.writer;
+            if now.saturating_sub(born) < age && !own {
+                continue;
+            }
+            self.finish_intent(&id, intent, true).await?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Finishes one intent (see [`Self::finish_intents`]) and drops it. One whose guard was
+    /// not written is dropped only when `drop_unheld` (its writer is gone); returns whether
+    /// it was dropped.
+    async fn finish_intent(
+        &self,
+        id: &str,
+        intent: Intent,
+        drop_unheld: bool,
+    ) -> Result<bool, StorageError> {
+        let guard = self.get_record(&intent.space, &intent.key).await?;
+        let held = match &guard {
+            // A commit that completed a timer deleted it.
+            None => intent.guard_deletes,
+            Some(g) => !intent.guard_deletes && g.value == intent.value,
+        };
+        if !held && !drop_unheld {
+            return Ok(false);
+        }
+        if held {
+            for w in &intent.records {
+                let expect = w.revision.map_or(Expect::Any, |r| {
+                    if r == 0 {
+                        Expect::Absent
+                    } else {
+                        Expect::Revision(r)
+                    }
+                });
+                let value = w.value.clone().map(serde_bytes::ByteBuf::into_vec);
+                match self.write_record(&w.space, &w.key, value, expect).await {
+                    Ok(_) => {}
+                    // Written by the dead writer itself, or by a later one: theirs stays.
+                    Err(StorageError::Conflict { .. }) => {
+                        tracing::debug!(space = %w.space, key = %w.key, "a recovered commit's record changed since it was checked; the newer value is kept");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let topics = std::iter::once((intent.topic, intent.messages)).chain(intent.appends);
+            for (topic, messages) in topics {
                 let mut missing = Vec::new();
-                for m in intent.messages {
+                for m in messages {
                     if self.message_by_id(m.id).await?.is_none() {
                         missing.push(m);
                     }
                 }
-                self.append_inner(&intent.topic, &missing).await?;
+                if !missing.is_empty() {
+                    self.append_inner(&topic, &missing).await?;
+                }
             }
-            self.write_record(INTENTS, &id, None, Expect::Any).await?;
-            done += 1;
+        }
+        self.write_record(INTENTS, id, None, Expect::Any).await?;
+        Ok(true)
+    }
+
+    /// Finishes, whatever their age, the commits whose guard is a record of `space` with a key
+    /// starting with `prefix` (the completion markers of a queue a node takes over), so what a
+    /// dead owner committed is complete before the queue moves past it. Only commits whose
+    /// guard was written are touched, and finishing one a live writer is finishing too is
+    /// harmless: appends are skipped when their message exists, kv writes are made only over
+    /// the revision the writer checked.
+    pub(super) async fn finish_commits_of(
+        &self,
+        space: &str,
+        prefix: &str,
+    ) -> Result<usize, StorageError> {
+        let mut done = 0;
+        for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
+            let intent: Intent = rmp_serde::from_slice(&record.value)
+                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            if intent.space == space
+                && intent.key.starts_with(prefix)
+                && self.finish_intent(&id, intent, false).await?
+            {
+                done += 1;
+            }
         }
         Ok(done)
     }

@@ -11,6 +11,14 @@ pub(super) enum WriteOp {
         guard: Option<RecordWrite>,
         reply: oneshot::Sender<Result<AppendResult, StorageError>>,
     },
+    /// A [`crate::storage::Commit`]: checks and record conditions first, then the appends
+    /// and record writes, all in this group's batch or none.
+    Commit {
+        checks: Vec<RecordCheck>,
+        records: Vec<RecordWrite>,
+        appends: Vec<(String, Vec<Encoded>)>,
+        reply: oneshot::Sender<Result<Committed, StorageError>>,
+    },
     PutBlob {
         key: String,
         value: Option<Vec<u8>>,
@@ -40,6 +48,7 @@ impl WriteOp {
     fn refuse(self, e: StorageError) {
         let _ = match self {
             WriteOp::Append { reply, .. } => reply.send(Err(e)).map_err(drop),
+            WriteOp::Commit { reply, .. } => reply.send(Err(e)).map_err(drop),
             WriteOp::PutBlob { reply, .. }
             | WriteOp::PutRecord { reply, .. }
             | WriteOp::Truncate { reply, .. } => reply.send(Err(e)).map_err(drop),
@@ -49,6 +58,20 @@ impl WriteOp {
     fn size(&self) -> usize {
         match self {
             WriteOp::Append { messages, .. } => messages.iter().map(|m| m.value.len() + 64).sum(),
+            WriteOp::Commit {
+                records, appends, ..
+            } => {
+                let records: usize = records
+                    .iter()
+                    .map(|r| r.value.as_ref().map_or(0, Vec::len) + 64)
+                    .sum();
+                let messages: usize = appends
+                    .iter()
+                    .flat_map(|(_, m)| m)
+                    .map(|m| m.value.len() + 64)
+                    .sum();
+                records + messages
+            }
             WriteOp::PutRecord { value, .. } | WriteOp::PutBlob { value, .. } => {
                 value.as_ref().map_or(0, Vec::len) + 64
             }
@@ -97,6 +120,7 @@ pub(super) enum Reply {
         AppendResult,
     ),
     Record(oneshot::Sender<Result<u64, StorageError>>, u64),
+    Commit(oneshot::Sender<Result<Committed, StorageError>>, Committed),
 }
 
 impl Writer {
@@ -258,6 +282,79 @@ impl Writer {
                         }
                     }
                 }
+                WriteOp::Commit {
+                    checks,
+                    records,
+                    appends,
+                    reply,
+                } => {
+                    // Every condition first, seeing what this group staged: a failed one
+                    // stages nothing of the commit.
+                    let conditions = checks
+                        .iter()
+                        .map(|c| RecordWrite {
+                            space: c.space.clone(),
+                            key: c.key.clone(),
+                            value: None,
+                            expect: c.expect,
+                        })
+                        .collect::<Vec<_>>();
+                    // The commit point's first: a delivery already completed is told so,
+                    // whatever else changed since.
+                    let checked = records
+                        .iter()
+                        .take(1)
+                        .chain(&conditions)
+                        .chain(records.iter().skip(1))
+                        .try_for_each(|w| self.check_record(db, &staged_records, w));
+                    if let Err(e) = checked {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                    let mut out = Committed::default();
+                    let mut failed = None;
+                    for (topic, messages) in &appends {
+                        match self.stage_append(
+                            db,
+                            &mut batch,
+                            &mut staged,
+                            topic,
+                            messages,
+                            stored_at,
+                        ) {
+                            Ok(done) => {
+                                appended += done.len() as u64;
+                                out.appended.extend(done);
+                            }
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    for w in &records {
+                        if failed.is_some() {
+                            break;
+                        }
+                        match self.write_record(
+                            db,
+                            &mut batch,
+                            &mut staged_records,
+                            &mut revision,
+                            w,
+                        ) {
+                            Ok(r) => out.revisions.push(if w.value.is_some() { r } else { 0 }),
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    match failed {
+                        // Only a missing column family fails here, which fails every op.
+                        Some(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        None => replies.push(Reply::Commit(reply, out)),
+                    }
+                }
                 WriteOp::PutBlob { key, value, reply } => {
                     let Ok(blobs) = cf(db, CF_BLOBS) else {
                         let _ = reply.send(Err(StorageError::Corrupt("no blobs CF".into())));
@@ -382,6 +479,7 @@ impl Writer {
                     let _ = match r {
                         Reply::Append(tx, v) => tx.send(Ok(v)).map_err(drop),
                         Reply::Record(tx, v) => tx.send(Ok(v)).map_err(drop),
+                        Reply::Commit(tx, v) => tx.send(Ok(v)).map_err(drop),
                     };
                 }
                 false
@@ -393,6 +491,7 @@ impl Writer {
                     let _ = match r {
                         Reply::Append(tx, _) => tx.send(Err(err)).map_err(drop),
                         Reply::Record(tx, _) => tx.send(Err(err)).map_err(drop),
+                        Reply::Commit(tx, _) => tx.send(Err(err)).map_err(drop),
                     };
                 }
                 true
@@ -416,6 +515,7 @@ impl Writer {
             Expect::Any => true,
             Expect::Absent => current.is_none(),
             Expect::Revision(r) => current == Some(r),
+            Expect::Present => current.is_some(),
         };
         if ok {
             Ok(())

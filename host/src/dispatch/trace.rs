@@ -1,0 +1,294 @@
+//! Message trace (issue 26, as RocketMQ's message trace): a record of every delivery attempt,
+//! written in batches off the delivery path, and where a message is now for each subscription
+//! of its topic (`GET /v1/messages/{id}/trace`, `wasmq message trace ID`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::spec::Mode;
+use super::state::{self, Cursor, SubscriptionRecord};
+use super::{DispatchError, Dispatcher};
+use crate::base::now_ms;
+use crate::storage::{Expect, MessageId, RecordWrite, Storage};
+
+/// The record space of attempt records, keyed `{message id}/{group}/{started_at:016x}-{seq:08x}`:
+/// a message's records sort together by subscription and time, and every key sorts by the
+/// message's creation time (ids are UUIDv7), so retention deletes from the front.
+pub const TRACE_SPACE: &str = "trace";
+
+/// Attempt records waiting to be written; past this, new ones are dropped and counted.
+const QUEUE: usize = 65_536;
+/// Attempt records written in one storage step.
+const BATCH: usize = 1024;
+/// The most attempt records one trace shows (a message retried forever keeps its last ones).
+const MAX_SHOWN: usize = 1000;
+
+/// One delivery attempt of a message to a subscription.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Attempt {
+    pub topic: String,
+    pub group: String,
+    /// `all` for a clustering subscription, `iNNNN` for a broadcast instance (its own offsets).
+    pub member: String,
+    /// The plugin instance that ran the call (0-based).
+    pub instance: u32,
+    /// The node that ran it (`local` alone on RocksDB).
+    pub node: String,
+    /// 1 for the first delivery; a rerun (a kv key changed during the call) keeps its number.
+    pub attempt: u32,
+    /// When the call started (ms since the epoch).
+    pub started_at: u64,
+    /// How long the call ran (ms).
+    pub duration_ms: f64,
+    /// What the call answered: `ack`, `retry`, `reject`, `timeout`, `oom`, `trap` or `error`.
+    pub outcome: String,
+    /// The plugin's reject reason or the failure, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What became of the message: `done`, `retry` (at `next_attempt_at`), `dead_lettered`, or
+    /// `rerun` (a kv key it read changed before its effects were stored: delivered again).
+    pub fate: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
+}
+
+/// Writes attempt records in batches: one storage step per batch, never on the delivery's
+/// path. Best effort, as RocketMQ's asynchronous trace: records still queued when the process
+/// dies are lost, and a full queue drops new ones (counted in `dropped`).
+pub struct TraceWriter {
+    tx: Option<mpsc::Sender<RecordWrite>>,
+    seq: AtomicU64,
+    /// Records dropped because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl TraceWriter {
+    /// A writer into `storage`; `enabled: false` records nothing (`[retention]
+    /// trace_max_age_ms = 0`). Needs a tokio runtime when enabled.
+    pub fn new(storage: Arc<dyn Storage>, enabled: bool) -> Self {
+        let tx = enabled.then(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::spawn(write_batches(storage, rx));
+            tx
+        });
+        Self {
+            tx,
+            seq: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues `attempt` of message `id` for writing.
+    pub fn record(&self, id: MessageId, attempt: &Attempt) {
+        let Some(tx) = &self.tx else { return };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) as u32;
+        let key = format!(
+            "{id}/{}/{:016x}-{seq:08x}",
+            attempt.group, attempt.started_at
+        );
+        let Ok(value) = serde_json::to_vec(attempt) else {
+            return;
+        };
+        let write = RecordWrite {
+            space: TRACE_SPACE.into(),
+            key,
+            value: Some(value),
+            expect: Expect::Any,
+        };
+        if tx.try_send(write).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes what queued up, a batch at a time ([`Storage::put_records`]: one write on RocksDB).
+async fn write_batches(storage: Arc<dyn Storage>, mut rx: mpsc::Receiver<RecordWrite>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        if let Err(e) = storage.put_records(std::mem::take(&mut batch)).await {
+            tracing::warn!(error = %e, "cannot store message trace records; dropped");
+        }
+    }
+}
+
+/// Where a message is for one subscription member.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct MemberTrace {
+    pub group: String,
+    pub member: String,
+    /// The broadcast instance whose offsets these are (absent for a clustering subscription).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u32>,
+    /// `pending` (not delivered yet), `delayed` (due later), `delivering`, `in_retry` (next
+    /// attempt at `next_attempt_at`), `acked`, `dead_lettered`, `filtered` (its tag does not
+    /// match), `expired` (retention deleted it first) or `passed` (the offset passed it with no
+    /// attempt on record: handled before its trace was kept, or its record was lost in a crash).
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
+    /// Every attempt on record, oldest first.
+    pub attempts: Vec<Attempt>,
+}
+
+/// `GET /v1/messages/{id}/trace`.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct MessageTrace {
+    pub id: MessageId,
+    pub topic: String,
+    /// Where it is stored; absent when retention deleted it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_at: Option<u64>,
+    /// Whether the message is still stored.
+    pub stored: bool,
+    /// One entry per member of each subscription of its topic, in group order.
+    pub subscriptions: Vec<MemberTrace>,
+}
+
+impl Dispatcher {
+    /// A message's trace: every attempt on record and where it is now for each subscription
+    /// of its topic. `Ok(None)`: no such message and no record of one.
+    pub async fn trace(&self, id: MessageId) -> Result<Option<MessageTrace>, DispatchError> {
+        let storage = &self.env.storage;
+        let message = storage.message_by_id(id).await?;
+        let mut attempts: Vec<Attempt> = Vec::new();
+        for (_, r) in storage
+            .list_records(TRACE_SPACE, &format!("{id}/"), usize::MAX)
+            .await?
+        {
+            if let Ok(a) = serde_json::from_slice::<Attempt>(&r.value) {
+                attempts.push(a);
+            }
+        }
+        let topic = match (&message, attempts.first()) {
+            (Some(m), _) => m.topic.clone(),
+            (None, Some(a)) => a.topic.clone(),
+            (None, None) => return Ok(None),
+        };
+        let now = now_ms();
+        let mut subscriptions = Vec::new();
+        for (group, record) in self.subscriptions().await? {
+            if record.spec.topic != topic {
+                continue;
+            }
+            for (member, instance) in members(&record) {
+                let mut mine: Vec<Attempt> = attempts
+                    .iter()
+                    .filter(|a| a.group == group && a.member == member)
+                    .cloned()
+                    .collect();
+                if mine.len() > MAX_SHOWN {
+                    mine.drain(..mine.len() - MAX_SHOWN);
+                }
+                let (state, next_attempt_at) = match (&message, mine.last()) {
+                    (_, Some(last)) => match last.fate.as_str() {
+                        "done" => ("acked", None),
+                        "dead_lettered" => ("dead_lettered", None),
+                        "retry" if message.is_none() => ("expired", None),
+                        "retry" => ("in_retry", last.next_attempt_at),
+                        _ => ("delivering", None),
+                    },
+                    (None, None) => ("expired", None),
+                    (Some(m), None) => {
+                        let cursor = storage
+                            .get_record(
+                                &state::cursor_space(&group),
+                                &state::cursor_key(&member, m.message.queue),
+                            )
+                            .await?
+                            .map(|r| state::decode::<Cursor>("cursor", &r))
+                            .transpose()?;
+                        let filter = record.spec.validate().ok();
+                        if cursor.is_none_or(|c| m.offset >= c.committed) {
+                            ("pending", None)
+                        } else if filter.is_some_and(|f| !f.matches(m.message.tag.as_deref())) {
+                            ("filtered", None)
+                        } else if m.message.deliver_at > now {
+                            ("delayed", Some(m.message.deliver_at))
+                        } else {
+                            ("passed", None)
+                        }
+                    }
+                };
+                subscriptions.push(MemberTrace {
+                    group: group.clone(),
+                    member,
+                    instance,
+                    state: state.to_string(),
+                    next_attempt_at,
+                    attempts: mine,
+                });
+            }
+        }
+        Ok(Some(MessageTrace {
+            id,
+            topic,
+            queue: message.as_ref().map(|m| m.message.queue),
+            offset: message.as_ref().map(|m| m.offset),
+            stored_at: message.as_ref().map(|m| m.stored_at),
+            stored: message.is_some(),
+            subscriptions,
+        }))
+    }
+
+    /// Deletes the attempt records of messages created `max_age_ms` or longer before `now`
+    /// (ms since the epoch), oldest first: their keys sort by the message's creation time, so
+    /// a pass reads what it deletes and one page more. Returns how many went.
+    pub async fn expire_trace(&self, now: u64, max_age_ms: u64) -> Result<u64, DispatchError> {
+        const PAGE: usize = 1024;
+        let storage = &self.env.storage;
+        let mut n = 0;
+        loop {
+            let page = storage.list_records(TRACE_SPACE, "", PAGE).await?;
+            let full = page.len() == PAGE;
+            let mut records = Vec::new();
+            let mut young = false;
+            for (key, _) in page {
+                let created = key
+                    .split_once('/')
+                    .and_then(|(id, _)| id.parse::<MessageId>().ok())
+                    .and_then(|id| id.get_timestamp())
+                    .map(|t| {
+                        let (secs, nanos) = t.to_unix();
+                        secs.saturating_mul(1000)
+                            .saturating_add(u64::from(nanos / 1_000_000))
+                    });
+                // A key that names no message id is not ours to keep.
+                if created.is_some_and(|c| c.checked_add(max_age_ms).is_none_or(|end| end > now)) {
+                    young = true;
+                    break;
+                }
+                records.push(RecordWrite {
+                    space: TRACE_SPACE.into(),
+                    key,
+                    value: None,
+                    expect: Expect::Any,
+                });
+            }
+            if !records.is_empty() {
+                n += records.len() as u64;
+                storage.put_records(records).await?;
+            }
+            if young || !full {
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// A subscription's members: (name, broadcast instance).
+fn members(record: &SubscriptionRecord) -> Vec<(String, Option<u32>)> {
+    if record.spec.mode == Mode::Broadcast {
+        (0..record.spec.instances)
+            .map(|i| (state::member_name(true, i), Some(i)))
+            .collect()
+    } else {
+        vec![(state::member_name(false, 0), None)]
+    }
+}
