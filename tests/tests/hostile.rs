@@ -142,10 +142,13 @@ async fn subscriptions_of_one_plugin_see_only_their_own_config_and_grants() {
         s.create_topic(t, 1).await;
     }
     // Same plugin, two tenants: each config carries a secret, only A may publish to its topic.
+    // The probe reports by rejecting, which would drop a staged publish: A's effects apply as
+    // called.
     s.subscribe(
         "a",
         json!({"topic": "ta", "plugin": "probe", "instances": 2,
-               "config": {"secret": "alpha"}, "grants": {"publish": ["audit-a"]}}),
+               "config": {"secret": "alpha"}, "grants": {"publish": ["audit-a"]},
+               "processing_guarantee": "at_least_once"}),
     )
     .await;
     s.subscribe(

@@ -766,3 +766,71 @@ async fn retention_on_jetstream_uses_the_streams_limits_and_purges_what_is_consu
     assert_eq!(t["low_water"], t["high_water"], "{t}");
     s.stop().await.unwrap();
 }
+
+/// Exactly-once processing across nodes (issue 24): two nodes run the queues of one tally
+/// subscription, each with two instances, all incrementing one kv key; retries after the
+/// increment and the publish are discarded. The derived values are exactly 1..n, one per
+/// input: no increment lost between the nodes (their commits over the key hold its kv-space
+/// lock from check to write), none counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_incrementing_one_kv_key_lose_no_update() {
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = two_nodes(&nats, &dirs, |_| {}).await;
+    let (st, v) = b.upload_plugin("tally", wasmq_tests::plugins::TALLY).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    b.create_topic("in", 4).await;
+    b.create_topic("derived", 1).await;
+    b.subscribe(
+        "tally",
+        json!({"topic": "in", "plugin": "tally", "instances": 2, "max_in_flight": 16,
+               "config": {"derived": "derived", "retry_percent": 20},
+               "grants": {"publish": ["derived"]},
+               "retry": {"max_attempts": 100, "backoff_ms": [1]}}),
+    )
+    .await;
+    // Both nodes run some of the queues before anything is published.
+    a.wait_until("/v1/cluster", 30, |v| {
+        let owners = queue_owners(v, "tally");
+        owners.len() == 4
+            && owners.values().any(|o| o == "node-a")
+            && owners.values().any(|o| o == "node-b")
+    })
+    .await;
+    const N: u64 = 200;
+    let messages: Vec<serde_json::Value> =
+        (0..N).map(|_| json!({"body": {"counter": "c"}})).collect();
+    a.publish_batch("in", messages).await;
+    // The deadline only stops a hang: the work is bounded by N.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let derived = loop {
+        let d = a.read_queue("derived", 0).await;
+        if d.len() as u64 >= N {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {N} derived",
+            d.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // Nothing more comes once every input is acked.
+    b.wait_until("/v1/subscriptions/tally", 300, |v| {
+        v["lag"] == 0 && v["in_flight"] == 0
+    })
+    .await;
+    let derived = if derived.len() as u64 == N {
+        a.read_queue("derived", 0).await
+    } else {
+        derived
+    };
+    let mut values: Vec<u64> = derived
+        .iter()
+        .map(|d| d["value"].as_u64().unwrap())
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, (1..=N).collect::<Vec<_>>());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}

@@ -37,6 +37,13 @@ const BLOBS: &str = "WQ_BLOBS";
 const KEYS: &str = "WQ_KEYS";
 /// Records of guarded appends in progress (see [`JetStreamStorage::append_guarded`]).
 const INTENTS: &str = "__intent";
+/// The record space of kv-space locks (see [`JetStreamStorage::lock_space`]).
+const LOCKS: &str = "__lock";
+/// How long a kv-space lock holds unless given back: far longer than a commit takes (a few
+/// JetStream requests), so only a dead holder's lapses.
+const LOCK_TTL_MS: u64 = 15_000;
+/// How long a commit waits for a kv-space lock before it is refused for now.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// How old a guarded append's intent must be before another node finishes it: a live writer
 /// takes far less (each of its steps is one JetStream request, which times out in seconds).
 pub const INTENT_AGE: std::time::Duration = std::time::Duration::from_secs(15);
@@ -180,6 +187,8 @@ pub struct JetStreamStorage {
     /// connect it finishes its own at once, whatever their age: no other node runs under its
     /// name, so none of them belongs to a live writer.
     writer: String,
+    /// This run's token (a fresh id per connect), told apart from earlier runs of `writer`.
+    run: String,
 }
 
 impl std::fmt::Debug for JetStreamStorage {
@@ -298,6 +307,7 @@ impl JetStreamStorage {
             notifier,
             commit_lock: tokio::sync::Mutex::new(()),
             writer: writer.to_string(),
+            run: uuid::Uuid::now_v7().to_string(),
         };
         storage.finish_intents(INTENT_AGE, true).await?;
         Ok(storage)
@@ -378,57 +388,15 @@ impl Drop for JetStreamStorage {
     }
 }
 
-#[async_trait]
-impl Storage for JetStreamStorage {
-    async fn append(
+impl JetStreamStorage {
+    /// The body of [`Storage::commit`], once the locks it needs are held.
+    async fn commit_held(
         &self,
-        topic: &str,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<Appended>, StorageError> {
-        self.check_open()?;
-        self.append_inner(topic, &messages).await
-    }
-
-    /// JetStream has no transaction over a record and several streams: the messages go into an
-    /// intent record first, then the guard is written (compare-and-set), then the messages are
-    /// appended and the intent dropped. A node that dies in between leaves the intent, and the
-    /// next node to connect finishes it: the messages appear exactly when the guard holds.
-    async fn append_guarded(
-        &self,
-        topic: &str,
-        messages: Vec<NewMessage>,
-        guard: RecordWrite,
-    ) -> Result<(Vec<Appended>, u64), StorageError> {
-        self.check_open()?;
-        let (intent_id, revision) = self.guard_with_intent(topic, &messages, guard).await?;
-        let appended = self.append_inner(topic, &messages).await?;
-        self.write_record(INTENTS, &intent_id, None, Expect::Any)
-            .await?;
-        Ok((appended, revision))
-    }
-
-    /// A commit on JetStream: its conditions are checked (under this node's commit lock), an
-    /// intent names everything, the first record write is the guard (the commit point, by its
-    /// condition), then the other records and the appends follow and the intent is dropped. A
-    /// node that dies after the guard leaves the intent, and [`Storage::recover`] finishes it
-    /// (writing kv records only over the revision the writer checked). Between nodes, a check
-    /// and the write after it are not one step: two nodes committing over the same kv key at
-    /// the same moment can both pass their check (RocksDB has no such window).
-    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
-        self.check_open()?;
-        let Commit {
-            checks,
-            records,
-            appends,
-        } = commit;
-        // Only commits with conditions besides the commit point's (kv keys read) need the
-        // lock; the others (a completion and publishes) run side by side.
-        let conditional =
-            !checks.is_empty() || records.iter().skip(1).any(|r| r.expect != Expect::Any);
-        let _one_at_a_time = match conditional {
-            true => Some(self.commit_lock.lock().await),
-            false => None,
-        };
+        checks: Vec<crate::storage::RecordCheck>,
+        records: Vec<RecordWrite>,
+        appends: Vec<(String, Vec<NewMessage>)>,
+        conditional: bool,
+    ) -> Result<Committed, StorageError> {
         if conditional && let Some(g) = records.first() {
             // The commit point's first: a delivery already completed is told so, whatever
             // else changed since.
@@ -525,7 +493,87 @@ impl Storage for JetStreamStorage {
             .await?;
         Ok(out)
     }
+}
 
+#[async_trait]
+impl Storage for JetStreamStorage {
+    async fn append(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, StorageError> {
+        self.check_open()?;
+        self.append_inner(topic, &messages).await
+    }
+
+    /// JetStream has no transaction over a record and several streams: the messages go into an
+    /// intent record first, then the guard is written (compare-and-set), then the messages are
+    /// appended and the intent dropped. A node that dies in between leaves the intent, and the
+    /// next node to connect finishes it: the messages appear exactly when the guard holds.
+    async fn append_guarded(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<(Vec<Appended>, u64), StorageError> {
+        self.check_open()?;
+        let (intent_id, revision) = self.guard_with_intent(topic, &messages, guard).await?;
+        let appended = self.append_inner(topic, &messages).await?;
+        self.write_record(INTENTS, &intent_id, None, Expect::Any)
+            .await?;
+        Ok((appended, revision))
+    }
+
+    /// A commit on JetStream: its conditions are checked, an intent names everything, the
+    /// first record write is the guard (the commit point, by its condition), then the other
+    /// records and the appends follow and the intent is dropped. A node that dies after the
+    /// guard leaves the intent, and [`Storage::recover`] finishes it (writing kv records only
+    /// over the revision the writer checked). A commit with conditions besides its guard (kv
+    /// keys a call read) holds the lock of each kv space they are in, on every node (see
+    /// [`JetStreamStorage::lock_space`]), from its checks to its last write, so no other
+    /// commit can change those keys in between.
+    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        self.check_open()?;
+        let Commit {
+            checks,
+            records,
+            appends,
+        } = commit;
+        // Only commits with conditions besides the commit point's (kv keys read) need the
+        // locks; the others (a completion and publishes) run side by side.
+        let spaces: std::collections::BTreeSet<String> = checks
+            .iter()
+            .map(|c| c.space.clone())
+            .chain(
+                records
+                    .iter()
+                    .skip(1)
+                    .filter(|r| r.expect != Expect::Any)
+                    .map(|r| r.space.clone()),
+            )
+            .collect();
+        let conditional = !spaces.is_empty();
+        let _one_at_a_time = match conditional {
+            true => Some(self.commit_lock.lock().await),
+            false => None,
+        };
+        // In name order, so two writers never wait on each other's.
+        let mut held = Vec::new();
+        for space in &spaces {
+            match self.lock_space(space).await {
+                Ok(revision) => held.push((space.as_str(), revision)),
+                Err(e) => {
+                    self.unlock_spaces(&held).await;
+                    return Err(e);
+                }
+            }
+        }
+        let done = self
+            .commit_held(checks, records, appends, conditional)
+            .await;
+        self.unlock_spaces(&held).await;
+        done
+    }
     /// Creates each queue's stream with the topic's limits, or changes only the limits of one
     /// that exists (whatever else an operator tuned on it stays).
     async fn prepare_topic(

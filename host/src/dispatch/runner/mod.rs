@@ -80,6 +80,9 @@ pub struct MemberShared {
     pub head_due: Vec<AtomicU64>,
     timers: std::sync::Mutex<timers::TimerWindow>,
     timer_wake: Notify,
+    /// Per queue, the completion markers the stored offset has not passed (empty for queues
+    /// this node does not run).
+    marked: Vec<Marked>,
 }
 
 impl MemberShared {
@@ -394,15 +397,43 @@ pub async fn start(
         } else {
             env.broker.limits().max_timers_in_memory
         };
+        let mut held = Vec::new();
         let timers = timers::TimerWindow::load(
             storage.as_ref(),
             &state::timer_space(&record.group),
             &name,
             &owned,
             window,
+            &mut held,
         )
         .await?;
+        let mut marked = Vec::new();
+        for (q, (cursor, _)) in cursors.iter().enumerate() {
+            marked.push(if owned[q] {
+                load_marked(
+                    storage.as_ref(),
+                    &record.group,
+                    &name,
+                    q as u32,
+                    cursor.committed,
+                )
+                .await?
+            } else {
+                Marked::default()
+            });
+        }
+        // A timer at or past its queue's offset was stored just before a crash that kept the
+        // offset from passing its message: the timer delivers it, not the queue loop too (two
+        // deliveries of one message could both complete once the first one's marker is gone).
+        for (q, offset) in held {
+            if let (Some(m), Some((c, _))) = (marked.get(q as usize), cursors.get(q as usize))
+                && offset >= c.committed
+            {
+                offsets::mark(m, offset);
+            }
+        }
         members.push(Arc::new(MemberShared {
+            marked,
             name,
             owned,
             committed: cursors
@@ -547,14 +578,7 @@ pub async fn start(
                 continue;
             }
             let parked = Parked::default();
-            let marked = load_marked(
-                storage.as_ref(),
-                &record.group,
-                &shared_member.name,
-                q as u32,
-                cursor.0.committed,
-            )
-            .await?;
+            let marked = shared_member.marked[q].clone();
             let (committer, store_task) =
                 member.cursor_committer(q as u32, cursor, parked.clone(), marked.clone());
             tracker.spawn(store_task);

@@ -134,18 +134,14 @@ impl Member {
             let Ok((result, staged, call)) = rx.await else {
                 break;
             };
-            match self
-                .commit_effects(&result, staged, self.marker(queue, m.offset))
-                .await
-            {
+            match self.commit_effects(&result, staged, &m, None).await {
                 // The head again, as the same attempt.
                 Effects::Rerun => {
                     self.trace(&m, attempt, &call, &result, "rerun", None);
                     continue;
                 }
                 Effects::Stopped => break,
-                Effects::Committed => offsets::mark(&marked, m.offset),
-                Effects::Discarded => {}
+                Effects::Committed | Effects::AlreadyDone | Effects::Discarded => {}
             }
             let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
             count(&self.runner.counters, &result, &fate);
@@ -214,10 +210,7 @@ impl Member {
         let Ok((result, staged, call)) = rx.await else {
             return false;
         };
-        match self
-            .commit_effects(&result, staged, self.timer_completion(&timer))
-            .await
-        {
+        match self.commit_effects(&result, staged, &m, Some(&timer)).await {
             // Tried again in the queue's next turn, as the same attempt.
             Effects::Rerun => {
                 self.trace(&m, attempt, &call, &result, "rerun", None);
@@ -227,6 +220,11 @@ impl Member {
             Effects::Committed => {
                 self.settle(&result, attempt, &m, block, &call).await;
                 self.shared.forget_timer(&timer.key());
+            }
+            // Its message was completed by another delivery: the timer goes.
+            Effects::AlreadyDone => {
+                self.settle(&result, attempt, &m, block, &call).await;
+                self.remove_timer(&timer).await;
             }
             Effects::Discarded => {
                 self.finish_timer(&timer, &result, attempt, &m, block, &call)

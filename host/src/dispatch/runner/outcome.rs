@@ -89,9 +89,11 @@ pub(super) fn outcome_index(result: &Result<Outcome, InvokeError>) -> usize {
 pub(super) enum Effects {
     /// It staged nothing, or did not ack and they were discarded: settle as usual.
     Discarded,
-    /// Stored with the delivery's completion (or found completed already): the delivery is
-    /// done; settle it as acked.
+    /// Stored with the delivery's completion: the delivery is done; settle it as acked.
     Committed,
+    /// Found completed already (by another delivery of the same message: a fresh one and
+    /// its retry timer both ran after a crash): nothing stored; done, settle it as acked.
+    AlreadyDone,
     /// A kv key it read changed meanwhile: nothing was stored; run the delivery again, as the
     /// same attempt.
     Rerun,
@@ -111,25 +113,19 @@ impl Member {
         }
     }
 
-    /// The record write that completes a timer's delivery: deleting the timer, which must
-    /// still exist.
-    pub(super) fn timer_completion(&self, timer: &Timer) -> RecordWrite {
-        RecordWrite {
-            space: state::timer_space(&self.group),
-            key: timer.key(),
-            value: None,
-            expect: Expect::Present,
-        }
-    }
-
-    /// Stores an acked call's staged effects together with `completion` in one atomic step, or
-    /// discards them when the call did not ack. Storage errors are retried (the delivery is
-    /// not done until its effects are stored).
+    /// Stores an acked call's staged effects in one atomic step with the delivery's
+    /// completion: the marker of its message (`m` at its queue and offset) and, for a
+    /// delivery by `timer`, deleting that timer, which must still exist. Every delivery of a
+    /// message writes the same marker, so only one completes: after a crash between storing a
+    /// retry timer and the offset, the message is delivered both fresh and by the timer. A
+    /// call that did not ack has its effects discarded. Storage errors are retried (the
+    /// delivery is not done until its effects are stored).
     pub(super) async fn commit_effects(
         &self,
         result: &Result<Outcome, InvokeError>,
         staged: Staged,
-        completion: RecordWrite,
+        m: &StoredMessage,
+        timer: Option<&Timer>,
     ) -> Effects {
         if staged.is_empty() {
             return Effects::Discarded;
@@ -138,17 +134,36 @@ impl Member {
             staged.discard(self.services.as_ref()).await;
             return Effects::Discarded;
         }
-        let completion = [completion];
+        let (queue, offset) = (m.message.queue, m.offset);
+        let mut completion = vec![self.marker(queue, offset)];
+        if let Some(t) = timer {
+            completion.push(RecordWrite {
+                space: state::timer_space(&self.group),
+                key: t.key(),
+                value: None,
+                expect: Expect::Present,
+            });
+        }
         loop {
-            let commit = staged.to_commit(completion.to_vec());
+            let commit = staged.to_commit(completion.clone());
             let e = match self.services.commit(commit).await {
-                Ok(_) => return Effects::Committed,
+                Ok(_) => {
+                    // Deleted by the queue's offset writer once the stored offset passes it.
+                    if let Some(marked) = self.shared.marked.get(queue as usize) {
+                        offsets::mark(marked, offset);
+                    }
+                    return Effects::Committed;
+                }
                 Err(e) => Staged::classify(&completion, e),
             };
             match e {
                 CommitError::AlreadyDone => {
                     staged.discard(self.services.as_ref()).await;
-                    return Effects::Committed;
+                    // Its marker is stored: deleted like one of this runner's.
+                    if let Some(marked) = self.shared.marked.get(queue as usize) {
+                        offsets::mark(marked, offset);
+                    }
+                    return Effects::AlreadyDone;
                 }
                 CommitError::Conflict { space, key } => {
                     tracing::debug!(group = %self.group, %space, %key, "kv changed during the call; delivering again");

@@ -2,6 +2,7 @@
 //! order by the timer loop (unordered subscriptions) or by the ordered loop of their queue.
 
 use super::*;
+use std::collections::HashMap;
 
 /// Sleeps until `due` (ms since the epoch); at once if it has passed.
 pub(super) async fn sleep_until_ms(due: u64) {
@@ -37,15 +38,22 @@ fn key_queue(key: &str) -> Option<u32> {
     u32::from_str_radix(parts.next()?, 16).ok()
 }
 
+/// The queue and offset of a timer key.
+fn key_place(key: &str) -> Option<(u32, u64)> {
+    let offset = u64::from_str_radix(key.rsplit('/').next()?, 16).ok()?;
+    Some((key_queue(key)?, offset))
+}
+
 impl TimerWindow {
     /// Reads `member`'s timers of the `owned` queues: up to `cap` into memory, the rest only
-    /// counted (a page at a time).
+    /// counted (a page at a time). `held` gets the (queue, offset) of every one of them.
     pub(super) async fn load(
         storage: &dyn Storage,
         space: &str,
         member: &str,
         owned: &[bool],
         cap: usize,
+        held: &mut Vec<(u32, u64)>,
     ) -> Result<Self, DispatchError> {
         let prefix = format!("{member}/");
         let mut w = Self {
@@ -53,6 +61,10 @@ impl TimerWindow {
             ..Self::default()
         };
         let mut after = String::new();
+        // The latest-due timer of each message; an earlier one of the same message is a
+        // predecessor a crash kept from being removed after its successor was stored.
+        let mut latest: HashMap<(u32, u64), String> = HashMap::new();
+        let mut stale = Vec::new();
         loop {
             let page = storage
                 .list_records_after(space, &prefix, &after, COUNT_PAGE)
@@ -61,6 +73,12 @@ impl TimerWindow {
             for (key, r) in page {
                 let queue = key_queue(&key);
                 if queue.is_some_and(|q| owned.get(q as usize).copied().unwrap_or(false)) {
+                    if let Some(place) = key_place(&key) {
+                        held.push(place);
+                        if let Some(earlier) = latest.insert(place, key.clone()) {
+                            stale.push(earlier);
+                        }
+                    }
                     if w.map.len() < cap {
                         w.map
                             .insert(key.clone(), state::decode::<Timer>("timer", &r)?);
@@ -74,9 +92,31 @@ impl TimerWindow {
                 after = key;
             }
             if !full {
-                return Ok(w);
+                break;
             }
         }
+        // Two timers of one message would deliver it twice: the predecessors go.
+        if !stale.is_empty() {
+            for k in &stale {
+                if w.map.remove(k).is_none() {
+                    w.beyond = w.beyond.saturating_sub(1);
+                }
+            }
+            storage
+                .put_records(
+                    stale
+                        .into_iter()
+                        .map(|key| crate::storage::RecordWrite {
+                            space: space.to_string(),
+                            key,
+                            value: None,
+                            expect: Expect::Any,
+                        })
+                        .collect(),
+                )
+                .await?;
+        }
+        Ok(w)
     }
 
     /// Stored timers, in memory or not.
@@ -300,7 +340,7 @@ impl Member {
                     let handled: Option<Handled> = handled;
                     match handled {
                         Some((result, staged, call)) => {
-                            match self.commit_effects(&result, staged, self.timer_completion(&timer)).await {
+                            match self.commit_effects(&result, staged, &m, Some(&timer)).await {
                                 // Due now: delivered again as the same attempt; the stored
                                 // timer stays (as after a stop).
                                 Effects::Rerun => {
@@ -311,6 +351,11 @@ impl Member {
                                 Effects::Committed => {
                                     self.settle(&result, attempt, &m, false, &call).await;
                                     self.shared.forget_timer(&timer.key());
+                                }
+                                // Its message was completed by another delivery: the timer goes.
+                                Effects::AlreadyDone => {
+                                    self.settle(&result, attempt, &m, false, &call).await;
+                                    self.remove_timer(&timer).await;
                                 }
                                 Effects::Discarded => {
                                     self.finish_timer(&timer, &result, attempt, &m, false, &call).await

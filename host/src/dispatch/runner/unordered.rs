@@ -86,8 +86,7 @@ impl Member {
                     let handled: Option<Handled> = handled;
                     match handled {
                         Some((result, staged, call)) => {
-                            let marker = self.marker(queue, m.offset);
-                            match self.commit_effects(&result, staged, marker).await {
+                            match self.commit_effects(&result, staged, &m, None).await {
                                 // Delivered again as the same attempt, its permit kept.
                                 Effects::Rerun => {
                                     self.trace(&m, attempt, &call, &result, "rerun", None);
@@ -100,10 +99,7 @@ impl Member {
                                     }
                                 }
                                 Effects::Stopped => buffer.push_front(m),
-                                fate @ (Effects::Committed | Effects::Discarded) => {
-                                    if fate == Effects::Committed {
-                                        offsets::mark(&marked, m.offset);
-                                    }
+                                Effects::Committed | Effects::AlreadyDone | Effects::Discarded => {
                                     self.settle(&result, attempt, &m, false, &call).await;
                                     done.mark(&mut committed, m.offset);
                                     self.publish(queue, &committer, committed);

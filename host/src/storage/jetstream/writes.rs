@@ -370,4 +370,90 @@ impl JetStreamStorage {
         }
         Ok(done)
     }
+
+    /// Takes the lock of kv space `space` for one commit, on every node sharing the storage:
+    /// a record `__lock/{space}` written only if absent, holding when it lapses
+    /// ([`LOCK_TTL_MS`] on) and who holds it. Held by someone else: waits (a few ms at a time)
+    /// for it, or, once it lapsed (its holder died) or when an earlier run of this node (same
+    /// `node_id`) holds it, takes it over and first finishes the commits the holder
+    /// had made but not finished, so its kv writes land before anyone reads over them.
+    /// Returns the lock record's revision, for [`Self::unlock_spaces`]. A lock still held
+    /// after [`LOCK_WAIT`] is [`StorageError::Unavailable`] (the caller tries again later).
+    pub(super) async fn lock_space(&self, space: &str) -> Result<u64, StorageError> {
+        let waited = std::time::Instant::now();
+        let mut pause = 1u64;
+        loop {
+            let lapses = crate::base::now_ms().saturating_add(LOCK_TTL_MS);
+            // When it lapses, then who holds it: this node's name and this run's token.
+            let mut value = lapses.to_be_bytes().to_vec();
+            value.extend_from_slice(format!("{}\n{}", self.writer, self.run).as_bytes());
+            match self
+                .write_record(LOCKS, space, Some(value.clone()), Expect::Absent)
+                .await
+            {
+                Ok(revision) => return Ok(revision),
+                Err(StorageError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(held) = self.get_record(LOCKS, space).await? {
+                let (until, holder) = held.value.split_at(held.value.len().min(8));
+                let until = <[u8; 8]>::try_from(until).map_or(0, u64::from_be_bytes);
+                // An earlier run of this node (its fixed name, another run's token) is gone.
+                let former_self = !self.writer.is_empty()
+                    && std::str::from_utf8(holder)
+                        .ok()
+                        .and_then(|h| h.split_once('\n'))
+                        .is_some_and(|(name, run)| name == self.writer && run != self.run);
+                if until <= crate::base::now_ms() || former_self {
+                    match self
+                        .write_record(LOCKS, space, Some(value), Expect::Revision(held.revision))
+                        .await
+                    {
+                        Ok(revision) => {
+                            self.finish_commits_touching(space).await?;
+                            return Ok(revision);
+                        }
+                        Err(StorageError::Conflict { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if waited.elapsed() > LOCK_WAIT {
+                return Err(StorageError::Unavailable(format!(
+                    "kv namespace {space} stayed locked by another writer for {} s",
+                    LOCK_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            pause = (pause * 2).min(16);
+        }
+    }
+
+    /// Gives back locks [`Self::lock_space`] took (each only if still this holder's).
+    pub(super) async fn unlock_spaces(&self, held: &[(&str, u64)]) {
+        for (space, revision) in held {
+            if let Err(e) = self
+                .write_record(LOCKS, space, None, Expect::Revision(*revision))
+                .await
+            {
+                tracing::debug!(%space, error = %e, "a kv lock was not given back; it lapses");
+            }
+        }
+    }
+
+    /// Finishes the commits whose guard was written and that write kv space `space` (a dead
+    /// lock holder's), whatever their age.
+    async fn finish_commits_touching(&self, space: &str) -> Result<usize, StorageError> {
+        let mut done = 0;
+        for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
+            let intent: Intent = rmp_serde::from_slice(&record.value)
+                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            if intent.records.iter().any(|r| r.space == space)
+                && self.finish_intent(&id, intent, false).await?
+            {
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
 }
