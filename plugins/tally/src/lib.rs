@@ -47,15 +47,15 @@ impl Consumer for Tally {
                 .and_then(|b| String::from_utf8(b).ok())
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or(0),
-            Err(e) => return Outcome::Retry(0).or_log(&e.message()),
+            Err(e) => return Outcome::Retry(0).or_log(e.message()),
         };
         let next = value + 1;
         if let Err(e) = kv::set(&key, next.to_string().as_bytes()) {
-            return Outcome::Retry(0).or_log(&e.message());
+            return Outcome::Retry(0).or_log(e.message());
         }
         let derived = json!({"input": message.id, "counter": counter, "value": next});
         if let Err(e) = publish::send_json(&config.derived, &derived) {
-            return Outcome::Retry(0).or_log(&e.message());
+            return Outcome::Retry(0).or_log(e.message());
         }
         let r = roll();
         if r < config.trap_percent {
