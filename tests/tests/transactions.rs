@@ -393,3 +393,30 @@ async fn decided_transactions_survive_a_restart_and_expire_beyond_their_count() 
     .await;
     s.stop().await.unwrap();
 }
+
+/// The checker's kv writes follow its answer (issue 24): stored in the same step as a commit
+/// or rollback decision, dropped with an `unknown` one. The checker adds one to a kv counter
+/// on each check, and `count-commit-if-first` commits only when that makes it 1: after three
+/// unknown checks of A it does (their increments were dropped), and for C after B it does not
+/// (B's increment was stored with B's commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkers_kv_writes_are_stored_with_its_decision_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, 3).await;
+    let settled = |state: &'static str| move |t: &Value| t["state"] == state;
+    let a = begin(&s, json!("count-unknown"), None).await;
+    s.wait_until(&format!("/v1/transactions/{a}"), 60, settled("unresolved"))
+        .await;
+    let b = begin(&s, json!("count-commit-if-first"), None).await;
+    s.wait_until(&format!("/v1/transactions/{b}"), 60, settled("committed"))
+        .await;
+    let c = begin(&s, json!("count-commit-if-first"), None).await;
+    let t = s
+        .wait_until(&format!("/v1/transactions/{c}"), 60, |t| {
+            t["state"] != "pending"
+        })
+        .await;
+    assert_eq!(t["state"], "unresolved", "{t}");
+    s.stop().await.unwrap();
+}
