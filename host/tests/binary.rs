@@ -790,14 +790,8 @@ async fn audit_records(url: &str) -> Vec<Value> {
 
 /// Uploads the plugin built at `path` as `name` to the server at `url`.
 async fn upload(url: &str, name: &str, path: &str) {
-    let r = reqwest::Client::new()
-        .put(format!("{url}/v1/plugins/{name}"))
-        .header("content-type", "application/wasm")
-        .body(std::fs::read(path).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), reqwest::StatusCode::CREATED, "upload {name}");
+    let (st, v) = wasmq_tests::upload_plugin_to(url, name, path).await;
+    assert_eq!(st, reqwest::StatusCode::CREATED, "upload {name}: {v}");
 }
 
 /// Topic `jobs` (4 queues), `audit`, and subscription `work` of the recorder plugin (4
@@ -1095,14 +1089,7 @@ async fn sigkill_of_one_of_three_nodes_on_three_nats_servers_moves_its_queues_ti
         ("recorder", wasmq_tests::plugins::RECORDER),
         ("body-checker", wasmq_tests::plugins::CHECKER),
     ] {
-        let r = http
-            .put(format!("{}/v1/plugins/{name}", b.url))
-            .header("content-type", "application/wasm")
-            .body(std::fs::read(path).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        upload(&b.url, name, path).await;
     }
     for (group, spec) in [
         (
@@ -1393,14 +1380,8 @@ async fn txn_setup(url: &str, interval_ms: u64, max_checks: u32) {
         ("recorder", wasmq_tests::plugins::RECORDER),
         ("body-checker", wasmq_tests::plugins::CHECKER),
     ] {
-        let r = http
-            .put(format!("{url}/v1/plugins/{name}"))
-            .header("content-type", "application/wasm")
-            .body(std::fs::read(path).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        let (st, v) = wasmq_tests::upload_plugin_to(url, name, path).await;
+        assert!(st.is_success(), "upload {name}: {v}");
     }
     let topic = json!({"queues": 1, "transaction_checker": "body-checker",
                        "transactions": {"check_after_ms": interval_ms, "check_interval_ms": interval_ms, "max_checks": max_checks}});

@@ -440,16 +440,7 @@ impl TestServer {
     }
 
     pub async fn upload_bytes(&self, name: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
-        decode(
-            self.client
-                .put(format!("{}/v1/plugins/{name}", self.url))
-                .header("content-type", "application/wasm")
-                .body(bytes)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
+        upload_bytes_to(&self.client, &self.url, name, bytes).await
     }
 
     /// Runs a plugin's `handle` on a message with this JSON body through the invoke API.
@@ -573,6 +564,31 @@ impl TestServer {
         latencies.sort_unstable();
         latencies
     }
+}
+
+/// Uploads a component as plugin `name` to the server at `url`; status and answer.
+pub async fn upload_bytes_to(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+    bytes: Vec<u8>,
+) -> (StatusCode, Value) {
+    decode(
+        client
+            .put(format!("{url}/v1/plugins/{name}"))
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Uploads the plugin file at `path` as `name` to the server at `url`; status and answer.
+pub async fn upload_plugin_to(url: &str, name: &str, path: &str) -> (StatusCode, Value) {
+    let bytes = std::fs::read(path).unwrap();
+    upload_bytes_to(&reqwest::Client::new(), url, name, bytes).await
 }
 
 /// Every message body of one queue of a topic on the server at `url`, in offset order.

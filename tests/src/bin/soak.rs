@@ -213,14 +213,8 @@ async fn setup(url: &str, recorder: &str, tally: &str) {
         assert!(r.status().is_success(), "topic {topic}: {}", r.status());
     }
     for (name, path) in [("recorder", recorder), ("tally", tally)] {
-        let r = client
-            .put(format!("{url}/v1/plugins/{name}"))
-            .header("content-type", "application/wasm")
-            .body(std::fs::read(path).unwrap())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "upload {name}: {}", r.status());
+        let (st, v) = wasmq_tests::upload_plugin_to(url, name, path).await;
+        assert!(st.is_success(), "upload {name}: {st} {v}");
     }
     // One counter for every message: concurrent deliveries conflict on it all the time.
     let spec = json!({

@@ -33,7 +33,7 @@ use crate::runtime::{
     CommitError, InstanceContext, InvokeError, PluginCode, PluginLimits, PoolKey, Services, Staged,
 };
 use crate::storage::{Expect, RecordWrite, Storage, StorageError, StoredMessage};
-use offsets::{Done, Marked, Parked, is_marked, load_marked, park};
+use offsets::{Done, Marked, Parked, load_marked, park};
 pub use offsets::{ensure_cursors, start_offset};
 use outcome::{Disposition, Effects, count, judge, outcome_index};
 use timers::sleep_until_ms;
@@ -580,19 +580,19 @@ pub async fn start(
             let parked = Parked::default();
             let marked = shared_member.marked[q].clone();
             let (committer, store_task) =
-                member.cursor_committer(q as u32, cursor, parked.clone(), marked.clone());
+                member.cursor_committer(q as u32, cursor, parked.clone(), marked);
             tracker.spawn(store_task);
             if spec.is_ordered() {
                 tracker.spawn(
                     member
                         .clone()
-                        .run_ordered(q as u32, cursor.0, committer, parked, marked),
+                        .run_ordered(q as u32, cursor.0, committer, parked),
                 );
             } else {
                 tracker.spawn(
                     member
                         .clone()
-                        .run_unordered(q as u32, cursor.0, committer, parked, marked),
+                        .run_unordered(q as u32, cursor.0, committer, parked),
                 );
             }
         }

@@ -19,11 +19,6 @@ pub(super) fn park(parked: &Parked, offset: u64, permit: OwnedSemaphorePermit) {
 /// that the stored offset has not passed yet: not to be delivered again.
 pub(super) type Marked = Arc<std::sync::Mutex<BTreeSet<u64>>>;
 
-/// Whether `offset` has a completion marker.
-pub(super) fn is_marked(marked: &Marked, offset: u64) -> bool {
-    marked.lock().is_ok_and(|m| m.contains(&offset))
-}
-
 /// Notes a completion marker just stored.
 pub(super) fn mark(marked: &Marked, offset: u64) {
     if let Ok(mut m) = marked.lock() {
@@ -223,6 +218,22 @@ pub async fn ensure_cursors(
 }
 
 impl Member {
+    /// Whether `offset` of `queue` has a completion marker (its delivery is done).
+    pub(super) fn is_marked(&self, queue: u32, offset: u64) -> bool {
+        self.shared
+            .marked
+            .get(queue as usize)
+            .is_some_and(|m| m.lock().is_ok_and(|m| m.contains(&offset)))
+    }
+
+    /// Notes a completion marker of `offset` of `queue` now stored, for the queue's offset
+    /// writer to delete once the stored offset passes it.
+    pub(super) fn note_marker(&self, queue: u32, offset: u64) {
+        if let Some(m) = self.shared.marked.get(queue as usize) {
+            mark(m, offset);
+        }
+    }
+
     /// Counts `n` messages retention deleted before this subscription handled them.
     pub(super) fn count_expired(&self, n: u64) {
         self.runner.counters.expired.fetch_add(n, Ordering::Relaxed);

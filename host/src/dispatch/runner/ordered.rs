@@ -17,7 +17,6 @@ impl Member {
         start: Cursor,
         committer: watch::Sender<Cursor>,
         parked: Parked,
-        marked: Marked,
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut cursor = start;
@@ -95,7 +94,7 @@ impl Member {
                 continue;
             };
             // Completed (with its effects) before a restart, the offset not yet stored.
-            if !self.filter.matches(m.message.tag.as_deref()) || is_marked(&marked, m.offset) {
+            if !self.filter.matches(m.message.tag.as_deref()) || self.is_marked(queue, m.offset) {
                 cursor = Cursor {
                     committed: cursor.committed.saturating_add(1),
                     ..Cursor::default()
@@ -207,31 +206,12 @@ impl Member {
         let Some(rx) = self.dispatch(m.clone(), attempt).await else {
             return false;
         };
-        let Ok((result, staged, call)) = rx.await else {
+        let Ok(handled) = rx.await else {
             return false;
         };
-        match self.commit_effects(&result, staged, &m, Some(&timer)).await {
-            // Tried again in the queue's next turn, as the same attempt.
-            Effects::Rerun => {
-                self.trace(&m, attempt, &call, &result, "rerun", None);
-                self.shared.add_timer(timer)
-            }
-            Effects::Stopped => return false,
-            Effects::Committed => {
-                self.settle(&result, attempt, &m, block, &call).await;
-                self.shared.forget_timer(&timer.key());
-            }
-            // Its message was completed by another delivery: the timer goes.
-            Effects::AlreadyDone => {
-                self.settle(&result, attempt, &m, block, &call).await;
-                self.remove_timer(&timer).await;
-            }
-            Effects::Discarded => {
-                self.finish_timer(&timer, &result, attempt, &m, block, &call)
-                    .await
-            }
-        }
+        // A delivery run again is tried in the queue's next turn, as the same attempt.
+        let done = self.finish_timer(timer, handled, attempt, &m, block).await;
         drop(permit);
-        true
+        done
     }
 }

@@ -149,9 +149,7 @@ impl Member {
             let e = match self.services.commit(commit).await {
                 Ok(_) => {
                     // Deleted by the queue's offset writer once the stored offset passes it.
-                    if let Some(marked) = self.shared.marked.get(queue as usize) {
-                        offsets::mark(marked, offset);
-                    }
+                    self.note_marker(queue, offset);
                     return Effects::Committed;
                 }
                 Err(e) => Staged::classify(&completion, e),
@@ -160,9 +158,7 @@ impl Member {
                 CommitError::AlreadyDone => {
                     staged.discard(self.services.as_ref()).await;
                     // Its marker is stored: deleted like one of this runner's.
-                    if let Some(marked) = self.shared.marked.get(queue as usize) {
-                        offsets::mark(marked, offset);
-                    }
+                    self.note_marker(queue, offset);
                     return Effects::AlreadyDone;
                 }
                 CommitError::Conflict { space, key } => {

@@ -284,25 +284,46 @@ impl Member {
         }
     }
 
-    /// Stores what became of a timer's delivery. The old timer goes only after its successor
-    /// (if any) is stored, and not at all when the successor has the same key.
+    /// Stores what became of a timer's delivery: its staged effects with the message's
+    /// completion on ack ([`Member::commit_effects`]), else its successor timer or dead letter
+    /// (the old timer goes only after its successor is stored, and not at all when the
+    /// successor has the same key). A delivery to run again, or cut short by a stop, keeps its
+    /// timer (back in memory, due as it was). Returns false when the runner stopped before the
+    /// delivery was done.
     pub(super) async fn finish_timer(
         &self,
-        timer: &Timer,
-        result: &Result<Outcome, InvokeError>,
+        timer: Timer,
+        (result, staged, call): Handled,
         attempt: u32,
         m: &StoredMessage,
         block: bool,
-        call: &CallInfo,
-    ) {
-        if self
-            .settle(result, attempt, m, block, call)
-            .await
-            .as_deref()
-            != Some(timer.key().as_str())
-        {
-            self.remove_timer(timer).await;
+    ) -> bool {
+        match self.commit_effects(&result, staged, m, Some(&timer)).await {
+            Effects::Rerun => {
+                self.trace(m, attempt, &call, &result, "rerun", None);
+                self.shared.add_timer(timer);
+            }
+            Effects::Stopped => {
+                self.shared.add_timer(timer);
+                return false;
+            }
+            Effects::Committed => {
+                self.settle(&result, attempt, m, block, &call).await;
+                self.shared.forget_timer(&timer.key());
+            }
+            // Its message was completed by another delivery: the timer goes.
+            Effects::AlreadyDone => {
+                self.settle(&result, attempt, m, block, &call).await;
+                self.remove_timer(&timer).await;
+            }
+            Effects::Discarded => {
+                let successor = self.settle(&result, attempt, m, block, &call).await;
+                if successor.as_deref() != Some(timer.key().as_str()) {
+                    self.remove_timer(&timer).await;
+                }
+            }
         }
+        true
     }
 
     /// Whether a due timer is still stored (read errors keep it: a timer is never lost).
@@ -339,28 +360,9 @@ impl Member {
                     let m: Arc<StoredMessage> = m;
                     let handled: Option<Handled> = handled;
                     match handled {
-                        Some((result, staged, call)) => {
-                            match self.commit_effects(&result, staged, &m, Some(&timer)).await {
-                                // Due now: delivered again as the same attempt; the stored
-                                // timer stays (as after a stop).
-                                Effects::Rerun => {
-                                    self.trace(&m, attempt, &call, &result, "rerun", None);
-                                    self.shared.add_timer(timer)
-                                }
-                                Effects::Stopped => self.shared.add_timer(timer),
-                                Effects::Committed => {
-                                    self.settle(&result, attempt, &m, false, &call).await;
-                                    self.shared.forget_timer(&timer.key());
-                                }
-                                // Its message was completed by another delivery: the timer goes.
-                                Effects::AlreadyDone => {
-                                    self.settle(&result, attempt, &m, false, &call).await;
-                                    self.remove_timer(&timer).await;
-                                }
-                                Effects::Discarded => {
-                                    self.finish_timer(&timer, &result, attempt, &m, false, &call).await
-                                }
-                            }
+                        // Due now when run again: delivered as the same attempt.
+                        Some(handled) => {
+                            self.finish_timer(timer, handled, attempt, &m, false).await;
                         }
                         // Dropped unstarted by a stopping worker: the stored timer stays.
                         None => self.shared.add_timer(timer),

@@ -10,7 +10,6 @@ impl Member {
         start: Cursor,
         committer: watch::Sender<Cursor>,
         parked: Parked,
-        marked: Marked,
     ) {
         let mut watch = self.storage.watch(self.topic());
         let mut committed = start.committed;
@@ -60,7 +59,8 @@ impl Member {
             let mut finished = Vec::new();
             while let Some(m) = buffer.front() {
                 // Completed (with its effects) before a restart, the offset not yet stored.
-                if !self.filter.matches(m.message.tag.as_deref()) || is_marked(&marked, m.offset) {
+                if !self.filter.matches(m.message.tag.as_deref()) || self.is_marked(queue, m.offset)
+                {
                     finished.push(m.offset);
                 } else if m.message.deliver_at > now_ms() {
                     self.add_timer(self.delay_timer(m)).await;
