@@ -42,6 +42,9 @@ const LOCKS: &str = "__lock";
 /// How long a kv-space lock holds unless given back: far longer than a commit takes (a few
 /// JetStream requests), so only a dead holder's lapses.
 const LOCK_TTL_MS: u64 = 15_000;
+/// How often (200 ms apart) a commit past its commit point tries to finish before it leaves
+/// the rest to recovery.
+const FINISH_TRIES: u32 = 150;
 /// How long a commit waits for a kv-space lock before it is refused for now.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// How old a guarded append's intent must be before another node finishes it: a live writer
@@ -463,11 +466,14 @@ impl JetStreamStorage {
             .await
         {
             Ok(r) => r,
-            Err(e) => {
+            // Not written: the intent goes with it.
+            Err(e @ StorageError::Conflict { .. }) => {
                 self.write_record(INTENTS, &intent_id, None, Expect::Any)
                     .await?;
                 return Err(e);
             }
+            // Maybe written: the intent stays, and recovery decides by the guard.
+            Err(e) => return Err(e),
         };
         let mut out = Committed::default();
         out.revisions.push(if guard.value.is_some() {
@@ -475,23 +481,53 @@ impl JetStreamStorage {
         } else {
             0
         });
-        // The rest side by side: their conditions were checked above.
+        // Past the commit point the commit is decided: what is left is tried again (a retried
+        // append is deduplicated by message id, the writes are the same) until it is done, the
+        // storage closes, or FINISH_TRIES pass; then recovery finishes it from the intent.
+        let mut tries = 0;
+        loop {
+            match self.finish_rest(&rest, &appends, &intent_id).await {
+                Ok((revisions, appended)) => {
+                    out.revisions.extend(revisions);
+                    out.appended = appended;
+                    return Ok(out);
+                }
+                Err(e) if tries < FINISH_TRIES && self.check_open().is_ok() => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "finishing a commit past its commit point; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The writes and appends of a commit after its commit point, then its intent's removal:
+    /// the new revisions (0 for a delete) and where the messages went.
+    async fn finish_rest(
+        &self,
+        rest: &[RecordWrite],
+        appends: &[(String, Vec<NewMessage>)],
+        intent_id: &str,
+    ) -> Result<(Vec<u64>, Vec<Appended>), StorageError> {
+        // Side by side: their conditions were checked before the commit point.
         let writes = rest.iter().map(|w| async move {
             let r = self
                 .write_record(&w.space, &w.key, w.value.clone(), Expect::Any)
                 .await?;
             Ok::<u64, StorageError>(if w.value.is_some() { r } else { 0 })
         });
-        for r in futures::future::join_all(writes).await {
-            out.revisions.push(r?);
+        let revisions = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<u64>, StorageError>>()?;
+        let mut appended = Vec::new();
+        for (topic, messages) in appends {
+            appended.extend(self.append_inner(topic, messages).await?);
         }
-        for (topic, messages) in &appends {
-            out.appended
-                .extend(self.append_inner(topic, messages).await?);
-        }
-        self.write_record(INTENTS, &intent_id, None, Expect::Any)
+        self.write_record(INTENTS, intent_id, None, Expect::Any)
             .await?;
-        Ok(out)
+        Ok((revisions, appended))
     }
 }
 
