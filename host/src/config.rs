@@ -259,6 +259,10 @@ pub struct RetentionConfig {
     /// Dead letters are deleted this long after they died (ms, 1 000 to 100 years; default
     /// 72 h: RocketMQ's dead-letter queues are topics kept as long as its commit log).
     pub dead_letters_max_age_ms: u64,
+    /// At most this many dead letters are kept per subscription, the oldest deleted first
+    /// (1 to 10^9; default 1 000 000, as for transactions). Status and `/metrics` read a
+    /// running count, so the number kept costs disk, not time.
+    pub dead_letters_max_count: u64,
     /// Delivery attempts' trace records (`GET /v1/messages/{id}/trace`) are deleted this long
     /// after their message was created (ms, 1 000 to 100 years; default 72 h, as messages);
     /// 0 records no trace.
@@ -272,6 +276,7 @@ impl Default for RetentionConfig {
             transactions_max_age_ms: 72 * 3600 * 1000,
             transactions_max_count: 1_000_000,
             dead_letters_max_age_ms: 72 * 3600 * 1000,
+            dead_letters_max_count: 1_000_000,
             trace_max_age_ms: 72 * 3600 * 1000,
         }
     }
@@ -478,10 +483,15 @@ impl Config {
                 "retention.trace_max_age_ms must be 0 (no trace) or 1000 to {MAX_RETENTION_AGE_MS} (100 years)"
             )));
         }
-        if !(1..=MAX_RETENTION_COUNT).contains(&r.transactions_max_count) {
-            return Err(ConfigError::Invalid(format!(
-                "retention.transactions_max_count must be 1 to {MAX_RETENTION_COUNT}"
-            )));
+        for (key, count) in [
+            ("transactions_max_count", r.transactions_max_count),
+            ("dead_letters_max_count", r.dead_letters_max_count),
+        ] {
+            if !(1..=MAX_RETENTION_COUNT).contains(&count) {
+                return Err(ConfigError::Invalid(format!(
+                    "retention.{key} must be 1 to {MAX_RETENTION_COUNT}"
+                )));
+            }
         }
         if !(100..=10_000_000).contains(&l.max_timers_in_memory) {
             return Err(ConfigError::Invalid(
@@ -694,6 +704,16 @@ mod tests {
                 "WASMQ_RETENTION_DEAD_LETTERS_MAX_AGE_MS",
                 "0",
                 "dead_letters_max_age_ms",
+            ),
+            (
+                "WASMQ_RETENTION_DEAD_LETTERS_MAX_COUNT",
+                "0",
+                "dead_letters_max_count",
+            ),
+            (
+                "WASMQ_RETENTION_DEAD_LETTERS_MAX_COUNT",
+                "1000000001",
+                "dead_letters_max_count",
             ),
             (
                 "WASMQ_RETENTION_CHECK_INTERVAL_MS",

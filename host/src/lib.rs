@@ -198,7 +198,10 @@ async fn serve(
         } else {
             Dispatcher::new(broker.clone(), plugins.clone())
         }
-        .with_dead_letter_retention(config.retention.dead_letters_max_age_ms)
+        .with_dead_letter_retention(
+            config.retention.dead_letters_max_age_ms,
+            config.retention.dead_letters_max_count,
+        )
         .with_trace_retention(config.retention.trace_max_age_ms),
     );
     let checks = CancellationToken::new();

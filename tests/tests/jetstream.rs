@@ -315,6 +315,8 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
             v["entries"].as_array().is_some_and(|e| e.len() == 8)
         })
         .await;
+    // Both nodes dead-lettered into one count (a conditional write each): it is exact.
+    assert_eq!(a.get("/v1/subscriptions/work").await.1["dlq"], 8);
     let first: std::collections::HashSet<String> = dlq["entries"]
         .as_array()
         .unwrap()
@@ -337,6 +339,9 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
         })
     })
     .await;
+    for node in [&a, &b] {
+        assert_eq!(node.get("/v1/subscriptions/work").await.1["dlq"], 8);
+    }
 
     // Plugin logs: lines logged on A are in B's view too, named by node.
     let (st, v) = a.upload_plugin("probe", wasmq_tests::plugins::PROBE).await;
@@ -697,6 +702,16 @@ async fn a_node_that_loses_a_queue_lease_stops_delivering_it_under_max_rate() {
     storage.close().await;
 }
 
+/// One server on `nats` (R1) that enforces retention every 100 ms.
+async fn retention_node(nats: &NatsServer, dir: &std::path::Path) -> TestServer {
+    let mut c = config_in(dir);
+    c.storage.backend = Backend::Jetstream;
+    c.storage.urls = vec![nats.url.clone()];
+    c.storage.replicas = 1;
+    c.retention.check_interval_ms = 100;
+    TestServer::start_with(c).await
+}
+
 /// Retention on JetStream: age and size limits are the queue streams' own `max_age` and
 /// `max_bytes` (set when the topic is created or changed); `after_consumed` purges what the
 /// subscriptions are done with.
@@ -704,12 +719,7 @@ async fn a_node_that_loses_a_queue_lease_stops_delivering_it_under_max_rate() {
 async fn retention_on_jetstream_uses_the_streams_limits_and_purges_what_is_consumed() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut c = config_in(dir.path());
-    c.storage.backend = Backend::Jetstream;
-    c.storage.urls = vec![nats.url.clone()];
-    c.storage.replicas = 1;
-    c.retention.check_interval_ms = 100;
-    let s = TestServer::start_with(c).await;
+    let s = retention_node(&nats, dir.path()).await;
     let put = |topic: &'static str, body: serde_json::Value| {
         let s = &s;
         async move {
@@ -764,6 +774,75 @@ async fn retention_on_jetstream_uses_the_streams_limits_and_purges_what_is_consu
         .await;
     assert_eq!(t["messages"], 10, "{t}");
     assert_eq!(t["low_water"], t["high_water"], "{t}");
+    s.stop().await.unwrap();
+}
+
+/// Issue 23.2 on JetStream: the id and key index entries go by age, with the longest age
+/// limit among the topics (the index streams' own `max_age`, no request per entry); a topic
+/// without an age limit keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_entries_on_jetstream_go_with_the_longest_age_limit() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = retention_node(&nats, dir.path()).await;
+    let (st, v) = s
+        .put_json(
+            "/v1/topics/brief",
+            &json!({"queues": 2, "retention": {"max_age_ms": 1000}}),
+        )
+        .await;
+    assert!(st.is_success(), "{st} {v}");
+    let msgs: Vec<_> = (0..6)
+        .map(|n| json!({"body": {"n": n}, "key": format!("k{n}")}))
+        .collect();
+    let sent = s.publish_batch("brief", msgs).await;
+    let id = sent["results"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(s.get(&format!("/v1/messages/{id}")).await.0, StatusCode::OK);
+
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let index = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(name).await.unwrap();
+            let info = stream.info().await.unwrap();
+            (info.state.messages, info.config.max_age)
+        }
+    };
+    assert_eq!(index("KV_WQ_IDS").await.0, 6);
+    assert_eq!(index("WQ_KEYS").await.0, 6);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (ids, keys) = (index("KV_WQ_IDS").await, index("WQ_KEYS").await);
+        if ids.0 == 0 && keys.0 == 0 {
+            assert_eq!(ids.1, std::time::Duration::from_secs(1));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "index entries kept: ids {ids:?}, keys {keys:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        s.get(&format!("/v1/messages/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A topic without an age limit: index entries are kept again.
+    let (st, v) = s
+        .put_json(
+            "/v1/topics/forever",
+            &json!({"queues": 1, "retention": {"max_age_ms": null}}),
+        )
+        .await;
+    assert!(st.is_success(), "{st} {v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while index("KV_WQ_IDS").await.1 != std::time::Duration::ZERO
+        || index("WQ_KEYS").await.1 != std::time::Duration::ZERO
+    {
+        assert!(std::time::Instant::now() < deadline, "index age not lifted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     s.stop().await.unwrap();
 }
 

@@ -560,3 +560,107 @@ async fn dead_letters_go_once_their_age_passed() {
     assert_eq!(v["entries"], json!([]), "{v}");
     s.stop().await.unwrap();
 }
+
+/// Issue 23.4: beyond `[retention] dead_letters_max_count` the oldest dead letters go; the
+/// count status and `/metrics` show is a record changed in the same step as the entries (by
+/// dead-lettering, redrive and expiry), so it stays exact across a restart; a database from
+/// before the count existed is counted once from its entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_beyond_their_count_go_oldest_first_and_the_count_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = config_in(dir.path());
+        c.retention.check_interval_ms = 100;
+        c.retention.dead_letters_max_count = 3;
+        c
+    };
+    let s = TestServer::start_with(config()).await;
+    s.create_topic("events", 1).await;
+    s.upload_plugin("reject-all", REJECT_ALL).await;
+    // Ordered: dead-lettered one after another, so the oldest are the first published.
+    s.subscribe(
+        "dead",
+        json!({"topic": "events", "plugin": "reject-all", "ordered": true}),
+    )
+    .await;
+    let msgs: Vec<Value> = (0..5).map(|n| json!({"body": {"n": n}})).collect();
+    let published = s.publish_batch("events", msgs).await;
+    let ids: Vec<String> = published["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    s.wait_until("/v1/subscriptions/dead", 60, |v| {
+        v["counters"]["dead_lettered"] == 5 && v["dlq"] == 3
+    })
+    .await;
+    let kept = |v: &Value| -> Vec<String> {
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, page) = s.get("/v1/subscriptions/dead/dlq").await;
+    assert_eq!(kept(&page), ids[2..], "the newest three are kept: {page}");
+    assert!(
+        s.metrics()
+            .await
+            .contains("wasmq_dead_letters{group=\"dead\"} 3"),
+        "the gauge reads the count"
+    );
+
+    // A redrive replaces its dead letter by a timer in one step; rejected again, it is a
+    // new dead letter and the oldest kept one goes.
+    let (st, v) = s
+        .post_json(
+            "/v1/subscriptions/dead/dlq/redrive",
+            &json!({"ids": [ids[2]]}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["redriven"].clone()),
+        (StatusCode::OK, json!(1)),
+        "{v}"
+    );
+    s.wait_until("/v1/subscriptions/dead", 60, |v| {
+        v["counters"]["dead_lettered"] == 6 && v["dlq"] == 3
+    })
+    .await;
+    two_passes(&s).await;
+    let (_, page) = s.get("/v1/subscriptions/dead/dlq").await;
+    assert_eq!(
+        kept(&page),
+        [ids[3].clone(), ids[4].clone(), ids[2].clone()],
+        "{page}"
+    );
+    s.stop().await.unwrap();
+
+    // The count survives a restart; without its record (a database from before it) the
+    // entries are counted once and the count is stored again.
+    let s = TestServer::start_with(config()).await;
+    assert_eq!(s.get("/v1/subscriptions/dead").await.1["dlq"], 3);
+    s.stop().await.unwrap();
+    let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
+    let count = wasmq::dispatch::dlq::COUNT_SPACE;
+    assert!(storage.get_record(count, "dead").await.unwrap().is_some());
+    storage
+        .put_record(count, "dead", None, wasmq::storage::Expect::Any)
+        .await
+        .unwrap();
+    storage.close().await;
+    drop(storage);
+    let s = TestServer::start_with(config()).await;
+    assert_eq!(s.get("/v1/subscriptions/dead").await.1["dlq"], 3);
+    // Deleting the subscription removes its entries and the count.
+    let (st, _) = s.delete("/v1/subscriptions/dead").await;
+    assert!(st.is_success(), "{st}");
+    s.stop().await.unwrap();
+    let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
+    assert!(storage.get_record(count, "dead").await.unwrap().is_none());
+    let left = storage.list_records("dlq/dead", "", 10).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    storage.close().await;
+}

@@ -2,6 +2,7 @@
 //! RocketMQ's semantics: clustering and broadcast, ordered queues, retries with backoff, a
 //! dead-letter queue per group, delayed messages, rate and in-flight limits.
 
+pub mod dlq;
 mod reconcile;
 mod retention;
 pub mod runner;
@@ -90,6 +91,9 @@ pub struct Dispatcher {
     /// Dead letters are deleted this long after they died (ms; `[retention]
     /// dead_letters_max_age_ms`).
     dead_letters_max_age_ms: u64,
+    /// At most this many dead letters are kept per subscription, the oldest deleted first
+    /// (`[retention] dead_letters_max_count`).
+    dead_letters_max_count: u64,
     /// How long trace records are kept (`[retention] trace_max_age_ms`; 0: none are made).
     trace_max_age_ms: u64,
 }
@@ -156,6 +160,8 @@ impl Dispatcher {
             stored_offsets: Default::default(),
             dead_letters_max_age_ms: crate::config::RetentionConfig::default()
                 .dead_letters_max_age_ms,
+            dead_letters_max_count: crate::config::RetentionConfig::default()
+                .dead_letters_max_count,
             trace_max_age_ms: crate::config::RetentionConfig::default().trace_max_age_ms,
             peer_tallies: Default::default(),
         }
@@ -182,10 +188,12 @@ impl Dispatcher {
         self
     }
 
-    /// Keeps dead letters `max_age_ms` after they died (see [`Dispatcher::enforce_retention`]).
-    pub fn with_dead_letter_retention(self, max_age_ms: u64) -> Self {
+    /// Keeps dead letters `max_age_ms` after they died, and at most `max_count` per
+    /// subscription (see [`Dispatcher::enforce_retention`]).
+    pub fn with_dead_letter_retention(self, max_age_ms: u64, max_count: u64) -> Self {
         Self {
             dead_letters_max_age_ms: max_age_ms,
+            dead_letters_max_count: max_count,
             ..self
         }
     }
@@ -392,13 +400,13 @@ impl Dispatcher {
         for space in [
             state::cursor_space(group),
             state::timer_space(group),
-            state::dlq_space(group),
             state::counts_space(group),
             state::done_space(group),
             kv.clone(),
         ] {
             state::clear(store.as_ref(), &space, "").await?;
         }
+        dlq::clear(store.as_ref(), group).await?;
         self.env.broker.forget_kv_usage(&kv);
         store
             .put_record(state::SUB_SPACE, group, None, Expect::Any)

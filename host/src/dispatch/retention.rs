@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::state::{self, Cursor, DeadLetter, Timer};
-use super::{DispatchError, Dispatcher, Mode};
+use super::{DispatchError, Dispatcher, Mode, dlq};
 use crate::broker::TopicMeta;
 use crate::metrics::TopicLabel;
 
@@ -30,7 +30,18 @@ impl Dispatcher {
     /// topic are logged and the pass goes on with the next.
     pub async fn enforce_retention(&self, now_ms: u64) -> RetentionPass {
         let mut pass = RetentionPass::default();
-        for topic in self.env.broker.topics() {
+        let topics = self.env.broker.topics();
+        if !topics.is_empty() {
+            // Index entries live as long as the longest-lived topic's messages may.
+            let longest = topics
+                .iter()
+                .map(|t| t.retention.max_age_ms)
+                .try_fold(0u64, |longest, age| Some(longest.max(age?)));
+            if let Err(e) = self.env.storage.limit_index_age(longest).await {
+                tracing::warn!(error = %e, "setting the index age failed; next pass tries again");
+            }
+        }
+        for topic in topics {
             if let Err(e) = self.enforce_topic(&topic, now_ms, &mut pass).await {
                 tracing::warn!(topic = %topic.name, error = %e, "retention pass failed; next pass tries again");
             }
@@ -65,29 +76,40 @@ impl Dispatcher {
     }
 
     /// Deletes every subscription's dead letters that died `dead_letters_max_age_ms` or longer
-    /// before `now` (ms since the epoch), oldest first: their keys sort by time of death, so a
-    /// pass reads what it deletes and one more. Returns how many went.
+    /// before `now` (ms since the epoch), then the oldest beyond `dead_letters_max_count`:
+    /// their keys sort by time of death, so a pass reads what it deletes and one more, and the
+    /// count is one record ([`dlq::count`]). Returns how many went.
     pub async fn expire_dead_letters(&self, now: u64) -> Result<u64, DispatchError> {
-        const PAGE: usize = 256;
-        let storage = &self.env.storage;
+        let storage = self.env.storage.as_ref();
         let mut n = 0;
         for (group, _) in self.subscriptions().await? {
             let space = state::dlq_space(&group);
-            'pages: loop {
-                let page = storage.list_records(&space, "", PAGE).await?;
-                if page.is_empty() {
+            loop {
+                let mut excess = dlq::count(storage, &group)
+                    .await?
+                    .saturating_sub(self.dead_letters_max_count);
+                let page = storage.list_records(&space, "", dlq::PAGE).await?;
+                let expired: Vec<(String, Option<_>)> = page
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .take_while(|key| {
+                        let old = DeadLetter::died_at(key)
+                            .and_then(|at| at.checked_add(self.dead_letters_max_age_ms))
+                            .is_some_and(|until| until <= now);
+                        let over = excess > 0;
+                        excess = excess.saturating_sub(1);
+                        old || over
+                    })
+                    .map(|key| (key, None))
+                    .collect();
+                if expired.is_empty() {
                     break;
                 }
-                for (key, _) in page {
-                    let expired = DeadLetter::died_at(&key)
-                        .and_then(|at| at.checked_add(self.dead_letters_max_age_ms))
-                        .is_some_and(|until| until <= now);
-                    if !expired {
-                        break 'pages;
-                    }
-                    state::delete(storage.as_ref(), &space, &key).await?;
-                    n += 1;
-                }
+                let change = dlq::Change {
+                    add: Vec::new(),
+                    remove: expired,
+                };
+                n += dlq::apply(storage, &group, change).await?.removed;
             }
         }
         Ok(n)

@@ -182,12 +182,8 @@ impl Dispatcher {
                 queues,
             });
         }
-        let dlq = self
-            .env
-            .storage
-            .list_records(&state::dlq_space(group), "", usize::MAX)
-            .await?
-            .len();
+        let dlq = usize::try_from(dlq::count(self.env.storage.as_ref(), group).await?)
+            .unwrap_or(usize::MAX);
         let tally = self.tally(group, runner);
         let (instances, queues) = if broadcast {
             (Some(member_views), None)
@@ -250,23 +246,44 @@ impl Dispatcher {
         // Timers of a running member are also held in memory: stop, write, start again.
         self.halt(group).await;
         let mut n = 0;
-        for (k, r) in store.list_records(&space, "", usize::MAX).await? {
-            let dl: DeadLetter = state::decode(&k, &r)?;
-            if ids.is_some_and(|ids| !ids.contains(&dl.message_id)) {
-                continue;
-            }
-            let t = Timer {
-                member: dl.member.clone(),
-                due: now_ms(),
-                queue: dl.queue,
-                offset: dl.offset,
-                attempts: 0,
-                kind: TimerKind::Redrive,
-                last_error: None,
+        let mut after = String::new();
+        loop {
+            let page = store
+                .list_records_after(&space, "", &after, dlq::PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else {
+                break;
             };
-            state::put(store.as_ref(), &state::timer_space(group), &t.key(), &t).await?;
-            state::delete(store.as_ref(), &space, &k).await?;
-            n += 1;
+            after = last.clone();
+            let mut remove = Vec::new();
+            for (k, r) in &page {
+                let dl: DeadLetter = state::decode(k, r)?;
+                if ids.is_some_and(|ids| !ids.contains(&dl.message_id)) {
+                    continue;
+                }
+                let t = Timer {
+                    member: dl.member.clone(),
+                    due: now_ms(),
+                    queue: dl.queue,
+                    offset: dl.offset,
+                    attempts: 0,
+                    kind: TimerKind::Redrive,
+                    last_error: None,
+                };
+                // The timer replaces its dead letter in one step: never both, never neither.
+                let timer = crate::storage::RecordWrite {
+                    space: state::timer_space(group),
+                    key: t.key(),
+                    value: Some(state::encode(&t)?),
+                    expect: Expect::Any,
+                };
+                remove.push((k.clone(), Some(timer)));
+            }
+            let change = dlq::Change {
+                add: Vec::new(),
+                remove,
+            };
+            n += dlq::apply(store.as_ref(), group, change).await?.removed as usize;
         }
         // The nodes running the group's queues load the new timers when they restart.
         self.touch(&mut record).await?;

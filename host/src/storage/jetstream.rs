@@ -192,6 +192,8 @@ pub struct JetStreamStorage {
     writer: String,
     /// This run's token (a fresh id per connect), told apart from earlier runs of `writer`.
     run: String,
+    /// The index age last given to the index streams (see [`Storage::limit_index_age`]).
+    index_age: std::sync::Mutex<Option<Option<u64>>>,
 }
 
 impl std::fmt::Debug for JetStreamStorage {
@@ -311,6 +313,7 @@ impl JetStreamStorage {
             commit_lock: tokio::sync::Mutex::new(()),
             writer: writer.to_string(),
             run: uuid::Uuid::now_v7().to_string(),
+            index_age: std::sync::Mutex::new(None),
         };
         storage.finish_intents(INTENT_AGE, true).await?;
         Ok(storage)
@@ -650,6 +653,53 @@ impl Storage for JetStreamStorage {
                 .await
                 .remove(&(topic.to_string(), queue));
         }
+        Ok(())
+    }
+
+    /// Sets `max_age` of the id index's stream (`KV_WQ_IDS`) and the key index's (`WQ_KEYS`),
+    /// when it changed: the server then deletes old entries itself, by age, with no request
+    /// per entry. An entry is written just after its message, so it goes just after the last
+    /// topic's copy could. Entries of messages deleted earlier (by size, after consumption or
+    /// with their topic) stay until then; lookups check that the message is still there.
+    async fn limit_index_age(&self, max_age_ms: Option<u64>) -> Result<(), StorageError> {
+        let applied = |guard: &std::sync::Mutex<Option<Option<u64>>>| {
+            *guard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if applied(&self.index_age) == Some(max_age_ms) {
+            return Ok(());
+        }
+        let max_age = Duration::from_millis(max_age_ms.unwrap_or(0));
+        for name in [format!("KV_{IDS}"), KEYS.to_string()] {
+            let mut stream = self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| js_err(&format!("index stream {name}"), e))?;
+            let mut config = stream
+                .info()
+                .await
+                .map_err(|e| js_err(&format!("index stream {name}"), e))?
+                .config
+                .clone();
+            if config.max_age == max_age {
+                continue;
+            }
+            config.max_age = max_age;
+            // JetStream wants the duplicate window within the age.
+            if !max_age.is_zero() {
+                config.duplicate_window = config.duplicate_window.min(max_age);
+            }
+            self.js
+                .update_stream(&config)
+                .await
+                .map_err(|e| js_err(&format!("index stream {name}"), e))?;
+        }
+        *self
+            .index_age
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(max_age_ms);
         Ok(())
     }
 

@@ -366,6 +366,16 @@ pub trait Storage: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Lets the id and key index entries go once they are older than `max_age_ms`: the
+    /// longest age limit among all topics (`None`: some topic keeps messages without one, so
+    /// entries are kept). Called by every retention pass. A backend that deletes index
+    /// entries with their message range (RocksDB: a compaction filter below each queue's low
+    /// water) has nothing to do; JetStream hands the age to its index streams, which apply it
+    /// themselves.
+    async fn limit_index_age(&self, _max_age_ms: Option<u64>) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// Finishes what a writer that died left half done, if older than `age` (so no live
     /// writer is raced). A shared backend needs this from one node now and then; a local one
     /// finishes its writes atomically and has nothing to do.

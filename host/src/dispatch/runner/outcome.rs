@@ -216,11 +216,22 @@ impl Member {
             reason,
             dead_at: now_ms(),
         };
-        let space = state::dlq_space(&self.group);
         tracing::info!(group = %self.group, message = %dl.message_id, reason = %dl.reason, "dead-lettered");
-        let key = dl.key();
-        self.persist("a dead letter", || {
-            state::put(self.storage.as_ref(), &space, &key, &dl)
+        let entry = match state::encode(&dl) {
+            Ok(v) => (dl.key(), v),
+            Err(e) => {
+                tracing::error!(group = %self.group, error = %e, "cannot encode a dead letter");
+                return;
+            }
+        };
+        self.persist("a dead letter", || async {
+            let change = crate::dispatch::dlq::Change {
+                add: vec![entry.clone()],
+                remove: Vec::new(),
+            };
+            crate::dispatch::dlq::apply(self.storage.as_ref(), &self.group, change)
+                .await
+                .map(drop)
         })
         .await;
         // Counted once stored, so whoever sees the count can read the entry.

@@ -1,0 +1,147 @@
+//! A subscription's dead-letter queue: its entries and their running count, always changed
+//! together in one atomic step, so status, `/metrics` and count-based retention read one
+//! record instead of every entry (issue 23: costs that do not grow with history).
+
+use serde::{Deserialize, Serialize};
+
+use super::state;
+use crate::storage::{Commit, Expect, RecordWrite, Storage, StorageError};
+
+/// The space of every subscription's dead-letter count, keyed by group.
+pub const COUNT_SPACE: &str = "dlq-count";
+
+/// How many entries one step adds or removes at most (a redrive or an expiry of many entries
+/// is several steps, each whole).
+pub const PAGE: usize = 256;
+
+/// The stored count.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Count {
+    n: u64,
+}
+
+/// A change to one subscription's dead-letter queue, made whole or not at all.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// Entries to add: key ([`state::DeadLetter::key`]) and encoded entry.
+    pub add: Vec<(String, Vec<u8>)>,
+    /// Keys of entries to remove, each with a record written in its place in the same step
+    /// (the timer a redrive makes of it), which is left out with it if it is already gone.
+    pub remove: Vec<(String, Option<RecordWrite>)>,
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Entries that were added (an entry already stored under its key is not added again).
+    pub added: u64,
+    /// Entries that were removed (an entry already gone is not counted).
+    pub removed: u64,
+}
+
+/// The count and the condition a write of it must carry. A subscription whose dead letters
+/// were stored before the count existed has none: its entries are counted once.
+async fn read(storage: &dyn Storage, group: &str) -> Result<(u64, Expect), StorageError> {
+    match storage.get_record(COUNT_SPACE, group).await? {
+        Some(r) => {
+            let c: Count = state::decode("dead-letter count", &r)?;
+            Ok((c.n, Expect::Revision(r.revision)))
+        }
+        None => {
+            let n = storage
+                .list_records(&state::dlq_space(group), "", usize::MAX)
+                .await?
+                .len();
+            Ok((u64::try_from(n).unwrap_or(u64::MAX), Expect::Absent))
+        }
+    }
+}
+
+/// How many dead letters `group` holds: one record read. The first call on a queue stored
+/// before the count existed counts its entries and stores the count.
+pub async fn count(storage: &dyn Storage, group: &str) -> Result<u64, StorageError> {
+    let (n, expect) = read(storage, group).await?;
+    if expect == Expect::Absent && n > 0 {
+        let value = state::encode(&Count { n })?;
+        match storage
+            .put_record(COUNT_SPACE, group, Some(value), Expect::Absent)
+            .await
+        {
+            // Another step stored it first; its count holds.
+            Ok(_) | Err(StorageError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Adds and removes entries of `group`'s dead-letter queue, writes what replaces each removed
+/// one and moves the count, in one [`Storage::commit`]. The count's revision is its condition: a concurrent
+/// change (another worker, another node) makes this one read it again and retry. An entry
+/// added that is already stored (a write retried after an unclear failure) or removed that is
+/// already gone (a concurrent expiry) is left out, so the count stays exact.
+///
+/// Errors: the storage's, except conflicts on the count or the entries, which are retried.
+pub async fn apply(
+    storage: &dyn Storage,
+    group: &str,
+    mut change: Change,
+) -> Result<Applied, StorageError> {
+    let space = state::dlq_space(group);
+    loop {
+        if change.add.is_empty() && change.remove.is_empty() {
+            return Ok(Applied::default());
+        }
+        let (n, expect) = read(storage, group).await?;
+        let added = change.add.len() as u64;
+        let removed = change.remove.len() as u64;
+        let after = n.saturating_add(added).saturating_sub(removed);
+        let mut records = Vec::with_capacity(1 + change.add.len() + change.remove.len());
+        records.push(RecordWrite {
+            space: COUNT_SPACE.to_string(),
+            key: group.to_string(),
+            value: Some(state::encode(&Count { n: after })?),
+            expect,
+        });
+        records.extend(change.add.iter().map(|(key, value)| RecordWrite {
+            space: space.clone(),
+            key: key.clone(),
+            value: Some(value.clone()),
+            expect: Expect::Absent,
+        }));
+        for (key, instead) in &change.remove {
+            records.push(RecordWrite {
+                space: space.clone(),
+                key: key.clone(),
+                value: None,
+                expect: Expect::Present,
+            });
+            records.extend(instead.iter().cloned());
+        }
+        match storage
+            .commit(Commit {
+                checks: Vec::new(),
+                records,
+                appends: Vec::new(),
+            })
+            .await
+        {
+            Ok(_) => return Ok(Applied { added, removed }),
+            Err(StorageError::Conflict { space: s, key }) if s == COUNT_SPACE && key == group => {}
+            Err(StorageError::Conflict { space: s, key }) if s == space => {
+                change.add.retain(|(k, _)| *k != key);
+                change.remove.retain(|(k, _)| *k != key);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Removes `group`'s dead letters and their count (the subscription is deleted).
+pub async fn clear(storage: &dyn Storage, group: &str) -> Result<(), StorageError> {
+    state::clear(storage, &state::dlq_space(group), "").await?;
+    storage
+        .put_record(COUNT_SPACE, group, None, Expect::Any)
+        .await
+        .map(drop)
+}
