@@ -702,6 +702,64 @@ async fn a_node_that_loses_a_queue_lease_stops_delivering_it_under_max_rate() {
     storage.close().await;
 }
 
+/// Issue 23.4 on shared storage: delivery counters survive a node's restart under a new
+/// (random) id and another node's stop: each node keeps its own record, and status sums the
+/// records of nodes not running the subscription with the live tallies. A subscription
+/// created again under the name counts from 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_node_restarts_and_stops_on_shared_storage() {
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let acked = |v: &serde_json::Value| v["counters"]["acked"].as_u64();
+    let a = TestServer::start_with(node_config(&nats, dirs[0].path(), "")).await;
+    a.create_topic("orders", 8).await;
+    a.upload_plugin("echo", wasmq_tests::plugins::ECHO).await;
+    a.subscribe("count", json!({"topic": "orders", "plugin": "echo"}))
+        .await;
+    a.publish_numbered("orders", 5).await;
+    a.wait_until("/v1/subscriptions/count", 60, |v| acked(v) == Some(5))
+        .await;
+    a.stop().await.unwrap();
+
+    let a = TestServer::start_with(node_config(&nats, dirs[0].path(), "")).await;
+    let v = a
+        .wait_until("/v1/subscriptions/count", 60, |v| acked(v).is_some())
+        .await;
+    assert_eq!(acked(&v), Some(5), "after a restart under a new id: {v}");
+
+    let b = TestServer::start_with(node_config(&nats, dirs[1].path(), "node-b")).await;
+    a.wait_until("/v1/cluster", 30, |v| {
+        let owners = queue_owners(v, "count");
+        owners.len() == 8 && owners.values().any(|n| n == "node-b")
+    })
+    .await;
+    a.publish_numbered("orders", 40).await;
+    a.wait_until("/v1/subscriptions/count", 60, |v| acked(v) == Some(45))
+        .await;
+    b.stop().await.unwrap();
+    // Once B's last report is stale, its share comes from its record.
+    a.wait_until("/v1/cluster", 30, |v| {
+        let owners = queue_owners(v, "count");
+        owners.len() == 8 && owners.values().all(|n| n != "node-b")
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let v = a.get("/v1/subscriptions/count").await.1;
+    assert_eq!(acked(&v), Some(45), "with node-b stopped: {v}");
+
+    assert_eq!(a.delete("/v1/subscriptions/count").await.0, StatusCode::OK);
+    a.subscribe(
+        "count",
+        json!({"topic": "orders", "plugin": "echo", "start": "latest"}),
+    )
+    .await;
+    let v = a
+        .wait_until("/v1/subscriptions/count", 60, |v| acked(v).is_some())
+        .await;
+    assert_eq!(acked(&v), Some(0), "a new subscription counts afresh: {v}");
+    a.stop().await.unwrap();
+}
+
 /// One server on `nats` (R1) that enforces retention every 100 ms.
 async fn retention_node(nats: &NatsServer, dir: &std::path::Path) -> TestServer {
     let mut c = config_in(dir);

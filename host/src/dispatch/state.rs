@@ -40,8 +40,30 @@ pub fn counts_space(group: &str) -> String {
     format!("counts/{group}")
 }
 
-/// The key of the counters in [`counts_space`].
+/// The key of the counters in [`counts_space`] of a node alone on its storage (on shared
+/// storage each node's are under its node id).
 pub const LOCAL_NODE: &str = "local";
+
+/// A node's delivery counters of one subscription as stored, with the incarnation they belong
+/// to: a runner of a deleted subscription on another node may store its record after the
+/// deletion cleared the space, and a subscription created again under the name must not
+/// count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCounts {
+    /// The subscription's `created_at` (0: stored before incarnations were kept; taken as
+    /// the current one).
+    #[serde(default)]
+    pub incarnation: u64,
+    #[serde(flatten)]
+    pub counts: StoredCounts,
+}
+
+impl NodeCounts {
+    /// The counters, if they belong to the incarnation created at `created_at`.
+    pub fn of(&self, created_at: u64) -> Option<StoredCounts> {
+        (self.incarnation == 0 || self.incarnation == created_at).then_some(self.counts)
+    }
+}
 
 /// Delivery counters as stored: what a runner counted since the subscription was created,
 /// so status and `/metrics` keep them across restarts, pauses and updates.

@@ -184,7 +184,14 @@ impl Dispatcher {
         }
         let dlq = usize::try_from(dlq::count(self.env.storage.as_ref(), group).await?)
             .unwrap_or(usize::MAX);
-        let tally = self.tally(group, runner);
+        let tally = self
+            .add_stored_counts(
+                group,
+                self.tally(group, runner),
+                runner.is_some(),
+                record.created_at,
+            )
+            .await?;
         let (instances, queues) = if broadcast {
             (Some(member_views), None)
         } else {

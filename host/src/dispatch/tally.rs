@@ -90,7 +90,7 @@ impl Dispatcher {
     }
 
     /// `group`'s tally on this node plus those other nodes reported lately; `None` if no node
-    /// runs it.
+    /// runs it. See [`Self::add_stored_counts`] for the nodes not running it now.
     pub(super) fn tally(&self, group: &str, local: Option<&Runner>) -> Option<Tally> {
         let mut total = local.map(|r| r.shared.tally());
         if let Ok(peers) = self.peer_tallies.lock() {
@@ -101,5 +101,55 @@ impl Dispatcher {
             }
         }
         total
+    }
+
+    /// On shared storage, adds to a live `tally` of `group` (incarnation `created_at`) the
+    /// stored counters of every node not running the group now: nodes that stopped, died or
+    /// gave up its queues, and earlier runs of nodes whose id changes at each start. A node
+    /// running it counts from its own record, so its live tally already holds that record.
+    pub(super) async fn add_stored_counts(
+        &self,
+        group: &str,
+        tally: Option<Tally>,
+        local_runs: bool,
+        created_at: u64,
+    ) -> Result<Option<Tally>, DispatchError> {
+        let (Some(share), Some(mut total)) = (&self.share, tally) else {
+            return Ok(tally);
+        };
+        let mut live: std::collections::HashSet<String> = self
+            .peer_tallies
+            .lock()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .filter(|(_, (at, groups))| {
+                        at.elapsed() < TALLY_FRESH && groups.contains_key(group)
+                    })
+                    .map(|(node, _)| node.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if local_runs {
+            live.insert(share.node.clone());
+        }
+        let stored = self
+            .env
+            .storage
+            .list_records(&state::counts_space(group), "", usize::MAX)
+            .await?;
+        for (node, r) in stored {
+            if live.contains(&node) {
+                continue;
+            }
+            let counts: state::NodeCounts = state::decode(&node, &r)?;
+            if let Some(counts) = counts.of(created_at) {
+                total.add(&Tally {
+                    counts,
+                    ..Tally::default()
+                });
+            }
+        }
+        Ok(Some(total))
     }
 }

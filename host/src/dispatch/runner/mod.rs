@@ -190,24 +190,33 @@ impl Counters {
     }
 }
 
-/// Where a runner keeps its counters: its node's record in the subscription's counts space.
+/// Where a runner keeps its counters: its node's record in the subscription's counts space,
+/// for the subscription's current incarnation.
 #[derive(Clone)]
 struct CountsRecord {
     storage: Arc<dyn Storage>,
     space: String,
     node: String,
+    incarnation: u64,
 }
 
 impl CountsRecord {
     async fn load(&self) -> Result<state::StoredCounts, DispatchError> {
         match self.storage.get_record(&self.space, &self.node).await? {
-            Some(r) => Ok(state::decode("delivery counters", &r)?),
+            Some(r) => {
+                let stored: state::NodeCounts = state::decode("delivery counters", &r)?;
+                Ok(stored.of(self.incarnation).unwrap_or_default())
+            }
             None => Ok(state::StoredCounts::default()),
         }
     }
 
     async fn store(&self, counts: state::StoredCounts) {
-        if let Err(e) = state::put(self.storage.as_ref(), &self.space, &self.node, &counts).await {
+        let record = state::NodeCounts {
+            incarnation: self.incarnation,
+            counts,
+        };
+        if let Err(e) = state::put(self.storage.as_ref(), &self.space, &self.node, &record).await {
             tracing::warn!(space = %self.space, error = %e, "cannot store delivery counters");
         }
     }
@@ -268,7 +277,7 @@ pub struct Runner {
     grace: Duration,
     tracker: TaskTracker,
     pub shared: Arc<RunnerShared>,
-    counts: Option<CountsRecord>,
+    counts: CountsRecord,
 }
 
 impl Runner {
@@ -309,9 +318,7 @@ impl Runner {
             self.tracker.wait().await;
         }
         // Every delivery is settled: the counters are final for this run.
-        if let Some(c) = &self.counts {
-            c.store(self.shared.counters.stored()).await;
-        }
+        self.counts.store(self.shared.counters.stored()).await;
     }
 }
 
@@ -453,18 +460,16 @@ pub async fn start(
         }));
         starts.push(cursors);
     }
-    // Kept by a node alone on its storage. Nodes sharing it count from their start (status
-    // sums the live ones): a node's id may change at each start, and a deleted
-    // subscription's runner on another node would write its record back.
-    let counts = node.is_none().then(|| CountsRecord {
+    // Each node keeps its own record (status sums the records of nodes not running the
+    // group now with the live tallies), so counts survive restarts of runners and nodes, also
+    // a node whose id changes at each start.
+    let counts = CountsRecord {
         storage: storage.clone(),
         space: state::counts_space(&record.group),
-        node: state::LOCAL_NODE.to_string(),
-    });
-    let stored = match &counts {
-        Some(c) => c.load().await?,
-        None => state::StoredCounts::default(),
+        node: node.unwrap_or(state::LOCAL_NODE).to_string(),
+        incarnation: record.created_at,
     };
+    let stored = counts.load().await?;
     let shared = Arc::new(RunnerShared {
         plugin_version: version.version,
         counters: Counters::from_stored(stored),
@@ -602,9 +607,7 @@ pub async fn start(
         }
     }
     drop(channels);
-    if let Some(c) = &counts {
-        tracker.spawn(c.clone().keep(shared.clone(), cancel.clone()));
-    }
+    tracker.spawn(counts.clone().keep(shared.clone(), cancel.clone()));
     Ok(Runner {
         counts,
         topic: spec.topic.clone(),
