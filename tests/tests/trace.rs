@@ -184,3 +184,58 @@ async fn a_trace_shows_every_attempt_and_where_the_message_is_for_each_subscript
     );
     s.stop().await.unwrap();
 }
+
+/// Trace records go `[retention] trace_max_age_ms` after their message was created, as one
+/// range: never sooner, and a younger message's records stay; the messages themselves stay
+/// (their topic keeps them 72 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_records_go_once_their_message_is_older_than_the_trace_age() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config_in(dir.path());
+    c.retention.check_interval_ms = 100;
+    c.retention.trace_max_age_ms = 3000;
+    let s = TestServer::start_with(c).await;
+    let (st, v) = s.upload_plugin("echo", ECHO).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    s.create_topic("orders", 1).await;
+    s.subscribe("work", json!({"topic": "orders", "plugin": "echo"}))
+        .await;
+    let id = |v: Value| v["results"][0]["id"].as_str().unwrap().to_string();
+    let attempts = |v: &Value| {
+        entry(v, "work", "all")["attempts"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let old_sent = Instant::now();
+    let old = id(s.publish_batch("orders", vec![json!({"body": 1})]).await);
+    s.wait_until(&format!("/v1/messages/{old}/trace"), 30, |v| {
+        attempts(v) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let young_sent = Instant::now();
+    let young = id(s.publish_batch("orders", vec![json!({"body": 2})]).await);
+    s.wait_until(&format!("/v1/messages/{young}/trace"), 30, |v| {
+        attempts(v) == 1
+    })
+    .await;
+    let v = s
+        .wait_until(&format!("/v1/messages/{old}/trace"), 30, |v| {
+            attempts(v) == 0
+        })
+        .await;
+    assert!(
+        old_sent.elapsed() >= Duration::from_millis(2900),
+        "gone {:?} after it was sent",
+        old_sent.elapsed()
+    );
+    assert_eq!(v["stored"], true, "the message itself stays: {v}");
+    let (_, v) = s.get(&format!("/v1/messages/{young}/trace")).await;
+    // Younger than the age for as long as this says (an upper bound of its age).
+    if young_sent.elapsed() < Duration::from_millis(2900) {
+        assert_eq!(attempts(&v), 1, "the younger message's record stays: {v}");
+    }
+    s.stop().await.unwrap();
+}

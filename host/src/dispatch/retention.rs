@@ -19,8 +19,6 @@ pub struct RetentionPass {
     pub idempotency_keys: u64,
     /// Dead letters past their age.
     pub dead_letters: u64,
-    /// Message trace records past their age.
-    pub trace_records: u64,
 }
 
 impl Dispatcher {
@@ -63,13 +61,10 @@ impl Dispatcher {
                 tracing::warn!(error = %e, "expiring dead letters failed; next pass tries again");
             }
         }
-        if self.trace_max_age_ms > 0 {
-            match self.expire_trace(now_ms, self.trace_max_age_ms).await {
-                Ok(n) => pass.trace_records += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "expiring message trace records failed; next pass tries again");
-                }
-            }
+        if self.trace_max_age_ms > 0
+            && let Err(e) = self.expire_trace(now_ms, self.trace_max_age_ms).await
+        {
+            tracing::warn!(error = %e, "expiring message trace records failed; next pass tries again");
         }
         self.env.broker.metrics().retention_passes.inc();
         pass

@@ -238,47 +238,19 @@ impl Dispatcher {
     }
 
     /// Deletes the attempt records of messages created `max_age_ms` or longer before `now`
-    /// (ms since the epoch), oldest first: their keys sort by the message's creation time, so
-    /// a pass reads what it deletes and one page more. Returns how many went.
-    pub async fn expire_trace(&self, now: u64, max_age_ms: u64) -> Result<u64, DispatchError> {
-        const PAGE: usize = 1024;
-        let storage = &self.env.storage;
-        let mut n = 0;
-        loop {
-            let page = storage.list_records(TRACE_SPACE, "", PAGE).await?;
-            let full = page.len() == PAGE;
-            let mut records = Vec::new();
-            let mut young = false;
-            for (key, _) in page {
-                let created = key
-                    .split_once('/')
-                    .and_then(|(id, _)| id.parse::<MessageId>().ok())
-                    .and_then(|id| id.get_timestamp())
-                    .map(|t| {
-                        let (secs, nanos) = t.to_unix();
-                        secs.saturating_mul(1000)
-                            .saturating_add(u64::from(nanos / 1_000_000))
-                    });
-                // A key that names no message id is not ours to keep.
-                if created.is_some_and(|c| c.checked_add(max_age_ms).is_none_or(|end| end > now)) {
-                    young = true;
-                    break;
-                }
-                records.push(RecordWrite {
-                    space: TRACE_SPACE.into(),
-                    key,
-                    value: None,
-                    expect: Expect::Any,
-                });
-            }
-            if !records.is_empty() {
-                n += records.len() as u64;
-                storage.put_records(records).await?;
-            }
-            if young || !full {
-                return Ok(n);
-            }
-        }
+    /// (ms since the epoch) as one range: their keys start with the message id, a UUIDv7,
+    /// whose text sorts by creation time, so the cut is the smallest id of the first kept
+    /// millisecond ([`crate::storage::Storage::delete_records_before`]).
+    pub async fn expire_trace(&self, now: u64, max_age_ms: u64) -> Result<(), DispatchError> {
+        let Some(cut) = now.checked_sub(max_age_ms) else {
+            return Ok(());
+        };
+        let first_kept = uuid::Builder::from_unix_timestamp_millis(cut, &[0; 10]).into_uuid();
+        self.env
+            .storage
+            .delete_records_before(TRACE_SPACE, &first_kept.to_string())
+            .await?;
+        Ok(())
     }
 }
 

@@ -27,6 +27,7 @@ pub async fn run_all(open: &Open) {
     blobs_watch_and_odd_names(open).await;
     truncate_deletes_a_range_and_never_reuses_offsets(open).await;
     size_limit_keeps_each_queue_within_its_bytes(open).await;
+    deleting_records_before_a_key_keeps_the_rest_and_other_spaces(open).await;
 }
 
 pub fn msg(queue: u32, key: Option<&str>, body: &str) -> NewMessage {
@@ -508,5 +509,47 @@ pub async fn size_limit_keeps_each_queue_within_its_bytes(open: &Open) {
         .await
         .unwrap();
     assert_eq!(none, e.low_water);
+    s.close().await;
+}
+
+/// `delete_records_before` deletes one space's keys below the cut (more than a page of them),
+/// keeps the key at the cut and after it, neighbouring spaces whose names extend this one's,
+/// and what a restart reads back.
+pub async fn deleting_records_before_a_key_keeps_the_rest_and_other_spaces(open: &Open) {
+    let s = open().await;
+    let keys: Vec<String> = (0..1100).map(|i| format!("{i:06}/x")).collect();
+    let writes = |space: &str| -> Vec<RecordWrite> {
+        keys.iter()
+            .map(|k| RecordWrite {
+                space: space.into(),
+                key: k.clone(),
+                value: Some(b"v".to_vec()),
+                expect: Expect::Any,
+            })
+            .collect()
+    };
+    for chunk in writes("span").chunks(256) {
+        s.put_records(chunk.to_vec()).await.unwrap();
+    }
+    s.put_records(writes("spanner")[..3].to_vec())
+        .await
+        .unwrap();
+    s.delete_records_before("span", "001050").await.unwrap();
+    let left = s.list_records("span", "", usize::MAX).await.unwrap();
+    let left: Vec<&str> = left.iter().map(|(k, _)| k.as_str()).collect();
+    let want: Vec<&str> = keys[1050..].iter().map(String::as_str).collect();
+    assert_eq!(left, want);
+    assert_eq!(s.list_records("spanner", "", 10).await.unwrap().len(), 3);
+    // Nothing below the first key: nothing goes.
+    s.delete_records_before("span", "000000").await.unwrap();
+    s.close().await;
+    drop(s);
+    let s = open().await;
+    assert_eq!(
+        s.list_records("span", "", usize::MAX).await.unwrap().len(),
+        50
+    );
+    assert!(s.get_record("span", "001049/x").await.unwrap().is_none());
+    assert!(s.get_record("span", "001050/x").await.unwrap().is_some());
     s.close().await;
 }

@@ -366,6 +366,36 @@ pub trait Storage: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Deletes every record of `space` whose key sorts before `before`: for spaces whose keys
+    /// sort by time and go by age (message trace records), so a retention pass costs per
+    /// range, not per record. Only for spaces never written under a condition (a
+    /// compare-and-set racing the deletion could see a deleted record). RocksDB: one
+    /// `DeleteRange` through the writer, ordered with every other write; by default, a page
+    /// of 1 000 keys at a time.
+    async fn delete_records_before(&self, space: &str, before: &str) -> Result<(), StorageError> {
+        loop {
+            let page = self.list_records(space, "", 1000).await?;
+            let full = page.len() == 1000;
+            let deletes: Vec<RecordWrite> = page
+                .into_iter()
+                .take_while(|(key, _)| key.as_str() < before)
+                .map(|(key, _)| RecordWrite {
+                    space: space.to_string(),
+                    key,
+                    value: None,
+                    expect: Expect::Any,
+                })
+                .collect();
+            let all = deletes.len() == 1000;
+            if !deletes.is_empty() {
+                self.put_records(deletes).await?;
+            }
+            if !(full && all) {
+                return Ok(());
+            }
+        }
+    }
+
     /// Lets the id and key index entries go once they are older than `max_age_ms`: the
     /// longest age limit among all topics (`None`: some topic keeps messages without one, so
     /// entries are kept). Called by every retention pass. A backend that deletes index

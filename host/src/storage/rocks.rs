@@ -617,6 +617,17 @@ impl Storage for RocksStorage {
     }
 
     /// One write for all of them (they land together, though nothing needs them to).
+    async fn delete_records_before(&self, space: &str, before: &str) -> Result<(), StorageError> {
+        let (space, before) = (space.to_string(), before.to_string());
+        self.submit(|reply| WriteOp::DeleteRecords {
+            space,
+            before,
+            reply,
+        })
+        .await
+        .map(drop)
+    }
+
     async fn put_records(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
         self.commit(Commit {
             records,

@@ -31,6 +31,12 @@ pub(super) enum WriteOp {
         expect: Expect,
         reply: oneshot::Sender<Result<u64, StorageError>>,
     },
+    /// Deletes every record of `space` with a key before `before` (one range).
+    DeleteRecords {
+        space: String,
+        before: String,
+        reply: oneshot::Sender<Result<u64, StorageError>>,
+    },
     /// Deletes a queue's messages from `from` (which must be its low water, else a conflict)
     /// up to `before`; `range_bytes` is what they take. Replies with the new low water.
     Truncate {
@@ -51,6 +57,7 @@ impl WriteOp {
             WriteOp::Commit { reply, .. } => reply.send(Err(e)).map_err(drop),
             WriteOp::PutBlob { reply, .. }
             | WriteOp::PutRecord { reply, .. }
+            | WriteOp::DeleteRecords { reply, .. }
             | WriteOp::Truncate { reply, .. } => reply.send(Err(e)).map_err(drop),
         };
     }
@@ -75,7 +82,7 @@ impl WriteOp {
             WriteOp::PutRecord { value, .. } | WriteOp::PutBlob { value, .. } => {
                 value.as_ref().map_or(0, Vec::len) + 64
             }
-            WriteOp::Truncate { .. } => 64,
+            WriteOp::Truncate { .. } | WriteOp::DeleteRecords { .. } => 64,
         }
     }
 }
@@ -364,6 +371,25 @@ impl Writer {
                         Some(v) => batch.put_cf(blobs, key.as_bytes(), v),
                         None => batch.delete_cf(blobs, key.as_bytes()),
                     }
+                    replies.push(Reply::Record(reply, 0));
+                }
+                WriteOp::DeleteRecords {
+                    space,
+                    before,
+                    reply,
+                } => {
+                    let Ok(records) = cf(db, CF_RECORDS) else {
+                        let _ = reply.send(Err(StorageError::Corrupt("no records CF".into())));
+                        continue;
+                    };
+                    let (from, to) = (keys::record(&space, ""), keys::record(&space, &before));
+                    // Records this batch wrote earlier in the range are deleted with it.
+                    for (key, revision) in staged_records.iter_mut() {
+                        if *key >= from && *key < to {
+                            *revision = None;
+                        }
+                    }
+                    batch.delete_range_cf(records, from, to);
                     replies.push(Reply::Record(reply, 0));
                 }
                 WriteOp::Truncate {
