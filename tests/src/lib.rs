@@ -660,3 +660,49 @@ pub fn costly_component(salt: u32) -> Vec<u8> {
     component.section(&ModuleSection(&module));
     component.finish()
 }
+
+/// Asserts `storage` holds nothing of the deleted `topic` (its `queues` queues empty, no
+/// message under business key `key`, no idempotency records) and nothing of the deleted
+/// subscriptions `groups`: records, offsets, timers, dead letters and their count, delivery
+/// counters, completion markers, kv.
+pub async fn assert_nothing_left(
+    storage: &dyn wasmq::storage::Storage,
+    topic: &str,
+    queues: u32,
+    key: &str,
+    groups: &[&str],
+) {
+    for q in 0..queues {
+        let e = storage.extent(topic, q).await.unwrap();
+        assert_eq!(
+            (e.low_water, e.bytes),
+            (e.high_water, 0),
+            "queue {q}: {e:?}"
+        );
+        assert!(storage.read(topic, q, 0, 10).await.unwrap().is_empty());
+    }
+    assert!(
+        storage
+            .messages_by_key(topic, key, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut records = vec![("topic".to_string(), topic.to_string())];
+    let mut spaces = vec![format!("idem/{topic}")];
+    for g in groups {
+        records.push(("sub".into(), g.to_string()));
+        records.push((wasmq::dispatch::dlq::COUNT_SPACE.into(), g.to_string()));
+        for space in ["cursor", "timer", "dlq", "counts", "done", "kvsub"] {
+            spaces.push(format!("{space}/{g}"));
+        }
+    }
+    for (space, key) in records {
+        let r = storage.get_record(&space, &key).await.unwrap();
+        assert!(r.is_none(), "{space}/{key} is left");
+    }
+    for space in spaces {
+        let left = storage.list_records(&space, "", 10).await.unwrap();
+        assert!(left.is_empty(), "{space} holds {left:?}");
+    }
+}

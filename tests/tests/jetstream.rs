@@ -760,6 +760,51 @@ async fn counters_survive_node_restarts_and_stops_on_shared_storage() {
     a.stop().await.unwrap();
 }
 
+/// Issue 23.3 on JetStream: deleting a topic with `force` leaves nothing of it or of its
+/// subscriptions in storage (messages, key lookups, offsets, timers, dead letters and their
+/// count, counters, completion markers, kv).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topic_on_jetstream_leaves_nothing_of_it_or_its_subscriptions() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = retention_node(&nats, dir.path()).await;
+    s.create_topic("doomed", 2).await;
+    s.create_topic("derived", 1).await;
+    for (name, path) in [
+        ("tally", wasmq_tests::plugins::TALLY),
+        ("reject-all", wasmq_tests::plugins::REJECT_ALL),
+    ] {
+        let (st, v) = s.upload_plugin(name, path).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    s.subscribe(
+        "counting",
+        json!({"topic": "doomed", "plugin": "tally",
+               "config": {"derived": "derived"}, "grants": {"publish": ["derived"]}}),
+    )
+    .await;
+    s.subscribe("dead", json!({"topic": "doomed", "plugin": "reject-all"}))
+        .await;
+    let msgs: Vec<_> = (0..6)
+        .map(|n| json!({"body": {"n": n}, "key": format!("k{n}")}))
+        .collect();
+    s.publish_batch("doomed", msgs).await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| v["dlq"] == 6)
+        .await;
+    s.wait_until("/v1/subscriptions/counting", 60, |v| v["lag"] == 0)
+        .await;
+    let (st, gone) = s.delete("/v1/topics/doomed?force=true").await;
+    assert_eq!(st, StatusCode::OK, "{gone}");
+    assert_eq!(gone["messages"], 6, "{gone}");
+    s.stop().await.unwrap();
+
+    let storage = JetStreamStorage::connect(&[nats.url.clone()], 1)
+        .await
+        .unwrap();
+    wasmq_tests::assert_nothing_left(&storage, "doomed", 2, "k1", &["counting", "dead"]).await;
+    storage.close().await;
+}
+
 /// One server on `nats` (R1) that enforces retention every 100 ms.
 async fn retention_node(nats: &NatsServer, dir: &std::path::Path) -> TestServer {
     let mut c = config_in(dir);

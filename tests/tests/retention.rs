@@ -438,38 +438,7 @@ async fn deleting_a_topic_removes_it_its_messages_and_with_force_its_subscriptio
 
     // Nothing of the topic or its subscription is left in storage.
     let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
-    for q in 0..2 {
-        let e = storage.extent("doomed", q).await.unwrap();
-        assert_eq!(
-            (e.low_water, e.bytes),
-            (e.high_water, 0),
-            "queue {q}: {e:?}"
-        );
-        assert!(storage.read("doomed", q, 0, 10).await.unwrap().is_empty());
-    }
-    assert!(
-        storage
-            .messages_by_key("doomed", "k1", 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    for (space, key) in [("topic", "doomed"), ("sub", "reader")] {
-        assert!(
-            storage.get_record(space, key).await.unwrap().is_none(),
-            "{space}"
-        );
-    }
-    for space in ["cursor/reader", "timer/reader", "dlq/reader", "idem/doomed"] {
-        assert!(
-            storage
-                .list_records(space, "", 10)
-                .await
-                .unwrap()
-                .is_empty(),
-            "{space}"
-        );
-    }
+    wasmq_tests::assert_nothing_left(&storage, "doomed", 2, "k1", &["reader"]).await;
     storage.close().await;
     drop(storage);
 
