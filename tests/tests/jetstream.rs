@@ -798,7 +798,7 @@ async fn deleting_a_topic_on_jetstream_leaves_nothing_of_it_or_its_subscriptions
     assert_eq!(gone["messages"], 6, "{gone}");
     s.stop().await.unwrap();
 
-    let storage = JetStreamStorage::connect(&[nats.url.clone()], 1)
+    let storage = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
         .await
         .unwrap();
     wasmq_tests::assert_nothing_left(&storage, "doomed", 2, "k1", &["counting", "dead"]).await;
