@@ -245,11 +245,18 @@ impl Dispatcher {
         let Some(cut) = now.checked_sub(max_age_ms) else {
             return Ok(());
         };
-        let first_kept = uuid::Builder::from_unix_timestamp_millis(cut, &[0; 10]).into_uuid();
-        self.env
-            .storage
-            .delete_records_before(TRACE_SPACE, &first_kept.to_string())
-            .await?;
+        let first_kept = uuid::Builder::from_unix_timestamp_millis(cut, &[0; 10])
+            .into_uuid()
+            .to_string();
+        // Only when something is below the cut: an idle server would otherwise add a range
+        // deletion every pass.
+        let oldest = self.env.storage.list_records(TRACE_SPACE, "", 1).await?;
+        if oldest.first().is_some_and(|(key, _)| *key < first_kept) {
+            self.env
+                .storage
+                .delete_records_before(TRACE_SPACE, &first_kept)
+                .await?;
+        }
         Ok(())
     }
 }
