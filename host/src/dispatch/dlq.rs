@@ -129,8 +129,13 @@ pub async fn apply(
             Ok(_) => return Ok(Applied { added, removed }),
             Err(StorageError::Conflict { space: s, key }) if s == COUNT_SPACE && key == group => {}
             Err(StorageError::Conflict { space: s, key }) if s == space => {
+                let before = change.add.len() + change.remove.len();
                 change.add.retain(|(k, _)| *k != key);
                 change.remove.retain(|(k, _)| *k != key);
+                if change.add.len() + change.remove.len() == before {
+                    // Not one of this change's entries: retrying would not help.
+                    return Err(StorageError::Conflict { space: s, key });
+                }
             }
             Err(e) => return Err(e),
         }
