@@ -616,7 +616,6 @@ impl Storage for RocksStorage {
         .await
     }
 
-    /// One write for all of them (they land together, though nothing needs them to).
     async fn delete_records_before(&self, space: &str, before: &str) -> Result<(), StorageError> {
         let (space, before) = (space.to_string(), before.to_string());
         self.submit(|reply| WriteOp::DeleteRecords {
@@ -628,6 +627,7 @@ impl Storage for RocksStorage {
         .map(drop)
     }
 
+    /// One write for all of them (they land together, though nothing needs them to).
     async fn put_records(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
         self.commit(Commit {
             records,
