@@ -931,7 +931,8 @@ async fn index_entries_on_jetstream_go_with_the_longest_age_limit() {
         StatusCode::NOT_FOUND
     );
 
-    // A topic without an age limit: index entries are kept again.
+    // A topic without an age limit: index entries are kept again, and the duplicate window
+    // (shrunk to the 1 s age) is JetStream's 2 min again.
     let (st, v) = s
         .put_json(
             "/v1/topics/forever",
@@ -945,6 +946,11 @@ async fn index_entries_on_jetstream_go_with_the_longest_age_limit() {
     {
         assert!(std::time::Instant::now() < deadline, "index age not lifted");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for name in ["KV_WQ_IDS", "WQ_KEYS"] {
+        let mut stream = js.get_stream(name).await.unwrap();
+        let window = stream.info().await.unwrap().config.duplicate_window;
+        assert_eq!(window, std::time::Duration::from_secs(120), "{name}");
     }
     s.stop().await.unwrap();
 }

@@ -59,13 +59,22 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> StorageError {
     StorageError::JetStream(format!("{what}: {e}"))
 }
 
-/// A name as one NATS token that is also a valid stream name and KV key: ASCII letters, digits
-/// and `-` stay, every other byte becomes `=XX`; the empty string is `=`.
 /// A JetStream store time (the stream leader's clock) in ms since the epoch.
 fn epoch_ms(time: &async_nats::datetime::DateTime) -> u64 {
     u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
 }
 
+/// A stream's id deduplication window for messages kept `max_age_ms` (`None`: no age limit):
+/// JetStream's 2 min, no longer than they are kept (JetStream refuses a longer one).
+fn duplicate_window(max_age_ms: Option<u64>) -> Duration {
+    match max_age_ms {
+        Some(age) => DUPLICATE_WINDOW.min(Duration::from_millis(age)),
+        None => DUPLICATE_WINDOW,
+    }
+}
+
+/// A name as one NATS token that is also a valid stream name and KV key: ASCII letters, digits
+/// and `-` stay, every other byte becomes `=XX`; the empty string is `=`.
 fn enc(s: &str) -> String {
     if s.is_empty() {
         return "=".into();
@@ -340,10 +349,7 @@ impl JetStreamStorage {
                 .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             discard: stream::DiscardPolicy::Old,
             // JetStream's 2 min id deduplication, no longer than messages are kept.
-            duplicate_window: match limits.max_age_ms {
-                Some(age) => DUPLICATE_WINDOW.min(Duration::from_millis(age)),
-                None => DUPLICATE_WINDOW,
-            },
+            duplicate_window: duplicate_window(limits.max_age_ms),
             ..Default::default()
         }
     }
@@ -662,12 +668,11 @@ impl Storage for JetStreamStorage {
     /// topic's copy could. Entries of messages deleted earlier (by size, after consumption or
     /// with their topic) stay until then; lookups check that the message is still there.
     async fn limit_index_age(&self, max_age_ms: Option<u64>) -> Result<(), StorageError> {
-        let applied = |guard: &std::sync::Mutex<Option<Option<u64>>>| {
-            *guard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        if applied(&self.index_age) == Some(max_age_ms) {
+        let last = *self
+            .index_age
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last == Some(max_age_ms) {
             return Ok(());
         }
         let max_age = Duration::from_millis(max_age_ms.unwrap_or(0));
@@ -683,14 +688,12 @@ impl Storage for JetStreamStorage {
                 .map_err(|e| js_err(&format!("index stream {name}"), e))?
                 .config
                 .clone();
-            if config.max_age == max_age {
+            let window = duplicate_window(max_age_ms);
+            if (config.max_age, config.duplicate_window) == (max_age, window) {
                 continue;
             }
             config.max_age = max_age;
-            // JetStream wants the duplicate window within the age.
-            if !max_age.is_zero() {
-                config.duplicate_window = config.duplicate_window.min(max_age);
-            }
+            config.duplicate_window = window;
             self.js
                 .update_stream(&config)
                 .await
