@@ -30,15 +30,6 @@ pub struct Change {
     pub remove: Vec<(String, Option<RecordWrite>)>,
 }
 
-/// What [`apply`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
-    /// Entries that were added (an entry already stored under its key is not added again).
-    pub added: u64,
-    /// Entries that were removed (an entry already gone is not counted).
-    pub removed: u64,
-}
-
 /// The count and the condition a write of it must carry. A subscription whose dead letters
 /// were stored before the count existed has none: its entries are counted once.
 async fn read(storage: &dyn Storage, group: &str) -> Result<(u64, Expect), StorageError> {
@@ -79,18 +70,19 @@ pub async fn count(storage: &dyn Storage, group: &str) -> Result<u64, StorageErr
 /// one and moves the count, in one [`Storage::commit`]. The count's revision is its condition: a concurrent
 /// change (another worker, another node) makes this one read it again and retry. An entry
 /// added that is already stored (a write retried after an unclear failure) or removed that is
-/// already gone (a concurrent expiry) is left out, so the count stays exact.
+/// already gone (a concurrent expiry) is left out, so the count stays exact. Returns how
+/// many entries it removed.
 ///
 /// Errors: the storage's, except conflicts on the count or the entries, which are retried.
 pub async fn apply(
     storage: &dyn Storage,
     group: &str,
     mut change: Change,
-) -> Result<Applied, StorageError> {
+) -> Result<u64, StorageError> {
     let space = state::dlq_space(group);
     loop {
         if change.add.is_empty() && change.remove.is_empty() {
-            return Ok(Applied::default());
+            return Ok(0);
         }
         let (n, expect) = read(storage, group).await?;
         let added = change.add.len() as u64;
@@ -126,7 +118,7 @@ pub async fn apply(
             })
             .await
         {
-            Ok(_) => return Ok(Applied { added, removed }),
+            Ok(_) => return Ok(removed),
             Err(StorageError::Conflict { space: s, key }) if s == COUNT_SPACE && key == group => {}
             Err(StorageError::Conflict { space: s, key }) if s == space => {
                 let before = change.add.len() + change.remove.len();

@@ -145,6 +145,7 @@ pub struct ResetTo(pub Start);
 impl Dispatcher {
     /// A dispatcher alone on its storage: it runs every subscription.
     pub fn new(broker: Arc<Broker>, plugins: Arc<Plugins>) -> Self {
+        let retention = crate::config::RetentionConfig::default();
         Self {
             env: Handles {
                 storage: broker.storage().clone(),
@@ -158,11 +159,9 @@ impl Dispatcher {
             active: std::sync::atomic::AtomicBool::new(true),
             share: None,
             stored_offsets: Default::default(),
-            dead_letters_max_age_ms: crate::config::RetentionConfig::default()
-                .dead_letters_max_age_ms,
-            dead_letters_max_count: crate::config::RetentionConfig::default()
-                .dead_letters_max_count,
-            trace_max_age_ms: crate::config::RetentionConfig::default().trace_max_age_ms,
+            dead_letters_max_age_ms: retention.dead_letters_max_age_ms,
+            dead_letters_max_count: retention.dead_letters_max_count,
+            trace_max_age_ms: retention.trace_max_age_ms,
             peer_tallies: Default::default(),
         }
     }

@@ -104,7 +104,7 @@ impl Dispatcher {
                     add: Vec::new(),
                     remove: expired,
                 };
-                n += dlq::apply(storage, &group, change).await?.removed;
+                n += dlq::apply(storage, &group, change).await?;
             }
         }
         Ok(n)

@@ -290,7 +290,7 @@ impl Dispatcher {
                 add: Vec::new(),
                 remove,
             };
-            n += dlq::apply(store.as_ref(), group, change).await?.removed as usize;
+            n += dlq::apply(store.as_ref(), group, change).await? as usize;
         }
         // The nodes running the group's queues load the new timers when they restart.
         self.touch(&mut record).await?;
