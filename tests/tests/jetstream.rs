@@ -880,78 +880,154 @@ async fn retention_on_jetstream_uses_the_streams_limits_and_purges_what_is_consu
     s.stop().await.unwrap();
 }
 
-/// Issue 23.2 on JetStream: the id and key index entries go by age, with the longest age
-/// limit among the topics (the index streams' own `max_age`, no request per entry); a topic
-/// without an age limit keeps them.
+/// The value of an unlabelled counter in `/metrics`.
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let m = s.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+}
+
+/// Issue 23.2 on JetStream: the id and key index entries of each queue live in the queue's
+/// own index stream (`WQX_{topic}_{queue}`), go by the topic's age limit (the stream's own
+/// `max_age`) and by a purge after what size limits, consumption and topic deletion take, with
+/// no request per entry; ids carry their topic's tag and queue, so lookups by id and by key
+/// still answer, and nothing goes to the global index any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn index_entries_on_jetstream_go_with_the_longest_age_limit() {
+async fn index_entries_on_jetstream_go_with_their_queue_by_age_size_and_consumption() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let s = retention_node(&nats, dir.path()).await;
-    let (st, v) = s
-        .put_json(
-            "/v1/topics/brief",
-            &json!({"queues": 2, "retention": {"max_age_ms": 1000}}),
-        )
-        .await;
-    assert!(st.is_success(), "{st} {v}");
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let entries = |name: String| {
+        let js = js.clone();
+        async move {
+            match js.get_stream(&name).await {
+                Ok(mut stream) => {
+                    let info = stream.info().await.unwrap();
+                    (info.state.messages, info.config.max_age)
+                }
+                Err(_) => (0, std::time::Duration::ZERO),
+            }
+        }
+    };
+    let index = |topic: &str, q: u32| entries(format!("WQX_{topic}_{q}"));
+    let put = |topic: &'static str, body: serde_json::Value| {
+        let s = &s;
+        async move {
+            let (st, v) = s.put_json(&format!("/v1/topics/{topic}"), &body).await;
+            assert!(st.is_success(), "{st} {v}");
+        }
+    };
+
+    // By age: the index streams have the topic's max_age.
+    put(
+        "brief",
+        json!({"queues": 2, "retention": {"max_age_ms": 1000}}),
+    )
+    .await;
     let msgs: Vec<_> = (0..6)
         .map(|n| json!({"body": {"n": n}, "key": format!("k{n}")}))
         .collect();
     let sent = s.publish_batch("brief", msgs).await;
-    let id = sent["results"][0]["id"].as_str().unwrap().to_string();
-    assert_eq!(s.get(&format!("/v1/messages/{id}")).await.0, StatusCode::OK);
-
-    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
-    let index = |name: &'static str| {
-        let js = js.clone();
-        async move {
-            let mut stream = js.get_stream(name).await.unwrap();
-            let info = stream.info().await.unwrap();
-            (info.state.messages, info.config.max_age)
-        }
-    };
-    assert_eq!(index("KV_WQ_IDS").await.0, 6);
-    assert_eq!(index("WQ_KEYS").await.0, 6);
+    let ids: Vec<String> = (0..6)
+        .map(|i| sent["results"][i]["id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &ids {
+        assert_eq!(s.get(&format!("/v1/messages/{id}")).await.0, StatusCode::OK);
+    }
+    let (_, by_key) = s.get("/v1/topics/brief/messages?key=k3").await;
+    assert_eq!(by_key["messages"][0]["body"]["n"], 3, "{by_key}");
+    let (a, b) = (index("brief", 0).await, index("brief", 1).await);
+    assert_eq!(a.0 + b.0, 12, "one id and one key entry per message");
+    assert_eq!(a.1, std::time::Duration::from_secs(1));
+    // Nothing in the global index.
+    assert_eq!(entries("KV_WQ_IDS".into()).await.0, 0);
+    assert_eq!(entries("WQ_KEYS".into()).await.0, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let (ids, keys) = (index("KV_WQ_IDS").await, index("WQ_KEYS").await);
-        if ids.0 == 0 && keys.0 == 0 {
-            assert_eq!(ids.1, std::time::Duration::from_secs(1));
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "index entries kept: ids {ids:?}, keys {keys:?}"
-        );
+    while index("brief", 0).await.0 + index("brief", 1).await.0 > 0 {
+        assert!(std::time::Instant::now() < deadline, "index entries kept");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(
-        s.get(&format!("/v1/messages/{id}")).await.0,
+        s.get(&format!("/v1/messages/{}", ids[0])).await.0,
         StatusCode::NOT_FOUND
     );
 
-    // A topic without an age limit: index entries are kept again, and the duplicate window
-    // (shrunk to the 1 s age) is JetStream's 2 min again.
-    let (st, v) = s
-        .put_json(
-            "/v1/topics/forever",
-            &json!({"queues": 1, "retention": {"max_age_ms": null}}),
-        )
+    // After consumption, on a topic without an age limit.
+    put(
+        "consumed",
+        json!({"queues": 2, "retention": {"after_consumed": true, "max_age_ms": null}}),
+    )
+    .await;
+    s.create_topic("audit", 1).await;
+    let (st, v) = s.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    s.subscribe(
+        "work",
+        json!({"topic": "consumed", "plugin": "recorder",
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    let msgs: Vec<_> = (0..10)
+        .map(|n| json!({"body": {"n": n}, "key": format!("c{n}")}))
+        .collect();
+    let sent = s.publish_batch("consumed", msgs).await;
+    let consumed_id = sent["results"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(s.wait_audit("audit", 10, 60).await.len(), 10);
+    s.wait_until("/v1/topics/consumed", 60, |t| t["stored_messages"] == 0)
         .await;
-    assert!(st.is_success(), "{st} {v}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while index("KV_WQ_IDS").await.1 != std::time::Duration::ZERO
-        || index("WQ_KEYS").await.1 != std::time::Duration::ZERO
-    {
-        assert!(std::time::Instant::now() < deadline, "index age not lifted");
+    while index("consumed", 0).await.0 + index("consumed", 1).await.0 > 0 {
+        assert!(std::time::Instant::now() < deadline, "index entries kept");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    for name in ["KV_WQ_IDS", "WQ_KEYS"] {
-        let mut stream = js.get_stream(name).await.unwrap();
-        let window = stream.info().await.unwrap().config.duplicate_window;
-        assert_eq!(window, std::time::Duration::from_secs(120), "{name}");
+    assert_eq!(index("consumed", 0).await.1, std::time::Duration::ZERO);
+    assert_eq!(
+        s.get(&format!("/v1/messages/{consumed_id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // The audit messages (kept: no limit) are still found by id, from another topic.
+    let (_, audit) = s.get("/v1/topics/audit/messages?queue=0&from=0").await;
+    let audit_id = audit["messages"][9]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.get(&format!("/v1/messages/{audit_id}")).await.0,
+        StatusCode::OK
+    );
+
+    // By size, published in rounds with retention passes between them: what the stream's
+    // max_bytes took loses its entries a round or two later; what it keeps is still found.
+    put(
+        "sized",
+        json!({"queues": 1, "retention": {"max_bytes": 8192, "max_age_ms": null}}),
+    )
+    .await;
+    let pad = "p".repeat(1000);
+    for round in 0..8 {
+        let msgs: Vec<_> = (0..5)
+            .map(|n| json!({"body": {"n": round * 5 + n, "pad": pad}, "key": format!("s{}", round * 5 + n)}))
+            .collect();
+        s.publish_batch("sized", msgs).await;
+        let passes = metric(&s, "wasmq_retention_passes_total").await;
+        while metric(&s, "wasmq_retention_passes_total").await < passes + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
+    let (_, t) = s.get("/v1/topics/sized").await;
+    let stored = t["stored_messages"].as_u64().unwrap();
+    assert!(stored < 40 && t["high_water"][0] == 40, "{t}");
+    let kept = index("sized", 0).await.0;
+    assert!(
+        kept <= 2 * (stored + 10),
+        "80 entries written, {kept} kept for {stored} messages"
+    );
+    let (_, last) = s.get("/v1/topics/sized/messages?key=s39").await;
+    assert_eq!(last["messages"][0]["body"]["n"], 39, "{last}");
+
+    // Deleting a topic purges its index at once.
+    let (st, v) = s.delete("/v1/topics/sized").await;
+    assert!(st.is_success(), "{st} {v}");
+    assert_eq!(index("sized", 0).await.0, 0);
     s.stop().await.unwrap();
 }
 

@@ -633,3 +633,176 @@ async fn dead_letters_beyond_their_count_go_oldest_first_and_the_count_stays_exa
     assert!(left.is_empty(), "{left:?}");
     storage.close().await;
 }
+
+/// Pins (one record per timer and dead letter, by queue and offset) answer what
+/// `after_consumed` must keep without reading every timer; a database from before them gets
+/// them built once; a pin left without its timer goes; a runner counts its timers past the
+/// in-memory window from them and drops a predecessor timer a crash left behind; a reset
+/// takes the timers' pins with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_hold_what_timers_and_dead_letters_need_also_in_a_database_from_before_them() {
+    use wasmq::storage::Expect;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = config_in(dir.path());
+        c.retention.check_interval_ms = 100;
+        c.limits.max_timers_in_memory = 100;
+        c
+    };
+    let s = TestServer::start_with(config()).await;
+    let rules = json!({"queues": 1, "retention": {"after_consumed": true, "max_age_ms": null}});
+    put_topic(&s, "events", rules).await;
+    for (name, path) in [("reject-all", REJECT_ALL), ("trap", TRAP)] {
+        let (st, v) = s.upload_plugin(name, path).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    // 120 retry timers (past the window of 100) and 3 dead letters.
+    s.subscribe(
+        "later",
+        json!({"topic": "events", "plugin": "trap",
+               "retry": {"max_attempts": 3, "backoff_ms": [600_000]}}),
+    )
+    .await;
+    s.publish_numbered("events", 120).await;
+    s.wait_until("/v1/subscriptions/later", 60, |v| {
+        v["pending_timers"] == 120 && v["lag"] == 0
+    })
+    .await;
+    s.subscribe(
+        "dead",
+        json!({"topic": "events", "plugin": "reject-all", "start": "latest"}),
+    )
+    .await;
+    s.publish_numbered("events", 3).await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| {
+        v["dlq"] == 3 && v["lag"] == 0
+    })
+    .await;
+    s.wait_until("/v1/subscriptions/later", 60, |v| {
+        v["pending_timers"] == 123
+    })
+    .await;
+    two_passes(&s).await;
+    assert_eq!(s.get("/v1/topics/events").await.1["low_water"][0], 0);
+    s.stop().await.unwrap();
+
+    let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
+    let pins = |g: &str| format!("pin/{g}");
+    assert_eq!(
+        storage
+            .list_records(&pins("later"), "", 1000)
+            .await
+            .unwrap()
+            .len(),
+        123
+    );
+    let dead_pins = storage.list_records(&pins("dead"), "", 1000).await.unwrap();
+    assert_eq!(dead_pins.len(), 3, "{dead_pins:?}");
+    assert!(
+        dead_pins[0].0.starts_with("00000000/0000000000000078/d/"),
+        "{dead_pins:?}"
+    );
+    // A database from before pins: none, and no mark that they were built.
+    for g in ["later", "dead"] {
+        wasmq::storage::clear_space(&storage, &pins(g), "")
+            .await
+            .unwrap();
+        storage
+            .put_record("pin-built", g, None, Expect::Any)
+            .await
+            .unwrap();
+    }
+    // A crash between storing a retry and removing the timer it replaces left both: the
+    // earlier one (due 1 ms sooner) is the predecessor.
+    let timers = storage.list_records("timer/later", "", 1).await.unwrap();
+    let (key, record) = &timers[0];
+    let mut t: Value = serde_json::from_slice(&record.value).unwrap();
+    t["due"] = json!(t["due"].as_u64().unwrap() - 1);
+    let parts: Vec<&str> = key.split('/').collect();
+    let due = u64::from_str_radix(parts[1], 16).unwrap() - 1;
+    let stale = format!("{}/{due:016x}/{}/{}", parts[0], parts[2], parts[3]);
+    storage
+        .put_record(
+            "timer/later",
+            &stale,
+            Some(serde_json::to_vec(&t).unwrap()),
+            Expect::Any,
+        )
+        .await
+        .unwrap();
+    storage.close().await;
+    drop(storage);
+
+    let s = TestServer::start_with(config()).await;
+    // Counted from the pins built at start, the predecessor left out and removed.
+    s.wait_until("/v1/subscriptions/later", 60, |v| {
+        v["pending_timers"] == 123
+    })
+    .await;
+    two_passes(&s).await;
+    assert_eq!(s.get("/v1/topics/events").await.1["low_water"][0], 0);
+    s.stop().await.unwrap();
+    let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
+    assert!(
+        storage
+            .get_record("timer/later", &stale)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        storage
+            .list_records("timer/later", "", 1000)
+            .await
+            .unwrap()
+            .len(),
+        123
+    );
+    assert_eq!(
+        storage
+            .list_records(&pins("later"), "", 1000)
+            .await
+            .unwrap()
+            .len(),
+        123
+    );
+    assert_eq!(
+        storage
+            .list_records(&pins("dead"), "", 1000)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // A pin whose timer is gone (written, then the timer lost) sorts first; it must not hold.
+    let orphan = "00000000/0000000000000000/t/all/0000000000000000/00000000/0000000000000000";
+    storage
+        .put_record(&pins("later"), orphan, Some(vec![0; 8]), Expect::Any)
+        .await
+        .unwrap();
+    storage.close().await;
+    drop(storage);
+
+    let s = TestServer::start_with(config()).await;
+    // Without "later"'s timers (a reset drops them) only the dead letters hold: from offset
+    // 120 on. The orphan pin does not hold offset 0.
+    let (st, v) = s
+        .post_json("/v1/subscriptions/later/reset", &json!({"to": "latest"}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["pending_timers"], 0, "{v}");
+    s.wait_until("/v1/topics/events", 60, |t| t["low_water"][0] == 120)
+        .await;
+    // Without the dead letters, nothing holds.
+    let (st, v) = s.delete("/v1/subscriptions/dead").await;
+    assert!(st.is_success(), "{st} {v}");
+    s.wait_until("/v1/topics/events", 60, |t| t["low_water"][0] == 123)
+        .await;
+    s.stop().await.unwrap();
+    let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
+    for g in ["later", "dead"] {
+        let left = storage.list_records(&pins(g), "", 10).await.unwrap();
+        assert!(left.is_empty(), "{g}: {left:?}");
+    }
+    storage.close().await;
+}

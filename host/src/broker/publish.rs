@@ -83,7 +83,7 @@ impl Broker {
             None => topic.cursor.fetch_add(1, Ordering::Relaxed) % queues,
         };
         Ok(NewMessage {
-            id: MessageId::now_v7(),
+            id: crate::storage::message_id_for(&topic.meta.name, queue),
             queue,
             key: checked.key,
             tag: checked.tag,

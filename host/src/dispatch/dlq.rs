@@ -4,7 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::state;
+use super::pins;
+use super::state::{self, DeadLetter, Timer};
 use crate::storage::{Commit, Expect, RecordWrite, Storage, StorageError};
 
 /// The space of every subscription's dead-letter count, keyed by group.
@@ -20,14 +21,15 @@ struct Count {
     n: u64,
 }
 
-/// A change to one subscription's dead-letter queue, made whole or not at all.
+/// A change to one subscription's dead-letter queue, made whole or not at all, with the pins
+/// of what it adds and removes ([`super::pins`]).
 #[derive(Debug, Default)]
 pub struct Change {
-    /// Entries to add: key ([`state::DeadLetter::key`]) and encoded entry.
-    pub add: Vec<(String, Vec<u8>)>,
-    /// Keys of entries to remove, each with a record written in its place in the same step
-    /// (the timer a redrive makes of it), which is left out with it if it is already gone.
-    pub remove: Vec<(String, Option<RecordWrite>)>,
+    /// Entries to add.
+    pub add: Vec<DeadLetter>,
+    /// Entries to remove, each with the timer written in its place in the same step (a
+    /// redrive), which is left out with it if it is already gone.
+    pub remove: Vec<(DeadLetter, Option<Timer>)>,
 }
 
 /// The count and the condition a write of it must carry. A subscription whose dead letters
@@ -38,13 +40,10 @@ async fn read(storage: &dyn Storage, group: &str) -> Result<(u64, Expect), Stora
             let c: Count = state::decode("dead-letter count", &r)?;
             Ok((c.n, Expect::Revision(r.revision)))
         }
-        None => {
-            let n = storage
-                .list_records(&state::dlq_space(group), "", usize::MAX)
-                .await?
-                .len();
-            Ok((u64::try_from(n).unwrap_or(u64::MAX), Expect::Absent))
-        }
+        None => Ok((
+            state::count(storage, &state::dlq_space(group), "").await?,
+            Expect::Absent,
+        )),
     }
 }
 
@@ -95,20 +94,32 @@ pub async fn apply(
             value: Some(state::encode(&Count { n: after })?),
             expect,
         });
-        records.extend(change.add.iter().map(|(key, value)| RecordWrite {
-            space: space.clone(),
-            key: key.clone(),
-            value: Some(value.clone()),
-            expect: Expect::Absent,
-        }));
-        for (key, instead) in &change.remove {
+        for dl in &change.add {
             records.push(RecordWrite {
                 space: space.clone(),
-                key: key.clone(),
+                key: dl.key(),
+                value: Some(state::encode(dl)?),
+                expect: Expect::Absent,
+            });
+            records.push(pins::of_dead_letter(group, dl, true));
+        }
+        for (dl, instead) in &change.remove {
+            records.push(RecordWrite {
+                space: space.clone(),
+                key: dl.key(),
                 value: None,
                 expect: Expect::Present,
             });
-            records.extend(instead.iter().cloned());
+            records.push(pins::of_dead_letter(group, dl, false));
+            if let Some(t) = instead {
+                records.push(pins::of_timer(group, t, true));
+                records.push(RecordWrite {
+                    space: state::timer_space(group),
+                    key: t.key(),
+                    value: Some(state::encode(t)?),
+                    expect: Expect::Any,
+                });
+            }
         }
         match storage
             .commit(Commit {
@@ -122,8 +133,8 @@ pub async fn apply(
             Err(StorageError::Conflict { space: s, key }) if s == COUNT_SPACE && key == group => {}
             Err(StorageError::Conflict { space: s, key }) if s == space => {
                 let before = change.add.len() + change.remove.len();
-                change.add.retain(|(k, _)| *k != key);
-                change.remove.retain(|(k, _)| *k != key);
+                change.add.retain(|dl| dl.key() != key);
+                change.remove.retain(|(dl, _)| dl.key() != key);
                 if change.add.len() + change.remove.len() == before {
                     // Not one of this change's entries: retrying would not help.
                     return Err(StorageError::Conflict { space: s, key });

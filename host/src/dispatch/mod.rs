@@ -3,6 +3,7 @@
 //! dead-letter queue per group, delayed messages, rate and in-flight limits.
 
 pub mod dlq;
+pub mod pins;
 mod reconcile;
 mod retention;
 pub mod runner;
@@ -357,7 +358,7 @@ impl Dispatcher {
         self.halt(group).await;
         let store = &self.env.storage;
         let topic = self.env.broker.topic(&record.spec.topic)?;
-        state::clear(store.as_ref(), &state::timer_space(group), "").await?;
+        pins::clear_timers(store.as_ref(), group).await?;
         // Completion markers name offsets that are delivered again after a reset.
         state::clear(store.as_ref(), &state::done_space(group), "").await?;
         let broadcast = record.spec.mode == Mode::Broadcast;
@@ -406,6 +407,7 @@ impl Dispatcher {
             state::clear(store.as_ref(), &space, "").await?;
         }
         dlq::clear(store.as_ref(), group).await?;
+        pins::clear(store.as_ref(), group).await?;
         self.env.broker.forget_kv_usage(&kv);
         store
             .put_record(state::SUB_SPACE, group, None, Expect::Any)

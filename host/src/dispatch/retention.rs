@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use super::state::{self, Cursor, DeadLetter, Timer};
-use super::{DispatchError, Dispatcher, Mode, dlq};
+use super::state::{self, Cursor, DeadLetter};
+use super::{DispatchError, Dispatcher, Mode, dlq, pins};
 use crate::broker::TopicMeta;
 use crate::metrics::TopicLabel;
 
@@ -84,19 +84,17 @@ impl Dispatcher {
                     .await?
                     .saturating_sub(self.dead_letters_max_count);
                 let page = storage.list_records(&space, "", dlq::PAGE).await?;
-                let expired: Vec<(String, Option<_>)> = page
-                    .into_iter()
-                    .map(|(key, _)| key)
-                    .take_while(|key| {
-                        let old = DeadLetter::died_at(key)
-                            .and_then(|at| at.checked_add(self.dead_letters_max_age_ms))
-                            .is_some_and(|until| until <= now);
-                        let over = excess > 0;
-                        excess = excess.saturating_sub(1);
-                        old || over
-                    })
-                    .map(|key| (key, None))
-                    .collect();
+                let mut expired = Vec::new();
+                for (key, r) in &page {
+                    let old = DeadLetter::died_at(key)
+                        .and_then(|at| at.checked_add(self.dead_letters_max_age_ms))
+                        .is_some_and(|until| until <= now);
+                    if !old && excess == 0 {
+                        break;
+                    }
+                    excess = excess.saturating_sub(1);
+                    expired.push((state::decode::<DeadLetter>(key, r)?, None));
+                }
                 if expired.is_empty() {
                     break;
                 }
@@ -170,14 +168,14 @@ impl Dispatcher {
 
     /// Per queue, the first offset some subscription of `topic` still needs: the lowest of its
     /// members' committed offsets and of the offsets its timers (retries, delays, redrives) and
-    /// dead letters point at. `None` when the topic has no subscription (nothing is deleted
+    /// dead letters hold, read from their pins ([`pins::lowest`]: one short listing per queue,
+    /// however many are pending). `None` when the topic has no subscription (nothing is deleted
     /// for being consumed then).
     ///
     /// Read from storage, so it holds for queues other nodes run. Cursors are read first: a
-    /// committed offset moves only after the message's timer or dead letter is stored, so one
-    /// read earlier than the timers can only be lower. Timers are read before dead letters, under
-    /// the group's lock (a redrive turns dead letters into timers only while holding it; a
-    /// runner turns a timer into a dead letter by storing the dead letter first).
+    /// committed offset moves only after the message's timer or dead letter (and its pin) is
+    /// stored, so one read earlier than the pins can only be lower. A timer turns into a dead
+    /// letter, or back, in steps that store the new pin no later than they delete the old.
     async fn still_needed(&self, topic: &TopicMeta) -> Result<Option<Vec<u64>>, DispatchError> {
         let storage = &self.env.storage;
         let queues = topic.queues as usize;
@@ -209,23 +207,10 @@ impl Dispatcher {
                     *n = (*n).min(committed);
                 }
             }
-            let _g = self.lock_group(&group).await;
-            for (k, r) in storage
-                .list_records(&state::timer_space(&group), "", usize::MAX)
-                .await?
-            {
-                let t: Timer = state::decode(&k, &r)?;
-                if let Some(n) = needed.get_mut(t.queue as usize) {
-                    *n = (*n).min(t.offset);
-                }
-            }
-            for (k, r) in storage
-                .list_records(&state::dlq_space(&group), "", usize::MAX)
-                .await?
-            {
-                let d: DeadLetter = state::decode(&k, &r)?;
-                if let Some(n) = needed.get_mut(d.queue as usize) {
-                    *n = (*n).min(d.offset);
+            pins::build(storage.as_ref(), &group).await?;
+            for (q, n) in needed.iter_mut().enumerate() {
+                if let Some(pinned) = pins::lowest(storage.as_ref(), &group, q as u32).await? {
+                    *n = (*n).min(pinned);
                 }
             }
         }

@@ -233,6 +233,23 @@ pub async fn delete(storage: &dyn Storage, space: &str, key: &str) -> Result<(),
 
 pub use crate::storage::clear_space as clear;
 
+/// How many records of `space` have keys starting with `prefix`, read a page of 4 096 at a
+/// time (memory stays bounded however many there are).
+pub async fn count(storage: &dyn Storage, space: &str, prefix: &str) -> Result<u64, StorageError> {
+    const PAGE: usize = 4096;
+    let (mut n, mut after) = (0u64, String::new());
+    loop {
+        let page = storage
+            .list_records_after(space, prefix, &after, PAGE)
+            .await?;
+        n = n.saturating_add(page.len() as u64);
+        match page.last() {
+            Some((last, _)) if page.len() == PAGE => after = last.clone(),
+            _ => return Ok(n),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

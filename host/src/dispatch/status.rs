@@ -167,12 +167,15 @@ impl Dispatcher {
             total_lag += lag;
             let pending = match live {
                 Some(m) => m.pending_timers(),
-                None => self
-                    .env
-                    .storage
-                    .list_records(&state::timer_space(group), &format!("{name}/"), usize::MAX)
-                    .await?
-                    .len(),
+                None => usize::try_from(
+                    state::count(
+                        self.env.storage.as_ref(),
+                        &state::timer_space(group),
+                        &format!("{name}/"),
+                    )
+                    .await?,
+                )
+                .unwrap_or(usize::MAX),
             };
             timers += pending;
             member_views.push(InstanceStatus {
@@ -278,13 +281,7 @@ impl Dispatcher {
                     last_error: None,
                 };
                 // The timer replaces its dead letter in one step: never both, never neither.
-                let timer = crate::storage::RecordWrite {
-                    space: state::timer_space(group),
-                    key: t.key(),
-                    value: Some(state::encode(&t)?),
-                    expect: Expect::Any,
-                };
-                remove.push((k.clone(), Some(timer)));
+                remove.push((dl, Some(t)));
             }
             let change = dlq::Change {
                 add: Vec::new(),

@@ -28,6 +28,8 @@ pub async fn run_all(open: &Open) {
     truncate_deletes_a_range_and_never_reuses_offsets(open).await;
     size_limit_keeps_each_queue_within_its_bytes(open).await;
     deleting_records_before_a_key_keeps_the_rest_and_other_spaces(open).await;
+    ordered_writes_land_in_order_and_stop_at_the_first_refused_one(open).await;
+    ids_that_carry_their_queue_are_found_until_their_range_goes(open).await;
 }
 
 pub fn msg(queue: u32, key: Option<&str>, body: &str) -> NewMessage {
@@ -551,5 +553,70 @@ pub async fn deleting_records_before_a_key_keeps_the_rest_and_other_spaces(open:
     );
     assert!(s.get_record("span", "001049/x").await.unwrap().is_none());
     assert!(s.get_record("span", "001050/x").await.unwrap().is_some());
+    s.close().await;
+}
+
+pub async fn ordered_writes_land_in_order_and_stop_at_the_first_refused_one(open: &Open) {
+    let s = open().await;
+    let w = |key: &str, value: Option<&str>, expect: Expect| RecordWrite {
+        space: "ord".into(),
+        key: key.into(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+        expect,
+    };
+    // A later write of a key wins over an earlier one.
+    s.put_records_in_order(vec![
+        w("x", Some("1"), Expect::Any),
+        w("y", Some("2"), Expect::Any),
+        w("x", None, Expect::Any),
+    ])
+    .await
+    .unwrap();
+    assert!(s.get_record("ord", "x").await.unwrap().is_none());
+    assert_eq!(s.get_record("ord", "y").await.unwrap().unwrap().value, b"2");
+    // A refused write: its error, and nothing after it is written.
+    let e = s
+        .put_records_in_order(vec![
+            w("a", Some("1"), Expect::Any),
+            w("y", Some("3"), Expect::Absent),
+            w("c", Some("1"), Expect::Any),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StorageError::Conflict { space, key } if space == "ord" && key == "y"),
+        "{e:?}"
+    );
+    assert!(s.get_record("ord", "c").await.unwrap().is_none());
+    assert_eq!(s.get_record("ord", "y").await.unwrap().unwrap().value, b"2");
+    s.close().await;
+}
+
+pub async fn ids_that_carry_their_queue_are_found_until_their_range_goes(open: &Open) {
+    let s = open().await;
+    let mut sent = Vec::new();
+    for (i, queue) in [1u32, 1, 0].into_iter().enumerate() {
+        let mut m = msg(queue, Some("shared"), &format!("body {i}"));
+        m.id = super::message_id_for("located", queue);
+        assert!(super::id_locates(&m.id, "located", queue));
+        assert!(!super::id_locates(&m.id, "located-not", queue));
+        sent.push(m.id);
+        s.append("located", vec![m]).await.unwrap();
+    }
+    for id in &sent {
+        let found = s.message_by_id(*id).await.unwrap().unwrap();
+        assert_eq!((found.topic.as_str(), found.message.id), ("located", *id));
+    }
+    let keyed = s.messages_by_key("located", "shared", 10).await.unwrap();
+    assert_eq!(keyed.len(), 3, "{keyed:?}");
+    // Queue 1 loses its first message: its id and key entries stop answering.
+    s.truncate("located", 1, 1).await.unwrap();
+    s.close().await;
+    drop(s);
+    let s = open().await;
+    assert!(s.message_by_id(sent[0]).await.unwrap().is_none());
+    assert!(s.message_by_id(sent[1]).await.unwrap().is_some());
+    let keyed = s.messages_by_key("located", "shared", 10).await.unwrap();
+    assert_eq!(keyed.len(), 2, "{keyed:?}");
     s.close().await;
 }

@@ -7,6 +7,7 @@
 //! Acknowledged means acknowledged by JetStream on its replicas (nats-server 2.9 fsyncs every
 //! 2 minutes, so this is the relaxed kind of durability there).
 
+mod index;
 mod reads;
 mod writes;
 
@@ -203,6 +204,9 @@ pub struct JetStreamStorage {
     run: String,
     /// The index age last given to the index streams (see [`Storage::limit_index_age`]).
     index_age: std::sync::Mutex<Option<Option<u64>>>,
+    /// Each queue's index stream (see `index.rs`).
+    index_streams: tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
+    index_checkpoints: index::Checkpoints,
 }
 
 impl std::fmt::Debug for JetStreamStorage {
@@ -323,6 +327,8 @@ impl JetStreamStorage {
             writer: writer.to_string(),
             run: uuid::Uuid::now_v7().to_string(),
             index_age: std::sync::Mutex::new(None),
+            index_streams: Default::default(),
+            index_checkpoints: Default::default(),
         };
         storage.finish_intents(INTENT_AGE, true).await?;
         Ok(storage)
@@ -361,14 +367,32 @@ impl JetStreamStorage {
         queue: u32,
         create: bool,
     ) -> Result<Option<Stream>, StorageError> {
-        let mut streams = self.streams.lock().await;
+        let config = create.then(|| self.queue_config(topic, queue, QueueLimits::default()));
+        self.cached_stream(
+            &self.streams,
+            (topic, queue),
+            stream_name(topic, queue),
+            config,
+        )
+        .await
+    }
+
+    /// A stream from `cache` (keyed by topic and queue), else looked up by `name`: created
+    /// with `create` if given, else `None` when it does not exist.
+    async fn cached_stream(
+        &self,
+        cache: &tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
+        (topic, queue): (&str, u32),
+        name: String,
+        create: Option<stream::Config>,
+    ) -> Result<Option<Stream>, StorageError> {
+        let mut streams = cache.lock().await;
         if let Some(s) = streams.get(&(topic.to_string(), queue)) {
             return Ok(Some(s.clone()));
         }
-        let name = stream_name(topic, queue);
-        let found = if create {
+        let found = if let Some(config) = create {
             self.js
-                .get_or_create_stream(self.queue_config(topic, queue, QueueLimits::default()))
+                .get_or_create_stream(config)
                 .await
                 .map(Some)
                 .map_err(|e| js_err(&format!("stream {name}"), e))?
@@ -391,6 +415,25 @@ impl JetStreamStorage {
             streams.insert((topic.to_string(), queue), s.clone());
         }
         Ok(found)
+    }
+
+    /// Publishes to JetStream and waits for its acknowledgement: the stream sequence.
+    fn publish_future(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<u64, String>> {
+        let js = self.js.clone();
+        async move {
+            js.publish_with_headers(subject, headers, payload.into())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map(|a| a.sequence)
+                .map_err(|e| e.to_string())
+        }
+        .boxed()
     }
 }
 
@@ -519,17 +562,27 @@ impl JetStreamStorage {
         appends: &[(String, Vec<NewMessage>)],
         intent_id: &str,
     ) -> Result<(Vec<u64>, Vec<Appended>), StorageError> {
-        // Side by side: their conditions were checked before the commit point.
-        let writes = rest.iter().map(|w| async move {
-            let r = self
-                .write_record(&w.space, &w.key, w.value.clone(), Expect::Any)
-                .await?;
-            Ok::<u64, StorageError>(if w.value.is_some() { r } else { 0 })
-        });
-        let revisions = futures::future::join_all(writes)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<u64>, StorageError>>()?;
+        // Side by side (their conditions were checked before the commit point), the writes of
+        // a value before the deletions: a reader on another node may see part of a commit, but
+        // never a record deleted before what the commit stores in its place (a dead letter's
+        // pin before the pin of the timer that replaces it, see `crate::dispatch::pins`).
+        let mut revisions = vec![0; rest.len()];
+        for puts in [true, false] {
+            let writes = rest
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.value.is_some() == puts)
+                .map(|(i, w)| async move {
+                    let r = self
+                        .write_record(&w.space, &w.key, w.value.clone(), Expect::Any)
+                        .await?;
+                    Ok::<(usize, u64), StorageError>((i, if puts { r } else { 0 }))
+                });
+            for r in futures::future::join_all(writes).await {
+                let (i, revision) = r?;
+                revisions[i] = revision;
+            }
+        }
         let mut appended = Vec::new();
         for (topic, messages) in appends {
             appended.extend(self.append_inner(topic, messages).await?);
@@ -628,6 +681,7 @@ impl Storage for JetStreamStorage {
         limits: QueueLimits,
     ) -> Result<(), StorageError> {
         for queue in 0..queues {
+            self.prepare_index(topic, queue, limits).await?;
             let wanted = self.queue_config(topic, queue, limits);
             let name = wanted.name.clone();
             let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
@@ -785,7 +839,12 @@ impl Storage for JetStreamStorage {
         Ok(out)
     }
 
+    /// The queue index streams first (ids made by [`crate::storage::message_id_for`]), then
+    /// the global id bucket (other ids, and entries from before the per-queue index).
     async fn message_by_id(&self, id: MessageId) -> Result<Option<StoredMessage>, StorageError> {
+        if let Some(m) = self.located(&id).await? {
+            return Ok(Some(m));
+        }
         let Some(raw) = self
             .ids
             .get(id.to_string())
@@ -796,37 +855,7 @@ impl Storage for JetStreamStorage {
         };
         let at: Location = rmp_serde::from_slice(&raw)
             .map_err(|e| StorageError::Corrupt(format!("id index {id}: {e}")))?;
-        if let Some(m) = self.read_one(&at.topic, at.queue, at.offset).await? {
-            return Ok(Some(m));
-        }
-        // Deleted by retention (the index entry outlives it), or a replica behind: ask the
-        // stream's leader, which has every acknowledged message still kept.
-        let Some(stream) = self.queue_stream(&at.topic, at.queue, false).await? else {
-            return Ok(None);
-        };
-        let raw = match stream.get_raw_message(at.offset + 1).await {
-            Ok(raw) => raw,
-            Err(e)
-                if match e.kind() {
-                    stream::RawMessageErrorKind::NoMessageFound => true,
-                    stream::RawMessageErrorKind::JetStream(j) => {
-                        j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
-                    }
-                    _ => false,
-                } =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(js_err("message by id", e)),
-        };
-        let message: NewMessage = rmp_serde::from_slice(&raw.payload)
-            .map_err(|e| StorageError::Corrupt(format!("message {id}: {e}")))?;
-        Ok(Some(StoredMessage {
-            topic: at.topic,
-            offset: at.offset,
-            stored_at: epoch_ms(&raw.time),
-            message,
-        }))
+        self.message_at(&at.topic, at.queue, at.offset).await
     }
 
     async fn messages_by_key(
@@ -835,6 +864,7 @@ impl Storage for JetStreamStorage {
         key: &str,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError> {
+        // Entries from before the per-queue index are older: first.
         let filter = format!("wqk.{}.{}", enc(topic), enc(key));
         let found = self.scan(&self.keys, filter, limit).await?;
         let mut out = Vec::new();
@@ -842,6 +872,10 @@ impl Storage for JetStreamStorage {
             let (queue, offset): (u32, u64) = rmp_serde::from_slice(&m.payload)
                 .map_err(|e| StorageError::Corrupt(format!("key index: {e}")))?;
             out.extend(self.read_one(topic, queue, offset).await?);
+        }
+        if out.len() < limit {
+            let more = self.keyed(topic, key, limit - out.len()).await?;
+            out.extend(more);
         }
         Ok(out)
     }
@@ -887,7 +921,8 @@ impl Storage for JetStreamStorage {
     }
 
     /// The server applies age and size limits itself (set by [`Storage::prepare_topic`]), so
-    /// nothing is left to cut but what it already deleted.
+    /// nothing is left to cut but what it already deleted; the index entries of what it
+    /// deleted are purged here (see `index.rs`).
     async fn retention_cut(
         &self,
         topic: &str,
@@ -895,7 +930,9 @@ impl Storage for JetStreamStorage {
         _limits: QueueLimits,
         _now_ms: u64,
     ) -> Result<u64, StorageError> {
-        self.low_water(topic, queue).await
+        let low = self.low_water(topic, queue).await?;
+        self.purge_index(topic, queue, low).await?;
+        Ok(low)
     }
 
     /// The stream's own purge up to a sequence: one request, not a delete per message.
@@ -918,6 +955,7 @@ impl Storage for JetStreamStorage {
             .sequence(before + 1)
             .await
             .map_err(|e| js_err("truncate", e))?;
+        self.purge_index(topic, queue, before).await?;
         Ok(before)
     }
 

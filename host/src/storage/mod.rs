@@ -23,6 +23,46 @@ pub use rocks::RocksStorage;
 /// A message id: a UUIDv7, so ids sort by creation time and never repeat.
 pub type MessageId = uuid::Uuid;
 
+/// A 16-bit tag of a topic name (FNV-1a, folded), which [`message_id_for`] puts in ids.
+pub fn topic_tag(topic: &str) -> u16 {
+    let hash = topic.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    ((hash >> 16) ^ (hash & 0xffff)) as u16
+}
+
+/// A new id for a message bound for `queue` of `topic`: a UUIDv7 whose last 32 bits say where
+/// it goes, `topic_tag(topic)` then the queue (for queues below 65 536). The 48-bit time and
+/// uuid's 42-bit counter stay (the counter is reseeded at random each millisecond and counts
+/// up within it), so ids still sort by time and do not repeat. A backend can then find a
+/// message from its id alone without an index over every id (RocketMQ's message ids carry the
+/// broker and commit-log offset for the same reason); see [`id_locator`].
+pub fn message_id_for(topic: &str, queue: u32) -> MessageId {
+    let mut bytes = *uuid::Uuid::now_v7().as_bytes();
+    bytes[12..14].copy_from_slice(&topic_tag(topic).to_be_bytes());
+    bytes[14..16].copy_from_slice(&(queue as u16).to_be_bytes());
+    uuid::Uuid::from_bytes(bytes)
+}
+
+/// The topic tag and queue an id made by [`message_id_for`] carries; `None` for an id of any
+/// other version. An id made otherwise yields a random pair, so a lookup by it checks what it
+/// finds and falls back to whatever else the backend keeps.
+pub fn id_locator(id: &MessageId) -> Option<(u16, u32)> {
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let b = id.as_bytes();
+    Some((
+        u16::from_be_bytes([b[12], b[13]]),
+        u32::from(u16::from_be_bytes([b[14], b[15]])),
+    ))
+}
+
+/// Whether `id` carries the locator of `queue` of `topic` (see [`message_id_for`]).
+pub fn id_locates(id: &MessageId, topic: &str, queue: u32) -> bool {
+    queue <= u32::from(u16::MAX) && id_locator(id) == Some((topic_tag(topic), queue))
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// The backend failed to read or write (RocksDB: an I/O error or corruption).
@@ -235,7 +275,8 @@ pub trait Storage: Send + Sync + 'static {
     /// happen, or none does (a failed condition is [`StorageError::Conflict`]). RocksDB: one
     /// `WriteBatch` of the single writer, conditions checked in it. JetStream: an intent, the
     /// commit point, the rest, as [`Storage::append_guarded`] does; see its docs for the one
-    /// window this leaves between nodes.
+    /// window this leaves between nodes. A reader that sees part of a commit sees the records
+    /// it writes with a value before those it deletes (after the first record, its guard).
     async fn commit(&self, commit: Commit) -> Result<Committed, StorageError>;
 
     /// Up to `limit` messages of one queue with offset ≥ `from`, in offset order (from the low
@@ -330,6 +371,17 @@ pub trait Storage: Send + Sync + 'static {
         value: Option<Vec<u8>>,
         expect: Expect,
     ) -> Result<u64, StorageError>;
+
+    /// Writes (`Some`) or deletes (`None`) records so that no reader sees one before those
+    /// ahead of it (a pin before the timer it pins, see `crate::dispatch::pins`), each under
+    /// its own condition: the first error, if any, and nothing after it is written. The default
+    /// writes them one after another; RocksDB folds them into one atomic write.
+    async fn put_records_in_order(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
+        for w in records {
+            self.put_record(&w.space, &w.key, w.value, w.expect).await?;
+        }
+        Ok(())
+    }
 
     /// Writes (`Some`) or deletes (`None`) records that need no atomic step together, each
     /// under its own condition (trace records, their expiry): the first error, if any; some

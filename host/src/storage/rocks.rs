@@ -637,6 +637,11 @@ impl Storage for RocksStorage {
         .map(drop)
     }
 
+    /// One atomic write: every reader sees all of them or none.
+    async fn put_records_in_order(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
+        self.put_records(records).await
+    }
+
     async fn read(
         &self,
         topic: &str,

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::pins;
 use super::spec::{OnExhausted, RetryPolicy, Start, SubscriptionSpec, TagFilter};
 use super::state::{self, Cursor, DeadLetter, SubscriptionRecord, Timer, TimerKind};
 use super::{DispatchError, Handles};
@@ -405,11 +406,12 @@ pub async fn start(
             env.broker.limits().max_timers_in_memory
         };
         let mut held = Vec::new();
+        let committed: Vec<u64> = cursors.iter().map(|(c, _)| c.committed).collect();
         let timers = timers::TimerWindow::load(
             storage.as_ref(),
-            &state::timer_space(&record.group),
+            &record.group,
             &name,
-            &owned,
+            (&owned, &committed),
             window,
             &mut held,
         )

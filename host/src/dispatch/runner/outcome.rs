@@ -143,6 +143,7 @@ impl Member {
                 value: None,
                 expect: Expect::Present,
             });
+            completion.push(pins::of_timer(&self.group, t, false));
         }
         loop {
             let commit = staged.to_commit(completion.clone());
@@ -217,16 +218,9 @@ impl Member {
             dead_at: now_ms(),
         };
         tracing::info!(group = %self.group, message = %dl.message_id, reason = %dl.reason, "dead-lettered");
-        let entry = match state::encode(&dl) {
-            Ok(v) => (dl.key(), v),
-            Err(e) => {
-                tracing::error!(group = %self.group, error = %e, "cannot encode a dead letter");
-                return;
-            }
-        };
         self.persist("a dead letter", || async {
             let change = crate::dispatch::dlq::Change {
-                add: vec![entry.clone()],
+                add: vec![dl.clone()],
                 remove: Vec::new(),
             };
             crate::dispatch::dlq::apply(self.storage.as_ref(), &self.group, change)

@@ -2,7 +2,6 @@
 //! order by the timer loop (unordered subscriptions) or by the ordered loop of their queue.
 
 use super::*;
-use std::collections::HashMap;
 
 /// Sleeps until `due` (ms since the epoch); at once if it has passed.
 pub(super) async fn sleep_until_ms(due: u64) {
@@ -38,47 +37,41 @@ fn key_queue(key: &str) -> Option<u32> {
     u32::from_str_radix(parts.next()?, 16).ok()
 }
 
-/// The queue and offset of a timer key.
-fn key_place(key: &str) -> Option<(u32, u64)> {
-    let offset = u64::from_str_radix(key.rsplit('/').next()?, 16).ok()?;
-    Some((key_queue(key)?, offset))
+/// The start of every timer key of `member`.
+fn prefix_of(member: &str) -> String {
+    format!("{member}/")
 }
 
 impl TimerWindow {
-    /// Reads `member`'s timers of the `owned` queues: up to `cap` into memory, the rest only
-    /// counted (a page at a time). `held` gets the (queue, offset) of every one of them.
+    /// Reads `member`'s timers of the `owned` queues: the `cap` due first into memory, the
+    /// rest only counted, a page at a time. `held` gets the (queue, offset) of every one at or
+    /// past its queue's `committed` offset. Memory is bounded by `cap` and a page: the held
+    /// ones and the stale ones come from a walk over the queues' pins (see
+    /// [`crate::dispatch::pins`]), which sort by (queue, offset).
     pub(super) async fn load(
         storage: &dyn Storage,
-        space: &str,
+        group: &str,
         member: &str,
-        owned: &[bool],
+        (owned, committed): (&[bool], &[u64]),
         cap: usize,
         held: &mut Vec<(u32, u64)>,
     ) -> Result<Self, DispatchError> {
-        let prefix = format!("{member}/");
+        pins::build(storage, group).await?;
+        let space = state::timer_space(group);
+        let prefix = prefix_of(member);
         let mut w = Self {
             cap,
             ..Self::default()
         };
+        let owns = |q: u32| owned.get(q as usize).copied().unwrap_or(false);
         let mut after = String::new();
-        // The latest-due timer of each message; an earlier one of the same message is a
-        // predecessor a crash kept from being removed after its successor was stored.
-        let mut latest: HashMap<(u32, u64), String> = HashMap::new();
-        let mut stale = Vec::new();
         loop {
             let page = storage
-                .list_records_after(space, &prefix, &after, COUNT_PAGE)
+                .list_records_after(&space, &prefix, &after, COUNT_PAGE)
                 .await?;
             let full = page.len() == COUNT_PAGE;
             for (key, r) in page {
-                let queue = key_queue(&key);
-                if queue.is_some_and(|q| owned.get(q as usize).copied().unwrap_or(false)) {
-                    if let Some(place) = key_place(&key) {
-                        held.push(place);
-                        if let Some(earlier) = latest.insert(place, key.clone()) {
-                            stale.push(earlier);
-                        }
-                    }
+                if key_queue(&key).is_some_and(owns) {
                     if w.map.len() < cap {
                         w.map
                             .insert(key.clone(), state::decode::<Timer>("timer", &r)?);
@@ -95,28 +88,89 @@ impl TimerWindow {
                 break;
             }
         }
-        // Two timers of one message would deliver it twice: the predecessors go.
-        if !stale.is_empty() {
-            for k in &stale {
-                if w.map.remove(k).is_none() {
-                    w.beyond = w.beyond.saturating_sub(1);
+        // The pins of a message's timers sort together, a member's by due time: of several,
+        // the latest stored is its timer; an earlier one is a predecessor a crash kept from
+        // being removed after its successor was stored, a pin without its timer goes too.
+        let (pin_space, mine) = (pins::space(group), prefix_of(member));
+        let mut writes = Vec::new();
+        for q in (0..owned.len() as u32).filter(|&q| owns(q)) {
+            let (prefix, mut after) = (pins::queue_prefix(q), String::new());
+            // The current message's (timer key, pin key) pairs.
+            let mut same: (u64, Vec<(String, String)>) = (0, Vec::new());
+            loop {
+                let page = storage
+                    .list_records_after(&pin_space, &prefix, &after, COUNT_PAGE)
+                    .await?;
+                let full = page.len() == COUNT_PAGE;
+                for (key, _) in &page {
+                    let Some((offset, timer)) = pins::parse_timer_pin(key) else {
+                        continue;
+                    };
+                    if !timer.starts_with(&mine) {
+                        continue;
+                    }
+                    if committed.get(q as usize).is_some_and(|&c| offset >= c) {
+                        held.push((q, offset));
+                    }
+                    if offset != same.0 {
+                        let done = std::mem::replace(&mut same, (offset, Vec::new()));
+                        w.drop_stale(storage, group, done.1, &mut writes).await?;
+                    }
+                    same.1.push((timer.to_string(), key.clone()));
+                }
+                match page.last() {
+                    Some((last, _)) if full => after = last.clone(),
+                    _ => break,
                 }
             }
-            storage
-                .put_records(
-                    stale
-                        .into_iter()
-                        .map(|key| crate::storage::RecordWrite {
-                            space: space.to_string(),
-                            key,
-                            value: None,
-                            expect: Expect::Any,
-                        })
-                        .collect(),
-                )
-                .await?;
+            w.drop_stale(storage, group, same.1, &mut writes).await?;
+        }
+        if !writes.is_empty() {
+            storage.put_records_in_order(writes).await?;
         }
         Ok(w)
+    }
+
+    /// Of one message's timers (keys with their pins' keys, in due order), keeps the latest
+    /// stored and adds to `writes` the removal of the others and of pins whose timer is gone.
+    async fn drop_stale(
+        &mut self,
+        storage: &dyn Storage,
+        group: &str,
+        timers: Vec<(String, String)>,
+        writes: &mut Vec<crate::storage::RecordWrite>,
+    ) -> Result<(), DispatchError> {
+        if timers.len() < 2 {
+            return Ok(());
+        }
+        let space = state::timer_space(group);
+        let mut kept = false;
+        for (timer, pin) in timers.into_iter().rev() {
+            let stored = self.map.contains_key(&timer)
+                || storage.get_record(&space, &timer).await?.is_some();
+            if stored && !kept {
+                kept = true;
+                continue;
+            }
+            if stored {
+                if self.map.remove(&timer).is_none() {
+                    self.beyond = self.beyond.saturating_sub(1);
+                }
+                writes.push(crate::storage::RecordWrite {
+                    space: space.clone(),
+                    key: timer,
+                    value: None,
+                    expect: Expect::Any,
+                });
+            }
+            writes.push(crate::storage::RecordWrite {
+                space: pins::space(group),
+                key: pin,
+                value: None,
+                expect: Expect::Any,
+            });
+        }
+        Ok(())
     }
 
     /// Stored timers, in memory or not.
@@ -231,19 +285,44 @@ impl Member {
     }
 
     pub(super) async fn remove_timer(&self, timer: &Timer) {
-        let (space, key) = (state::timer_space(&self.group), timer.key());
+        let key = timer.key();
+        // The timer, then its pin (see `crate::dispatch::pins`), in one step.
+        let writes = vec![
+            RecordWrite {
+                space: state::timer_space(&self.group),
+                key: key.clone(),
+                value: None,
+                expect: Expect::Any,
+            },
+            pins::of_timer(&self.group, timer, false),
+        ];
         self.persist("a timer removal", || {
-            state::delete(self.storage.as_ref(), &space, &key)
+            self.storage.put_records_in_order(writes.clone())
         })
         .await;
         self.shared.forget_timer(&key);
     }
 
     pub(super) async fn add_timer(&self, t: Timer) {
-        let space = state::timer_space(&self.group);
-        let key = t.key();
+        let value = match state::encode(&t) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(group = %self.group, error = %e, "cannot encode a timer");
+                return;
+            }
+        };
+        // Its pin (see `crate::dispatch::pins`) and the timer, in one step.
+        let writes = vec![
+            pins::of_timer(&self.group, &t, true),
+            RecordWrite {
+                space: state::timer_space(&self.group),
+                key: t.key(),
+                value: Some(value),
+                expect: Expect::Any,
+            },
+        ];
         self.persist("a timer", || {
-            state::put(self.storage.as_ref(), &space, &key, &t)
+            self.storage.put_records_in_order(writes.clone())
         })
         .await;
         self.shared.add_timer(t);

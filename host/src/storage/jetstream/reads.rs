@@ -4,6 +4,46 @@
 use super::*;
 
 impl JetStreamStorage {
+    /// The message at `offset` of a queue an index entry points at: a direct get, else (a
+    /// replica behind, or deleted by retention while its index entry stays) the stream's
+    /// leader, which has every acknowledged message still kept.
+    pub(super) async fn message_at(
+        &self,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        if let Some(m) = self.read_one(topic, queue, offset).await? {
+            return Ok(Some(m));
+        }
+        let Some(stream) = self.queue_stream(topic, queue, false).await? else {
+            return Ok(None);
+        };
+        let raw = match stream.get_raw_message(offset + 1).await {
+            Ok(raw) => raw,
+            Err(e)
+                if match e.kind() {
+                    stream::RawMessageErrorKind::NoMessageFound => true,
+                    stream::RawMessageErrorKind::JetStream(j) => {
+                        j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                    }
+                    _ => false,
+                } =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(js_err("message by id", e)),
+        };
+        let message: NewMessage = rmp_serde::from_slice(&raw.payload)
+            .map_err(|e| StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}")))?;
+        Ok(Some(StoredMessage {
+            topic: topic.to_string(),
+            offset,
+            stored_at: epoch_ms(&raw.time),
+            message,
+        }))
+    }
+
     /// The message at exactly `offset`, if a replica serving direct gets has it (`None` also
     /// when retention deleted it: a read from below the low water starts above `offset`).
     pub(super) async fn read_one(

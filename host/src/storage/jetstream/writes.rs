@@ -68,8 +68,16 @@ impl JetStreamStorage {
             });
         }
         // The indexes, before the append is acknowledged: a retry rewrites them idempotently.
+        // Ids that carry their place go to their queue's index stream, others to the global
+        // index.
         let mut pending = Vec::new();
+        let (mut located, mut located_at) = (Vec::new(), Vec::new());
         for (m, a) in messages.iter().zip(&appended) {
+            if crate::storage::id_locates(&m.id, topic, a.queue) {
+                located.push(m);
+                located_at.push(a);
+                continue;
+            }
             let location = rmp_serde::to_vec(&Location {
                 topic: topic.to_string(),
                 queue: a.queue,
@@ -91,21 +99,11 @@ impl JetStreamStorage {
                 headers.insert("Nats-Msg-Id", format!("{}:k", m.id).as_str());
                 let at = rmp_serde::to_vec(&(a.queue, a.offset))
                     .map_err(|e| StorageError::Encode(e.to_string()))?;
-                let js = self.js.clone();
                 let subject = format!("wqk.{}.{}", enc(topic), enc(key));
-                pending.push(
-                    async move {
-                        js.publish_with_headers(subject, headers, at.into())
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .await
-                            .map(|a| a.sequence)
-                            .map_err(|e| e.to_string())
-                    }
-                    .boxed(),
-                );
+                pending.push(self.publish_future(subject, headers, at));
             }
         }
+        pending.extend(self.index_entries(topic, &located, &located_at).await?);
         for r in futures::future::join_all(pending).await {
             r.map_err(|e| js_err("index", e))?;
         }
@@ -311,7 +309,10 @@ impl JetStreamStorage {
             return Ok(false);
         }
         if held {
-            for w in &intent.records {
+            // Values before deletions, as `finish_rest` writes them.
+            let (puts, deletes): (Vec<_>, Vec<_>) =
+                intent.records.iter().partition(|w| w.value.is_some());
+            for w in puts.into_iter().chain(deletes) {
                 let expect = w.revision.map_or(Expect::Any, |r| {
                     if r == 0 {
                         Expect::Absent
