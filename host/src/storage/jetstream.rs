@@ -417,6 +417,43 @@ impl JetStreamStorage {
         Ok(found)
     }
 
+    /// Gives a stream the limits of `wanted` (`max_age`, `max_bytes`, `duplicate_window`):
+    /// creates it with `wanted` when `existing` is `None`, else changes only those (whatever
+    /// else an operator tuned on it stays). True when an existing stream was changed (a cached
+    /// handle then carries the old configuration).
+    async fn apply_limits(
+        &self,
+        existing: Option<Stream>,
+        wanted: stream::Config,
+    ) -> Result<bool, StorageError> {
+        let name = wanted.name.clone();
+        let Some(mut stream) = existing else {
+            self.js
+                .get_or_create_stream(wanted)
+                .await
+                .map_err(|e| js_err(&format!("stream {name}"), e))?;
+            return Ok(false);
+        };
+        let mut config = stream
+            .info()
+            .await
+            .map_err(|e| js_err(&format!("stream {name}"), e))?
+            .config
+            .clone();
+        let limits = |c: &stream::Config| (c.max_age, c.max_bytes, c.duplicate_window);
+        if limits(&config) == limits(&wanted) {
+            return Ok(false);
+        }
+        config.max_age = wanted.max_age;
+        config.max_bytes = wanted.max_bytes;
+        config.duplicate_window = wanted.duplicate_window;
+        self.js
+            .update_stream(&config)
+            .await
+            .map_err(|e| js_err(&format!("stream {name}"), e))?;
+        Ok(true)
+    }
+
     /// Publishes to JetStream and waits for its acknowledgement: the stream sequence.
     fn publish_future(
         &self,
@@ -682,36 +719,17 @@ impl Storage for JetStreamStorage {
     ) -> Result<(), StorageError> {
         for queue in 0..queues {
             self.prepare_index(topic, queue, limits).await?;
-            let wanted = self.queue_config(topic, queue, limits);
-            let name = wanted.name.clone();
-            let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
-                self.js
-                    .get_or_create_stream(wanted)
+            let stream = self.queue_stream(topic, queue, false).await?;
+            if self
+                .apply_limits(stream, self.queue_config(topic, queue, limits))
+                .await?
+            {
+                // The cached handle carries the old configuration.
+                self.streams
+                    .lock()
                     .await
-                    .map_err(|e| js_err(&format!("stream {name}"), e))?;
-                continue;
-            };
-            let mut config = stream
-                .info()
-                .await
-                .map_err(|e| js_err(&format!("stream {name}"), e))?
-                .config
-                .clone();
-            if (config.max_age, config.max_bytes) == (wanted.max_age, wanted.max_bytes) {
-                continue;
+                    .remove(&(topic.to_string(), queue));
             }
-            config.max_age = wanted.max_age;
-            config.max_bytes = wanted.max_bytes;
-            config.duplicate_window = wanted.duplicate_window;
-            self.js
-                .update_stream(&config)
-                .await
-                .map_err(|e| js_err(&format!("stream {name}"), e))?;
-            // The cached handle carries the old configuration.
-            self.streams
-                .lock()
-                .await
-                .remove(&(topic.to_string(), queue));
         }
         Ok(())
     }

@@ -47,6 +47,7 @@ impl JetStreamStorage {
             num_replicas: self.replicas,
             allow_direct: true,
             max_age: Duration::from_millis(limits.max_age_ms.unwrap_or(0)),
+            max_bytes: -1,
             duplicate_window: duplicate_window(limits.max_age_ms),
             ..Default::default()
         }
@@ -97,34 +98,16 @@ impl JetStreamStorage {
         queue: u32,
         limits: QueueLimits,
     ) -> Result<(), StorageError> {
-        let wanted = self.index_config(topic, queue, limits);
-        let name = wanted.name.clone();
-        let Some(mut stream) = self.index_stream(topic, queue, false).await? else {
-            self.js
-                .get_or_create_stream(wanted)
+        let stream = self.index_stream(topic, queue, false).await?;
+        if self
+            .apply_limits(stream, self.index_config(topic, queue, limits))
+            .await?
+        {
+            self.index_streams
+                .lock()
                 .await
-                .map_err(|e| js_err(&format!("stream {name}"), e))?;
-            return Ok(());
-        };
-        let mut config = stream
-            .info()
-            .await
-            .map_err(|e| js_err(&format!("stream {name}"), e))?
-            .config
-            .clone();
-        if (config.max_age, config.duplicate_window) == (wanted.max_age, wanted.duplicate_window) {
-            return Ok(());
+                .remove(&(topic.to_string(), queue));
         }
-        config.max_age = wanted.max_age;
-        config.duplicate_window = wanted.duplicate_window;
-        self.js
-            .update_stream(&config)
-            .await
-            .map_err(|e| js_err(&format!("stream {name}"), e))?;
-        self.index_streams
-            .lock()
-            .await
-            .remove(&(topic.to_string(), queue));
         Ok(())
     }
 
