@@ -97,9 +97,11 @@ async fn consumed(s: &common::Server, total: u64) {
     }
 }
 
-/// Median time of 15 `/metrics` scrapes, ms.
-async fn metrics_ms(s: &common::Server) -> f64 {
-    let mut t = Vec::new();
+/// Median time of 15 `/metrics` scrapes, ms, and the size of the last answer, bytes (a
+/// series that appears once, such as a first deletion's counter, makes a scrape longer
+/// without growing with history; more bytes per message would).
+async fn metrics_ms(s: &common::Server) -> (f64, usize) {
+    let (mut t, mut bytes) = (Vec::new(), 0);
     for _ in 0..15 {
         let started = Instant::now();
         let r = s
@@ -108,11 +110,11 @@ async fn metrics_ms(s: &common::Server) -> f64 {
             .send()
             .await
             .unwrap();
-        let _ = r.bytes().await.unwrap();
+        bytes = r.bytes().await.unwrap().len();
         t.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+    (t[t.len() / 2], bytes)
 }
 
 /// Restarts the server [`RESTARTS`] times on the same data; the best time until it answered
@@ -170,6 +172,7 @@ struct Checkpoint {
     dir_bytes: u64,
     restart_ms: f64,
     metrics_ms: f64,
+    metrics_bytes: usize,
 }
 
 /// The data dir's size now, then a restart and a `/metrics` timing on the restarted server.
@@ -180,12 +183,13 @@ async fn checkpoint(
 ) -> (common::Server, Checkpoint) {
     let dir_bytes = dir_size(s.data_dir());
     let (s, restart_ms) = restart(s, tune).await;
-    let metrics_ms = metrics_ms(&s).await;
+    let (metrics_ms, metrics_bytes) = metrics_ms(&s).await;
     let point = Checkpoint {
         label,
         dir_bytes,
         restart_ms,
         metrics_ms,
+        metrics_bytes,
     };
     (s, point)
 }
@@ -298,18 +302,21 @@ fn main() {
             retention_ms / 1000,
             common::cores()
         );
-        println!("| after | data dir | restart to dispatching | vs empty | /metrics | vs empty |");
-        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        println!(
+            "| after | data dir | restart to dispatching | vs empty | /metrics | vs empty | /metrics size |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         let base = &points[0];
         for p in &points {
             println!(
-                "| {} | {:.1} MB | {:.0} ms | {:.2}x | {:.2} ms | {:.2}x |",
+                "| {} | {:.1} MB | {:.0} ms | {:.2}x | {:.2} ms | {:.2}x | {} B |",
                 p.label,
                 p.dir_bytes as f64 / 1e6,
                 p.restart_ms,
                 p.restart_ms / base.restart_ms,
                 p.metrics_ms,
-                p.metrics_ms / base.metrics_ms
+                p.metrics_ms / base.metrics_ms,
+                p.metrics_bytes
             );
         }
         println!(

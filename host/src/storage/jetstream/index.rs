@@ -148,16 +148,29 @@ impl JetStreamStorage {
         let Some((tag, queue)) = crate::storage::id_locator(id) else {
             return Ok(None);
         };
+        // Every topic's index stream of this queue number, a page (JetStream's 1 024) at a time.
         let filter = format!("wqx.*.{queue}.i.{id}");
-        let answer: serde_json::Value = self
-            .js
-            .request("STREAM.NAMES", &serde_json::json!({"subject": filter}))
-            .await
-            .map_err(|e| js_err("index streams", e))?;
-        if let Some(error) = answer.get("error") {
-            return Err(js_err("index streams", error));
+        let mut names = Vec::new();
+        loop {
+            let answer: serde_json::Value = self
+                .js
+                .request(
+                    "STREAM.NAMES",
+                    &serde_json::json!({"subject": filter, "offset": names.len()}),
+                )
+                .await
+                .map_err(|e| js_err("index streams", e))?;
+            if let Some(error) = answer.get("error") {
+                return Err(js_err("index streams", error));
+            }
+            let page = answer["streams"].as_array().cloned().unwrap_or_default();
+            let total = answer["total"].as_u64().unwrap_or(0);
+            let more = !page.is_empty() && ((names.len() + page.len()) as u64) < total;
+            names.extend(page);
+            if !more {
+                break;
+            }
         }
-        let names = answer["streams"].as_array().cloned().unwrap_or_default();
         let suffix = format!("_{queue}");
         for name in names.iter().filter_map(|n| n.as_str()) {
             let Some(topic) = name
