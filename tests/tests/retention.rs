@@ -780,6 +780,13 @@ async fn pins_hold_what_timers_and_dead_letters_need_also_in_a_database_from_bef
         .put_record(&pins("later"), orphan, Some(vec![0; 8]), Expect::Any)
         .await
         .unwrap();
+    // One at the next offset (123, not yet delivered): it must not keep the queue loop from
+    // delivering that message.
+    let ahead = "00000000/000000000000007b/t/all/0000000000000001/00000000/000000000000007b";
+    storage
+        .put_record(&pins("dead"), ahead, Some(vec![0; 8]), Expect::Any)
+        .await
+        .unwrap();
     storage.close().await;
     drop(storage);
 
@@ -793,16 +800,27 @@ async fn pins_hold_what_timers_and_dead_letters_need_also_in_a_database_from_bef
     assert_eq!(v["pending_timers"], 0, "{v}");
     s.wait_until("/v1/topics/events", 60, |t| t["low_water"][0] == 120)
         .await;
-    // Without the dead letters, nothing holds.
+    s.publish_numbered("events", 1).await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| {
+        v["dlq"] == 4 && v["lag"] == 0
+    })
+    .await;
+    s.wait_until("/v1/subscriptions/later", 60, |v| v["pending_timers"] == 1)
+        .await;
+    // Without the dead letters, only "later"'s new retry timer holds (offset 123).
     let (st, v) = s.delete("/v1/subscriptions/dead").await;
     assert!(st.is_success(), "{st} {v}");
     s.wait_until("/v1/topics/events", 60, |t| t["low_water"][0] == 123)
         .await;
     s.stop().await.unwrap();
     let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
-    for g in ["later", "dead"] {
-        let left = storage.list_records(&pins(g), "", 10).await.unwrap();
-        assert!(left.is_empty(), "{g}: {left:?}");
-    }
+    let left = storage.list_records(&pins("dead"), "", 10).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    let left = storage.list_records(&pins("later"), "", 10).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].0.starts_with("00000000/000000000000007b/t/all/"),
+        "{left:?}"
+    );
     storage.close().await;
 }

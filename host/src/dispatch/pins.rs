@@ -78,7 +78,7 @@ fn write(group: &str, key: String, put: bool) -> RecordWrite {
 /// commits other nodes can see half done (JetStream), only once it is older than any commit
 /// in progress may be ([`Storage::recovery_age`], four times over), so the pin of a timer
 /// whose record is still being written is kept.
-fn may_go(storage: &dyn Storage, pin: &crate::storage::Record) -> bool {
+pub fn may_go(storage: &dyn Storage, pin: &crate::storage::Record) -> bool {
     let age = storage.recovery_age().saturating_mul(4);
     if age.is_zero() {
         return true;

@@ -90,40 +90,48 @@ impl TimerWindow {
         }
         // The pins of a message's timers sort together, a member's by due time: of several,
         // the latest stored is its timer; an earlier one is a predecessor a crash kept from
-        // being removed after its successor was stored, a pin without its timer goes too.
+        // being removed after its successor was stored. Only a stored timer holds its offset.
         let (pin_space, mine) = (pins::space(group), prefix_of(member));
         let mut writes = Vec::new();
         for q in (0..owned.len() as u32).filter(|&q| owns(q)) {
             let (prefix, mut after) = (pins::queue_prefix(q), String::new());
-            // The current message's (timer key, pin key) pairs.
-            let mut same: (u64, Vec<(String, String)>) = (0, Vec::new());
+            let committed = committed.get(q as usize).copied().unwrap_or(0);
+            // The current message's offset and its timers' (key, pin key, pin).
+            let mut same: (u64, Vec<(String, String, crate::storage::Record)>) = (0, Vec::new());
             loop {
                 let page = storage
                     .list_records_after(&pin_space, &prefix, &after, COUNT_PAGE)
                     .await?;
                 let full = page.len() == COUNT_PAGE;
-                for (key, _) in &page {
+                for (key, record) in &page {
                     let Some((offset, timer)) = pins::parse_timer_pin(key) else {
                         continue;
                     };
                     if !timer.starts_with(&mine) {
                         continue;
                     }
-                    if committed.get(q as usize).is_some_and(|&c| offset >= c) {
-                        held.push((q, offset));
-                    }
                     if offset != same.0 {
-                        let done = std::mem::replace(&mut same, (offset, Vec::new()));
-                        w.drop_stale(storage, group, done.1, &mut writes).await?;
+                        let (at, timers) = std::mem::replace(&mut same, (offset, Vec::new()));
+                        if w.settle_message(storage, group, timers, at >= committed, &mut writes)
+                            .await?
+                        {
+                            held.push((q, at));
+                        }
                     }
-                    same.1.push((timer.to_string(), key.clone()));
+                    same.1
+                        .push((timer.to_string(), key.clone(), record.clone()));
                 }
                 match page.last() {
                     Some((last, _)) if full => after = last.clone(),
                     _ => break,
                 }
             }
-            w.drop_stale(storage, group, same.1, &mut writes).await?;
+            let (at, timers) = same;
+            if w.settle_message(storage, group, timers, at >= committed, &mut writes)
+                .await?
+            {
+                held.push((q, at));
+            }
         }
         if !writes.is_empty() {
             storage.put_records_in_order(writes).await?;
@@ -131,21 +139,25 @@ impl TimerWindow {
         Ok(w)
     }
 
-    /// Of one message's timers (keys with their pins' keys, in due order), keeps the latest
-    /// stored and adds to `writes` the removal of the others and of pins whose timer is gone.
-    async fn drop_stale(
+    /// Of one message's timers (keys with their pins' keys and pins, in due order), keeps the
+    /// latest stored and adds to `writes` the removal of the others, and of pins whose timer
+    /// is gone (once [`pins::may_go`] lets them). Only checks storage when there are several,
+    /// or when `ahead` (the message is at or past its queue's offset); returns whether a
+    /// stored timer holds the message then.
+    async fn settle_message(
         &mut self,
         storage: &dyn Storage,
         group: &str,
-        timers: Vec<(String, String)>,
+        timers: Vec<(String, String, crate::storage::Record)>,
+        ahead: bool,
         writes: &mut Vec<crate::storage::RecordWrite>,
-    ) -> Result<(), DispatchError> {
-        if timers.len() < 2 {
-            return Ok(());
+    ) -> Result<bool, DispatchError> {
+        if timers.is_empty() || (timers.len() < 2 && !ahead) {
+            return Ok(false);
         }
         let space = state::timer_space(group);
         let mut kept = false;
-        for (timer, pin) in timers.into_iter().rev() {
+        for (timer, pin_key, pin) in timers.into_iter().rev() {
             let stored = self.map.contains_key(&timer)
                 || storage.get_record(&space, &timer).await?.is_some();
             if stored && !kept {
@@ -162,15 +174,17 @@ impl TimerWindow {
                     value: None,
                     expect: Expect::Any,
                 });
+            } else if !pins::may_go(storage, &pin) {
+                continue;
             }
             writes.push(crate::storage::RecordWrite {
                 space: pins::space(group),
-                key: pin,
+                key: pin_key,
                 value: None,
                 expect: Expect::Any,
             });
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// Stored timers, in memory or not.
