@@ -2,9 +2,9 @@
 //! on a topic with a short age retention. Prints the data directory's size (peak and at each
 //! checkpoint, beside what the retention window holds), the process's peak RSS, the time from
 //! start to a healthy, dispatching server and the time of a `/metrics` scrape, after 0, N/5 and
-//! N messages and after M decided transactions (the best of 3 restarts each), as ratios to the
-//! empty server. Trace records are kept as long as the messages. Goal: the data
-//! dir bounded by what the retention allows, every ratio ≤ 1.2. `--quick`: 100 000 messages,
+//! N messages and after M decided transactions (the best of 5 restarts each, the fastest of 31
+//! scrapes), as ratios to the empty server. Trace records are kept as long as the messages.
+//! Goal: the data dir bounded by what the retention allows, every ratio ≤ 1.2. `--quick`: 100 000 messages,
 //! 2 s retention, 2 000 transactions; full: 5 000 000, 30 s, 100 000.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -97,12 +97,15 @@ async fn consumed(s: &common::Server, total: u64) {
     }
 }
 
-/// Median time of 15 `/metrics` scrapes, ms, and the size of the last answer, bytes (a
-/// series that appears once, such as a first deletion's counter, makes a scrape longer
-/// without growing with history; more bytes per message would).
+/// The fastest of 31 `/metrics` scrapes, ms (a scrape takes well under a millisecond, and
+/// on two cores shared with compaction and the consumer the median moved by half of that
+/// between runs of the same code; noise only adds time, so the fastest is the scrape's own
+/// cost), and the size of the last answer, bytes (a series that appears once, such as a first
+/// deletion's counter, makes a scrape longer without growing with history; more bytes per
+/// message would).
 async fn metrics_ms(s: &common::Server) -> (f64, usize) {
     let (mut t, mut bytes) = (Vec::new(), 0);
-    for _ in 0..15 {
+    for _ in 0..31 {
         let started = Instant::now();
         let r = s
             .http
@@ -113,8 +116,7 @@ async fn metrics_ms(s: &common::Server) -> (f64, usize) {
         bytes = r.bytes().await.unwrap().len();
         t.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    t.sort_by(f64::total_cmp);
-    (t[t.len() / 2], bytes)
+    (t.into_iter().fold(f64::INFINITY, f64::min), bytes)
 }
 
 /// Restarts the server [`RESTARTS`] times on the same data; the best time until it answered
@@ -133,8 +135,8 @@ async fn restart(
     (s, best)
 }
 
-/// How many restarts each checkpoint times.
-const RESTARTS: usize = 3;
+/// How many restarts each checkpoint times (the best counts: see [`restart`]).
+const RESTARTS: usize = 5;
 
 /// Stops the server and starts it again on the same data; the time until it answers and
 /// dispatches the subscription again, ms.
@@ -298,7 +300,7 @@ fn main() {
         println!(
             "\nEndurance: {n} random 256 B messages published and consumed at {rate:.0} msg/s \
              through a topic with a {} s age retention (trace records kept as long), then {txns} \
-             decided transactions; {} cores; restart: the best of {RESTARTS}\n",
+             decided transactions; {} cores; restart: the best of {RESTARTS}; /metrics: the fastest of 31\n",
             retention_ms / 1000,
             common::cores()
         );
