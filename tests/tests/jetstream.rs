@@ -941,9 +941,25 @@ async fn index_entries_on_jetstream_go_with_their_queue_by_age_size_and_consumpt
     let (a, b) = (index("brief", 0).await, index("brief", 1).await);
     assert_eq!(a.0 + b.0, 12, "one id and one key entry per message");
     assert_eq!(a.1, std::time::Duration::from_secs(1));
-    // Nothing in the global index.
+    // Nothing in the global index, which keeps older entries by the longest age limit.
     assert_eq!(entries("KV_WQ_IDS".into()).await.0, 0);
     assert_eq!(entries("WQ_KEYS".into()).await.0, 0);
+    let global_age = |age: std::time::Duration| {
+        let entries = &entries;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while entries("KV_WQ_IDS".into()).await.1 != age
+                || entries("WQ_KEYS".into()).await.1 != age
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "global index age not {age:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    global_age(std::time::Duration::from_secs(1)).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while index("brief", 0).await.0 + index("brief", 1).await.0 > 0 {
         assert!(std::time::Instant::now() < deadline, "index entries kept");
@@ -983,6 +999,7 @@ async fn index_entries_on_jetstream_go_with_their_queue_by_age_size_and_consumpt
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(index("consumed", 0).await.1, std::time::Duration::ZERO);
+    global_age(std::time::Duration::ZERO).await;
     assert_eq!(
         s.get(&format!("/v1/messages/{consumed_id}")).await.0,
         StatusCode::NOT_FOUND

@@ -419,20 +419,22 @@ impl JetStreamStorage {
 
     /// Gives a stream the limits of `wanted` (`max_age`, `max_bytes`, `duplicate_window`):
     /// creates it with `wanted` when `existing` is `None`, else changes only those (whatever
-    /// else an operator tuned on it stays). True when an existing stream was changed (a cached
-    /// handle then carries the old configuration).
+    /// else an operator tuned on it stays). A changed stream's handle leaves `cache` (keyed by
+    /// topic and queue), which would carry the old configuration.
     async fn apply_limits(
         &self,
+        cache: &tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
+        (topic, queue): (&str, u32),
         existing: Option<Stream>,
         wanted: stream::Config,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<(), StorageError> {
         let name = wanted.name.clone();
         let Some(mut stream) = existing else {
             self.js
                 .get_or_create_stream(wanted)
                 .await
                 .map_err(|e| js_err(&format!("stream {name}"), e))?;
-            return Ok(false);
+            return Ok(());
         };
         let mut config = stream
             .info()
@@ -442,7 +444,7 @@ impl JetStreamStorage {
             .clone();
         let limits = |c: &stream::Config| (c.max_age, c.max_bytes, c.duplicate_window);
         if limits(&config) == limits(&wanted) {
-            return Ok(false);
+            return Ok(());
         }
         config.max_age = wanted.max_age;
         config.max_bytes = wanted.max_bytes;
@@ -451,7 +453,8 @@ impl JetStreamStorage {
             .update_stream(&config)
             .await
             .map_err(|e| js_err(&format!("stream {name}"), e))?;
-        Ok(true)
+        cache.lock().await.remove(&(topic.to_string(), queue));
+        Ok(())
     }
 
     /// Publishes to JetStream and waits for its acknowledgement: the stream sequence.
@@ -720,16 +723,9 @@ impl Storage for JetStreamStorage {
         for queue in 0..queues {
             self.prepare_index(topic, queue, limits).await?;
             let stream = self.queue_stream(topic, queue, false).await?;
-            if self
-                .apply_limits(stream, self.queue_config(topic, queue, limits))
-                .await?
-            {
-                // The cached handle carries the old configuration.
-                self.streams
-                    .lock()
-                    .await
-                    .remove(&(topic.to_string(), queue));
-            }
+            let wanted = self.queue_config(topic, queue, limits);
+            self.apply_limits(&self.streams, (topic, queue), stream, wanted)
+                .await?;
         }
         Ok(())
     }
@@ -948,9 +944,7 @@ impl Storage for JetStreamStorage {
         _limits: QueueLimits,
         _now_ms: u64,
     ) -> Result<u64, StorageError> {
-        let low = self.low_water(topic, queue).await?;
-        self.purge_index(topic, queue, low).await?;
-        Ok(low)
+        self.purge_index(topic, queue).await
     }
 
     /// The stream's own purge up to a sequence: one request, not a delete per message.
@@ -973,7 +967,7 @@ impl Storage for JetStreamStorage {
             .sequence(before + 1)
             .await
             .map_err(|e| js_err("truncate", e))?;
-        self.purge_index(topic, queue, before).await?;
+        self.purge_index(topic, queue).await?;
         Ok(before)
     }
 

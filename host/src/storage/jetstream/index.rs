@@ -99,16 +99,9 @@ impl JetStreamStorage {
         limits: QueueLimits,
     ) -> Result<(), StorageError> {
         let stream = self.index_stream(topic, queue, false).await?;
-        if self
-            .apply_limits(stream, self.index_config(topic, queue, limits))
-            .await?
-        {
-            self.index_streams
-                .lock()
-                .await
-                .remove(&(topic.to_string(), queue));
-        }
-        Ok(())
+        let wanted = self.index_config(topic, queue, limits);
+        self.apply_limits(&self.index_streams, (topic, queue), stream, wanted)
+            .await
     }
 
     /// The index entries of appended messages whose ids carry their place (the others go to
@@ -232,19 +225,15 @@ impl JetStreamStorage {
         Ok(out)
     }
 
-    /// Deletes the index entries of a queue whose messages are all below `low` (its low
-    /// water): records a checkpoint (the index's last sequence, then the queue's high water)
-    /// and purges the index up to the newest checkpoint whose high water is at most `low`.
-    /// One or two requests per call, none per entry; entries of messages just deleted go by
-    /// the next call whose checkpoint is behind `low`.
-    pub(super) async fn purge_index(
-        &self,
-        topic: &str,
-        queue: u32,
-        low: u64,
-    ) -> Result<(), StorageError> {
+    /// Deletes the index entries of a queue whose messages are all below its low water, and
+    /// returns that low water: records a checkpoint (the index's last sequence, then the
+    /// queue's low and high water, in one stream info) and purges the index up to the newest
+    /// checkpoint whose high water is at most the low water. Two or three requests per call,
+    /// none per entry; entries of messages just deleted go by the next call whose checkpoint
+    /// is behind the low water.
+    pub(super) async fn purge_index(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
         let Some(mut index) = self.index_stream(topic, queue, false).await? else {
-            return Ok(());
+            return self.low_water(topic, queue).await;
         };
         let state = index
             .info()
@@ -252,7 +241,11 @@ impl JetStreamStorage {
             .map_err(|e| js_err("index purge", e))?
             .state
             .clone();
-        let high = self.high_water(topic, queue).await?;
+        let QueueExtent {
+            low_water: low,
+            high_water: high,
+            ..
+        } = self.extent(topic, queue).await?;
         let cut = {
             let mut all = self
                 .index_checkpoints
@@ -293,6 +286,6 @@ impl JetStreamStorage {
                 .await
                 .map_err(|e| js_err("index purge", e))?;
         }
-        Ok(())
+        Ok(low)
     }
 }
