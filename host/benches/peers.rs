@@ -32,6 +32,8 @@ use common::BODY_BYTES;
 
 const BATCH: usize = 100;
 const PUBLISHERS: usize = 4;
+/// Producers that send one message per request (the single-publish rows).
+const SINGLE_PRODUCERS: usize = 8;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -74,9 +76,9 @@ fn have(bin: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Runs `round` (which publishes `BATCH` messages) over and over on each worker's state until
-/// `secs` pass; msgs/s over all workers.
-async fn timed<W, F, Fut>(secs: f64, workers: Vec<W>, round: F) -> f64
+/// Runs `round` (which publishes `per_round` messages) over and over on each worker's state
+/// until `secs` pass; msgs/s over all workers.
+async fn timed<W, F, Fut>(secs: f64, per_round: usize, workers: Vec<W>, round: F) -> f64
 where
     W: Send + 'static,
     F: Fn(W) -> Fut + Clone + Send + 'static,
@@ -92,7 +94,7 @@ where
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     w = round(w).await;
-                    done.fetch_add(BATCH as u64, Ordering::Relaxed);
+                    done.fetch_add(per_round as u64, Ordering::Relaxed);
                 }
             })
         })
@@ -171,8 +173,22 @@ impl Redis {
         for _ in 0..PUBLISHERS {
             cons.push(self.connect().await);
         }
-        timed(secs, cons, |mut con| async move {
+        timed(secs, BATCH, cons, |mut con| async move {
             Redis::xadd(&mut con, "rate", BATCH).await;
+            con
+        })
+        .await
+    }
+
+    /// One XADD per round trip (no pipelining) from each of `producers` connections, for `secs`:
+    /// a producer that sends one business event at a time.
+    async fn publish_one_rate(&self, producers: usize, secs: f64) -> f64 {
+        let mut cons = Vec::new();
+        for _ in 0..producers {
+            cons.push(self.connect().await);
+        }
+        timed(secs, 1, cons, |mut con| async move {
+            Redis::xadd(&mut con, "one", 1).await;
             con
         })
         .await
@@ -301,8 +317,22 @@ impl Nats {
         for _ in 0..PUBLISHERS {
             contexts.push(self.jetstream().await);
         }
-        timed(secs, contexts, |js| async move {
+        timed(secs, BATCH, contexts, |js| async move {
             Nats::publish(&js, "rate", BATCH).await;
+            js
+        })
+        .await
+    }
+
+    /// One publish, then its ack, at a time from each of `producers` connections, for `secs`.
+    async fn publish_one_rate(&self, producers: usize, secs: f64) -> f64 {
+        self.stream("one").await;
+        let mut contexts = Vec::new();
+        for _ in 0..producers {
+            contexts.push(self.jetstream().await);
+        }
+        timed(secs, 1, contexts, |js| async move {
+            Nats::publish(&js, "one", 1).await;
             js
         })
         .await
@@ -448,7 +478,7 @@ fn main() {
     } else {
         env_or("WASMQ_BENCH_SECS", 5.0)
     };
-    // WASMQ_BENCH_ONLY=publish,e2e,fanout picks rows; WASMQ_BENCH_PEERS=0 runs wasmq alone
+    // WASMQ_BENCH_ONLY=publish,single,e2e,fanout picks rows; WASMQ_BENCH_PEERS=0 runs wasmq alone
     // (both for profiling one workload).
     let only = std::env::var("WASMQ_BENCH_ONLY").unwrap_or_default();
     let wanted = |row: &str| only.is_empty() || only.split(',').any(|o| o == row);
@@ -479,23 +509,48 @@ fn main() {
                 "relaxed: wasmq async / Redis everysec / NATS",
             ),
         ] {
-            let wasmq = common::http_publish(flush, BATCH, PUBLISHERS, secs).await;
-            let redis = if with_redis {
-                Some(Redis::start(fsync).await.publish_rate(secs).await)
-            } else {
-                None
-            };
-            let nats = if with_nats {
-                Some(Nats::start().await.publish_rate(secs).await)
-            } else {
-                None
-            };
-            rows.push(Row {
-                workload: format!("publish batch-100, {PUBLISHERS} clients ({label})"),
-                wasmq,
-                redis,
-                nats,
-            });
+            if wanted("publish") {
+                let wasmq = common::http_publish(flush, BATCH, PUBLISHERS, secs).await;
+                let redis = if with_redis {
+                    Some(Redis::start(fsync).await.publish_rate(secs).await)
+                } else {
+                    None
+                };
+                let nats = if with_nats {
+                    Some(Nats::start().await.publish_rate(secs).await)
+                } else {
+                    None
+                };
+                rows.push(Row {
+                    workload: format!("publish batch-100, {PUBLISHERS} clients ({label})"),
+                    wasmq,
+                    redis,
+                    nats,
+                });
+            }
+            if wanted("single") {
+                let wasmq = common::http_publish(flush, 1, SINGLE_PRODUCERS, secs).await;
+                let redis = if with_redis {
+                    let r = Redis::start(fsync).await;
+                    Some(r.publish_one_rate(SINGLE_PRODUCERS, secs).await)
+                } else {
+                    None
+                };
+                let nats = if with_nats {
+                    let n = Nats::start().await;
+                    Some(n.publish_one_rate(SINGLE_PRODUCERS, secs).await)
+                } else {
+                    None
+                };
+                rows.push(Row {
+                    workload: format!(
+                        "publish one message per request, {SINGLE_PRODUCERS} producers ({label})"
+                    ),
+                    wasmq,
+                    redis,
+                    nats,
+                });
+            }
         }
         for (groups, consumers, what) in [
             (1, 1, "publish + consume with acks, 1 consumer"),

@@ -235,7 +235,7 @@ async fn serve(
         std::time::Duration::from_millis(config.retention.check_interval_ms),
         checks.clone(),
     ));
-    let app = http::app(http::AppState {
+    let app = http::app(http::AppState::new(http::AppParts {
         broker,
         plugins,
         logs,
@@ -257,7 +257,7 @@ async fn serve(
             &config.server.allowed_hosts,
             &config.server.allowed_origins,
         )),
-    });
+    }));
     let shutdown = async move {
         shutdown.await;
         closing.cancel();

@@ -125,46 +125,77 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
-/// Publishes 256 B messages over HTTP from `clients` tasks for `secs`; returns messages/s.
+/// One HTTP/1.1 keep-alive connection, as a producer that sends one request after another
+/// holds it: the benches' client. A bare hyper connection, not reqwest's pooled client (which
+/// parses and IDNA-checks the URL and looks up its pool on every request: up to a quarter of
+/// the CPU of a one-message-per-request run on two cores shared with the server), so the
+/// producer side costs about what redis-rs and async-nats cost the peers.
+pub struct Conn {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    authority: String,
+}
+
+impl Conn {
+    /// Connects to the server at `url` (`http://host:port`).
+    pub async fn open(url: &str) -> Self {
+        let authority = url.trim_start_matches("http://").to_string();
+        let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Conn { send, authority }
+    }
+
+    /// POSTs `body` as JSON to `path`; the status and the whole answer.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: bytes::Bytes,
+    ) -> (reqwest::StatusCode, bytes::Bytes) {
+        use http_body_util::BodyExt as _;
+        self.send.ready().await.unwrap();
+        let req = hyper::Request::post(path)
+            .header(hyper::header::HOST, &self.authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(body))
+            .unwrap();
+        let resp = self.send.send_request(req).await.unwrap();
+        let status = resp.status();
+        let answer = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, answer)
+    }
+}
+
+/// Publishes 256 B messages over HTTP from `clients` producers (one [`Conn`] each) for `secs`;
+/// returns messages/s. `batch` 1 posts single messages, more posts batches.
 pub async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64) -> f64 {
     let server = Server::start(flush).await;
-    let (http, url) = (server.http.clone(), server.url.clone());
     server.put("/v1/topics/bench", json!({"queues": 4})).await;
     // A JSON string body of exactly BODY_BYTES bytes, quotes included.
     let one = json!({"body": "x".repeat(BODY_BYTES - 2)});
     let (path, payload) = if batch == 1 {
-        (format!("{url}/v1/topics/bench/messages"), one)
+        ("/v1/topics/bench/messages", one)
     } else {
         let msgs: Vec<Value> = (0..batch).map(|_| one.clone()).collect();
-        (
-            format!("{url}/v1/topics/bench/messages/batch"),
-            json!({"messages": msgs}),
-        )
+        ("/v1/topics/bench/messages/batch", json!({"messages": msgs}))
     };
-    let payload = Arc::new(serde_json::to_vec(&payload).unwrap());
+    let payload = bytes::Bytes::from(serde_json::to_vec(&payload).unwrap());
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(Conn::open(&server.url).await);
+    }
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, path, payload, done, stop) = (
-            http.clone(),
-            path.clone(),
-            payload.clone(),
-            done.clone(),
-            stop.clone(),
-        );
+    for mut conn in conns {
+        let (payload, done, stop) = (payload.clone(), done.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let r = http
-                    .post(&path)
-                    .header("content-type", "application/json")
-                    .body(payload.as_ref().clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
-                let _ = r.bytes().await.unwrap();
+                let (status, _) = conn.post(path, payload.clone()).await;
+                assert_eq!(status, reqwest::StatusCode::CREATED);
                 done.fetch_add(batch as u64, Ordering::Relaxed);
             }
         }));

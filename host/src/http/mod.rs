@@ -30,8 +30,27 @@ use crate::txn::Transactions;
 pub use error::ApiError;
 pub use serve::serve;
 
+/// What every handler reaches: one `Arc`, so the per-request copies axum makes (one per
+/// middleware layer and one per handler) cost one reference count, not one per part (the
+/// single-message publish profile spent 7% of its CPU copying and dropping the parts).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The server's parts, shared by every request through [`AppState`].
+pub struct AppParts {
     pub broker: Arc<Broker>,
     pub plugins: Arc<Plugins>,
     /// Plugin log lines (rings per plugin, followers).
