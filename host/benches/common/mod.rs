@@ -10,6 +10,11 @@ use serde_json::{Value, json};
 use wasmq::config::{Config, FlushMode};
 use wasmq_tests::plugins::LATENCY;
 
+/// The allocator the `wasmq` binary ships with (`host/src/main.rs`): the server runs in this
+/// process, so the benches measure it with the same one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Every workload's message size (a JSON string body of this many bytes, quotes included).
 pub const BODY_BYTES: usize = 256;
 
