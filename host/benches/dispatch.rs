@@ -230,7 +230,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let skip = std::env::var("WASMQ_BENCH_ONLY").as_deref() == Ok("latency");
+    let skip = matches!(
+        std::env::var("WASMQ_BENCH_ONLY").as_deref(),
+        Ok("latency" | "topics")
+    );
     let (pub1, one) = if skip {
         (0.0, 0.0)
     } else {
@@ -242,12 +245,24 @@ fn main() {
         rt.block_on(throughput(n, 4))
     };
     // Sync is the promise; async beside it shows what the fsync adds.
-    let lat = rt.block_on(latency(rate, secs, FlushMode::Sync));
-    let lat_async = rt.block_on(latency(rate, secs, FlushMode::Async));
+    // WASMQ_BENCH_ONLY=topics runs the many-topics rows alone (for profiling them).
+    let topics_only = std::env::var("WASMQ_BENCH_ONLY").as_deref() == Ok("topics");
+    let (lat, lat_async) = if topics_only {
+        (vec![0], vec![0])
+    } else {
+        (
+            rt.block_on(latency(rate, secs, FlushMode::Sync)),
+            rt.block_on(latency(rate, secs, FlushMode::Async)),
+        )
+    };
     let (topics_total, lifecycle_n) = if quick { (2_000, 3) } else { (100_000, 20) };
     let one_topic = rt.block_on(many_topics(1, topics_total));
     let thousand = rt.block_on(many_topics(if quick { 50 } else { 1000 }, topics_total));
-    let (upload_ms, restart_ms) = rt.block_on(lifecycle(lifecycle_n));
+    let (upload_ms, restart_ms) = if topics_only {
+        (0.0, 0.0)
+    } else {
+        rt.block_on(lifecycle(lifecycle_n))
+    };
     println!(
         "\n{n} messages of 256 B, {} cores; client, broker and plugins share the machine\n",
         common::cores()

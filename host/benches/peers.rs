@@ -483,6 +483,10 @@ fn main() {
     let only = std::env::var("WASMQ_BENCH_ONLY").unwrap_or_default();
     let wanted = |row: &str| only.is_empty() || only.split(',').any(|o| o == row);
     let peers = std::env::var("WASMQ_BENCH_PEERS").as_deref() != Ok("0");
+    // WASMQ_BENCH_FLUSH=sync or async keeps only the durable or the relaxed publish rows.
+    let flush_only = std::env::var("WASMQ_BENCH_FLUSH").unwrap_or_default();
+    let flush_wanted =
+        |f: FlushMode| flush_only.is_empty() || (flush_only == "sync") == (f == FlushMode::Sync);
     let (with_redis, with_nats) = (peers && have("redis-server"), peers && have("nats-server"));
     if !with_redis || !with_nats {
         eprintln!(
@@ -509,6 +513,9 @@ fn main() {
                 "relaxed: wasmq async / Redis everysec / NATS",
             ),
         ] {
+            if !flush_wanted(flush) {
+                continue;
+            }
             if wanted("publish") {
                 let wasmq = common::http_publish(flush, BATCH, PUBLISHERS, secs).await;
                 let redis = if with_redis {

@@ -32,6 +32,10 @@ struct Inner {
     /// Bumped at each return; orders idle instances for eviction.
     clock: u64,
     idle: HashMap<PoolKey, Vec<(u64, PluginInstance)>>,
+    /// How many instances `idle` holds over all keys, kept as they come and go: summing the
+    /// lists on every lease and return cost time per key under the lock (with 1 000
+    /// subscriptions, 5% of the CPU of a many-topics run).
+    idle_count: usize,
 }
 
 /// Pool counters for `/metrics`.
@@ -66,8 +70,7 @@ impl Pool {
 
     fn publish(&self, inner: &Inner) {
         self.stats.live.set(inner.live as i64);
-        let idle: usize = inner.idle.values().map(Vec::len).sum();
-        self.stats.idle.set(idle as i64);
+        self.stats.idle.set(inner.idle_count as i64);
     }
 
     /// Takes out the least recently returned idle instance of any key.
@@ -83,6 +86,7 @@ impl Pool {
         if list.is_empty() {
             inner.idle.remove(&key);
         }
+        inner.idle_count -= 1;
         Some(instance)
     }
 
@@ -99,6 +103,7 @@ impl Pool {
                 }
             }
             inner.live -= gone.len();
+            inner.idle_count -= gone.len();
             self.publish(&inner);
             gone
         };
@@ -115,6 +120,7 @@ impl Pool {
                 inner.clock += 1;
                 let at = inner.clock;
                 inner.idle.entry(key).or_default().push((at, instance));
+                inner.idle_count += 1;
                 None
             } else {
                 inner.live -= 1;
@@ -229,6 +235,7 @@ impl Runtime {
                     if list.is_empty() {
                         inner.idle.remove(&key);
                     }
+                    inner.idle_count -= 1;
                     pool.publish(&inner);
                     return Ok(Lease {
                         instance: Some(instance),
