@@ -529,7 +529,10 @@ mod tests {
         assert_eq!(s.waiting(), 2);
         // Queued keys: busy at 0, calm at 10 ms. busy's running call ends having used 50 ms.
         s.release(&busy, Duration::from_millis(50));
-        assert!(calm_rx.try_recv().is_ok(), "calm (10 ms) goes before busy (50 ms)");
+        assert!(
+            calm_rx.try_recv().is_ok(),
+            "calm (10 ms) goes before busy (50 ms)"
+        );
         assert!(busy_rx.try_recv().is_err());
         // busy's queued key (0) says it is clearly behind calm (10 ms); its tenant now stands
         // at 50 ms, so calm's call does not give its slot up for it.
