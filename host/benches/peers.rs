@@ -403,24 +403,23 @@ async fn wasmq_end_to_end(n: usize, instances: u32, broadcast: bool) -> f64 {
     )
     .await;
     let body = json!({"body": "x".repeat(BODY_BYTES - 2)});
-    let batch = serde_json::to_vec(&json!({"messages": vec![body; BATCH]})).unwrap();
-    let url = format!("{}/v1/topics/bench/messages/batch", s.url);
+    let batch = Bytes::from(serde_json::to_vec(&json!({"messages": vec![body; BATCH]})).unwrap());
+    let mut conns = Vec::new();
+    for _ in 0..PUBLISHERS {
+        conns.push(common::Conn::open(&s.url).await);
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
     let batches = n / BATCH;
-    for p in 0..PUBLISHERS {
-        let (http, url, batch) = (s.http.clone(), url.clone(), batch.clone());
+    for (p, mut conn) in conns.into_iter().enumerate() {
+        let batch = batch.clone();
         let mine = batches / PUBLISHERS + usize::from(p < batches % PUBLISHERS);
         tasks.push(tokio::spawn(async move {
             for _ in 0..mine {
-                let r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(batch.clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+                let (status, _) = conn
+                    .post("/v1/topics/bench/messages/batch", batch.clone())
+                    .await;
+                assert_eq!(status, reqwest::StatusCode::CREATED);
             }
         }));
     }

@@ -182,17 +182,13 @@ impl Scheduler {
     pub fn should_yield(&self, tenant: &Tenant) -> bool {
         let inner = self.lock();
         let mine = tenant.vruntime_ns();
+        let clearly_less = |v: u64| v.saturating_add(PREEMPT_GRANULARITY_NS) < mine;
         // Keys are lower bounds: past the first key that is not clearly less, none can be.
         inner
             .waiters
             .iter()
-            .take_while(|((key, _), _)| key.saturating_add(PREEMPT_GRANULARITY_NS) < mine)
-            .any(|(_, w)| {
-                w.tenant
-                    .vruntime_ns()
-                    .saturating_add(PREEMPT_GRANULARITY_NS)
-                    < mine
-            })
+            .take_while(|((key, _), _)| clearly_less(*key))
+            .any(|(_, w)| clearly_less(w.tenant.vruntime_ns()))
     }
 
     /// Whether `tenant` may take a free slot now: a tenant running long polls may not take the

@@ -38,6 +38,24 @@ struct Inner {
     idle_count: usize,
 }
 
+impl Inner {
+    /// Takes an idle instance of `key` out, the least recently returned (`oldest`) or the
+    /// most; keeps `idle_count` and drops an emptied list.
+    fn take_idle(&mut self, key: &PoolKey, oldest: bool) -> Option<PluginInstance> {
+        let list = self.idle.get_mut(key)?;
+        let (_, instance) = if oldest {
+            (!list.is_empty()).then(|| list.remove(0))?
+        } else {
+            list.pop()?
+        };
+        if list.is_empty() {
+            self.idle.remove(key);
+        }
+        self.idle_count -= 1;
+        Some(instance)
+    }
+}
+
 /// Pool counters for `/metrics`.
 #[derive(Debug, Default, Clone)]
 pub struct PoolStats {
@@ -81,13 +99,7 @@ impl Pool {
             .filter_map(|(k, v)| v.first().map(|(at, _)| (*at, k)))
             .min_by_key(|(at, _)| *at)
             .map(|(_, k)| k.clone())?;
-        let list = inner.idle.get_mut(&key)?;
-        let (_, instance) = list.remove(0);
-        if list.is_empty() {
-            inner.idle.remove(&key);
-        }
-        inner.idle_count -= 1;
-        Some(instance)
+        inner.take_idle(&key, true)
     }
 
     /// Removes every idle instance whose key matches; leased ones are dropped when returned
@@ -229,13 +241,7 @@ impl Runtime {
         loop {
             let (victim, notified) = {
                 let mut inner = pool.lock();
-                if let Some(list) = inner.idle.get_mut(&key)
-                    && let Some((_, instance)) = list.pop()
-                {
-                    if list.is_empty() {
-                        inner.idle.remove(&key);
-                    }
-                    inner.idle_count -= 1;
+                if let Some(instance) = inner.take_idle(&key, false) {
                     pool.publish(&inner);
                     return Ok(Lease {
                         instance: Some(instance),
