@@ -79,6 +79,31 @@ pub async fn run_announced(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr) + Send,
 ) -> anyhow::Result<()> {
+    let config = checked(&listener, config)?;
+    let storage = open_storage(&config).await?;
+    let result = serve(listener, &config, storage.clone(), shutdown, ready).await;
+    storage.close().await;
+    result
+}
+
+/// [`run`] over a storage the caller opened (an embedder's own backend, or a wrapper around
+/// one that a test uses to make reads come back short or append news get lost); closes it
+/// when done. `config.storage` is not looked at.
+pub async fn run_on(
+    listener: TcpListener,
+    config: Config,
+    storage: Arc<dyn Storage>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = checked(&listener, config)?;
+    let result = serve(listener, &config, storage.clone(), shutdown, |_| {}).await;
+    storage.close().await;
+    result
+}
+
+/// `config` checked against where it will listen, with the connection cap the process's
+/// descriptors allow, and its data dir made.
+fn checked(listener: &TcpListener, config: Config) -> anyhow::Result<Config> {
     let local = listener
         .local_addr()
         .map(|a| a.ip().is_loopback())
@@ -104,6 +129,11 @@ pub async fn run_announced(
             config.server.data_dir.display()
         )
     })?;
+    Ok(config)
+}
+
+/// The storage `config` names: RocksDB in the data dir, or the JetStream cluster.
+async fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     let storage: Arc<dyn Storage> = match config.storage.backend {
         Backend::Rocksdb => {
             let dir = config.server.data_dir.join("rocksdb");
@@ -133,9 +163,7 @@ pub async fn run_announced(
             )
         }
     };
-    let result = serve(listener, &config, storage.clone(), shutdown, ready).await;
-    storage.close().await;
-    result
+    Ok(storage)
 }
 
 async fn serve(

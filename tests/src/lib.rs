@@ -19,6 +19,8 @@ pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
 }
 
+pub mod unreliable;
+
 /// A server running inside the test process.
 /// A Python or JavaScript plugin of plugins/ (e.g. "email-notifier-py"), built by the code of
 /// `wasmq plugin build` (which installs componentize-py / componentize-js when missing) into the
@@ -58,13 +60,37 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        Self::start_served(|listener, stop| tokio::spawn(wasmq::run(listener, config, stop))).await
+    }
+
+    /// A server over `storage` (see [`wasmq::run_on`]), e.g. an [`unreliable::Unreliable`].
+    pub async fn start_on(
+        config: Config,
+        storage: std::sync::Arc<dyn wasmq::storage::Storage>,
+    ) -> Self {
+        Self::start_served(|listener, stop| {
+            tokio::spawn(wasmq::run_on(listener, config, storage, stop))
+        })
+        .await
+    }
+
+    async fn start_served<S>(serve: S) -> Self
+    where
+        S: FnOnce(
+            tokio::net::TcpListener,
+            futures::future::BoxFuture<'static, ()>,
+        ) -> JoinHandle<anyhow::Result<()>>,
+    {
         wasmq::capabilities::install_tls_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(wasmq::run(listener, config, async move {
-            let _ = rx.await;
-        }));
+        let handle = serve(
+            listener,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        );
         let server = TestServer {
             addr,
             url: format!("http://{addr}"),

@@ -628,6 +628,82 @@ async fn tag_filter_delivers_only_matching_messages() {
     assert_eq!(ns, [0, 2, 4]);
 }
 
+/// More messages needing no delivery than one read brings (256), ahead of one that does, in
+/// one queue: the runner reads on past them instead of waiting for an append that may never
+/// come. It used to wait, with lag 1 forever: filtered out, or delayed by an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_messages_all_need_no_delivery_is_followed_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 1).await;
+    s.create_topic("d", 1).await;
+    s.subscribe("tags", recorder_spec("t", json!({"filter": "paid"})))
+        .await;
+    s.subscribe("delays", recorder_spec("d", json!({}))).await;
+    let mut skipped: Vec<Value> = (0..300)
+        .map(|i| json!({"body": {"n": i}, "tag": "created"}))
+        .collect();
+    skipped.push(json!({"body": {"n": "last"}, "tag": "paid"}));
+    publish_batch(&s, "t", skipped).await;
+    let mut delayed: Vec<Value> = (0..300)
+        .map(|i| json!({"body": {"n": i}, "delay_ms": 3_600_000}))
+        .collect();
+    delayed.push(json!({"body": {"n": "now"}}));
+    publish_batch(&s, "d", delayed).await;
+    s.wait_until("/v1/subscriptions/tags", 30, |v| v["lag"] == 0)
+        .await;
+    let v = s
+        .wait_until("/v1/subscriptions/delays", 30, |v| {
+            v["lag"] == 0 && v["counters"]["acked"] == 1
+        })
+        .await;
+    assert_eq!(v["pending_timers"], 300, "{v}");
+    let mut handled: Vec<Value> = s
+        .read_queue("audit", 0)
+        .await
+        .iter()
+        .map(|a| a["body"]["n"].clone())
+        .collect();
+    handled.sort_by_key(|n| n.to_string());
+    assert_eq!(handled, [json!("last"), json!("now")]);
+}
+
+/// Reads that come back short of the high water (a JetStream replica behind its leader, seen
+/// stalling a queue of the cluster bench for good) and append news that never arrives (a lost
+/// notification): an unordered and an ordered subscription still deliver everything. The
+/// unordered loop used to wait forever after a short read, the ordered one for the next append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_go_on_after_short_reads_and_lost_append_news() {
+    use wasmq_tests::unreliable::Unreliable;
+    for deaf in [None, Some(Duration::from_millis(100))] {
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = wasmq::storage::RocksStorage::open(
+            &dir.path().join("rocksdb"),
+            wasmq::config::FlushMode::Async,
+        )
+        .unwrap();
+        let storage = std::sync::Arc::new(Unreliable::new(std::sync::Arc::new(rocks), 20, deaf));
+        let s = TestServer::start_on(wasmq_tests::config_in(dir.path()), storage.clone()).await;
+        setup(&s, "t", 2).await;
+        s.subscribe("unordered", recorder_spec("t", json!({})))
+            .await;
+        s.subscribe("ordered", recorder_spec("t", json!({"ordered": true})))
+            .await;
+        let msgs = (0..100).map(|i| json!({"body": {"n": i}})).collect();
+        publish_batch(&s, "t", msgs).await;
+        for group in ["unordered", "ordered"] {
+            let v = s
+                .wait_until(&format!("/v1/subscriptions/{group}"), 30, |v| {
+                    v["lag"] == 0 && v["counters"]["acked"] == 100
+                })
+                .await;
+            assert_eq!(v["counters"]["delivered"], 100, "deaf {deaf:?}: {v}");
+        }
+        assert_eq!(storage.short_reads_left(), 0, "every short read was made");
+        s.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updating_a_subscription_mid_stream_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();

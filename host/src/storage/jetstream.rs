@@ -55,9 +55,23 @@ pub const INTENT_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Direct gets in flight per read.
 const READ_AHEAD: usize = 64;
+/// How long a lost append notification (`wqn.{topic}`) can delay an idle reader.
+const RECHECK_IDLE: Duration = Duration::from_secs(1);
 
 fn js_err(what: &str, e: impl std::fmt::Display) -> StorageError {
     StorageError::JetStream(format!("{what}: {e}"))
+}
+
+/// Whether a get from the stream leader failed because no such message is stored (some
+/// servers answer that as a JetStream error code).
+fn no_message(e: &stream::LastRawMessageError) -> bool {
+    match e.kind() {
+        stream::LastRawMessageErrorKind::NoMessageFound => true,
+        stream::LastRawMessageErrorKind::JetStream(j) => {
+            j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+        }
+        _ => false,
+    }
 }
 
 /// A JetStream store time (the stream leader's clock) in ms since the epoch.
@@ -825,8 +839,15 @@ impl Storage for JetStreamStorage {
                 match stream.direct_get(seq).await {
                     Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
                     // Direct gets may be answered by a replica that has not applied the newest
-                    // messages yet: the read ends before them, and the next read gets them.
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                    // messages yet: the leader, whose state said they are there, is asked.
+                    // Not there either: purged since (a read ends before it).
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                        match stream.get_raw_message(seq).await {
+                            Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
+                            Err(e) if no_message(&e) => Ok(None),
+                            Err(e) => Err(js_err(&format!("read {seq}"), e)),
+                        }
+                    }
                     Err(e) => Err(js_err(&format!("read {seq}"), e)),
                 }
             }
@@ -896,6 +917,11 @@ impl Storage for JetStreamStorage {
 
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
         self.watchers.subscribe(topic)
+    }
+
+    /// News of another node's append is a core NATS message, sent at most once.
+    fn recheck_idle(&self) -> Option<Duration> {
+        Some(RECHECK_IDLE)
     }
 
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {

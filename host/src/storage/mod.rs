@@ -303,6 +303,14 @@ pub trait Storage: Send + Sync + 'static {
     /// readable), so consumers wait for news instead of polling.
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64>;
 
+    /// How long a reader waiting on [`Storage::watch`] may go before it asks the storage
+    /// again anyway: `None` when every append is seen by the watch (one process, RocksDB);
+    /// on a shared backend, where the news of another node's append is a best-effort
+    /// message that can be lost, the longest a lost one delays a reader.
+    fn recheck_idle(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// The next offset an append to this queue will get (= number of messages ever appended).
     /// It never goes back, also when retention deleted every message of the queue.
     async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError>;

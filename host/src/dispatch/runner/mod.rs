@@ -49,6 +49,27 @@ const READ_BATCH: usize = 256;
 /// Pause after a storage error before trying again.
 const STORAGE_RETRY: Duration = Duration::from_millis(200);
 
+/// Pause before reading again after a read that came back empty below the queue's high water:
+/// on JetStream a replica answering the read may not have applied the newest appends yet.
+const SHORT_READ_RETRY: Duration = Duration::from_millis(20);
+
+/// Ready at once, or after [`SHORT_READ_RETRY`] when the last read came back `short`: how a
+/// reader below the high water waits before its next read, since no append news may come.
+async fn read_again(short: bool) {
+    if short {
+        tokio::time::sleep(SHORT_READ_RETRY).await;
+    }
+}
+
+/// Ready after `every` ([`Storage::recheck_idle`]), never when it is `None`: the wake-up of
+/// an idle reader whose append news can be lost.
+async fn recheck(every: Option<Duration>) {
+    match every {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Delivery counters since the subscription was created (on shared storage: since this node
 /// started running it): loaded from storage when a runner starts, stored every
 /// [`COUNTS_EVERY`] while it runs and when it stops (a crash loses at most that much counting,

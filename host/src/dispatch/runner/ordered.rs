@@ -83,13 +83,22 @@ impl Member {
             }
             let head = ahead.front().cloned();
             let Some(m) = head else {
-                // Idle: wake for an append, or for the next delayed message of the queue.
+                // The read came back empty below the high water (see `read_again`).
+                let short = self
+                    .storage
+                    .high_water(self.topic(), queue)
+                    .await
+                    .is_ok_and(|high| high > cursor.committed);
+                // Idle: wake for an append, for the next delayed message of the queue, or to
+                // look again for appends whose news was lost.
                 let next_timer = timer.map(|t| t.due);
                 tokio::select! {
                     biased;
                     () = self.cancel.cancelled() => break,
-                    r = watch.changed() => if r.is_err() { break },
+                    () = read_again(true), if short => {}
+                    r = watch.changed(), if !short => if r.is_err() { break },
                     _ = sleep_until_ms(next_timer.unwrap_or(u64::MAX)), if next_timer.is_some() => {}
+                    () = recheck(self.storage.recheck_idle()) => {}
                 }
                 continue;
             };

@@ -20,6 +20,9 @@ impl Member {
         let mut stopping = false;
         let per_queue_cap = self.spec.max_in_flight as usize;
         let mut high_water = fetch;
+        // The last read returned nothing below the high water (see `read_again`).
+        let mut short_read = false;
+        let recheck_every = self.storage.recheck_idle();
         loop {
             watch.borrow_and_update();
             // Asked only when the buffer ran dry: on a networked backend it is a round trip.
@@ -46,6 +49,7 @@ impl Member {
                         if let Some(last) = batch.last() {
                             fetch = last.offset + 1;
                         }
+                        short_read = batch.is_empty() && fetch < high_water;
                         buffer.extend(batch.into_iter().map(Arc::new));
                     }
                     Err(e) => {
@@ -76,6 +80,9 @@ impl Member {
             self.publish(queue, &committer, committed);
             let want = !stopping && !buffer.is_empty() && pending.len() < per_queue_cap;
             let idle = !stopping && buffer.is_empty() && fetch >= high_water;
+            // Nothing buffered below the high water: every message read needed no delivery
+            // (filtered out, delayed), so read on at once; or the read came back short.
+            let behind = !stopping && buffer.is_empty() && fetch < high_water;
             // Cancellation is seen first: the other branches may be ready all the time.
             tokio::select! {
                 biased;
@@ -126,6 +133,8 @@ impl Member {
                 changed = watch.changed(), if idle => {
                     if changed.is_err() { stopping = true; }
                 }
+                () = read_again(short_read), if behind => {}
+                () = recheck(recheck_every), if idle => {}
                 else => break,
             }
             if stopping && pending.is_empty() {

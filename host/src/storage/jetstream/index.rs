@@ -179,12 +179,18 @@ impl JetStreamStorage {
             let Some(stream) = self.index_stream(&topic, queue, false).await? else {
                 continue;
             };
-            let entry = match stream
-                .direct_get_last_for_subject(id_subject(&topic, queue, id))
-                .await
-            {
+            let subject = id_subject(&topic, queue, id);
+            let entry = match stream.direct_get_last_for_subject(&subject).await {
                 Ok(entry) => entry,
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => continue,
+                // A replica may not have applied the newest entries yet: the leader is asked,
+                // so a message is found by id as soon as its append was acknowledged.
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                    match stream.get_last_raw_message_by_subject(&subject).await {
+                        Ok(entry) => entry,
+                        Err(e) if no_message(&e) => continue,
+                        Err(e) => return Err(js_err("id lookup", e)),
+                    }
+                }
                 Err(e) => return Err(js_err("id lookup", e)),
             };
             let offset: u64 = rmp_serde::from_slice(&entry.payload)

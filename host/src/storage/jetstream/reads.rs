@@ -21,17 +21,7 @@ impl JetStreamStorage {
         };
         let raw = match stream.get_raw_message(offset + 1).await {
             Ok(raw) => raw,
-            Err(e)
-                if match e.kind() {
-                    stream::RawMessageErrorKind::NoMessageFound => true,
-                    stream::RawMessageErrorKind::JetStream(j) => {
-                        j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
-                    }
-                    _ => false,
-                } =>
-            {
-                return Ok(None);
-            }
+            Err(e) if no_message(&e) => return Ok(None),
             Err(e) => return Err(js_err("message by id", e)),
         };
         let message: NewMessage = rmp_serde::from_slice(&raw.payload)

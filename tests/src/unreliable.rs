@@ -1,0 +1,203 @@
+//! A storage wrapper that behaves as a shared backend may: reads that come back short of the
+//! high water (a JetStream replica that has not applied the newest appends) and append news
+//! that never arrives (a lost `wqn` notification), so tests can show readers never wait on
+//! either. Everything else goes to the wrapped storage unchanged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use wasmq::storage::{
+    Appended, Commit, Committed, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record,
+    RecordWrite, Storage, StorageError, StoredMessage,
+};
+
+/// See the module docs.
+pub struct Unreliable {
+    inner: Arc<dyn Storage>,
+    /// Reads of a queue from below its high water still to come back empty.
+    short_reads: AtomicU32,
+    /// `Some`: [`Storage::watch`] never changes, and idle readers are told to look again this
+    /// often ([`Storage::recheck_idle`]).
+    deaf: Option<Duration>,
+    /// Kept so receivers of a deaf watch wait (their sender is never dropped).
+    silent: tokio::sync::watch::Sender<u64>,
+}
+
+impl Unreliable {
+    /// `inner`, whose next `short_reads` reads from below a queue's high water come back
+    /// empty, and whose append news is lost when `deaf` (readers look again that often).
+    pub fn new(inner: Arc<dyn Storage>, short_reads: u32, deaf: Option<Duration>) -> Self {
+        Unreliable {
+            inner,
+            short_reads: AtomicU32::new(short_reads),
+            deaf,
+            silent: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// How many of the short reads asked for are still to come.
+    pub fn short_reads_left(&self) -> u32 {
+        self.short_reads.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl Storage for Unreliable {
+    async fn append(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, StorageError> {
+        self.inner.append(topic, messages).await
+    }
+    async fn append_guarded(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<(Vec<Appended>, u64), StorageError> {
+        self.inner.append_guarded(topic, messages, guard).await
+    }
+    async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        self.inner.commit(commit).await
+    }
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let below = from < self.inner.high_water(topic, queue).await?;
+        let short = below
+            && self
+                .short_reads
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        if short {
+            return Ok(Vec::new());
+        }
+        self.inner.read(topic, queue, from, limit).await
+    }
+    async fn message_by_id(&self, id: MessageId) -> Result<Option<StoredMessage>, StorageError> {
+        self.inner.message_by_id(id).await
+    }
+    async fn messages_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        self.inner.messages_by_key(topic, key, limit).await
+    }
+    fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        match self.deaf {
+            Some(_) => self.silent.subscribe(),
+            None => self.inner.watch(topic),
+        }
+    }
+    fn recheck_idle(&self) -> Option<Duration> {
+        self.deaf.or(self.inner.recheck_idle())
+    }
+    async fn high_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
+        self.inner.high_water(topic, queue).await
+    }
+    async fn low_water(&self, topic: &str, queue: u32) -> Result<u64, StorageError> {
+        self.inner.low_water(topic, queue).await
+    }
+    async fn extent(&self, topic: &str, queue: u32) -> Result<QueueExtent, StorageError> {
+        self.inner.extent(topic, queue).await
+    }
+    async fn retention_cut(
+        &self,
+        topic: &str,
+        queue: u32,
+        limits: QueueLimits,
+        now_ms: u64,
+    ) -> Result<u64, StorageError> {
+        self.inner.retention_cut(topic, queue, limits, now_ms).await
+    }
+    async fn truncate(&self, topic: &str, queue: u32, before: u64) -> Result<u64, StorageError> {
+        self.inner.truncate(topic, queue, before).await
+    }
+    async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        self.inner.get_record(space, key).await
+    }
+    async fn list_records(
+        &self,
+        space: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        self.inner.list_records(space, prefix, limit).await
+    }
+    async fn list_records_after(
+        &self,
+        space: &str,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Record)>, StorageError> {
+        self.inner
+            .list_records_after(space, prefix, after, limit)
+            .await
+    }
+    async fn put_record(
+        &self,
+        space: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        expect: Expect,
+    ) -> Result<u64, StorageError> {
+        self.inner.put_record(space, key, value, expect).await
+    }
+    async fn put_records_in_order(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
+        self.inner.put_records_in_order(records).await
+    }
+    async fn put_records(&self, records: Vec<RecordWrite>) -> Result<(), StorageError> {
+        self.inner.put_records(records).await
+    }
+    async fn put_blob(&self, key: &str, value: Option<Vec<u8>>) -> Result<(), StorageError> {
+        self.inner.put_blob(key, value).await
+    }
+    async fn get_blob(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get_blob(key).await
+    }
+    async fn prepare_topic(
+        &self,
+        topic: &str,
+        queues: u32,
+        limits: QueueLimits,
+    ) -> Result<(), StorageError> {
+        self.inner.prepare_topic(topic, queues, limits).await
+    }
+    async fn delete_records_before(&self, space: &str, before: &str) -> Result<(), StorageError> {
+        self.inner.delete_records_before(space, before).await
+    }
+    async fn limit_index_age(&self, max_age_ms: Option<u64>) -> Result<(), StorageError> {
+        self.inner.limit_index_age(max_age_ms).await
+    }
+    async fn recover(&self, age: Duration) -> Result<usize, StorageError> {
+        self.inner.recover(age).await
+    }
+    async fn finish_commits_of(&self, space: &str, prefix: &str) -> Result<usize, StorageError> {
+        self.inner.finish_commits_of(space, prefix).await
+    }
+    fn recovery_age(&self) -> Duration {
+        self.inner.recovery_age()
+    }
+    async fn announce(&self, channel: &str, payload: Vec<u8>) {
+        self.inner.announce(channel, payload).await;
+    }
+    async fn listen(&self, channel: &str) -> Option<futures::stream::BoxStream<'static, Vec<u8>>> {
+        self.inner.listen(channel).await
+    }
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.register_metrics(registry);
+    }
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
