@@ -2,7 +2,8 @@
 //! publish throughput (4 clients spread over the wasmq nodes, a topic nobody reads) and
 //! end-to-end throughput through the no-op plugin (a subscription already placed on the nodes;
 //! publish, and time from the first publish until lag 0), for RocksDB `sync`, and JetStream R1
-//! (one nats-server) and R3 (three) under 1, 2 and 3 wasmq nodes, all on this machine.
+//! (one nats-server) and R3 (three) under 1, 2 and 3 wasmq nodes, all on this machine; and
+//! raw JetStream end to end on the same servers (issue 25 goal 6: wasmq ≥ 0.8× of it).
 //! `--quick` shrinks it for CI; `WASMQ_BENCH_N` sets the message count.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -121,10 +122,16 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let mut rows = Vec::new();
-        rows.push(("RocksDB (sync), 1 node".to_string(), run(None, 1, n).await));
+        rows.push((
+            "RocksDB (sync), 1 node".to_string(),
+            run(None, 1, n).await,
+            None,
+        ));
         let r1 = NatsServer::start().await;
         let r3 = NatsCluster::start(3).await;
         for (name, urls, replicas) in [("R1", vec![r1.url.clone()], 1), ("R3", r3.urls(), 3)] {
+            let raw = raw_end_to_end(&urls, replicas as usize, n).await;
+            purge(&urls).await;
             for nodes in 1..=3 {
                 let r = run(Some((urls.clone(), replicas)), nodes, n).await;
                 rows.push((
@@ -133,6 +140,7 @@ fn main() {
                         if nodes > 1 { "s" } else { "" }
                     ),
                     r,
+                    Some(raw),
                 ));
                 // The next row starts from empty streams.
                 purge(&urls).await;
@@ -144,16 +152,99 @@ fn main() {
             common::BODY_BYTES,
             common::cores()
         );
-        println!("| backend | publish msg/s | vs RocksDB | end-to-end msg/s | vs RocksDB |");
-        println!("| --- | ---: | ---: | ---: | ---: |");
-        for (name, (p, d)) in rows {
+        println!(
+            "| backend | publish msg/s | vs RocksDB | end-to-end msg/s | vs RocksDB | raw JetStream end to end msg/s | vs raw |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (name, (p, d), raw) in rows {
+            let (raw, vs_raw) = match raw {
+                Some(r) => (format!("{r:.0}"), format!("{:.2}x", d / r)),
+                None => ("–".into(), "–".into()),
+            };
             println!(
-                "| {name} | {p:.0} | {:.2}x | {d:.0} | {:.2}x |",
+                "| {name} | {p:.0} | {:.2}x | {d:.0} | {:.2}x | {raw} | {vs_raw} |",
                 p / base.0,
                 d / base.1
             );
         }
     });
+}
+
+/// Raw JetStream on the same servers, for the end-to-end column's second ratio: one stream
+/// of `replicas` with 8 subjects, published as wasmq's rows are (4 clients, 100 appends in
+/// flight each, then their acks), while 4 tasks drain one durable pull consumer and ack each
+/// message; msg/s from the first publish until every message was acked.
+async fn raw_end_to_end(urls: &[String], replicas: usize, n: usize) -> f64 {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    use futures::StreamExt as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let connect = || async {
+        let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
+        async_nats::jetstream::new(async_nats::connect(addrs).await.unwrap())
+    };
+    let js = connect().await;
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "RAW".into(),
+            subjects: vec!["raw.*".into()],
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let messages = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("drain".into()),
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let consumed = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(tokio::sync::Mutex::new(messages));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (shared, consumed) = (shared.clone(), consumed.clone());
+        tasks.push(tokio::spawn(async move {
+            while consumed.load(Ordering::Relaxed) < n as u64 {
+                let next = {
+                    let mut s = shared.lock().await;
+                    tokio::time::timeout(Duration::from_millis(50), s.next()).await
+                };
+                let Ok(Some(Ok(m))) = next else { continue };
+                m.ack().await.unwrap();
+                consumed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let body = bytes::Bytes::from(vec![b'x'; common::BODY_BYTES]);
+    for client in 0..4 {
+        let js = connect().await;
+        let body = body.clone();
+        let per = n / 400 + usize::from(client < (n / 100) % 4);
+        tasks.push(tokio::spawn(async move {
+            for round in 0..per {
+                let mut acks = Vec::with_capacity(100);
+                for i in 0..100 {
+                    let subject = format!("raw.{}", (round * 100 + i) % 8);
+                    acks.push(js.publish(subject, body.clone()).await.unwrap());
+                }
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Deletes every stream, so rows do not read each other's messages and state.
