@@ -129,10 +129,21 @@ fn main() {
         ));
         let r1 = NatsServer::start().await;
         let r3 = NatsCluster::start(3).await;
+        // WASMQ_BENCH_REPLICAS=1 or 3 and WASMQ_BENCH_NODES=k narrow a run to those rows.
+        let only_replicas: Option<u32> = std::env::var("WASMQ_BENCH_REPLICAS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let max_nodes: usize = std::env::var("WASMQ_BENCH_NODES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
         for (name, urls, replicas) in [("R1", vec![r1.url.clone()], 1), ("R3", r3.urls(), 3)] {
+            if only_replicas.is_some_and(|r| r != replicas) {
+                continue;
+            }
             let raw = raw_end_to_end(&urls, replicas as usize, n).await;
             purge(&urls).await;
-            for nodes in 1..=3 {
+            for nodes in 1..=max_nodes {
                 let r = run(Some((urls.clone(), replicas)), nodes, n).await;
                 rows.push((
                     format!(

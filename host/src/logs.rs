@@ -25,6 +25,27 @@ const ANNOUNCE_BUFFER: usize = 4096;
 /// The channel nodes announce log lines on.
 const CHANNEL: &str = "plugin-logs";
 
+/// Lines announced in one message at most, and the bytes past which no more are added: one
+/// announcement per line was a NATS message per delivery of a plugin that logs each message.
+const ANNOUNCE_LINES: usize = 256;
+const ANNOUNCE_BYTES: usize = 256 * 1024;
+
+/// `first` and the lines already waiting after it (up to [`ANNOUNCE_LINES`] and about
+/// [`ANNOUNCE_BYTES`]), as one announcement: JSON lines, one per line (serde_json escapes
+/// newlines inside strings). A node that reads one line per announcement keeps the first only.
+fn announce_batch(first: Vec<u8>, waiting: &mut mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
+    let mut batch = first;
+    for _ in 1..ANNOUNCE_LINES {
+        if batch.len() >= ANNOUNCE_BYTES {
+            break;
+        }
+        let Ok(line) = waiting.try_recv() else { break };
+        batch.push(b'\n');
+        batch.extend_from_slice(&line);
+    }
+    batch
+}
+
 /// Plugin log levels: what `level` of a line can be.
 const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
 
@@ -151,7 +172,10 @@ impl PluginLogs {
                 tokio::select! {
                     _ = token.cancelled() => return,
                     line = rx.recv() => match line {
-                        Some(line) => sender.announce(CHANNEL, line).await,
+                        Some(line) => {
+                            let batch = announce_batch(line, &mut rx);
+                            sender.announce(CHANNEL, batch).await;
+                        }
                         None => return,
                     },
                 }
@@ -175,16 +199,19 @@ impl PluginLogs {
         });
     }
 
-    /// Keeps a line another node announced (this node's own come back too: skipped).
+    /// Keeps the lines another node announced, one JSON line each (this node's own come back
+    /// too: skipped).
     fn keep_announced(&self, this_node: &str, bytes: &[u8]) {
-        let Ok(line) = serde_json::from_slice::<LogLine>(bytes) else {
-            return;
-        };
-        if line.node.as_deref().is_none_or(|n| n == this_node) {
-            return;
+        for one in bytes.split(|b| *b == b'\n') {
+            let Ok(line) = serde_json::from_slice::<LogLine>(one) else {
+                continue;
+            };
+            if line.node.as_deref().is_none_or(|n| n == this_node) {
+                continue;
+            }
+            // Their own server logged it already (within its cap).
+            self.keep(line, false);
         }
-        // Their own server logged it already (within its cap).
-        self.keep(line, false);
     }
 
     /// Keeps a line of this node; returns whether it should also go to the server's log (a
@@ -324,6 +351,49 @@ mod tests {
             message_id: None,
             message: format!("line {i}"),
         }
+    }
+
+    /// Lines waiting to be announced go out together, as many as fit in one announcement,
+    /// and the other node keeps each of them in order, newlines inside a line included.
+    #[tokio::test]
+    async fn waiting_lines_are_announced_together_and_kept_one_by_one() {
+        let (tx, mut rx) = mpsc::channel(ANNOUNCE_BUFFER);
+        let encode = |i: usize| {
+            let mut l = line(i);
+            l.message = format!("line {i}\nsecond row");
+            serde_json::to_vec(&LogLine {
+                seq: 0,
+                node: Some("a".into()),
+                at: 1,
+                level: l.level.into(),
+                plugin: l.plugin.into(),
+                version: 1,
+                group: l.group.into(),
+                instance: 0,
+                message_id: None,
+                message: l.message,
+            })
+            .unwrap()
+        };
+        for i in 0..ANNOUNCE_LINES + 10 {
+            tx.try_send(encode(i)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let batch = announce_batch(first, &mut rx);
+        let rest = announce_batch(rx.try_recv().unwrap(), &mut rx);
+        assert!(rx.try_recv().is_err(), "two announcements carry them all");
+        let other = PluginLogs::default();
+        other.keep_announced("b", &batch);
+        other.keep_announced("b", &rest);
+        let kept = other.page("p", Some(0), 1000).lines;
+        assert_eq!(kept.len(), ANNOUNCE_LINES + 10);
+        for (i, l) in kept.iter().enumerate() {
+            assert_eq!(l.message, format!("line {i}\nsecond row"));
+        }
+        // Its own lines, coming back, are skipped.
+        let own = PluginLogs::default();
+        own.keep_announced("a", &batch);
+        assert!(own.page("p", Some(0), 10).lines.is_empty());
     }
 
     #[test]
