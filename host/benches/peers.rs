@@ -1,5 +1,6 @@
 //! wasmq beside Redis Streams and NATS JetStream, in one run on one machine: durable and relaxed
-//! batch publish, publish+consume end to end (1 and 4 consumers, an ack per message) and
+//! batch publish, one message per request, publish → consume latency at a fixed rate (p50, p99,
+//! p999 on one clock), publish+consume end to end (1 and 4 consumers, an ack per message) and
 //! fan-out to 4 consumers. The peers are real servers (`redis-server`, `nats-server -js`) started
 //! here on 127.0.0.1 with their data in a temp dir; their clients are Rust (redis-rs,
 //! async-nats), as wasmq's is (reqwest over HTTP).
@@ -32,6 +33,20 @@ use common::BODY_BYTES;
 
 const BATCH: usize = 100;
 const PUBLISHERS: usize = 4;
+/// The durability pairs every table row is run in: wasmq's flush mode, Redis's
+/// `appendfsync`, and the row's label.
+const MODES: [(FlushMode, &str, &str); 2] = [
+    (
+        FlushMode::Sync,
+        "always",
+        "durable: wasmq sync / Redis always / NATS*",
+    ),
+    (
+        FlushMode::Async,
+        "everysec",
+        "relaxed: wasmq async / Redis everysec / NATS",
+    ),
+];
 /// Producers that send one message per request (the single-publish rows).
 const SINGLE_PRODUCERS: usize = 8;
 
@@ -105,6 +120,50 @@ where
         t.await.unwrap();
     }
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Microseconds since the epoch: the one clock every latency sample here is read on (wasmq's
+/// latency plugin reads the host's, which is this machine's too).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// Messages a latency producer sends per tick (wasmq's latency run sends batches of 10 too).
+const LATENCY_ROUND: usize = 10;
+
+/// Calls `round` with its send time (µs) every `LATENCY_ROUND / rate` s for `secs`, each call
+/// spawned (a slow round does not hold back the next, as in [`common::latency`]); returns how
+/// many messages were sent once every round finished.
+async fn paced<F, Fut>(rate: u64, secs: u64, round: F) -> usize
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let rounds = rate * secs / LATENCY_ROUND as u64;
+    let mut ticker =
+        tokio::time::interval(Duration::from_secs_f64(LATENCY_ROUND as f64 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sends = Vec::new();
+    for _ in 0..rounds {
+        ticker.tick().await;
+        sends.push(tokio::spawn(round(now_us())));
+    }
+    for t in sends {
+        t.await.unwrap();
+    }
+    rounds as usize * LATENCY_ROUND
+}
+
+/// p50, p99 and p999 of sorted µs samples, in ms.
+fn percentiles(sorted: &[u64]) -> (f64, f64, f64) {
+    let at = |q: f64| {
+        let i = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+        sorted.get(i).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    (at(0.5), at(0.99), at(0.999))
 }
 
 // ---------------------------------------------------------------- Redis Streams
@@ -263,6 +322,91 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Publish → consume latency at `rate` msg/s for `secs`: rounds of 10 pipelined XADDs
+    /// carrying their send time, one consumer in a group reading (XREADGROUP BLOCK, COUNT
+    /// 100) and acking each read; µs samples, sorted.
+    async fn latency(&self, rate: u64, secs: u64) -> Vec<u64> {
+        let mut con = self.connect().await;
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg("lat")
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut con)
+            .await
+            .unwrap();
+        let expected = Arc::new(AtomicU64::new(u64::MAX));
+        let mut reader = self.connect().await;
+        let wanted = expected.clone();
+        let consumer = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while (samples.len() as u64) < wanted.load(Ordering::Relaxed) {
+                let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg("g")
+                    .arg("c")
+                    .arg("COUNT")
+                    .arg(BATCH)
+                    .arg("BLOCK")
+                    .arg(50)
+                    .arg("STREAMS")
+                    .arg("lat")
+                    .arg(">")
+                    .query_async(&mut reader)
+                    .await
+                    .unwrap();
+                let now = now_us();
+                let entries: Vec<redis::streams::StreamId> = reply
+                    .into_iter()
+                    .flat_map(|r| r.keys)
+                    .flat_map(|k| k.ids)
+                    .collect();
+                if entries.is_empty() {
+                    continue;
+                }
+                for e in &entries {
+                    let sent: u64 = e.get::<String>("sent").unwrap().parse().unwrap();
+                    samples.push(now.saturating_sub(sent));
+                }
+                let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+                redis::cmd("XACK")
+                    .arg("lat")
+                    .arg("g")
+                    .arg(&ids)
+                    .query_async::<()>(&mut reader)
+                    .await
+                    .unwrap();
+            }
+            samples
+        });
+        let body = payload();
+        let sent = paced(rate, secs, |at| {
+            let (mut con, body) = (con.clone(), body.clone());
+            async move {
+                let mut pipe = redis::pipe();
+                for _ in 0..LATENCY_ROUND {
+                    pipe.cmd("XADD")
+                        .arg("lat")
+                        .arg("*")
+                        .arg("sent")
+                        .arg(at.to_string())
+                        .arg("b")
+                        .arg(body.as_ref())
+                        .ignore();
+                }
+                pipe.query_async::<()>(&mut con).await.unwrap();
+            }
+        })
+        .await;
+        expected.store(sent as u64, Ordering::Relaxed);
+        let mut samples = consumer.await.unwrap();
+        samples.sort_unstable();
+        samples
+    }
+}
+
 // ---------------------------------------------------------------- NATS JetStream
 
 struct Nats {
@@ -386,6 +530,73 @@ impl Nats {
     }
 }
 
+impl Nats {
+    /// Publish → consume latency at `rate` msg/s for `secs`: rounds of 10 publishes carrying
+    /// their send time, then their acks; one durable pull consumer acking every message; µs
+    /// samples, sorted.
+    async fn latency(&self, rate: u64, secs: u64) -> Vec<u64> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        let js = self.stream("lat").await;
+        let mut messages = js
+            .get_stream("lat")
+            .await
+            .unwrap()
+            .create_consumer(pull::Config {
+                durable_name: Some("g".into()),
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::New,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .messages()
+            .await
+            .unwrap();
+        let expected = Arc::new(AtomicU64::new(u64::MAX));
+        let wanted = expected.clone();
+        let consumer = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while (samples.len() as u64) < wanted.load(Ordering::Relaxed) {
+                let Ok(Some(Ok(m))) =
+                    tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+                else {
+                    continue;
+                };
+                let now = now_us();
+                let sent: u64 = std::str::from_utf8(&m.payload[..20])
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                samples.push(now.saturating_sub(sent));
+                m.ack().await.unwrap();
+            }
+            samples
+        });
+        let producer = self.jetstream().await;
+        let sent = paced(rate, secs, |at| {
+            let js = producer.clone();
+            let mut body = format!("{at:020}").into_bytes();
+            body.resize(BODY_BYTES, b'x');
+            let body = Bytes::from(body);
+            async move {
+                let mut acks = Vec::with_capacity(LATENCY_ROUND);
+                for _ in 0..LATENCY_ROUND {
+                    acks.push(js.publish("lat", body.clone()).await.unwrap());
+                }
+                for a in acks {
+                    a.await.unwrap();
+                }
+            }
+        })
+        .await;
+        expected.store(sent as u64, Ordering::Relaxed);
+        let mut samples = consumer.await.unwrap();
+        samples.sort_unstable();
+        samples
+    }
+}
+
 // ---------------------------------------------------------------- wasmq
 
 /// A subscription through the no-op `echo` plugin (`instances`, clustering or broadcast) on a
@@ -477,7 +688,7 @@ fn main() {
     } else {
         env_or("WASMQ_BENCH_SECS", 5.0)
     };
-    // WASMQ_BENCH_ONLY=publish,single,e2e,fanout picks rows; WASMQ_BENCH_PEERS=0 runs wasmq alone
+    // WASMQ_BENCH_ONLY=publish,single,latency,e2e,fanout picks rows; WASMQ_BENCH_PEERS=0 runs wasmq alone
     // (both for profiling one workload).
     let only = std::env::var("WASMQ_BENCH_ONLY").unwrap_or_default();
     let wanted = |row: &str| only.is_empty() || only.split(',').any(|o| o == row);
@@ -499,19 +710,16 @@ fn main() {
         .build()
         .unwrap();
     let mut rows = Vec::new();
+    // Publish → consume latency: WASMQ_BENCH_RATE msg/s (10 000) for WASMQ_BENCH_LAT_SECS (5).
+    let latency_rate: u64 = env_or("WASMQ_BENCH_RATE", 10_000);
+    let latency_secs: u64 = if quick {
+        1
+    } else {
+        env_or("WASMQ_BENCH_LAT_SECS", 5)
+    };
+    let mut latencies = Vec::new();
     rt.block_on(async {
-        for (flush, fsync, label) in [
-            (
-                FlushMode::Sync,
-                "always",
-                "durable: wasmq sync / Redis always / NATS*",
-            ),
-            (
-                FlushMode::Async,
-                "everysec",
-                "relaxed: wasmq async / Redis everysec / NATS",
-            ),
-        ] {
+        for (flush, fsync, label) in MODES {
             if !flush_wanted(flush) {
                 continue;
             }
@@ -558,6 +766,29 @@ fn main() {
                 });
             }
         }
+        if wanted("latency") {
+            for (flush, fsync, label) in MODES {
+                if !flush_wanted(flush) {
+                    continue;
+                }
+                let s = common::Server::start(flush).await;
+                let wasmq = common::latency(&s, latency_rate, latency_secs).await;
+                s.stop().await;
+                let redis = if with_redis {
+                    let r = Redis::start(fsync).await;
+                    Some(r.latency(latency_rate, latency_secs).await)
+                } else {
+                    None
+                };
+                let nats = if with_nats {
+                    let n = Nats::start().await;
+                    Some(n.latency(latency_rate, latency_secs).await)
+                } else {
+                    None
+                };
+                latencies.push((label, wasmq, redis, nats));
+            }
+        }
         for (groups, consumers, what) in [
             (1, 1, "publish + consume with acks, 1 consumer"),
             (1, 4, "publish + consume with acks, 4 consumers"),
@@ -597,10 +828,12 @@ fn main() {
         version("redis-server"),
         version("nats-server")
     );
-    println!(
-        "| workload (msgs/s) | wasmq | Redis Streams | NATS JetStream | wasmq/Redis | wasmq/NATS |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    if !rows.is_empty() {
+        println!(
+            "| workload (msgs/s) | wasmq | Redis Streams | NATS JetStream | wasmq/Redis | wasmq/NATS |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    }
     for r in &rows {
         println!(
             "| {} | {:.0} | {} | {} | {} | {} |",
@@ -611,6 +844,33 @@ fn main() {
             ratio(r.wasmq, r.redis),
             ratio(r.wasmq, r.nats)
         );
+    }
+    if !latencies.is_empty() {
+        println!(
+            "\n#### Publish → consume latency at {latency_rate} msg/s for {latency_secs} s (rounds of {LATENCY_ROUND}; wasmq: measured in its latency plugin, 4 instances; Redis: one consumer, XREADGROUP COUNT 100; NATS: one pull consumer; one clock)\n"
+        );
+        println!(
+            "| durability | wasmq p50 / p99 / p999 ms | Redis Streams | NATS JetStream | wasmq p99 / Redis p99 | wasmq p99 / NATS p99 |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        let show = |s: &Option<Vec<u64>>| {
+            s.as_ref().map_or("–".to_string(), |s| {
+                let (p50, p99, p999) = percentiles(s);
+                format!("{p50:.2} / {p99:.2} / {p999:.2}")
+            })
+        };
+        for (label, wasmq, redis, nats) in &latencies {
+            let p99 = |s: &Vec<u64>| percentiles(s).1;
+            let w = p99(wasmq);
+            println!(
+                "| {label} | {} | {} | {} | {} | {} |",
+                show(&Some(wasmq.clone())),
+                show(redis),
+                show(nats),
+                ratio(w, redis.as_ref().map(p99)),
+                ratio(w, nats.as_ref().map(p99)),
+            );
+        }
     }
     println!(
         "\n*nats-server 2.9 has no `sync_interval`: JetStream acks after the OS write and fsyncs every 2 min, so its rows are never fsync-per-ack. End-to-end rows: wasmq runs a WASM plugin per message and acks each one (offsets committed in RocksDB); Redis acks each read batch with one XACK; NATS acks every message."
