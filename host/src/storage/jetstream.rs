@@ -198,7 +198,6 @@ pub struct JetStreamStorage {
     client: async_nats::Client,
     js: Context,
     replicas: usize,
-    records: kv::Store,
     records_stream: Stream,
     ids: kv::Store,
     keys: Stream,
@@ -285,7 +284,8 @@ impl JetStreamStorage {
             .map_err(|e| js_err(&format!("cannot connect to {}", urls.join(", ")), e))?;
         let js = jetstream::new(client.clone());
         let replicas = replicas.max(1);
-        let records = kv_bucket(&js, RECORDS, replicas, 64 << 20).await?;
+        // Records are read and written through their stream (see `latest_record`).
+        kv_bucket(&js, RECORDS, replicas, 64 << 20).await?;
         let records_stream = js
             .get_stream(format!("KV_{RECORDS}"))
             .await
@@ -328,7 +328,6 @@ impl JetStreamStorage {
             client,
             js,
             replicas,
-            records,
             records_stream,
             ids,
             keys,
@@ -498,6 +497,32 @@ impl Drop for JetStreamStorage {
 }
 
 impl JetStreamStorage {
+    /// The newest entry of record key `k` (see [`record_key`]) as the records stream's leader
+    /// has it: its revision and value, `None` for a deletion marker; `None` when never written
+    /// (or purged). Not a direct get, which any replica may answer before it applied the
+    /// newest writes: every check, compare-and-set and cursor read here needs those.
+    pub(super) async fn latest_record(
+        &self,
+        k: &str,
+    ) -> Result<Option<(u64, Option<Vec<u8>>)>, StorageError> {
+        let subject = format!("$KV.{RECORDS}.{k}");
+        match self
+            .records_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() != "PUT");
+                Ok(Some((m.sequence, (!deleted).then(|| m.payload.to_vec()))))
+            }
+            Err(e) if no_message(&e) => Ok(None),
+            Err(e) => Err(js_err("record", e)),
+        }
+    }
+
     /// The body of [`Storage::commit`], once the locks it needs are held.
     async fn commit_held(
         &self,
@@ -998,17 +1023,8 @@ impl Storage for JetStreamStorage {
     }
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
-        let entry = self
-            .records
-            .entry(record_key(space, key))
-            .await
-            .map_err(|e| js_err("record", e))?;
-        Ok(entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .map(|e| Record {
-                revision: e.revision,
-                value: e.value.to_vec(),
-            }))
+        let latest = self.latest_record(&record_key(space, key)).await?;
+        Ok(latest.and_then(|(revision, value)| value.map(|value| Record { revision, value })))
     }
 
     async fn list_records(

@@ -129,17 +129,12 @@ impl JetStreamStorage {
             space: space.to_string(),
             key: key.to_string(),
         };
-        let current = || async {
-            self.records
-                .entry(k.clone())
-                .await
-                .map_err(|e| js_err("record", e))
-        };
+        let current = || self.latest_record(&k);
         let mut expected = match expect {
             Expect::Any => None,
             Expect::Revision(r) => Some(r),
             Expect::Present => match current().await? {
-                Some(e) if e.operation == kv::Operation::Put => Some(e.revision),
+                Some((revision, Some(_))) => Some(revision),
                 _ => return Err(conflict()),
             },
             // Tried first as a key never written (no read: most keys written "absent" are
@@ -167,11 +162,11 @@ impl JetStreamStorage {
                 Err(_) if expect == Expect::Absent => {
                     // Raced with a delete or create: decide again on what is there now.
                     match current().await? {
-                        Some(e) if e.operation != kv::Operation::Put => {
-                            if expected == Some(e.revision) {
+                        Some((revision, None)) => {
+                            if expected == Some(revision) {
                                 return Err(conflict());
                             }
-                            expected = Some(e.revision);
+                            expected = Some(revision);
                         }
                         _ => return Err(conflict()),
                     }
