@@ -88,7 +88,8 @@ pub async fn run_announced(
 
 /// [`run`] over a storage the caller opened (an embedder's own backend, or a wrapper around
 /// one that a test uses to make reads come back short or append news get lost); closes it
-/// when done. `config.storage` is not looked at.
+/// when done. `config.storage` is not looked at: whether other nodes share the storage is
+/// the storage's to say ([`Storage::shared`]).
 pub async fn run_on(
     listener: TcpListener,
     config: Config,
@@ -201,10 +202,7 @@ async fn serve(
     ));
     let warm = plugins.clone();
     tokio::spawn(async move { warm.warm_up().await });
-    let (backend, shared) = match config.storage.backend {
-        Backend::Rocksdb => ("rocksdb", false),
-        Backend::Jetstream => ("jetstream", true),
-    };
+    let (backend, shared) = (storage.backend_name(), storage.shared());
     let loading = std::time::Instant::now();
     let transactions = Transactions::new(
         broker.clone(),

@@ -25,14 +25,16 @@ const ANNOUNCE_BUFFER: usize = 4096;
 /// The channel nodes announce log lines on.
 const CHANNEL: &str = "plugin-logs";
 
-/// Lines announced in one message at most, and the bytes past which no more are added: one
-/// announcement per line was a NATS message per delivery of a plugin that logs each message.
+/// Lines announced in one message at most, and the bytes past which no more are added (one
+/// line more at most: far below NATS's 1 MiB default payload): one announcement per line was
+/// a NATS message per delivery of a plugin that logs each message.
 const ANNOUNCE_LINES: usize = 256;
-const ANNOUNCE_BYTES: usize = 256 * 1024;
+const ANNOUNCE_BYTES: usize = 64 * 1024;
 
 /// `first` and the lines already waiting after it (up to [`ANNOUNCE_LINES`] and about
 /// [`ANNOUNCE_BYTES`]), as one announcement: JSON lines, one per line (serde_json escapes
-/// newlines inside strings). A node that reads one line per announcement keeps the first only.
+/// newlines inside strings). A node from before batching parses an announcement as one line,
+/// so during a rolling upgrade it drops those of several lines (announcing is best effort).
 fn announce_batch(first: Vec<u8>, waiting: &mut mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
     let mut batch = first;
     for _ in 1..ANNOUNCE_LINES {

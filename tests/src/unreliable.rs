@@ -92,6 +92,12 @@ impl Storage for Unreliable {
     ) -> Result<Vec<StoredMessage>, StorageError> {
         self.inner.messages_by_key(topic, key, limit).await
     }
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
         match self.deaf {
             Some(_) => self.silent.subscribe(),

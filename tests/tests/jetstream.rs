@@ -168,6 +168,55 @@ async fn two_nodes(
     )
 }
 
+/// A server given a JetStream storage through `wasmq::run_on` with a config that names no
+/// backend (RocksDB by default) still runs as a node of the shared storage: the storage says
+/// it is shared, so two such nodes divide the queues under leases instead of each delivering
+/// every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_over_a_given_shared_storage_runs_as_one_node_of_it() {
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut nodes = Vec::new();
+    for (dir, id) in dirs.iter().zip(["node-a", "node-b"]) {
+        let mut config = config_in(dir.path());
+        config.server.node_id = id.into();
+        let storage = JetStreamStorage::connect_as(std::slice::from_ref(&nats.url), 1, id)
+            .await
+            .unwrap();
+        nodes.push(TestServer::start_on(config, Arc::new(storage)).await);
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.create_topic("jobs", 8).await;
+    b.create_topic("audit", 1).await;
+    let (st, v) = b.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    b.subscribe(
+        "work",
+        json!({"topic": "jobs", "plugin": "recorder",
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    let view = a
+        .wait_until("/v1/cluster", 20, |v| queue_owners(v, "work").len() == 8)
+        .await;
+    assert_eq!(view["backend"], "jetstream", "{view}");
+    let owners: std::collections::BTreeSet<String> =
+        queue_owners(&view, "work").into_values().collect();
+    assert_eq!(owners.len(), 2, "both nodes hold queues: {view}");
+    a.publish_numbered("jobs", 100).await;
+    a.wait_audit("audit", 100, 30).await;
+    let v = a
+        .wait_until("/v1/subscriptions/work", 30, |v| {
+            v["lag"] == 0 && v["in_flight"] == 0
+        })
+        .await;
+    // Each message once, though two nodes run the subscription.
+    assert_eq!(a.read_queue("audit", 0).await.len(), 100, "{v}");
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     use wasmq::dispatch::share::{UnitKey, lease_key, preferred};

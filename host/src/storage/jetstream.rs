@@ -944,6 +944,14 @@ impl Storage for JetStreamStorage {
         self.watchers.subscribe(topic)
     }
 
+    fn backend_name(&self) -> &'static str {
+        "jetstream"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
     /// News of another node's append is a core NATS message, sent at most once.
     fn recheck_idle(&self) -> Option<Duration> {
         Some(RECHECK_IDLE)

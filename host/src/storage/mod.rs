@@ -303,6 +303,16 @@ pub trait Storage: Send + Sync + 'static {
     /// readable), so consumers wait for news instead of polling.
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64>;
 
+    /// The backend's name as `/v1/cluster` and `wasmq_node_info` show it (`rocksdb`,
+    /// `jetstream`).
+    fn backend_name(&self) -> &'static str;
+
+    /// Whether other wasmq nodes may share this storage: then queues are run under leases,
+    /// transactions are checked back by one node at a time and plugin logs are announced.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// How long a reader waiting on [`Storage::watch`] may go before it asks the storage
     /// again anyway: `None` when every append is seen by the watch (one process, RocksDB);
     /// on a shared backend, where the news of another node's append is a best-effort

@@ -718,6 +718,10 @@ impl Storage for RocksStorage {
         .await
     }
 
+    fn backend_name(&self) -> &'static str {
+        "rocksdb"
+    }
+
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
         self.watchers.subscribe(topic)
     }

@@ -62,6 +62,9 @@ impl Storage for Counting {
     ) -> Result<Vec<StoredMessage>, StorageError> {
         self.inner.messages_by_key(topic, key, limit).await
     }
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
     fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
         self.inner.watch(topic)
     }
