@@ -74,6 +74,14 @@ fn no_message(e: &stream::LastRawMessageError) -> bool {
     }
 }
 
+/// Whether a record stream message is a KV deletion marker (`KV-Operation` DEL or PURGE; a
+/// put carries none or PUT).
+fn is_deletion_marker(m: &jetstream::message::StreamMessage) -> bool {
+    m.headers
+        .get("KV-Operation")
+        .is_some_and(|op| op.as_str() != "PUT")
+}
+
 /// A JetStream store time (the stream leader's clock) in ms since the epoch.
 fn epoch_ms(time: &async_nats::datetime::DateTime) -> u64 {
     u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
@@ -512,11 +520,8 @@ impl JetStreamStorage {
             .await
         {
             Ok(m) => {
-                let deleted = m
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| op.as_str() != "PUT");
-                Ok(Some((m.sequence, (!deleted).then(|| m.payload.to_vec()))))
+                let value = (!is_deletion_marker(&m)).then(|| m.payload.to_vec());
+                Ok(Some((m.sequence, value)))
             }
             Err(e) if no_message(&e) => Ok(None),
             Err(e) => Err(js_err("record", e)),

@@ -154,11 +154,7 @@ impl JetStreamStorage {
             let Some((key, m)) = next? else {
                 continue;
             };
-            let deleted = m
-                .headers
-                .get("KV-Operation")
-                .is_some_and(|op| op.as_str() != "PUT");
-            if deleted {
+            if is_deletion_marker(&m) {
                 continue;
             }
             out.push((
