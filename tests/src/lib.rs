@@ -21,7 +21,6 @@ pub mod plugins {
 
 pub mod unreliable;
 
-/// A server running inside the test process.
 /// A Python or JavaScript plugin of plugins/ (e.g. "email-notifier-py"), built by the code of
 /// `wasmq plugin build` (which installs componentize-py / componentize-js when missing) into the
 /// shared plugin target dir; rebuilt only when its inputs changed.
@@ -39,12 +38,30 @@ pub async fn polyglot_plugin(name: &str) -> std::path::PathBuf {
     .expect("the build task panicked")
 }
 
+/// A server running inside the test process.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub url: String,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Sends the logs of servers running inside the test process through the test harness's
+/// output capture, so a failing test prints what its servers logged (a passing one prints
+/// nothing unless run with `--nocapture`). `WASMQ_LOG` filters as it does for `wasmq serve`
+/// (default `warn`). Installed once per test binary.
+fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("WASMQ_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Fails only when the binary installed its own subscriber: that one is kept.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// A config whose data lives in `dir`.
@@ -81,6 +98,7 @@ impl TestServer {
             futures::future::BoxFuture<'static, ()>,
         ) -> JoinHandle<anyhow::Result<()>>,
     {
+        capture_logs();
         wasmq::capabilities::install_tls_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -519,10 +537,24 @@ impl TestServer {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "timed out waiting on {path}: {v}"
+                "timed out waiting on {path}: {v}\n{}",
+                self.diagnosis().await
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// What a timed-out wait prints besides the answer it waited on: the status of every
+    /// subscription (per queue: committed offset, high water, in flight, node) and, on shared
+    /// storage, the cluster view with its leases.
+    pub async fn diagnosis(&self) -> String {
+        let (_, subscriptions) = self.get("/v1/subscriptions").await;
+        let mut out = format!("subscriptions: {subscriptions}");
+        let (st, cluster) = self.get("/v1/cluster").await;
+        if st == StatusCode::OK {
+            out.push_str(&format!("\ncluster: {cluster}"));
+        }
+        out
     }
 
     /// Waits until the audit topic (one queue) holds at least `n` records, then returns them.

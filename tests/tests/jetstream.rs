@@ -455,6 +455,102 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     b.stop().await.unwrap();
 }
 
+/// A reset or delete through one node stops the other node's runner of the subscription
+/// before it changes anything, so nothing that runner delivers from the old offsets is stored
+/// after the change. Before, node B's runner went on until it noticed (its next reconcile):
+/// rejects published just after a reset through A were dead-lettered by it, its offsets were
+/// refused, and its new runner delivered them again from the reset offsets: each reject had
+/// two dead letters. A delete left such dead letters to the next subscription of that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_or_delete_through_one_node_leaves_nothing_from_the_other_nodes_old_runner() {
+    let nats = NatsServer::start().await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = two_nodes(&nats, &dirs, |_| {}).await;
+    b.create_topic("jobs", 8).await;
+    b.create_topic("audit", 1).await;
+    b.upload_plugin("recorder", RECORDER).await;
+    let spec = json!({"topic": "jobs", "plugin": "recorder", "instances": 2,
+                      "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
+    b.subscribe("work", spec.clone()).await;
+    let rejects = |round: u64| -> Vec<serde_json::Value> {
+        (0..8)
+            .map(|i| json!({"body": {"reject": true}, "sharding_key": format!("r{round}-{i}")}))
+            .collect()
+    };
+    // Both nodes run queues of the subscription.
+    a.wait_until("/v1/cluster", 20, |v| {
+        let owners = queue_owners(v, "work");
+        owners.len() == 8
+            && owners.values().any(|o| o == "node-a")
+            && owners.values().any(|o| o == "node-b")
+    })
+    .await;
+    for round in 1..=3u64 {
+        // B's runner is busy with these when the reset comes.
+        b.publish_numbered("jobs", 40).await;
+        let (st, v) = a
+            .post_json("/v1/subscriptions/work/reset", &json!({"to": "latest"}))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        b.publish_batch("jobs", rejects(round)).await;
+        // Everything published is behind the stored offsets: whatever was to be delivered twice
+        // was delivered by then.
+        let st = a
+            .wait_until("/v1/subscriptions/work", 30, |v| {
+                v["lag"] == 0 && v["in_flight"] == 0 && v["dlq"].as_u64() >= Some(8 * round)
+            })
+            .await;
+        let (_, dlq) = a.get("/v1/subscriptions/work/dlq?limit=1000").await;
+        let ids: std::collections::HashSet<&str> = dlq["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            (st["dlq"].as_u64(), ids.len() as u64),
+            (Some(8 * round), 8 * round),
+            "round {round}: each reject dead-lettered once: {dlq}"
+        );
+    }
+    // Deleted through A while B holds rejects delayed by 300 ms in its timers: nothing of the
+    // old subscription is left to a new one of the same name.
+    for round in 4..=6u64 {
+        let delayed: Vec<serde_json::Value> = rejects(round)
+            .into_iter()
+            .map(|mut m| {
+                m["delay_ms"] = json!(300);
+                m
+            })
+            .collect();
+        b.publish_batch("jobs", delayed).await;
+        let (st, v) = a.delete("/v1/subscriptions/work").await;
+        assert!(st.is_success(), "{st} {v}");
+        let mut fresh = spec.clone();
+        fresh["start"] = json!("latest");
+        a.subscribe("work", fresh).await;
+        // Both nodes run the new subscription (B's reconcile saw it, so its old runner is gone)
+        // and the delays are over.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        b.wait_until("/v1/cluster", 20, |v| {
+            let owners = queue_owners(v, "work");
+            owners.len() == 8 && owners.values().any(|o| o == "node-b")
+        })
+        .await;
+        for s in [&a, &b] {
+            let (_, st) = s.get("/v1/subscriptions/work").await;
+            let (_, dlq) = s.get("/v1/subscriptions/work/dlq").await;
+            assert_eq!(
+                (st["dlq"].clone(), dlq["entries"].as_array().map(Vec::len)),
+                (json!(0), Some(0)),
+                "round {round}: {st} {dlq}"
+            );
+        }
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_instances_are_divided_among_nodes_and_each_sees_everything_once_in_order() {
     use wasmq::dispatch::share::{UnitKey, lease_key, preferred};

@@ -33,6 +33,13 @@ pub use status::{
 };
 pub use tally::Tally;
 
+/// How long a reset or delete on shared storage waits for the other nodes to stop their
+/// runners of the subscription (see `Dispatcher::quiesce`): several heartbeats and lease
+/// lapses, so only a node that keeps its lease without acting on the change makes it fail.
+pub const QUIESCE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often that wait looks at the leases.
+const QUIESCE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error("subscription name: {0}")]
@@ -250,6 +257,62 @@ impl Dispatcher {
         }
     }
 
+    /// Stops every runner of `record`'s group before the caller changes what they work from
+    /// (a reset moves the offsets and drops the timers and completion markers; a delete removes
+    /// everything). Alone on its storage this node just halts its own runner. On shared
+    /// storage the subscription is first stored paused, so each node halts its runner and
+    /// gives the group's leases back at its next reconcile (within a [`crate::cluster::HEARTBEAT`]
+    /// or so; a dead node's leases lapse after [`share::UNIT_LEASE`]), and the call waits until
+    /// no other node holds one. Before, a runner on another node went on delivering from the old
+    /// offsets until it noticed the change, and what it stored meanwhile outlived the change: a
+    /// reset followed by a publish dead-lettered each new message twice (once by the old runner,
+    /// once after the restart from the reset offsets). Kafka refuses an offset reset while the
+    /// group has active members for the same reason.
+    ///
+    /// Returns whether the subscription was running; `record.state` is then paused on shared
+    /// storage, and the caller sets it back when it stores the record again. Errors:
+    /// [`StorageError::Unavailable`] when another node still holds a lease after
+    /// [`QUIESCE_WAIT`]; the subscription is then running again, unchanged.
+    async fn quiesce(&self, record: &mut SubscriptionRecord) -> Result<bool, DispatchError> {
+        let running = record.state == SubState::Running;
+        let Some(share) = &self.share else {
+            self.halt(&record.group).await;
+            return Ok(running);
+        };
+        if running {
+            record.state = SubState::Paused;
+            self.touch(record).await?;
+        }
+        self.halt(&record.group).await;
+        let waited = std::time::Instant::now();
+        loop {
+            let others: Vec<String> = share
+                .owners(&record.group)
+                .await?
+                .into_values()
+                .filter(|owner| *owner != share.node)
+                .collect();
+            if others.is_empty() {
+                return Ok(running);
+            }
+            if waited.elapsed() >= QUIESCE_WAIT {
+                if running {
+                    record.state = SubState::Running;
+                    self.touch(record).await?;
+                    self.start_group(record).await?;
+                }
+                return Err(StorageError::Unavailable(format!(
+                    "subscription {:?} still runs on {} after {} s; nothing was changed, try again",
+                    record.group,
+                    others.join(", "),
+                    QUIESCE_WAIT.as_secs()
+                ))
+                .into());
+            }
+            tokio::time::sleep(QUIESCE_POLL).await;
+        }
+    }
+
     /// Stores the record with a new `updated_at`, so every node restarts its runner of it.
     async fn touch(&self, record: &mut SubscriptionRecord) -> Result<(), DispatchError> {
         record.updated_at = now_ms().max(record.updated_at + 1);
@@ -352,10 +415,12 @@ impl Dispatcher {
 
     /// Moves every offset of the group to `to` (replay, or skip ahead); pending delays and
     /// retries are dropped, dead letters kept.
+    /// On shared storage every node's runner of the group is stopped first (see
+    /// [`Self::quiesce`]), so nothing delivered from the old offsets is stored after the move.
     pub async fn reset(&self, group: &str, to: Start) -> Result<SubscriptionStatus, DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
-        self.halt(group).await;
+        let running = self.quiesce(&mut record).await?;
         let store = &self.env.storage;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         pins::clear_timers(store.as_ref(), group).await?;
@@ -380,8 +445,10 @@ impl Dispatcher {
                 .await?;
             }
         }
-        // Nodes running a queue of the group restart from the new offsets: their next offset
-        // write is refused (the revision moved), and they see the record changed.
+        // Every node starts again from the new offsets.
+        if running {
+            record.state = SubState::Running;
+        }
         self.touch(&mut record).await?;
         if record.state == SubState::Running {
             self.start_group(&record).await?;
@@ -390,11 +457,14 @@ impl Dispatcher {
         self.status(group).await
     }
 
-    /// Deletes a subscription with its offsets, timers and dead letters.
+    /// Deletes a subscription with its offsets, timers and dead letters. On shared storage
+    /// every node's runner of it is stopped first (see [`Self::quiesce`]): one still running
+    /// could otherwise store a dead letter or timer after the deletion, left behind for a
+    /// subscription of the same name created later.
     pub async fn delete(&self, group: &str) -> Result<(), DispatchError> {
         let _g = self.lock_group(group).await;
-        self.record(group).await?;
-        self.halt(group).await;
+        let mut record = self.record(group).await?;
+        self.quiesce(&mut record).await?;
         let store = &self.env.storage;
         let kv = crate::runtime::host::kv_space(crate::runtime::host::KvOwner::Subscription(group));
         for space in [
