@@ -69,6 +69,48 @@ async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
     assert!(other.message_by_id(m.id).await.unwrap().is_some());
 }
 
+/// A dead-letter step whose writer died right after its commit point is finished by recovery
+/// even after other steps moved the count. The count used to be the commit point: recovery
+/// compared it with what the dead writer meant to store, found a later step's value, took the
+/// step for never committed and dropped its entry, which the count had counted: a lost dead
+/// letter. Now the entry is the commit point: its key is the step's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_step_cut_short_by_a_dead_writer_is_finished_after_later_steps() {
+    use wasmq::dispatch::dlq;
+    use wasmq::dispatch::state::{DeadLetter, dlq_space};
+    use wasmq::storage::Expect;
+    let nats = NatsServer::start().await;
+    let connect = || JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1);
+    let dead = |i: u64| DeadLetter {
+        message_id: format!("m{i}"),
+        member: "all".into(),
+        queue: 0,
+        offset: i,
+        attempts: 1,
+        reason: "rejected".into(),
+        dead_at: 1_000 + i,
+    };
+    let one = |i: u64| dlq::Change {
+        add: vec![dead(i)],
+        remove: Vec::new(),
+    };
+    let writer = connect().await.unwrap();
+    dlq::apply(&writer, "g", one(1)).await.unwrap();
+    // The second step's writer wrote its intent and commit point, then died.
+    let count = writer.get_record(dlq::COUNT_SPACE, "g").await.unwrap();
+    let cut = dlq::step("g", 1, Expect::Revision(count.unwrap().revision), &one(2)).unwrap();
+    writer.commit_dying_halfway(cut).await.unwrap();
+    let other = connect().await.unwrap();
+    dlq::apply(&other, "g", one(3)).await.unwrap();
+    assert_eq!(other.recover(std::time::Duration::ZERO).await.unwrap(), 1);
+    let entries = other.list_records(&dlq_space("g"), "", 10).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        [1, 2, 3].map(|i| dead(i).key()),
+        "every dead letter whose step got past its commit point is kept"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_jetstream_publishes_dispatches_decides_delays_and_restarts() {
     let nats = NatsServer::start().await;

@@ -66,11 +66,11 @@ pub async fn count(storage: &dyn Storage, group: &str) -> Result<u64, StorageErr
 }
 
 /// Adds and removes entries of `group`'s dead-letter queue, writes what replaces each removed
-/// one and moves the count, in one [`Storage::commit`]. The count's revision is its condition: a concurrent
-/// change (another worker, another node) makes this one read it again and retry. An entry
-/// added that is already stored (a write retried after an unclear failure) or removed that is
-/// already gone (a concurrent expiry) is left out, so the count stays exact. Returns how
-/// many entries it removed.
+/// one and moves the count, in one [`Storage::commit`] (see [`step`]). The count's revision is
+/// its condition: a concurrent change (another worker, another node) makes this one read it
+/// again and retry. An entry added that is already stored (a write retried after an unclear
+/// failure) or removed that is already gone (a concurrent expiry) is left out, so the count
+/// stays exact. Returns how many entries it removed.
 ///
 /// Errors: the storage's, except conflicts on the count or the entries, which are retried.
 pub async fn apply(
@@ -84,51 +84,8 @@ pub async fn apply(
             return Ok(0);
         }
         let (n, expect) = read(storage, group).await?;
-        let added = change.add.len() as u64;
         let removed = change.remove.len() as u64;
-        let after = n.saturating_add(added).saturating_sub(removed);
-        let mut records = Vec::with_capacity(1 + change.add.len() + change.remove.len());
-        records.push(RecordWrite {
-            space: COUNT_SPACE.to_string(),
-            key: group.to_string(),
-            value: Some(state::encode(&Count { n: after })?),
-            expect,
-        });
-        for dl in &change.add {
-            records.push(RecordWrite {
-                space: space.clone(),
-                key: dl.key(),
-                value: Some(state::encode(dl)?),
-                expect: Expect::Absent,
-            });
-            records.push(pins::of_dead_letter(group, dl, true));
-        }
-        for (dl, instead) in &change.remove {
-            records.push(RecordWrite {
-                space: space.clone(),
-                key: dl.key(),
-                value: None,
-                expect: Expect::Present,
-            });
-            records.push(pins::of_dead_letter(group, dl, false));
-            if let Some(t) = instead {
-                records.push(pins::of_timer(group, t, true));
-                records.push(RecordWrite {
-                    space: state::timer_space(group),
-                    key: t.key(),
-                    value: Some(state::encode(t)?),
-                    expect: Expect::Any,
-                });
-            }
-        }
-        match storage
-            .commit(Commit {
-                checks: Vec::new(),
-                records,
-                appends: Vec::new(),
-            })
-            .await
-        {
+        match storage.commit(step(group, n, expect, &change)?).await {
             Ok(_) => return Ok(removed),
             Err(StorageError::Conflict { space: s, key }) if s == COUNT_SPACE && key == group => {}
             Err(StorageError::Conflict { space: s, key }) if s == space => {
@@ -143,6 +100,64 @@ pub async fn apply(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The commit of one [`apply`] step over a count of `n` read under condition `expect`: the
+/// entries added (each absent before) and removed (each present), their pins and redrive
+/// timers, and the count last. `change` must not be empty.
+///
+/// The first record is the commit point on a storage without transactions (JetStream, see
+/// [`Storage::commit`]): recovery finishes a dead writer's commit only when that record still
+/// holds what the writer wrote. An entry's key is written by this step alone; the count is
+/// rewritten by every step. With the count first, a step whose writer died past its commit
+/// point was judged never committed as soon as another step had moved the count, and its
+/// entries were dropped though the count had counted them: a lost dead letter. Now such a
+/// step's entries are written by recovery, and the count may be one short of them (the
+/// newer count is kept).
+pub fn step(group: &str, n: u64, expect: Expect, change: &Change) -> Result<Commit, StorageError> {
+    let space = state::dlq_space(group);
+    let after = n
+        .saturating_add(change.add.len() as u64)
+        .saturating_sub(change.remove.len() as u64);
+    let mut records = Vec::with_capacity(1 + 2 * change.add.len() + 4 * change.remove.len());
+    for dl in &change.add {
+        records.push(RecordWrite {
+            space: space.clone(),
+            key: dl.key(),
+            value: Some(state::encode(dl)?),
+            expect: Expect::Absent,
+        });
+        records.push(pins::of_dead_letter(group, dl, true));
+    }
+    for (dl, instead) in &change.remove {
+        records.push(RecordWrite {
+            space: space.clone(),
+            key: dl.key(),
+            value: None,
+            expect: Expect::Present,
+        });
+        records.push(pins::of_dead_letter(group, dl, false));
+        if let Some(t) = instead {
+            records.push(pins::of_timer(group, t, true));
+            records.push(RecordWrite {
+                space: state::timer_space(group),
+                key: t.key(),
+                value: Some(state::encode(t)?),
+                expect: Expect::Any,
+            });
+        }
+    }
+    records.push(RecordWrite {
+        space: COUNT_SPACE.to_string(),
+        key: group.to_string(),
+        value: Some(state::encode(&Count { n: after })?),
+        expect,
+    });
+    Ok(Commit {
+        checks: Vec::new(),
+        records,
+        appends: Vec::new(),
+    })
 }
 
 /// Removes `group`'s dead letters and their count (the subscription is deleted).

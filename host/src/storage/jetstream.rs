@@ -535,6 +535,7 @@ impl JetStreamStorage {
         records: Vec<RecordWrite>,
         appends: Vec<(String, Vec<NewMessage>)>,
         conditional: bool,
+        die_at_commit_point: bool,
     ) -> Result<Committed, StorageError> {
         if conditional && let Some(g) = records.first() {
             // The commit point's first: a delivery already completed is told so, whatever
@@ -611,6 +612,9 @@ impl JetStreamStorage {
             // Maybe written: the intent stays, and recovery decides by the guard.
             Err(e) => return Err(e),
         };
+        if die_at_commit_point {
+            return Ok(Committed::default());
+        }
         let mut out = Committed::default();
         out.revisions.push(if guard.value.is_some() {
             guard_revision
@@ -751,7 +755,7 @@ impl Storage for JetStreamStorage {
             }
         }
         let done = self
-            .commit_held(checks, records, appends, conditional)
+            .commit_held(checks, records, appends, conditional, false)
             .await;
         self.unlock_spaces(&held).await;
         done

@@ -178,8 +178,13 @@ pub struct Commit {
     pub checks: Vec<RecordCheck>,
     /// Record writes. Every condition, of these and of `checks`, holds or nothing at all is
     /// written ([`StorageError::Conflict`] names the first that failed, the first write's
-    /// checked before any other). The first write is the commit point on a backend that cannot write everything at once (JetStream): once it
-    /// is written the rest is finished, if need be by [`Storage::recover`].
+    /// checked before any other). The first write is the commit point on a backend that
+    /// cannot write everything at once (JetStream): once it is written the rest is finished,
+    /// if need be by [`Storage::recover`], which tells whether a dead writer got that far by
+    /// comparing the record with what the writer meant to store. So the first write must be a
+    /// record no other commit rewrites meanwhile (a completion marker, a new dead letter's
+    /// entry, a transaction's decision), not a shared one such as a count: recovery would
+    /// take a later commit's value for "never written" and drop the rest.
     pub records: Vec<RecordWrite>,
     /// Messages to append, by topic, each topic's in order.
     pub appends: Vec<(String, Vec<NewMessage>)>,

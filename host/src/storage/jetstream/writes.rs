@@ -251,6 +251,23 @@ impl JetStreamStorage {
             .map(|(_, r)| r)
     }
 
+    /// A [`Storage::commit`] by a writer that dies right after its first record (the commit
+    /// point) was written: for tests of [`Storage::recover`]. Takes no locks.
+    #[doc(hidden)]
+    pub async fn commit_dying_halfway(
+        &self,
+        commit: crate::storage::Commit,
+    ) -> Result<(), StorageError> {
+        let crate::storage::Commit {
+            checks,
+            records,
+            appends,
+        } = commit;
+        self.commit_held(checks, records, appends, true, true)
+            .await
+            .map(drop)
+    }
+
     /// Finishes guarded appends older than `age` whose record write happened but whose
     /// messages a dead node never appended; drops the others. Younger ones may belong to a
     /// live writer and are left to it. Returns how many were finished or dropped.
