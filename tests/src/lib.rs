@@ -751,6 +751,10 @@ pub async fn assert_nothing_left(
     for g in groups {
         records.push(("sub".into(), g.to_string()));
         records.push((wasmq::dispatch::dlq::COUNT_SPACE.into(), g.to_string()));
+        records.push((
+            wasmq::dispatch::dlq::count_space(g),
+            wasmq::dispatch::dlq::COUNT_KEY.into(),
+        ));
         records.push(("pin-built".into(), g.to_string()));
         for space in ["cursor", "timer", "dlq", "pin", "counts", "done", "kvsub"] {
             spaces.push(format!("{space}/{g}"));

@@ -97,7 +97,10 @@ async fn a_dead_letter_step_cut_short_by_a_dead_writer_is_finished_after_later_s
     let writer = connect().await.unwrap();
     dlq::apply(&writer, "g", one(1)).await.unwrap();
     // The second step's writer wrote its intent and commit point, then died.
-    let count = writer.get_record(dlq::COUNT_SPACE, "g").await.unwrap();
+    let count = writer
+        .get_record(&dlq::count_space("g"), dlq::COUNT_KEY)
+        .await
+        .unwrap();
     let cut = dlq::step("g", 1, Expect::Revision(count.unwrap().revision), &one(2)).unwrap();
     writer.commit_dying_halfway(cut).await.unwrap();
     let other = connect().await.unwrap();
@@ -527,6 +530,32 @@ async fn a_reset_or_delete_through_one_node_leaves_nothing_from_the_other_nodes_
             && owners.values().any(|o| o == "node-b")
     })
     .await;
+    // Resets through both nodes at once, of subscriptions both run: each node gives its leases
+    // of the other's back while it waits for its own (not a 503 after 30 s each).
+    b.create_topic("other", 8).await;
+    b.subscribe(
+        "side",
+        json!({"topic": "other", "plugin": "recorder", "instances": 2,
+                               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
+    )
+    .await;
+    a.wait_until("/v1/cluster", 20, |v| {
+        let owners = queue_owners(v, "side");
+        owners.len() == 8
+            && owners.values().any(|o| o == "node-a")
+            && owners.values().any(|o| o == "node-b")
+    })
+    .await;
+    let reset = json!({"to": "latest"});
+    let ((st_a, v_a), (st_b, v_b)) = tokio::join!(
+        a.post_json("/v1/subscriptions/work/reset", &reset),
+        b.post_json("/v1/subscriptions/side/reset", &reset)
+    );
+    assert_eq!(
+        (st_a, st_b),
+        (StatusCode::OK, StatusCode::OK),
+        "{v_a} {v_b}"
+    );
     for round in 1..=3u64 {
         // B's runner is busy with these when the reset comes.
         b.publish_numbered("jobs", 40).await;

@@ -613,10 +613,13 @@ async fn dead_letters_beyond_their_count_go_oldest_first_and_the_count_stays_exa
     assert_eq!(s.get("/v1/subscriptions/dead").await.1["dlq"], 3);
     s.stop().await.unwrap();
     let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
-    let count = wasmq::dispatch::dlq::COUNT_SPACE;
-    assert!(storage.get_record(count, "dead").await.unwrap().is_some());
+    let (count, key) = (
+        wasmq::dispatch::dlq::count_space("dead"),
+        wasmq::dispatch::dlq::COUNT_KEY,
+    );
+    assert!(storage.get_record(&count, key).await.unwrap().is_some());
     storage
-        .put_record(count, "dead", None, wasmq::storage::Expect::Any)
+        .put_record(&count, key, None, wasmq::storage::Expect::Any)
         .await
         .unwrap();
     storage.close().await;
@@ -628,7 +631,7 @@ async fn dead_letters_beyond_their_count_go_oldest_first_and_the_count_stays_exa
     assert!(st.is_success(), "{st}");
     s.stop().await.unwrap();
     let storage = RocksStorage::open(&dir.path().join("rocksdb"), FlushMode::Sync).unwrap();
-    assert!(storage.get_record(count, "dead").await.unwrap().is_none());
+    assert!(storage.get_record(&count, key).await.unwrap().is_none());
     let left = storage.list_records("dlq/dead", "", 10).await.unwrap();
     assert!(left.is_empty(), "{left:?}");
     storage.close().await;

@@ -8,8 +8,20 @@ use super::pins;
 use super::state::{self, DeadLetter, Timer};
 use crate::storage::{Commit, Expect, RecordWrite, Storage, StorageError};
 
-/// The space of every subscription's dead-letter count, keyed by group.
+/// Where dead-letter counts live: one space per subscription ([`count_space`]), so a step's
+/// lock on a backend that locks kv spaces (JetStream) is its subscription's alone. Counts
+/// stored before (in this space itself, keyed by group) are no longer read: the first read
+/// after an upgrade counts the entries once and stores the count in its new place;
+/// [`clear`] removes both.
 pub const COUNT_SPACE: &str = "dlq-count";
+
+/// The key of the count in its space.
+pub const COUNT_KEY: &str = "n";
+
+/// The space of `group`'s dead-letter count.
+pub fn count_space(group: &str) -> String {
+    format!("{COUNT_SPACE}/{group}")
+}
 
 /// How many entries one step adds or removes at most (a redrive or an expiry of many entries
 /// is several steps, each whole).
@@ -35,7 +47,7 @@ pub struct Change {
 /// The count and the condition a write of it must carry. A subscription whose dead letters
 /// were stored before the count existed has none: its entries are counted once.
 async fn read(storage: &dyn Storage, group: &str) -> Result<(u64, Expect), StorageError> {
-    match storage.get_record(COUNT_SPACE, group).await? {
+    match storage.get_record(&count_space(group), COUNT_KEY).await? {
         Some(r) => {
             let c: Count = state::decode("dead-letter count", &r)?;
             Ok((c.n, Expect::Revision(r.revision)))
@@ -54,7 +66,7 @@ pub async fn count(storage: &dyn Storage, group: &str) -> Result<u64, StorageErr
     if expect == Expect::Absent && n > 0 {
         let value = state::encode(&Count { n })?;
         match storage
-            .put_record(COUNT_SPACE, group, Some(value), Expect::Absent)
+            .put_record(&count_space(group), COUNT_KEY, Some(value), Expect::Absent)
             .await
         {
             // Another step stored it first; its count holds.
@@ -79,6 +91,7 @@ pub async fn apply(
     mut change: Change,
 ) -> Result<u64, StorageError> {
     let space = state::dlq_space(group);
+    let counted = count_space(group);
     loop {
         if change.add.is_empty() && change.remove.is_empty() {
             return Ok(0);
@@ -87,7 +100,7 @@ pub async fn apply(
         let removed = change.remove.len() as u64;
         match storage.commit(step(group, n, expect, &change)?).await {
             Ok(_) => return Ok(removed),
-            Err(StorageError::Conflict { space: s, key }) if s == COUNT_SPACE && key == group => {}
+            Err(StorageError::Conflict { space: s, key }) if s == counted && key == COUNT_KEY => {}
             Err(StorageError::Conflict { space: s, key }) if s == space => {
                 let before = change.add.len() + change.remove.len();
                 change.add.retain(|dl| dl.key() != key);
@@ -104,16 +117,19 @@ pub async fn apply(
 
 /// The commit of one [`apply`] step over a count of `n` read under condition `expect`: the
 /// entries added (each absent before) and removed (each present), their pins and redrive
-/// timers, and the count last. `change` must not be empty.
+/// timers, and the count. `change` must not be empty.
 ///
 /// The first record is the commit point on a storage without transactions (JetStream, see
 /// [`Storage::commit`]): recovery finishes a dead writer's commit only when that record still
-/// holds what the writer wrote. An entry's key is written by this step alone; the count is
-/// rewritten by every step. With the count first, a step whose writer died past its commit
-/// point was judged never committed as soon as another step had moved the count, and its
-/// entries were dropped though the count had counted them: a lost dead letter. Now such a
-/// step's entries are written by recovery, and the count may be one short of them (the
-/// newer count is kept).
+/// holds what the writer wrote, and drops it otherwise. A step that adds entries goes first
+/// with its first entry, whose key is its own: with the count first, as every step rewrites
+/// the count, a step whose writer died past its commit point was judged never committed as
+/// soon as another step had counted, and its entries were dropped though the count had
+/// counted them (a lost dead letter). Such a step's entries are now written by recovery and
+/// the count may stay one short of them (a newer count is kept). A step that only removes
+/// goes first with the count: an entry gone since (expired, redriven, cleared) must not make
+/// recovery take it as removed by the dead step and write its redrive timer; such a step is
+/// dropped instead, its entries kept, the count one short.
 pub fn step(group: &str, n: u64, expect: Expect, change: &Change) -> Result<Commit, StorageError> {
     let space = state::dlq_space(group);
     let after = n
@@ -147,12 +163,17 @@ pub fn step(group: &str, n: u64, expect: Expect, change: &Change) -> Result<Comm
             });
         }
     }
-    records.push(RecordWrite {
-        space: COUNT_SPACE.to_string(),
-        key: group.to_string(),
+    let count = RecordWrite {
+        space: count_space(group),
+        key: COUNT_KEY.to_string(),
         value: Some(state::encode(&Count { n: after })?),
         expect,
-    });
+    };
+    if change.add.is_empty() {
+        records.insert(0, count);
+    } else {
+        records.push(count);
+    }
     Ok(Commit {
         checks: Vec::new(),
         records,
@@ -164,7 +185,20 @@ pub fn step(group: &str, n: u64, expect: Expect, change: &Change) -> Result<Comm
 pub async fn clear(storage: &dyn Storage, group: &str) -> Result<(), StorageError> {
     state::clear(storage, &state::dlq_space(group), "").await?;
     storage
-        .put_record(COUNT_SPACE, group, None, Expect::Any)
+        .put_records(vec![
+            RecordWrite {
+                space: count_space(group),
+                key: COUNT_KEY.to_string(),
+                value: None,
+                expect: Expect::Any,
+            },
+            // Where a count stored before the per-subscription spaces lies.
+            RecordWrite {
+                space: COUNT_SPACE.to_string(),
+                key: group.to_string(),
+                value: None,
+                expect: Expect::Any,
+            },
+        ])
         .await
-        .map(drop)
 }

@@ -269,10 +269,15 @@ impl Dispatcher {
     /// once after the restart from the reset offsets). Kafka refuses an offset reset while the
     /// group has active members for the same reason.
     ///
+    /// While it waits it reconciles now and then, as the heartbeat would (it holds the lock
+    /// the heartbeat's reconcile needs): this node gives back its own leases of the group, and
+    /// those of any subscription another node is quiescing meanwhile.
+    ///
     /// Returns whether the subscription was running; `record.state` is then paused on shared
-    /// storage, and the caller sets it back when it stores the record again. Errors:
+    /// storage, and the caller ends with [`Self::unquiesce`], on error too. Errors:
     /// [`StorageError::Unavailable`] when another node still holds a lease after
-    /// [`QUIESCE_WAIT`]; the subscription is then running again, unchanged.
+    /// [`QUIESCE_WAIT`], or the storage's; the subscription is then as it was. A crash of this
+    /// node while it waits leaves the subscription paused (its status says so; resume it).
     async fn quiesce(&self, record: &mut SubscriptionRecord) -> Result<bool, DispatchError> {
         let running = record.state == SubState::Running;
         let Some(share) = &self.share else {
@@ -285,32 +290,66 @@ impl Dispatcher {
         }
         self.halt(&record.group).await;
         let waited = std::time::Instant::now();
+        let mut reconciled = std::time::Instant::now();
         loop {
-            let others: Vec<String> = share
-                .owners(&record.group)
-                .await?
-                .into_values()
-                .filter(|owner| *owner != share.node)
-                .collect();
+            let others = match share.owners(&record.group).await {
+                Ok(owners) => owners
+                    .into_values()
+                    .filter(|owner| *owner != share.node)
+                    .collect::<std::collections::BTreeSet<String>>(),
+                Err(e) => {
+                    self.unquiesce(record, running).await?;
+                    return Err(e.into());
+                }
+            };
             if others.is_empty() {
                 return Ok(running);
             }
             if waited.elapsed() >= QUIESCE_WAIT {
-                if running {
-                    record.state = SubState::Running;
-                    self.touch(record).await?;
-                    self.start_group(record).await?;
-                }
+                self.unquiesce(record, running).await?;
                 return Err(StorageError::Unavailable(format!(
                     "subscription {:?} still runs on {} after {} s; nothing was changed, try again",
                     record.group,
-                    others.join(", "),
+                    others.into_iter().collect::<Vec<_>>().join(", "),
                     QUIESCE_WAIT.as_secs()
                 ))
                 .into());
             }
+            // This node's own reconcile waits on the lock held here, and another node may be
+            // waiting in the same way for this one to give back leases of a subscription
+            // paused through it: reconcile here, now and then, as the heartbeat would.
+            if reconciled.elapsed() >= crate::cluster::HEARTBEAT {
+                reconciled = std::time::Instant::now();
+                if let Err(e) = self.reconcile_locked().await {
+                    tracing::warn!(error = %e, "cannot reconcile subscriptions");
+                }
+            }
             tokio::time::sleep(QUIESCE_POLL).await;
         }
+    }
+
+    /// Ends what [`Self::quiesce`] began: stores `record` again (running again if it was, a
+    /// new `updated_at` so every node restarts from what is stored now) and runs it here. If
+    /// its stored record changed meanwhile (a change made through another node while this
+    /// one waited), that one is kept and only touched, so the change is not undone.
+    async fn unquiesce(
+        &self,
+        record: &mut SubscriptionRecord,
+        running: bool,
+    ) -> Result<(), DispatchError> {
+        match self.record(&record.group).await {
+            Ok(stored) if stored.updated_at != record.updated_at => *record = stored,
+            Ok(_) if running => record.state = SubState::Running,
+            Ok(_) => {}
+            // Deleted through another node meanwhile: nothing to run.
+            Err(DispatchError::Unknown(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.touch(record).await?;
+        if record.state == SubState::Running {
+            self.start_group(record).await?;
+        }
+        Ok(())
     }
 
     /// Stores the record with a new `updated_at`, so every node restarts its runner of it.
@@ -421,6 +460,22 @@ impl Dispatcher {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
         let running = self.quiesce(&mut record).await?;
+        let moved = self.move_offsets(&record, to).await;
+        // Every node starts again from the new offsets (or, after an error, from the old ones).
+        self.unquiesce(&mut record, running).await?;
+        moved?;
+        drop(_g);
+        self.status(group).await
+    }
+
+    /// The body of [`Self::reset`], once nothing runs the group: drops its timers and
+    /// completion markers and stores every member's offsets at `to`.
+    async fn move_offsets(
+        &self,
+        record: &SubscriptionRecord,
+        to: Start,
+    ) -> Result<(), DispatchError> {
+        let group = &record.group;
         let store = &self.env.storage;
         let topic = self.env.broker.topic(&record.spec.topic)?;
         pins::clear_timers(store.as_ref(), group).await?;
@@ -445,16 +500,7 @@ impl Dispatcher {
                 .await?;
             }
         }
-        // Every node starts again from the new offsets.
-        if running {
-            record.state = SubState::Running;
-        }
-        self.touch(&mut record).await?;
-        if record.state == SubState::Running {
-            self.start_group(&record).await?;
-        }
-        drop(_g);
-        self.status(group).await
+        Ok(())
     }
 
     /// Deletes a subscription with its offsets, timers and dead letters. On shared storage
@@ -464,7 +510,19 @@ impl Dispatcher {
     pub async fn delete(&self, group: &str) -> Result<(), DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
-        self.quiesce(&mut record).await?;
+        let running = self.quiesce(&mut record).await?;
+        if let Err(e) = self.remove_stored(group).await {
+            // Part may be gone; what is left runs on, and a retried delete finishes it.
+            self.unquiesce(&mut record, running).await?;
+            return Err(e);
+        }
+        self.env.broker.metrics().forget_group(group);
+        Ok(())
+    }
+
+    /// The body of [`Self::delete`], once nothing runs the group: everything stored of it,
+    /// its record last.
+    async fn remove_stored(&self, group: &str) -> Result<(), DispatchError> {
         let store = &self.env.storage;
         let kv = crate::runtime::host::kv_space(crate::runtime::host::KvOwner::Subscription(group));
         for space in [
@@ -482,7 +540,6 @@ impl Dispatcher {
         store
             .put_record(state::SUB_SPACE, group, None, Expect::Any)
             .await?;
-        self.env.broker.metrics().forget_group(group);
         Ok(())
     }
 
