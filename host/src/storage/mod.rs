@@ -182,9 +182,12 @@ pub struct Commit {
     /// cannot write everything at once (JetStream): once it is written the rest is finished,
     /// if need be by [`Storage::recover`], which tells whether a dead writer got that far by
     /// comparing the record with what the writer meant to store. So the first write must be a
-    /// record no other commit rewrites meanwhile (a completion marker, a new dead letter's
-    /// entry, a transaction's decision), not a shared one such as a count: recovery would
-    /// take a later commit's value for "never written" and drop the rest.
+    /// record nothing rewrites or deletes before recovery could look (a completion marker, a
+    /// new dead letter's entry), not a shared one such as a count: recovery would take a later
+    /// value for "never written" and drop the rest. A committed transaction's record does not
+    /// hold to it yet: the decided-transactions mover deletes it from the undecided space within
+    /// seconds, before recovery looks, so a writer dying between that commit point and the
+    /// append of the half message loses the message.
     pub records: Vec<RecordWrite>,
     /// Messages to append, by topic, each topic's in order.
     pub appends: Vec<(String, Vec<NewMessage>)>,
