@@ -455,7 +455,7 @@ impl Dispatcher {
     /// Moves every offset of the group to `to` (replay, or skip ahead); pending delays and
     /// retries are dropped, dead letters kept.
     /// On shared storage every node's runner of the group is stopped first (see
-    /// [`Self::quiesce`]), so nothing delivered from the old offsets is stored after the move.
+    /// `quiesce`), so nothing delivered from the old offsets is stored after the move.
     pub async fn reset(&self, group: &str, to: Start) -> Result<SubscriptionStatus, DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
@@ -504,7 +504,7 @@ impl Dispatcher {
     }
 
     /// Deletes a subscription with its offsets, timers and dead letters. On shared storage
-    /// every node's runner of it is stopped first (see [`Self::quiesce`]): one still running
+    /// every node's runner of it is stopped first (see `quiesce`): one still running
     /// could otherwise store a dead letter or timer after the deletion, left behind for a
     /// subscription of the same name created later.
     pub async fn delete(&self, group: &str) -> Result<(), DispatchError> {

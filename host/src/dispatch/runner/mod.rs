@@ -72,7 +72,7 @@ async fn recheck(every: Option<Duration>) {
 
 /// Delivery counters since the subscription was created (on shared storage: since this node
 /// started running it): loaded from storage when a runner starts, stored every
-/// [`COUNTS_EVERY`] while it runs and when it stops (a crash loses at most that much counting,
+/// `COUNTS_EVERY` while it runs and when it stops (a crash loses at most that much counting,
 /// never a delivery).
 #[derive(Debug, Default)]
 pub struct Counters {
