@@ -514,38 +514,33 @@ async fn a_reset_or_delete_through_one_node_leaves_nothing_from_the_other_nodes_
     b.create_topic("jobs", 8).await;
     b.create_topic("audit", 1).await;
     b.upload_plugin("recorder", RECORDER).await;
-    let spec = json!({"topic": "jobs", "plugin": "recorder", "instances": 2,
-                      "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
+    let recorder_on = |topic: &str| {
+        json!({"topic": topic, "plugin": "recorder", "instances": 2,
+               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}})
+    };
+    let spec = recorder_on("jobs");
     b.subscribe("work", spec.clone()).await;
+    // Every queue of `group` is held, some by each node.
+    let both_run = |v: &serde_json::Value, group: &str| {
+        let owners = queue_owners(v, group);
+        owners.len() == 8
+            && owners.values().any(|o| o == "node-a")
+            && owners.values().any(|o| o == "node-b")
+    };
     let rejects = |round: u64| -> Vec<serde_json::Value> {
         (0..8)
             .map(|i| json!({"body": {"reject": true}, "sharding_key": format!("r{round}-{i}")}))
             .collect()
     };
     // Both nodes run queues of the subscription.
-    a.wait_until("/v1/cluster", 20, |v| {
-        let owners = queue_owners(v, "work");
-        owners.len() == 8
-            && owners.values().any(|o| o == "node-a")
-            && owners.values().any(|o| o == "node-b")
-    })
-    .await;
+    a.wait_until("/v1/cluster", 20, |v| both_run(v, "work"))
+        .await;
     // Resets through both nodes at once, of subscriptions both run: each node gives its leases
     // of the other's back while it waits for its own (not a 503 after 30 s each).
     b.create_topic("other", 8).await;
-    b.subscribe(
-        "side",
-        json!({"topic": "other", "plugin": "recorder", "instances": 2,
-                               "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}}),
-    )
-    .await;
-    a.wait_until("/v1/cluster", 20, |v| {
-        let owners = queue_owners(v, "side");
-        owners.len() == 8
-            && owners.values().any(|o| o == "node-a")
-            && owners.values().any(|o| o == "node-b")
-    })
-    .await;
+    b.subscribe("side", recorder_on("other")).await;
+    a.wait_until("/v1/cluster", 20, |v| both_run(v, "side"))
+        .await;
     let reset = json!({"to": "latest"});
     let ((st_a, v_a), (st_b, v_b)) = tokio::join!(
         a.post_json("/v1/subscriptions/work/reset", &reset),
