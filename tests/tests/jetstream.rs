@@ -114,6 +114,79 @@ async fn a_dead_letter_step_cut_short_by_a_dead_writer_is_finished_after_later_s
     );
 }
 
+/// A transaction's commit whose writer died between its commit point (the transaction's
+/// record, now committed) and the append of its half message. The server's decided-transactions
+/// mover finds the committed record within a second or two and moves it out of the undecided
+/// space, long before recovery looks at writes that old ([`INTENT_AGE`]). It used to move it
+/// as it was: recovery then found no record to compare with, dropped the commit, and the
+/// committed message was never appended. Now the mover finishes the commit first.
+///
+/// [`INTENT_AGE`]: wasmq::storage::jetstream::INTENT_AGE
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transaction_cut_short_by_a_dead_writer_keeps_its_message_when_it_moves() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path());
+    config.storage.backend = Backend::Jetstream;
+    config.storage.urls = vec![nats.url.clone()];
+    config.storage.replicas = 1;
+    let s = TestServer::start_with(config).await;
+    s.create_topic("orders", 1).await;
+    let (st, txn) = s
+        .post_json(
+            "/v1/topics/orders/transactions",
+            &json!({"body": {"order": 7}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{txn}");
+    let id = txn["txn_id"].as_str().unwrap().to_string();
+    // Another writer commits it and dies right after the commit point.
+    let writer = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+        .await
+        .unwrap();
+    let (topic, message, guard) = wasmq::txn::commit_writes(&writer, &id, "dying writer")
+        .await
+        .unwrap()
+        .expect("the transaction is undecided");
+    let message_id = message.id;
+    writer
+        .guarded_append_dying_halfway(&topic, vec![message], guard)
+        .await
+        .unwrap();
+    // The mover takes it out of the undecided space...
+    let waited = std::time::Instant::now();
+    while writer.get_record("txn", &id).await.unwrap().is_some() {
+        if waited.elapsed() > std::time::Duration::from_secs(60) {
+            let (_, v) = s.get(&format!("/v1/transactions/{id}")).await;
+            panic!("the committed transaction never moved: {v}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        writer
+            .get_record("txn-committed", &id)
+            .await
+            .unwrap()
+            .is_some(),
+        "moved to the committed space"
+    );
+    // ...only once its message is there, once.
+    let stored = writer.message_by_id(message_id).await.unwrap();
+    assert!(stored.is_some(), "the committed message was lost");
+    let read = writer.read("orders", 0, 0, 10).await.unwrap();
+    assert_eq!(
+        read.iter().map(|r| r.message.id).collect::<Vec<_>>(),
+        vec![message_id]
+    );
+    let (st, v) = s.get(&format!("/v1/transactions/{id}")).await;
+    assert_eq!(
+        (st, v["state"].as_str()),
+        (StatusCode::OK, Some("committed")),
+        "{v}"
+    );
+    s.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_jetstream_publishes_dispatches_decides_delays_and_restarts() {
     let nats = NatsServer::start().await;

@@ -184,10 +184,9 @@ pub struct Commit {
     /// comparing the record with what the writer meant to store. So the first write must be a
     /// record nothing rewrites or deletes before recovery could look (a completion marker, a
     /// new dead letter's entry), not a shared one such as a count: recovery would take a later
-    /// value for "never written" and drop the rest. A committed transaction's record does not
-    /// hold to it yet: the decided-transactions mover deletes it from the undecided space within
-    /// seconds, before recovery looks, so a writer dying between that commit point and the
-    /// append of the half message loses the message.
+    /// value for "never written" and drop the rest. Whoever deletes such a record sooner (the
+    /// decided-transactions mover, a committed transaction's record) first finishes the commits
+    /// it guards with [`Storage::finish_commits_of`].
     pub records: Vec<RecordWrite>,
     /// Messages to append, by topic, each topic's in order.
     pub appends: Vec<(String, Vec<NewMessage>)>,
@@ -494,7 +493,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Finishes now, whatever their age, the half-done commits whose commit point was written
     /// and is a record of `space` with a key starting with `prefix`: a node taking over a
     /// queue calls it for the queue's completion markers, so what the last owner committed is
-    /// complete before delivery goes past it (issue 24). Returns how many it finished. A local
+    /// complete before delivery goes past it (issue 24); the decided-transactions mover calls
+    /// it for committed transactions' records before it deletes them, so a commit's half
+    /// message is appended before recovery could no longer tell that it was committed.
+    /// Returns how many it finished. A local
     /// backend commits atomically and has nothing to do.
     async fn finish_commits_of(&self, _space: &str, _prefix: &str) -> Result<usize, StorageError> {
         Ok(0)

@@ -10,7 +10,6 @@
 //! a batch and names it, (2) the records go.
 
 use super::*;
-use crate::storage::Storage;
 
 /// Committed transactions, by id (oldest first).
 pub(super) const COMMITTED_SPACE: &str = "txn-committed";
@@ -185,6 +184,15 @@ impl Transactions {
         }
         if batch.is_empty() {
             return Ok(0);
+        }
+        // A committed transaction's record is the commit point of its half message's append.
+        // On a backend that commits in steps (JetStream), a writer that died past that point
+        // left the append to recovery, which finishes it only while the record is still here
+        // to compare with (and looks only at writes older than `recovery_age`). So commits
+        // whose record was written are finished now, before any record leaves: the records
+        // were read first, so each one read as committed was written before this looks.
+        if batch.iter().any(|(_, _, s, _)| *s == TxnState::Committed) {
+            storage.finish_commits_of(TXN_SPACE, "").await?;
         }
         try_join_all(batch.iter().map(|(id, r, _, space)| {
             storage.put_record(space, id, Some(r.value.clone()), Expect::Any)

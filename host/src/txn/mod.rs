@@ -21,7 +21,7 @@ use crate::broker::{Broker, BrokerError, Envelope};
 use crate::config::TransactionsConfig;
 use crate::plugins::{PluginError, Plugins};
 use crate::runtime::{InstanceContext, InvokeError, PoolKey, Staged};
-use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, StorageError};
+use crate::storage::{Expect, MessageId, NewMessage, RecordWrite, Storage, StorageError};
 
 /// Undecided transactions (pending, unresolved), and decided ones until they move to the space
 /// of their outcome: start-up reads this space only, so it costs what is undecided.
@@ -122,6 +122,53 @@ pub struct TxnRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<NewMessage>,
     pub history: Vec<Event>,
+}
+
+/// Decides `t` (an undecided transaction stored at revision `rev`) as committed by `by`: takes
+/// its half message out and returns it with the record write that stores the decision, which
+/// a commit writes in one atomic step with the message's append (the commit point on JetStream).
+fn committing(
+    t: &mut TxnRecord,
+    rev: u64,
+    by: &str,
+) -> Result<(NewMessage, RecordWrite), TxnError> {
+    let Some(message) = t.message.take() else {
+        return Err(StorageError::Corrupt(format!(
+            "transaction {} lost its half message",
+            t.txn_id
+        ))
+        .into());
+    };
+    t.state = TxnState::Committed;
+    t.next_check_at = 0;
+    t.log("committed", Some(format!("by {by}")));
+    let guard = RecordWrite {
+        space: TXN_SPACE.into(),
+        key: t.txn_id.clone(),
+        value: Some(encode(t)?),
+        expect: Expect::Revision(rev),
+    };
+    Ok((message, guard))
+}
+
+/// What a commit by `by` of the undecided transaction `id` writes, read from `storage` now:
+/// its topic, its half message and the decision's record write (see `committing`). For crash
+/// tests that cut a commit short between these writes; `None` when `id` is not undecided.
+#[doc(hidden)]
+pub async fn commit_writes(
+    storage: &dyn Storage,
+    id: &str,
+    by: &str,
+) -> Result<Option<(String, NewMessage, RecordWrite)>, TxnError> {
+    let Some(r) = storage.get_record(TXN_SPACE, id).await? else {
+        return Ok(None);
+    };
+    let mut t = decode(id, &r.value)?;
+    if !matches!(t.state, TxnState::Pending | TxnState::Unresolved) {
+        return Ok(None);
+    }
+    let (message, guard) = committing(&mut t, r.revision, by)?;
+    Ok(Some((t.topic, message, guard)))
 }
 
 impl TxnRecord {
@@ -513,21 +560,7 @@ impl Transactions {
             let Some(rev) = rev else {
                 return Err(decided::moved_undecided(id));
             };
-            let Some(message) = t.message.take() else {
-                return Err(StorageError::Corrupt(format!(
-                    "transaction {id} lost its half message"
-                ))
-                .into());
-            };
-            t.state = TxnState::Committed;
-            t.next_check_at = 0;
-            t.log("committed", Some(format!("by {by}")));
-            let guard = RecordWrite {
-                space: TXN_SPACE.into(),
-                key: id.into(),
-                value: Some(encode(&t)?),
-                expect: Expect::Revision(rev),
-            };
+            let (message, guard) = committing(&mut t, rev, by)?;
             let written = if staged.is_empty() {
                 self.broker
                     .storage()
