@@ -14,13 +14,6 @@ use serde_json::json;
 use wasmq::config::FlushMode;
 use wasmq_tests::plugins::ECHO;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Publishes `n` 256 B messages, then times a subscription with `instances` draining them.
 async fn throughput(n: usize, instances: u32) -> (f64, f64) {
     let s = common::Server::start(FlushMode::Async).await;
@@ -216,14 +209,14 @@ fn main() {
     let n: usize = if quick {
         4_000
     } else {
-        env_or("WASMQ_BENCH_N", 200_000)
+        common::env_or("WASMQ_BENCH_N", 200_000)
     };
     let (rate, secs) = if quick {
         (2_000, 1)
     } else {
         (
-            env_or("WASMQ_BENCH_RATE", 10_000),
-            env_or("WASMQ_BENCH_SECS", 30),
+            common::env_or("WASMQ_BENCH_RATE", 10_000),
+            common::env_or("WASMQ_BENCH_SECS", 30),
         )
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -50,13 +50,6 @@ const MODES: [(FlushMode, &str, &str); 2] = [
 /// Producers that send one message per request (the single-publish rows).
 const SINGLE_PRODUCERS: usize = 8;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -681,12 +674,12 @@ fn main() {
     let n: usize = if quick {
         2_000
     } else {
-        env_or("WASMQ_BENCH_N", 1_000_000)
+        common::env_or("WASMQ_BENCH_N", 1_000_000)
     };
     let secs: f64 = if quick {
         0.3
     } else {
-        env_or("WASMQ_BENCH_SECS", 5.0)
+        common::env_or("WASMQ_BENCH_SECS", 5.0)
     };
     // WASMQ_BENCH_ONLY=publish,single,latency,e2e,fanout picks rows; WASMQ_BENCH_PEERS=0 runs wasmq alone
     // (both for profiling one workload).
@@ -711,11 +704,11 @@ fn main() {
         .unwrap();
     let mut rows = Vec::new();
     // Publish → consume latency: WASMQ_BENCH_RATE msg/s (10 000) for WASMQ_BENCH_LAT_SECS (5).
-    let latency_rate: u64 = env_or("WASMQ_BENCH_RATE", 10_000);
+    let latency_rate: u64 = common::env_or("WASMQ_BENCH_RATE", 10_000);
     let latency_secs: u64 = if quick {
         1
     } else {
-        env_or("WASMQ_BENCH_LAT_SECS", 5)
+        common::env_or("WASMQ_BENCH_LAT_SECS", 5)
     };
     let mut latencies = Vec::new();
     rt.block_on(async {

@@ -126,6 +126,15 @@ impl Server {
     }
 }
 
+/// The environment variable `name` parsed as a `T`, or `default` when unset or unparsable
+/// (`WASMQ_BENCH_N` and the like narrow a bench run).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
 }

@@ -974,6 +974,37 @@ impl Storage for RocksStorage {
             "Time of one group commit's write, fsync included in sync mode",
             self.stats.commit_seconds.clone(),
         );
+        // Compaction debt, read at scrape time (in-memory properties, no I/O): what RocksDB still
+        // has to rewrite after a burst of writes or deletions, and what it is rewriting now.
+        let Ok(db) = self.db.get() else { return };
+        let property = |name: &str| -> i64 {
+            COLUMN_FAMILIES
+                .iter()
+                .filter_map(|family| db.cf_handle(family))
+                .filter_map(|h| db.property_int_value_cf(&h, name).ok().flatten())
+                .fold(0u64, u64::saturating_add)
+                .try_into()
+                .unwrap_or(i64::MAX)
+        };
+        let pending = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        pending.set(property("rocksdb.estimate-pending-compaction-bytes"));
+        r.register(
+            "wasmq_storage_compaction_pending_bytes",
+            "Bytes RocksDB estimates its compactions must still rewrite to bring every level within its target size (compaction debt)",
+            pending,
+        );
+        let running = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        running.set(
+            db.property_int_value("rocksdb.num-running-compactions")
+                .ok()
+                .flatten()
+                .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+        );
+        r.register(
+            "wasmq_storage_compactions_running",
+            "RocksDB compactions running now",
+            running,
+        );
     }
 
     async fn close(&self) {
