@@ -315,6 +315,10 @@ fn open_db(dir: &Path, low_water: &Arc<RwLock<HighWater>>) -> Result<DB, Storage
     // Open without reading every table file's statistics (compaction's size estimates start
     // from what later reads see): an open then costs the same with 1 or 1 000 files.
     opts.set_skip_stats_update_on_db_open(true);
+    // An open loads the handles of up to 16 table files per column family, by default on 16
+    // threads it starts and joins for each family: ~90 thread starts per open. Two threads
+    // halve the open (endurance bench, 1 M messages stored: 10-13 ms -> 5-7 ms; empty too).
+    opts.set_max_file_opening_threads(2);
     // A bounded share of the process's file descriptors (see `crate::fds`): with the default
     // (-1) table files alone could take every descriptor.
     opts.set_max_open_files(crate::fds::STORAGE_OPEN_FILES as i32);
