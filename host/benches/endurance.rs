@@ -128,7 +128,7 @@ async fn restart(
     tune: fn(&mut wasmq::config::Config),
 ) -> (common::Server, f64) {
     let mut best = f64::INFINITY;
-    for _ in 0..RESTARTS {
+    for _ in 0..restarts() {
         let took;
         (s, took) = restart_once(s, tune).await;
         best = best.min(took);
@@ -138,6 +138,11 @@ async fn restart(
 
 /// How many restarts each checkpoint times (the best counts: see [`restart`]).
 const RESTARTS: usize = 9;
+
+/// [`RESTARTS`], or `WASMQ_BENCH_RESTARTS` (to profile restarts).
+fn restarts() -> usize {
+    common::env_or("WASMQ_BENCH_RESTARTS", RESTARTS)
+}
 
 /// Stops the server and starts it again on the same data; the time until it answers and
 /// dispatches the subscription again, ms.
@@ -349,10 +354,11 @@ fn main() {
         println!(
             "\nEndurance: {n} random 256 B messages published and consumed at {rate:.0} msg/s \
              through a topic with a {} s age retention (trace records kept as long), then {txns} \
-             decided transactions; {} cores; each checkpoint once RocksDB's compactions settled (at most {} s); restart: the best of {RESTARTS}; /metrics: the fastest of 31\n",
+             decided transactions; {} cores; each checkpoint once RocksDB's compactions settled (at most {} s); restart: the best of {}; /metrics: the fastest of 31\n",
             retention_ms / 1000,
             common::cores(),
-            SETTLE_MAX.as_secs()
+            SETTLE_MAX.as_secs(),
+            restarts()
         );
         println!(
             "| after | data dir | compaction settled in | restart to dispatching | vs empty | /metrics | vs empty | /metrics size |"
