@@ -126,7 +126,11 @@ async fn a_dead_letter_step_cut_short_by_a_dead_writer_is_finished_after_later_s
 async fn a_committed_transaction_cut_short_by_a_dead_writer_keeps_its_message_when_it_moves() {
     let nats = NatsServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start_with(node_config(&nats, dir.path(), "node-a")).await;
+    let mut config = config_in(dir.path());
+    config.storage.backend = Backend::Jetstream;
+    config.storage.urls = vec![nats.url.clone()];
+    config.storage.replicas = 1;
+    let s = TestServer::start_with(config).await;
     s.create_topic("orders", 1).await;
     let (st, txn) = s
         .post_json(
@@ -575,105 +579,6 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
 /// rejects published just after a reset through A were dead-lettered by it, its offsets were
 /// refused, and its new runner delivered them again from the reset offsets: each reject had
 /// two dead letters. A delete left such dead letters to the next subscription of that name.
-/// A node that died in the middle of a reset or delete left the subscription stored paused,
-/// with the change half made, until someone resumed it by hand. The paused record now names
-/// the change, and once that mark is [`QUIESCE_ABANDONED_MS`] old any node finishes it as the
-/// dead node would have: a reset moves the offsets and runs the subscription again, a delete
-/// removes everything of it. A younger mark may be a live node's and is left alone.
-///
-/// [`QUIESCE_ABANDONED_MS`]: wasmq::dispatch::QUIESCE_ABANDONED_MS
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_or_delete_left_by_a_dead_node_is_finished_by_another() {
-    use wasmq::dispatch::state::{self, Quiesce, QuiesceOp, SubscriptionRecord};
-    use wasmq::dispatch::{QUIESCE_ABANDONED_MS, Start};
-    let nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let s = TestServer::start_with(node_config(&nats, dir.path(), "node-a")).await;
-    s.create_topic("jobs", 2).await;
-    s.create_topic("audit", 1).await;
-    s.upload_plugin("recorder", RECORDER).await;
-    let spec = json!({"topic": "jobs", "plugin": "recorder",
-                      "config": {"audit": "audit"}, "grants": {"publish": ["audit"]}});
-    for group in ["replayed", "deleted", "young"] {
-        s.subscribe(group, spec.clone()).await;
-    }
-    s.publish_numbered("jobs", 10).await;
-    // Each of the three handled each message once.
-    s.wait_audit("audit", 30, 30).await;
-    // Another node marked each paused for a change and died: two marks are old, one young.
-    let storage = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
-        .await
-        .unwrap();
-    let now = wasmq::base::now_ms();
-    for (group, op, since) in [
-        (
-            "replayed",
-            QuiesceOp::Reset(Start::Earliest),
-            now - QUIESCE_ABANDONED_MS - 1_000,
-        ),
-        (
-            "deleted",
-            QuiesceOp::Delete,
-            now - QUIESCE_ABANDONED_MS - 1_000,
-        ),
-        ("young", QuiesceOp::Reset(Start::Earliest), now),
-    ] {
-        let r = storage
-            .get_record(state::SUB_SPACE, group)
-            .await
-            .unwrap()
-            .unwrap();
-        let mut record: SubscriptionRecord = state::decode(group, &r).unwrap();
-        record.state = state::SubState::Paused;
-        record.updated_at = now;
-        record.quiesce = Some(Quiesce {
-            op,
-            resume: true,
-            since,
-            by: "node-dead".into(),
-        });
-        state::put(&storage, state::SUB_SPACE, group, &record)
-            .await
-            .unwrap();
-    }
-    // The reset is finished: the ten messages are delivered again from the earliest offset.
-    let audit = s.wait_audit("audit", 40, 30).await;
-    s.wait_until("/v1/subscriptions/replayed", 30, |v| {
-        v["state"] == "running" && v["lag"] == 0
-    })
-    .await;
-    let (st, v) = s.get("/v1/subscriptions/deleted").await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "the delete was finished: {v}");
-    for space in ["cursor", "timer", "dlq", "counts", "done"] {
-        let left = storage
-            .list_records(&format!("{space}/deleted"), "", 10)
-            .await
-            .unwrap();
-        assert!(left.is_empty(), "{space}/deleted holds {left:?}");
-    }
-    // The young mark may be a live node's: left as it is.
-    let (_, young) = s.get("/v1/subscriptions/young").await;
-    assert_eq!(young["state"], "paused", "{young}");
-    let r = storage
-        .get_record(state::SUB_SPACE, "young")
-        .await
-        .unwrap()
-        .unwrap();
-    let record: SubscriptionRecord = state::decode("young", &r).unwrap();
-    assert_eq!(record.quiesce.map(|q| q.by), Some("node-dead".to_string()));
-    // Only the reset subscription handled the messages again; nothing else did.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(s.read_queue("audit", 0).await.len(), 40, "{audit:?}");
-    let r = storage
-        .get_record(state::SUB_SPACE, "replayed")
-        .await
-        .unwrap()
-        .unwrap();
-    let record: SubscriptionRecord = state::decode("replayed", &r).unwrap();
-    assert!(record.quiesce.is_none(), "{record:?}");
-    s.stop().await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_or_delete_through_one_node_leaves_nothing_from_the_other_nodes_old_runner() {
     let nats = NatsServer::start().await;

@@ -39,10 +39,6 @@ pub use tally::Tally;
 pub const QUIESCE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often that wait looks at the leases.
 const QUIESCE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
-/// A reset or delete mark this old (ms) was left by a node that died or stopped mid-way (a live
-/// one gives up after [`QUIESCE_WAIT`], and its change then takes a few storage writes): any
-/// node's reconcile finishes it.
-pub const QUIESCE_ABANDONED_MS: u64 = 2 * QUIESCE_WAIT.as_millis() as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -280,34 +276,18 @@ impl Dispatcher {
     /// Returns whether the subscription was running; `record.state` is then paused on shared
     /// storage, and the caller ends with [`Self::unquiesce`], on error too. Errors:
     /// [`StorageError::Unavailable`] when another node still holds a lease after
-    /// [`QUIESCE_WAIT`], or the storage's; the subscription is then as it was. The paused
-    /// record carries a mark naming the change (`op`): if this node dies before the end, any
-    /// node finishes the change once the mark is [`QUIESCE_ABANDONED_MS`] old (see
-    /// [`Self::finish_abandoned`]). A record that already carries a mark (taken over from a
-    /// node that left it) keeps that mark's answer to whether it runs again.
-    async fn quiesce(
-        &self,
-        record: &mut SubscriptionRecord,
-        op: state::QuiesceOp,
-    ) -> Result<bool, DispatchError> {
-        // A change taken over from a node that left it keeps that node's answer.
-        let running = record
-            .quiesce
-            .as_ref()
-            .map_or(record.state == SubState::Running, |q| q.resume);
+    /// [`QUIESCE_WAIT`], or the storage's; the subscription is then as it was. A crash of this
+    /// node while it waits leaves the subscription paused (its status says so; resume it).
+    async fn quiesce(&self, record: &mut SubscriptionRecord) -> Result<bool, DispatchError> {
+        let running = record.state == SubState::Running;
         let Some(share) = &self.share else {
             self.halt(&record.group).await;
             return Ok(running);
         };
-        // Marked, so that if this node dies before the end any node finishes the change.
-        record.state = SubState::Paused;
-        record.quiesce = Some(state::Quiesce {
-            op,
-            resume: running,
-            since: now_ms(),
-            by: share.node.clone(),
-        });
-        self.touch(record).await?;
+        if running {
+            record.state = SubState::Paused;
+            self.touch(record).await?;
+        }
         self.halt(&record.group).await;
         let waited = std::time::Instant::now();
         let mut reconciled = std::time::Instant::now();
@@ -358,18 +338,9 @@ impl Dispatcher {
         running: bool,
     ) -> Result<(), DispatchError> {
         match self.record(&record.group).await {
-            Ok(mut stored) => {
-                // Still this change's mark (a spec update through another node keeps it):
-                // the state is this change's to give back. Without it, a pause or resume
-                // through another node said what the state is, or another node took over.
-                if stored.quiesce.is_some() && stored.quiesce == record.quiesce {
-                    stored.quiesce = None;
-                    if running {
-                        stored.state = SubState::Running;
-                    }
-                }
-                *record = stored;
-            }
+            Ok(stored) if stored.updated_at != record.updated_at => *record = stored,
+            Ok(_) if running => record.state = SubState::Running,
+            Ok(_) => {}
             // Deleted through another node meanwhile: nothing to run.
             Err(DispatchError::Unknown(_)) => return Ok(()),
             Err(e) => return Err(e),
@@ -442,8 +413,6 @@ impl Dispatcher {
             created_at: existing.as_ref().map_or(now, |r| r.created_at),
             updated_at: now,
             spec,
-            // A reset or delete under way through another node ends it (and resumes it).
-            quiesce: existing.as_ref().and_then(|r| r.quiesce.clone()),
         };
         self.halt(group).await;
         // Offsets first: whichever node runs the subscription finds them all where `start` says.
@@ -466,8 +435,6 @@ impl Dispatcher {
         let mut record = self.record(group).await?;
         self.halt(group).await;
         record.state = state;
-        // Said explicitly: a reset or delete under way through another node keeps it so.
-        record.quiesce = None;
         record.updated_at = now_ms();
         self.save(&record).await?;
         if state == SubState::Running {
@@ -490,71 +457,15 @@ impl Dispatcher {
     /// On shared storage every node's runner of the group is stopped first (see
     /// `quiesce`), so nothing delivered from the old offsets is stored after the move.
     pub async fn reset(&self, group: &str, to: Start) -> Result<SubscriptionStatus, DispatchError> {
-        self.quiesced(group, state::QuiesceOp::Reset(to), None)
-            .await?;
-        self.status(group).await
-    }
-
-    /// Makes the change `op` of `group` once no node runs it (see [`Self::quiesce`]): the body
-    /// of [`Self::reset`] and [`Self::delete`]. `abandoned`: the mark a node left mid-way;
-    /// the change is then finished only if the stored record still carries that mark.
-    async fn quiesced(
-        &self,
-        group: &str,
-        op: state::QuiesceOp,
-        abandoned: Option<&state::Quiesce>,
-    ) -> Result<(), DispatchError> {
         let _g = self.lock_group(group).await;
         let mut record = self.record(group).await?;
-        if abandoned.is_some() && record.quiesce.as_ref() != abandoned {
-            // Finished, or taken over, meanwhile.
-            return Ok(());
-        }
-        let running = self.quiesce(&mut record, op).await?;
-        match op {
-            state::QuiesceOp::Reset(to) => {
-                let moved = self.move_offsets(&record, to).await;
-                // Every node starts again from the new offsets (or, after an error, from the
-                // old ones).
-                self.unquiesce(&mut record, running).await?;
-                moved
-            }
-            state::QuiesceOp::Delete => {
-                if let Err(e) = self.remove_stored(group).await {
-                    // Part may be gone; what is left runs on, and a retried delete finishes it.
-                    self.unquiesce(&mut record, running).await?;
-                    return Err(e);
-                }
-                self.env.broker.metrics().forget_group(group);
-                Ok(())
-            }
-        }
-    }
-
-    /// Finishes the resets and deletes that `records` show left mid-way (marks older than
-    /// [`QUIESCE_ABANDONED_MS`]: their node died or stopped), each as its node would have.
-    /// Before, such a subscription stayed paused until someone resumed it by hand, with its
-    /// change half made. Returns how many it finished.
-    pub(super) async fn finish_abandoned(&self, records: &[(String, SubscriptionRecord)]) -> usize {
-        let now = now_ms();
-        let mut finished = 0;
-        for (group, record) in records {
-            let Some(mark) = &record.quiesce else {
-                continue;
-            };
-            if mark.since.saturating_add(QUIESCE_ABANDONED_MS) > now {
-                continue;
-            }
-            tracing::warn!(%group, node = %mark.by, op = ?mark.op, "finishing a reset or delete a node left mid-way");
-            match self.quiesced(group, mark.op, Some(mark)).await {
-                Ok(()) => finished += 1,
-                Err(DispatchError::Unknown(_)) => {}
-                Err(e) => {
-                    tracing::warn!(%group, error = %e, "cannot finish a reset or delete a node left mid-way");
-                }
-            }
-        }
-        finished
+        let running = self.quiesce(&mut record).await?;
+        let moved = self.move_offsets(&record, to).await;
+        // Every node starts again from the new offsets (or, after an error, from the old ones).
+        self.unquiesce(&mut record, running).await?;
+        moved?;
+        drop(_g);
+        self.status(group).await
     }
 
     /// The body of [`Self::reset`], once nothing runs the group: drops its timers and
@@ -597,7 +508,16 @@ impl Dispatcher {
     /// could otherwise store a dead letter or timer after the deletion, left behind for a
     /// subscription of the same name created later.
     pub async fn delete(&self, group: &str) -> Result<(), DispatchError> {
-        self.quiesced(group, state::QuiesceOp::Delete, None).await
+        let _g = self.lock_group(group).await;
+        let mut record = self.record(group).await?;
+        let running = self.quiesce(&mut record).await?;
+        if let Err(e) = self.remove_stored(group).await {
+            // Part may be gone; what is left runs on, and a retried delete finishes it.
+            self.unquiesce(&mut record, running).await?;
+            return Err(e);
+        }
+        self.env.broker.metrics().forget_group(group);
+        Ok(())
     }
 
     /// The body of [`Self::delete`], once nothing runs the group: everything stored of it,

@@ -7,35 +7,23 @@ impl Dispatcher {
     /// Makes the runners match the stored subscriptions, as changed by this or another node:
     /// starts running ones, stops paused and deleted ones, restarts those whose record, plugin
     /// version (when following the latest), queue count or share of the work changed.
-    /// On shared storage it then finishes the resets and deletes a node left mid-way
-    /// (`finish_abandoned`).
     pub async fn reconcile(&self) -> Result<(), DispatchError> {
-        let records = {
-            let _g = self.control.write().await;
-            self.reconcile_locked().await?
-        };
-        if self.share.is_some() && self.is_active() {
-            self.finish_abandoned(&records).await;
-        }
-        Ok(())
+        let _g = self.control.write().await;
+        self.reconcile_locked().await
     }
 
-    /// [`Self::reconcile`] under the control lock; returns the stored subscriptions it read.
-    pub(super) async fn reconcile_locked(
-        &self,
-    ) -> Result<Vec<(String, SubscriptionRecord)>, DispatchError> {
+    pub(super) async fn reconcile_locked(&self) -> Result<(), DispatchError> {
         if !self.is_active() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let records = self.subscriptions().await?;
         let mut wanted = HashMap::new();
-        for (group, record) in &records {
+        for (group, record) in self.subscriptions().await? {
             if record.state != SubState::Running {
                 continue;
             }
             match self.env.broker.topic(&record.spec.topic) {
                 Ok(t) => {
-                    wanted.insert(group.clone(), (record.clone(), t.queues));
+                    wanted.insert(group, (record, t.queues));
                 }
                 Err(e) => tracing::warn!(%group, error = %e, "subscription's topic unknown"),
             }
@@ -88,7 +76,7 @@ impl Dispatcher {
                 tracing::error!(%group, error = %e, "cannot start subscription");
             }
         }
-        Ok(records)
+        Ok(())
     }
 
     /// Refreshes [`Self::stored_offsets`] from the cursors of the running subscriptions.
@@ -143,7 +131,7 @@ impl Dispatcher {
         record: &SubscriptionRecord,
     ) -> Result<(), DispatchError> {
         if self.share.is_some() {
-            return self.reconcile_locked().await.map(drop);
+            return self.reconcile_locked().await;
         }
         let queues = self.env.broker.topic(&record.spec.topic)?.queues;
         self.launch(record, queues, None).await

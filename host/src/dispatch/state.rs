@@ -104,35 +104,6 @@ pub struct SubscriptionRecord {
     pub state: SubState,
     pub created_at: u64,
     pub updated_at: u64,
-    /// A reset or delete under way on shared storage (the subscription is stored paused
-    /// meanwhile); `None` otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quiesce: Option<Quiesce>,
-}
-
-/// A reset or delete under way on shared storage: the subscription is stored paused with this
-/// mark while every node stops its runner, then the change is made and the mark cleared (see
-/// `Dispatcher::quiesce`). A mark older than `QUIESCE_ABANDONED` belongs to a node that died
-/// or stopped mid-way: any node then finishes the change it names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Quiesce {
-    pub op: QuiesceOp,
-    /// Whether the subscription runs again once the change is made (it was running before).
-    pub resume: bool,
-    /// When the change began or was last taken over, ms since the epoch (that node's clock).
-    pub since: u64,
-    /// The node making it.
-    pub by: String,
-}
-
-/// The change a [`Quiesce`] mark makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QuiesceOp {
-    /// Every offset moves to this start (`POST /v1/subscriptions/{group}/reset`).
-    Reset(super::spec::Start),
-    /// Everything of the subscription goes (`DELETE /v1/subscriptions/{group}`).
-    Delete,
 }
 
 /// Progress of one member on one queue.
