@@ -119,7 +119,8 @@ async fn a_dead_letter_step_cut_short_by_a_dead_writer_is_finished_after_later_s
 /// mover finds the committed record within a second or two and moves it out of the undecided
 /// space, long before recovery looks at writes that old ([`INTENT_AGE`]). It used to move it
 /// as it was: recovery then found no record to compare with, dropped the commit, and the
-/// committed message was never appended. Now the mover finishes the commit first.
+/// committed message was never appended. Now the mover leaves a transaction whose commit is
+/// unfinished until recovery finished it (its message appended).
 ///
 /// [`INTENT_AGE`]: wasmq::storage::jetstream::INTENT_AGE
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -848,6 +848,14 @@ impl Storage for JetStreamStorage {
         self.finish_commits_of(space, prefix).await
     }
 
+    async fn unfinished_commits(
+        &self,
+        space: &str,
+    ) -> Result<std::collections::HashSet<String>, StorageError> {
+        self.check_open()?;
+        self.unfinished_commits(space).await
+    }
+
     fn recovery_age(&self) -> std::time::Duration {
         INTENT_AGE
     }

@@ -185,8 +185,8 @@ pub struct Commit {
     /// record nothing rewrites or deletes before recovery could look (a completion marker, a
     /// new dead letter's entry), not a shared one such as a count: recovery would take a later
     /// value for "never written" and drop the rest. Whoever deletes such a record sooner (the
-    /// decided-transactions mover, a committed transaction's record) first finishes the commits
-    /// it guards with [`Storage::finish_commits_of`].
+    /// decided-transactions mover, a committed transaction's record) leaves it while
+    /// [`Storage::unfinished_commits`] names it.
     pub records: Vec<RecordWrite>,
     /// Messages to append, by topic, each topic's in order.
     pub appends: Vec<(String, Vec<NewMessage>)>,
@@ -493,13 +493,23 @@ pub trait Storage: Send + Sync + 'static {
     /// Finishes now, whatever their age, the half-done commits whose commit point was written
     /// and is a record of `space` with a key starting with `prefix`: a node taking over a
     /// queue calls it for the queue's completion markers, so what the last owner committed is
-    /// complete before delivery goes past it (issue 24); the decided-transactions mover calls
-    /// it for committed transactions' records before it deletes them, so a commit's half
-    /// message is appended before recovery could no longer tell that it was committed.
-    /// Returns how many it finished. A local
+    /// complete before delivery goes past it (issue 24). Returns how many it finished. A local
     /// backend commits atomically and has nothing to do.
     async fn finish_commits_of(&self, _space: &str, _prefix: &str) -> Result<usize, StorageError> {
         Ok(0)
+    }
+
+    /// The keys of the records of `space` that are the commit point of a commit not finished
+    /// yet (its writer is at work, or died and left it to [`Storage::recover`]). Read only.
+    /// Whoever deletes such records (the decided-transactions mover) leaves these until the
+    /// commit is finished: recovery compares the record with what the writer meant to store,
+    /// and would drop a commit whose record is gone. A local backend commits atomically and has
+    /// none.
+    async fn unfinished_commits(
+        &self,
+        _space: &str,
+    ) -> Result<std::collections::HashSet<String>, StorageError> {
+        Ok(Default::default())
     }
 
     /// How old a half-done write must be before [`Storage::recover`] may finish it: older than

@@ -188,11 +188,18 @@ impl Transactions {
         // A committed transaction's record is the commit point of its half message's append.
         // On a backend that commits in steps (JetStream), a writer that died past that point
         // left the append to recovery, which finishes it only while the record is still here
-        // to compare with (and looks only at writes older than `recovery_age`). So commits
-        // whose record was written are finished now, before any record leaves: the records
-        // were read first, so each one read as committed was written before this looks.
+        // to compare with (and only once it is `recovery_age` old). So a transaction whose
+        // commit is unfinished stays until it is finished; the next pass (reload, every
+        // heartbeat on shared storage) finds it again. The records were read first: each one
+        // read as committed was written after its commit's intent, so the listing sees that.
         if batch.iter().any(|(_, _, s, _)| *s == TxnState::Committed) {
-            storage.finish_commits_of(TXN_SPACE, "").await?;
+            let unfinished = storage.unfinished_commits(TXN_SPACE).await?;
+            if !unfinished.is_empty() {
+                batch.retain(|(id, ..)| !unfinished.contains(id));
+                if batch.is_empty() {
+                    return Ok(0);
+                }
+            }
         }
         try_join_all(batch.iter().map(|(id, r, _, space)| {
             storage.put_record(space, id, Some(r.value.clone()), Expect::Any)

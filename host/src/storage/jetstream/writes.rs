@@ -359,6 +359,25 @@ impl JetStreamStorage {
         Ok(true)
     }
 
+    /// The guard keys in `space` of the intents still stored (see
+    /// [`Storage::unfinished_commits`]); an intent that cannot be read counts as naming none.
+    pub(super) async fn unfinished_commits(
+        &self,
+        space: &str,
+    ) -> Result<std::collections::HashSet<String>, StorageError> {
+        let mut keys = std::collections::HashSet::new();
+        for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
+            match rmp_serde::from_slice::<Intent>(&record.value) {
+                Ok(intent) if intent.space == space => {
+                    keys.insert(intent.key);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%id, error = %e, "an intent cannot be read"),
+            }
+        }
+        Ok(keys)
+    }
+
     /// Finishes, whatever their age, the commits whose guard is a record of `space` with a key
     /// starting with `prefix` (the completion markers of a queue a node takes over), so what a
     /// dead owner committed is complete before the queue moves past it. Only commits whose
