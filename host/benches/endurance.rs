@@ -189,7 +189,7 @@ struct Checkpoint {
 
 /// Waits until RocksDB has no compaction running or pending (`/metrics`), at most
 /// [`SETTLE_MAX`]; returns how long that took, ms. A stop cancels the compactions the phase
-/// before left and the next open starts them again, so without this the five restarts could
+/// before left and the next open starts them again, so without this the restarts could
 /// each share the two cores with the last phase's compaction debt, which is not a cost of the
 /// data's history. (In the full runs of 2026-12-02 it was settled at every checkpoint
 /// already: the restart ratios' spread between runs does not come from compaction debt.)

@@ -182,9 +182,6 @@ impl Transactions {
                 batch.push((id, r, state, space));
             }
         }
-        if batch.is_empty() {
-            return Ok(0);
-        }
         // A committed transaction's record is the commit point of its half message's append.
         // On a backend that commits in steps (JetStream), a writer that died past that point
         // left the append to recovery, which finishes it only while the record is still here
@@ -194,12 +191,10 @@ impl Transactions {
         // read as committed was written after its commit's intent, so the listing sees that.
         if batch.iter().any(|(_, _, s, _)| *s == TxnState::Committed) {
             let unfinished = storage.unfinished_commits(TXN_SPACE).await?;
-            if !unfinished.is_empty() {
-                batch.retain(|(id, ..)| !unfinished.contains(id));
-                if batch.is_empty() {
-                    return Ok(0);
-                }
-            }
+            batch.retain(|(id, ..)| !unfinished.contains(id));
+        }
+        if batch.is_empty() {
+            return Ok(0);
         }
         try_join_all(batch.iter().map(|(id, r, _, space)| {
             storage.put_record(space, id, Some(r.value.clone()), Expect::Any)

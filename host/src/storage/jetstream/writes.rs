@@ -290,8 +290,7 @@ impl JetStreamStorage {
                     std::time::Duration::new(secs, nanos)
                 })
                 .unwrap_or_default();
-            let intent: Intent = rmp_serde::from_slice(&record.value)
-                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            let intent = decode_intent(&id, &record.value)?;
             let own = own_at_any_age && !self.writer.is_empty() && intent.writer == self.writer;
             if now.saturating_sub(born) < age && !own {
                 continue;
@@ -367,7 +366,7 @@ impl JetStreamStorage {
     ) -> Result<std::collections::HashSet<String>, StorageError> {
         let mut keys = std::collections::HashSet::new();
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            match rmp_serde::from_slice::<Intent>(&record.value) {
+            match decode_intent(&id, &record.value) {
                 Ok(intent) if intent.space == space => {
                     keys.insert(intent.key);
                 }
@@ -391,8 +390,7 @@ impl JetStreamStorage {
     ) -> Result<usize, StorageError> {
         let mut done = 0;
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            let intent: Intent = rmp_serde::from_slice(&record.value)
-                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            let intent = decode_intent(&id, &record.value)?;
             if intent.space == space
                 && intent.key.starts_with(prefix)
                 && self.finish_intent(&id, intent, false).await?
@@ -478,8 +476,7 @@ impl JetStreamStorage {
     async fn finish_commits_touching(&self, space: &str) -> Result<usize, StorageError> {
         let mut done = 0;
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            let intent: Intent = rmp_serde::from_slice(&record.value)
-                .map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))?;
+            let intent = decode_intent(&id, &record.value)?;
             if intent.records.iter().any(|r| r.space == space)
                 && self.finish_intent(&id, intent, false).await?
             {
@@ -488,4 +485,9 @@ impl JetStreamStorage {
         }
         Ok(done)
     }
+}
+
+/// A stored intent (`id` names it in the error).
+fn decode_intent(id: &str, value: &[u8]) -> Result<Intent, StorageError> {
+    rmp_serde::from_slice(value).map_err(|e| StorageError::Corrupt(format!("intent {id}: {e}")))
 }
