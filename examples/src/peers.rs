@@ -5,7 +5,7 @@
 #![allow(clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,7 +37,18 @@ pub struct SmtpState {
     pub fail_next: AtomicU32,
     /// Wait this long before accepting each mail.
     pub delay_ms: AtomicU64,
+    /// Hold every mail's answer until this many sessions are at the end of their DATA at once
+    /// (then it drops to 0 and nothing more is held), or until [`GATE_LIMIT`] passes (the same). Shows
+    /// that a sender overlaps its mails by counting them, whatever the machine's speed.
+    pub gate: AtomicU64,
+    /// Sessions at the end of their DATA now, and the most there were at once.
+    pub in_data: AtomicU64,
+    pub max_in_data: AtomicU64,
 }
+
+/// How long a held mail waits for the gate at most (then it is answered anyway, and a test
+/// reading `max_in_data` sees the gate was not reached).
+pub const GATE_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct SmtpServer {
     pub addr: SocketAddr,
@@ -128,10 +139,25 @@ async fn session(stream: tokio::net::TcpStream, state: Arc<SmtpState>) {
                 );
                 data.push('\n');
             }
+            let now = state.in_data.fetch_add(1, Ordering::SeqCst) + 1;
+            state.max_in_data.fetch_max(now, Ordering::SeqCst);
+            let held = std::time::Instant::now();
+            loop {
+                let gate = state.gate.load(Ordering::SeqCst);
+                if gate == 0 {
+                    break;
+                }
+                if held.elapsed() >= GATE_LIMIT || state.in_data.load(Ordering::SeqCst) >= gate {
+                    state.gate.store(0, Ordering::SeqCst);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let delay = state.delay_ms.load(Ordering::Relaxed);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
+            state.in_data.fetch_sub(1, Ordering::SeqCst);
             let failing = state
                 .fail_next
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -169,6 +195,9 @@ pub struct HttpState {
     pub redirect_to: Mutex<String>,
     /// Wait this long before answering (a slow downstream).
     pub delay_ms: AtomicU64,
+    /// While set, every request (recorded first) waits for it to be cleared, for
+    /// [`GATE_LIMIT`] at most: a call a test holds in flight until it lets it go.
+    pub hold: AtomicBool,
 }
 
 pub struct HttpPeer {
@@ -219,6 +248,10 @@ async fn record(
         .lock()
         .expect("peer")
         .push((uri.path().to_string(), auth, body));
+    let held = std::time::Instant::now();
+    while state.hold.load(Ordering::SeqCst) && held.elapsed() < GATE_LIMIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     if state
         .fail_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

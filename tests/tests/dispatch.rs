@@ -242,7 +242,7 @@ async fn an_ordered_queue_blocks_alone() {
         .await;
     }
     // The other queue drains while the blocker waits out two 400 ms backoffs.
-    let audit = s.wait_audit("audit", 10, 5).await;
+    let audit = s.wait_audit("audit", 10, 30).await;
     let names: Vec<&str> = audit
         .iter()
         .map(|a| a["body"]["name"].as_str().unwrap())
@@ -253,7 +253,7 @@ async fn an_ordered_queue_blocks_alone() {
         "queue B was held up"
     );
     let st = s
-        .wait_until("/v1/subscriptions/g", 5, |v| {
+        .wait_until("/v1/subscriptions/g", 30, |v| {
             v["queues"][qa as usize]["blocked_attempts"]
                 .as_u64()
                 .unwrap_or(0)

@@ -332,6 +332,20 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
     config.plugins.timeout_ms = 500;
     config.plugins.memory_mb = 32;
     let s = TestServer::start_with(config).await;
+    // An upload with limits in the query: the answer.
+    let upload = |path: &'static str, name_and_query: &'static str| {
+        let (client, url) = (s.client.clone(), s.url.clone());
+        async move {
+            let resp = client
+                .put(format!("{url}/v1/plugins/{name_and_query}"))
+                .header("content-type", "application/wasm")
+                .body(std::fs::read(path).unwrap())
+                .send()
+                .await
+                .unwrap();
+            wasmq_tests::decode(resp).await
+        }
+    };
     for (name, path) in [
         ("echo", ECHO),
         ("spin", SPIN),
@@ -342,13 +356,32 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
         let (st, v) = s.upload_plugin(name, path).await;
         assert_eq!(st, StatusCode::CREATED, "{name}: {v}");
     }
-    // The looping plugin runs while the well-behaved one keeps answering.
+    // The looping plugin is stopped at the configured deadline (500 ms of CPU), not before.
+    let started = Instant::now();
+    let r = s.invoke("spin", json!(1)).await;
+    let spin_time = started.elapsed();
+    assert_eq!(r["failure"]["kind"], "timeout", "{r}");
+    assert!(
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline of 500 ms"),
+        "{r}"
+    );
+    assert!(
+        spin_time >= Duration::from_millis(450),
+        "stopped after {spin_time:?}"
+    );
+    // While a looping plugin runs (here given 8 s), the well-behaved one keeps answering: five
+    // calls finish before the loop is stopped (an order of events, whatever the machine's
+    // speed; held up behind the loop, they would finish after it).
+    let (st, v) = upload(SPIN, "spin-long?timeout_ms=8000").await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
     let spinning = {
         let (client, url) = (s.client.clone(), s.url.clone());
         tokio::spawn(async move {
-            let started = Instant::now();
             let r: Value = client
-                .post(format!("{url}/v1/plugins/spin/invoke"))
+                .post(format!("{url}/v1/plugins/spin-long/invoke"))
                 .json(&json!({"message": {"body": 1}}))
                 .send()
                 .await
@@ -356,26 +389,19 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
                 .json()
                 .await
                 .unwrap();
-            (r, started.elapsed())
+            r
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut echo_times = Vec::new();
     for _ in 0..5 {
-        let started = Instant::now();
         assert_eq!(s.invoke("echo", json!(1)).await["outcome"]["type"], "ack");
-        echo_times.push(started.elapsed());
     }
-    let (r, spin_time) = spinning.await.unwrap();
+    assert!(
+        !spinning.is_finished(),
+        "echo finished only after the loop was stopped"
+    );
+    let r = spinning.await.unwrap();
     assert_eq!(r["failure"]["kind"], "timeout", "{r}");
-    assert!(
-        spin_time >= Duration::from_millis(450) && spin_time < Duration::from_secs(5),
-        "stopped after {spin_time:?}"
-    );
-    assert!(
-        echo_times.iter().all(|t| *t < Duration::from_millis(400)),
-        "echo was held up by spin: {echo_times:?}"
-    );
 
     let r = s.invoke("hog", json!(1)).await;
     assert_eq!(r["failure"]["kind"], "memory_limit", "{r}");
@@ -387,16 +413,7 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
         "{r}"
     );
     // Limits can be set per plugin at upload: tighter memory and a shorter deadline.
-    let bytes = std::fs::read(HOG).unwrap();
-    let resp = s
-        .client
-        .put(format!("{}/v1/plugins/hog?memory_mb=8", s.url))
-        .header("content-type", "application/wasm")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let (st, v) = wasmq_tests::decode(resp).await;
+    let (st, v) = upload(HOG, "hog?memory_mb=8").await;
     assert_eq!(
         (st, v["version"].as_u64(), v["limits"]["memory_mb"].as_u64()),
         (StatusCode::CREATED, Some(2), Some(8)),
@@ -410,49 +427,24 @@ async fn hostile_plugins_are_stopped_and_the_host_keeps_serving() {
             .contains(&(8u64 << 20).to_string()),
         "{r}"
     );
-    let bytes = std::fs::read(SPIN).unwrap();
-    let resp = s
-        .client
-        .put(format!("{}/v1/plugins/spin?timeout_ms=100", s.url))
-        .header("content-type", "application/wasm")
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let started = Instant::now();
-    assert_eq!(
-        s.invoke("spin", json!(1)).await["failure"]["kind"],
-        "timeout"
-    );
+    let (st, v) = upload(SPIN, "spin?timeout_ms=100").await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let r = s.invoke("spin", json!(1)).await;
+    assert_eq!(r["failure"]["kind"], "timeout", "{r}");
     assert!(
-        started.elapsed() < Duration::from_millis(450),
-        "per-plugin deadline ignored: {:?}",
-        started.elapsed()
+        r["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline of 100 ms"),
+        "per-plugin deadline ignored: {r}"
     );
-    let resp = s
-        .client
-        .put(format!("{}/v1/plugins/spin?memory_mb=64", s.url))
-        .header("content-type", "application/wasm")
-        .body(bytes.clone())
-        .send()
-        .await
-        .unwrap();
     assert_error(
-        &wasmq_tests::decode(resp).await,
+        &upload(SPIN, "spin?memory_mb=64").await,
         StatusCode::BAD_REQUEST,
         "bad_limits",
     );
-    let resp = s
-        .client
-        .put(format!("{}/v1/plugins/spin?timeout_ms=soon", s.url))
-        .header("content-type", "application/wasm")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
     assert_error(
-        &wasmq_tests::decode(resp).await,
+        &upload(SPIN, "spin?timeout_ms=soon").await,
         StatusCode::BAD_REQUEST,
         "bad_query",
     );
@@ -545,7 +537,7 @@ async fn plugin_logs_are_kept_paged_followed_and_capped_per_call() {
     assert_eq!(r["outcome"]["type"], "ack", "{r}");
     let mut got = String::new();
     while got.lines().filter(|l| !l.is_empty()).count() < 3 {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), follow.chunk())
+        let chunk = tokio::time::timeout(Duration::from_secs(30), follow.chunk())
             .await
             .expect("no log line arrived")
             .unwrap()
