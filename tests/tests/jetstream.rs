@@ -69,6 +69,76 @@ async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
     assert!(other.message_by_id(m.id).await.unwrap().is_some());
 }
 
+/// Recovery finishes a dead writer's commit from its intent, which may be stale: the writer
+/// may have finished it since, and a later commit may have written the same kv keys. An
+/// unconditional kv write used to be replayed over whatever the key held, so a later commit's
+/// value was replaced by the older one (queue takeover finishes commits from a listing, so a
+/// live writer's finished commit could be replayed this way). Now such a write lands only
+/// over what the key held at the commit point: a key written before it gets the commit's
+/// value, a key written after it keeps the later value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_does_not_replay_a_kv_write_over_a_later_commits_value() {
+    use wasmq::storage::{Commit, Expect, RecordWrite};
+    let nats = NatsServer::start().await;
+    let connect = || JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1);
+    let put = |key: &str, value: &[u8]| RecordWrite {
+        space: "kv/s".into(),
+        key: key.into(),
+        value: Some(value.to_vec()),
+        expect: Expect::Any,
+    };
+    let other = connect().await.unwrap();
+    other
+        .put_record("kv/s", "before", Some(b"older".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    let writer = connect().await.unwrap();
+    let commit = Commit {
+        checks: Vec::new(),
+        records: vec![
+            RecordWrite {
+                space: "done/g".into(),
+                key: "q0/5".into(),
+                value: Some(b"done".to_vec()),
+                expect: Expect::Absent,
+            },
+            put("before", b"dead writer"),
+            put("after", b"dead writer"),
+            put("untouched", b"dead writer"),
+        ],
+        appends: Vec::new(),
+    };
+    writer.commit_dying_halfway(commit).await.unwrap();
+    // A later commit writes one of its keys after the commit point.
+    other
+        .put_record("kv/s", "after", Some(b"later".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    assert_eq!(other.finish_commits_of("done/g", "q0/").await.unwrap(), 1);
+    let value = |key: &'static str| {
+        let other = &other;
+        async move {
+            let r = other.get_record("kv/s", key).await.unwrap().unwrap();
+            String::from_utf8(r.value).unwrap()
+        }
+    };
+    assert_eq!(
+        (
+            value("before").await,
+            value("after").await,
+            value("untouched").await
+        ),
+        (
+            "dead writer".to_string(),
+            "later".to_string(),
+            "dead writer".to_string()
+        )
+    );
+    // Finishing it again (a second listing) changes nothing.
+    assert_eq!(other.finish_commits_of("done/g", "q0/").await.unwrap(), 0);
+    assert_eq!(value("after").await, "later");
+}
+
 /// A dead-letter step whose writer died right after its commit point is finished by recovery
 /// even after other steps moved the count. The count used to be the commit point: recovery
 /// compared it with what the dead writer meant to store, found a later step's value, took the
@@ -572,6 +642,110 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
     assert_eq!(a.read_queue("audit", 0).await.len(), 600);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+/// A reset through one node stores the subscription paused and waits for the node running it
+/// to give its lease back. A spec update made through a third node meanwhile replaced that
+/// paused record with one of its own, also paused, and the reset's end kept it as it found
+/// it: the subscription stayed paused for good after a reset of a running subscription. The
+/// update now keeps the reset's mark, and the reset's end runs the subscription again with
+/// the new spec. The node running it is held in a plugin's HTTP call the test lets go, so
+/// the update lands inside the wait by the order of events, not by timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_update_through_another_node_while_a_reset_waits_leaves_it_running() {
+    use wasmq::dispatch::share::{UnitKey, lease_key, preferred};
+    use wasmq_tests::peers::HttpPeer;
+    let nats = NatsServer::start().await;
+    let peer = HttpPeer::start().await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let names = ["node-a", "node-b", "node-c"].map(String::from);
+    let mut nodes = Vec::new();
+    for (dir, id) in dirs.iter().zip(&names) {
+        let mut c = node_config(&nats, dir.path(), id);
+        // The held call must not be cut off by the plugin's deadline (5 s by default).
+        c.plugins.timeout_ms = 60_000;
+        nodes.push(TestServer::start_with(c).await);
+    }
+    // The node that runs the one queue, the one the reset goes through, and a third.
+    let owner_name = preferred(&lease_key("work", UnitKey::Queue(0)), &names)
+        .unwrap()
+        .clone();
+    let o = names.iter().position(|n| *n == owner_name).unwrap();
+    let (owner, resetter, third) = (&nodes[o], &nodes[(o + 1) % 3], &nodes[(o + 2) % 3]);
+    owner.create_topic("jobs", 1).await;
+    owner
+        .upload_plugin("probe", wasmq_tests::plugins::PROBE)
+        .await;
+    let grant = format!("127.0.0.1:{}", peer.addr.port());
+    let spec = |version: u32| {
+        json!({"topic": "jobs", "plugin": "probe", "config": {"version": version},
+               "grants": {"http": [grant]}})
+    };
+    owner.subscribe("work", spec(1)).await;
+    third
+        .wait_until("/v1/cluster", 30, |v| {
+            queue_owners(v, "work").get(&0) == Some(&owner_name)
+        })
+        .await;
+    // The owner's runner is in a call the peer holds.
+    peer.state
+        .hold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let call = json!({"body": {"do": "http", "url": format!("{}/held", peer.url)}});
+    let (st, v) = owner.post_json("/v1/topics/jobs/messages", &call).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while peer.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the call never came");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The reset waits for the owner, which cannot stop while its call is held.
+    let reset = {
+        let url = format!("{}/v1/subscriptions/work/reset", resetter.url);
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&json!({"to": "latest"}))
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap())
+        })
+    };
+    third
+        .wait_until("/v1/subscriptions/work", 30, |v| v["state"] == "paused")
+        .await;
+    let (st, v) = third.put_json("/v1/subscriptions/work", &spec(2)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(
+        !reset.is_finished(),
+        "the reset ended before the update, with the call still held"
+    );
+    peer.state
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (st, body) = reset.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    // Running again, with the update, on every node's view of the stored record.
+    for node in &nodes {
+        let (st, v) = node.get("/v1/subscriptions/work").await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(
+            (&v["state"], &v["spec"]["config"]["version"]),
+            (&json!("running"), &json!(2)),
+            "{v}"
+        );
+    }
+    // And it delivers: a message published after the reset is handled.
+    let (st, v) = owner
+        .post_json("/v1/topics/jobs/messages", &json!({"body": {"do": "ack"}}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    third
+        .wait_until("/v1/subscriptions/work", 60, |v| {
+            v["lag"] == 0 && v["in_flight"].as_u64().unwrap_or(0) == 0
+        })
+        .await;
 }
 
 /// A reset or delete through one node stops the other node's runner of the subscription

@@ -286,6 +286,7 @@ impl Dispatcher {
         };
         if running {
             record.state = SubState::Paused;
+            record.quiesced = true;
             self.touch(record).await?;
         }
         self.halt(&record.group).await;
@@ -331,19 +332,25 @@ impl Dispatcher {
     /// Ends what [`Self::quiesce`] began: stores `record` again (running again if it was, a
     /// new `updated_at` so every node restarts from what is stored now) and runs it here. If
     /// its stored record changed meanwhile (a change made through another node while this
-    /// one waited), that one is kept and only touched, so the change is not undone.
+    /// one waited), that one is kept, so the change is not undone: a spec update keeps the
+    /// quiesce mark and the subscription runs again with the new spec; a pause or resume
+    /// cleared the mark and stands. Only the call that paused the subscription (`running`)
+    /// ends the mark: a reset through another node that began while it was paused leaves it
+    /// to this one.
     async fn unquiesce(
         &self,
         record: &mut SubscriptionRecord,
         running: bool,
     ) -> Result<(), DispatchError> {
         match self.record(&record.group).await {
-            Ok(stored) if stored.updated_at != record.updated_at => *record = stored,
-            Ok(_) if running => record.state = SubState::Running,
-            Ok(_) => {}
+            Ok(stored) => *record = stored,
             // Deleted through another node meanwhile: nothing to run.
             Err(DispatchError::Unknown(_)) => return Ok(()),
             Err(e) => return Err(e),
+        }
+        if running && record.quiesced {
+            record.quiesced = false;
+            record.state = SubState::Running;
         }
         self.touch(record).await?;
         if record.state == SubState::Running {
@@ -413,6 +420,7 @@ impl Dispatcher {
             created_at: existing.as_ref().map_or(now, |r| r.created_at),
             updated_at: now,
             spec,
+            quiesced: existing.as_ref().is_some_and(|r| r.quiesced),
         };
         self.halt(group).await;
         // Offsets first: whichever node runs the subscription finds them all where `start` says.
@@ -435,6 +443,7 @@ impl Dispatcher {
         let mut record = self.record(group).await?;
         self.halt(group).await;
         record.state = state;
+        record.quiesced = false;
         record.updated_at = now_ms();
         self.save(&record).await?;
         if state == SubState::Running {

@@ -104,6 +104,13 @@ pub struct SubscriptionRecord {
     pub state: SubState,
     pub created_at: u64,
     pub updated_at: u64,
+    /// Set while a reset or delete holds a running subscription paused on shared storage
+    /// (`Dispatcher::quiesce`), so that its end runs it again even when a spec update made
+    /// through another node meanwhile replaced the record (the update keeps this mark). A
+    /// pause or resume clears it: what the client asked for last wins. Absent (false) in
+    /// records written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiesced: bool,
 }
 
 /// Progress of one member on one queue.

@@ -295,7 +295,8 @@ impl JetStreamStorage {
             if now.saturating_sub(born) < age && !own {
                 continue;
             }
-            self.finish_intent(&id, intent, true).await?;
+            self.finish_intent(&id, record.revision, intent, true)
+                .await?;
             done += 1;
         }
         Ok(done)
@@ -303,34 +304,54 @@ impl JetStreamStorage {
 
     /// Finishes one intent (see [`Self::finish_intents`]) and drops it. One whose guard was
     /// not written is dropped only when `drop_unheld` (its writer is gone); returns whether
-    /// it was dropped.
+    /// it was dropped. `intent_revision` is the intent record's revision (from the listing).
+    ///
+    /// The intent may be stale: its writer may have finished it since it was listed (or be
+    /// finishing it now), and a later commit may have written the same keys. So a write the
+    /// writer checked is made only over the revision it checked, and an unconditional one
+    /// only over what the key held at the commit point: records share one stream, whose
+    /// sequence orders every write, and a key written after the guard (by the writer's own
+    /// finish, or by a later commit, which a finished commit would not have overwritten
+    /// either) keeps that value. Before, an unconditional write was replayed over whatever
+    /// was there, so a later commit's kv value could be replaced by an older one.
     async fn finish_intent(
         &self,
         id: &str,
+        intent_revision: u64,
         intent: Intent,
         drop_unheld: bool,
     ) -> Result<bool, StorageError> {
-        let guard = self.get_record(&intent.space, &intent.key).await?;
+        let guard = self
+            .latest_record(&record_key(&intent.space, &intent.key))
+            .await?;
         let held = match &guard {
             // A commit that completed a timer deleted it.
-            None => intent.guard_deletes,
-            Some(g) => !intent.guard_deletes && g.value == intent.value,
+            None | Some((_, None)) => intent.guard_deletes,
+            Some((_, Some(value))) => !intent.guard_deletes && *value == intent.value,
         };
         if !held && !drop_unheld {
             return Ok(false);
         }
+        // The guard's revision; never before the intent, which is written first (a marker
+        // purged since, or a deletion older than the intent, gives the intent's).
+        let commit_point = guard.map_or(0, |(r, _)| r).max(intent_revision);
         if held {
             // Values before deletions, as `finish_rest` writes them.
             let (puts, deletes): (Vec<_>, Vec<_>) =
                 intent.records.iter().partition(|w| w.value.is_some());
             for w in puts.into_iter().chain(deletes) {
-                let expect = w.revision.map_or(Expect::Any, |r| {
-                    if r == 0 {
-                        Expect::Absent
-                    } else {
-                        Expect::Revision(r)
-                    }
-                });
+                let expect = match w.revision {
+                    Some(0) => Expect::Absent,
+                    Some(r) => Expect::Revision(r),
+                    None => match self.latest_record(&record_key(&w.space, &w.key)).await? {
+                        Some((r, _)) if r > commit_point => {
+                            tracing::debug!(space = %w.space, key = %w.key, "a recovered commit's record was written after its commit point; that value is kept");
+                            continue;
+                        }
+                        Some((r, _)) => Expect::Revision(r),
+                        None => Expect::Absent,
+                    },
+                };
                 let value = w.value.clone().map(serde_bytes::ByteBuf::into_vec);
                 match self.write_record(&w.space, &w.key, value, expect).await {
                     Ok(_) => {}
@@ -380,9 +401,10 @@ impl JetStreamStorage {
     /// Finishes, whatever their age, the commits whose guard is a record of `space` with a key
     /// starting with `prefix` (the completion markers of a queue a node takes over), so what a
     /// dead owner committed is complete before the queue moves past it. Only commits whose
-    /// guard was written are touched, and finishing one a live writer is finishing too is
-    /// harmless: appends are skipped when their message exists, kv writes are made only over
-    /// the revision the writer checked.
+    /// guard was written are touched, and finishing one a live writer is finishing too (or
+    /// finished since the listing) is harmless: appends are skipped when their message
+    /// exists, kv writes are made only over the revision the writer checked, or, unchecked
+    /// ones, over what the key held at the commit point (see [`Self::finish_intent`]).
     pub(super) async fn finish_commits_of(
         &self,
         space: &str,
@@ -393,7 +415,9 @@ impl JetStreamStorage {
             let intent = decode_intent(&id, &record.value)?;
             if intent.space == space
                 && intent.key.starts_with(prefix)
-                && self.finish_intent(&id, intent, false).await?
+                && self
+                    .finish_intent(&id, record.revision, intent, false)
+                    .await?
             {
                 done += 1;
             }
@@ -478,7 +502,9 @@ impl JetStreamStorage {
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
             let intent = decode_intent(&id, &record.value)?;
             if intent.records.iter().any(|r| r.space == space)
-                && self.finish_intent(&id, intent, false).await?
+                && self
+                    .finish_intent(&id, record.revision, intent, false)
+                    .await?
             {
                 done += 1;
             }
