@@ -75,7 +75,7 @@ async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
 /// value was replaced by the older one (queue takeover finishes commits from a listing, so a
 /// live writer's finished commit could be replayed this way). Now such a write lands only
 /// over what the key held at the commit point: a key written before it gets the commit's
-/// value, a key written after it keeps the later value.
+/// value, a key written or deleted after it keeps the later value or stays deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_does_not_replay_a_kv_write_over_a_later_commits_value() {
     use wasmq::storage::{Commit, Expect, RecordWrite};
@@ -88,10 +88,12 @@ async fn recovery_does_not_replay_a_kv_write_over_a_later_commits_value() {
         expect: Expect::Any,
     };
     let other = connect().await.unwrap();
-    other
-        .put_record("kv/s", "before", Some(b"older".to_vec()), Expect::Any)
-        .await
-        .unwrap();
+    for key in ["before", "gone"] {
+        other
+            .put_record("kv/s", key, Some(b"older".to_vec()), Expect::Any)
+            .await
+            .unwrap();
+    }
     let writer = connect().await.unwrap();
     let commit = Commit {
         checks: Vec::new(),
@@ -105,13 +107,18 @@ async fn recovery_does_not_replay_a_kv_write_over_a_later_commits_value() {
             put("before", b"dead writer"),
             put("after", b"dead writer"),
             put("untouched", b"dead writer"),
+            put("gone", b"dead writer"),
         ],
         appends: Vec::new(),
     };
     writer.commit_dying_halfway(commit).await.unwrap();
-    // A later commit writes one of its keys after the commit point.
+    // Later commits write one of its keys and delete another after the commit point.
     other
         .put_record("kv/s", "after", Some(b"later".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    other
+        .put_record("kv/s", "gone", None, Expect::Any)
         .await
         .unwrap();
     assert_eq!(other.finish_commits_of("done/g", "q0/").await.unwrap(), 1);
@@ -133,6 +140,10 @@ async fn recovery_does_not_replay_a_kv_write_over_a_later_commits_value() {
             "later".to_string(),
             "dead writer".to_string()
         )
+    );
+    assert!(
+        other.get_record("kv/s", "gone").await.unwrap().is_none(),
+        "a key deleted after the commit point stays deleted"
     );
     // Finishing it again (a second listing) changes nothing.
     assert_eq!(other.finish_commits_of("done/g", "q0/").await.unwrap(), 0);
@@ -649,10 +660,11 @@ async fn two_nodes_share_one_jetstream_divide_the_queues_and_hand_them_over() {
 /// paused record with one of its own, also paused, and the reset's end kept it as it found
 /// it: the subscription stayed paused for good after a reset of a running subscription. The
 /// update now keeps the reset's mark, and the reset's end runs the subscription again with
-/// the new spec. The node running it is held in a plugin's HTTP call the test lets go, so
-/// the update lands inside the wait by the order of events, not by timing.
+/// the new spec. The same for a pause made while a redrive waits (below). The node running
+/// it is held in a plugin's HTTP call the test lets go, so each change lands inside the wait
+/// by the order of events, not by timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spec_update_through_another_node_while_a_reset_waits_leaves_it_running() {
+async fn changes_through_another_node_while_a_reset_or_redrive_waits_are_kept() {
     use wasmq::dispatch::share::{UnitKey, lease_key, preferred};
     use wasmq_tests::peers::HttpPeer;
     let nats = NatsServer::start().await;
@@ -662,8 +674,10 @@ async fn a_spec_update_through_another_node_while_a_reset_waits_leaves_it_runnin
     let mut nodes = Vec::new();
     for (dir, id) in dirs.iter().zip(&names) {
         let mut c = node_config(&nats, dir.path(), id);
-        // The held call must not be cut off by the plugin's deadline (5 s by default).
+        // The held call must not be cut off by the plugin's deadline (5 s by default), nor
+        // by the grace a stopping runner gives its calls (10 s by default).
         c.plugins.timeout_ms = 60_000;
+        c.plugins.stop_grace_ms = 60_000;
         nodes.push(TestServer::start_with(c).await);
     }
     // The node that runs the one queue, the one the reset goes through, and a third.
@@ -746,6 +760,50 @@ async fn a_spec_update_through_another_node_while_a_reset_waits_leaves_it_runnin
             v["lag"] == 0 && v["in_flight"].as_u64().unwrap_or(0) == 0
         })
         .await;
+
+    // A redrive through the owner read the record, waited for its runner to stop, and stored
+    // what it had read at the end: a pause made through another node meanwhile was undone.
+    // Every record change is now made over the revision it read, read again on a conflict.
+    peer.state
+        .hold
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (st, v) = owner.post_json("/v1/topics/jobs/messages", &call).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while peer.requests().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the call never came");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let redrive = {
+        let url = format!("{}/v1/subscriptions/work/dlq/redrive", owner.url);
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap())
+        })
+    };
+    let (st, v) = third
+        .post_json("/v1/subscriptions/work/pause", &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(
+        !redrive.is_finished(),
+        "the redrive ended before the pause, with the call still held"
+    );
+    peer.state
+        .hold
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (st, body) = redrive.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    for node in &nodes {
+        let (st, v) = node.get("/v1/subscriptions/work").await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["state"], "paused", "the pause was undone: {v}");
+    }
 }
 
 /// A reset or delete through one node stops the other node's runner of the subscription

@@ -40,6 +40,18 @@ pub const QUIESCE_WAIT: std::time::Duration = std::time::Duration::from_secs(30)
 /// How often that wait looks at the leases.
 const QUIESCE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// How many times a subscription record change is read again and re-applied when other nodes
+/// stored the record first, before the call answers 503 (see `Dispatcher::update_record`).
+pub const UPDATE_TRIES: usize = 16;
+
+/// The error of a record change that lost [`UPDATE_TRIES`] races in a row (a 503).
+fn changing_under_us(group: &str) -> DispatchError {
+    StorageError::Unavailable(format!(
+        "subscription {group:?} was changed by others {UPDATE_TRIES} times while this change was made; try again"
+    ))
+    .into()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error("subscription name: {0}")]
@@ -279,15 +291,24 @@ impl Dispatcher {
     /// [`QUIESCE_WAIT`], or the storage's; the subscription is then as it was. A crash of this
     /// node while it waits leaves the subscription paused (its status says so; resume it).
     async fn quiesce(&self, record: &mut SubscriptionRecord) -> Result<bool, DispatchError> {
-        let running = record.state == SubState::Running;
         let Some(share) = &self.share else {
             self.halt(&record.group).await;
-            return Ok(running);
+            return Ok(record.state == SubState::Running);
         };
-        if running {
-            record.state = SubState::Paused;
-            record.quiesced = true;
-            self.touch(record).await?;
+        // Paused over the revision read, so a pause, resume or update made through another
+        // node in between is read again, not overwritten; `running` is what that read said.
+        let mut running = false;
+        if record.state == SubState::Running {
+            *record = self
+                .update_record(&record.group, |r| {
+                    running = r.state == SubState::Running;
+                    if running {
+                        r.state = SubState::Paused;
+                        r.quiesced = true;
+                    }
+                    Ok(())
+                })
+                .await?;
         }
         self.halt(&record.group).await;
         let waited = std::time::Instant::now();
@@ -342,38 +363,73 @@ impl Dispatcher {
         record: &mut SubscriptionRecord,
         running: bool,
     ) -> Result<(), DispatchError> {
-        match self.record(&record.group).await {
+        let ended = self
+            .update_record(&record.group, |r| {
+                if running && r.quiesced {
+                    r.quiesced = false;
+                    r.state = SubState::Running;
+                }
+                Ok(())
+            })
+            .await;
+        match ended {
             Ok(stored) => *record = stored,
             // Deleted through another node meanwhile: nothing to run.
             Err(DispatchError::Unknown(_)) => return Ok(()),
             Err(e) => return Err(e),
         }
-        if running && record.quiesced {
-            record.quiesced = false;
-            record.state = SubState::Running;
-        }
-        self.touch(record).await?;
         if record.state == SubState::Running {
             self.start_group(record).await?;
         }
         Ok(())
     }
 
-    /// Stores the record with a new `updated_at`, so every node restarts its runner of it.
+    /// Stores the record again with a new `updated_at`, so every node restarts its runner of
+    /// it; `record` becomes what is stored (a change made through another node is kept).
     async fn touch(&self, record: &mut SubscriptionRecord) -> Result<(), DispatchError> {
-        record.updated_at = now_ms().max(record.updated_at + 1);
-        self.save(record).await
+        *record = self.update_record(&record.group, |_| Ok(())).await?;
+        Ok(())
     }
 
-    async fn save(&self, record: &SubscriptionRecord) -> Result<(), DispatchError> {
-        state::put(
-            self.env.storage.as_ref(),
-            state::SUB_SPACE,
-            &record.group,
-            record,
-        )
-        .await?;
-        Ok(())
+    /// Reads `group`'s stored record, lets `change` edit it, and stores it over the revision
+    /// read, with a new `updated_at` (every node restarts its runner from what is stored).
+    /// When another node stored the record in between, it is read again and `change` applied
+    /// to that, so no node's change overwrites another's; every subscription record write but
+    /// the first (`put` of a new one) and the last (`delete`) goes through here. Before, each
+    /// wrote back what it had read earlier: a pause, resume or spec update made through
+    /// another node meanwhile was undone, and a reset's end could store over a spec update.
+    /// Errors: [`DispatchError::Unknown`] when there is no record; what `change` returns;
+    /// [`StorageError::Unavailable`] after [`UPDATE_TRIES`] conflicts in a row; the storage's.
+    async fn update_record(
+        &self,
+        group: &str,
+        mut change: impl FnMut(&mut SubscriptionRecord) -> Result<(), DispatchError>,
+    ) -> Result<SubscriptionRecord, DispatchError> {
+        let store = self.env.storage.as_ref();
+        for _ in 0..UPDATE_TRIES {
+            let Some(stored) = store.get_record(state::SUB_SPACE, group).await? else {
+                return Err(DispatchError::Unknown(group.to_string()));
+            };
+            let mut record: SubscriptionRecord = state::decode(group, &stored)?;
+            let before = record.updated_at;
+            change(&mut record)?;
+            record.updated_at = now_ms().max(before.saturating_add(1));
+            let value = Some(state::encode(&record)?);
+            match store
+                .put_record(
+                    state::SUB_SPACE,
+                    group,
+                    value,
+                    Expect::Revision(stored.revision),
+                )
+                .await
+            {
+                Ok(_) => return Ok(record),
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(changing_under_us(group))
     }
 
     /// Creates or updates a subscription. An update drains in-flight messages, then restarts
@@ -403,35 +459,77 @@ impl Dispatcher {
             )));
         }
         let _g = self.lock_group(group).await;
-        let existing = match self.record(group).await {
-            Ok(r) => Some(r),
-            Err(DispatchError::Unknown(_)) => None,
-            Err(e) => return Err(e),
-        };
-        if let Some(old) = &existing
-            && old.spec.topic != spec.topic
-        {
-            return Err(DispatchError::TopicChange(old.spec.topic.clone()));
+        let queues = self.env.broker.topic(&spec.topic)?.queues;
+        let store = self.env.storage.as_ref();
+        let mut created = false;
+        let mut record = None;
+        for _ in 0..UPDATE_TRIES {
+            let existing = match self.record(group).await {
+                Ok(r) => Some(r),
+                Err(DispatchError::Unknown(_)) => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(old) = &existing
+                && old.spec.topic != spec.topic
+            {
+                return Err(DispatchError::TopicChange(old.spec.topic.clone()));
+            }
+            self.halt(group).await;
+            let now = now_ms();
+            let new = SubscriptionRecord {
+                group: group.to_string(),
+                state: existing.as_ref().map_or(SubState::Running, |r| r.state),
+                created_at: existing.as_ref().map_or(now, |r| r.created_at),
+                updated_at: now,
+                spec: spec.clone(),
+                quiesced: existing.as_ref().is_some_and(|r| r.quiesced),
+            };
+            // Offsets first: whichever node runs the subscription finds them all where `start`
+            // says.
+            runner::ensure_cursors(store, &new, queues).await?;
+            if existing.is_some() {
+                // Over the stored record as read again now: state and mark as they are.
+                let stored = self
+                    .update_record(group, |r| {
+                        if r.spec.topic != spec.topic {
+                            return Err(DispatchError::TopicChange(r.spec.topic.clone()));
+                        }
+                        r.spec = spec.clone();
+                        Ok(())
+                    })
+                    .await;
+                match stored {
+                    Ok(r) => {
+                        record = Some(r);
+                        break;
+                    }
+                    // Deleted through another node meanwhile: created anew.
+                    Err(DispatchError::Unknown(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let value = Some(state::encode(&new)?);
+            match store
+                .put_record(state::SUB_SPACE, group, value, Expect::Absent)
+                .await
+            {
+                Ok(_) => {
+                    (created, record) = (true, Some(new));
+                    break;
+                }
+                // Created through another node meanwhile: updated instead.
+                Err(StorageError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let now = now_ms();
-        let record = SubscriptionRecord {
-            group: group.to_string(),
-            state: existing.as_ref().map_or(SubState::Running, |r| r.state),
-            created_at: existing.as_ref().map_or(now, |r| r.created_at),
-            updated_at: now,
-            spec,
-            quiesced: existing.as_ref().is_some_and(|r| r.quiesced),
+        let Some(record) = record else {
+            return Err(changing_under_us(group));
         };
-        self.halt(group).await;
-        // Offsets first: whichever node runs the subscription finds them all where `start` says.
-        let queues = self.env.broker.topic(&record.spec.topic)?.queues;
-        runner::ensure_cursors(self.env.storage.as_ref(), &record, queues).await?;
-        self.save(&record).await?;
         if record.state == SubState::Running {
             self.start_group(&record).await?;
         }
         drop(_g);
-        Ok((self.status(group).await?, existing.is_none()))
+        Ok((self.status(group).await?, created))
     }
 
     async fn set_state(
@@ -440,12 +538,15 @@ impl Dispatcher {
         state: SubState,
     ) -> Result<SubscriptionStatus, DispatchError> {
         let _g = self.lock_group(group).await;
-        let mut record = self.record(group).await?;
+        self.record(group).await?;
         self.halt(group).await;
-        record.state = state;
-        record.quiesced = false;
-        record.updated_at = now_ms();
-        self.save(&record).await?;
+        let record = self
+            .update_record(group, |r| {
+                r.state = state;
+                r.quiesced = false;
+                Ok(())
+            })
+            .await?;
         if state == SubState::Running {
             self.start_group(&record).await?;
         }

@@ -341,15 +341,21 @@ impl JetStreamStorage {
                 intent.records.iter().partition(|w| w.value.is_some());
             for w in puts.into_iter().chain(deletes) {
                 let expect = match w.revision {
-                    Some(0) => Expect::Absent,
-                    Some(r) => Expect::Revision(r),
-                    None => match self.latest_record(&record_key(&w.space, &w.key)).await? {
+                    Some(r) if r > 0 => Expect::Revision(r),
+                    // Unchecked, or checked absent (a deletion marker reads as absent too):
+                    // over the exact revision the key has now, if that is not past the commit
+                    // point (`Absent` would write over a deletion made since).
+                    checked => match self.latest_record(&record_key(&w.space, &w.key)).await? {
                         Some((r, _)) if r > commit_point => {
                             tracing::debug!(space = %w.space, key = %w.key, "a recovered commit's record was written after its commit point; that value is kept");
                             continue;
                         }
+                        Some((_, Some(_))) if checked.is_some() => {
+                            tracing::debug!(space = %w.space, key = %w.key, "a recovered commit's record changed since it was checked; the newer value is kept");
+                            continue;
+                        }
                         Some((r, _)) => Expect::Revision(r),
-                        None => Expect::Absent,
+                        None => Expect::Revision(0),
                     },
                 };
                 let value = w.value.clone().map(serde_bytes::ByteBuf::into_vec);
