@@ -166,6 +166,8 @@ async fn bad_uploads_get_a_clear_400() {
         .send()
         .await
         .unwrap();
+    // Read to its end: the connection stays open for the next request.
+    assert!(r.headers().get("connection").is_none(), "{:?}", r.headers());
     let (status, v) = wasmq_tests::decode(r).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     assert_eq!(s.delete("/v1/plugins/echo").await.0, StatusCode::OK);

@@ -523,6 +523,15 @@ impl Broker {
         Ok(deleted)
     }
 
+    /// The high water of each queue of the topic named `name` (whose name is checked, and
+    /// which is read from storage when the cache does not know it): what admitting a publish
+    /// reads, without copying the topic's metadata.
+    pub async fn high_water_of(&self, name: &str) -> Result<Vec<u64>, BrokerError> {
+        validate_topic_name(name)?;
+        let topic = self.lookup(name).await?;
+        self.high_water(&topic.meta).await
+    }
+
     /// Next offset of every queue of a topic.
     pub async fn high_water(&self, topic: &TopicMeta) -> Result<Vec<u64>, BrokerError> {
         let mut out = Vec::with_capacity(topic.queues as usize);

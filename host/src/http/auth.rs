@@ -2,9 +2,8 @@
 //! `read`), 401 without a valid token, 403 with a token lacking the scope. With no tokens
 //! configured the API is open, which `run` allows only on a loopback address.
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
@@ -78,18 +77,24 @@ fn allows(t: &TokenConfig, need: &Need, txn_topic: Option<&str>) -> bool {
     }
 }
 
-pub async fn check(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Checks the request's token against what its route needs, then answers with `run` (the
+/// routes) or 401/403; plugin config and grants are redacted for tokens without `admin`.
+pub async fn check<Fut: Future<Output = Response>>(
+    state: &AppState,
+    mut req: Request,
+    run: impl FnOnce(Request) -> Fut,
+) -> Response {
     let tokens = &state.tokens;
     if tokens.is_empty() {
         req.extensions_mut().insert(super::streams::Caller {
             token: None,
             admin: true,
         });
-        return next.run(req).await;
+        return run(req).await;
     }
     let need = need(req.method(), req.uri().path());
     if need == Need::Nothing {
-        return next.run(req).await;
+        return run(req).await;
     }
     let presented = req
         .headers()
@@ -131,7 +136,7 @@ pub async fn check(State(state): State<AppState>, mut req: Request, next: Next) 
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token").into_response()
         }
         Some(t) if allows(t, &need, txn_topic.as_deref()) => {
-            let resp = next.run(req).await;
+            let resp = run(req).await;
             if redacts { redact(resp).await } else { resp }
         }
         Some(_) => ApiError::new(

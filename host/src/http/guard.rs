@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -181,8 +181,7 @@ pub(super) fn content_type_essence(headers: &HeaderMap) -> Option<String> {
 /// The content-type check, for requests that match a route (others get the router's 404 or
 /// 405, whatever they carry).
 pub async fn content_type(req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
-    if let Err(why) = content_type_ok(req.method(), &path, req.headers()) {
+    if let Err(why) = content_type_ok(req.method(), req.uri().path(), req.headers()) {
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -194,7 +193,11 @@ pub async fn content_type(req: Request, next: Next) -> Response {
 
 /// The middleware: host and cross-site checks before anything else runs, and the response
 /// headers every answer carries.
-pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn check<Fut: Future<Output = Response>>(
+    state: &AppState,
+    req: Request,
+    run: impl FnOnce(Request) -> Fut,
+) -> Response {
     let policy = &state.browser;
     let headers = req.headers();
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
@@ -209,10 +212,9 @@ pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> R
             ),
         );
     }
-    let path = req.uri().path().to_string();
-    if !is_page(&path)
-        && let Some(why) = cross_site(policy, headers, host)
-    {
+    let path = req.uri().path();
+    let (page, healthz) = (is_page(path), path == "/healthz");
+    if !page && let Some(why) = cross_site(policy, headers, host) {
         return refuse(
             StatusCode::FORBIDDEN,
             "cross_site_request",
@@ -221,13 +223,13 @@ pub async fn check(State(state): State<AppState>, req: Request, next: Next) -> R
             ),
         );
     }
-    let mut resp = next.run(req).await;
+    let mut resp = run(req).await;
     let h = resp.headers_mut();
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    if is_page(&path) && path != "/healthz" {
+    if page && !healthz {
         h.insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(

@@ -82,12 +82,12 @@ pub async fn publish(
 /// Backpressure: a topic whose slowest subscription is `max_backlog` behind takes no more
 /// messages for now (429 with `Retry-After`), instead of failing later or growing without end.
 pub async fn admit(state: &AppState, topic: &str) -> Result<(), ApiError> {
-    let meta = state.broker.topic_loaded(topic).await?;
     let max = state.broker.limits().max_backlog;
     if max == 0 {
+        state.broker.topic_loaded(topic).await?;
         return Ok(());
     }
-    let high_water = state.broker.high_water(&meta).await?;
+    let high_water = state.broker.high_water_of(topic).await?;
     let backlog = state.dispatcher.backlog(topic, &high_water).await;
     if backlog >= max {
         return Err(ApiError::new(
