@@ -165,6 +165,18 @@ async fn a_web_page_cannot_drive_the_open_api() {
     }
     let (st, _) = s.get("/v1/topics").await;
     assert_eq!(st, StatusCode::OK);
+    // Every answer says nosniff: also an error made outside the routes' guard, such as an
+    // extractor's plain-text rejection (a path that is not UTF-8) rebuilt as JSON.
+    let r = s
+        .client
+        .get(format!("{}/v1/topics/%FF", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    let (st, v) = wasmq_tests::decode(r).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
 }
 
 /// `invoke` with grants no admin configured for the plugin is refused before the plugin runs;

@@ -191,8 +191,9 @@ pub async fn content_type(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// The middleware: host and cross-site checks before anything else runs, and the response
-/// headers every answer carries.
+/// Host and cross-site checks before anything else runs, and the dashboard pages' response
+/// headers (`nosniff`, which every answer carries, is set by the layer in front of this, so
+/// answers made outside it, a timeout or a rebuilt extractor error, carry it too).
 pub async fn check<Fut: Future<Output = Response>>(
     state: &AppState,
     req: Request,
@@ -225,10 +226,6 @@ pub async fn check<Fut: Future<Output = Response>>(
     }
     let mut resp = run(req).await;
     let h = resp.headers_mut();
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
     if page && !healthz {
         h.insert(
             header::CONTENT_SECURITY_POLICY,

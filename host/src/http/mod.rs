@@ -100,7 +100,7 @@ pub fn app(state: AppState) -> Router {
 /// five boxed futures and service clones per request):
 /// 1. the body is tracked, so an answer given before it was read closes the connection
 ///    ([`TrackedBody`]);
-/// 2. every error leaves as JSON ([`json_errors`]);
+/// 2. every error leaves as JSON ([`json_errors`]), and every answer says `nosniff`;
 /// 3. the request timeout bounds the rest ([`AppParts::request_timeout`]; a streamed
 ///    response body, a log follow, is not cut by it);
 /// 4. host and cross-site checks ([`guard::check`]), then 5. the token ([`auth::check`]).
@@ -127,6 +127,10 @@ async fn front(
         .into_response(),
     };
     let mut resp = json_errors(resp).await;
+    resp.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
     if read.is_some_and(|r| !r.load(std::sync::atomic::Ordering::Acquire)) {
         // A request answered before its body was read (a refused upload, a 401) leaves bytes
         // on the connection, so the server closes it; saying `Connection: close` lets clients
