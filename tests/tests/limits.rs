@@ -109,6 +109,7 @@ async fn headers_slow_clients_and_the_connection_cap_get_their_own_answers() {
             .and_then(|v| v.to_str().ok()),
         Some("1")
     );
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
     let refused = wasmq_tests::decode(resp).await;
     assert_error(
         &refused,

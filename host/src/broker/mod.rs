@@ -422,8 +422,20 @@ impl Broker {
 
     /// Like [`Broker::topic`], looking in storage too when the cache does not know it.
     pub async fn topic_loaded(&self, name: &str) -> Result<TopicMeta, BrokerError> {
+        Ok(self.lookup_checked(name).await?.meta.clone())
+    }
+
+    /// Whether a topic named `name` exists, as [`Broker::topic_loaded`] finds it (bad name,
+    /// unknown topic: the same errors), without copying its metadata: what admitting a
+    /// publish asks when no backlog limit is set.
+    pub async fn topic_exists(&self, name: &str) -> Result<(), BrokerError> {
+        self.lookup_checked(name).await.map(drop)
+    }
+
+    /// [`Broker::lookup`] of a name checked first.
+    async fn lookup_checked(&self, name: &str) -> Result<Arc<CachedTopic>, BrokerError> {
         validate_topic_name(name)?;
-        Ok(self.lookup(name).await?.meta.clone())
+        self.lookup(name).await
     }
 
     pub async fn message(&self, id: MessageId) -> Result<Option<StoredMessage>, BrokerError> {
@@ -527,8 +539,7 @@ impl Broker {
     /// which is read from storage when the cache does not know it): what admitting a publish
     /// reads, without copying the topic's metadata.
     pub async fn high_water_of(&self, name: &str) -> Result<Vec<u64>, BrokerError> {
-        validate_topic_name(name)?;
-        let topic = self.lookup(name).await?;
+        let topic = self.lookup_checked(name).await?;
         self.high_water(&topic.meta).await
     }
 

@@ -84,7 +84,7 @@ pub async fn publish(
 pub async fn admit(state: &AppState, topic: &str) -> Result<(), ApiError> {
     let max = state.broker.limits().max_backlog;
     if max == 0 {
-        state.broker.topic_loaded(topic).await?;
+        state.broker.topic_exists(topic).await?;
         return Ok(());
     }
     let high_water = state.broker.high_water_of(topic).await?;

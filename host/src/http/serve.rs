@@ -85,7 +85,7 @@ async fn refuse(mut stream: TcpStream) {
     let body = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit; retry shortly"}}"#;
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
-         connection: close\r\ncontent-length: {}\r\n\r\n",
+         x-content-type-options: nosniff\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     // Read what the client sent first (briefly): closing with unread bytes would reset the
