@@ -44,6 +44,15 @@ const CF_RECORDS: &str = "records";
 const CF_BLOBS: &str = "blobs";
 /// The WAL size past which the column families it holds are flushed: bounds crash recovery.
 const MAX_WAL_BYTES: u64 = 64 << 20;
+/// How many of RocksDB's info log files (`LOG`, `LOG.old.*`) the data dir keeps.
+const INFO_LOG_FILES: usize = 4;
+/// The size past which RocksDB's info log starts a new file.
+const INFO_LOG_BYTES: usize = 4 << 20;
+/// The age at which a record table file no compaction met is compacted anyway.
+const RECORDS_PERIODIC_COMPACTION: Duration = Duration::from_secs(24 * 3600);
+/// How long a clean close waits for the compactions its last flushes call for (then it closes
+/// anyway, and the next open resumes them).
+const CLOSE_COMPACTION_WAIT: Duration = Duration::from_secs(10);
 const COLUMN_FAMILIES: [&str; 5] = [CF_MESSAGES, CF_IDS, CF_KEYS, CF_RECORDS, CF_BLOBS];
 /// Default-CF key of the last record revision handed out; revisions are global and never reused.
 const LAST_REVISION: &[u8] = b"last_record_revision";
@@ -326,6 +335,11 @@ fn open_db(dir: &Path, low_water: &Arc<RwLock<HighWater>>) -> Result<DB, Storage
     // MiB of dirty pages at once, which would stall the WAL fsync acknowledged publishes wait on.
     opts.set_bytes_per_sync(1 << 20);
     opts.set_wal_bytes_per_sync(1 << 20);
+    // RocksDB's own info log: a new file per open, and by default 1 000 old ones kept
+    // (~110 KB each), so the data dir grew with every restart. Bounded: at most
+    // INFO_LOG_FILES files of at most INFO_LOG_BYTES each.
+    opts.set_keep_log_file_num(INFO_LOG_FILES);
+    opts.set_max_log_file_size(INFO_LOG_BYTES);
     let cfs = COLUMN_FAMILIES.iter().map(|name| {
         let mut cf = Options::default();
         if *name == CF_MESSAGES {
@@ -335,8 +349,17 @@ fn open_db(dir: &Path, low_water: &Arc<RwLock<HighWater>>) -> Result<DB, Storage
             // Records are deleted all the time (timers when they fire, transactions when they
             // move, expired dead letters): a table file where half of any 128 entries are
             // deletions is compacted, so listing a space does not step over their tombstones
-            // until compaction happens to meet them.
-            cf.add_compact_on_deletion_collector_factory(128, 64, 0.5);
+            // until compaction happens to meet them. By that window only, not by a file's
+            // share of deletions (ratio 0): the few records every stop writes and deletes
+            // (this node's registration) made each stop's small flushed file "half
+            // deletions", and its compaction rewrote the overlapping table files, megabytes
+            // after 100 000 transactions, in the first 100 ms of every start.
+            cf.add_compact_on_deletion_collector_factory(128, 64, 0.0);
+            // What no compaction meets is rewritten after a day, alone if it is at the bottom:
+            // a stop's small file of records written and deleted (a node registered under a
+            // new id each start sorts after every other) is then dropped instead of kept as
+            // one more table file per restart.
+            cf.set_periodic_compaction_seconds(RECORDS_PERIODIC_COMPACTION.as_secs());
         }
         if *name == CF_BLOBS {
             cf.set_enable_blob_files(true);
@@ -451,7 +474,10 @@ fn read_queue_markers(
     what: &str,
 ) -> Result<Vec<QueueMarker>, StorageError> {
     let mut out = Vec::new();
-    for item in db.iterator(IteratorMode::From(prefix, Direction::Forward)) {
+    for item in db.iterator_opt(
+        IteratorMode::From(prefix, Direction::Forward),
+        bounded_by(prefix),
+    ) {
         let (k, v) = item?;
         if !k.starts_with(prefix) {
             break;
@@ -532,17 +558,60 @@ fn queue_value(map: &HighWater, topic: &str, queue: u32) -> u64 {
 /// Finds the last offset of every (topic, queue) with two seeks per queue, and the latest store
 /// time among those last messages (store times never go back, even if the clock does). A queue
 /// retention emptied keeps its high water through its low-water marker: offsets are not reused.
+///
+/// Below a queue's low water every message was deleted by a range deletion (retention, topic
+/// deletion), whose keys stay in table files until compaction meets them; an iterator that
+/// lands in such a range steps over every deleted key (a reseek per range deletion). So the
+/// scan runs over the gaps between those ranges only, each bounded by them, and never enters
+/// one: after 100 000 transactions whose messages retention then deleted, the step over them
+/// was a third of an open.
 fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
-    let mut out = recover_low_water(db)?;
+    let low = read_queue_markers(db, keys::LOW_WATER_PREFIX, "low-water")?;
+    let mut out = marker_table(&low);
+    let mut deleted: Vec<(Vec<u8>, Vec<u8>)> = low
+        .iter()
+        .filter(|(_, l)| *l > 0)
+        .map(|((topic, queue), l)| {
+            (
+                keys::message(topic, *queue, 0),
+                keys::message(topic, *queue, *l),
+            )
+        })
+        .collect();
+    deleted.sort();
     let mut latest = 0u64;
-    let mut it = db.raw_iterator_cf(cf(db, CF_MESSAGES)?);
+    let mut from = None;
+    for (start, end) in deleted {
+        scan_last_offsets(db, from.replace(end), Some(start), &mut out, &mut latest)?;
+    }
+    scan_last_offsets(db, from, None, &mut out, &mut latest)?;
+    Ok((out, latest))
+}
+
+/// [`recover_high_water`]'s scan of the message keys in `[lower, upper)`.
+fn scan_last_offsets(
+    db: &DB,
+    lower: Option<Vec<u8>>,
+    upper: Option<Vec<u8>>,
+    out: &mut HighWater,
+    latest: &mut u64,
+) -> Result<(), StorageError> {
+    let mut opts = rocksdb::ReadOptions::default();
+    if let Some(lower) = lower {
+        opts.set_iterate_lower_bound(lower);
+    }
+    if let Some(upper) = upper {
+        opts.set_iterate_upper_bound(upper);
+    }
+    let mut it = db.raw_iterator_cf_opt(cf(db, CF_MESSAGES)?, opts);
     it.seek_to_first();
     while let Some(key) = it.key() {
         let (topic, queue, _) = keys::parse_message(key)?;
+        // A target past the upper bound seeks for the last key below it.
         it.seek_for_prev(keys::message(&topic, queue, u64::MAX));
         let last = match (it.key(), it.value()) {
             (Some(k), Some(v)) => {
-                latest = latest.max(decode_message(k, v)?.stored_at);
+                *latest = (*latest).max(decode_message(k, v)?.stored_at);
                 keys::parse_message(k)?.2
             }
             _ => {
@@ -551,7 +620,7 @@ fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
                 ));
             }
         };
-        set_queue(&mut out, &topic, queue, last + 1);
+        set_queue(out, &topic, queue, last + 1);
         match queue.checked_add(1) {
             Some(next) => it.seek(keys::queue_prefix(&topic, next)),
             None => it.seek(keys::message(&topic, u32::MAX, u64::MAX)),
@@ -561,7 +630,7 @@ fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
         }
     }
     it.status()?;
-    Ok((out, latest))
+    Ok(())
 }
 
 #[async_trait]
@@ -1040,7 +1109,12 @@ impl Storage for RocksStorage {
                     db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
                     // The default family holds the writer's markers (last revision, stored
                     // bytes per queue): unflushed, it would keep the WAL alive.
-                    db.flush()
+                    db.flush()?;
+                    // The compactions those flushes call for run now, not in the first
+                    // seconds of the next start, where they would share the cores with it.
+                    let mut wait = rocksdb::WaitForCompactOptions::default();
+                    wait.set_timeout(CLOSE_COMPACTION_WAIT.as_micros() as u64);
+                    db.wait_for_compact(&wait)
                 })
                 .await;
                 if let Ok(Err(e)) = flushed {
