@@ -137,7 +137,7 @@ async fn restart(
 }
 
 /// How many restarts each checkpoint times (the best counts: see [`restart`]).
-const RESTARTS: usize = 9;
+const RESTARTS: usize = 25;
 
 /// [`RESTARTS`], or `WASMQ_BENCH_RESTARTS` (to profile restarts).
 fn restarts() -> usize {
