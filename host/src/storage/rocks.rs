@@ -152,8 +152,8 @@ impl RocksStorage {
         let low_water = Arc::new(RwLock::new(HighWater::new()));
         let db = Arc::new(open_db(dir, &low_water)?);
         let opened = started.elapsed();
-        let (committed, last_stored_at) = recover_high_water(&db)?;
         let low = recover_low_water(&db)?;
+        let (committed, last_stored_at) = recover_high_water(&db, &low)?;
         let bytes = Arc::new(RwLock::new(recover_queue_bytes(&db, &committed, &low)?));
         let last_revision = read_last_revision(&db)?;
         tracing::info!(
@@ -565,17 +565,21 @@ fn queue_value(map: &HighWater, topic: &str, queue: u32) -> u64 {
 /// scan runs over the gaps between those ranges only, each bounded by them, and never enters
 /// one: after 100 000 transactions whose messages retention then deleted, the step over them
 /// was a third of an open.
-fn recover_high_water(db: &DB) -> Result<(HighWater, u64), StorageError> {
-    let low = read_queue_markers(db, keys::LOW_WATER_PREFIX, "low-water")?;
-    let mut out = marker_table(&low);
+/// `low` is the low water of every queue ([`recover_low_water`]).
+fn recover_high_water(db: &DB, low: &HighWater) -> Result<(HighWater, u64), StorageError> {
+    let mut out = low.clone();
     let mut deleted: Vec<(Vec<u8>, Vec<u8>)> = low
         .iter()
-        .filter(|(_, l)| *l > 0)
-        .map(|((topic, queue), l)| {
-            (
-                keys::message(topic, *queue, 0),
-                keys::message(topic, *queue, *l),
-            )
+        .flat_map(|(topic, queues)| {
+            (0u32..)
+                .zip(queues)
+                .filter(|(_, l)| **l > 0)
+                .map(|(queue, l)| {
+                    (
+                        keys::message(topic, queue, 0),
+                        keys::message(topic, queue, *l),
+                    )
+                })
         })
         .collect();
     deleted.sort();

@@ -237,7 +237,8 @@ async fn recovery_steps_over_no_deleted_range() {
         rocksdb::perf::set_perf_stats(rocksdb::perf::PerfStatsLevel::EnableCount);
         let mut perf = rocksdb::perf::PerfContext::default();
         perf.reset();
-        let found = recover_high_water(&db).unwrap();
+        let low = recover_low_water(&db).unwrap();
+        let found = recover_high_water(&db, &low).unwrap();
         let seeks = perf.metric(rocksdb::perf::PerfMetric::SeekChildSeekCount);
         let skipped = perf.metric(rocksdb::perf::PerfMetric::InternalKeySkippedCount)
             + perf.metric(rocksdb::perf::PerfMetric::InternalDeleteSkippedCount);

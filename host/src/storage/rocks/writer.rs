@@ -189,8 +189,8 @@ impl Writer {
         self.db = None;
         self.slot.close();
         let opened = open_db(&self.slot.dir, &self.low_water).and_then(|db| {
-            let (committed, stored_at) = recover_high_water(&db)?;
             let low = recover_low_water(&db)?;
+            let (committed, stored_at) = recover_high_water(&db, &low)?;
             let bytes = recover_queue_bytes(&db, &committed, &low)?;
             let revision = read_last_revision(&db)?;
             Ok((db, committed, low, bytes, stored_at, revision))
