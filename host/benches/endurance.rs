@@ -2,9 +2,12 @@
 //! topic with a short age retention. Prints the data directory's size (peak and at each checkpoint,
 //! beside what the retention window holds), the process's peak RSS, the time from start to a
 //! healthy, dispatching server and the time of a `/metrics` scrape, after 0, N/5 and N messages and
-//! after M decided transactions (each once RocksDB's compactions settled; the best of 9 restarts
-//! each, the fastest of 31 scrapes), as ratios to the empty server. Trace records are kept as long
-//! as the messages. Goal: the data dir bounded by what the retention allows, every ratio ≤ 1.2.
+//! after M decided transactions (each once RocksDB's compactions settled; the lower quartile of 40
+//! restarts each, the fastest of 31 scrapes), as ratios to an empty server with the same topic and
+//! subscription measured at the same checkpoint, interleaved with the loaded one (so both see the
+//! same machine: a start is 12-19 ms of fixed work, and that moved by a third between checkpoints
+//! minutes apart). Trace records are kept as long as the messages. Goal: the data dir bounded by
+//! what the retention allows, every ratio ≤ 1.2.
 //! `--quick`: 100 000 messages, 2 s retention, 2 000 transactions; full: 5 000 000, 30 s, 100 000
 //! (`WASMQ_BENCH_N`, `WASMQ_BENCH_TXNS` set the counts).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -98,46 +101,73 @@ async fn consumed(s: &common::Server, total: u64) {
     }
 }
 
-/// The fastest of 31 `/metrics` scrapes, ms (a scrape takes well under a millisecond, and
-/// on two cores shared with compaction and the consumer the median moved by half of that
-/// between runs of the same code; noise only adds time, so the fastest is the scrape's own
-/// cost), and the size of the last answer, bytes (a series that appears once, such as a first
-/// deletion's counter, makes a scrape longer without growing with history; more bytes per
-/// message would).
-async fn metrics_ms(s: &common::Server) -> (f64, usize) {
-    let (mut t, mut bytes) = (Vec::new(), 0);
-    for _ in 0..31 {
-        let started = Instant::now();
-        let r = s
-            .http
-            .get(format!("{}/metrics", s.url))
-            .send()
-            .await
-            .unwrap();
-        bytes = r.bytes().await.unwrap().len();
-        t.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    (t.into_iter().fold(f64::INFINITY, f64::min), bytes)
+/// The time of one `/metrics` scrape, ms, and the answer's size, bytes.
+async fn scrape(s: &common::Server) -> (f64, usize) {
+    let started = Instant::now();
+    let r = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
+    let bytes = r.bytes().await.unwrap().len();
+    (started.elapsed().as_secs_f64() * 1000.0, bytes)
 }
 
-/// Restarts the server [`RESTARTS`] times on the same data; the best time until it answered
-/// and dispatched the subscription again, ms (the times are a few ms: one slow start would
-/// say nothing of the data).
-async fn restart(
-    mut s: common::Server,
-    tune: fn(&mut wasmq::config::Config),
-) -> (common::Server, f64) {
-    let mut best = f64::INFINITY;
-    for _ in 0..restarts() {
+/// The fastest of 31 `/metrics` scrapes of the loaded server and of the empty one, interleaved,
+/// ms (a scrape takes well under a millisecond, and on two cores shared with compaction and the
+/// consumer the median moved by half of that between runs of the same code; noise only adds
+/// time, so the fastest is the scrape's own cost), and the size of the loaded server's last
+/// answer, bytes (a series that appears once, such as a first deletion's counter, makes a scrape
+/// longer without growing with history; more bytes per message would).
+async fn metrics_ms(s: &common::Server, empty: &common::Server) -> (f64, f64, usize) {
+    let (mut best, mut best_empty, mut bytes) = (f64::INFINITY, f64::INFINITY, 0);
+    for _ in 0..31 {
+        let (took, _) = scrape(empty).await;
+        best_empty = best_empty.min(took);
         let took;
-        (s, took) = restart_once(s, tune).await;
+        (took, bytes) = scrape(s).await;
         best = best.min(took);
     }
-    (s, best)
+    (best, best_empty, bytes)
 }
 
-/// How many restarts each checkpoint times (the best counts: see [`restart`]).
-const RESTARTS: usize = 25;
+/// Restarts the loaded server and the empty one [`RESTARTS`] times each, alternating (which
+/// goes first alternates too), each on its own data; of each, the lower quartile of the times
+/// until it answered and dispatched the subscription again, ms. A start is 12-19 ms of fixed
+/// work (TLS roots, the wasmtime pool, the RocksDB open, each with fsyncs and thread starts):
+/// the best of 25 of two identical empty servers differed by a fifth (a rare fast start decides
+/// it), the median carries the slow starts' noise.
+async fn restart(
+    mut s: common::Server,
+    mut empty: common::Server,
+    tune: fn(&mut wasmq::config::Config),
+) -> (common::Server, common::Server, f64, f64) {
+    let (mut times, mut empty_times) = (Vec::new(), Vec::new());
+    for i in 0..restarts() {
+        let mut took = 0.0;
+        if i % 2 == 0 {
+            (s, took) = restart_once(s, tune).await;
+        }
+        let took_empty;
+        (empty, took_empty) = restart_once(empty, tune).await;
+        if i % 2 == 1 {
+            (s, took) = restart_once(s, tune).await;
+        }
+        times.push(took);
+        empty_times.push(took_empty);
+    }
+    (s, empty, lower_quartile(times), lower_quartile(empty_times))
+}
+
+/// The value a quarter of the way up `times`.
+fn lower_quartile(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 4).copied().unwrap_or(f64::NAN)
+}
+
+/// How many restarts each checkpoint times (see [`restart`]).
+const RESTARTS: usize = 40;
 
 /// [`RESTARTS`], or `WASMQ_BENCH_RESTARTS` (to profile restarts).
 fn restarts() -> usize {
@@ -183,7 +213,11 @@ struct Checkpoint {
     /// How long compaction took to settle before the restarts.
     settle_ms: f64,
     restart_ms: f64,
+    /// The empty server's restart, measured interleaved with this one.
+    empty_restart_ms: f64,
     metrics_ms: f64,
+    /// The empty server's scrape, measured interleaved with this one.
+    empty_metrics_ms: f64,
     metrics_bytes: usize,
 }
 
@@ -223,26 +257,49 @@ async fn settled(s: &common::Server) -> f64 {
 /// The longest [`settled`] waits (then the checkpoint is taken as it is).
 const SETTLE_MAX: Duration = Duration::from_secs(120);
 
-/// The data dir's size now, then, once compaction settled, restarts and a `/metrics` timing
-/// on the restarted server.
+/// The data dir's size now, then, once compaction settled, restarts and `/metrics` timings of
+/// the restarted server, each interleaved with the same on the empty server.
 async fn checkpoint(
     s: common::Server,
+    empty: common::Server,
     label: String,
     tune: fn(&mut wasmq::config::Config),
-) -> (common::Server, Checkpoint) {
+) -> (common::Server, common::Server, Checkpoint) {
     let dir_bytes = dir_size(s.data_dir());
     let settle_ms = settled(&s).await;
-    let (s, restart_ms) = restart(s, tune).await;
-    let (metrics_ms, metrics_bytes) = metrics_ms(&s).await;
+    let (s, empty, restart_ms, empty_restart_ms) = restart(s, empty, tune).await;
+    let (metrics_ms, empty_metrics_ms, metrics_bytes) = metrics_ms(&s, &empty).await;
     let point = Checkpoint {
         label,
         dir_bytes,
         settle_ms,
         restart_ms,
+        empty_restart_ms,
         metrics_ms,
+        empty_metrics_ms,
         metrics_bytes,
     };
-    (s, point)
+    (s, empty, point)
+}
+
+/// A server with the bench's topic and subscription, nothing published.
+async fn server_with_subscription(
+    tune: fn(&mut wasmq::config::Config),
+    retention_ms: u64,
+) -> common::Server {
+    let s = common::Server::start_with(FlushMode::Async, tune).await;
+    s.upload("echo", ECHO).await;
+    s.put(
+        &format!("/v1/topics/{TOPIC}"),
+        json!({"queues": 4, "retention": {"max_age_ms": retention_ms}}),
+    )
+    .await;
+    s.put(
+        &format!("/v1/subscriptions/{GROUP}"),
+        json!({"topic": TOPIC, "plugin": "echo"}),
+    )
+    .await;
+    s
 }
 
 fn main() {
@@ -276,18 +333,9 @@ fn main() {
             c.retention.trace_max_age_ms = TRACE_MAX_AGE_MS.load(Ordering::Relaxed);
         }
         TRACE_MAX_AGE_MS.store(retention_ms, Ordering::Relaxed);
-        let s = common::Server::start_with(FlushMode::Async, tune).await;
-        s.upload("echo", ECHO).await;
-        s.put(
-            &format!("/v1/topics/{TOPIC}"),
-            json!({"queues": 4, "retention": {"max_age_ms": retention_ms}}),
-        )
-        .await;
-        s.put(
-            &format!("/v1/subscriptions/{GROUP}"),
-            json!({"topic": TOPIC, "plugin": "echo"}),
-        )
-        .await;
+        let s = server_with_subscription(tune, retention_ms).await;
+        // The baseline: restarted and scraped beside the loaded server at every checkpoint.
+        let empty = server_with_subscription(tune, retention_ms).await;
         let data = s.data_dir().to_path_buf();
         let peak_dir = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -304,8 +352,8 @@ fn main() {
                 }
             })
         };
-        let (mut s, empty) = checkpoint(s, "empty".into(), tune).await;
-        let mut points = vec![empty];
+        let (mut s, mut empty, first) = checkpoint(s, empty, "empty".into(), tune).await;
+        let mut points = vec![first];
         let started = Instant::now();
         let mut published = 0;
         for target in [n / 5, n] {
@@ -313,7 +361,7 @@ fn main() {
             published = target;
             consumed(&s, published).await;
             let point;
-            (s, point) = checkpoint(s, format!("{published} messages"), tune).await;
+            (s, empty, point) = checkpoint(s, empty, format!("{published} messages"), tune).await;
             points.push(point);
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
@@ -340,7 +388,7 @@ fn main() {
         }
         consumed(&s, n + txns).await;
         let point;
-        (s, point) = checkpoint(s, format!("+{txns} decided transactions"), tune).await;
+        (s, empty, point) = checkpoint(s, empty, format!("+{txns} decided transactions"), tune).await;
         points.push(point);
         // Once the retention window has passed with no new messages, what is left.
         tokio::time::sleep(Duration::from_millis(retention_ms + 2_000)).await;
@@ -349,39 +397,41 @@ fn main() {
         sampler.await.unwrap();
         let topic = s.get(&format!("/v1/topics/{TOPIC}")).await;
         s.stop().await;
+        empty.stop().await;
 
         let window_bytes = rate * retention_ms as f64 / 1000.0 * 256.0;
         println!(
             "\nEndurance: {n} random 256 B messages published and consumed at {rate:.0} msg/s \
              through a topic with a {} s age retention (trace records kept as long), then {txns} \
-             decided transactions; {} cores; each checkpoint once RocksDB's compactions settled (at most {} s); restart: the best of {}; /metrics: the fastest of 31\n",
+             decided transactions; {} cores; each checkpoint once RocksDB's compactions settled (at most {} s); restart: the lower quartile of {}; /metrics: the fastest of 31; each beside an empty server with the same topic and subscription, interleaved at the same checkpoint\n",
             retention_ms / 1000,
             common::cores(),
             SETTLE_MAX.as_secs(),
             restarts()
         );
         println!(
-            "| after | data dir | compaction settled in | restart to dispatching | vs empty | /metrics | vs empty | /metrics size |"
+            "| after | data dir | compaction settled in | restart to dispatching | empty server | vs empty | /metrics | empty server | vs empty | /metrics size |"
         );
-        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-        let base = &points[0];
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         for p in &points {
             println!(
-                "| {} | {:.1} MB | {:.1} s | {:.0} ms | {:.2}x | {:.2} ms | {:.2}x | {} B |",
+                "| {} | {:.1} MB | {:.1} s | {:.1} ms | {:.1} ms | {:.2}x | {:.2} ms | {:.2} ms | {:.2}x | {} B |",
                 p.label,
                 p.dir_bytes as f64 / 1e6,
                 p.settle_ms / 1000.0,
                 p.restart_ms,
-                p.restart_ms / base.restart_ms,
+                p.empty_restart_ms,
+                p.restart_ms / p.empty_restart_ms,
                 p.metrics_ms,
-                p.metrics_ms / base.metrics_ms,
+                p.empty_metrics_ms,
+                p.metrics_ms / p.empty_metrics_ms,
                 p.metrics_bytes
             );
         }
         println!(
             "\ndata dir peak {:.1} MB, {:.1} MB once the window passed with no new messages \
              ({} messages still stored); message bytes one retention window holds at this rate: \
-             {:.1} MB; peak RSS (server and load generator) {:.0} MB",
+             {:.1} MB; peak RSS (both servers and the load generator) {:.0} MB",
             peak_dir.load(Ordering::Relaxed) as f64 / 1e6,
             settled as f64 / 1e6,
             topic["stored_messages"],

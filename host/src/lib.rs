@@ -213,7 +213,7 @@ async fn serve(
     )
     .await?;
     tracing::info!(
-        ms = loading.elapsed().as_millis() as u64,
+        us = loading.elapsed().as_micros() as u64,
         "transactions loaded"
     );
     let api = format!("http://{}", listener.local_addr()?);
@@ -252,7 +252,7 @@ async fn serve(
         let starting = std::time::Instant::now();
         dispatcher.reconcile().await?;
         tracing::info!(
-            ms = starting.elapsed().as_millis() as u64,
+            us = starting.elapsed().as_micros() as u64,
             "subscriptions started"
         );
         tokio::spawn(transactions.clone().run(checks.clone()))
