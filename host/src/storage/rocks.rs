@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
@@ -122,6 +123,13 @@ pub struct RocksStorage {
 /// were deleted from it, and at least as many as it still stores: each compaction rewrites the
 /// kept messages at most about once per their own size deleted (write amplification ≤ ~2).
 const COMPACT_AFTER_BYTES: u64 = 16 << 20;
+
+/// Labels of `wasmq_storage_bytes`: a column family and a part of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StoredLabel {
+    family: String,
+    part: &'static str,
+}
 
 /// A message encoded by the caller, so the single writer thread only stages bytes.
 struct Encoded {
@@ -314,16 +322,7 @@ fn bounded_by(prefix: &[u8]) -> rocksdb::ReadOptions {
 /// readers see it): retention deletes a range of messages with one `DeleteRange`, and their
 /// index entries go with the next compaction that meets them, without a delete per message.
 fn open_db(dir: &Path, low_water: &Arc<RwLock<HighWater>>) -> Result<DB, StorageError> {
-    // Table files are opened after the open returns, in the background (`open_files_async`;
-    // the crate has no setter for it yet): the open read up to 16 per column family, so a
-    // restart after 100 000 decided transactions (17 table files) opened 0.5-1 ms slower than
-    // an empty one (endurance bench). A damaged table file then fails the recovery below or the
-    // first read that needs it, not the open itself (test
-    // `a_damaged_table_file_is_an_error_not_an_empty_queue`). Requires
-    // `skip_stats_update_on_db_open` (set below); not for FIFO compaction (not used).
-    let mut opts = Options::default()
-        .get_options_from_string("open_files_async=true")
-        .map_err(StorageError::from)?;
+    let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
@@ -629,6 +628,8 @@ fn scan_last_offsets(
                 keys::parse_message(k)?.2
             }
             _ => {
+                // An unreadable table file ends the iterator too: say so, not that it vanished.
+                it.status()?;
                 return Err(StorageError::Corrupt(
                     "queue vanished during recovery".into(),
                 ));
@@ -1079,6 +1080,35 @@ impl Storage for RocksStorage {
             "wasmq_storage_compaction_pending_bytes",
             "Bytes RocksDB estimates its compactions must still rewrite to bring every level within its target size (compaction debt)",
             pending,
+        );
+        // Where the data dir's bytes are, by column family (the default family holds the
+        // writer's markers): the live table files, the live blob files and the memtables, so
+        // a data dir larger than its retention allows can be told apart (deleted ranges that
+        // wait for compaction stay in the live table files until it drops them).
+        let stored =
+            Family::<StoredLabel, prometheus_client::metrics::gauge::Gauge<i64>>::default();
+        for family in std::iter::once("default").chain(COLUMN_FAMILIES) {
+            let Some(handle) = db.cf_handle(family) else {
+                continue;
+            };
+            for (part, name) in [
+                ("tables", "rocksdb.live-sst-files-size"),
+                ("blobs", "rocksdb.live-blob-file-size"),
+                ("memtables", "rocksdb.cur-size-all-mem-tables"),
+            ] {
+                let bytes = db.property_int_value_cf(&handle, name).ok().flatten();
+                stored
+                    .get_or_create(&StoredLabel {
+                        family: family.to_string(),
+                        part,
+                    })
+                    .set(bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+            }
+        }
+        r.register(
+            "wasmq_storage_bytes",
+            "Bytes RocksDB holds, by column family (messages, their id and key indexes, records, blobs, default: the writer's markers) and part (tables: live table files, deleted ranges included until compaction drops them; blobs: live blob files; memtables: in memory, also in the WAL)",
+            stored,
         );
         let running = prometheus_client::metrics::gauge::Gauge::<i64>::default();
         running.set(
