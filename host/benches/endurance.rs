@@ -234,15 +234,8 @@ async fn watch_parts(
             .await
             .unwrap();
         if size > peak.lock().unwrap().dir_bytes {
-            let text = http
-                .get(format!("{url}/metrics"))
-                .send()
+            let parts = metrics_text(&http, &url)
                 .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let parts = text
                 .lines()
                 .filter_map(|l| {
                     let rest = l.strip_prefix("wasmq_storage_bytes{family=\"")?;
@@ -258,6 +251,17 @@ async fn watch_parts(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The server's `/metrics` answer.
+async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 struct Checkpoint {
@@ -283,15 +287,7 @@ struct Checkpoint {
 async fn settled(s: &common::Server) -> f64 {
     let started = Instant::now();
     while started.elapsed() < SETTLE_MAX {
-        let text = s
-            .http
-            .get(format!("{}/metrics", s.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&s.http, &s.url).await;
         let value = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
