@@ -114,53 +114,73 @@ async fn scrape(s: &common::Server) -> (f64, usize) {
     (started.elapsed().as_secs_f64() * 1000.0, bytes)
 }
 
-/// The lower quartile of [`SCRAPES`] `/metrics` scrapes of the loaded server and of the empty one,
-/// interleaved, ms (a scrape takes well under a millisecond, and on two cores shared with
-/// compaction and the consumer its median moved by half of that between runs of the same code,
-/// its fastest by a third between the two servers of one run), and the size of the loaded
-/// server's last answer, bytes (a series that appears once, such as a first deletion's
-/// counter, makes a scrape longer without growing with history; more bytes per message would).
-async fn metrics_ms(s: &common::Server, empty: &common::Server) -> (f64, f64, usize) {
+/// The lower quartile of [`SCRAPES`] `/metrics` scrapes of the loaded server and of the empty one
+/// (started for them from `empty`, and stopped again), interleaved, which goes first alternating,
+/// ms (a scrape takes well under a millisecond, and on two cores shared with compaction and the
+/// consumer its median moved by half of that between runs of the same code, its fastest by a
+/// third between the two servers of one run), and the size of the loaded server's last answer,
+/// bytes (a series that appears once, such as a first deletion's counter, makes a scrape longer
+/// without growing with history; more bytes per message would).
+async fn metrics_ms(
+    s: &common::Server,
+    empty: tempfile::TempDir,
+    tune: fn(&mut wasmq::config::Config),
+) -> (tempfile::TempDir, f64, f64, usize) {
+    let (e, _) = start_timed(empty, tune).await;
     let (mut times, mut empty_times, mut bytes) = (Vec::new(), Vec::new(), 0);
-    for _ in 0..SCRAPES {
-        let (took, _) = scrape(empty).await;
-        empty_times.push(took);
+    for i in 0..SCRAPES {
+        if i % 2 == 0 {
+            empty_times.push(scrape(&e).await.0);
+        }
         let took;
         (took, bytes) = scrape(s).await;
         times.push(took);
+        if i % 2 == 1 {
+            empty_times.push(scrape(&e).await.0);
+        }
     }
-    (lower_quartile(times), lower_quartile(empty_times), bytes)
+    (
+        e.stop_keep_dir().await,
+        lower_quartile(times),
+        lower_quartile(empty_times),
+        bytes,
+    )
 }
 
 /// How many `/metrics` scrapes each checkpoint times, of each server (a scrape is under a
 /// millisecond: the lower quartile of 31 still moved by a fifth between identical servers).
 const SCRAPES: usize = 101;
 
-/// Restarts the loaded server and the empty one [`RESTARTS`] times each, alternating (which
-/// goes first alternates too), each on its own data; of each, the lower quartile of the times
-/// until it answered and dispatched the subscription again, ms. A start is 12-19 ms of fixed
-/// work (TLS roots, the wasmtime pool, the RocksDB open, each with fsyncs and thread starts):
-/// the best of 25 of two identical empty servers differed by a fifth (a rare fast start decides
-/// it), the median carries the slow starts' noise.
+/// Starts the loaded server and the empty one (from its stopped data dir `empty`)
+/// [`RESTARTS`] times each, alternately (which goes first alternates too), each start with the
+/// other server stopped (a running neighbour's retention and compaction would slow only the
+/// starts beside it); of each, the lower quartile of the times until it answered and
+/// dispatched the subscription, ms. A start is 12-19 ms of fixed work (TLS roots, the wasmtime
+/// pool, the RocksDB open, each with fsyncs and thread starts): the best of 25 of two identical
+/// empty servers differed by a fifth (a rare fast start decides it), the median carries the
+/// slow starts' noise. Returns the loaded server started again, and the empty one's dir.
 async fn restart(
-    mut s: common::Server,
-    mut empty: common::Server,
+    s: common::Server,
+    mut empty: tempfile::TempDir,
     tune: fn(&mut wasmq::config::Config),
-) -> (common::Server, common::Server, f64, f64) {
+) -> (common::Server, tempfile::TempDir, f64, f64) {
     let (mut times, mut empty_times) = (Vec::new(), Vec::new());
+    let mut loaded = s.stop_keep_dir().await;
     for i in 0..restarts() {
-        let mut took = 0.0;
-        if i % 2 == 0 {
-            (s, took) = restart_once(s, tune).await;
+        for empty_first in [i % 2 == 0, i % 2 == 1] {
+            let (server, took);
+            if empty_first {
+                (server, took) = start_timed(empty, tune).await;
+                empty_times.push(took);
+                empty = server.stop_keep_dir().await;
+            } else {
+                (server, took) = start_timed(loaded, tune).await;
+                times.push(took);
+                loaded = server.stop_keep_dir().await;
+            }
         }
-        let took_empty;
-        (empty, took_empty) = restart_once(empty, tune).await;
-        if i % 2 == 1 {
-            (s, took) = restart_once(s, tune).await;
-        }
-        times.push(took);
-        empty_times.push(took_empty);
     }
+    let (s, _) = start_timed(loaded, tune).await;
     (s, empty, lower_quartile(times), lower_quartile(empty_times))
 }
 
@@ -178,13 +198,11 @@ fn restarts() -> usize {
     common::env_or("WASMQ_BENCH_RESTARTS", RESTARTS)
 }
 
-/// Stops the server and starts it again on the same data; the time until it answers and
-/// dispatches the subscription again, ms.
-async fn restart_once(
-    s: common::Server,
+/// Starts a server on `dir`; the time until it answers and dispatches the subscription, ms.
+async fn start_timed(
+    dir: tempfile::TempDir,
     tune: fn(&mut wasmq::config::Config),
 ) -> (common::Server, f64) {
-    let dir = s.stop_keep_dir().await;
     let started = Instant::now();
     let s = common::Server::start_in(dir, FlushMode::Async, tune).await;
     loop {
@@ -307,17 +325,18 @@ async fn settled(s: &common::Server) -> f64 {
 const SETTLE_MAX: Duration = Duration::from_secs(120);
 
 /// The data dir's size now, then, once compaction settled, restarts and `/metrics` timings of
-/// the restarted server, each interleaved with the same on the empty server.
+/// the restarted server, each interleaved with the same of the empty server (its data dir
+/// `empty`: it runs only for them).
 async fn checkpoint(
     s: common::Server,
-    empty: common::Server,
+    empty: tempfile::TempDir,
     label: String,
     tune: fn(&mut wasmq::config::Config),
-) -> (common::Server, common::Server, Checkpoint) {
+) -> (common::Server, tempfile::TempDir, Checkpoint) {
     let dir_bytes = dir_size(s.data_dir());
     let settle_ms = settled(&s).await;
     let (s, empty, restart_ms, empty_restart_ms) = restart(s, empty, tune).await;
-    let (metrics_ms, empty_metrics_ms, metrics_bytes) = metrics_ms(&s, &empty).await;
+    let (empty, metrics_ms, empty_metrics_ms, metrics_bytes) = metrics_ms(&s, empty, tune).await;
     let point = Checkpoint {
         label,
         dir_bytes,
@@ -384,7 +403,10 @@ fn main() {
         TRACE_MAX_AGE_MS.store(retention_ms, Ordering::Relaxed);
         let s = server_with_subscription(tune, retention_ms).await;
         // The baseline: restarted and scraped beside the loaded server at every checkpoint.
-        let empty = server_with_subscription(tune, retention_ms).await;
+        let empty = server_with_subscription(tune, retention_ms)
+            .await
+            .stop_keep_dir()
+            .await;
         let data = s.data_dir().to_path_buf();
         let peak_dir = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -457,13 +479,13 @@ fn main() {
         sampler.await.unwrap();
         let topic = s.get(&format!("/v1/topics/{TOPIC}")).await;
         s.stop().await;
-        empty.stop().await;
+        drop(empty);
 
         let window_bytes = rate * retention_ms as f64 / 1000.0 * 256.0;
         println!(
             "\nEndurance: {n} random 256 B messages published and consumed at {rate:.0} msg/s \
              through a topic with a {} s age retention (trace records kept as long), then {txns} \
-             decided transactions; {} cores; each checkpoint once RocksDB's compactions settled (at most {} s); restart: the lower quartile of {}; /metrics: the lower quartile of {}; each beside an empty server with the same topic and subscription, interleaved at the same checkpoint\n",
+             decided transactions; {} cores; each checkpoint once RocksDB's compactions settled (at most {} s); restart: the lower quartile of {}; /metrics: the lower quartile of {}; each beside an empty server with the same topic and subscription, interleaved at the same checkpoint (each start with the other server stopped)\n",
             retention_ms / 1000,
             common::cores(),
             SETTLE_MAX.as_secs(),
@@ -513,7 +535,7 @@ fn main() {
         let listed: f64 = on_disk.iter().map(|(_, _, b)| b).sum();
         let mut disk = list(&on_disk);
         disk.push(format!(
-            "the rest (WAL, info logs, table files compaction has not deleted yet) {:.1}",
+            "the rest (WAL, info logs, table files a compaction is writing or has not deleted yet) {:.1}",
             (parts.dir_bytes as f64 - listed) / 1e6
         ));
         println!(

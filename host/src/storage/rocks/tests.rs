@@ -292,6 +292,13 @@ async fn stored_bytes_by_family_and_part() {
     db.flush_cf(cf(&db, CF_MESSAGES).unwrap()).unwrap();
     let tables = value(&s, "messages", "tables");
     assert!(tables > 1_000, "{tables} bytes of table files");
+    // A value of at least min_blob_size goes to a blob file when its family is flushed.
     assert_eq!(value(&s, "blobs", "blobs"), 0);
+    s.put_blob("artifact", Some(vec![7; 8192])).await.unwrap();
+    db.flush_cf(cf(&db, CF_BLOBS).unwrap()).unwrap();
+    let blobs = value(&s, "blobs", "blobs");
+    assert!(blobs >= 8192, "{blobs} bytes of blob files");
+    // The writer's markers' family is listed too.
+    value(&s, "default", "tables");
     s.close().await;
 }
