@@ -104,13 +104,7 @@ async fn consumed(s: &common::Server, total: u64) {
 /// The time of one `/metrics` scrape, ms, and the answer's size, bytes.
 async fn scrape(s: &common::Server) -> (f64, usize) {
     let started = Instant::now();
-    let r = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap();
-    let bytes = r.bytes().await.unwrap().len();
+    let bytes = metrics_text(&s.http, &s.url).await.len();
     (started.elapsed().as_secs_f64() * 1000.0, bytes)
 }
 
@@ -237,38 +231,16 @@ struct PeakParts {
     parts: Vec<(String, String, f64)>,
 }
 
-/// Every 250 ms while `watching`: the data dir's size and, when it is the largest seen, the
-/// server's `wasmq_storage_bytes` series beside it.
-async fn watch_parts(
-    http: reqwest::Client,
-    url: String,
-    data: std::path::PathBuf,
-    peak: Arc<std::sync::Mutex<PeakParts>>,
-    watching: Arc<AtomicBool>,
-) {
-    while watching.load(Ordering::Relaxed) {
-        let d = data.clone();
-        let size = tokio::task::spawn_blocking(move || dir_size(&d))
-            .await
-            .unwrap();
-        if size > peak.lock().unwrap().dir_bytes {
-            let parts = metrics_text(&http, &url)
-                .await
-                .lines()
-                .filter_map(|l| {
-                    let rest = l.strip_prefix("wasmq_storage_bytes{family=\"")?;
-                    let (family, rest) = rest.split_once("\",part=\"")?;
-                    let (part, value) = rest.split_once("\"} ")?;
-                    Some((family.to_string(), part.to_string(), value.parse().ok()?))
-                })
-                .collect();
-            *peak.lock().unwrap() = PeakParts {
-                dir_bytes: size,
-                parts,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+/// The `wasmq_storage_bytes` series of a `/metrics` answer: column family, part, bytes.
+fn storage_parts(text: &str) -> Vec<(String, String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("wasmq_storage_bytes{family=\"")?;
+            let (family, rest) = rest.split_once("\",part=\"")?;
+            let (part, value) = rest.split_once("\"} ")?;
+            Some((family.to_string(), part.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The server's `/metrics` answer.
@@ -410,8 +382,13 @@ fn main() {
         let data = s.data_dir().to_path_buf();
         let peak_dir = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        // The loaded server's URL while publishing: the sampler then also keeps where the bytes
+        // were at the largest sample (`wasmq_storage_bytes`).
+        let publishing = Arc::new(std::sync::Mutex::new(None::<String>));
+        let parts = Arc::new(std::sync::Mutex::new(PeakParts::default()));
         let sampler = {
             let (peak_dir, stop, data) = (peak_dir.clone(), stop.clone(), data.clone());
+            let (publishing, parts, http) = (publishing.clone(), parts.clone(), s.http.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let d = data.clone();
@@ -419,6 +396,16 @@ fn main() {
                         .await
                         .unwrap();
                     peak_dir.fetch_max(size, Ordering::Relaxed);
+                    let url = publishing.lock().unwrap().clone();
+                    if let Some(url) = url
+                        && size > parts.lock().unwrap().dir_bytes
+                    {
+                        let found = storage_parts(&metrics_text(&http, &url).await);
+                        *parts.lock().unwrap() = PeakParts {
+                            dir_bytes: size,
+                            parts: found,
+                        };
+                    }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             })
@@ -427,21 +414,12 @@ fn main() {
         let mut points = vec![first];
         let started = Instant::now();
         let mut published = 0;
-        let parts = Arc::new(std::sync::Mutex::new(PeakParts::default()));
         for target in [n / 5, n] {
-            let watching = Arc::new(AtomicBool::new(true));
-            let watcher = tokio::spawn(watch_parts(
-                s.http.clone(),
-                s.url.clone(),
-                data.clone(),
-                parts.clone(),
-                watching.clone(),
-            ));
+            *publishing.lock().unwrap() = Some(s.url.clone());
             publish(&s, target - published).await;
             published = target;
             consumed(&s, published).await;
-            watching.store(false, Ordering::Relaxed);
-            watcher.await.unwrap();
+            *publishing.lock().unwrap() = None;
             let point;
             (s, empty, point) = checkpoint(s, empty, format!("{published} messages"), tune).await;
             points.push(point);

@@ -127,7 +127,7 @@ const COMPACT_AFTER_BYTES: u64 = 16 << 20;
 /// Labels of `wasmq_storage_bytes`: a column family and a part of it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct StoredLabel {
-    family: String,
+    family: &'static str,
     part: &'static str,
 }
 
@@ -1098,10 +1098,7 @@ impl Storage for RocksStorage {
             ] {
                 let bytes = db.property_int_value_cf(&handle, name).ok().flatten();
                 stored
-                    .get_or_create(&StoredLabel {
-                        family: family.to_string(),
-                        part,
-                    })
+                    .get_or_create(&StoredLabel { family, part })
                     .set(bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
             }
         }
