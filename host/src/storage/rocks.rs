@@ -8,7 +8,7 @@
 mod tests;
 mod writer;
 
-use writer::{Slot, WriteOp, Writer};
+use writer::{Combiner, Slot, WriteOp, Writer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -82,6 +82,11 @@ pub struct WriterStats {
     pub group_ops: Histogram,
     /// Time of one group commit's write (and fsync, in `sync` mode).
     pub commit_seconds: Histogram,
+    /// Of `commits`, those made in place by their callers (async flush; see [`Combiner`]).
+    pub in_place: AtomicU64,
+    /// Group commits made in place that would have stalled, so they were written again where
+    /// they may block.
+    pub stalls: AtomicU64,
 }
 
 impl Default for WriterStats {
@@ -92,6 +97,8 @@ impl Default for WriterStats {
             messages: AtomicU64::new(0),
             group_ops: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             commit_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 22)),
+            in_place: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
         }
     }
 }
@@ -104,6 +111,8 @@ type QueueMarker = ((String, u32), u64);
 pub struct RocksStorage {
     db: Arc<Slot>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
+    /// With `flush = "async"`: where callers on a multi-thread runtime commit in place.
+    combiner: Option<Arc<Combiner>>,
     high_water: Arc<RwLock<HighWater>>,
     /// Per queue, the first offset kept (absent: 0).
     low_water: Arc<RwLock<HighWater>>,
@@ -123,6 +132,12 @@ pub struct RocksStorage {
 /// were deleted from it, and at least as many as it still stores: each compaction rewrites the
 /// kept messages at most about once per their own size deleted (write amplification ≤ ~2).
 const COMPACT_AFTER_BYTES: u64 = 16 << 20;
+
+/// Label of `wasmq_storage_group_commits`: where a group commit was made.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct CommitPlace {
+    place: &'static str,
+}
 
 /// Labels of `wasmq_storage_bytes`: a column family and a part of it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -192,14 +207,18 @@ impl RocksStorage {
             last_revision,
             last_stored_at,
             stats: stats.clone(),
+            closed: false,
         };
+        let combiner = Arc::new(Combiner::new(writer));
+        let thread = combiner.clone();
         let handle = std::thread::Builder::new()
             .name("wasmq-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || thread.run(rx))
             .map_err(|e| StorageError::Corrupt(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             db: slot,
             tx: Mutex::new(Some(tx)),
+            combiner: (flush == FlushMode::Async).then_some(combiner),
             high_water,
             low_water,
             bytes,
@@ -228,10 +247,14 @@ impl RocksStorage {
         op: impl FnOnce(oneshot::Sender<Result<T, StorageError>>) -> WriteOp,
     ) -> Result<T, StorageError> {
         let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(op(reply))
-            .await
-            .map_err(|_| StorageError::Closed)?;
+        let sender = self.sender()?;
+        match &self.combiner {
+            Some(combiner) if on_multi_thread_runtime() => combiner.push(op(reply)),
+            _ => sender
+                .send(op(reply))
+                .await
+                .map_err(|_| StorageError::Closed)?,
+        }
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -463,6 +486,13 @@ fn current_revision(db: &DB, key: &[u8]) -> Result<Option<u64>, StorageError> {
 
 /// Whether RocksDB takes a write after a group commit failed: a background error (a WAL or
 /// table file that could not be created, a full disk) refuses every write until a reopen.
+/// Whether the caller runs on a worker of a multi-thread tokio runtime (or its `block_on`),
+/// where a write may be made in place and `block_in_place` is allowed.
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 fn still_writable(db: &DB) -> bool {
     db.put(PROBE, []).is_ok()
 }
@@ -1061,6 +1091,30 @@ impl Storage for RocksStorage {
             "wasmq_storage_commit_seconds",
             "Time of one group commit's write, fsync included in sync mode",
             self.stats.commit_seconds.clone(),
+        );
+        let commits =
+            Family::<CommitPlace, prometheus_client::metrics::counter::Counter>::default();
+        let in_place = self.stats.in_place.load(Ordering::Relaxed);
+        let all = self.stats.commits.load(Ordering::Relaxed);
+        commits
+            .get_or_create(&CommitPlace { place: "in_place" })
+            .inc_by(in_place);
+        commits
+            .get_or_create(&CommitPlace {
+                place: "writer_thread",
+            })
+            .inc_by(all.saturating_sub(in_place));
+        r.register(
+            "wasmq_storage_group_commits",
+            "RocksDB group commits, by where they were made: in place by a caller (flush = async) or on the writer thread",
+            commits,
+        );
+        let stalls = prometheus_client::metrics::counter::Counter::<u64>::default();
+        stalls.inc_by(self.stats.stalls.load(Ordering::Relaxed));
+        r.register(
+            "wasmq_storage_write_stalls",
+            "Group commits made in place that hit a RocksDB write stall and were written again where they may wait",
+            stalls,
         );
         // Compaction debt, read at scrape time (in-memory properties, no I/O): what RocksDB still
         // has to rewrite after a burst of writes or deletions, and what it is rewriting now.

@@ -3,17 +3,97 @@
 use super::*;
 use crate::storage::conformance::msg;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn passes_the_conformance_suite() {
+async fn conformance(flush: FlushMode) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let open = move || {
         let path = path.clone();
-        Box::pin(async move {
-            Arc::new(RocksStorage::open(&path, FlushMode::Sync).unwrap()) as Arc<dyn Storage>
-        }) as std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Storage>> + Send>>
+        Box::pin(
+            async move { Arc::new(RocksStorage::open(&path, flush).unwrap()) as Arc<dyn Storage> },
+        ) as std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Storage>> + Send>>
     };
     crate::storage::conformance::run_all(&open).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_conformance_suite() {
+    conformance(FlushMode::Sync).await;
+}
+
+/// Async flush on a multi-thread runtime: every write is committed in place by its caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_conformance_suite_committing_in_place() {
+    conformance(FlushMode::Async).await;
+}
+
+/// Async flush: writers on a multi-thread runtime commit in place while others, on their own
+/// current-thread runtimes, hand theirs to the writer thread; one writer at a time assigns
+/// offsets either way, so they are dense and unique, and every write is acknowledged once.
+#[test]
+fn writes_in_place_and_through_the_writer_thread_get_dense_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let in_place: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            multi.spawn(async move {
+                let mut offs = Vec::new();
+                for _ in 0..200 {
+                    offs.push(s.append("t", vec![msg(0, None, "x")]).await.unwrap()[0].offset);
+                }
+                offs
+            })
+        })
+        .collect();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let mut offs = Vec::new();
+                    for _ in 0..200 {
+                        let batch = vec![msg(0, None, "y"), msg(0, None, "y")];
+                        offs.extend(s.append("t", batch).await.unwrap().iter().map(|a| a.offset));
+                    }
+                    offs
+                })
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in in_place {
+        all.extend(multi.block_on(t).unwrap());
+    }
+    for t in threads {
+        all.extend(t.join().unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (0..3200).collect::<Vec<u64>>());
+    let stats = s.stats();
+    assert_eq!(stats.messages.load(Ordering::Relaxed), 3200);
+    // Both ways were taken: the current-thread callers' writes can only go through the thread.
+    let (commits, in_place) = (
+        stats.commits.load(Ordering::Relaxed),
+        stats.in_place.load(Ordering::Relaxed),
+    );
+    assert!(in_place > 0, "no commit was made in place");
+    assert!(
+        commits > in_place,
+        "no commit was made on the writer thread"
+    );
+    multi.block_on(async {
+        assert_eq!(s.high_water("t", 0).await.unwrap(), 3200);
+        let read = s.read("t", 0, 0, 4000).await.unwrap();
+        assert_eq!(read.len(), 3200);
+        assert!(read.iter().zip(0..).all(|(m, o)| m.offset == o));
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,4 +381,56 @@ async fn stored_bytes_by_family_and_part() {
     // The writer's markers' family is listed too.
     value(&s, "default", "tables");
     s.close().await;
+}
+
+/// A write made in place that hits a write stall (RocksDB stops writes at too many level-0
+/// files) is written again in `block_in_place`: the worker's other tasks go on meanwhile, and
+/// the write lands, with its offset, once the stall clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_stall_in_place_waits_off_the_worker_and_then_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+    s.append("t", vec![msg(0, None, "a")]).await.unwrap();
+    let db = s.db.get().unwrap();
+    let messages = db.cf_handle(CF_MESSAGES).unwrap();
+    db.set_options_cf(
+        &messages,
+        &[
+            ("level0_file_num_compaction_trigger", "8"),
+            ("level0_slowdown_writes_trigger", "1"),
+            ("level0_stop_writes_trigger", "1"),
+        ],
+    )
+    .unwrap();
+    db.flush_cf(&messages).unwrap();
+    let stalled = {
+        let s = s.clone();
+        tokio::spawn(async move { s.append("t", vec![msg(0, None, "b")]).await })
+    };
+    let guard = Instant::now() + Duration::from_secs(60);
+    while s.stats().stalls.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < guard, "the write never stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The runtime still serves while the stalled write waits.
+    for _ in 0..20 {
+        let read = s.read("t", 0, 0, 10).await.unwrap();
+        assert_eq!(read.len(), 1);
+    }
+    assert!(
+        !stalled.is_finished(),
+        "the write did not wait for the stall"
+    );
+    db.set_options_cf(
+        &messages,
+        &[
+            ("level0_stop_writes_trigger", "36"),
+            ("level0_slowdown_writes_trigger", "20"),
+            ("level0_file_num_compaction_trigger", "4"),
+        ],
+    )
+    .unwrap();
+    let appended = stalled.await.unwrap().unwrap();
+    assert_eq!(appended[0].offset, 1);
+    assert_eq!(s.read("t", 0, 0, 10).await.unwrap().len(), 2);
 }
