@@ -249,7 +249,7 @@ impl RocksStorage {
         let (reply, rx) = oneshot::channel();
         let sender = self.sender()?;
         match &self.combiner {
-            Some(combiner) if on_multi_thread_runtime() => combiner.push(op(reply)),
+            Some(combiner) if may_commit_in_place() => combiner.push(op(reply)),
             _ => sender
                 .send(op(reply))
                 .await
@@ -484,15 +484,29 @@ fn current_revision(db: &DB, key: &[u8]) -> Result<Option<u64>, StorageError> {
     }
 }
 
-/// Whether RocksDB takes a write after a group commit failed: a background error (a WAL or
-/// table file that could not be created, a full disk) refuses every write until a reopen.
-/// Whether the caller runs on a worker of a multi-thread tokio runtime (or its `block_on`),
-/// where a write may be made in place and `block_in_place` is allowed.
-fn on_multi_thread_runtime() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+thread_local! {
+    /// Set on threads that run below the broker's OS priority (see [`write_through_writer_thread`]).
+    static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Marks the calling thread as one whose writes go to the writer thread, never committed in
+/// place: for threads running at a lower OS priority (the plugin threads, nice 10). One of
+/// them holding the writer while preempted would hold back every other writer, the API's
+/// publishes too (a priority inversion).
+pub fn write_through_writer_thread() {
+    LOWERED.with(|l| l.set(true));
+}
+
+/// Whether the caller may commit in place: it runs on a worker of a multi-thread tokio runtime
+/// (or its `block_on`), where `block_in_place` is allowed, at the broker's own priority.
+fn may_commit_in_place() -> bool {
+    !LOWERED.with(std::cell::Cell::get)
+        && tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Whether RocksDB takes a write after a group commit failed: a background error (a WAL or
+/// table file that could not be created, a full disk) refuses every write until a reopen.
 fn still_writable(db: &DB) -> bool {
     db.put(PROBE, []).is_ok()
 }

@@ -434,3 +434,40 @@ async fn a_write_stall_in_place_waits_off_the_worker_and_then_lands() {
     assert_eq!(appended[0].offset, 1);
     assert_eq!(s.read("t", 0, 0, 10).await.unwrap().len(), 2);
 }
+
+/// Threads marked as running below the broker's priority (the plugin threads) never commit in
+/// place, so one preempted while holding the writer cannot hold back the others.
+#[test]
+fn lowered_threads_write_through_the_writer_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+    let lowered = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(write_through_writer_thread)
+        .build()
+        .unwrap();
+    let writer = s.clone();
+    let offsets = lowered
+        .block_on(lowered.spawn(async move {
+            let mut offs = Vec::new();
+            for _ in 0..50 {
+                offs.push(writer.append("t", vec![msg(0, None, "x")]).await.unwrap()[0].offset);
+            }
+            offs
+        }))
+        .unwrap();
+    assert_eq!(offsets, (0..50).collect::<Vec<u64>>());
+    assert!(s.stats().commits.load(Ordering::Relaxed) > 0);
+    assert_eq!(s.stats().in_place.load(Ordering::Relaxed), 0);
+    // The same storage on an unmarked runtime's workers commits in place.
+    let normal = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let writer = s.clone();
+    normal
+        .block_on(normal.spawn(async move { writer.append("t", vec![msg(0, None, "y")]).await }))
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.stats().in_place.load(Ordering::Relaxed), 1);
+}
