@@ -357,7 +357,6 @@ impl Runtime {
                 if let Err(e) = rustix::process::setpriority_process(None, PLUGIN_NICE) {
                     tracing::debug!(error = %e, "cannot lower the plugin threads' priority");
                 }
-                crate::storage::rocks::write_through_writer_thread();
             })
             .enable_all()
             .build()?;

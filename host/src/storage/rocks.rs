@@ -8,7 +8,7 @@
 mod tests;
 mod writer;
 
-use writer::{Combiner, Slot, WriteOp, Writer};
+use writer::{Slot, WriteOp, Writer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -82,11 +82,6 @@ pub struct WriterStats {
     pub group_ops: Histogram,
     /// Time of one group commit's write (and fsync, in `sync` mode).
     pub commit_seconds: Histogram,
-    /// Of `commits`, those made in place by their callers (async flush; see [`Combiner`]).
-    pub in_place: AtomicU64,
-    /// Group commits made in place that would have stalled, so they were written again where
-    /// they may block.
-    pub stalls: AtomicU64,
 }
 
 impl Default for WriterStats {
@@ -97,8 +92,6 @@ impl Default for WriterStats {
             messages: AtomicU64::new(0),
             group_ops: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             commit_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 22)),
-            in_place: AtomicU64::new(0),
-            stalls: AtomicU64::new(0),
         }
     }
 }
@@ -111,8 +104,6 @@ type QueueMarker = ((String, u32), u64);
 pub struct RocksStorage {
     db: Arc<Slot>,
     tx: Mutex<Option<mpsc::Sender<WriteOp>>>,
-    /// With `flush = "async"`: where callers on a multi-thread runtime commit in place.
-    combiner: Option<Arc<Combiner>>,
     high_water: Arc<RwLock<HighWater>>,
     /// Per queue, the first offset kept (absent: 0).
     low_water: Arc<RwLock<HighWater>>,
@@ -132,12 +123,6 @@ pub struct RocksStorage {
 /// were deleted from it, and at least as many as it still stores: each compaction rewrites the
 /// kept messages at most about once per their own size deleted (write amplification ≤ ~2).
 const COMPACT_AFTER_BYTES: u64 = 16 << 20;
-
-/// Label of `wasmq_storage_group_commits`: where a group commit was made.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct CommitPlace {
-    place: &'static str,
-}
 
 /// Labels of `wasmq_storage_bytes`: a column family and a part of it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -207,18 +192,14 @@ impl RocksStorage {
             last_revision,
             last_stored_at,
             stats: stats.clone(),
-            closed: false,
         };
-        let combiner = Arc::new(Combiner::new(writer));
-        let thread = combiner.clone();
         let handle = std::thread::Builder::new()
             .name("wasmq-writer".into())
-            .spawn(move || thread.run(rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StorageError::Corrupt(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             db: slot,
             tx: Mutex::new(Some(tx)),
-            combiner: (flush == FlushMode::Async).then_some(combiner),
             high_water,
             low_water,
             bytes,
@@ -247,14 +228,10 @@ impl RocksStorage {
         op: impl FnOnce(oneshot::Sender<Result<T, StorageError>>) -> WriteOp,
     ) -> Result<T, StorageError> {
         let (reply, rx) = oneshot::channel();
-        let sender = self.sender()?;
-        match &self.combiner {
-            Some(combiner) if may_commit_in_place() => combiner.push(op(reply)),
-            _ => sender
-                .send(op(reply))
-                .await
-                .map_err(|_| StorageError::Closed)?,
-        }
+        self.sender()?
+            .send(op(reply))
+            .await
+            .map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
@@ -482,27 +459,6 @@ fn current_revision(db: &DB, key: &[u8]) -> Result<Option<u64>, StorageError> {
         Some(v) => Ok(Some(keys::parse_record_value(&v)?.0)),
         None => Ok(None),
     }
-}
-
-thread_local! {
-    /// Set on threads that run below the broker's OS priority (see [`write_through_writer_thread`]).
-    static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks the calling thread as one whose writes go to the writer thread, never committed in
-/// place: for threads running at a lower OS priority (the plugin threads, nice 10). One of
-/// them holding the writer while preempted would hold back every other writer, the API's
-/// publishes too (a priority inversion).
-pub fn write_through_writer_thread() {
-    LOWERED.with(|l| l.set(true));
-}
-
-/// Whether the caller may commit in place: it runs on a worker of a multi-thread tokio runtime
-/// (or its `block_on`), where `block_in_place` is allowed, at the broker's own priority.
-fn may_commit_in_place() -> bool {
-    !LOWERED.with(std::cell::Cell::get)
-        && tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Whether RocksDB takes a write after a group commit failed: a background error (a WAL or
@@ -1105,30 +1061,6 @@ impl Storage for RocksStorage {
             "wasmq_storage_commit_seconds",
             "Time of one group commit's write, fsync included in sync mode",
             self.stats.commit_seconds.clone(),
-        );
-        let commits =
-            Family::<CommitPlace, prometheus_client::metrics::counter::Counter>::default();
-        let in_place = self.stats.in_place.load(Ordering::Relaxed);
-        let all = self.stats.commits.load(Ordering::Relaxed);
-        commits
-            .get_or_create(&CommitPlace { place: "in_place" })
-            .inc_by(in_place);
-        commits
-            .get_or_create(&CommitPlace {
-                place: "writer_thread",
-            })
-            .inc_by(all.saturating_sub(in_place));
-        r.register(
-            "wasmq_storage_group_commits",
-            "RocksDB group commits, by where they were made: in place by a caller (flush = async) or on the writer thread",
-            commits,
-        );
-        let stalls = prometheus_client::metrics::counter::Counter::<u64>::default();
-        stalls.inc_by(self.stats.stalls.load(Ordering::Relaxed));
-        r.register(
-            "wasmq_storage_write_stalls",
-            "Group commits made in place that hit a RocksDB write stall and were written again where they may wait",
-            stalls,
         );
         // Compaction debt, read at scrape time (in-memory properties, no I/O): what RocksDB still
         // has to rewrite after a burst of writes or deletions, and what it is rewriting now.

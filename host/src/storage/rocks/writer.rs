@@ -107,8 +107,6 @@ pub(super) struct Writer {
     /// queue's store times are in offset order (what a reset to a time searches by).
     pub(super) last_stored_at: u64,
     pub(super) stats: Arc<WriterStats>,
-    /// Set once the storage closed: every later write is refused.
-    pub(super) closed: bool,
 }
 
 /// What a group commit changes about queues, published to readers once it is durable.
@@ -132,92 +130,10 @@ pub(super) enum Reply {
     Commit(oneshot::Sender<Result<Committed, StorageError>>, Committed),
 }
 
-/// The writer's state and the writes waiting for it, shared by the writer thread and (with
-/// `flush = "async"`) the tokio workers that commit in place: flat combining. A caller queues its
-/// write and, if no one holds the writer, takes it and commits everything queued as one group on
-/// its own thread; otherwise the holder commits it before letting go. An async-mode publish is
-/// then one WAL write on the caller's thread, without the hand-off to the writer thread and back
-/// (two futex wake-ups and two context switches: the largest cost left in the profile of a
-/// one-message publish, issue 25).
-///
-/// Offsets and revisions are still assigned by one holder at a time, under `writer`. Sync mode
-/// keeps every write on the writer thread: an fsync must not hold a tokio worker.
-pub(super) struct Combiner {
-    writer: std::sync::Mutex<Writer>,
-    pending: std::sync::Mutex<Vec<WriteOp>>,
-}
-
-impl Combiner {
-    pub(super) fn new(writer: Writer) -> Self {
-        Self {
-            writer: std::sync::Mutex::new(writer),
-            pending: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Queues `op` and commits what is queued, in place, unless another thread holds the writer
-    /// (it then commits `op` before it lets go). Call only on a multi-thread tokio runtime's
-    /// thread or outside tokio: a write stall or a reopen blocks in `block_in_place`.
-    pub(super) fn push(&self, op: WriteOp) {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(op);
-        self.combine(true);
-    }
-
-    /// Commits queued writes while it can take the writer. A holder looks at the queue again
-    /// after letting go, so a write queued while it held the writer is never left behind.
-    fn combine(&self, in_place: bool) {
-        loop {
-            let mut writer = match self.writer.try_lock() {
-                Ok(w) => w,
-                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => return,
-            };
-            loop {
-                let ops = self.take_group();
-                if ops.is_empty() {
-                    break;
-                }
-                if in_place {
-                    writer.commit_in_place(ops);
-                } else {
-                    writer.commit_on_thread(ops);
-                }
-            }
-            drop(writer);
-            let empty = self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_empty();
-            if empty {
-                return;
-            }
-        }
-    }
-
-    /// The queued writes, up to one group's bounds.
-    fn take_group(&self) -> Vec<WriteOp> {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut bytes = 0;
-        let mut n = 0;
-        while n < pending.len() && n < MAX_GROUP_OPS && bytes < MAX_GROUP_BYTES {
-            bytes += pending[n].size();
-            n += 1;
-        }
-        pending.drain(..n).collect()
-    }
-
-    /// The writer thread: commits what the channel brings (every write in sync mode; in async
-    /// mode those of callers outside a multi-thread runtime), and writes queued in place while
-    /// it held the writer. When the channel closes it commits what was accepted, then refuses
-    /// every later write as closed.
-    pub(super) fn run(self: Arc<Self>, mut rx: mpsc::Receiver<WriteOp>) {
+impl Writer {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync);
         while let Some(first) = rx.blocking_recv() {
             // Everything that queued up while the last batch was being fsynced joins this one.
             let mut bytes = first.size();
@@ -231,70 +147,20 @@ impl Combiner {
                     Err(_) => break,
                 }
             }
-            self.writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .commit_on_thread(ops);
-            self.combine(false);
-        }
-        self.combine(false);
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .closed = true;
-        self.combine(false);
-    }
-}
-
-impl Writer {
-    /// Commits `ops` on the writer thread (blocking is fine here).
-    fn commit_on_thread(&mut self, ops: Vec<WriteOp>) {
-        if self.closed {
-            for op in ops {
-                op.refuse(StorageError::Closed);
-            }
-            return;
-        }
-        let db = match self.open() {
-            Ok(db) => db,
-            Err(e) => {
-                for op in ops {
-                    op.refuse(e.clone());
+            let db = match self.open() {
+                Ok(db) => db,
+                Err(e) => {
+                    for op in ops {
+                        op.refuse(e.clone());
+                    }
+                    continue;
                 }
-                return;
+            };
+            if self.commit_group(&db, ops, &wo) && !still_writable(&db) {
+                drop(db);
+                self.reopen();
             }
-        };
-        let wo = self.write_options(false);
-        if self.commit_group(&db, ops, &wo, None) && !still_writable(&db) {
-            drop(db);
-            self.reopen();
         }
-    }
-
-    /// Commits `ops` on the calling tokio worker: the write must not stall it, so it is tried
-    /// with `no_slowdown`; a stalled write, a reopen after an I/O error, and the reopen's
-    /// backoff wait run in `block_in_place` (the worker's other tasks move to another thread).
-    fn commit_in_place(&mut self, ops: Vec<WriteOp>) {
-        if self.closed || self.db.is_none() {
-            return block_in_place(|| self.commit_on_thread(ops));
-        }
-        let Ok(db) = self.open() else {
-            return block_in_place(|| self.commit_on_thread(ops));
-        };
-        let (fast, blocking) = (self.write_options(true), self.write_options(false));
-        if self.commit_group(&db, ops, &fast, Some(&blocking)) && !still_writable(&db) {
-            drop(db);
-            block_in_place(|| self.reopen());
-        }
-    }
-
-    /// The write options of a group: fsync per group in sync mode; `no_slowdown` for a write
-    /// made in place, which then fails with `Incomplete` rather than wait out a write stall.
-    fn write_options(&self, no_slowdown: bool) -> WriteOptions {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.sync);
-        wo.set_no_slowdown(no_slowdown);
-        wo
     }
 
     /// The open database, reopening it first if an I/O error closed it (at most once per
@@ -362,15 +228,7 @@ impl Writer {
 
     /// Commits `ops` as one write batch; returns whether the write itself failed (every op was
     /// answered with the error).
-    /// `stalled`: the options to write with, in `block_in_place`, if `wo` has `no_slowdown`
-    /// and the write would stall.
-    fn commit_group(
-        &mut self,
-        db: &DB,
-        ops: Vec<WriteOp>,
-        wo: &WriteOptions,
-        stalled: Option<&WriteOptions>,
-    ) -> bool {
+    fn commit_group(&mut self, db: &DB, ops: Vec<WriteOp>, wo: &WriteOptions) -> bool {
         let mut batch = WriteBatch::default();
         let mut staged = QueueChanges::default();
         // New low water of queues truncated in this group.
@@ -611,16 +469,7 @@ impl Writer {
             batch.put(keys::queue_bytes(topic, *queue), b.to_be_bytes());
         }
         let started = std::time::Instant::now();
-        let written = match stalled {
-            None => db.write_opt(batch, wo),
-            Some(blocking) => match db.write_opt(WriteBatch::from_data(batch.data()), wo) {
-                Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
-                    self.stats.stalls.fetch_add(1, Ordering::Relaxed);
-                    block_in_place(|| db.write_opt(batch, blocking))
-                }
-                other => other,
-            },
-        };
+        let written = db.write_opt(batch, wo);
         self.stats
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -648,9 +497,6 @@ impl Writer {
                     }
                 }
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                if stalled.is_some() {
-                    self.stats.in_place.fetch_add(1, Ordering::Relaxed);
-                }
                 self.stats
                     .ops
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
@@ -881,16 +727,5 @@ impl Slot {
             .db
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(db);
-    }
-}
-
-/// Runs `f` where it may block: through `tokio::task::block_in_place` on a multi-thread
-/// runtime's worker, as it is elsewhere (the writer thread, a blocking-pool thread).
-fn block_in_place<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
