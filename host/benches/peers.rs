@@ -2,8 +2,9 @@
 //! batch publish, one message per request, publish → consume latency at a fixed rate (p50, p99,
 //! p999 on one clock), publish+consume end to end (1 and 4 consumers, an ack per message) and
 //! fan-out to 4 consumers. The peers are real servers (`redis-server`, `nats-server -js`) started
-//! here on 127.0.0.1 with their data in a temp dir; their clients are Rust (redis-rs,
-//! async-nats), as wasmq's is (reqwest over HTTP).
+//! here on 127.0.0.1 with their data in a temp dir, and so is wasmq (its release binary, in its
+//! own process); their clients are Rust (redis-rs, async-nats), as wasmq's is (hyper or reqwest
+//! over HTTP), all in this process.
 //!
 //! Durability is matched as closely as the peers allow: wasmq `sync` (fsync per group commit)
 //! beside Redis `appendfsync always`; wasmq `async` beside Redis `everysec`. nats-server 2.9
@@ -596,7 +597,7 @@ impl Nats {
 /// topic with 8 queues, created before `n` messages are published in batches of 100;
 /// msgs/s of `n` until every instance acked everything.
 async fn wasmq_end_to_end(n: usize, instances: u32, broadcast: bool) -> f64 {
-    let s = common::Server::start(FlushMode::Async).await;
+    let s = common::Server::spawn(FlushMode::Async).await;
     s.put("/v1/topics/bench", json!({"queues": 8})).await;
     s.upload("echo", ECHO).await;
     let mode = if broadcast { "broadcast" } else { "clustering" };
@@ -717,7 +718,13 @@ fn main() {
                 continue;
             }
             if wanted("publish") {
-                let wasmq = common::http_publish(flush, BATCH, PUBLISHERS, secs).await;
+                let wasmq = common::http_publish_to(
+                    common::Server::spawn(flush).await,
+                    BATCH,
+                    PUBLISHERS,
+                    secs,
+                )
+                .await;
                 let redis = if with_redis {
                     Some(Redis::start(fsync).await.publish_rate(secs).await)
                 } else {
@@ -736,7 +743,13 @@ fn main() {
                 });
             }
             if wanted("single") {
-                let wasmq = common::http_publish(flush, 1, SINGLE_PRODUCERS, secs).await;
+                let wasmq = common::http_publish_to(
+                    common::Server::spawn(flush).await,
+                    1,
+                    SINGLE_PRODUCERS,
+                    secs,
+                )
+                .await;
                 let redis = if with_redis {
                     let r = Redis::start(fsync).await;
                     Some(r.publish_one_rate(SINGLE_PRODUCERS, secs).await)
@@ -764,7 +777,7 @@ fn main() {
                 if !flush_wanted(flush) {
                     continue;
                 }
-                let s = common::Server::start(flush).await;
+                let s = common::Server::spawn(flush).await;
                 let wasmq = common::latency(&s, latency_rate, latency_secs).await;
                 s.stop().await;
                 let redis = if with_redis {

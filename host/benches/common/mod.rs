@@ -23,6 +23,8 @@ pub struct Server {
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The server's own process (see [`Server::spawn`]).
+    child: Option<tokio::process::Child>,
     dir: tempfile::TempDir,
 }
 
@@ -54,17 +56,53 @@ impl Server {
             let _ = rx.await;
         }));
         let http = reqwest::Client::new();
-        for _ in 0..500 {
-            if http.get(format!("{url}/healthz")).send().await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_healthy(&http, &url).await;
         Server {
             url,
             http,
             stop: Some(tx),
             handle: Some(handle),
+            child: None,
+            dir,
+        }
+    }
+
+    /// The real `wasmq` binary in its own process on 127.0.0.1, over a temp dir, as the peer
+    /// brokers run: the bench's clients then have their own runtime and do not share the
+    /// server's tokio workers (in one process a client task competed with the server's
+    /// tasks on their two workers, which made every hand-off to another thread look dearer
+    /// than it is beside an outside client).
+    pub async fn spawn(flush: FlushMode) -> Self {
+        wasmq::capabilities::install_tls_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let flush = match flush {
+            FlushMode::Sync => "sync",
+            FlushMode::Async => "async",
+        };
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmq"))
+            .arg("serve")
+            .env("WASMQ_SERVER_DATA_DIR", dir.path())
+            .env("WASMQ_SERVER_FLUSH", flush)
+            .env("WASMQ_SERVER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WASMQ_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the wasmq binary");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_healthy(&http, &url).await;
+        Server {
+            url,
+            http,
+            stop: None,
+            handle: None,
+            child: Some(child),
             dir,
         }
     }
@@ -122,8 +160,22 @@ impl Server {
         if let Some(h) = self.handle.take() {
             h.await.unwrap().unwrap();
         }
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
         self.dir
     }
+}
+
+/// Waits until the server at `url` answers `/healthz` (10 s at most).
+async fn wait_healthy(http: &reqwest::Client, url: &str) {
+    for _ in 0..1000 {
+        if http.get(format!("{url}/healthz")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no server answers at {url}");
 }
 
 /// The environment variable `name` parsed as a `T`, or `default` when unset or unparsable
@@ -185,7 +237,11 @@ impl Conn {
 /// Publishes 256 B messages over HTTP from `clients` producers (one [`Conn`] each) for `secs`;
 /// returns messages/s. `batch` 1 posts single messages, more posts batches.
 pub async fn http_publish(flush: FlushMode, batch: usize, clients: usize, secs: f64) -> f64 {
-    let server = Server::start(flush).await;
+    http_publish_to(Server::start(flush).await, batch, clients, secs).await
+}
+
+/// As [`http_publish`], to `server`.
+pub async fn http_publish_to(server: Server, batch: usize, clients: usize, secs: f64) -> f64 {
     server.put("/v1/topics/bench", json!({"queues": 4})).await;
     // A JSON string body of exactly BODY_BYTES bytes, quotes included.
     let one = json!({"body": "x".repeat(BODY_BYTES - 2)});
