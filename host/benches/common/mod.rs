@@ -21,11 +21,19 @@ pub const BODY_BYTES: usize = 256;
 pub struct Server {
     pub url: String,
     pub http: reqwest::Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    /// The server's own process (see [`Server::spawn`]).
-    child: Option<tokio::process::Child>,
+    running: Running,
     dir: tempfile::TempDir,
+}
+
+/// Where a bench's server runs.
+enum Running {
+    /// In this process ([`Server::start_in`]): its stop signal and its task.
+    InProcess {
+        stop: tokio::sync::oneshot::Sender<()>,
+        handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    },
+    /// The real binary in its own process ([`Server::spawn`]).
+    Process(wasmq_tests::ChildServer),
 }
 
 impl Server {
@@ -56,13 +64,16 @@ impl Server {
             let _ = rx.await;
         }));
         let http = reqwest::Client::new();
-        wait_healthy(&http, &url).await;
+        for _ in 0..500 {
+            if http.get(format!("{url}/healthz")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Server {
             url,
             http,
-            stop: Some(tx),
-            handle: Some(handle),
-            child: None,
+            running: Running::InProcess { stop: tx, handle },
             dir,
         }
     }
@@ -71,38 +82,21 @@ impl Server {
     /// brokers run: the bench's clients then have their own runtime and do not share the
     /// server's tokio workers (in one process a client task competed with the server's
     /// tasks on their two workers, which made every hand-off to another thread look dearer
-    /// than it is beside an outside client).
+    /// than it is beside an outside client). Stopped with SIGKILL.
     pub async fn spawn(flush: FlushMode) -> Self {
-        wasmq::capabilities::install_tls_provider();
+        use clap::ValueEnum as _;
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let flush = match flush {
-            FlushMode::Sync => "sync",
-            FlushMode::Async => "async",
-        };
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wasmq"))
-            .arg("serve")
-            .env("WASMQ_SERVER_DATA_DIR", dir.path())
-            .env("WASMQ_SERVER_FLUSH", flush)
-            .env("WASMQ_SERVER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("WASMQ_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the wasmq binary");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        wait_healthy(&http, &url).await;
+        let flush = flush.to_possible_value().unwrap();
+        let child = wasmq_tests::ChildServer::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_wasmq")),
+            dir.path(),
+            &["--flush", flush.get_name()],
+        )
+        .await;
         Server {
-            url,
-            http,
-            stop: None,
-            handle: None,
-            child: Some(child),
+            url: child.url.clone(),
+            http: reqwest::Client::new(),
+            running: Running::Process(child),
             dir,
         }
     }
@@ -152,30 +146,18 @@ impl Server {
         self.stop_keep_dir().await;
     }
 
-    /// Stops cleanly and hands back the data dir, for a restart.
-    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            h.await.unwrap().unwrap();
-        }
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
+    /// Stops the server (in this process cleanly, its own process with SIGKILL) and hands back
+    /// the data dir, for a restart.
+    pub async fn stop_keep_dir(self) -> tempfile::TempDir {
+        match self.running {
+            Running::InProcess { stop, handle } => {
+                let _ = stop.send(());
+                handle.await.unwrap().unwrap();
+            }
+            Running::Process(child) => child.kill().await,
         }
         self.dir
     }
-}
-
-/// Waits until the server at `url` answers `/healthz` (10 s at most).
-async fn wait_healthy(http: &reqwest::Client, url: &str) {
-    for _ in 0..1000 {
-        if http.get(format!("{url}/healthz")).send().await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no server answers at {url}");
 }
 
 /// The environment variable `name` parsed as a `T`, or `default` when unset or unparsable
