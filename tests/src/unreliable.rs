@@ -1,10 +1,11 @@
 //! A storage wrapper that behaves as a shared backend may: reads that come back short of the
 //! high water (a JetStream replica that has not applied the newest appends) and append news
 //! that never arrives (a lost `wqn` notification), so tests can show readers never wait on
-//! either. Everything else goes to the wrapped storage unchanged.
+//! either. Everything else goes to the wrapped storage unchanged; record reads are counted, so
+//! tests can bound what a background pass reads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,8 @@ pub struct Unreliable {
     deaf: Option<Duration>,
     /// Kept so receivers of a deaf watch wait (their sender is never dropped).
     silent: tokio::sync::watch::Sender<u64>,
+    /// Record reads so far (`get_record`, `list_records`, `list_records_after`).
+    record_reads: AtomicU64,
 }
 
 impl Unreliable {
@@ -34,7 +37,17 @@ impl Unreliable {
             short_reads: AtomicU32::new(short_reads),
             deaf,
             silent: tokio::sync::watch::channel(0).0,
+            record_reads: AtomicU64::new(0),
         }
+    }
+
+    /// Record reads made through it so far.
+    pub fn record_reads(&self) -> u64 {
+        self.record_reads.load(Ordering::Relaxed)
+    }
+
+    fn count_read(&self) {
+        self.record_reads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many of the short reads asked for are still to come.
@@ -129,6 +142,7 @@ impl Storage for Unreliable {
         self.inner.truncate(topic, queue, before).await
     }
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        self.count_read();
         self.inner.get_record(space, key).await
     }
     async fn list_records(
@@ -137,6 +151,7 @@ impl Storage for Unreliable {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
+        self.count_read();
         self.inner.list_records(space, prefix, limit).await
     }
     async fn list_records_after(
@@ -146,6 +161,7 @@ impl Storage for Unreliable {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
+        self.count_read();
         self.inner
             .list_records_after(space, prefix, after, limit)
             .await

@@ -131,6 +131,8 @@ pub struct Broker {
     /// Topics whose deletion is under way: they cannot be created again (or deleted twice)
     /// until their messages are gone.
     deleting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Per topic, when the retention pass next has idempotency keys to expire.
+    idempotency_due: crate::base::NextDue,
 }
 
 /// A topic deletion under way: the name is free again when this is dropped.
@@ -174,6 +176,7 @@ impl Broker {
             );
         }
         Ok(Self {
+            idempotency_due: crate::base::NextDue::for_storage(storage.shared()),
             storage,
             limits,
             topics: std::sync::RwLock::new(topics),

@@ -221,8 +221,15 @@ impl Broker {
                 self.storage
                     .put_record(&expiry_space, &expiry_key, Some(Vec::new()), Expect::Any,)
             );
-            if let Err(e) = expiry {
-                tracing::warn!(%topic, %key, error = %e, "cannot index an idempotency key for expiry; it stays until the topic goes");
+            match expiry {
+                // Stored: the retention pass visits the topic's keys by the time it expires.
+                Ok(_) => self.idempotency_due.added(
+                    topic,
+                    Some(now.saturating_add(self.limits.idempotency_window_ms)),
+                ),
+                Err(e) => {
+                    tracing::warn!(%topic, %key, error = %e, "cannot index an idempotency key for expiry; it stays until the topic goes");
+                }
             }
             match appended {
                 Ok((mut out, _)) => {
@@ -300,16 +307,30 @@ fn expiry_key(at: u64, key: &str) -> String {
 const EXPIRY_PAGE: usize = 256;
 
 impl Broker {
+    /// Forgets when deleted topics' idempotency keys expire (see [`Broker::expire_idempotency_keys`]).
+    pub fn forget_deleted_topics(&self) {
+        let Ok(topics) = self.topics.read() else {
+            return;
+        };
+        self.idempotency_due.retain(|t| topics.contains_key(t));
+    }
+
     /// Deletes the idempotency records of `topic` stored `limits.idempotency_window_ms` or
     /// longer before `now` (ms since the epoch), oldest first, with their expiry entries; a key
     /// published again since keeps its newer record. Returns how many keys went. Records
-    /// written before expiry entries existed are not seen (they go with the topic).
+    /// written before expiry entries existed are not seen (they go with the topic). A topic
+    /// whose oldest key is still in its window, or that has none, is not read again until
+    /// that key's window passes or a publish adds a key ([`crate::base::NextDue`]).
     pub async fn expire_idempotency_keys(&self, topic: &str, now: u64) -> Result<u64, BrokerError> {
+        let Some(visit) = self.idempotency_due.visit(topic, now) else {
+            return Ok(0);
+        };
         let (space, expiry) = (idempotency_space(topic), expiry_space(topic));
         let mut n = 0;
         loop {
             let page = self.storage.list_records(&expiry, "", EXPIRY_PAGE).await?;
             if page.is_empty() {
+                self.idempotency_due.learned(topic, visit, None, now);
                 return Ok(n);
             }
             for (entry, _) in page {
@@ -321,6 +342,8 @@ impl Broker {
                         .checked_add(self.limits.idempotency_window_ms)
                         .is_some_and(|until| until <= now);
                     if !expired {
+                        let next = at.saturating_add(self.limits.idempotency_window_ms);
+                        self.idempotency_due.learned(topic, visit, Some(next), now);
                         return Ok(n);
                     }
                     if let Some(r) = self.storage.get_record(&space, key).await? {

@@ -86,6 +86,8 @@ pub struct Handles {
     pub storage: Arc<dyn Storage>,
     /// Where delivery attempts are traced.
     pub trace: Arc<trace::TraceWriter>,
+    /// Per subscription, when the retention pass next has dead letters to expire.
+    pub dead_letters_due: Arc<crate::base::NextDue>,
 }
 
 pub struct Dispatcher {
@@ -170,6 +172,9 @@ impl Dispatcher {
             env: Handles {
                 storage: broker.storage().clone(),
                 trace: Arc::new(trace::TraceWriter::new(broker.storage().clone(), true)),
+                dead_letters_due: Arc::new(crate::base::NextDue::for_storage(
+                    broker.storage().shared(),
+                )),
                 broker,
                 plugins,
             },

@@ -2,7 +2,7 @@
 //! [`Retention`](crate::broker::Retention) lets go; `after_consumed` asks what every
 //! subscription of the topic still needs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::state::{self, Cursor, DeadLetter};
 use super::{DispatchError, Dispatcher, Mode, dlq, pins};
@@ -55,6 +55,7 @@ impl Dispatcher {
                 }
             }
         }
+        self.env.broker.forget_deleted_topics();
         match self.expire_dead_letters(now_ms).await {
             Ok(n) => pass.dead_letters += n,
             Err(e) => {
@@ -76,11 +77,17 @@ impl Dispatcher {
     /// count is one record ([`dlq::count`]). Returns how many went.
     pub async fn expire_dead_letters(&self, now: u64) -> Result<u64, DispatchError> {
         let storage = self.env.storage.as_ref();
+        let due = &self.env.dead_letters_due;
         let mut n = 0;
-        for (group, _) in self.subscriptions().await? {
-            let space = state::dlq_space(&group);
+        let groups = self.subscriptions().await?;
+        for (group, _) in &groups {
+            // Not read again until its oldest dead letter ages out or one is added.
+            let Some(visit) = due.visit(group, now) else {
+                continue;
+            };
+            let space = state::dlq_space(group);
             loop {
-                let mut excess = dlq::count(storage, &group)
+                let mut excess = dlq::count(storage, group)
                     .await?
                     .saturating_sub(self.dead_letters_max_count);
                 let page = storage.list_records(&space, "", dlq::PAGE).await?;
@@ -96,15 +103,24 @@ impl Dispatcher {
                     expired.push((state::decode::<DeadLetter>(key, r)?, None));
                 }
                 if expired.is_empty() {
+                    // Within the count limit; the oldest left goes when its age passes (one
+                    // whose key names no time is looked at every pass, as before).
+                    let next = page.first().map(|(key, _)| {
+                        DeadLetter::died_at(key)
+                            .map_or(now, |at| at.saturating_add(self.dead_letters_max_age_ms))
+                    });
+                    due.learned(group, visit, next, now);
                     break;
                 }
                 let change = dlq::Change {
                     add: Vec::new(),
                     remove: expired,
                 };
-                n += dlq::apply(storage, &group, change).await?;
+                n += dlq::apply(storage, group, change).await?;
             }
         }
+        let names: HashSet<&str> = groups.iter().map(|(g, _)| g.as_str()).collect();
+        due.retain(|g| names.contains(g));
         Ok(n)
     }
 

@@ -82,6 +82,9 @@ pub struct WriterStats {
     pub group_ops: Histogram,
     /// Time of one group commit's write (and fsync, in `sync` mode).
     pub commit_seconds: Histogram,
+    /// Queues [`Storage::retention_cut`] read (a search by store time or a sum of sizes); a
+    /// queue whose oldest message is known to be younger than its age limit takes none.
+    pub retention_scans: AtomicU64,
 }
 
 impl Default for WriterStats {
@@ -92,6 +95,7 @@ impl Default for WriterStats {
             messages: AtomicU64::new(0),
             group_ops: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             commit_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 22)),
+            retention_scans: AtomicU64::new(0),
         }
     }
 }
@@ -117,7 +121,15 @@ pub struct RocksStorage {
     /// The compaction [`RocksStorage::reclaim`] started last (one at a time); joined on close,
     /// so the database is never held past it.
     compaction: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Per topic and queue, an offset and its message's store time, as the last retention
+    /// search found them. While the offset is the queue's low water its message is the oldest
+    /// (store times never decrease along offsets, offsets are never reused, a stored message
+    /// never changes), so no age cut is due before that time plus the age limit.
+    oldest: Mutex<OldestKept>,
 }
+
+/// Per topic, per queue: (offset, the store time of its message in ms since the epoch).
+type OldestKept = HashMap<String, HashMap<u32, (u64, u64)>>;
 
 /// A topic's key range is compacted (so deleted messages leave the disk) once this many bytes
 /// were deleted from it, and at least as many as it still stores: each compaction rewrites the
@@ -208,6 +220,7 @@ impl RocksStorage {
             stats,
             deleted_since_compaction: Arc::default(),
             compaction: Mutex::new(None),
+            oldest: Mutex::default(),
         })
     }
 
@@ -247,6 +260,14 @@ impl RocksStorage {
 }
 
 impl RocksStorage {
+    /// The store time of the message at `low`, if a retention search found it (see the
+    /// `oldest` field).
+    fn oldest_stored_at(&self, topic: &str, queue: u32, low: u64) -> Option<u64> {
+        let oldest = self.oldest.lock().ok()?;
+        let (offset, stored_at) = *oldest.get(topic)?.get(&queue)?;
+        (offset == low).then_some(stored_at)
+    }
+
     /// Counts `deleted` bytes against `topic` and, past [`COMPACT_AFTER_BYTES`] and the bytes
     /// the topic still stores, compacts the topic's message keys on a background thread: range
     /// deletions free disk only when compaction meets them, and with writes that stopped none
@@ -869,6 +890,17 @@ impl Storage for RocksStorage {
                         .await?;
                     }
                     self.reclaim(topic, range);
+                    if new_low >= before
+                        && before >= self.high_water(topic, queue).await?
+                        && let Ok(mut oldest) = self.oldest.lock()
+                        && let Some(queues) = oldest.get_mut(topic)
+                    {
+                        // Emptied (a deleted topic's queues end so): nothing old to remember.
+                        queues.remove(&queue);
+                        if queues.is_empty() {
+                            oldest.remove(topic);
+                        }
+                    }
                     return Ok(new_low);
                 }
                 Err(e) => return Err(e),
@@ -913,47 +945,72 @@ impl Storage for RocksStorage {
         if keep_after.is_none() && over == 0 {
             return Ok(low);
         }
-        let topic = topic.to_string();
-        self.blocking(move |db| {
-            let mut cut = low;
-            if let Some(t) = keep_after {
-                // First offset stored at or after `t`; messages deleted meanwhile read as old.
-                let (mut lo, mut hi) = (low, high);
-                while lo < hi {
-                    let mid = lo + (hi - lo) / 2;
-                    let old = match get_message_at(db, &keys::message(&topic, queue, mid))? {
-                        Some(m) => m.stored_at < t,
-                        None => true,
-                    };
-                    if old {
-                        lo = mid + 1;
-                    } else {
-                        hi = mid;
+        if over == 0
+            && let Some(t) = keep_after
+            && self
+                .oldest_stored_at(topic, queue, low)
+                .is_some_and(|s| s >= t)
+        {
+            return Ok(low);
+        }
+        self.stats.retention_scans.fetch_add(1, Ordering::Relaxed);
+        let owned = topic.to_string();
+        let (cut, first_kept) = self
+            .blocking(move |db| {
+                let topic = owned;
+                let mut cut = low;
+                if let Some(t) = keep_after {
+                    // First offset stored at or after `t`; messages deleted meanwhile read as old.
+                    let (mut lo, mut hi) = (low, high);
+                    while lo < hi {
+                        let mid = lo + (hi - lo) / 2;
+                        let old = match get_message_at(db, &keys::message(&topic, queue, mid))? {
+                            Some(m) => m.stored_at < t,
+                            None => true,
+                        };
+                        if old {
+                            lo = mid + 1;
+                        } else {
+                            hi = mid;
+                        }
                     }
+                    cut = lo;
                 }
-                cut = lo;
-            }
-            if over > 0 {
-                let mut opts = rocksdb::ReadOptions::default();
-                opts.set_iterate_upper_bound(keys::message(&topic, queue, high));
-                let mut it = db.raw_iterator_cf_opt(cf(db, CF_MESSAGES)?, opts);
-                it.seek(keys::message(&topic, queue, low));
-                let mut freed = 0u64;
-                let mut next = low;
-                while freed < over {
-                    let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                        break;
-                    };
-                    freed = freed.saturating_add(v.len() as u64);
-                    next = keys::parse_message(k)?.2 + 1;
-                    it.next();
+                if over > 0 {
+                    let mut opts = rocksdb::ReadOptions::default();
+                    opts.set_iterate_upper_bound(keys::message(&topic, queue, high));
+                    let mut it = db.raw_iterator_cf_opt(cf(db, CF_MESSAGES)?, opts);
+                    it.seek(keys::message(&topic, queue, low));
+                    let mut freed = 0u64;
+                    let mut next = low;
+                    while freed < over {
+                        let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                            break;
+                        };
+                        freed = freed.saturating_add(v.len() as u64);
+                        next = keys::parse_message(k)?.2 + 1;
+                        it.next();
+                    }
+                    it.status()?;
+                    cut = cut.max(next);
                 }
-                it.status()?;
-                cut = cut.max(next);
-            }
-            Ok(cut)
-        })
-        .await
+                // The store time of the first message kept: no age cut is due before it ages.
+                let first_kept = if cut < high {
+                    get_message_at(db, &keys::message(&topic, queue, cut))?
+                        .map(|m| (cut, m.stored_at))
+                } else {
+                    None
+                };
+                Ok((cut, first_kept))
+            })
+            .await?;
+        if let (Some(kept), Ok(mut oldest)) = (first_kept, self.oldest.lock()) {
+            oldest
+                .entry(topic.to_string())
+                .or_default()
+                .insert(queue, kept);
+        }
+        Ok(cut)
     }
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {

@@ -364,6 +364,8 @@ struct Member {
     expired: prometheus_client::metrics::counter::Counter,
     /// Where delivery attempts are traced, and this node's name in the records.
     trace: Arc<super::trace::TraceWriter>,
+    /// Told of each dead letter stored, so the retention pass visits the subscription.
+    dead_letters_due: Arc<crate::base::NextDue>,
     node: String,
 }
 
@@ -599,6 +601,7 @@ pub async fn start(
             shared_storage,
             expired: expired.clone(),
             trace: env.trace.clone(),
+            dead_letters_due: env.dead_letters_due.clone(),
             node: node.unwrap_or(state::LOCAL_NODE).to_string(),
         });
         for (q, cursor) in cursors.into_iter().enumerate() {

@@ -228,6 +228,8 @@ impl Member {
                 .map(drop)
         })
         .await;
+        // The count limit may be passed now: the next retention pass visits.
+        self.dead_letters_due.added(&self.group, None);
         // Counted once stored, so whoever sees the count can read the entry.
         self.runner
             .counters

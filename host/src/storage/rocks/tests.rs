@@ -313,3 +313,50 @@ async fn stored_bytes_by_family_and_part() {
     value(&s, "default", "tables");
     s.close().await;
 }
+
+/// A queue whose oldest message is known to be younger than its age limit is not read again
+/// (a retention pass over many idle topics reads nothing per queue); it is once that message
+/// can have aged, or when the low water moved past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_age_cut_reads_a_queue_again_only_once_its_oldest_message_can_have_aged() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
+    s.append("idle", (0..2).map(|_| msg(0, None, "a")).collect())
+        .await
+        .unwrap();
+    let t1 = s.read("idle", 0, 0, 1).await.unwrap()[0].stored_at;
+    while crate::base::now_ms() <= t1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    s.append("idle", vec![msg(0, None, "b")]).await.unwrap();
+    let t2 = s.read("idle", 0, 2, 1).await.unwrap()[0].stored_at;
+    let limits = QueueLimits {
+        max_age_ms: Some(1_000),
+        max_bytes: None,
+    };
+    let scans = || s.stats().retention_scans.load(Ordering::Relaxed);
+    let cut = |now| s.retention_cut("idle", 0, limits, now);
+    assert_eq!(cut(t1 + 500).await.unwrap(), 0);
+    assert_eq!(scans(), 1, "the first cut reads the queue");
+    assert_eq!(cut(t1 + 999).await.unwrap(), 0);
+    assert_eq!(
+        cut(t1 + 1_000).await.unwrap(),
+        0,
+        "stored at the limit: kept"
+    );
+    assert_eq!(scans(), 1, "the oldest message is known to be young");
+    assert_eq!(cut(t1 + 1_001).await.unwrap(), 2);
+    assert_eq!(scans(), 2, "it can have aged: read again");
+    assert_eq!(s.truncate("idle", 0, 2).await.unwrap(), 2);
+    assert_eq!(cut(t2 + 1_000).await.unwrap(), 2);
+    assert_eq!(scans(), 2, "the search found the new oldest message");
+    assert_eq!(cut(t2 + 1_001).await.unwrap(), 3);
+    assert_eq!(scans(), 3);
+    // A size limit passed always reads: sizes are summed from the low water.
+    let by_size = QueueLimits {
+        max_age_ms: Some(1_000),
+        max_bytes: Some(1),
+    };
+    assert_eq!(s.retention_cut("idle", 0, by_size, t2).await.unwrap(), 3);
+    assert_eq!(scans(), 4);
+}
