@@ -221,15 +221,15 @@ impl Broker {
                 self.storage
                     .put_record(&expiry_space, &expiry_key, Some(Vec::new()), Expect::Any,)
             );
-            match expiry {
-                // Stored: the retention pass visits the topic's keys by the time it expires.
-                Ok(_) => self.idempotency_due.added(
-                    topic,
-                    Some(now.saturating_add(self.limits.idempotency_window_ms)),
-                ),
-                Err(e) => {
-                    tracing::warn!(%topic, %key, error = %e, "cannot index an idempotency key for expiry; it stays until the topic goes");
-                }
+            // The retention pass visits the topic's keys by the time this one expires; also
+            // after an error, which may still have stored the entry (a failed group commit can
+            // be in the WAL), and a visit too many costs one read.
+            self.idempotency_due.added(
+                topic,
+                Some(now.saturating_add(self.limits.idempotency_window_ms)),
+            );
+            if let Err(e) = expiry {
+                tracing::warn!(%topic, %key, error = %e, "cannot index an idempotency key for expiry; it stays until the topic goes");
             }
             match appended {
                 Ok((mut out, _)) => {
