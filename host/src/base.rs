@@ -94,6 +94,10 @@ impl TxnTimings {
     }
 }
 
+/// On storage other nodes share, how long [`NextDue`] trusts a learned time (ms): an entry
+/// another node added expires at most this much later than its time.
+pub const SHARED_TRUST_MS: u64 = 60_000;
+
 /// When a periodic housekeeping pass (the retention pass) next has work in each of its places
 /// (a topic's idempotency keys, a subscription's dead letters), as the pass learned from what
 /// it read there last: the oldest entry's expiry time, or nothing left. A pass skips a place
@@ -105,10 +109,6 @@ impl TxnTimings {
 /// that add an entry call [`NextDue::added`] once the entry is stored. On storage shared
 /// with other nodes their writes are not seen here, so a learned time is trusted for at most
 /// `trust_ms` (then the place is visited again), which bounds how late their entries expire.
-/// On storage other nodes share, how long [`NextDue`] trusts a learned time (ms): an entry
-/// another node added expires at most this much later than its time.
-pub const SHARED_TRUST_MS: u64 = 60_000;
-
 #[derive(Debug, Default)]
 pub struct NextDue {
     trust_ms: Option<u64>,

@@ -890,13 +890,12 @@ impl Storage for RocksStorage {
                         .await?;
                     }
                     self.reclaim(topic, range);
-                    if new_low >= before
-                        && before >= self.high_water(topic, queue).await?
-                        && let Ok(mut oldest) = self.oldest.lock()
+                    // A remembered offset the low water passed can never match it again (an
+                    // emptied queue, as a deleted topic's, leaves none).
+                    if let Ok(mut oldest) = self.oldest.lock()
                         && let Some(queues) = oldest.get_mut(topic)
                     {
-                        // Emptied (a deleted topic's queues end so): nothing old to remember.
-                        queues.remove(&queue);
+                        queues.retain(|_, (offset, _)| *offset >= new_low);
                         if queues.is_empty() {
                             oldest.remove(topic);
                         }
