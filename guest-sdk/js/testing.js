@@ -9,7 +9,7 @@ import { register } from 'node:module';
 
 // Interface -> the functions componentize-js binds for it (names as in JS).
 const INTERFACES = {
-  log: ['log'],
+  log: ['log', 'logUtf8'],
   kv: ['get', 'set', 'delete', 'listKeys'],
   publish: ['send'],
   context: ['identity', 'config'],
@@ -80,7 +80,10 @@ export function reset() {
 reset();
 
 globalThis.__wasmqFake = {
-  log: { log: (level, message) => state.logs.push([level, message]) },
+  log: {
+    log: (level, message) => state.logs.push([level, message]),
+    logUtf8: (level, bytes) => state.logs.push([level, decoder.decode(bytes)]),
+  },
   kv: {
     get: (key) => state.kv.get(key),
     set: (key, value) => void state.kv.set(key, new Uint8Array(value)),

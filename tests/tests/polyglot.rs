@@ -116,6 +116,38 @@ async fn python_and_javascript_plugins_that_spin_or_hog_are_stopped_and_the_host
     assert_eq!(st, StatusCode::OK);
 }
 
+/// `log-utf8` takes any bytes from a guest: a line of 1 MiB that is not UTF-8 and holds a line
+/// break and a terminal escape is stored decoded lossily (U+FFFD), escaped and cut at 4 KiB,
+/// like a `log` string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_of_raw_bytes_is_decoded_lossily_escaped_and_cut() {
+    let js = polyglot_plugin("hostile-js").await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.upload_plugin("hostile-js", js.to_str().unwrap()).await;
+    let (st, v) = s
+        .post_json(
+            "/v1/plugins/hostile-js/invoke",
+            &json!({"message": {"body": {"do": "raw-log"}}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["outcome"]["type"], "ack", "{v}");
+    let (_, logs) = s.get("/v1/plugins/hostile-js/logs").await;
+    let lines = logs["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert_eq!(lines[0]["level"], "warn");
+    let line = lines[0]["message"].as_str().unwrap();
+    assert!(
+        line.starts_with("\u{fffd}\u{fffd}\\n\\u{1b}[2J\u{fffd}aaa"),
+        "{:?}",
+        line.chars().take(20).collect::<String>()
+    );
+    assert!(line.ends_with("a…"), "{} bytes", line.len());
+    assert!(line.len() <= 4096 + "…".len(), "{}", line.len());
+    assert!(!line.contains(['\n', '\u{1b}']));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_javascript_capabilities_need_the_same_grants() {
     let py = polyglot_plugin("email-notifier-py").await;
@@ -223,8 +255,11 @@ async fn the_readme_plugin_behaves_the_same_in_rust_python_and_javascript() {
                 v["outcome"].clone()
             }
         };
-        for _ in 0..2 {
-            let out = invoke(json!({"body": {"email": "ann@example.com"}})).await;
+        // The third address has 2-, 3- and 4-byte UTF-8 characters (a surrogate pair in JS),
+        // which the JavaScript SDK hands to the host as bytes (`log-utf8`), the others as a
+        // string (`log`).
+        for email in ["ann@example.com", "ann@example.com", "zoë@例え.jp 🚀"] {
+            let out = invoke(json!({"body": {"email": email}})).await;
             assert_eq!(out["type"], "ack", "{lang}: {out}");
         }
         for bad in [
@@ -248,7 +283,11 @@ async fn the_readme_plugin_behaves_the_same_in_rust_python_and_javascript() {
             .collect();
         assert_eq!(
             lines,
-            ["signup ann@example.com (#1)", "signup ann@example.com (#2)"],
+            [
+                "signup ann@example.com (#1)",
+                "signup ann@example.com (#2)",
+                "signup zoë@例え.jp 🚀 (#3)"
+            ],
             "{lang}"
         );
     }

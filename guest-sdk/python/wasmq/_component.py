@@ -80,10 +80,12 @@ def http(method, url, headers, body):
 
 
 def _message(raw):
-    return wasmq.Message(id=raw.id, topic=raw.topic, body=raw.body, queue=raw.queue,
-                         offset=raw.offset, key=raw.key, tag=raw.tag,
-                         sharding_key=raw.sharding_key, properties=raw.properties,
-                         born_at=raw.born_at, attempt=raw.attempt)
+    # The binding's record has wasmq.Message's fields under the same names: adopting its
+    # attributes in one C call costs less per message than the dataclass's __init__ (11
+    # keyword arguments, 11 attribute stores run by the interpreter).
+    message = object.__new__(wasmq.Message)
+    message.__dict__.update(raw.__dict__)
+    return message
 
 
 def _run(kind, raw):
@@ -99,9 +101,12 @@ def _run(kind, raw):
         raise
 
 
+_ACK = _types.Outcome_Ack()
+
+
 def _outcome(out):
     if isinstance(out, wasmq.Ack):
-        return _types.Outcome_Ack()
+        return _ACK
     if isinstance(out, wasmq.Retry):
         return _types.Outcome_Retry(max(0, int(out.after_ms)))
     if isinstance(out, wasmq.Reject):

@@ -286,16 +286,34 @@ impl types::Host for HostState {}
 
 impl log::Host for HostState {
     async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        self.log_line(level, &message);
+        Ok(())
+    }
+
+    async fn log_utf8(&mut self, level: log::Level, message: Vec<u8>) -> wasmtime::Result<()> {
+        // Past MAX_LOG_LINE bytes the line is cut anyway: decode no more than that (the 4 bytes
+        // more keep a cut inside the line's last character visible as the cut it is).
+        let shown = &message[..message.len().min(MAX_LOG_LINE + 4)];
+        self.log_line(level, &String::from_utf8_lossy(shown));
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// One line of the plugin's log (`log` and `log-utf8`): counted against the call's line
+    /// limit, made printable, cut at [`MAX_LOG_LINE`] bytes, then kept in the log ring and
+    /// emitted through tracing.
+    fn log_line(&mut self, level: log::Level, message: &str) {
         use crate::logs::{LINES_PER_CALL, NewLine};
         self.lines_this_call = self.lines_this_call.saturating_add(1);
         let logs = &self.caps.logs;
         let c = &self.ctx;
         if self.lines_this_call > LINES_PER_CALL {
             logs.dropped(&c.plugin, 1);
-            return Ok(());
+            return;
         }
         // One line per call of `log`, inert in a terminal: a `\n` cannot forge a server line.
-        let mut message = crate::text::printable(&message).into_owned();
+        let mut message = crate::text::printable(message).into_owned();
         if self.lines_this_call == LINES_PER_CALL {
             message = format!(
                 "(log limit of {LINES_PER_CALL} lines per call reached; later lines of this call are dropped) {message}"
@@ -326,7 +344,7 @@ impl log::Host for HostState {
             message: message.clone(),
         });
         if !trace {
-            return Ok(());
+            return;
         }
         let (plugin, group) = (&c.plugin, &c.group);
         let message_id = self.message_id.as_deref().unwrap_or("");
@@ -347,11 +365,8 @@ impl log::Host for HostState {
                 tracing::error!(target: "wasmq::plugin", %plugin, %group, %message_id, "{message}")
             }
         }
-        Ok(())
     }
-}
 
-impl HostState {
     /// Whether a kv key's calls are staged: with staging on, every key but the SDKs' `once()`
     /// markers, which guard external side effects already made and must outlive a retry.
     fn stages(&self, key: &str) -> bool {
