@@ -50,3 +50,10 @@ test('kv JSON, config, messages and export checks', () => {
   assert.equal(wasmq.checker(() => wasmq.COMMIT).checkTransaction(testing.message('{}')), 'commit');
   assert.deepEqual(wasmq.retry(12.7), { tag: 'retry', val: 12n });
 });
+
+test('log lines reach the host as UTF-8 bytes and read back as the same text', () => {
+  testing.reset();
+  wasmq.log.info('zoë 🚀 例え');
+  wasmq.log.warn(42);
+  assert.deepEqual(testing.logs(), [['info', 'zoë 🚀 例え'], ['warn', '42']]);
+});

@@ -255,9 +255,9 @@ async fn the_readme_plugin_behaves_the_same_in_rust_python_and_javascript() {
                 v["outcome"].clone()
             }
         };
-        // The third address has 2-, 3- and 4-byte UTF-8 characters (a surrogate pair in JS),
-        // which the JavaScript SDK hands to the host as bytes (`log-utf8`), the others as a
-        // string (`log`).
+        // The third address has 2-, 3- and 4-byte UTF-8 characters (a surrogate pair in JS):
+        // the JavaScript SDK hands log lines to the host as bytes (`log-utf8`), Rust and Python
+        // as a string (`log`).
         for email in ["ann@example.com", "ann@example.com", "zoë@例え.jp 🚀"] {
             let out = invoke(json!({"body": {"email": email}})).await;
             assert_eq!(out["type"], "ack", "{lang}: {out}");

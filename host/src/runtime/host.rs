@@ -282,6 +282,29 @@ fn unavailable(e: impl std::fmt::Display) -> GuestError {
     GuestError::Unavailable(e.to_string())
 }
 
+/// What a guest's log line is kept as: `note` (if any) and the line, inert in a terminal (a
+/// `\n` cannot forge a server line; see [`crate::text::printable`]) and cut at
+/// [`MAX_LOG_LINE`] bytes, with `…` where it was cut. Only the first `MAX_LOG_LINE` + 4 bytes
+/// are escaped: the rest would be cut anyway, and escaping grows a control character up to 8
+/// bytes (a 60 MiB line of them made ~300 MiB a call).
+fn log_text(line: &str, note: Option<&str>) -> String {
+    let mut keep = line.len().min(MAX_LOG_LINE + 4);
+    while !line.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    let mut text = note.unwrap_or("").to_string();
+    text.push_str(&crate::text::printable(&line[..keep]));
+    if text.len() > MAX_LOG_LINE {
+        let mut cut = MAX_LOG_LINE;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 impl types::Host for HostState {}
 
 impl log::Host for HostState {
@@ -312,21 +335,12 @@ impl HostState {
             logs.dropped(&c.plugin, 1);
             return;
         }
-        // One line per call of `log`, inert in a terminal: a `\n` cannot forge a server line.
-        let mut message = crate::text::printable(message).into_owned();
-        if self.lines_this_call == LINES_PER_CALL {
-            message = format!(
-                "(log limit of {LINES_PER_CALL} lines per call reached; later lines of this call are dropped) {message}"
-            );
-        }
-        if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        let limit_note = (self.lines_this_call == LINES_PER_CALL).then(|| {
+            format!(
+                "(log limit of {LINES_PER_CALL} lines per call reached; later lines of this call are dropped) "
+            )
+        });
+        let message = log_text(message, limit_note.as_deref());
         let level_name = match level {
             log::Level::Trace => "trace",
             log::Level::Debug => "debug",
@@ -593,5 +607,31 @@ impl http::Host for HostState {
         let caps = self.caps.clone();
         let result = caps.http(&self.ctx.grants.http, req).await;
         Ok(self.report("http", result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_line_is_escaped_and_cut_with_a_mark() {
+        assert_eq!(log_text("hi\nthere", None), "hi\\nthere");
+        assert_eq!(log_text("x", Some("(note) ")), "(note) x");
+        // Exactly at the limit: kept whole. One byte more: cut, and marked.
+        let full = "a".repeat(MAX_LOG_LINE);
+        assert_eq!(log_text(&full, None), full);
+        let over = log_text(&"a".repeat(MAX_LOG_LINE + 1), None);
+        assert_eq!(over, format!("{}…", "a".repeat(MAX_LOG_LINE)));
+        // Control characters grow when escaped; a line of 1 MiB of them is cut all the same,
+        // and so is one whose cut falls inside a multi-byte character.
+        let controls = log_text(&"\u{1}".repeat(1 << 20), None);
+        assert!(controls.ends_with('…') && controls.len() <= MAX_LOG_LINE + 3);
+        assert!(!controls.chars().any(char::is_control));
+        let wide = log_text(&"€".repeat(MAX_LOG_LINE), None);
+        assert!(wide.ends_with("€…") && wide.len() <= MAX_LOG_LINE + 3);
+        // A lone control character just past the kept bytes cannot hide the cut.
+        let tail = log_text(&format!("{}\u{1b}", "a".repeat(MAX_LOG_LINE + 4)), None);
+        assert!(tail.ends_with('…'));
     }
 }
