@@ -26,6 +26,8 @@ pub struct Unreliable {
     silent: tokio::sync::watch::Sender<u64>,
     /// Record reads so far (`get_record`, `list_records`, `list_records_after`).
     record_reads: AtomicU64,
+    /// The same, by the first segment of the space read (`cursor` for `cursor/{group}`).
+    reads_by_kind: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Unreliable {
@@ -38,6 +40,7 @@ impl Unreliable {
             deaf,
             silent: tokio::sync::watch::channel(0).0,
             record_reads: AtomicU64::new(0),
+            reads_by_kind: Default::default(),
         }
     }
 
@@ -46,8 +49,19 @@ impl Unreliable {
         self.record_reads.load(Ordering::Relaxed)
     }
 
-    fn count_read(&self) {
+    /// Record reads so far of spaces whose first segment is `kind` (`cursor`, `dlq`, ...).
+    pub fn record_reads_of(&self, kind: &str) -> u64 {
+        self.reads_by_kind
+            .lock()
+            .map_or(0, |m| m.get(kind).copied().unwrap_or(0))
+    }
+
+    fn count_read(&self, space: &str) {
         self.record_reads.fetch_add(1, Ordering::Relaxed);
+        let kind = space.split('/').next().unwrap_or(space);
+        if let Ok(mut m) = self.reads_by_kind.lock() {
+            *m.entry(kind.to_string()).or_default() += 1;
+        }
     }
 
     /// How many of the short reads asked for are still to come.
@@ -142,7 +156,7 @@ impl Storage for Unreliable {
         self.inner.truncate(topic, queue, before).await
     }
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
-        self.count_read();
+        self.count_read(space);
         self.inner.get_record(space, key).await
     }
     async fn list_records(
@@ -151,7 +165,7 @@ impl Storage for Unreliable {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
-        self.count_read();
+        self.count_read(space);
         self.inner.list_records(space, prefix, limit).await
     }
     async fn list_records_after(
@@ -161,7 +175,7 @@ impl Storage for Unreliable {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, Record)>, StorageError> {
-        self.count_read();
+        self.count_read(space);
         self.inner
             .list_records_after(space, prefix, after, limit)
             .await

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wasmq_tests::plugins::{CHECKER, ECHO, RECORDER};
+use wasmq_tests::unreliable::Unreliable;
 use wasmq_tests::{TestServer, assert_error};
 
 async fn setup(s: &TestServer, topic: &str, queues: u32) {
@@ -668,22 +669,34 @@ async fn a_read_whose_messages_all_need_no_delivery_is_followed_by_the_next() {
     assert_eq!(handled, [json!("last"), json!("now")]);
 }
 
+/// A server on RocksDB in `dir` behind [`Unreliable`] (`short_reads`, `deaf` as there), and
+/// the wrapper, to count what the server read.
+async fn on_unreliable(
+    dir: &std::path::Path,
+    short_reads: u32,
+    deaf: Option<Duration>,
+) -> (TestServer, std::sync::Arc<Unreliable>) {
+    let rocks =
+        wasmq::storage::RocksStorage::open(&dir.join("rocksdb"), wasmq::config::FlushMode::Async)
+            .unwrap();
+    let storage = std::sync::Arc::new(Unreliable::new(
+        std::sync::Arc::new(rocks),
+        short_reads,
+        deaf,
+    ));
+    let s = TestServer::start_on(wasmq_tests::config_in(dir), storage.clone()).await;
+    (s, storage)
+}
+
 /// Reads that come back short of the high water (a JetStream replica behind its leader, seen
 /// stalling a queue of the cluster bench for good) and append news that never arrives (a lost
 /// notification): an unordered and an ordered subscription still deliver everything. The
 /// unordered loop used to wait forever after a short read, the ordered one for the next append.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_go_on_after_short_reads_and_lost_append_news() {
-    use wasmq_tests::unreliable::Unreliable;
     for deaf in [None, Some(Duration::from_millis(100))] {
         let dir = tempfile::tempdir().unwrap();
-        let rocks = wasmq::storage::RocksStorage::open(
-            &dir.path().join("rocksdb"),
-            wasmq::config::FlushMode::Async,
-        )
-        .unwrap();
-        let storage = std::sync::Arc::new(Unreliable::new(std::sync::Arc::new(rocks), 20, deaf));
-        let s = TestServer::start_on(wasmq_tests::config_in(dir.path()), storage.clone()).await;
+        let (s, storage) = on_unreliable(dir.path(), 20, deaf).await;
         setup(&s, "t", 2).await;
         s.subscribe("unordered", recorder_spec("t", json!({})))
             .await;
@@ -702,6 +715,42 @@ async fn readers_go_on_after_short_reads_and_lost_append_news() {
         assert_eq!(storage.short_reads_left(), 0, "every short read was made");
         s.stop().await.unwrap();
     }
+}
+
+/// The status of a running subscription shows its offsets from the runner's memory, without
+/// reading the stored cursors (a status sweep over 1 000 running subscriptions read them once
+/// per subscription); a paused one shows the stored ones, and both agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_of_a_running_subscription_reads_no_stored_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, storage) = on_unreliable(dir.path(), 0, None).await;
+    setup(&s, "t", 3).await;
+    s.subscribe("running", recorder_spec("t", json!({}))).await;
+    let msgs = (0..30).map(|i| json!({"body": {"n": i}})).collect();
+    publish_batch(&s, "t", msgs).await;
+    let live = s
+        .wait_until("/v1/subscriptions/running", 30, |v| {
+            v["lag"] == 0 && v["counters"]["acked"] == 30
+        })
+        .await;
+    let before = storage.record_reads_of("cursor");
+    for _ in 0..20 {
+        let (st, v) = s.get("/v1/subscriptions/running").await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["queues"], live["queues"], "{v}");
+    }
+    assert_eq!(storage.record_reads_of("cursor") - before, 0);
+    // Paused, it has no runner: the stored offsets are read, and they are the same.
+    let (st, v) = s
+        .post_json("/v1/subscriptions/running/pause", &json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let before = storage.record_reads_of("cursor");
+    let (_, paused) = s.get("/v1/subscriptions/running").await;
+    assert!(storage.record_reads_of("cursor") > before);
+    assert_eq!(paused["queues"], live["queues"], "{paused}");
+    assert_eq!(paused["lag"], 0);
+    s.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
