@@ -102,7 +102,15 @@ impl Dispatcher {
 
     /// The spec, state, offsets and lag per queue (and per instance for broadcast), counters.
     pub async fn status(&self, group: &str) -> Result<SubscriptionStatus, DispatchError> {
-        let record = self.record(group).await?;
+        validate_group(group)?;
+        // The record and the dead-letter count are read side by side: each read is a thread
+        // hand-off, and a status sweep over many subscriptions waits on them one by one.
+        let (record, dlq) = tokio::join!(
+            self.record(group),
+            dlq::count(self.env.storage.as_ref(), group)
+        );
+        let record = record?;
+        let dlq = usize::try_from(dlq?).unwrap_or(usize::MAX);
         let topic = self.env.broker.topic(&record.spec.topic)?;
         let extents = self.env.broker.extents(&topic).await?;
         // Shared storage: which node runs each queue (or instance).
@@ -200,8 +208,6 @@ impl Dispatcher {
                 queues,
             });
         }
-        let dlq = usize::try_from(dlq::count(self.env.storage.as_ref(), group).await?)
-            .unwrap_or(usize::MAX);
         let tally = self
             .add_stored_counts(group, live_tally, shared.is_some(), record.created_at)
             .await?;
