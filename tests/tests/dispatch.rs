@@ -739,6 +739,15 @@ async fn the_status_of_a_running_subscription_reads_no_stored_offsets() {
         assert_eq!(st, StatusCode::OK, "{v}");
         assert_eq!(v["queues"], live["queues"], "{v}");
     }
+    // The list shows the same (from its own read of the subscription records).
+    let (st, list) = s.get("/v1/subscriptions").await;
+    assert_eq!(st, StatusCode::OK, "{list}");
+    let listed = &list["subscriptions"][0];
+    assert_eq!(
+        (&listed["group"], &listed["queues"], &listed["dlq"]),
+        (&json!("running"), &live["queues"], &json!(0)),
+        "{list}"
+    );
     assert_eq!(storage.record_reads_of("cursor") - before, 0);
     // Paused, it has no runner: the stored offsets are read, and they are the same.
     let (st, v) = s

@@ -87,15 +87,20 @@ pub struct DeliveryCounters {
 }
 
 impl Dispatcher {
+    /// Every subscription's status, by group name. Each record is read once, by the listing:
+    /// one storage read more per subscription (its dead-letter count), and a subscription
+    /// deleted meanwhile is shown as it was listed, not an error for the whole list.
     pub async fn list(&self) -> Result<Vec<SubscriptionStatus>, DispatchError> {
-        let mut out = Vec::new();
-        for (group, _) in self
+        let records = self
             .env
             .storage
             .list_records(state::SUB_SPACE, "", usize::MAX)
-            .await?
-        {
-            out.push(self.status(&group).await?);
+            .await?;
+        let mut out = Vec::with_capacity(records.len());
+        for (group, r) in records {
+            let record: SubscriptionRecord = state::decode(&group, &r)?;
+            let dlq = dlq::count(self.env.storage.as_ref(), &group).await?;
+            out.push(self.status_of(&group, record, dlq).await?);
         }
         Ok(out)
     }
@@ -109,8 +114,17 @@ impl Dispatcher {
             self.record(group),
             dlq::count(self.env.storage.as_ref(), group)
         );
-        let record = record?;
-        let dlq = usize::try_from(dlq?).unwrap_or(usize::MAX);
+        self.status_of(group, record?, dlq?).await
+    }
+
+    /// [`Self::status`] of `group`, given its record and dead-letter count.
+    async fn status_of(
+        &self,
+        group: &str,
+        record: SubscriptionRecord,
+        dlq: u64,
+    ) -> Result<SubscriptionStatus, DispatchError> {
+        let dlq = usize::try_from(dlq).unwrap_or(usize::MAX);
         let topic = self.env.broker.topic(&record.spec.topic)?;
         let extents = self.env.broker.extents(&topic).await?;
         // Shared storage: which node runs each queue (or instance).
