@@ -87,9 +87,9 @@ pub struct DeliveryCounters {
 }
 
 impl Dispatcher {
-    /// Every subscription's status, by group name. Each record is read once, by the listing:
-    /// one storage read more per subscription (its dead-letter count), and a subscription
-    /// deleted meanwhile is shown as it was listed, not an error for the whole list.
+    /// Every subscription's status, by group name. Each record is read once, by the listing,
+    /// and a subscription deleted meanwhile is shown as it was listed, not an error for the
+    /// whole list.
     pub async fn list(&self) -> Result<Vec<SubscriptionStatus>, DispatchError> {
         let records = self
             .env
@@ -99,32 +99,27 @@ impl Dispatcher {
         let mut out = Vec::with_capacity(records.len());
         for (group, r) in records {
             let record: SubscriptionRecord = state::decode(&group, &r)?;
-            let dlq = dlq::count(self.env.storage.as_ref(), &group).await?;
-            out.push(self.status_of(&group, record, dlq).await?);
+            out.push(self.status_of(&group, record).await?);
         }
         Ok(out)
     }
 
     /// The spec, state, offsets and lag per queue (and per instance for broadcast), counters.
+    ///
+    /// The offsets are read first, then the dead-letter count and the delivery counters: a
+    /// message is counted (and a dead letter stored) before its offset is passed, so a status
+    /// with lag 0 counts every message behind its offsets.
     pub async fn status(&self, group: &str) -> Result<SubscriptionStatus, DispatchError> {
-        validate_group(group)?;
-        // The record and the dead-letter count are read side by side: each read is a thread
-        // hand-off, and a status sweep over many subscriptions waits on them one by one.
-        let (record, dlq) = tokio::join!(
-            self.record(group),
-            dlq::count(self.env.storage.as_ref(), group)
-        );
-        self.status_of(group, record?, dlq?).await
+        let record = self.record(group).await?;
+        self.status_of(group, record).await
     }
 
-    /// [`Self::status`] of `group`, given its record and dead-letter count.
+    /// [`Self::status`] of `group`, given its record.
     async fn status_of(
         &self,
         group: &str,
         record: SubscriptionRecord,
-        dlq: u64,
     ) -> Result<SubscriptionStatus, DispatchError> {
-        let dlq = usize::try_from(dlq).unwrap_or(usize::MAX);
         let topic = self.env.broker.topic(&record.spec.topic)?;
         let extents = self.env.broker.extents(&topic).await?;
         // Shared storage: which node runs each queue (or instance).
@@ -132,12 +127,12 @@ impl Dispatcher {
             Some(s) => s.owners(group).await?,
             None => HashMap::new(),
         };
-        // What the runner shows is read at once and the lock let go: storage reads below must
-        // not hold up runners starting and stopping, nor other status calls.
-        let (shared, live_tally) = {
+        // The runner's shared state, and the lock let go: storage reads below must not hold up
+        // runners starting and stopping, nor other status calls. Its offsets and counters are
+        // read from it in the order above.
+        let shared = {
             let runners = self.runners.lock().await;
-            let runner = runners.get(group);
-            (runner.map(|r| r.shared.clone()), self.tally(group, runner))
+            runners.get(group).map(|r| r.shared.clone())
         };
         let broadcast = record.spec.mode == Mode::Broadcast;
         let members = if broadcast { record.spec.instances } else { 1 };
@@ -222,8 +217,15 @@ impl Dispatcher {
                 queues,
             });
         }
+        let dlq = usize::try_from(dlq::count(self.env.storage.as_ref(), group).await?)
+            .unwrap_or(usize::MAX);
         let tally = self
-            .add_stored_counts(group, live_tally, shared.is_some(), record.created_at)
+            .add_stored_counts(
+                group,
+                self.tally(group, shared.as_deref()),
+                shared.is_some(),
+                record.created_at,
+            )
             .await?;
         let (instances, queues) = if broadcast {
             (Some(member_views), None)

@@ -2,6 +2,7 @@
 //! between nodes sharing storage, and summed for status.
 
 use super::*;
+use crate::dispatch::runner::RunnerShared;
 
 /// A runner's delivery counters (since the subscription was created), in-flight count and
 /// plugin version: this node's, or summed over the nodes running parts of a subscription.
@@ -91,8 +92,8 @@ impl Dispatcher {
 
     /// `group`'s tally on this node plus those other nodes reported lately; `None` if no node
     /// runs it. See [`Self::add_stored_counts`] for the nodes not running it now.
-    pub(super) fn tally(&self, group: &str, local: Option<&Runner>) -> Option<Tally> {
-        let mut total = local.map(|r| r.shared.tally());
+    pub(super) fn tally(&self, group: &str, local: Option<&RunnerShared>) -> Option<Tally> {
+        let mut total = local.map(RunnerShared::tally);
         if let Ok(peers) = self.peer_tallies.lock() {
             for (at, groups) in peers.values() {
                 if let Some(t) = groups.get(group).filter(|_| at.elapsed() < TALLY_FRESH) {
