@@ -890,12 +890,18 @@ impl Storage for RocksStorage {
                         .await?;
                     }
                     self.reclaim(topic, range);
-                    // A remembered offset the low water passed can never match it again (an
-                    // emptied queue, as a deleted topic's, leaves none).
+                    // This queue's remembered offset, once the low water passed it, can never
+                    // match it again (an emptied queue, as a deleted topic's, leaves none).
+                    // The topic's other queues keep theirs.
                     if let Ok(mut oldest) = self.oldest.lock()
                         && let Some(queues) = oldest.get_mut(topic)
                     {
-                        queues.retain(|_, (offset, _)| *offset >= new_low);
+                        if queues
+                            .get(&queue)
+                            .is_some_and(|(offset, _)| *offset < new_low)
+                        {
+                            queues.remove(&queue);
+                        }
                         if queues.is_empty() {
                             oldest.remove(topic);
                         }

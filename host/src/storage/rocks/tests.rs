@@ -359,4 +359,18 @@ async fn an_age_cut_reads_a_queue_again_only_once_its_oldest_message_can_have_ag
     };
     assert_eq!(s.retention_cut("idle", 0, by_size, t2).await.unwrap(), 3);
     assert_eq!(scans(), 4);
+    // Truncating one queue keeps what is remembered of the topic's other queues.
+    s.append(
+        "two",
+        vec![msg(0, None, "a"), msg(0, None, "b"), msg(1, None, "c")],
+    )
+    .await
+    .unwrap();
+    let t3 = s.read("two", 1, 0, 1).await.unwrap()[0].stored_at;
+    assert_eq!(s.retention_cut("two", 1, limits, t3).await.unwrap(), 0);
+    assert_eq!(s.retention_cut("two", 0, limits, t3).await.unwrap(), 0);
+    assert_eq!(scans(), 6);
+    assert_eq!(s.truncate("two", 0, 1).await.unwrap(), 1);
+    assert_eq!(s.retention_cut("two", 1, limits, t3).await.unwrap(), 0);
+    assert_eq!(scans(), 6, "queue 1's oldest message is still known");
 }
