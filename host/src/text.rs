@@ -30,16 +30,28 @@ pub fn bounded(s: &str, max: usize) -> Cow<'_, str> {
     if s.len() <= max {
         return Cow::Borrowed(s);
     }
-    let mut cut = max;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    Cow::Owned(format!("{}… [{} bytes cut]", &s[..cut], s.len() - cut))
+    let cut = s.floor_char_boundary(max);
+    Cow::Owned(cut_mark(&s[..cut], s.len() - cut))
+}
+
+fn cut_mark(kept: &str, dropped: usize) -> String {
+    format!("{kept}… [{dropped} bytes cut]")
 }
 
 /// Plugin text as wasmq keeps and shows it: escaped ([`printable`]), then capped ([`bounded`]).
+/// Only the first `max` + 4 bytes are escaped, the rest is cut anyway: escaping grows a control
+/// character up to 8 bytes, and a plugin's reason or trap text is as long as its memory (a
+/// 60 MiB reason of control characters made ~300 MiB). What lies past them is counted in the
+/// mark as it was sent.
 pub fn from_plugin(s: &str, max: usize) -> String {
-    bounded(&printable(s), max).into_owned()
+    let (head, rest) = s.split_at(s.floor_char_boundary(max.saturating_add(4)));
+    let escaped = printable(head);
+    if rest.is_empty() {
+        return bounded(&escaped, max).into_owned();
+    }
+    // `head` has more than `max` bytes (a character has at most 4), so it is cut too.
+    let cut = escaped.floor_char_boundary(max);
+    cut_mark(&escaped[..cut], escaped.len() - cut + rest.len())
 }
 
 #[cfg(test)]
@@ -63,5 +75,10 @@ mod tests {
         assert!(kept.len() < MAX_REASON_BYTES + 32, "{}", kept.len());
         assert!(kept.ends_with(&format!("[{} bytes cut]", (3 << 20) - MAX_REASON_BYTES)));
         assert!(!from_plugin("a\nb", 100).contains('\n'));
+        // Control characters past what is kept are not escaped (nor counted as escaped).
+        let controls = from_plugin(&"\u{1}".repeat(1 << 20), 100);
+        assert!(controls.starts_with("\\u{1}") && !controls.chars().any(char::is_control));
+        assert!(controls.len() < 100 + 32, "{}", controls.len());
+        assert!(controls.ends_with(&format!("[{} bytes cut]", 104 * 5 - 100 + (1 << 20) - 104)));
     }
 }

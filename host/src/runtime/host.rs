@@ -288,18 +288,11 @@ fn unavailable(e: impl std::fmt::Display) -> GuestError {
 /// are escaped: the rest would be cut anyway, and escaping grows a control character up to 8
 /// bytes (a 60 MiB line of them made ~300 MiB a call).
 fn log_text(line: &str, note: Option<&str>) -> String {
-    let mut keep = line.len().min(MAX_LOG_LINE + 4);
-    while !line.is_char_boundary(keep) {
-        keep -= 1;
-    }
+    let keep = line.floor_char_boundary(MAX_LOG_LINE + 4);
     let mut text = note.unwrap_or("").to_string();
     text.push_str(&crate::text::printable(&line[..keep]));
     if text.len() > MAX_LOG_LINE {
-        let mut cut = MAX_LOG_LINE;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
+        text.truncate(text.floor_char_boundary(MAX_LOG_LINE));
         text.push('…');
     }
     text
