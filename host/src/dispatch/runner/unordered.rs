@@ -109,8 +109,8 @@ impl Member {
                                 Effects::Committed | Effects::AlreadyDone | Effects::Discarded => {
                                     self.settle(&result, attempt, &m, false, &call).await;
                                     done.mark(&mut committed, m.offset);
-                                    self.publish(queue, &committer, committed);
                                     park(&parked, m.offset, permit);
+                                    self.publish(queue, &committer, committed);
                                 }
                             }
                         }
