@@ -43,6 +43,9 @@ const CF_KEYS: &str = "keys";
 const CF_RECORDS: &str = "records";
 /// Large values (plugin code, compiled artifacts), kept in RocksDB's blob files.
 const CF_BLOBS: &str = "blobs";
+/// The most messages a read tries on an async worker (see [`RocksStorage::read_fast`]): a
+/// runner's batch (256 × 256 B from the memtable is some tens of µs).
+const INLINE_READ_MAX: usize = 256;
 /// The WAL size past which the column families it holds are flushed: bounds crash recovery.
 const MAX_WAL_BYTES: u64 = 64 << 20;
 /// How many of RocksDB's info log files (`LOG`, `LOG.old.*`) the data dir keeps.
@@ -126,6 +129,8 @@ pub struct RocksStorage {
     /// (store times never decrease along offsets, offsets are never reused, a stored message
     /// never changes), so no age cut is due before that time plus the age limit.
     oldest: Mutex<OldestKept>,
+    /// Reads [`Self::read_fast`] could not serve from memory and sent to a blocking thread.
+    disk_reads: Arc<AtomicU64>,
 }
 
 /// Per topic, per queue: (offset, the store time of its message in ms since the epoch).
@@ -221,6 +226,7 @@ impl RocksStorage {
             deleted_since_compaction: Arc::default(),
             compaction: Mutex::new(None),
             oldest: Mutex::default(),
+            disk_reads: Arc::default(),
         })
     }
 
@@ -257,6 +263,71 @@ impl RocksStorage {
             .await
             .map_err(|e| StorageError::Corrupt(format!("reader task failed: {e}")))?
     }
+
+    /// A read that `f` first tries on this thread from memory only (the memtables and the block
+    /// cache: [`rocksdb::ReadTier::BlockCache`], where a read that would touch a file fails as
+    /// `Incomplete`), and only if that fails again on a blocking thread with every tier. What a
+    /// runner or a status call reads was mostly written moments ago: the hand-off to a
+    /// blocking thread and back cost more than the read (a status sweep over 1 000
+    /// subscriptions made two per subscription). It runs on an async worker, so only a
+    /// `small` read (a point read, at most [`INLINE_READ_MAX`] messages) is tried there.
+    async fn read_fast<T: Send + 'static>(
+        &self,
+        small: bool,
+        f: impl Fn(&DB, rocksdb::ReadTier) -> Result<T, ReadFail> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let db = self.db.get()?;
+        if small {
+            match f(&db, rocksdb::ReadTier::BlockCache) {
+                Ok(v) => return Ok(v),
+                Err(ReadFail::Storage(e)) => return Err(e),
+                Err(ReadFail::NotInMemory) => {}
+            }
+        }
+        self.disk_reads.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            f(&db, rocksdb::ReadTier::All).map_err(|e| match e {
+                ReadFail::Storage(e) => e,
+                ReadFail::NotInMemory => {
+                    StorageError::Backend("a read of every tier came back incomplete".into())
+                }
+            })
+        })
+        .await
+        .map_err(|e| StorageError::Corrupt(format!("reader task failed: {e}")))?
+    }
+}
+
+/// Why a [`RocksStorage::read_fast`] attempt failed: the data is not in memory (read again
+/// from disk), or an error to report.
+enum ReadFail {
+    NotInMemory,
+    Storage(StorageError),
+}
+
+impl From<rocksdb::Error> for ReadFail {
+    fn from(e: rocksdb::Error) -> Self {
+        match e.kind() {
+            rocksdb::ErrorKind::Incomplete => ReadFail::NotInMemory,
+            _ => ReadFail::Storage(e.into()),
+        }
+    }
+}
+
+impl From<StorageError> for ReadFail {
+    fn from(e: StorageError) -> Self {
+        ReadFail::Storage(e)
+    }
+}
+
+/// Read options for `tier`, iterating below `prefix`'s end when given.
+fn read_options(tier: rocksdb::ReadTier, prefix: Option<&[u8]>) -> rocksdb::ReadOptions {
+    let mut opts = match prefix {
+        Some(p) => bounded_by(p),
+        None => rocksdb::ReadOptions::default(),
+    };
+    opts.set_read_tier(tier);
+    opts
 }
 
 impl RocksStorage {
@@ -767,11 +838,11 @@ impl Storage for RocksStorage {
             keys::message(topic, queue, from),
             keys::queue_prefix(topic, queue),
         );
-        self.blocking(move |db| {
+        self.read_fast(limit <= INLINE_READ_MAX, move |db, tier| {
             let mut out = Vec::new();
             let iter = db.iterator_cf_opt(
                 cf(db, CF_MESSAGES)?,
-                bounded_by(&prefix),
+                read_options(tier, Some(&prefix)),
                 IteratorMode::From(&start, Direction::Forward),
             );
             for item in iter {
@@ -1020,15 +1091,17 @@ impl Storage for RocksStorage {
 
     async fn get_record(&self, space: &str, key: &str) -> Result<Option<Record>, StorageError> {
         let k = keys::record(space, key);
-        self.blocking(move |db| match db.get_cf(cf(db, CF_RECORDS)?, &k)? {
-            Some(v) => {
-                let (revision, payload) = keys::parse_record_value(&v)?;
-                Ok(Some(Record {
-                    revision,
-                    value: payload.to_vec(),
-                }))
+        self.read_fast(true, move |db, tier| {
+            match db.get_pinned_cf_opt(cf(db, CF_RECORDS)?, &k, &read_options(tier, None))? {
+                Some(v) => {
+                    let (revision, payload) = keys::parse_record_value(&v)?;
+                    Ok(Some(Record {
+                        revision,
+                        value: payload.to_vec(),
+                    }))
+                }
+                None => Ok(None),
             }
-            None => Ok(None),
         })
         .await
     }

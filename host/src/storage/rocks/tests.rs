@@ -374,3 +374,45 @@ async fn an_age_cut_reads_a_queue_again_only_once_its_oldest_message_can_have_ag
     assert_eq!(s.retention_cut("two", 1, limits, t3).await.unwrap(), 0);
     assert_eq!(scans(), 6, "queue 1's oldest message is still known");
 }
+
+/// A record or a runner-sized read of what is in the memtables or the block cache is served on
+/// the calling thread; after a reopen (nothing in memory) the same reads go to a blocking
+/// thread, return the same data, and the next ones are served from the block cache again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_what_is_in_memory_stay_on_the_calling_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
+    let batch = (0..300).map(|i| msg(0, None, &format!("m{i}"))).collect();
+    s.append("t", batch).await.unwrap();
+    s.put_record("sp", "k", Some(b"v".to_vec()), Expect::Any)
+        .await
+        .unwrap();
+    let disk = |s: &RocksStorage| s.disk_reads.load(Ordering::Relaxed);
+    let check = |msgs: Vec<StoredMessage>, from: u64, n: usize| {
+        assert_eq!(msgs.len(), n);
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m.offset, from + i as u64);
+            assert_eq!(m.message.body, format!("m{}", m.offset).into_bytes());
+        }
+    };
+    check(s.read("t", 0, 10, 256).await.unwrap(), 10, 256);
+    assert_eq!(s.get_record("sp", "k").await.unwrap().unwrap().value, b"v");
+    assert_eq!(s.get_record("sp", "none").await.unwrap(), None);
+    assert_eq!(disk(&s), 0, "served from the memtable");
+    // Past the inline bound: a blocking thread, whatever is in memory.
+    check(s.read("t", 0, 0, 300).await.unwrap(), 0, 300);
+    assert_eq!(disk(&s), 1);
+    s.close().await;
+    drop(s);
+
+    // Reopened: the memtables were flushed and the block cache is empty.
+    let s = RocksStorage::open(dir.path(), FlushMode::Sync).unwrap();
+    check(s.read("t", 0, 10, 256).await.unwrap(), 10, 256);
+    assert_eq!(s.get_record("sp", "k").await.unwrap().unwrap().value, b"v");
+    let after_open = disk(&s);
+    assert!(after_open >= 1, "read from table files: {after_open}");
+    check(s.read("t", 0, 10, 256).await.unwrap(), 10, 256);
+    assert_eq!(s.get_record("sp", "k").await.unwrap().unwrap().value, b"v");
+    assert_eq!(disk(&s), after_open, "the blocks read are cached now");
+    s.close().await;
+}
