@@ -46,6 +46,9 @@ const CF_BLOBS: &str = "blobs";
 /// The most messages a read tries on an async worker (see [`RocksStorage::read_fast`]): a
 /// runner's batch (256 × 256 B from the memtable is some tens of µs).
 const INLINE_READ_MAX: usize = 256;
+/// The most message bytes a read copies on an async worker: past them (large messages) it goes
+/// to a blocking thread.
+const INLINE_READ_BYTES: usize = 256 * 1024;
 /// The WAL size past which the column families it holds are flushed: bounds crash recovery.
 const MAX_WAL_BYTES: u64 = 64 << 20;
 /// How many of RocksDB's info log files (`LOG`, `LOG.old.*`) the data dir keeps.
@@ -270,7 +273,8 @@ impl RocksStorage {
     /// runner or a status call reads was mostly written moments ago: the hand-off to a
     /// blocking thread and back cost more than the read (a status sweep over 1 000
     /// subscriptions made two per subscription). It runs on an async worker, so only a
-    /// `small` read (a point read, at most [`INLINE_READ_MAX`] messages) is tried there.
+    /// `small` read (a point read, at most [`INLINE_READ_MAX`] messages and
+    /// [`INLINE_READ_BYTES`]) is tried there.
     async fn read_fast<T: Send + 'static>(
         &self,
         small: bool,
@@ -839,22 +843,35 @@ impl Storage for RocksStorage {
             keys::queue_prefix(topic, queue),
         );
         self.read_fast(limit <= INLINE_READ_MAX, move |db, tier| {
-            let mut out = Vec::new();
-            let iter = db.iterator_cf_opt(
+            let inline = tier == rocksdb::ReadTier::BlockCache;
+            let (mut out, mut bytes) = (Vec::new(), 0usize);
+            let mut iter = db.iterator_cf_opt(
                 cf(db, CF_MESSAGES)?,
                 read_options(tier, Some(&prefix)),
                 IteratorMode::From(&start, Direction::Forward),
             );
-            for item in iter {
+            // The iterator steps to the next key as it hands one out: asked once more after
+            // the last wanted message, it would report that key's block missing from memory
+            // and send a whole batch read from memory to a blocking thread again.
+            while out.len() < limit {
+                let Some(item) = iter.next() else { break };
                 let (k, v) = item?;
-                if !k.starts_with(&prefix) || out.len() >= limit {
+                if !k.starts_with(&prefix) {
                     break;
+                }
+                bytes = bytes.saturating_add(v.len());
+                if inline && bytes > INLINE_READ_BYTES {
+                    return Err(ReadFail::NotInMemory);
                 }
                 let m = decode_message(&k, &v)?;
                 if m.offset >= end {
                     break;
                 }
+                let last = m.offset.saturating_add(1) >= end;
                 out.push(m);
+                if last {
+                    break;
+                }
             }
             Ok(out)
         })

@@ -399,9 +399,19 @@ async fn reads_of_what_is_in_memory_stay_on_the_calling_thread() {
     assert_eq!(s.get_record("sp", "k").await.unwrap().unwrap().value, b"v");
     assert_eq!(s.get_record("sp", "none").await.unwrap(), None);
     assert_eq!(disk(&s), 0, "served from the memtable");
-    // Past the inline bound: a blocking thread, whatever is in memory.
+    // Past the inline bounds (messages, then bytes): a blocking thread, whatever is in memory.
     check(s.read("t", 0, 0, 300).await.unwrap(), 0, 300);
     assert_eq!(disk(&s), 1);
+    let big = "b".repeat(4096);
+    s.append("big", (0..100).map(|_| msg(0, None, &big)).collect())
+        .await
+        .unwrap();
+    assert_eq!(s.read("big", 0, 0, 50).await.unwrap().len(), 50);
+    assert_eq!(disk(&s), 1, "200 KiB is read inline");
+    let all = s.read("big", 0, 0, 100).await.unwrap();
+    assert_eq!(all.len(), 100);
+    assert!(all.iter().all(|m| m.message.body == big.as_bytes()));
+    assert_eq!(disk(&s), 2, "400 KiB is not");
     s.close().await;
     drop(s);
 
