@@ -133,7 +133,7 @@ pub struct RocksStorage {
     /// never changes), so no age cut is due before that time plus the age limit.
     oldest: Mutex<OldestKept>,
     /// Reads [`Self::read_fast`] could not serve from memory and sent to a blocking thread.
-    disk_reads: Arc<AtomicU64>,
+    disk_reads: AtomicU64,
 }
 
 /// Per topic, per queue: (offset, the store time of its message in ms since the epoch).
@@ -229,7 +229,7 @@ impl RocksStorage {
             deleted_since_compaction: Arc::default(),
             compaction: Mutex::new(None),
             oldest: Mutex::default(),
-            disk_reads: Arc::default(),
+            disk_reads: AtomicU64::default(),
         })
     }
 
@@ -288,9 +288,10 @@ impl RocksStorage {
                 Err(ReadFail::NotInMemory) => {}
             }
         }
+        drop(db);
         self.disk_reads.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || {
-            f(&db, rocksdb::ReadTier::All).map_err(|e| match e {
+        self.blocking(move |db| {
+            f(db, rocksdb::ReadTier::All).map_err(|e| match e {
                 ReadFail::Storage(e) => e,
                 ReadFail::NotInMemory => {
                     StorageError::Backend("a read of every tier came back incomplete".into())
@@ -298,7 +299,6 @@ impl RocksStorage {
             })
         })
         .await
-        .map_err(|e| StorageError::Corrupt(format!("reader task failed: {e}")))?
     }
 }
 
