@@ -205,6 +205,49 @@ async fn ordered_per_key_despite_failures_and_other_queues_keep_flowing() {
     }
 }
 
+/// An ordered queue hands a run of messages to its one instance at once; the instance stops the
+/// run at the first message not acked. With effects taking place at call time (at-least-once
+/// publishes to the audit topic), a message called past one being retried or dead-lettered
+/// would show in the audit before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_run_stops_at_a_retry_and_a_reject_and_counts_only_calls_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    setup(&s, "t", 1).await;
+    // Published before the subscription exists, so its first reads find them all.
+    let msgs: Vec<Value> = (0..200)
+        .map(|i| match i {
+            50 => json!({"body": {"seq": i, "fail_attempts": 2}}),
+            120 => json!({"body": {"seq": i, "reject": true}}),
+            _ => json!({"body": {"seq": i}}),
+        })
+        .collect();
+    publish_batch(&s, "t", msgs).await;
+    let spec = recorder_spec(
+        "t",
+        json!({"ordered": true, "instances": 1, "processing_guarantee": "at_least_once",
+               "retry": {"max_attempts": 5, "backoff_ms": [30]}}),
+    );
+    s.subscribe("g", spec).await;
+    let audit = s.wait_audit("audit", 199, 30).await;
+    let seqs: Vec<u64> = audit
+        .iter()
+        .map(|a| a["body"]["seq"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = (0..200).filter(|i| *i != 120).collect();
+    assert_eq!(seqs, want, "called out of queue order");
+    let st = s
+        .wait_until("/v1/subscriptions/g", 10, |v| {
+            v["lag"] == 0 && v["in_flight"] == 0
+        })
+        .await;
+    // 198 messages once, the retried one 3 times, the rejected one once: the messages a run
+    // dropped unstarted are not deliveries.
+    assert_eq!(st["counters"]["delivered"], 202, "{st}");
+    assert_eq!(st["counters"]["acked"], 199, "{st}");
+    assert_eq!(st["counters"]["dead_lettered"], 1, "{st}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_queue_blocks_alone() {
     let dir = tempfile::tempdir().unwrap();

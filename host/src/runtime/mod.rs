@@ -243,6 +243,16 @@ impl PluginCode {
         self.consumer.is_some()
     }
 
+    /// Whether the component imports the kv interface (`wasmq:plugin/kv` of wit/wasmq.wit);
+    /// one that does not can neither read nor write kv state.
+    pub fn imports_kv(&self) -> bool {
+        let component = self.pre.component();
+        component
+            .component_type()
+            .imports(component.engine())
+            .any(|(name, _)| name.split('@').next() == Some("wasmq:plugin/kv"))
+    }
+
     pub fn has_checker(&self) -> bool {
         self.checker.is_some()
     }

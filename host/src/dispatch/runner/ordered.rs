@@ -1,11 +1,13 @@
-//! The ordered loop of one queue: one message at a time, retried in place, delayed messages and
-//! retries delivered between messages of the queue, never beside one.
+//! The ordered loop of one queue: messages called in queue order (in runs), retried in place,
+//! delayed messages and retries delivered between messages of the queue, never beside one.
 
 use super::*;
+use worker::Gate;
 
 impl Member {
-    /// Ordered: one message of the queue at a time, in queue order; message n+1 is handed out
-    /// only after n is done. A failing message blocks its queue while it is retried; its
+    /// Ordered: the queue's messages in queue order; message n+1 is called only after n is
+    /// acked (a run of them goes to the worker at once, which stops at the first one not
+    /// acked: see `Member::run_length`). A failing message blocks its queue while it is retried; its
     /// attempts and next-attempt time are stored with the cursor, so its backoff holds across
     /// pause, update and restart. A delayed message leaves the queue order until it is due (a
     /// durable timer of this queue holds it), then takes its place: it is delivered between
@@ -133,60 +135,142 @@ impl Member {
                 () = self.cancel.cancelled() => break,
                 p = self.runner.in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
-            let attempt = cursor.head_attempts.saturating_add(1);
-            let Some(rx) = self.dispatch(m.clone(), attempt).await else {
+            let mut run = vec![(m, cursor.head_attempts.saturating_add(1), permit)];
+            // The messages after a head on its first attempt that need nothing but delivery
+            // go out with it, while in-flight permits are free (see `Member::run_length`).
+            if cursor.head_attempts == 0 {
+                for next in ahead.iter().skip(1).take(self.run_length.saturating_sub(1)) {
+                    let follows = run
+                        .last()
+                        .is_some_and(|(p, _, _)| p.offset + 1 == next.offset);
+                    if !follows
+                        || !self.filter.matches(next.message.tag.as_deref())
+                        || self.is_marked(queue, next.offset)
+                        || next.message.deliver_at > now
+                    {
+                        break;
+                    }
+                    let Ok(permit) = self.runner.in_flight.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    run.push((next.clone(), 1, permit));
+                }
+            }
+            let gate: Option<Gate> = (run.len() > 1).then(Gate::default);
+            let mut answers = Vec::with_capacity(run.len());
+            for (m, attempt, _) in &run {
+                match self.dispatch_gated(m.clone(), *attempt, gate.clone()).await {
+                    Some(rx) => answers.push(rx),
+                    None => break,
+                }
+            }
+            if answers.is_empty() {
                 break;
-            };
-            // Once handed out, the call is waited for, even when stopping; a message a
-            // stopping worker dropped unstarted stays the head, its attempts unchanged.
-            let Ok((result, staged, call)) = rx.await else {
-                break;
-            };
-            match self.commit_effects(&result, staged, &m, None).await {
-                // The head again, as the same attempt.
-                Effects::Rerun => {
-                    self.trace(&m, attempt, &call, &result, "rerun", None);
+            }
+            // Once handed out, the calls are waited for, even when stopping. The first one
+            // not done (retried, dropped unstarted, run again) halts the run: what follows it
+            // was dropped unstarted and stays ahead of the cursor, its attempts unchanged.
+            let mut halted = false;
+            let mut stop = false;
+            for ((m, attempt, permit), rx) in run.into_iter().zip(answers) {
+                let answer = rx.await;
+                if halted {
+                    match answer {
+                        // Dropped unstarted: the worker calls a run's items in order and drops
+                        // the rest once one is not acked.
+                        Err(_) => {
+                            self.runner
+                                .counters
+                                .delivered
+                                .fetch_sub(1, Ordering::Relaxed);
+                        }
+                        // Called after one that runs again (a kv key it read changed before
+                        // its effects were stored): its staged effects are dropped, and it runs
+                        // again after that one, as the same attempt.
+                        Ok((result, staged, call)) => {
+                            staged.discard(self.services.as_ref()).await;
+                            self.trace(&m, attempt, &call, &result, "rerun", None);
+                        }
+                    }
                     continue;
                 }
-                Effects::Stopped => break,
-                Effects::Committed | Effects::AlreadyDone | Effects::Discarded => {}
-            }
-            let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
-            count(&self.runner.counters, &result, &fate);
-            let (traced, next) = match &fate {
-                Disposition::Done => ("done", None),
-                Disposition::Retry { due, .. } => ("retry", Some(*due)),
-                Disposition::Dead { .. } => ("dead_lettered", None),
-            };
-            self.trace(&m, attempt, &call, &result, traced, next);
-            match fate {
-                Disposition::Done => {
-                    cursor = Cursor {
-                        committed: cursor.committed.saturating_add(1),
-                        ..Cursor::default()
-                    };
+                let Ok((result, staged, call)) = answer else {
+                    // Dropped unstarted by a stopping worker: not delivered.
+                    self.runner
+                        .counters
+                        .delivered
+                        .fetch_sub(1, Ordering::Relaxed);
+                    halted = true;
+                    stop = true;
+                    if let Some(g) = &gate {
+                        g.store(true, Ordering::Release);
+                    }
+                    continue;
+                };
+                match self.commit_effects(&result, staged, &m, None).await {
+                    // The head again, as the same attempt; what the run has not called yet is
+                    // not called before it.
+                    Effects::Rerun => {
+                        self.trace(&m, attempt, &call, &result, "rerun", None);
+                        halted = true;
+                        if let Some(g) = &gate {
+                            g.store(true, Ordering::Release);
+                        }
+                        continue;
+                    }
+                    Effects::Stopped => {
+                        halted = true;
+                        stop = true;
+                        if let Some(g) = &gate {
+                            g.store(true, Ordering::Release);
+                        }
+                        continue;
+                    }
+                    Effects::Committed | Effects::AlreadyDone | Effects::Discarded => {}
                 }
-                Disposition::Retry {
-                    due,
-                    attempts,
-                    error,
-                } => {
-                    tracing::debug!(group = %self.group, queue, attempts, %error, "ordered retry");
-                    cursor.head_attempts = attempts;
-                    cursor.head_due = due;
+                let fate = judge(&result, attempt, &self.spec.retry, block, now_ms());
+                count(&self.runner.counters, &result, &fate);
+                let (traced, next) = match &fate {
+                    Disposition::Done => ("done", None),
+                    Disposition::Retry { due, .. } => ("retry", Some(*due)),
+                    Disposition::Dead { .. } => ("dead_lettered", None),
+                };
+                self.trace(&m, attempt, &call, &result, traced, next);
+                // Anything but an ack closed the gate in the worker; what followed is dropped.
+                halted = !matches!(result, Ok(Outcome::Ack));
+                match fate {
+                    Disposition::Done => {
+                        cursor = Cursor {
+                            committed: cursor.committed.saturating_add(1),
+                            ..Cursor::default()
+                        };
+                    }
+                    Disposition::Retry {
+                        due,
+                        attempts,
+                        error,
+                    } => {
+                        tracing::debug!(group = %self.group, queue, attempts, %error, "ordered retry");
+                        cursor.head_attempts = attempts;
+                        cursor.head_due = due;
+                        halted = true;
+                    }
+                    Disposition::Dead { attempts, reason } => {
+                        self.dead_letter(&m, attempts, reason).await;
+                        cursor = Cursor {
+                            committed: cursor.committed.saturating_add(1),
+                            ..Cursor::default()
+                        };
+                    }
                 }
-                Disposition::Dead { attempts, reason } => {
-                    self.dead_letter(&m, attempts, reason).await;
-                    cursor = Cursor {
-                        committed: cursor.committed.saturating_add(1),
-                        ..Cursor::default()
-                    };
+                if cursor.committed > m.offset {
+                    park(&parked, m.offset, permit);
                 }
+                self.store_cursor(queue, &committer, cursor);
             }
-            if cursor.committed > m.offset {
-                park(&parked, m.offset, permit);
+            if stop {
+                break;
             }
-            self.store_cursor(queue, &committer, cursor);
         }
     }
 

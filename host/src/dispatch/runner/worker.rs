@@ -10,6 +10,30 @@ pub(super) struct WorkItem {
     pub(super) message: Arc<StoredMessage>,
     pub(super) attempt: u32,
     pub(super) reply: Reply,
+    /// The run of an ordered queue this item belongs to ([`Gate`]); `None` outside one.
+    pub(super) gate: Option<Gate>,
+}
+
+/// Closed by the worker when a call of an ordered run ends in anything but an ack: the items
+/// of the run after it are then dropped unstarted (their replies close), so nothing passes a
+/// message that is retried or dead-lettered. Sound because one worker serves the run's
+/// channel and calls its items one after another.
+pub(super) type Gate = Arc<std::sync::atomic::AtomicBool>;
+
+/// Closes `gate` (if any) unless `result` is an ack.
+fn close_unless_acked(gate: Option<&Gate>, result: &Result<Outcome, InvokeError>) {
+    if let Some(g) = gate
+        && !matches!(result, Ok(Outcome::Ack))
+    {
+        g.store(true, Ordering::Release);
+    }
+}
+
+/// True if the item's run was halted before it started.
+fn gated(item: &WorkItem) -> bool {
+    item.gate
+        .as_ref()
+        .is_some_and(|g| g.load(Ordering::Acquire))
 }
 
 /// What a call answered, with the kv writes and publishes it staged and when and where it ran.
@@ -87,7 +111,8 @@ pub(super) async fn worker(
     let mut failures = 0u64;
     // The replies of the items handed to the running batch, oldest first (each call answers
     // the oldest); a Mutex only because the batch's future must be Send.
-    let replies: std::sync::Mutex<std::collections::VecDeque<(Reply, String)>> = Default::default();
+    let replies: std::sync::Mutex<std::collections::VecDeque<(Reply, String, Option<Gate>)>> =
+        Default::default();
     let start = |item: WorkItem| -> Message {
         let m = &item.message.message;
         if item.attempt == 1 {
@@ -99,13 +124,13 @@ pub(super) async fn worker(
         replies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push_back((item.reply, message.id.clone()));
+            .push_back((item.reply, message.id.clone(), item.gate));
         message
     };
     loop {
         let item = { work.lock().await.recv().await };
         let Some(item) = item else { break };
-        if cancel.is_cancelled() {
+        if cancel.is_cancelled() || gated(&item) {
             continue;
         }
         let leased = tokio::select! {
@@ -117,6 +142,9 @@ pub(super) async fn worker(
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
+                if let Some(g) = &item.gate {
+                    g.store(true, Ordering::Release);
+                }
                 let _ = item.reply.send((
                     Err(e),
                     Staged::default(),
@@ -131,9 +159,14 @@ pub(super) async fn worker(
                 return None;
             }
             // Only what is there now: a batch never waits for work, nor for another instance
-            // that is waiting for work.
-            let item = work.try_lock().ok()?.try_recv().ok()?;
-            Some(start(item))
+            // that is waiting for work. Items of a halted run are dropped unstarted.
+            let mut rx = work.try_lock().ok()?;
+            loop {
+                let item = rx.try_recv().ok()?;
+                if !gated(&item) {
+                    return Some(start(item));
+                }
+            }
         };
         let done = |result: Result<Outcome, InvokeError>, took: Duration, staged: Staged| {
             duration.observe(took.as_secs_f64());
@@ -153,7 +186,8 @@ pub(super) async fn worker(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .pop_front();
-            if let Some((reply, id)) = oldest {
+            if let Some((reply, id, gate)) = oldest {
+                close_unless_acked(gate.as_ref(), &result);
                 if let Err(e) = &result {
                     // Sampled (1st, 2nd, 4th, … failure of this worker): a trap storm must not
                     // flood the log.
@@ -184,16 +218,24 @@ pub(super) async fn worker(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = handled
-            && let Some((reply, _)) = left.pop_front()
+            && let Some((reply, _, gate)) = left.pop_front()
         {
+            if let Some(g) = gate {
+                g.store(true, Ordering::Release);
+            }
             let _ = reply.send((
                 Err(e),
                 Staged::default(),
                 CallInfo::none(ctx.instance_index),
             ));
         }
-        // Whatever is left was cut off by `abort`: its replies close (not done).
-        left.clear();
+        // Whatever is left was cut off by `abort`: its replies close (not done), and their runs
+        // halt.
+        for (_, _, gate) in left.drain(..) {
+            if let Some(g) = gate {
+                g.store(true, Ordering::Release);
+            }
+        }
     }
     runtime.forget_key(&key);
 }
@@ -211,6 +253,16 @@ impl Member {
         &self,
         message: Arc<StoredMessage>,
         attempt: u32,
+    ) -> Option<oneshot::Receiver<Handled>> {
+        self.dispatch_gated(message, attempt, None).await
+    }
+
+    /// [`Self::dispatch`] of an item of an ordered run (see [`Gate`]).
+    pub(super) async fn dispatch_gated(
+        &self,
+        message: Arc<StoredMessage>,
+        attempt: u32,
+        gate: Option<Gate>,
     ) -> Option<oneshot::Receiver<Handled>> {
         if let Some(rate) = &self.rate {
             tokio::select! {
@@ -232,6 +284,7 @@ impl Member {
                 message,
                 attempt,
                 reply,
+                gate,
             })
             .await;
         Some(rx)
