@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use wasmq_tests::plugins::{
-    CHECKER, DEEP, ECHO, FUTURE_IMPORT, HOG, PROBE, REJECT_ALL, SNOOP, SPIN, TRAP,
+    CHECKER, DEEP, ECHO, FUTURE_IMPORT, HOG, PROBE, PROFILE_STORE, RECORDER, REJECT_ALL, SNOOP,
+    SPIN, TRAP,
 };
 use wasmq_tests::{TestServer, assert_error, config_in};
 
@@ -710,4 +711,20 @@ async fn versions_beyond_the_limit_are_pruned_unless_pinned() {
         assert_eq!(blob.is_some(), kept, "{digest}");
     }
     storage.close().await;
+}
+
+/// Ordered runs under exactly-once are only for plugins that cannot touch kv
+/// (`PluginCode::imports_kv`): the answer comes from the component's own imports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whether_a_plugin_imports_kv_is_read_from_its_component() {
+    use std::sync::Arc;
+    use wasmq::runtime::{Runtime, RuntimeConfig};
+    wasmq::capabilities::install_tls_provider();
+    let config = wasmq::config::Config::default();
+    let caps = Arc::new(wasmq::capabilities::Capabilities::new(&config).unwrap());
+    let runtime = Runtime::new(RuntimeConfig::from(&config), caps).unwrap();
+    for (path, imports_kv) in [(ECHO, false), (RECORDER, false), (PROFILE_STORE, true)] {
+        let (code, _) = runtime.compile(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(code.imports_kv(), imports_kv, "{path}");
+    }
 }

@@ -202,9 +202,7 @@ impl Member {
                         .fetch_sub(1, Ordering::Relaxed);
                     halted = true;
                     stop = true;
-                    if let Some(g) = &gate {
-                        g.store(true, Ordering::Release);
-                    }
+                    worker::close(gate.as_ref());
                     continue;
                 };
                 match self.commit_effects(&result, staged, &m, None).await {
@@ -213,17 +211,13 @@ impl Member {
                     Effects::Rerun => {
                         self.trace(&m, attempt, &call, &result, "rerun", None);
                         halted = true;
-                        if let Some(g) = &gate {
-                            g.store(true, Ordering::Release);
-                        }
+                        worker::close(gate.as_ref());
                         continue;
                     }
                     Effects::Stopped => {
                         halted = true;
                         stop = true;
-                        if let Some(g) = &gate {
-                            g.store(true, Ordering::Release);
-                        }
+                        worker::close(gate.as_ref());
                         continue;
                     }
                     Effects::Committed | Effects::AlreadyDone | Effects::Discarded => {}
@@ -253,7 +247,6 @@ impl Member {
                         tracing::debug!(group = %self.group, queue, attempts, %error, "ordered retry");
                         cursor.head_attempts = attempts;
                         cursor.head_due = due;
-                        halted = true;
                     }
                     Disposition::Dead { attempts, reason } => {
                         self.dead_letter(&m, attempts, reason).await;

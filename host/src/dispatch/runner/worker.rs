@@ -20,12 +20,17 @@ pub(super) struct WorkItem {
 /// channel and calls its items one after another.
 pub(super) type Gate = Arc<std::sync::atomic::AtomicBool>;
 
+/// Closes `gate` (if any): the worker drops the run's later items unstarted.
+pub(super) fn close(gate: Option<&Gate>) {
+    if let Some(g) = gate {
+        g.store(true, Ordering::Release);
+    }
+}
+
 /// Closes `gate` (if any) unless `result` is an ack.
 fn close_unless_acked(gate: Option<&Gate>, result: &Result<Outcome, InvokeError>) {
-    if let Some(g) = gate
-        && !matches!(result, Ok(Outcome::Ack))
-    {
-        g.store(true, Ordering::Release);
+    if !matches!(result, Ok(Outcome::Ack)) {
+        close(gate);
     }
 }
 
@@ -142,9 +147,7 @@ pub(super) async fn worker(
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(group = %ctx.group, plugin = %ctx.plugin, error = %e, "cannot instantiate");
-                if let Some(g) = &item.gate {
-                    g.store(true, Ordering::Release);
-                }
+                close(item.gate.as_ref());
                 let _ = item.reply.send((
                     Err(e),
                     Staged::default(),
@@ -220,9 +223,7 @@ pub(super) async fn worker(
         if let Err(e) = handled
             && let Some((reply, _, gate)) = left.pop_front()
         {
-            if let Some(g) = gate {
-                g.store(true, Ordering::Release);
-            }
+            close(gate.as_ref());
             let _ = reply.send((
                 Err(e),
                 Staged::default(),
@@ -232,9 +233,7 @@ pub(super) async fn worker(
         // Whatever is left was cut off by `abort`: its replies close (not done), and their runs
         // halt.
         for (_, _, gate) in left.drain(..) {
-            if let Some(g) = gate {
-                g.store(true, Ordering::Release);
-            }
+            close(gate.as_ref());
         }
     }
     runtime.forget_key(&key);
