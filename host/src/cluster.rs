@@ -290,6 +290,9 @@ pub struct Node {
     pub backend: &'static str,
     storage: Arc<dyn Storage>,
     stop: CancellationToken,
+    /// The heartbeat task; [`Node::stop`] waits for it (a beat in flight would otherwise write
+    /// the record back after the stop removed it, or hold the storage past its close).
+    heartbeat: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How often nodes heartbeat; a node silent for 3 beats is shown as down.
@@ -330,7 +333,7 @@ impl Node {
         beat().await?;
         let stop = CancellationToken::new();
         let token = stop.clone();
-        tokio::spawn(async move {
+        let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return,
@@ -346,6 +349,7 @@ impl Node {
             backend,
             storage,
             stop,
+            heartbeat: std::sync::Mutex::new(Some(heartbeat)),
         }))
     }
 
@@ -429,6 +433,16 @@ impl Node {
     /// Stops the heartbeat and removes this node's record (a clean stop is not a failure).
     pub async fn stop(&self) {
         self.stop.cancel();
+        let heartbeat = self
+            .heartbeat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = heartbeat
+            && let Err(e) = task.await
+        {
+            tracing::warn!(error = %e, "the node heartbeat ended abnormally");
+        }
         let _ = self
             .storage
             .put_record(NODE_SPACE, &self.id, None, Expect::Any)

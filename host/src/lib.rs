@@ -201,7 +201,9 @@ async fn serve(
         config.server.data_dir.join("artifacts"),
     ));
     let warm = plugins.clone();
-    tokio::spawn(async move { warm.warm_up().await });
+    // Ends with serving, however serving ends: it holds the storage, which closes after this.
+    let warming =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move { warm.warm_up().await }));
     let (backend, shared) = (storage.backend_name(), storage.shared());
     let loading = std::time::Instant::now();
     let transactions = Transactions::new(
@@ -232,11 +234,14 @@ async fn serve(
     );
     let checks = CancellationToken::new();
     let closing = CancellationToken::new();
+    let mut tallies = None;
     let checker = if shared {
         // Every node's log view holds the lines of all nodes' plugin instances, and every
         // node's status counts what all nodes delivered.
         logs.share(node.id.clone(), storage.clone(), checks.clone());
-        tokio::spawn(dispatcher.clone().listen_tallies(checks.clone()));
+        tallies = Some(tokio::spawn(
+            dispatcher.clone().listen_tallies(checks.clone()),
+        ));
         // Each node runs the subscription queues it holds leases for, and one of them the
         // check-backs; work moves when a node dies.
         tokio::spawn(coordinate(
@@ -296,6 +301,11 @@ async fn serve(
     checks.cancel();
     let _ = checker.await;
     let _ = retention.await;
+    if let Some(listening) = tallies {
+        let _ = listening.await;
+    }
+    warming.abort();
+    let _ = warming.await;
     dispatcher.shutdown().await;
     node.stop().await;
     served

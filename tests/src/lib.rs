@@ -109,7 +109,7 @@ impl TestServer {
                 let _ = rx.await;
             }),
         );
-        let server = TestServer {
+        let mut server = TestServer {
             addr,
             url: format!("http://{addr}"),
             client: reqwest::Client::new(),
@@ -120,8 +120,17 @@ impl TestServer {
         server
     }
 
-    async fn wait_healthy(&self) {
-        for _ in 0..500 {
+    /// Until the server answers `/healthz`, or its task ends: then the panic carries `run`'s
+    /// error (a data dir that would not open, say), not a timeout's guess. Two minutes only
+    /// catch a start that hangs (one takes milliseconds).
+    async fn wait_healthy(&mut self) {
+        let started = std::time::Instant::now();
+        loop {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "the server at {} neither answered nor ended in two minutes",
+                self.url
+            );
             if let Ok(r) = self
                 .client
                 .get(format!("{}/healthz", self.url))
@@ -131,9 +140,17 @@ impl TestServer {
             {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            if let Some(handle) = self.handle.take_if(|h| h.is_finished()) {
+                match handle.await {
+                    Ok(Err(e)) => panic!("the server at {} did not start: {e:#}", self.url),
+                    ended => panic!(
+                        "the server at {} ended before it answered: {ended:?}",
+                        self.url
+                    ),
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        panic!("server at {} never became healthy", self.url);
     }
 
     /// Graceful stop: in-flight requests finish, storage closes; returns `run`'s result.

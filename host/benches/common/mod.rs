@@ -64,11 +64,15 @@ impl Server {
             let _ = rx.await;
         }));
         let http = reqwest::Client::new();
-        for _ in 0..500 {
-            if http.get(format!("{url}/healthz")).send().await.is_ok() {
-                break;
+        // Until it answers, or its task ends (the open failed: its error is the panic's).
+        while http.get(format!("{url}/healthz")).send().await.is_err() {
+            if handle.is_finished() {
+                match handle.await {
+                    Ok(Err(e)) => panic!("the server at {url} did not start: {e:#}"),
+                    ended => panic!("the server at {url} ended before it answered: {ended:?}"),
+                }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Server {
             url,

@@ -765,13 +765,15 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Stops every subscription, letting in-flight messages finish, then gives up the leases
-    /// so other nodes take the queues over at once.
+    /// Stops every subscription, letting in-flight messages finish, writes their attempt
+    /// records, then gives up the leases so other nodes take the queues over at once.
     pub async fn shutdown(&self) {
         let _g = self.control.write().await;
         self.active.store(false, Ordering::Release);
         let runners: Vec<Runner> = self.runners.lock().await.drain().map(|(_, r)| r).collect();
         futures::future::join_all(runners.into_iter().map(Runner::stop)).await;
+        // The runners made their last attempt records: written before storage closes.
+        self.env.trace.close().await;
         if let Some(share) = &self.share {
             share.release_all().await;
         }

@@ -2,11 +2,13 @@
 //! written in batches off the delivery path, and where a message is now for each subscription
 //! of its topic (`GET /v1/messages/{id}/trace`, `wasmq message trace ID`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::spec::Mode;
 use super::state::{self, Cursor, SubscriptionRecord};
@@ -57,9 +59,12 @@ pub struct Attempt {
 
 /// Writes attempt records in batches: one storage step per batch, never on the delivery's
 /// path. Best effort, as RocketMQ's asynchronous trace: records still queued when the process
-/// dies are lost, and a full queue drops new ones (counted in `dropped`).
+/// dies are lost, and a full queue drops new ones (counted in `dropped`); a clean stop writes
+/// what is queued ([`TraceWriter::close`]) before storage closes.
 pub struct TraceWriter {
     tx: Option<mpsc::Sender<RecordWrite>>,
+    /// The writing task and what tells it to finish; taken by [`TraceWriter::close`].
+    writing: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
     seq: AtomicU64,
     /// Records dropped because the queue was full.
     pub dropped: AtomicU64,
@@ -69,15 +74,37 @@ impl TraceWriter {
     /// A writer into `storage`; `enabled: false` records nothing (`[retention]
     /// trace_max_age_ms = 0`). Needs a tokio runtime when enabled.
     pub fn new(storage: Arc<dyn Storage>, enabled: bool) -> Self {
-        let tx = enabled.then(|| {
+        let (tx, writing) = if enabled {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(write_batches(storage, rx));
-            tx
-        });
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(write_batches(storage, rx, stop.clone()));
+            (Some(tx), Some((stop, task)))
+        } else {
+            (None, None)
+        };
         Self {
             tx,
+            writing: Mutex::new(writing),
             seq: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Stops taking records (later ones are dropped and counted) and returns once every record
+    /// queued before is written: the writing task holds the storage, so it must be done before
+    /// storage closes (a RocksDB handle it still held kept the data dir locked, and a restart
+    /// in the same process then failed to open it). Later calls return at once.
+    pub async fn close(&self) {
+        let writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((stop, task)) = writing {
+            stop.cancel();
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "the trace writer ended abnormally");
+            }
         }
     }
 
@@ -104,10 +131,26 @@ impl TraceWriter {
     }
 }
 
-/// Writes what queued up, a batch at a time ([`Storage::put_records`]: one write on RocksDB).
-async fn write_batches(storage: Arc<dyn Storage>, mut rx: mpsc::Receiver<RecordWrite>) {
+/// Writes what queued up, a batch at a time ([`Storage::put_records`]: one write on RocksDB),
+/// until every sender is gone, or `stop` and what was queued before it is written.
+async fn write_batches(
+    storage: Arc<dyn Storage>,
+    mut rx: mpsc::Receiver<RecordWrite>,
+    stop: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    loop {
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => n,
+            () = stop.cancelled(), if !rx.is_closed() => {
+                // No new records; those buffered are still received, then 0.
+                rx.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
         if let Err(e) = storage.put_records(std::mem::take(&mut batch)).await {
             tracing::warn!(error = %e, "cannot store message trace records; dropped");
         }
@@ -269,5 +312,60 @@ fn members(record: &SubscriptionRecord) -> Vec<(String, Option<u32>)> {
             .collect()
     } else {
         vec![(state::member_name(false, 0), None)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FlushMode;
+    use crate::storage::rocks::RocksStorage;
+
+    fn attempt(n: u64) -> Attempt {
+        Attempt {
+            topic: "t".into(),
+            group: "g".into(),
+            member: "all".into(),
+            instance: 0,
+            node: "local".into(),
+            attempt: 1,
+            started_at: n,
+            duration_ms: 0.0,
+            outcome: "ack".into(),
+            reason: None,
+            fate: "done".into(),
+            next_attempt_at: None,
+        }
+    }
+
+    /// `close` returns once every record queued before it is stored (more than a batch of them,
+    /// all queued before the writer could take any), and the writer then lets go of the
+    /// storage; a record after it is dropped and counted, not written into a closed storage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_writes_every_queued_record_then_lets_go_of_the_storage() {
+        const QUEUED: u64 = 3 * BATCH as u64 + 7;
+        let dir = tempfile::tempdir().unwrap();
+        let storage: Arc<dyn Storage> =
+            Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+        let writer = TraceWriter::new(storage.clone(), true);
+        let id = uuid::Uuid::now_v7();
+        for n in 0..QUEUED {
+            writer.record(id, &attempt(n));
+        }
+        writer.close().await;
+        assert_eq!(
+            Arc::strong_count(&storage),
+            1,
+            "the writing task still holds the storage"
+        );
+        writer.record(id, &attempt(QUEUED));
+        assert_eq!(writer.dropped.load(Ordering::Relaxed), 1);
+        let stored = storage
+            .list_records(TRACE_SPACE, &id.to_string(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(stored.len() as u64, QUEUED);
+        writer.close().await;
+        storage.close().await;
     }
 }

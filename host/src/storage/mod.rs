@@ -532,7 +532,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Adds the backend's own metrics (group commit sizes, write times) to a scrape.
     fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 
-    /// Finishes every write already accepted, then refuses new ones.
+    /// Finishes every write already accepted, then refuses new ones (`Closed`). What the backend
+    /// holds is released when it returns, however many handles to the storage are left
+    /// (RocksDB's lock on its data dir: the dir can be opened again at once).
     async fn close(&self);
 }
 

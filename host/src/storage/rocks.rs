@@ -193,6 +193,7 @@ impl RocksStorage {
         let slot = Arc::new(Slot {
             dir: dir.to_path_buf(),
             db: RwLock::new(Some(db.clone())),
+            closed: Default::default(),
         });
         let high_water = Arc::new(RwLock::new(committed.clone()));
         *low_water.write().map_err(|_| StorageError::Closed)? = low;
@@ -1274,6 +1275,9 @@ impl Storage for RocksStorage {
     }
 
     async fn close(&self) {
+        if self.db.closed.load(Ordering::Acquire) {
+            return;
+        }
         let compaction = self.compaction.lock().ok().and_then(|mut c| c.take());
         if let Some(handle) = compaction {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
@@ -1315,6 +1319,15 @@ impl Storage for RocksStorage {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "closing storage that is not open"),
+        }
+        // Closed now, not when the last handle drops: a task that still holds the storage
+        // would keep the data dir locked (every later call of it answers `Closed`).
+        let slot = self.db.clone();
+        if tokio::task::spawn_blocking(move || slot.close_for_good())
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the database failed");
         }
     }
 }

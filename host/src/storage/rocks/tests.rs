@@ -311,6 +311,7 @@ async fn stored_bytes_by_family_and_part() {
     assert!(blobs >= 8192, "{blobs} bytes of blob files");
     // The writer's markers' family is listed too.
     value(&s, "default", "tables");
+    drop(db);
     s.close().await;
 }
 
@@ -425,4 +426,80 @@ async fn reads_of_what_is_in_memory_stay_on_the_calling_thread() {
     assert_eq!(s.get_record("sp", "k").await.unwrap().unwrap().value, b"v");
     assert_eq!(disk(&s), after_open, "the blocks read are cached now");
     s.close().await;
+}
+
+/// `close` releases the data dir whoever still holds the storage (a trace writer, a warm-up, a
+/// heartbeat that had not finished yet): the endurance bench's in-process restart failed with
+/// "lock hold by current process" when one of them outlived `run`. The handle left answers
+/// `Closed`, and what it had written is there for the next open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_the_data_dir_while_a_handle_is_still_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+    first.append("t", vec![msg(0, None, "kept")]).await.unwrap();
+    let still_held = first.clone();
+    first.close().await;
+    let second = RocksStorage::open(dir.path(), FlushMode::Async)
+        .expect("the dir opens again while the first storage's handle is still held");
+    let read = second.read("t", 0, 0, 10).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert!(matches!(
+        still_held.read("t", 0, 0, 10).await,
+        Err(StorageError::Closed)
+    ));
+    assert!(matches!(
+        still_held.append("t", vec![msg(0, None, "late")]).await,
+        Err(StorageError::Closed)
+    ));
+    // A second close of the closed storage neither waits nor touches the new one.
+    still_held.close().await;
+    assert_eq!(second.read("t", 0, 0, 10).await.unwrap().len(), 1);
+    second.close().await;
+}
+
+/// A read still running on a blocking thread when `close` is called (its caller gone: a
+/// request cut off, a runner stopped mid-read) holds the database: `close` waits for it, then
+/// releases the data dir, rather than returning with the dir still locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_for_a_read_in_flight_then_releases_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Arc::new(RocksStorage::open(dir.path(), FlushMode::Async).unwrap());
+    first.append("t", vec![msg(0, None, "kept")]).await.unwrap();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (reading, read_started) = tokio::sync::oneshot::channel::<()>();
+    let read = {
+        let s = first.clone();
+        tokio::spawn(async move {
+            s.blocking(move |db| {
+                let _ = reading.send(());
+                let _ = held.recv();
+                Ok(db
+                    .property_int_value("rocksdb.num-running-compactions")
+                    .is_ok())
+            })
+            .await
+        })
+    };
+    read_started.await.unwrap();
+    let closing = {
+        let s = first.clone();
+        tokio::spawn(async move { s.close().await })
+    };
+    // Until close has taken the database out: from then on it waits for the read.
+    while !first.db.closed.load(Ordering::Acquire) {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !closing.is_finished(),
+        "close returned while a read held the database"
+    );
+    release.send(()).unwrap();
+    closing.await.unwrap();
+    assert!(
+        read.await.unwrap().unwrap(),
+        "the read saw an open database"
+    );
+    let second = RocksStorage::open(dir.path(), FlushMode::Async).unwrap();
+    assert_eq!(second.read("t", 0, 0, 10).await.unwrap().len(), 1);
+    second.close().await;
 }

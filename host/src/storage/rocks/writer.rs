@@ -3,6 +3,8 @@
 
 use super::*;
 
+use std::sync::atomic::AtomicBool;
+
 pub(super) enum WriteOp {
     Append {
         topic: String,
@@ -187,7 +189,7 @@ impl Writer {
     /// the database, not the writer's memory, says what exists).
     fn reopen(&mut self) {
         self.db = None;
-        self.slot.close();
+        self.slot.close(None);
         let opened = open_db(&self.slot.dir, &self.low_water).and_then(|db| {
             let low = recover_low_water(&db)?;
             let (committed, stored_at) = recover_high_water(&db, &low)?;
@@ -673,29 +675,49 @@ impl Writer {
     }
 }
 
+/// How long a close waits for reads still holding the database (a scan of a long queue, say).
+const CLOSE_READS_WAIT: Duration = Duration::from_secs(30);
+
 /// The open database, shared by the writer and readers. Empty while the writer reopens it: after
 /// a failed WAL or table-file creation RocksDB stops taking writes (a background error) until the
 /// database is closed and opened again, and it can only be opened once it is closed.
 pub(super) struct Slot {
     pub(super) dir: PathBuf,
     pub(super) db: RwLock<Option<Arc<DB>>>,
+    /// Set by [`Slot::close_for_good`]: the storage was closed, not reopening.
+    pub(super) closed: AtomicBool,
 }
 
 impl Slot {
-    /// The database, or [`StorageError::Unavailable`] while it is being reopened.
+    /// The database; [`StorageError::Unavailable`] while it is being reopened,
+    /// [`StorageError::Closed`] once the storage was closed.
     pub(super) fn get(&self) -> Result<Arc<DB>, StorageError> {
         let guard = self
             .db
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         guard.clone().ok_or_else(|| {
-            StorageError::Unavailable("reopening the database after an I/O error".into())
+            if self.closed.load(Ordering::Acquire) {
+                StorageError::Closed
+            } else {
+                StorageError::Unavailable("reopening the database after an I/O error".into())
+            }
         })
     }
 
-    /// Takes the database out (readers now get `Unavailable`) and closes it once the reads
-    /// holding it have finished.
-    fn close(&self) {
+    /// Closes the database for good once the reads holding it have finished (blocks, at most
+    /// [`CLOSE_READS_WAIT`]): its lock file is released whoever still holds the storage, so the
+    /// data dir can be opened again in this process (RocksDB refuses a second open of a dir
+    /// while the first is open). Past the wait, it closes when the last read lets go.
+    pub(super) fn close_for_good(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.close(Some(CLOSE_READS_WAIT));
+    }
+
+    /// Takes the database out (readers now get `Unavailable`, or `Closed` once closed for good)
+    /// and closes it once the reads holding it have finished; with `give_up`, waits at most
+    /// that long (then the last read to finish closes it).
+    fn close(&self, give_up: Option<Duration>) {
         let taken = self
             .db
             .write()
@@ -712,6 +734,13 @@ impl Slot {
                 }
                 Err(held) => {
                     db = held;
+                    if give_up.is_some_and(|limit| started.elapsed() > limit) {
+                        tracing::warn!(
+                            "reads still hold the database after {:?}; it closes when they end",
+                            started.elapsed()
+                        );
+                        return;
+                    }
                     if !warned && started.elapsed() > Duration::from_secs(5) {
                         tracing::warn!("reads still hold the database after 5 s; waiting");
                         warned = true;
