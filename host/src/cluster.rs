@@ -430,7 +430,8 @@ impl Node {
         );
     }
 
-    /// Stops the heartbeat and removes this node's record (a clean stop is not a failure).
+    /// Stops the heartbeat and waits for it, then removes this node's record (a clean stop is
+    /// not a failure).
     pub async fn stop(&self) {
         self.stop.cancel();
         let heartbeat = self
@@ -447,6 +448,14 @@ impl Node {
             .storage
             .put_record(NODE_SPACE, &self.id, None, Expect::Any)
             .await;
+    }
+}
+
+impl Drop for Node {
+    /// A node dropped without [`Node::stop`] (serving ended with an error) stops beating too:
+    /// the heartbeat task does not hold the node, and would otherwise run on for good.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

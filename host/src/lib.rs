@@ -233,6 +233,8 @@ async fn serve(
         .with_trace_retention(config.retention.trace_max_age_ms),
     );
     let checks = CancellationToken::new();
+    // Serving that ends with an error (below) stops the checks, retention and listeners too.
+    let _stop_checks = checks.clone().drop_guard();
     let closing = CancellationToken::new();
     let mut tallies = None;
     let checker = if shared {

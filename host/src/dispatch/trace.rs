@@ -66,7 +66,7 @@ pub struct TraceWriter {
     /// The writing task and what tells it to finish; taken by [`TraceWriter::close`].
     writing: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
     seq: AtomicU64,
-    /// Records dropped because the queue was full.
+    /// Records dropped because the queue was full, or sent after [`TraceWriter::close`].
     pub dropped: AtomicU64,
 }
 

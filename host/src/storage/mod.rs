@@ -534,7 +534,10 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Finishes every write already accepted, then refuses new ones (`Closed`). What the backend
     /// holds is released when it returns, however many handles to the storage are left
-    /// (RocksDB's lock on its data dir: the dir can be opened again at once).
+    /// (RocksDB's lock on its data dir: the dir can be opened again at once); RocksDB waits
+    /// for reads in flight at most 30 s for that, after its last flush and at most 10 s of the
+    /// compactions that flush calls for. A second call returns at once, even while the first
+    /// is still closing.
     async fn close(&self);
 }
 

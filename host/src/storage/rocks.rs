@@ -12,7 +12,7 @@ use writer::{Slot, WriteOp, Writer};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,9 @@ pub struct RocksStorage {
     /// The compaction [`RocksStorage::reclaim`] started last (one at a time); joined on close,
     /// so the database is never held past it.
     compaction: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set when [`Storage::close`] begins: no compaction starts after it, a second close
+    /// returns at once.
+    closing: AtomicBool,
     /// Per topic and queue, an offset and its message's store time, as the last retention
     /// search found them. While the offset is the queue's low water its message is the oldest
     /// (store times never decrease along offsets, offsets are never reused, a stored message
@@ -229,6 +232,7 @@ impl RocksStorage {
             stats,
             deleted_since_compaction: Arc::default(),
             compaction: Mutex::new(None),
+            closing: AtomicBool::new(false),
             oldest: Mutex::default(),
             disk_reads: AtomicU64::default(),
         })
@@ -357,6 +361,9 @@ impl RocksStorage {
         let Ok(mut running) = self.compaction.lock() else {
             return;
         };
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
         let Ok(mut pending) = self.deleted_since_compaction.lock() else {
             return;
         };
@@ -1275,12 +1282,8 @@ impl Storage for RocksStorage {
     }
 
     async fn close(&self) {
-        if self.db.closed.load(Ordering::Acquire) {
+        if self.closing.swap(true, Ordering::AcqRel) {
             return;
-        }
-        let compaction = self.compaction.lock().ok().and_then(|mut c| c.take());
-        if let Some(handle) = compaction {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         // Dropping the last sender lets the writer drain what was accepted, then exit.
         if let Ok(mut tx) = self.tx.lock() {
@@ -1288,6 +1291,12 @@ impl Storage for RocksStorage {
         }
         let handle = self.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        // After the writer: a truncation it answered last may have started one. None starts
+        // after this (`reclaim` looks at `closing` under the same lock).
+        let compaction = self.compaction.lock().ok().and_then(|mut c| c.take());
+        if let Some(handle) = compaction {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         // In async mode the WAL may not be on disk yet; a clean stop makes it so. The memtables

@@ -3,8 +3,6 @@
 
 use super::*;
 
-use std::sync::atomic::AtomicBool;
-
 pub(super) enum WriteOp {
     Append {
         topic: String,
