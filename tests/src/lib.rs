@@ -64,6 +64,37 @@ fn capture_logs() {
     });
 }
 
+/// Polls `{url}/healthz` of a server running in this process until it answers 2xx, or until
+/// its task `handle` ends: then the panic carries `run`'s error (a data dir that would not
+/// open, say), not a timeout's guess. Every millisecond (the benches time restarts through
+/// it); two minutes only catch a start that hangs (one takes milliseconds). The tests' and
+/// the benches' in-process servers start through it.
+pub async fn wait_healthy(
+    client: &reqwest::Client,
+    url: &str,
+    handle: &mut JoinHandle<anyhow::Result<()>>,
+) {
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the server at {url} neither answered nor ended in two minutes"
+        );
+        if let Ok(r) = client.get(format!("{url}/healthz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        if handle.is_finished() {
+            match handle.await {
+                Ok(Err(e)) => panic!("the server at {url} did not start: {e:#}"),
+                ended => panic!("the server at {url} ended before it answered: {ended:?}"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 /// A config whose data lives in `dir`.
 pub fn config_in(dir: &Path) -> Config {
     let mut c = Config::default();
@@ -103,53 +134,20 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = serve(
+        let mut handle = serve(
             listener,
             Box::pin(async move {
                 let _ = rx.await;
             }),
         );
-        let mut server = TestServer {
+        let (url, client) = (format!("http://{addr}"), reqwest::Client::new());
+        wait_healthy(&client, &url, &mut handle).await;
+        TestServer {
             addr,
-            url: format!("http://{addr}"),
-            client: reqwest::Client::new(),
+            url,
+            client,
             shutdown: Some(tx),
             handle: Some(handle),
-        };
-        server.wait_healthy().await;
-        server
-    }
-
-    /// Until the server answers `/healthz`, or its task ends: then the panic carries `run`'s
-    /// error (a data dir that would not open, say), not a timeout's guess. Two minutes only
-    /// catch a start that hangs (one takes milliseconds).
-    async fn wait_healthy(&mut self) {
-        let started = std::time::Instant::now();
-        loop {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(120),
-                "the server at {} neither answered nor ended in two minutes",
-                self.url
-            );
-            if let Ok(r) = self
-                .client
-                .get(format!("{}/healthz", self.url))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return;
-            }
-            if let Some(handle) = self.handle.take_if(|h| h.is_finished()) {
-                match handle.await {
-                    Ok(Err(e)) => panic!("the server at {} did not start: {e:#}", self.url),
-                    ended => panic!(
-                        "the server at {} ended before it answered: {ended:?}",
-                        self.url
-                    ),
-                }
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 

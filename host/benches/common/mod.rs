@@ -60,20 +60,11 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(wasmq::run(listener, config, async move {
+        let mut handle = tokio::spawn(wasmq::run(listener, config, async move {
             let _ = rx.await;
         }));
         let http = reqwest::Client::new();
-        // Until it answers, or its task ends (the open failed: its error is the panic's).
-        while http.get(format!("{url}/healthz")).send().await.is_err() {
-            if handle.is_finished() {
-                match handle.await {
-                    Ok(Err(e)) => panic!("the server at {url} did not start: {e:#}"),
-                    ended => panic!("the server at {url} ended before it answered: {ended:?}"),
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wasmq_tests::wait_healthy(&http, &url, &mut handle).await;
         Server {
             url,
             http,
