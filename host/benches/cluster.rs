@@ -4,7 +4,8 @@
 //! publish, and time from the first publish until lag 0), for RocksDB `sync`, and JetStream R1
 //! (one nats-server) and R3 (three) under 1, 2 and 3 wasmq nodes, all on this machine; and
 //! raw JetStream end to end on the same servers (issue 25 goal 6: wasmq ≥ 0.8× of it).
-//! `--quick` shrinks it for CI; `WASMQ_BENCH_N` sets the message count.
+//! `--quick` shrinks it for CI; `WASMQ_BENCH_N` sets the message count; `WASMQ_BENCH_TRACE=0`
+//! runs wasmq without message trace (`[retention] trace_max_age_ms = 0`), to see what it costs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -53,6 +54,9 @@ async fn run(urls: Option<(Vec<String>, u32)>, nodes: usize, n: usize) -> (f64, 
         let urls = urls.clone();
         servers.push(
             common::Server::start_with(FlushMode::Sync, move |c| {
+                if std::env::var("WASMQ_BENCH_TRACE").is_ok_and(|v| v == "0") {
+                    c.retention.trace_max_age_ms = 0;
+                }
                 if let Some((urls, replicas)) = urls {
                     c.storage.backend = Backend::Jetstream;
                     c.storage.urls = urls;

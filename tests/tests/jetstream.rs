@@ -299,6 +299,7 @@ async fn a_server_on_jetstream_publishes_dispatches_decides_delays_and_restarts(
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
+    let late = v["id"].as_str().unwrap().to_string();
     let (st, txn) = s
         .post_json("/v1/topics/jobs/transactions", &json!({"body": {"txn": 1}}))
         .await;
@@ -319,6 +320,18 @@ async fn a_server_on_jetstream_publishes_dispatches_decides_delays_and_restarts(
     assert!(audit.iter().any(|a| a["body"]["txn"] == 1));
     let (_, found) = s.get("/v1/topics/jobs/messages?key=late").await;
     assert_eq!(found["messages"].as_array().unwrap().len(), 1, "{found}");
+    // Its attempt is on record (a trace page, a record on JetStream).
+    let trace = s
+        .wait_until(&format!("/v1/messages/{late}/trace"), 60, |t| {
+            t["subscriptions"][0]["state"] == "acked"
+        })
+        .await;
+    let attempts = trace["subscriptions"][0]["attempts"].as_array().unwrap();
+    assert_eq!(
+        (attempts.len(), &attempts[0]["fate"]),
+        (1, &json!("done")),
+        "{trace}"
+    );
     s.stop().await.unwrap();
 
     // A new process on the same JetStream: everything is there, offsets go on, nothing repeats.

@@ -254,7 +254,7 @@ impl Member {
         };
         self.trace.record(
             m.message.id,
-            &crate::dispatch::trace::Attempt {
+            crate::dispatch::trace::Attempt {
                 topic: m.topic.clone(),
                 group: self.group.clone(),
                 member: self.shared.name.clone(),
