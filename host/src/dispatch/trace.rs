@@ -33,11 +33,13 @@ const QUEUE: usize = 65_536;
 const BATCH: usize = 1024;
 /// How long the writer waits for a batch to fill before writing what it has: a page then
 /// holds many attempts, and a JetStream node makes a few record writes a batch instead of
-/// one per attempt (each a stored message and a subject nats-server tracks). A trace shows an
-/// attempt this much later at most; a clean stop writes at once.
+/// one per attempt (each a stored message and a subject nats-server tracks). An attempt is
+/// written this long plus the write before it after it happened (more while a backlog of
+/// attempts drains); a clean stop writes at once.
 const LINGER: Duration = Duration::from_millis(50);
 /// The span of message creation times one page covers (ms): a lookup decodes the pages of
-/// its message's span, so at 100 000 messages/s about 1 000 attempts per subscription.
+/// its message's span, so at 100 000 messages/s about 1 000 attempts per subscription. Part
+/// of the stored layout ([`page_prefix`]): another span would need lookups of both.
 const PAGE_MS: u64 = 10;
 /// The most bytes of one page record: an attempt is about 300 B of JSON (up to about 2.5 KiB
 /// with a plugin's longest reason), and JetStream's default largest message is 1 MiB.
@@ -217,8 +219,9 @@ pub async fn attempts_of(
             attempts.push(a);
         }
     }
-    // Stable: attempts started in the same millisecond keep the order they were queued in.
-    attempts.sort_by_key(|a| a.started_at);
+    // Stable: attempts started in the same millisecond keep their number's order, then the
+    // order they were queued in.
+    attempts.sort_by_key(|a| (a.started_at, a.attempt));
     Ok(attempts)
 }
 
@@ -270,7 +273,8 @@ pub struct MemberTrace {
     /// `pending` (not delivered yet), `delayed` (due later), `delivering`, `in_retry` (next
     /// attempt at `next_attempt_at`), `acked`, `dead_lettered`, `filtered` (its tag does not
     /// match), `expired` (retention deleted it first) or `passed` (the offset passed it with no
-    /// attempt on record: handled before its trace was kept, or its record was lost in a crash).
+    /// attempt on record: handled before its trace was kept, its record was lost in a crash,
+    /// or it is not written yet: the writer waits up to [`LINGER`] to fill a page, then writes).
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<u64>,
@@ -558,9 +562,11 @@ mod tests {
         #[test]
         fn a_page_goes_only_once_its_messages_are_older_than_the_cut(
             created in 1_600_000_000_000u64..1_600_000_100_000,
-            cut in 1_600_000_000_000u64..1_600_000_100_000,
+            // Cuts near the message (within three spans), where the page's end decides.
+            after in 0..6 * PAGE_MS,
             n: u16,
         ) {
+            let cut = created + after - 3 * PAGE_MS;
             let page = page_prefix(&id_at(created, n));
             let goes = page < first_id_of(cut);
             if created >= cut {
