@@ -74,13 +74,20 @@ pub async fn wait_healthy(
     url: &str,
     handle: &mut JoinHandle<anyhow::Result<()>>,
 ) {
-    let started = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(120),
+            !left.is_zero(),
             "the server at {url} neither answered nor ended in two minutes"
         );
-        if let Ok(r) = client.get(format!("{url}/healthz")).send().await
+        // Bounded too: the listener is bound before `run` starts, so a start that hangs takes
+        // the connection and never answers.
+        if let Ok(r) = client
+            .get(format!("{url}/healthz"))
+            .timeout(left)
+            .send()
+            .await
             && r.status().is_success()
         {
             return;
