@@ -1418,11 +1418,11 @@ async fn metric(s: &TestServer, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
 }
 
-/// Issue 23.2 on JetStream: the id and key index entries of each queue live in the queue's
-/// own index stream (`WQX_{topic}_{queue}`), go by the topic's age limit (the stream's own
-/// `max_age`) and by a purge after what size limits, consumption and topic deletion take, with
-/// no request per entry; ids carry their topic's tag and queue, so lookups by id and by key
-/// still answer, and nothing goes to the global index any more.
+/// Issue 23.2 on JetStream: the key index entries of each queue live in the queue's own index
+/// stream (`WQX_{topic}_{queue}`), go by the topic's age limit (the stream's own `max_age`) and
+/// by a purge after what size limits, consumption and topic deletion take, with no request per
+/// entry; ids carry their topic's tag and queue and are in their message's subject (issue 25),
+/// so lookups by id and by key still answer, and nothing goes to the global index any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_entries_on_jetstream_go_with_their_queue_by_age_size_and_consumption() {
     let nats = NatsServer::start().await;
@@ -1469,7 +1469,7 @@ async fn index_entries_on_jetstream_go_with_their_queue_by_age_size_and_consumpt
     let (_, by_key) = s.get("/v1/topics/brief/messages?key=k3").await;
     assert_eq!(by_key["messages"][0]["body"]["n"], 3, "{by_key}");
     let (a, b) = (index("brief", 0).await, index("brief", 1).await);
-    assert_eq!(a.0 + b.0, 12, "one id and one key entry per message");
+    assert_eq!(a.0 + b.0, 6, "one key entry per message, none per id");
     assert_eq!(a.1, std::time::Duration::from_secs(1));
     // Nothing in the global index, which keeps older entries by the longest age limit.
     assert_eq!(entries("KV_WQ_IDS".into()).await.0, 0);
@@ -1499,6 +1499,20 @@ async fn index_entries_on_jetstream_go_with_their_queue_by_age_size_and_consumpt
         s.get(&format!("/v1/messages/{}", ids[0])).await.0,
         StatusCode::NOT_FOUND
     );
+
+    // A topic whose messages have no key has no index stream; its ids are found all the same.
+    s.create_topic("keyless", 2).await;
+    let sent = s
+        .publish_batch("keyless", vec![json!({"body": 1}), json!({"body": 2})])
+        .await;
+    for r in sent["results"].as_array().unwrap() {
+        let id = r["id"].as_str().unwrap();
+        let (st, v) = s.get(&format!("/v1/messages/{id}")).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+    }
+    for q in 0..2 {
+        assert!(js.get_stream(format!("WQX_keyless_{q}")).await.is_err());
+    }
 
     // After consumption, on a topic without an age limit.
     put(
@@ -1644,4 +1658,109 @@ async fn two_nodes_incrementing_one_kv_key_lose_no_update() {
     assert_eq!(values, (1..=N).collect::<Vec<_>>());
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+/// Issue 25 goal 6: a message is appended on a subject that ends in its id, so a lookup by id
+/// needs no index entry per message. A queue written by a node from before (one subject, an
+/// id and a key entry per message in its index stream) keeps answering lookups; the first
+/// append binds the id subjects on its stream; a node not yet upgraded that narrows the stream
+/// again (its limit change writes back the subjects it read) costs no append, and each message
+/// is stored once, at the next offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_written_before_ids_went_into_subjects_stays_readable_and_is_widened_again() {
+    use async_nats::jetstream::stream::Config;
+    let nats = NatsServer::start().await;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let old = |name: &str, subject: &str| Config {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        allow_direct: true,
+        ..Default::default()
+    };
+    js.create_stream(old("WQM_old_0", "wqm.old.0"))
+        .await
+        .unwrap();
+    js.create_stream(old("WQX_old_0", "wqx.old.0.>"))
+        .await
+        .unwrap();
+    let message = |key: Option<&str>, body: &str| {
+        let mut m = conformance::msg(0, key, body);
+        m.id = wasmq::storage::message_id_for("old", 0);
+        m
+    };
+    let before = message(Some("k"), "before");
+    let publish = |subject: String, payload: Vec<u8>| {
+        let js = js.clone();
+        async move {
+            js.publish(subject, payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    publish("wqm.old.0".into(), rmp_serde::to_vec(&before).unwrap()).await;
+    let at = rmp_serde::to_vec(&0u64).unwrap();
+    publish(format!("wqx.old.0.i.{}", before.id), at.clone()).await;
+    publish("wqx.old.0.k.k".into(), at).await;
+    let info = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_stream(name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .clone()
+        }
+    };
+
+    let s = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+        .await
+        .unwrap();
+    let after = message(Some("k"), "after");
+    let appended = s.append("old", vec![after.clone()]).await.unwrap();
+    assert_eq!(appended[0].offset, 1);
+    let wide = ["wqm.old.0", "wqm.old.0.*"];
+    assert_eq!(info("WQM_old_0").await.config.subjects, wide);
+    assert_eq!(
+        info("WQX_old_0").await.state.messages,
+        3,
+        "the new message's key entry, no id entry"
+    );
+
+    // A node not yet upgraded changes the limits and writes back the one subject it read.
+    let mut narrowed = info("WQM_old_0").await.config;
+    narrowed.subjects = vec!["wqm.old.0".into()];
+    narrowed.max_age = std::time::Duration::from_secs(3600);
+    js.update_stream(&narrowed).await.unwrap();
+    let again = message(None, "again");
+    let appended = s.append("old", vec![again.clone()]).await.unwrap();
+    assert_eq!(appended[0].offset, 2);
+    let now = info("WQM_old_0").await;
+    assert_eq!(now.config.subjects, wide);
+    assert_eq!(now.config.max_age, std::time::Duration::from_secs(3600));
+    // Its appends, on the old subject with an id entry, land in the same queue and are found.
+    let late = message(None, "late");
+    publish("wqm.old.0".into(), rmp_serde::to_vec(&late).unwrap()).await;
+    let at = rmp_serde::to_vec(&3u64).unwrap();
+    publish(format!("wqx.old.0.i.{}", late.id), at).await;
+
+    let read = s.read("old", 0, 0, 10).await.unwrap();
+    let bodies: Vec<&[u8]> = read.iter().map(|m| m.message.body.as_slice()).collect();
+    assert_eq!(bodies, [&b"before"[..], b"after", b"again", b"late"]);
+    for (m, offset) in [(&before, 0), (&after, 1), (&again, 2), (&late, 3)] {
+        let found = s.message_by_id(m.id).await.unwrap().unwrap();
+        assert_eq!((found.offset, &found.message.body), (offset, &m.body));
+    }
+    let keyed: Vec<u64> = s
+        .messages_by_key("old", "k", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.offset)
+        .collect();
+    assert_eq!(keyed, [0, 1]);
+    s.close().await;
 }

@@ -609,6 +609,17 @@ pub async fn ids_that_carry_their_queue_are_found_until_their_range_goes(open: &
     }
     let keyed = s.messages_by_key("located", "shared", 10).await.unwrap();
     assert_eq!(keyed.len(), 3, "{keyed:?}");
+    // A key only in queue 2 of a topic whose queues 0 and 1 have none is found too.
+    for (queue, key) in [(0, None), (2, Some("late")), (1, None)] {
+        let mut m = msg(queue, key, "gap");
+        m.id = super::message_id_for("gap", queue);
+        s.append("gap", vec![m]).await.unwrap();
+    }
+    let keyed = s.messages_by_key("gap", "late", 10).await.unwrap();
+    assert_eq!(
+        keyed.iter().map(|m| m.message.queue).collect::<Vec<_>>(),
+        [2]
+    );
     // Queue 1 loses its first message: its id and key entries stop answering.
     s.truncate("located", 1, 1).await.unwrap();
     s.close().await;

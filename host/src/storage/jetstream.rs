@@ -151,8 +151,22 @@ fn stream_name(topic: &str, queue: u32) -> String {
     format!("WQM_{}_{queue}", enc(topic))
 }
 
+/// The subject of a queue's messages appended before ids went into subjects (still bound, so
+/// nodes not yet upgraded append there during a rolling upgrade).
 fn subject(topic: &str, queue: u32) -> String {
     format!("wqm.{}.{queue}", enc(topic))
+}
+
+/// The subject a message is appended on: its queue's, then its id, so a lookup by id is a
+/// direct get of the last message on that subject, with no index entry per message.
+fn id_subject(topic: &str, queue: u32, id: &MessageId) -> String {
+    format!("wqm.{}.{queue}.{id}", enc(topic))
+}
+
+/// The subjects of a queue stream that [`id_subject`] needs bound (a stream made before
+/// this layout has only [`subject`]'s).
+fn id_subjects(topic: &str, queue: u32) -> String {
+    format!("wqm.{}.{queue}.*", enc(topic))
 }
 
 fn record_key(space: &str, key: &str) -> String {
@@ -367,7 +381,7 @@ impl JetStreamStorage {
     fn queue_config(&self, topic: &str, queue: u32, limits: QueueLimits) -> stream::Config {
         stream::Config {
             name: stream_name(topic, queue),
-            subjects: vec![subject(topic, queue)],
+            subjects: vec![subject(topic, queue), id_subjects(topic, queue)],
             num_replicas: self.replicas,
             allow_direct: true,
             max_age: Duration::from_millis(limits.max_age_ms.unwrap_or(0)),
@@ -396,6 +410,31 @@ impl JetStreamStorage {
             config,
         )
         .await
+    }
+
+    /// Makes sure a queue's stream exists and binds [`id_subjects`], for an append: a stream
+    /// made before ids went into subjects (or narrowed again by a node not yet upgraded,
+    /// whose limit change writes back the subjects it read) gets that one subject added to
+    /// the subjects the server has now; whatever else is configured stays.
+    async fn append_stream(&self, topic: &str, queue: u32) -> Result<(), StorageError> {
+        let wide = id_subjects(topic, queue);
+        let name = stream_name(topic, queue);
+        if let Some(s) = self.queue_stream(topic, queue, true).await?
+            && s.cached_info().config.subjects.contains(&wide)
+        {
+            return Ok(());
+        }
+        let mut streams = self.streams.lock().await;
+        let err = |e: &dyn std::fmt::Display| js_err(&format!("stream {name}"), e);
+        let mut fresh = self.js.get_stream(&name).await.map_err(|e| err(&e))?;
+        let mut config = fresh.info().await.map_err(|e| err(&e))?.config.clone();
+        if !config.subjects.contains(&wide) {
+            config.subjects.push(wide);
+            self.js.update_stream(&config).await.map_err(|e| err(&e))?;
+            fresh = self.js.get_stream(&name).await.map_err(|e| err(&e))?;
+        }
+        streams.insert((topic.to_string(), queue), fresh);
+        Ok(())
     }
 
     /// A stream from `cache` (keyed by topic and queue), else looked up by `name`: created

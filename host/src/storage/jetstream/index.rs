@@ -1,11 +1,16 @@
-//! The id and business-key index on JetStream, one index stream per queue (`WQX_{topic}_{queue}`)
-//! beside the queue's own stream: the index goes with its queue, by the same age limit and by
-//! a purge after each deletion (size, consumption, the topic's deletion), with no request per
-//! entry. A message id carries its topic's tag and queue ([`crate::storage::message_id_for`]),
-//! so a lookup by id asks the index streams of that queue number only.
+//! Lookups by id and business key on JetStream. A message is appended on a subject that ends
+//! in its id (`wqm.{topic}.{queue}.{id}`), so a lookup by id is one direct get of that subject's
+//! last message, with no index entry per message. A message id carries its topic's tag and
+//! queue ([`crate::storage::message_id_for`]), so that lookup asks the streams of that queue
+//! number only. Business keys go to one index stream per queue (`WQX_{topic}_{queue}`, made at
+//! the queue's first keyed message) beside the queue's own stream: the index goes with its
+//! queue, by the same age limit and by a purge after each deletion (size, consumption, the
+//! topic's deletion), with no request per entry.
 //!
-//! Ids made otherwise (and every entry written before this layout) are in the global id
-//! bucket (`KV_WQ_IDS`) and key stream (`WQ_KEYS`), which lookups read second.
+//! Entries of older layouts are still read, after the current one: id entries in the index
+//! streams (written before ids went into subjects, and by nodes not yet upgraded during a
+//! rolling upgrade), and the global id bucket (`KV_WQ_IDS`) and key stream (`WQ_KEYS`) for ids
+//! made otherwise and for everything written before the per-queue index.
 
 use std::collections::VecDeque;
 
@@ -19,7 +24,8 @@ pub(super) fn index_stream_name(topic: &str, queue: u32) -> String {
     format!("WQX_{}_{queue}", enc(topic))
 }
 
-fn id_subject(topic: &str, queue: u32, id: &MessageId) -> String {
+/// An id entry's subject (the layout before ids went into message subjects; read only).
+fn index_id_subject(topic: &str, queue: u32, id: &MessageId) -> String {
     format!("wqx.{}.{queue}.i.{id}", enc(topic))
 }
 
@@ -91,22 +97,26 @@ impl JetStreamStorage {
             .await
     }
 
-    /// Gives a queue's index stream the queue's age limit (creating it if missing).
+    /// Gives a queue's index stream, if it has one, the queue's age limit (one made later
+    /// reads it from the queue's stream).
     pub(super) async fn prepare_index(
         &self,
         topic: &str,
         queue: u32,
         limits: QueueLimits,
     ) -> Result<(), StorageError> {
-        let stream = self.index_stream(topic, queue, false).await?;
+        let Some(stream) = self.index_stream(topic, queue, false).await? else {
+            return Ok(());
+        };
         let wanted = self.index_config(topic, queue, limits);
-        self.apply_limits(&self.index_streams, (topic, queue), stream, wanted)
+        self.apply_limits(&self.index_streams, (topic, queue), Some(stream), wanted)
             .await
     }
 
-    /// The index entries of appended messages whose ids carry their place (the others go to
-    /// the global index): one per id, one per business key, each published with a
-    /// `Nats-Msg-Id`, so a retried append writes it once within the duplicate window.
+    /// The key index entries of appended messages whose ids carry their place (the others go
+    /// to the global index): one per business key, published with a `Nats-Msg-Id`, so a
+    /// retried append writes it once within the duplicate window. A message without a key
+    /// has none (its id is in its subject).
     pub(super) async fn index_entries(
         &self,
         topic: &str,
@@ -115,34 +125,22 @@ impl JetStreamStorage {
     ) -> Result<Vec<futures::future::BoxFuture<'static, Result<u64, String>>>, StorageError> {
         let mut pending = Vec::new();
         for (m, a) in messages.iter().zip(appended) {
+            let Some(key) = &m.key else {
+                continue;
+            };
             self.index_stream(topic, a.queue, true).await?;
             let offset =
                 rmp_serde::to_vec(&a.offset).map_err(|e| StorageError::Encode(e.to_string()))?;
-            let mut entries = vec![(id_subject(topic, a.queue, &m.id), format!("{}:i", m.id))];
-            if let Some(key) = &m.key {
-                entries.push((key_subject(topic, a.queue, key), format!("{}:k", m.id)));
-            }
-            for (subject, msg_id) in entries {
-                let mut headers = HeaderMap::new();
-                headers.insert("Nats-Msg-Id", msg_id.as_str());
-                pending.push(self.publish_future(subject, headers, offset.clone()));
-            }
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{}:k", m.id).as_str());
+            pending.push(self.publish_future(key_subject(topic, a.queue, key), headers, offset));
         }
         Ok(pending)
     }
 
-    /// The message an id made by [`crate::storage::message_id_for`] names, from the index
-    /// streams of its queue whose topic has its tag (one request lists them, one direct get
-    /// each). `None`: not there (deleted, or an id made otherwise).
-    pub(super) async fn located(
-        &self,
-        id: &MessageId,
-    ) -> Result<Option<StoredMessage>, StorageError> {
-        let Some((tag, queue)) = crate::storage::id_locator(id) else {
-            return Ok(None);
-        };
-        // Every topic's index stream of this queue number, a page (JetStream's 1 024) at a time.
-        let filter = format!("wqx.*.{queue}.i.{id}");
+    /// The names of the streams one of whose subjects overlaps `filter`, a page (JetStream's
+    /// 1 024) at a time.
+    async fn stream_names(&self, filter: &str) -> Result<Vec<String>, StorageError> {
         let mut names = Vec::new();
         loop {
             let answer: serde_json::Value = self
@@ -152,46 +150,79 @@ impl JetStreamStorage {
                     &serde_json::json!({"subject": filter, "offset": names.len()}),
                 )
                 .await
-                .map_err(|e| js_err("index streams", e))?;
+                .map_err(|e| js_err("stream names", e))?;
             if let Some(error) = answer.get("error") {
-                return Err(js_err("index streams", error));
+                return Err(js_err("stream names", error));
             }
             let page = answer["streams"].as_array().cloned().unwrap_or_default();
             let total = answer["total"].as_u64().unwrap_or(0);
             let more = !page.is_empty() && ((names.len() + page.len()) as u64) < total;
-            names.extend(page);
+            names.extend(page.iter().filter_map(|n| n.as_str().map(str::to_string)));
             if !more {
-                break;
+                return Ok(names);
             }
         }
+    }
+
+    /// The topics with tag `tag` whose streams named `{prefix}{topic}_{queue}` are in `names`.
+    fn topics_in(names: &[String], prefix: &str, queue: u32, tag: u16) -> Vec<String> {
         let suffix = format!("_{queue}");
-        for name in names.iter().filter_map(|n| n.as_str()) {
-            let Some(topic) = name
-                .strip_prefix("WQX_")
-                .and_then(|n| n.strip_suffix(&suffix))
-                .and_then(|t| dec(t).ok())
-            else {
+        names
+            .iter()
+            .filter_map(|name| {
+                let topic = dec(name.strip_prefix(prefix)?.strip_suffix(&suffix)?).ok()?;
+                (crate::storage::topic_tag(&topic) == tag).then_some(topic)
+            })
+            .collect()
+    }
+
+    /// The message an id made by [`crate::storage::message_id_for`] names: by its subject in
+    /// the streams of its queue whose topic has its tag (one request lists them, one direct
+    /// get each), then in the id entries of the layout before (see the module's docs).
+    /// `None`: not there (deleted, or an id made otherwise).
+    pub(super) async fn located(
+        &self,
+        id: &MessageId,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        let Some((tag, queue)) = crate::storage::id_locator(id) else {
+            return Ok(None);
+        };
+        let names = self.stream_names(&format!("wqm.*.{queue}.{id}")).await?;
+        for topic in Self::topics_in(&names, "WQM_", queue, tag) {
+            let Some(stream) = self.queue_stream(&topic, queue, false).await? else {
                 continue;
             };
-            if crate::storage::topic_tag(&topic) != tag {
+            let Some(raw) = last_for_subject(&stream, &id_subject(&topic, queue, id)).await? else {
                 continue;
-            }
+            };
+            let message: NewMessage = rmp_serde::from_slice(&raw.payload)
+                .map_err(|e| StorageError::Corrupt(format!("message {topic}/{queue}/{id}: {e}")))?;
+            return Ok(Some(StoredMessage {
+                topic,
+                offset: raw.sequence.saturating_sub(1),
+                stored_at: epoch_ms(&raw.time),
+                message,
+            }));
+        }
+        self.located_in_index(id, tag, queue).await
+    }
+
+    /// [`Self::located`] in the index streams' id entries (the layout before ids went into
+    /// message subjects).
+    async fn located_in_index(
+        &self,
+        id: &MessageId,
+        tag: u16,
+        queue: u32,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        let names = self.stream_names(&format!("wqx.*.{queue}.i.{id}")).await?;
+        for topic in Self::topics_in(&names, "WQX_", queue, tag) {
             let Some(stream) = self.index_stream(&topic, queue, false).await? else {
                 continue;
             };
-            let subject = id_subject(&topic, queue, id);
-            let entry = match stream.direct_get_last_for_subject(&subject).await {
-                Ok(entry) => entry,
-                // A replica may not have applied the newest entries yet: the leader is asked,
-                // so a message is found by id as soon as its append was acknowledged.
-                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-                    match stream.get_last_raw_message_by_subject(&subject).await {
-                        Ok(entry) => entry,
-                        Err(e) if no_message(&e) => continue,
-                        Err(e) => return Err(js_err("id lookup", e)),
-                    }
-                }
-                Err(e) => return Err(js_err("id lookup", e)),
+            let subject = index_id_subject(&topic, queue, id);
+            let Some(entry) = last_for_subject(&stream, &subject).await? else {
+                continue;
             };
             let offset: u64 = rmp_serde::from_slice(&entry.payload)
                 .map_err(|e| StorageError::Corrupt(format!("id index {id}: {e}")))?;
@@ -203,7 +234,7 @@ impl JetStreamStorage {
     }
 
     /// Messages of `topic` with business key `key` from its queues' index streams, oldest
-    /// first per queue, at most `limit`.
+    /// first per queue, queues in order, at most `limit`.
     pub(super) async fn keyed(
         &self,
         topic: &str,
@@ -211,13 +242,23 @@ impl JetStreamStorage {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError> {
         let mut out = Vec::new();
-        // Queues are numbered from 0 up; the first without an index stream ends them.
-        for queue in 0u32.. {
+        // The topic's queues with an index stream (made at a queue's first keyed message), in
+        // queue order.
+        let names = self
+            .stream_names(&format!("wqx.{}.*.k.{}", enc(topic), enc(key)))
+            .await?;
+        let prefix = format!("WQX_{}_", enc(topic));
+        let mut queues: Vec<u32> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix)?.parse().ok())
+            .collect();
+        queues.sort_unstable();
+        for queue in queues {
             if out.len() >= limit {
                 break;
             }
             let Some(stream) = self.index_stream(topic, queue, false).await? else {
-                break;
+                continue;
             };
             let found = self
                 .scan(&stream, key_subject(topic, queue, key), limit - out.len())
@@ -293,5 +334,25 @@ impl JetStreamStorage {
                 .map_err(|e| js_err("index purge", e))?;
         }
         Ok(low)
+    }
+}
+
+/// The last message on `subject` of `stream`: a direct get, else (a replica that has not
+/// applied the newest messages yet) the stream's leader, so a message is found by id as soon
+/// as its append was acknowledged. `None`: no message on that subject.
+async fn last_for_subject(
+    stream: &Stream,
+    subject: &str,
+) -> Result<Option<jetstream::message::StreamMessage>, StorageError> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+            match stream.get_last_raw_message_by_subject(subject).await {
+                Ok(m) => Ok(Some(m)),
+                Err(e) if no_message(&e) => Ok(None),
+                Err(e) => Err(js_err("id lookup", e)),
+            }
+        }
+        Err(e) => Err(js_err("id lookup", e)),
     }
 }

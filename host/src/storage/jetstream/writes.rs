@@ -32,47 +32,82 @@ impl JetStreamStorage {
         topic: &str,
         messages: &[NewMessage],
     ) -> Result<Vec<Appended>, StorageError> {
+        let appended = match self.publish_messages(topic, messages).await? {
+            Ok(appended) => appended,
+            // A queue's stream was deleted, or narrowed by a node not yet upgraded, after this
+            // node cached it: made (or widened) again and the whole batch sent again. What
+            // was stored is stored once (its `Nats-Msg-Id`) and keeps its offset.
+            Err(_) => self.publish_messages(topic, messages).await??,
+        };
+        self.index_and_announce(topic, messages, &appended).await?;
+        Ok(appended)
+    }
+
+    /// Publishes `messages` on their id subjects, back to back on one connection (per queue,
+    /// offsets follow the given order), and waits for every acknowledgement. The inner error:
+    /// a queue's stream no longer binds the subject (its cache entry is dropped, so a second
+    /// try makes or widens it again).
+    async fn publish_messages(
+        &self,
+        topic: &str,
+        messages: &[NewMessage],
+    ) -> Result<Result<Vec<Appended>, StorageError>, StorageError> {
         let mut acks = Vec::with_capacity(messages.len());
-        // Published back to back on one connection: per queue, offsets follow the given order.
+        let mut ready: Vec<u32> = Vec::new();
         for m in messages {
-            self.queue_stream(topic, m.queue, true).await?;
+            if !ready.contains(&m.queue) {
+                self.append_stream(topic, m.queue).await?;
+                ready.push(m.queue);
+            }
             let payload = rmp_serde::to_vec(m).map_err(|e| StorageError::Encode(e.to_string()))?;
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", m.id.to_string().as_str());
             let ack = self
                 .js
-                .publish_with_headers(subject(topic, m.queue), headers, payload.into())
+                .publish_with_headers(id_subject(topic, m.queue, &m.id), headers, payload.into())
                 .await
                 .map_err(|e| js_err("append", e))?;
             acks.push(ack);
         }
         let mut appended = Vec::with_capacity(messages.len());
+        let mut gone = None;
         for (m, ack) in messages.iter().zip(acks) {
-            let ack = match ack.await {
-                Ok(a) => a,
-                Err(e) => {
-                    if e.kind() == PublishErrorKind::StreamNotFound {
-                        // Deleted behind our back: made again on the producer's retry.
-                        self.streams
-                            .lock()
-                            .await
-                            .remove(&(topic.to_string(), m.queue));
-                    }
-                    return Err(js_err("append", e));
+            match ack.await {
+                Ok(a) => appended.push(Appended {
+                    id: m.id,
+                    queue: m.queue,
+                    offset: a.sequence.saturating_sub(1),
+                }),
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    self.streams
+                        .lock()
+                        .await
+                        .remove(&(topic.to_string(), m.queue));
+                    gone = Some(js_err("append", e));
                 }
-            };
-            appended.push(Appended {
-                id: m.id,
-                queue: m.queue,
-                offset: ack.sequence.saturating_sub(1),
-            });
+                Err(e) => return Err(js_err("append", e)),
+            }
         }
-        // The indexes, before the append is acknowledged: a retry rewrites them idempotently.
-        // Ids that carry their place go to their queue's index stream, others to the global
-        // index.
+        Ok(match gone {
+            Some(e) => Err(e),
+            None => Ok(appended),
+        })
+    }
+
+    /// The index entries of appended messages, before the append is acknowledged (a retry
+    /// rewrites them idempotently), then the news of the append to this node's watchers and
+    /// the other nodes'.
+    async fn index_and_announce(
+        &self,
+        topic: &str,
+        messages: &[NewMessage],
+        appended: &[Appended],
+    ) -> Result<(), StorageError> {
+        // Ids that carry their place are found by their subject, and their business keys go to
+        // their queue's index stream; other ids (and their keys) go to the global index.
         let mut pending = Vec::new();
         let (mut located, mut located_at) = (Vec::new(), Vec::new());
-        for (m, a) in messages.iter().zip(&appended) {
+        for (m, a) in messages.iter().zip(appended) {
             if crate::storage::id_locates(&m.id, topic, a.queue) {
                 located.push(m);
                 located_at.push(a);
@@ -113,7 +148,7 @@ impl JetStreamStorage {
             .client
             .publish(format!("wqn.{}", enc(topic)), bytes::Bytes::new())
             .await;
-        Ok(appended)
+        Ok(())
     }
 
     pub(super) async fn write_record(
