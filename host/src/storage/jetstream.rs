@@ -1,9 +1,10 @@
 //! The NATS JetStream backend of the storage trait, for several wasmq nodes on one JetStream
 //! cluster: one stream per (topic, queue), so the stream sequence is the dense queue offset
 //! (sequence = offset + 1) and concurrent appenders on any node get distinct offsets; records in
-//! one KV bucket (its revision is the compare-and-set revision); message ids and business keys
-//! indexed in a KV bucket and a stream; blobs in an object store. Appends carry the message id
-//! as `Nats-Msg-Id`, so a retried append inside JetStream's duplicate window is stored once.
+//! one KV bucket (its revision is the compare-and-set revision); a message's id in its subject
+//! and business keys in an index stream per queue (`index.rs`); blobs in an object store.
+//! Appends carry the message id as `Nats-Msg-Id`, so a retried append inside JetStream's
+//! duplicate window is stored once.
 //! Acknowledged means acknowledged by JetStream on its replicas (nats-server 2.9 fsyncs every
 //! 2 minutes, so this is the relaxed kind of durability there).
 
@@ -55,6 +56,16 @@ pub const INTENT_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Direct gets in flight per read.
 const READ_AHEAD: usize = 64;
+/// The smallest read that leaves a reader where it ended (see `reads.rs`): the runners'
+/// reads of a backlog, not lookups.
+const READER_MIN_LIMIT: usize = 64;
+/// How long a reader's consumer lives on the server without a pull.
+const READER_IDLE: Duration = Duration::from_secs(10);
+/// How long a pull from a reader may take before the read falls back to direct gets (its
+/// consumer's server gone, say): a pull of what is there answers at once.
+const READER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Readers kept per queue (a runner's, and one more: a listing through the API).
+const READERS_PER_QUEUE: usize = 2;
 /// How long a lost append notification (`wqn.{topic}`) can delay an idle reader.
 const RECHECK_IDLE: Duration = Duration::from_secs(1);
 
@@ -242,6 +253,8 @@ pub struct JetStreamStorage {
     /// Each queue's index stream (see `index.rs`).
     index_streams: tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
     index_checkpoints: index::Checkpoints,
+    /// Where reads of each queue left a consumer (see `reads.rs`).
+    readers: std::sync::Mutex<reads::Readers>,
 }
 
 impl std::fmt::Debug for JetStreamStorage {
@@ -364,6 +377,7 @@ impl JetStreamStorage {
             index_age: std::sync::Mutex::new(None),
             index_streams: Default::default(),
             index_checkpoints: Default::default(),
+            readers: Default::default(),
         };
         storage.finish_intents(INTENT_AGE, true).await?;
         Ok(storage)
@@ -808,11 +822,13 @@ impl Storage for JetStreamStorage {
         limits: QueueLimits,
     ) -> Result<(), StorageError> {
         for queue in 0..queues {
-            self.prepare_index(topic, queue, limits).await?;
             let stream = self.queue_stream(topic, queue, false).await?;
             let wanted = self.queue_config(topic, queue, limits);
             self.apply_limits(&self.streams, (topic, queue), stream, wanted)
                 .await?;
+            // After the queue stream: an index stream made meanwhile on another node reads
+            // the queue's age after it was made (see `index_stream`).
+            self.prepare_index(topic, queue, limits).await?;
         }
         Ok(())
     }
@@ -899,6 +915,8 @@ impl Storage for JetStreamStorage {
         INTENT_AGE
     }
 
+    /// A queue read on from where an earlier read of a backlog ended is one pull request to
+    /// a consumer kept there (see `reads.rs`); any other read is direct gets.
     async fn read(
         &self,
         topic: &str,
@@ -906,57 +924,22 @@ impl Storage for JetStreamStorage {
         from: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StorageError> {
-        let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
-            return Ok(Vec::new());
-        };
-        let state = &stream.info().await.map_err(|e| js_err("read", e))?.state;
-        let last = state.last_sequence;
-        // Below the low water (purged by retention): start at the first message kept.
-        let from = from.max(low_water_of(state));
-        let end = last.min(from.saturating_add(limit as u64));
-        let gets = (from + 1..=end).map(|seq| {
-            let stream = stream.clone();
-            async move {
-                match stream.direct_get(seq).await {
-                    Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
-                    // Direct gets may be answered by a replica that has not applied the newest
-                    // messages yet: the leader, whose state said they are there, is asked.
-                    // Not there either: purged since (a read ends before it).
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-                        match stream.get_raw_message(seq).await {
-                            Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
-                            Err(e) if no_message(&e) => Ok(None),
-                            Err(e) => Err(js_err(&format!("read {seq}"), e)),
-                        }
-                    }
-                    Err(e) => Err(js_err(&format!("read {seq}"), e)),
-                }
-            }
-        });
-        let found: Vec<Option<(u64, bytes::Bytes)>> = futures::stream::iter(gets)
-            .buffered(READ_AHEAD)
-            .try_collect()
-            .await?;
-        let mut out = Vec::with_capacity(found.len());
-        for (seq, payload) in (from + 1..).zip(found) {
-            let Some((stored_at, payload)) = payload else {
-                break;
-            };
-            let message: NewMessage = rmp_serde::from_slice(&payload).map_err(|e| {
-                StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
-            })?;
-            out.push(StoredMessage {
-                topic: topic.to_string(),
-                offset: seq - 1,
-                stored_at,
-                message,
-            });
+        if let Some(read) = self.read_on(topic, queue, from, limit).await {
+            return Ok(read);
         }
-        Ok(out)
+        let read = self.read_direct(topic, queue, from, limit).await?;
+        if limit >= READER_MIN_LIMIT
+            && read.len() == limit
+            && let Some(last) = read.last()
+        {
+            self.keep_reader(topic, queue, last.offset + 1).await;
+        }
+        Ok(read)
     }
 
-    /// The queue index streams first (ids made by [`crate::storage::message_id_for`]), then
-    /// the global id bucket (other ids, and entries from before the per-queue index).
+    /// The id's queue first (ids made by [`crate::storage::message_id_for`]: the message's
+    /// subject, then an id entry of the layout before), then the global id bucket (other ids,
+    /// and entries from before the per-queue index).
     async fn message_by_id(&self, id: MessageId) -> Result<Option<StoredMessage>, StorageError> {
         if let Some(m) = self.located(&id).await? {
             return Ok(Some(m));

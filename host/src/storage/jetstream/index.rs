@@ -78,23 +78,43 @@ impl JetStreamStorage {
         let config = if create {
             // A queue stream made before the topic's limits were known (an append) has none;
             // prepare_topic gives both the topic's.
-            let limits = match self.queue_stream(topic, queue, false).await? {
-                Some(mut s) => {
-                    let c = &s.info().await.map_err(|e| js_err(&name, e))?.config;
-                    QueueLimits {
-                        max_age_ms: (!c.max_age.is_zero())
-                            .then(|| u64::try_from(c.max_age.as_millis()).unwrap_or(u64::MAX)),
-                        max_bytes: None,
-                    }
-                }
-                None => QueueLimits::default(),
-            };
+            let limits = self.queue_age(topic, queue).await?;
             Some(self.index_config(topic, queue, limits))
         } else {
             None
         };
-        self.cached_stream(&self.index_streams, (topic, queue), name, config)
+        let made = config.is_some();
+        let found = self
+            .cached_stream(&self.index_streams, (topic, queue), name, config)
+            .await?;
+        if made {
+            // The topic's limits may have changed on another node between the read above and
+            // the creation: that node's prepare_topic changes the queue stream first, then
+            // the index stream if it exists, so reading the queue's age again here leaves the
+            // index with the newest one either way.
+            let wanted = self.index_config(topic, queue, self.queue_age(topic, queue).await?);
+            self.apply_limits(&self.index_streams, (topic, queue), found.clone(), wanted)
+                .await?;
+        }
+        Ok(found)
+    }
+
+    /// A queue stream's age limit, as its index stream's limits (none if it does not exist).
+    async fn queue_age(&self, topic: &str, queue: u32) -> Result<QueueLimits, StorageError> {
+        let Some(mut queue_stream) = self.queue_stream(topic, queue, false).await? else {
+            return Ok(QueueLimits::default());
+        };
+        let age = queue_stream
+            .info()
             .await
+            .map_err(|e| js_err(&stream_name(topic, queue), e))?
+            .config
+            .max_age;
+        Ok(QueueLimits {
+            max_age_ms: (!age.is_zero())
+                .then(|| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+            max_bytes: None,
+        })
     }
 
     /// Gives a queue's index stream, if it has one, the queue's age limit (one made later
@@ -176,10 +196,10 @@ impl JetStreamStorage {
             .collect()
     }
 
-    /// The message an id made by [`crate::storage::message_id_for`] names: by its subject in
-    /// the streams of its queue whose topic has its tag (one request lists them, one direct
-    /// get each), then in the id entries of the layout before (see the module's docs).
-    /// `None`: not there (deleted, or an id made otherwise).
+    /// The message an id made by [`crate::storage::message_id_for`] names, in the streams of
+    /// its queue whose topic has its tag (one request lists them): by its subject, one direct
+    /// get; else by an id entry of the layout before in the queue's index stream (see the
+    /// module's docs). `None`: not there (deleted, or an id made otherwise).
     pub(super) async fn located(
         &self,
         id: &MessageId,
@@ -187,41 +207,29 @@ impl JetStreamStorage {
         let Some((tag, queue)) = crate::storage::id_locator(id) else {
             return Ok(None);
         };
-        let names = self.stream_names(&format!("wqm.*.{queue}.{id}")).await?;
+        // Every queue stream binds its queue's own subject, widened to id subjects or not (a
+        // node not yet upgraded may have narrowed it again): its messages keep their subjects.
+        let names = self.stream_names(&format!("wqm.*.{queue}")).await?;
         for topic in Self::topics_in(&names, "WQM_", queue, tag) {
             let Some(stream) = self.queue_stream(&topic, queue, false).await? else {
                 continue;
             };
-            let Some(raw) = last_for_subject(&stream, &id_subject(&topic, queue, id)).await? else {
-                continue;
-            };
-            let message: NewMessage = rmp_serde::from_slice(&raw.payload)
-                .map_err(|e| StorageError::Corrupt(format!("message {topic}/{queue}/{id}: {e}")))?;
-            return Ok(Some(StoredMessage {
-                topic,
-                offset: raw.sequence.saturating_sub(1),
-                stored_at: epoch_ms(&raw.time),
-                message,
-            }));
-        }
-        self.located_in_index(id, tag, queue).await
-    }
-
-    /// [`Self::located`] in the index streams' id entries (the layout before ids went into
-    /// message subjects).
-    async fn located_in_index(
-        &self,
-        id: &MessageId,
-        tag: u16,
-        queue: u32,
-    ) -> Result<Option<StoredMessage>, StorageError> {
-        let names = self.stream_names(&format!("wqx.*.{queue}.i.{id}")).await?;
-        for topic in Self::topics_in(&names, "WQX_", queue, tag) {
-            let Some(stream) = self.index_stream(&topic, queue, false).await? else {
+            if let Some(raw) = last_for_subject(&stream, &id_subject(&topic, queue, id)).await? {
+                let message: NewMessage = rmp_serde::from_slice(&raw.payload).map_err(|e| {
+                    StorageError::Corrupt(format!("message {topic}/{queue}/{id}: {e}"))
+                })?;
+                return Ok(Some(StoredMessage {
+                    topic,
+                    offset: raw.sequence.saturating_sub(1),
+                    stored_at: epoch_ms(&raw.time),
+                    message,
+                }));
+            }
+            let Some(index) = self.index_stream(&topic, queue, false).await? else {
                 continue;
             };
             let subject = index_id_subject(&topic, queue, id);
-            let Some(entry) = last_for_subject(&stream, &subject).await? else {
+            let Some(entry) = last_for_subject(&index, &subject).await? else {
                 continue;
             };
             let offset: u64 = rmp_serde::from_slice(&entry.payload)

@@ -1,5 +1,6 @@
-//! Reads on JetStream: scanning a stream by subject and listing KV records by prefix, bounded in
-//! time.
+//! Reads on JetStream: a queue by direct gets or, read on in order, through a pull consumer kept
+//! where the last read ended; scanning a stream by subject and listing KV records by prefix,
+//! bounded in time.
 
 use super::*;
 
@@ -34,6 +35,185 @@ impl JetStreamStorage {
         }))
     }
 
+    /// Reads a queue with a direct get per message, up to `limit` in flight: from a replica,
+    /// else the leader; below the low water, from the first message kept; a read ends before
+    /// a message purged since its stream info.
+    pub(super) async fn read_direct(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let Some(mut stream) = self.queue_stream(topic, queue, false).await? else {
+            return Ok(Vec::new());
+        };
+        let state = &stream.info().await.map_err(|e| js_err("read", e))?.state;
+        let last = state.last_sequence;
+        // Below the low water (purged by retention): start at the first message kept.
+        let from = from.max(low_water_of(state));
+        let end = last.min(from.saturating_add(limit as u64));
+        let gets = (from + 1..=end).map(|seq| {
+            let stream = stream.clone();
+            async move {
+                match stream.direct_get(seq).await {
+                    Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
+                    // Direct gets may be answered by a replica that has not applied the newest
+                    // messages yet: the leader, whose state said they are there, is asked.
+                    // Not there either: purged since (a read ends before it).
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                        match stream.get_raw_message(seq).await {
+                            Ok(raw) => Ok(Some((epoch_ms(&raw.time), raw.payload))),
+                            Err(e) if no_message(&e) => Ok(None),
+                            Err(e) => Err(js_err(&format!("read {seq}"), e)),
+                        }
+                    }
+                    Err(e) => Err(js_err(&format!("read {seq}"), e)),
+                }
+            }
+        });
+        let found: Vec<Option<(u64, bytes::Bytes)>> = futures::stream::iter(gets)
+            .buffered(READ_AHEAD)
+            .try_collect()
+            .await?;
+        let mut out = Vec::with_capacity(found.len());
+        for (seq, payload) in (from + 1..).zip(found) {
+            let Some((stored_at, payload)) = payload else {
+                break;
+            };
+            let message: NewMessage = rmp_serde::from_slice(&payload).map_err(|e| {
+                StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
+            })?;
+            out.push(StoredMessage {
+                topic: topic.to_string(),
+                offset: seq - 1,
+                stored_at,
+                message,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `limit` messages of a queue from `from` through the reader left at `from` (see
+    /// [`Reader`]), one pull request; `None`: no reader is there (or it failed, and is
+    /// dropped), so the caller reads with direct gets. The reader is out of the cache while
+    /// it reads: a read cut short (its caller dropped, an error) leaves none behind whose
+    /// consumer delivered past what was returned.
+    pub(super) async fn read_on(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        limit: usize,
+    ) -> Option<Vec<StoredMessage>> {
+        let reader = {
+            let mut readers = self.lock_readers();
+            let kept = readers.get_mut(&(topic.to_string(), queue))?;
+            let at = kept.iter().position(|r| r.next == from)?;
+            kept.remove(at)
+        };
+        match self.pull(topic, queue, &reader, limit).await {
+            Ok(read) => {
+                let next = read.last().map_or(from, |m| m.offset + 1);
+                self.put_reader(topic, queue, Reader { next, ..reader });
+                Some(read)
+            }
+            Err(e) => {
+                tracing::debug!(topic, queue, error = %e, "reader dropped");
+                None
+            }
+        }
+    }
+
+    /// One pull request of `limit` messages (no wait: what is there now) to `reader`'s
+    /// consumer.
+    async fn pull(
+        &self,
+        topic: &str,
+        queue: u32,
+        reader: &Reader,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let mut batch = reader
+            .consumer
+            .fetch()
+            .max_messages(limit)
+            .messages()
+            .await
+            .map_err(|e| js_err("read", e))?;
+        let mut out = Vec::with_capacity(limit);
+        let collect = async {
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| js_err("read", e))?;
+                let info = m.info().map_err(|e| js_err("read", e))?;
+                let offset = info.stream_sequence.saturating_sub(1);
+                // In stream order, never below where the reader stood.
+                if offset < reader.next
+                    || out
+                        .last()
+                        .is_some_and(|p: &StoredMessage| offset <= p.offset)
+                {
+                    return Err(js_err("read", format!("offset {offset} out of order")));
+                }
+                let message: NewMessage = rmp_serde::from_slice(&m.payload).map_err(|e| {
+                    StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}"))
+                })?;
+                out.push(StoredMessage {
+                    topic: topic.to_string(),
+                    offset,
+                    stored_at: epoch_ms(&info.published),
+                    message,
+                });
+            }
+            Ok::<_, StorageError>(())
+        };
+        tokio::time::timeout(READER_TIMEOUT, collect)
+            .await
+            .map_err(|_| js_err("read", "timed out"))??;
+        Ok(out)
+    }
+
+    /// Leaves a reader at offset `next` of a queue, for the read that goes on from there: an
+    /// ephemeral pull consumer starting at that message. Best effort: without one, reads
+    /// are direct gets.
+    pub(super) async fn keep_reader(&self, topic: &str, queue: u32, next: u64) {
+        let Ok(Some(stream)) = self.queue_stream(topic, queue, false).await else {
+            return;
+        };
+        let config = jetstream::consumer::pull::Config {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: next + 1,
+            },
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+            inactive_threshold: READER_IDLE,
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        };
+        match stream.create_consumer(config).await {
+            Ok(consumer) => self.put_reader(topic, queue, Reader { consumer, next }),
+            Err(e) => tracing::debug!(topic, queue, error = %e, "no reader"),
+        }
+    }
+
+    fn put_reader(&self, topic: &str, queue: u32, reader: Reader) {
+        let mut readers = self.lock_readers();
+        let kept = readers.entry((topic.to_string(), queue)).or_default();
+        kept.retain(|r| r.next != reader.next);
+        // The oldest goes (its consumer lapses on the server after READER_IDLE).
+        if kept.len() >= READERS_PER_QUEUE {
+            kept.remove(0);
+        }
+        kept.push(reader);
+    }
+
+    fn lock_readers(&self) -> std::sync::MutexGuard<'_, Readers> {
+        self.readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The message at exactly `offset`, if a replica serving direct gets has it (`None` also
     /// when retention deleted it: a read from below the low water starts above `offset`).
     pub(super) async fn read_one(
@@ -43,7 +223,7 @@ impl JetStreamStorage {
         offset: u64,
     ) -> Result<Option<StoredMessage>, StorageError> {
         Ok(self
-            .read(topic, queue, offset, 1)
+            .read_direct(topic, queue, offset, 1)
             .await?
             .into_iter()
             .find(|m| m.offset == offset))
@@ -168,3 +348,15 @@ impl JetStreamStorage {
         Ok(out)
     }
 }
+
+/// A queue's reader: an ephemeral pull consumer with no acks whose next message is at offset
+/// `next` (sequence `next + 1`), left where a read of a backlog ended, so the read that goes
+/// on from there is one pull request for up to its limit, not a direct get per message. On
+/// the server it lapses after [`READER_IDLE`] without a pull.
+pub(super) struct Reader {
+    consumer: jetstream::consumer::PullConsumer,
+    next: u64,
+}
+
+/// The readers of each queue, at most [`READERS_PER_QUEUE`] each.
+pub(super) type Readers = HashMap<(String, u32), Vec<Reader>>;

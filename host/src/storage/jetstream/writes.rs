@@ -1,4 +1,5 @@
-//! Writes on JetStream: appends with their id and key index entries, record writes by revision,
+//! Writes on JetStream: appends on their id subjects with their key index entries, record
+//! writes by revision,
 //! and the intents that make a guarded append (messages and a record in different streams)
 //! finish after a writer died halfway.
 
@@ -36,7 +37,10 @@ impl JetStreamStorage {
             Ok(appended) => appended,
             // A queue's stream was deleted, or narrowed by a node not yet upgraded, after this
             // node cached it: made (or widened) again and the whole batch sent again. What
-            // was stored is stored once (its `Nats-Msg-Id`) and keeps its offset.
+            // was stored is stored once (its `Nats-Msg-Id`, within the duplicate window) and
+            // keeps its offset. A refused message may so land after later ones of its batch
+            // that another node's widening let through: the order a failed publish retried by
+            // its producer had before this retry, possible only while a rolling upgrade races.
             Err(_) => self.publish_messages(topic, messages).await??,
         };
         self.index_and_announce(topic, messages, &appended).await?;
