@@ -1774,18 +1774,19 @@ async fn a_queue_written_before_ids_went_into_subjects_stays_readable_and_is_wid
     s.close().await;
 }
 
-/// Issue 25 goal 6: a queue read on from where a read of a backlog ended goes through a pull
-/// consumer left there (one request, not a direct get per message). What it returns is what
-/// direct gets return: the next messages in order, new ones as they come, from the low water
-/// after a purge below it; a read from elsewhere is direct gets, and each queue keeps at most
-/// two such consumers.
+/// Issue 25 goal 6: a queue read that goes on where a runner's reads of a backlog went (two
+/// full reads in a row) is answered by a pull consumer left there: one request, not a direct
+/// get per message. What it returns is what direct gets return (checked against a second
+/// connection, which has no readers): the next messages in order, new ones as they come, from
+/// the low water after a purge below it. Reads of fewer than 64 (a `limit` of 0 too) never
+/// move a reader, a reader idle for half its consumer's life is not used, and the server lets
+/// the consumers lapse once no one pulls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
     let nats = NatsServer::start().await;
     let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
-    let s = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
-        .await
-        .unwrap();
+    let connect = || JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1);
+    let s = connect().await.unwrap();
     let batch = |from: usize, n: usize| -> Vec<_> {
         (from..from + n)
             .map(|i| conformance::msg(0, None, &format!("m{i}")))
@@ -1799,45 +1800,65 @@ async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
             stream.info().await.unwrap().state.consumer_count
         }
     };
-    let offsets = |read: &[wasmq::storage::StoredMessage]| -> Vec<u64> {
-        read.iter().map(|m| m.offset).collect()
-    };
-    let expect = |read: &[wasmq::storage::StoredMessage], range: std::ops::Range<u64>| {
-        assert_eq!(offsets(read), range.clone().collect::<Vec<_>>());
-        for m in read {
-            assert_eq!(m.message.body, format!("m{}", m.offset).into_bytes());
-            assert!(m.stored_at > 0);
+    let wait_consumers = |n: usize| {
+        let consumers = &consumers;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while consumers().await != n {
+                assert!(std::time::Instant::now() < deadline, "not {n} readers");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     };
-    // A short read leaves nothing behind; a full one of 100 leaves a reader at 100.
-    expect(&s.read("rd", 0, 0, 10).await.unwrap(), 0..10);
-    assert_eq!(consumers().await, 0);
-    expect(&s.read("rd", 0, 0, 100).await.unwrap(), 0..100);
-    assert_eq!(consumers().await, 1);
-    expect(&s.read("rd", 0, 100, 100).await.unwrap(), 100..200);
-    expect(&s.read("rd", 0, 200, 100).await.unwrap(), 200..300);
-    assert_eq!(consumers().await, 1, "the same reader went on");
-    // At the end: nothing, then what is appended next.
-    assert!(s.read("rd", 0, 300, 100).await.unwrap().is_empty());
+    // Reads `range` and checks it against a new connection, which has no readers.
+    let read = |from: u64, limit: usize, range: std::ops::Range<u64>| {
+        let (s, connect) = (&s, &connect);
+        async move {
+            let direct = connect().await.unwrap();
+            let got = s.read("rd", 0, from, limit).await.unwrap();
+            let offsets: Vec<u64> = got.iter().map(|m| m.offset).collect();
+            assert_eq!(offsets, range.collect::<Vec<_>>(), "read {from} {limit}");
+            let want = direct.read("rd", 0, from, limit).await.unwrap();
+            let key = |m: &wasmq::storage::StoredMessage| {
+                (m.offset, m.stored_at, m.message.id, m.message.body.clone())
+            };
+            assert_eq!(
+                got.iter().map(key).collect::<Vec<_>>(),
+                want.iter().map(key).collect::<Vec<_>>()
+            );
+            direct.close().await;
+        }
+    };
+    // A short read leaves nothing; one full read is not yet a run; the second makes a reader.
+    read(0, 10, 0..10).await;
+    read(0, 100, 0..100).await;
+    read(100, 100, 100..200).await;
+    wait_consumers(1).await;
+    assert_eq!(s.reads_pulled(), 0);
+    read(200, 100, 200..300).await;
+    assert_eq!(s.reads_pulled(), 1);
+    // At the end: nothing, then what is appended next, through the same reader.
+    read(300, 100, 300..300).await;
     s.append("rd", batch(300, 5)).await.unwrap();
-    expect(&s.read("rd", 0, 300, 100).await.unwrap(), 300..305);
-    // Reads from elsewhere are direct gets; a full one leaves a second reader, which the next
-    // read from where it ended goes on with.
-    expect(&s.read("rd", 0, 50, 64).await.unwrap(), 50..114);
-    expect(&s.read("rd", 0, 0, 64).await.unwrap(), 0..64);
-    expect(&s.read("rd", 0, 114, 100).await.unwrap(), 114..214);
-    // A purge below a reader: it goes on from the low water, as a direct read would.
-    s.truncate("rd", 0, 250).await.unwrap();
-    let from_reader = s.read("rd", 0, 214, 100).await.unwrap();
-    let direct = s.read("rd", 0, 214, 10).await.unwrap();
-    expect(&from_reader, 250..305);
-    expect(&direct, 250..260);
+    read(300, 100, 300..305).await;
+    assert_eq!(s.reads_pulled(), 3);
+    // A read of 0 (or of 1, a lookup) at the reader's offset does not move it.
+    read(305, 0, 305..305).await;
+    read(305, 1, 305..305).await;
+    s.append("rd", batch(305, 3)).await.unwrap();
+    read(305, 100, 305..308).await;
+    assert_eq!(s.reads_pulled(), 4);
+    assert_eq!(consumers().await, 1, "one reader went on");
+    // A purge below a reader: it goes on from the low water, as a direct read does.
+    s.append("rd", batch(308, 100)).await.unwrap();
+    s.truncate("rd", 0, 350).await.unwrap();
+    read(308, 100, 350..408).await;
+    assert_eq!(s.reads_pulled(), 5);
+    // A reader idle for half its consumer's life is dropped (its consumer deleted), unused.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    s.append("rd", batch(408, 2)).await.unwrap();
+    read(408, 100, 408..410).await;
+    assert_eq!(s.reads_pulled(), 5);
+    wait_consumers(0).await;
     s.close().await;
-    drop(s);
-    // The server lets the consumers lapse once no one pulls.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while consumers().await > 0 {
-        assert!(std::time::Instant::now() < deadline, "readers kept");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }

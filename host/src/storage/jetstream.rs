@@ -63,9 +63,12 @@ const READER_MIN_LIMIT: usize = 64;
 const READER_IDLE: Duration = Duration::from_secs(10);
 /// How long a pull from a reader may take before the read falls back to direct gets (its
 /// consumer's server gone, say): a pull of what is there answers at once.
-const READER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Readers kept per queue (a runner's, and one more: a listing through the API).
-const READERS_PER_QUEUE: usize = 2;
+const READER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a queue gets no reader after its consumer could not be made.
+const READER_BACKOFF: Duration = Duration::from_secs(30);
+/// Readers kept per queue: runners of several subscriptions (or broadcast instances) going
+/// through one queue's backlog each have one.
+const READERS_PER_QUEUE: usize = 8;
 /// How long a lost append notification (`wqn.{topic}`) can delay an idle reader.
 const RECHECK_IDLE: Duration = Duration::from_secs(1);
 
@@ -254,7 +257,9 @@ pub struct JetStreamStorage {
     index_streams: tokio::sync::Mutex<HashMap<(String, u32), Stream>>,
     index_checkpoints: index::Checkpoints,
     /// Where reads of each queue left a consumer (see `reads.rs`).
-    readers: std::sync::Mutex<reads::Readers>,
+    readers: reads::Readers,
+    /// Reads answered by a reader (see [`Self::reads_pulled`]).
+    pulled: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for JetStreamStorage {
@@ -378,9 +383,16 @@ impl JetStreamStorage {
             index_streams: Default::default(),
             index_checkpoints: Default::default(),
             readers: Default::default(),
+            pulled: Default::default(),
         };
         storage.finish_intents(INTENT_AGE, true).await?;
         Ok(storage)
+    }
+
+    /// How many queue reads a reader (a pull consumer left where a runner's reads of a
+    /// backlog went) answered with one pull, not direct gets, since connect.
+    pub fn reads_pulled(&self) -> u64 {
+        self.pulled.load(Ordering::Relaxed)
     }
 
     fn check_open(&self) -> Result<(), StorageError> {
@@ -915,8 +927,8 @@ impl Storage for JetStreamStorage {
         INTENT_AGE
     }
 
-    /// A queue read on from where an earlier read of a backlog ended is one pull request to
-    /// a consumer kept there (see `reads.rs`); any other read is direct gets.
+    /// A read of at least 64 that goes on where a runner's reads of a backlog went is one pull
+    /// request to a consumer left there (see `reads.rs`); any other read is direct gets.
     async fn read(
         &self,
         topic: &str,
@@ -932,7 +944,7 @@ impl Storage for JetStreamStorage {
             && read.len() == limit
             && let Some(last) = read.last()
         {
-            self.keep_reader(topic, queue, last.offset + 1).await;
+            self.keep_reader(topic, queue, from, last.offset + 1).await;
         }
         Ok(read)
     }

@@ -95,7 +95,7 @@ impl JetStreamStorage {
     }
 
     /// `limit` messages of a queue from `from` through the reader left at `from` (see
-    /// [`Reader`]), one pull request; `None`: no reader is there (or it failed, and is
+    /// [`Reader`]), one pull request; `None`: no live reader is there (or it failed, and is
     /// dropped), so the caller reads with direct gets. The reader is out of the cache while
     /// it reads: a read cut short (its caller dropped, an error) leaves none behind whose
     /// consumer delivered past what was returned.
@@ -106,34 +106,56 @@ impl JetStreamStorage {
         from: u64,
         limit: usize,
     ) -> Option<Vec<StoredMessage>> {
+        // Small reads (lookups, `limit` 0) never move a reader: a pull delivers at least one.
+        if limit < READER_MIN_LIMIT {
+            return None;
+        }
         let reader = {
-            let mut readers = self.lock_readers();
+            let mut readers = lock(&self.readers);
             let kept = readers.get_mut(&(topic.to_string(), queue))?;
-            let at = kept.iter().position(|r| r.next == from)?;
-            kept.remove(at)
+            let at = kept.readers.iter().position(|r| r.next == from)?;
+            kept.readers.remove(at)
         };
+        // Its consumer may have lapsed on the server, which then drops a pull unanswered.
+        if reader.used.elapsed() > READER_IDLE / 2 {
+            reader.forget();
+            return None;
+        }
         match self.pull(topic, queue, &reader, limit).await {
-            Ok(read) => {
-                let next = read.last().map_or(from, |m| m.offset + 1);
-                self.put_reader(topic, queue, Reader { next, ..reader });
+            Ok((read, whole)) => {
+                self.pulled.fetch_add(1, Ordering::Relaxed);
+                if whole {
+                    let next = read.last().map_or(from, |m| m.offset + 1);
+                    let reader = Reader {
+                        next,
+                        used: std::time::Instant::now(),
+                        ..reader
+                    };
+                    put_reader(&self.readers, topic, queue, reader);
+                } else {
+                    reader.forget();
+                }
                 Some(read)
             }
             Err(e) => {
                 tracing::debug!(topic, queue, error = %e, "reader dropped");
+                reader.forget();
                 None
             }
         }
     }
 
     /// One pull request of `limit` messages (no wait: what is there now) to `reader`'s
-    /// consumer.
+    /// consumer, and whether the reader may go on: a read stops before a hole (messages that
+    /// retention deleted while the pull delivered, which a direct read would stop before
+    /// too), and its consumer has then gone past it.
     async fn pull(
         &self,
         topic: &str,
         queue: u32,
         reader: &Reader,
         limit: usize,
-    ) -> Result<Vec<StoredMessage>, StorageError> {
+    ) -> Result<(Vec<StoredMessage>, bool), StorageError> {
         let mut batch = reader
             .consumer
             .fetch()
@@ -141,19 +163,19 @@ impl JetStreamStorage {
             .messages()
             .await
             .map_err(|e| js_err("read", e))?;
-        let mut out = Vec::with_capacity(limit);
+        let mut out: Vec<StoredMessage> = Vec::with_capacity(limit);
         let collect = async {
             while let Some(m) = batch.next().await {
                 let m = m.map_err(|e| js_err("read", e))?;
                 let info = m.info().map_err(|e| js_err("read", e))?;
                 let offset = info.stream_sequence.saturating_sub(1);
-                // In stream order, never below where the reader stood.
-                if offset < reader.next
-                    || out
-                        .last()
-                        .is_some_and(|p: &StoredMessage| offset <= p.offset)
-                {
-                    return Err(js_err("read", format!("offset {offset} out of order")));
+                // In stream order from where the reader stood; the first may be further on
+                // (a purge below it), as a direct read starts at the low water.
+                if offset < reader.next {
+                    return Err(js_err("read", format!("offset {offset} below the reader")));
+                }
+                if out.last().is_some_and(|p| offset != p.offset + 1) {
+                    return Ok(false);
                 }
                 let message: NewMessage = rmp_serde::from_slice(&m.payload).map_err(|e| {
                     StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}"))
@@ -165,18 +187,37 @@ impl JetStreamStorage {
                     message,
                 });
             }
-            Ok::<_, StorageError>(())
+            Ok::<_, StorageError>(true)
         };
-        tokio::time::timeout(READER_TIMEOUT, collect)
+        let whole = tokio::time::timeout(READER_TIMEOUT, collect)
             .await
             .map_err(|_| js_err("read", "timed out"))??;
-        Ok(out)
+        Ok((out, whole))
     }
 
-    /// Leaves a reader at offset `next` of a queue, for the read that goes on from there: an
-    /// ephemeral pull consumer starting at that message. Best effort: without one, reads
-    /// are direct gets.
-    pub(super) async fn keep_reader(&self, topic: &str, queue: u32, next: u64) {
+    /// Notes that a direct read of a backlog ended at `next`; the second such read in a row
+    /// (one that began where the last ended, a runner going through a backlog, not a lookup
+    /// or one page of a listing) leaves a reader there: an ephemeral pull consumer starting
+    /// at that message, made in the background. Best effort: without one, reads are direct
+    /// gets; after a failure to make one, the queue gets none for [`READER_BACKOFF`].
+    pub(super) async fn keep_reader(&self, topic: &str, queue: u32, from: u64, next: u64) {
+        {
+            let mut readers = lock(&self.readers);
+            let kept = readers.entry((topic.to_string(), queue)).or_default();
+            let in_a_row = kept.ends.contains(&from);
+            kept.ends.retain(|&e| e != from);
+            if kept.ends.len() >= READERS_PER_QUEUE {
+                kept.ends.remove(0);
+            }
+            kept.ends.push(next);
+            if !in_a_row
+                || kept
+                    .backoff
+                    .is_some_and(|until| until > std::time::Instant::now())
+            {
+                return;
+            }
+        }
         let Ok(Some(stream)) = self.queue_stream(topic, queue, false).await else {
             return;
         };
@@ -191,27 +232,26 @@ impl JetStreamStorage {
             memory_storage: true,
             ..Default::default()
         };
-        match stream.create_consumer(config).await {
-            Ok(consumer) => self.put_reader(topic, queue, Reader { consumer, next }),
-            Err(e) => tracing::debug!(topic, queue, error = %e, "no reader"),
-        }
-    }
-
-    fn put_reader(&self, topic: &str, queue: u32, reader: Reader) {
-        let mut readers = self.lock_readers();
-        let kept = readers.entry((topic.to_string(), queue)).or_default();
-        kept.retain(|r| r.next != reader.next);
-        // The oldest goes (its consumer lapses on the server after READER_IDLE).
-        if kept.len() >= READERS_PER_QUEUE {
-            kept.remove(0);
-        }
-        kept.push(reader);
-    }
-
-    fn lock_readers(&self) -> std::sync::MutexGuard<'_, Readers> {
-        self.readers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let (readers, topic) = (self.readers.clone(), topic.to_string());
+        tokio::spawn(async move {
+            match stream.create_consumer(config).await {
+                Ok(consumer) => {
+                    let used = std::time::Instant::now();
+                    let reader = Reader {
+                        stream,
+                        consumer,
+                        next,
+                        used,
+                    };
+                    put_reader(&readers, &topic, queue, reader);
+                }
+                Err(e) => {
+                    tracing::debug!(topic, queue, error = %e, "no reader");
+                    let until = std::time::Instant::now() + READER_BACKOFF;
+                    lock(&readers).entry((topic, queue)).or_default().backoff = Some(until);
+                }
+            }
+        });
     }
 
     /// The message at exactly `offset`, if a replica serving direct gets has it (`None` also
@@ -350,13 +390,57 @@ impl JetStreamStorage {
 }
 
 /// A queue's reader: an ephemeral pull consumer with no acks whose next message is at offset
-/// `next` (sequence `next + 1`), left where a read of a backlog ended, so the read that goes
-/// on from there is one pull request for up to its limit, not a direct get per message. On
-/// the server it lapses after [`READER_IDLE`] without a pull.
+/// `next` (sequence `next + 1`), left where a runner's reads of a backlog went, so the read
+/// that goes on from there is one pull request for up to its limit, not a stream info and a
+/// direct get per message. On the server it lapses after [`READER_IDLE`] without a pull; it
+/// is not used once half of that has passed.
 pub(super) struct Reader {
+    stream: Stream,
     consumer: jetstream::consumer::PullConsumer,
     next: u64,
+    used: std::time::Instant,
 }
 
-/// The readers of each queue, at most [`READERS_PER_QUEUE`] each.
-pub(super) type Readers = HashMap<(String, u32), Vec<Reader>>;
+impl Reader {
+    /// Deletes its consumer on the server, in the background (it lapses anyway).
+    fn forget(self) {
+        let name = self.consumer.cached_info().name.clone();
+        tokio::spawn(async move {
+            let _ = self.stream.delete_consumer(&name).await;
+        });
+    }
+}
+
+/// A queue's readers, at most [`READERS_PER_QUEUE`]; where its last direct reads of a
+/// backlog ended; and until when it gets no new reader after a failure to make one.
+#[derive(Default)]
+pub(super) struct QueueReaders {
+    readers: Vec<Reader>,
+    ends: Vec<u64>,
+    backoff: Option<std::time::Instant>,
+}
+
+/// The readers of each queue.
+pub(super) type Readers = Arc<std::sync::Mutex<HashMap<(String, u32), QueueReaders>>>;
+
+fn lock(readers: &Readers) -> std::sync::MutexGuard<'_, HashMap<(String, u32), QueueReaders>> {
+    readers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps `reader` for its queue; one at the same offset, or the oldest past the bound, goes.
+fn put_reader(readers: &Readers, topic: &str, queue: u32, reader: Reader) {
+    let mut all = lock(readers);
+    let kept = all.entry((topic.to_string(), queue)).or_default();
+    let mut gone = Vec::new();
+    if let Some(at) = kept.readers.iter().position(|r| r.next == reader.next) {
+        gone.push(kept.readers.remove(at));
+    }
+    if kept.readers.len() >= READERS_PER_QUEUE {
+        gone.push(kept.readers.remove(0));
+    }
+    kept.readers.push(reader);
+    drop(all);
+    gone.into_iter().for_each(Reader::forget);
+}
