@@ -1778,9 +1778,9 @@ async fn a_queue_written_before_ids_went_into_subjects_stays_readable_and_is_wid
 /// full reads in a row) is answered by a pull consumer left there: one request, not a direct
 /// get per message. What it returns is what direct gets return (checked against a second
 /// connection, which has no readers): the next messages in order, new ones as they come, from
-/// the low water after a purge below it. Reads of fewer than 64 (a `limit` of 0 too) never
-/// move a reader, a reader idle for half its consumer's life is not used, and the server lets
-/// the consumers lapse once no one pulls.
+/// the low water after a purge below a reader (which drops it). Reads of fewer than 64 (a
+/// `limit` of 0 too) never move a reader, and a reader idle for half its consumer's life is
+/// not used; the consumers of readers that go are deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
     let nats = NatsServer::start().await;
@@ -1829,12 +1829,23 @@ async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
             direct.close().await;
         }
     };
+    // Waits until the node keeps `n` readers (made in the background).
+    let wait_readers = |n: usize| {
+        let s = &s;
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while s.readers_kept() != n {
+                assert!(std::time::Instant::now() < deadline, "not {n} readers");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
     // A short read leaves nothing; one full read is not yet a run; the second makes a reader.
     read(0, 10, 0..10).await;
     read(0, 100, 0..100).await;
     read(100, 100, 100..200).await;
-    wait_consumers(1).await;
-    assert_eq!(s.reads_pulled(), 0);
+    wait_readers(1).await;
+    assert_eq!((s.reads_pulled(), consumers().await), (0, 1));
     read(200, 100, 200..300).await;
     assert_eq!(s.reads_pulled(), 1);
     // At the end: nothing, then what is appended next, through the same reader.
@@ -1848,17 +1859,26 @@ async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
     s.append("rd", batch(305, 3)).await.unwrap();
     read(305, 100, 305..308).await;
     assert_eq!(s.reads_pulled(), 4);
-    assert_eq!(consumers().await, 1, "one reader went on");
-    // A purge below a reader: it goes on from the low water, as a direct read does.
-    s.append("rd", batch(308, 100)).await.unwrap();
-    s.truncate("rd", 0, 350).await.unwrap();
-    read(308, 100, 350..408).await;
-    assert_eq!(s.reads_pulled(), 5);
+    assert_eq!(
+        (s.readers_kept(), consumers().await),
+        (1, 1),
+        "one reader went on"
+    );
     // A reader idle for half its consumer's life is dropped (its consumer deleted), unused.
     tokio::time::sleep(std::time::Duration::from_secs(6)).await;
-    s.append("rd", batch(408, 2)).await.unwrap();
-    read(408, 100, 408..410).await;
-    assert_eq!(s.reads_pulled(), 5);
+    s.append("rd", batch(308, 2)).await.unwrap();
+    read(308, 100, 308..310).await;
+    assert_eq!((s.reads_pulled(), s.readers_kept()), (4, 0));
+    wait_consumers(0).await;
+    // A purge below a reader: the reader is dropped and the read starts at the low water, as
+    // a direct read does.
+    s.append("rd", batch(310, 300)).await.unwrap();
+    read(310, 100, 310..410).await;
+    read(410, 100, 410..510).await;
+    wait_readers(1).await;
+    s.truncate("rd", 0, 560).await.unwrap();
+    read(510, 100, 560..610).await;
+    assert_eq!((s.reads_pulled(), s.readers_kept()), (4, 0));
     wait_consumers(0).await;
     s.close().await;
 }

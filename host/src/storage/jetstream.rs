@@ -56,15 +56,15 @@ pub const INTENT_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Direct gets in flight per read.
 const READ_AHEAD: usize = 64;
-/// The smallest read that leaves a reader where it ended (see `reads.rs`): the runners'
-/// reads of a backlog, not lookups.
+/// The smallest read that uses a reader or, full and the second in a row, leaves one where it
+/// ended (see `reads.rs`): the runners' reads of a backlog, not lookups.
 const READER_MIN_LIMIT: usize = 64;
 /// How long a reader's consumer lives on the server without a pull.
 const READER_IDLE: Duration = Duration::from_secs(10);
 /// How long a pull from a reader may take before the read falls back to direct gets (its
 /// consumer's server gone, say): a pull of what is there answers at once.
-const READER_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a queue gets no reader after its consumer could not be made.
+const READER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a queue gets no new reader after one could not be made or a pull failed.
 const READER_BACKOFF: Duration = Duration::from_secs(30);
 /// Readers kept per queue: runners of several subscriptions (or broadcast instances) going
 /// through one queue's backlog each have one.
@@ -393,6 +393,11 @@ impl JetStreamStorage {
     /// backlog went) answered with one pull, not direct gets, since connect.
     pub fn reads_pulled(&self) -> u64 {
         self.pulled.load(Ordering::Relaxed)
+    }
+
+    /// How many readers this node keeps, over all queues (each one consumer on the server).
+    pub fn readers_kept(&self) -> usize {
+        self.readers_count()
     }
 
     fn check_open(&self) -> Result<(), StorageError> {
@@ -927,8 +932,9 @@ impl Storage for JetStreamStorage {
         INTENT_AGE
     }
 
-    /// A read of at least 64 that goes on where a runner's reads of a backlog went is one pull
-    /// request to a consumer left there (see `reads.rs`); any other read is direct gets.
+    /// On R1 streams, a read of at least 64 that goes on where a runner's reads of a backlog
+    /// went is one pull request to a consumer left there (see `reads.rs`); any other read is
+    /// direct gets.
     async fn read(
         &self,
         topic: &str,
@@ -940,7 +946,11 @@ impl Storage for JetStreamStorage {
             return Ok(read);
         }
         let read = self.read_direct(topic, queue, from, limit).await?;
-        if limit >= READER_MIN_LIMIT
+        // Replicated streams keep direct gets: a reader's consumer is R1 on one of the
+        // stream's servers, and no gain was measured for R3 (see README) that would be worth
+        // its failover cases (a server killed under it, messages in flight on a reconnect).
+        if self.replicas == 1
+            && limit >= READER_MIN_LIMIT
             && read.len() == limit
             && let Some(last) = read.last()
         {

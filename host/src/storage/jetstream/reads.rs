@@ -1,6 +1,6 @@
-//! Reads on JetStream: a queue by direct gets or, read on in order, through a pull consumer kept
-//! where the last read ended; scanning a stream by subject and listing KV records by prefix,
-//! bounded in time.
+//! Reads on JetStream: a queue by direct gets or, where a runner goes through a backlog, through
+//! a pull consumer left where its last read ended ([`Reader`]); scanning a stream by subject
+//! and listing KV records by prefix, bounded in time.
 
 use super::*;
 
@@ -94,11 +94,12 @@ impl JetStreamStorage {
         Ok(out)
     }
 
-    /// `limit` messages of a queue from `from` through the reader left at `from` (see
-    /// [`Reader`]), one pull request; `None`: no live reader is there (or it failed, and is
-    /// dropped), so the caller reads with direct gets. The reader is out of the cache while
-    /// it reads: a read cut short (its caller dropped, an error) leaves none behind whose
-    /// consumer delivered past what was returned.
+    /// `limit` messages of a queue from `from` through a reader left at `from` (see
+    /// [`Reader`]), one pull request. `None`, and the caller reads with direct gets: a read
+    /// under [`READER_MIN_LIMIT`], no reader there, one idle for half its consumer's life, or
+    /// one that failed or did not start at `from` (both dropped). The reader is out of the
+    /// cache while it reads: a read cut short (its caller dropped, an error) leaves none
+    /// behind whose consumer delivered past what was returned.
     pub(super) async fn read_on(
         &self,
         topic: &str,
@@ -122,6 +123,12 @@ impl JetStreamStorage {
             return None;
         }
         match self.pull(topic, queue, &reader, limit).await {
+            // Not at `from` (a purge below it, or messages delivered but never received):
+            // the direct read starts where a direct read does.
+            Ok((read, false)) if read.is_empty() => {
+                reader.forget();
+                None
+            }
             Ok((read, whole)) => {
                 self.pulled.fetch_add(1, Ordering::Relaxed);
                 if whole {
@@ -138,8 +145,10 @@ impl JetStreamStorage {
                 Some(read)
             }
             Err(e) => {
+                // A slow or failing server: no new reader for a while, not one per read.
                 tracing::debug!(topic, queue, error = %e, "reader dropped");
                 reader.forget();
+                backoff(&self.readers, topic, queue);
                 None
             }
         }
@@ -169,12 +178,9 @@ impl JetStreamStorage {
                 let m = m.map_err(|e| js_err("read", e))?;
                 let info = m.info().map_err(|e| js_err("read", e))?;
                 let offset = info.stream_sequence.saturating_sub(1);
-                // In stream order from where the reader stood; the first may be further on
-                // (a purge below it), as a direct read starts at the low water.
-                if offset < reader.next {
-                    return Err(js_err("read", format!("offset {offset} below the reader")));
-                }
-                if out.last().is_some_and(|p| offset != p.offset + 1) {
+                // In stream order from exactly where the reader stood, with no hole.
+                let expected = out.last().map_or(reader.next, |p| p.offset + 1);
+                if offset != expected {
                     return Ok(false);
                 }
                 let message: NewMessage = rmp_serde::from_slice(&m.payload).map_err(|e| {
@@ -195,11 +201,12 @@ impl JetStreamStorage {
         Ok((out, whole))
     }
 
-    /// Notes that a direct read of a backlog ended at `next`; the second such read in a row
-    /// (one that began where the last ended, a runner going through a backlog, not a lookup
-    /// or one page of a listing) leaves a reader there: an ephemeral pull consumer starting
-    /// at that message, made in the background. Best effort: without one, reads are direct
-    /// gets; after a failure to make one, the queue gets none for [`READER_BACKOFF`].
+    /// Notes that a full direct read of a backlog ended at `next`; the second such read in a
+    /// row (one that began where one ended: a runner going through a backlog, or a listing
+    /// paged on) leaves a reader there: an ephemeral pull consumer starting at that message,
+    /// made in the background, one at a time per queue. Best effort: without one, reads are
+    /// direct gets; after a failure to make or pull one, the queue gets none for
+    /// [`READER_BACKOFF`].
     pub(super) async fn keep_reader(&self, topic: &str, queue: u32, from: u64, next: u64) {
         {
             let mut readers = lock(&self.readers);
@@ -211,14 +218,20 @@ impl JetStreamStorage {
             }
             kept.ends.push(next);
             if !in_a_row
+                || kept.creating
                 || kept
                     .backoff
                     .is_some_and(|until| until > std::time::Instant::now())
             {
                 return;
             }
+            kept.creating = true;
         }
         let Ok(Some(stream)) = self.queue_stream(topic, queue, false).await else {
+            lock(&self.readers)
+                .entry((topic.to_string(), queue))
+                .or_default()
+                .creating = false;
             return;
         };
         let config = jetstream::consumer::pull::Config {
@@ -247,11 +260,16 @@ impl JetStreamStorage {
                 }
                 Err(e) => {
                     tracing::debug!(topic, queue, error = %e, "no reader");
-                    let until = std::time::Instant::now() + READER_BACKOFF;
-                    lock(&readers).entry((topic, queue)).or_default().backoff = Some(until);
+                    backoff(&readers, &topic, queue);
                 }
             }
+            lock(&readers).entry((topic, queue)).or_default().creating = false;
         });
+    }
+
+    /// The readers kept, over all queues.
+    pub(super) fn readers_count(&self) -> usize {
+        lock(&self.readers).values().map(|q| q.readers.len()).sum()
     }
 
     /// The message at exactly `offset`, if a replica serving direct gets has it (`None` also
@@ -411,12 +429,14 @@ impl Reader {
     }
 }
 
-/// A queue's readers, at most [`READERS_PER_QUEUE`]; where its last direct reads of a
-/// backlog ended; and until when it gets no new reader after a failure to make one.
+/// A queue's readers, at most [`READERS_PER_QUEUE`] (several may stand at one offset: runners
+/// of different subscriptions each take one); where its last full direct reads ended; whether
+/// one is being made; and until when it gets no new one after a failure.
 #[derive(Default)]
 pub(super) struct QueueReaders {
     readers: Vec<Reader>,
     ends: Vec<u64>,
+    creating: bool,
     backoff: Option<std::time::Instant>,
 }
 
@@ -429,18 +449,29 @@ fn lock(readers: &Readers) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Q
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Keeps `reader` for its queue; one at the same offset, or the oldest past the bound, goes.
+/// Keeps `reader` for its queue. Readers idle for half their consumer's life go (one made
+/// after its runner had moved on, say), and past the bound the oldest; their consumers are
+/// deleted on the server.
 fn put_reader(readers: &Readers, topic: &str, queue: u32, reader: Reader) {
     let mut all = lock(readers);
     let kept = all.entry((topic.to_string(), queue)).or_default();
-    let mut gone = Vec::new();
-    if let Some(at) = kept.readers.iter().position(|r| r.next == reader.next) {
-        gone.push(kept.readers.remove(at));
+    let (idle, mut live): (Vec<Reader>, Vec<Reader>) = std::mem::take(&mut kept.readers)
+        .into_iter()
+        .partition(|r| r.used.elapsed() > READER_IDLE / 2);
+    let mut gone = idle;
+    if live.len() >= READERS_PER_QUEUE {
+        gone.push(live.remove(0));
     }
-    if kept.readers.len() >= READERS_PER_QUEUE {
-        gone.push(kept.readers.remove(0));
-    }
-    kept.readers.push(reader);
+    live.push(reader);
+    kept.readers = live;
     drop(all);
     gone.into_iter().for_each(Reader::forget);
+}
+
+/// A queue gets no new reader for [`READER_BACKOFF`].
+fn backoff(readers: &Readers, topic: &str, queue: u32) {
+    lock(readers)
+        .entry((topic.to_string(), queue))
+        .or_default()
+        .backoff = Some(std::time::Instant::now() + READER_BACKOFF);
 }
