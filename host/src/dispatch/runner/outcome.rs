@@ -157,6 +157,22 @@ impl Member {
             };
             match e {
                 CommitError::AlreadyDone => {
+                    // Done by an earlier try whose answer was lost (a storage server died
+                    // after the commit point), or by a run before a restart. On a backend
+                    // that finishes a commit after its commit point (JetStream), what that
+                    // commit left (its appends, its other writes) is finished now, while its
+                    // marker still names it: the marker goes once the offset passes it, and
+                    // recovery then takes an intent without its guard for one never committed.
+                    let marker = &completion[0];
+                    if let Err(e) = self
+                        .storage
+                        .finish_commits_of(&marker.space, &marker.key)
+                        .await
+                    {
+                        tracing::error!(group = %self.group, error = %e, "cannot finish a delivery's earlier commit; retrying");
+                        tokio::time::sleep(STORAGE_RETRY).await;
+                        continue;
+                    }
                     staged.discard(self.services.as_ref()).await;
                     // Its marker is stored: deleted like one of this runner's.
                     self.note_marker(queue, offset);
