@@ -96,6 +96,27 @@ fn is_deletion_marker(m: &jetstream::message::StreamMessage) -> bool {
         .is_some_and(|op| op.as_str() != "PUT")
 }
 
+/// A queue message as a stream stores it: `payload` its msgpack [`NewMessage`], `sequence`
+/// its stream sequence (its offset + 1), `stored_at` its store time in ms since the epoch.
+/// Errors: [`StorageError::Corrupt`] for a payload that does not decode.
+fn stored_message(
+    topic: &str,
+    queue: u32,
+    sequence: u64,
+    stored_at: u64,
+    payload: &[u8],
+) -> Result<StoredMessage, StorageError> {
+    let offset = sequence.saturating_sub(1);
+    let message = rmp_serde::from_slice(payload)
+        .map_err(|e| StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}")))?;
+    Ok(StoredMessage {
+        topic: topic.to_string(),
+        offset,
+        stored_at,
+        message,
+    })
+}
+
 /// A JetStream store time (the stream leader's clock) in ms since the epoch.
 fn epoch_ms(time: &async_nats::datetime::DateTime) -> u64 {
     u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
@@ -395,11 +416,6 @@ impl JetStreamStorage {
         self.pulled.load(Ordering::Relaxed)
     }
 
-    /// How many readers this node keeps, over all queues (each one consumer on the server).
-    pub fn readers_kept(&self) -> usize {
-        self.readers_count()
-    }
-
     fn check_open(&self) -> Result<(), StorageError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed);
@@ -457,8 +473,9 @@ impl JetStreamStorage {
         }
         let mut streams = self.streams.lock().await;
         let err = |e: &dyn std::fmt::Display| js_err(&format!("stream {name}"), e);
+        // Fetched with its info just now: the subjects are the server's.
         let mut fresh = self.js.get_stream(&name).await.map_err(|e| err(&e))?;
-        let mut config = fresh.info().await.map_err(|e| err(&e))?.config.clone();
+        let mut config = fresh.cached_info().config.clone();
         if !config.subjects.contains(&wide) {
             config.subjects.push(wide);
             self.js.update_stream(&config).await.map_err(|e| err(&e))?;

@@ -215,15 +215,8 @@ impl JetStreamStorage {
                 continue;
             };
             if let Some(raw) = last_for_subject(&stream, &id_subject(&topic, queue, id)).await? {
-                let message: NewMessage = rmp_serde::from_slice(&raw.payload).map_err(|e| {
-                    StorageError::Corrupt(format!("message {topic}/{queue}/{id}: {e}"))
-                })?;
-                return Ok(Some(StoredMessage {
-                    topic,
-                    offset: raw.sequence.saturating_sub(1),
-                    stored_at: epoch_ms(&raw.time),
-                    message,
-                }));
+                let at = epoch_ms(&raw.time);
+                return stored_message(&topic, queue, raw.sequence, at, &raw.payload).map(Some);
             }
             let Some(index) = self.index_stream(&topic, queue, false).await? else {
                 continue;

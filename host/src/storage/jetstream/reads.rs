@@ -25,14 +25,8 @@ impl JetStreamStorage {
             Err(e) if no_message(&e) => return Ok(None),
             Err(e) => return Err(js_err("message by id", e)),
         };
-        let message: NewMessage = rmp_serde::from_slice(&raw.payload)
-            .map_err(|e| StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}")))?;
-        Ok(Some(StoredMessage {
-            topic: topic.to_string(),
-            offset,
-            stored_at: epoch_ms(&raw.time),
-            message,
-        }))
+        let at = epoch_ms(&raw.time);
+        stored_message(topic, queue, raw.sequence, at, &raw.payload).map(Some)
     }
 
     /// Reads a queue with a direct get per message, up to `limit` in flight: from a replica,
@@ -81,15 +75,7 @@ impl JetStreamStorage {
             let Some((stored_at, payload)) = payload else {
                 break;
             };
-            let message: NewMessage = rmp_serde::from_slice(&payload).map_err(|e| {
-                StorageError::Corrupt(format!("message {topic}/{queue}/{}: {e}", seq - 1))
-            })?;
-            out.push(StoredMessage {
-                topic: topic.to_string(),
-                offset: seq - 1,
-                stored_at,
-                message,
-            });
+            out.push(stored_message(topic, queue, seq, stored_at, &payload)?);
         }
         Ok(out)
     }
@@ -183,15 +169,14 @@ impl JetStreamStorage {
                 if offset != expected {
                     return Ok(false);
                 }
-                let message: NewMessage = rmp_serde::from_slice(&m.payload).map_err(|e| {
-                    StorageError::Corrupt(format!("message {topic}/{queue}/{offset}: {e}"))
-                })?;
-                out.push(StoredMessage {
-                    topic: topic.to_string(),
-                    offset,
-                    stored_at: epoch_ms(&info.published),
-                    message,
-                });
+                let at = epoch_ms(&info.published);
+                out.push(stored_message(
+                    topic,
+                    queue,
+                    info.stream_sequence,
+                    at,
+                    &m.payload,
+                )?);
             }
             Ok::<_, StorageError>(true)
         };
@@ -267,8 +252,8 @@ impl JetStreamStorage {
         });
     }
 
-    /// The readers kept, over all queues.
-    pub(super) fn readers_count(&self) -> usize {
+    /// How many readers this node keeps, over all queues (each one consumer on the server).
+    pub fn readers_kept(&self) -> usize {
         lock(&self.readers).values().map(|q| q.readers.len()).sum()
     }
 
