@@ -1,7 +1,8 @@
 //! A storage wrapper that behaves as a shared backend may: reads that come back short of the
-//! high water (a JetStream replica that has not applied the newest appends) and append news
-//! that never arrives (a lost `wqn` notification), so tests can show readers never wait on
-//! either. Everything else goes to the wrapped storage unchanged; record reads are counted, so
+//! high water (a JetStream replica that has not applied the newest appends), append news
+//! that never arrives (a lost `wqn` notification) and commits whose answer is lost after their
+//! commit point (the server that took them died), so tests can show readers never wait on the
+//! first two and nothing a commit promised is lost to the third. Everything else goes to the wrapped storage unchanged; record reads are counted, so
 //! tests can bound what a background pass reads.
 
 use std::sync::Arc;
@@ -13,6 +14,12 @@ use wasmq::storage::{
     Appended, Commit, Committed, Expect, MessageId, NewMessage, QueueExtent, QueueLimits, Record,
     RecordWrite, Storage, StorageError, StoredMessage,
 };
+
+/// Writes a commit as far as its commit point, as a writer that dies there (e.g.
+/// `JetStreamStorage::commit_dying_halfway`).
+pub type DyingCommit = Arc<
+    dyn Fn(Commit) -> futures::future::BoxFuture<'static, Result<(), StorageError>> + Send + Sync,
+>;
 
 /// See the module docs.
 pub struct Unreliable {
@@ -28,6 +35,9 @@ pub struct Unreliable {
     record_reads: AtomicU64,
     /// The same, by the first segment of the space read (`cursor` for `cursor/{group}`).
     reads_by_kind: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Commits with appends still to be cut at their commit point and answered with an error,
+    /// and what cuts them ([`Unreliable::with_lost_commit_answers`]).
+    lost_answers: Option<(AtomicU32, DyingCommit)>,
 }
 
 impl Unreliable {
@@ -41,7 +51,23 @@ impl Unreliable {
             silent: tokio::sync::watch::channel(0).0,
             record_reads: AtomicU64::new(0),
             reads_by_kind: Default::default(),
+            lost_answers: None,
         }
+    }
+
+    /// The next `n` commits that append messages are written only as far as their commit
+    /// point (by `die`) and then answered with an error: the server that took them died
+    /// before answering, so their writer cannot tell whether they happened.
+    pub fn with_lost_commit_answers(mut self, n: u32, die: DyingCommit) -> Self {
+        self.lost_answers = Some((AtomicU32::new(n), die));
+        self
+    }
+
+    /// How many of the lost commit answers asked for are still to come.
+    pub fn lost_commit_answers_left(&self) -> u32 {
+        self.lost_answers
+            .as_ref()
+            .map_or(0, |(left, _)| left.load(Ordering::Relaxed))
     }
 
     /// Record reads made through it so far.
@@ -88,6 +114,17 @@ impl Storage for Unreliable {
         self.inner.append_guarded(topic, messages, guard).await
     }
     async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
+        if let Some((left, die)) = &self.lost_answers
+            && !commit.appends.is_empty()
+            && left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            die(commit).await?;
+            return Err(StorageError::Unavailable(
+                "the commit's answer was lost (test)".into(),
+            ));
+        }
         self.inner.commit(commit).await
     }
     async fn read(

@@ -1882,3 +1882,81 @@ async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
     wait_consumers(0).await;
     s.close().await;
 }
+
+/// A delivery whose exactly-once commit got past its commit point (intent and completion
+/// marker stored) but whose answer was lost (the server that took it died before answering).
+/// The runner tries the commit again and finds its marker: already done. It used to drop the
+/// staged publish and move on; the marker went once the offset passed it, and recovery then
+/// took the intent, whose guard was gone, for a commit never made and dropped it: the derived
+/// message was lost. Now the already-done path finishes that commit first. Each of 3 messages
+/// loses its commit answer once; every derived message is stored exactly once, also after a
+/// recovery pass that takes every intent as old enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_commit_answer_was_lost_keeps_its_derived_message() {
+    use wasmq_tests::unreliable::Unreliable;
+    const N: u32 = 3;
+    let nats = NatsServer::start().await;
+    let js = Arc::new(
+        JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+            .await
+            .unwrap(),
+    );
+    let cut = js.clone();
+    let storage = Arc::new(
+        Unreliable::new(js.clone(), 0, None).with_lost_commit_answers(
+            N,
+            Arc::new(move |commit| {
+                let cut = cut.clone();
+                Box::pin(async move { cut.commit_dying_halfway(commit).await })
+            }),
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = node_config(&nats, dir.path(), "node-a");
+    config.storage.replicas = 1;
+    let s = TestServer::start_on(config, storage.clone()).await;
+    let (st, v) = s.upload_plugin("recorder", RECORDER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    s.create_topic("in", 1).await;
+    s.create_topic("audit", 1).await;
+    s.subscribe(
+        "g",
+        json!({"topic": "in", "plugin": "recorder", "config": {"audit": "audit"},
+               "grants": {"publish": ["audit"]}, "processing_guarantee": "exactly_once"}),
+    )
+    .await;
+    let published = s
+        .publish_batch("in", (0..N).map(|i| json!({"body": {"n": i}})).collect())
+        .await;
+    let mut ids: Vec<String> = published["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    s.wait_until("/v1/subscriptions/g", 60, |v| {
+        v["lag"] == 0 && v["in_flight"] == 0 && v["counters"]["acked"] == N
+    })
+    .await;
+    assert_eq!(
+        storage.lost_commit_answers_left(),
+        0,
+        "every commit answer was lost once"
+    );
+    let derived = |audit: Vec<serde_json::Value>| {
+        let mut seen: Vec<String> = audit
+            .iter()
+            .map(|r| r["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        seen.sort();
+        seen
+    };
+    let audit = s.wait_audit("audit", u64::from(N), 60).await;
+    assert_eq!(derived(audit), ids, "one derived message per input");
+    // Whatever intent is left, recovery takes as a dead writer's: nothing is stored twice
+    // and nothing goes.
+    js.recover(std::time::Duration::ZERO).await.unwrap();
+    assert_eq!(derived(s.read_queue("audit", 0).await), ids);
+    s.stop().await.unwrap();
+}
