@@ -53,6 +53,8 @@ impl Server {
         tune: impl FnOnce(&mut Config),
     ) -> Self {
         wasmq::capabilities::install_tls_provider();
+        // As the binary does first thing.
+        wasmq::base::without_huge_pages();
         let mut config = Config::default();
         tune(&mut config);
         config.server.data_dir = dir.path().to_path_buf();
