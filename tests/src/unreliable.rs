@@ -21,6 +21,14 @@ pub type DyingCommit = Arc<
     dyn Fn(Commit) -> futures::future::BoxFuture<'static, Result<(), StorageError>> + Send + Sync,
 >;
 
+/// Commits still to be cut at their commit point and answered with an error, which commits
+/// qualify, and what cuts them.
+struct LostAnswers {
+    left: AtomicU32,
+    which: fn(&Commit) -> bool,
+    die: DyingCommit,
+}
+
 /// See the module docs.
 pub struct Unreliable {
     inner: Arc<dyn Storage>,
@@ -35,9 +43,8 @@ pub struct Unreliable {
     record_reads: AtomicU64,
     /// The same, by the first segment of the space read (`cursor` for `cursor/{group}`).
     reads_by_kind: std::sync::Mutex<std::collections::HashMap<String, u64>>,
-    /// Commits with appends still to be cut at their commit point and answered with an error,
-    /// and what cuts them ([`Unreliable::with_lost_commit_answers`]).
-    lost_answers: Option<(AtomicU32, DyingCommit)>,
+    /// See [`Unreliable::with_lost_commit_answers`].
+    lost_answers: Option<LostAnswers>,
 }
 
 impl Unreliable {
@@ -55,11 +62,20 @@ impl Unreliable {
         }
     }
 
-    /// The next `n` commits that append messages are written only as far as their commit
+    /// The next `n` commits for which `which` holds are written only as far as their commit
     /// point (by `die`) and then answered with an error: the server that took them died
     /// before answering, so their writer cannot tell whether they happened.
-    pub fn with_lost_commit_answers(mut self, n: u32, die: DyingCommit) -> Self {
-        self.lost_answers = Some((AtomicU32::new(n), die));
+    pub fn with_lost_commit_answers(
+        mut self,
+        n: u32,
+        which: fn(&Commit) -> bool,
+        die: DyingCommit,
+    ) -> Self {
+        self.lost_answers = Some(LostAnswers {
+            left: AtomicU32::new(n),
+            which,
+            die,
+        });
         self
     }
 
@@ -67,7 +83,7 @@ impl Unreliable {
     pub fn lost_commit_answers_left(&self) -> u32 {
         self.lost_answers
             .as_ref()
-            .map_or(0, |(left, _)| left.load(Ordering::Relaxed))
+            .map_or(0, |l| l.left.load(Ordering::Relaxed))
     }
 
     /// Record reads made through it so far.
@@ -114,13 +130,14 @@ impl Storage for Unreliable {
         self.inner.append_guarded(topic, messages, guard).await
     }
     async fn commit(&self, commit: Commit) -> Result<Committed, StorageError> {
-        if let Some((left, die)) = &self.lost_answers
-            && !commit.appends.is_empty()
-            && left
+        if let Some(lost) = &self.lost_answers
+            && (lost.which)(&commit)
+            && lost
+                .left
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok()
         {
-            die(commit).await?;
+            (lost.die)(commit).await?;
             return Err(StorageError::Unavailable(
                 "the commit's answer was lost (test)".into(),
             ));

@@ -24,11 +24,8 @@ async fn jetstream_backend_passes_the_conformance_suite() {
     conformance::run_all(&open).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
-    use wasmq::storage::jetstream::INTENT_AGE;
-    use wasmq::storage::{Expect, RecordWrite};
-    let nats = NatsServer::start().await;
+/// A storage on `nats` with topic `t` (1 queue) prepared.
+async fn writer_of_t(nats: &NatsServer) -> JetStreamStorage {
     let writer = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
         .await
         .unwrap();
@@ -36,13 +33,26 @@ async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
         .prepare_topic("t", 1, Default::default())
         .await
         .unwrap();
-    let m = conformance::msg(0, Some("order-1"), "committed body");
-    let guard = RecordWrite {
+    writer
+}
+
+/// The guard of a transaction `key`'s commit: its record, written committed if absent.
+fn committed_guard(key: &str) -> wasmq::storage::RecordWrite {
+    wasmq::storage::RecordWrite {
         space: "txn".into(),
-        key: "tx1".into(),
+        key: key.into(),
         value: Some(b"committed".to_vec()),
-        expect: Expect::Absent,
-    };
+        expect: wasmq::storage::Expect::Absent,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
+    use wasmq::storage::jetstream::INTENT_AGE;
+    let nats = NatsServer::start().await;
+    let writer = writer_of_t(&nats).await;
+    let m = conformance::msg(0, Some("order-1"), "committed body");
+    let guard = committed_guard("tx1");
     // The writer wrote its intent and the guard (the commit), then died.
     writer
         .guarded_append_dying_halfway("t", vec![m.clone()], guard)
@@ -67,6 +77,51 @@ async fn a_guarded_append_cut_short_by_a_dead_writer_is_finished_by_recovery() {
         b"committed"
     );
     assert!(other.message_by_id(m.id).await.unwrap().is_some());
+}
+
+/// A guarded append (a transaction's commit, an idempotent publish) whose guard record was
+/// stored but whose answer was lost: the server that took it died before answering. The
+/// writer used to delete its intent on any error of the guard write, so nothing named the
+/// append any more: the retry found the transaction committed, and its message was never
+/// stored. Only a conflict (nothing written) takes the intent now; recovery finishes this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_append_whose_guard_answer_was_lost_is_finished_by_recovery() {
+    let nats = NatsServer::start().await;
+    let writer = writer_of_t(&nats).await;
+    let m = conformance::msg(0, Some("order-2"), "committed body");
+    let lost = writer
+        .guarded_append_answer_lost("t", vec![m.clone()], committed_guard("tx2"))
+        .await;
+    assert!(
+        matches!(lost, Err(wasmq::storage::StorageError::Unavailable(_))),
+        "{lost:?}"
+    );
+    // A conflict wrote nothing, and leaves nothing for recovery.
+    let refused = writer
+        .guarded_append_answer_lost(
+            "t",
+            vec![conformance::msg(1, None, "x")],
+            committed_guard("tx2"),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(wasmq::storage::StorageError::Conflict { .. })),
+        "{refused:?}"
+    );
+    let other = JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        other.recover(std::time::Duration::ZERO).await.unwrap(),
+        1,
+        "the promised append is still named"
+    );
+    let read = other.read("t", 0, 0, 10).await.unwrap();
+    assert_eq!(
+        read.iter().map(|r| r.message.id).collect::<Vec<_>>(),
+        vec![m.id]
+    );
+    assert_eq!(other.recover(std::time::Duration::ZERO).await.unwrap(), 0);
 }
 
 /// Recovery finishes a dead writer's commit from its intent, which may be stale: the writer
@@ -1883,6 +1938,36 @@ async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
     s.close().await;
 }
 
+/// A storage on `nats` (R1) and, over it, an [`Unreliable`] whose next `n` commits for which
+/// `which` holds stop at their commit point and are answered with an error.
+///
+/// [`Unreliable`]: wasmq_tests::unreliable::Unreliable
+async fn losing_commit_answers(
+    nats: &NatsServer,
+    n: u32,
+    which: fn(&wasmq::storage::Commit) -> bool,
+) -> (
+    Arc<JetStreamStorage>,
+    Arc<wasmq_tests::unreliable::Unreliable>,
+) {
+    let js = Arc::new(
+        JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
+            .await
+            .unwrap(),
+    );
+    let cut = js.clone();
+    let storage = wasmq_tests::unreliable::Unreliable::new(js.clone(), 0, None)
+        .with_lost_commit_answers(
+            n,
+            which,
+            Arc::new(move |commit| {
+                let cut = cut.clone();
+                Box::pin(async move { cut.commit_dying_halfway(commit).await })
+            }),
+        );
+    (js, Arc::new(storage))
+}
+
 /// A delivery whose exactly-once commit got past its commit point (intent and completion
 /// marker stored) but whose answer was lost (the server that took it died before answering).
 /// The runner tries the commit again and finds its marker: already done. It used to drop the
@@ -1893,28 +1978,11 @@ async fn reads_that_go_on_where_the_last_ended_match_direct_gets() {
 /// recovery pass that takes every intent as old enough.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_commit_answer_was_lost_keeps_its_derived_message() {
-    use wasmq_tests::unreliable::Unreliable;
     const N: u32 = 3;
     let nats = NatsServer::start().await;
-    let js = Arc::new(
-        JetStreamStorage::connect(std::slice::from_ref(&nats.url), 1)
-            .await
-            .unwrap(),
-    );
-    let cut = js.clone();
-    let storage = Arc::new(
-        Unreliable::new(js.clone(), 0, None).with_lost_commit_answers(
-            N,
-            Arc::new(move |commit| {
-                let cut = cut.clone();
-                Box::pin(async move { cut.commit_dying_halfway(commit).await })
-            }),
-        ),
-    );
+    let (js, storage) = losing_commit_answers(&nats, N, |commit| !commit.appends.is_empty()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = node_config(&nats, dir.path(), "node-a");
-    config.storage.replicas = 1;
-    let s = TestServer::start_on(config, storage.clone()).await;
+    let s = TestServer::start_on(node_config(&nats, dir.path(), "node-a"), storage.clone()).await;
     let (st, v) = s.upload_plugin("recorder", RECORDER).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     s.create_topic("in", 1).await;
@@ -1958,5 +2026,60 @@ async fn a_delivery_whose_commit_answer_was_lost_keeps_its_derived_message() {
     // and nothing goes.
     js.recover(std::time::Duration::ZERO).await.unwrap();
     assert_eq!(derived(s.read_queue("audit", 0).await), ids);
+    s.stop().await.unwrap();
+}
+
+/// A dead-letter step that got past its commit point (its new entry) but whose answer was
+/// lost. Its retry found the entry stored, took it as done and moved on; the entry's pin and
+/// the count were left to recovery, 15 s or more later. Meanwhile the cursor passed the
+/// message and retention (after consumed, nothing pinned) deleted it: a dead letter whose
+/// message was gone, and a count one short. Now the retry finishes that step at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_step_whose_answer_was_lost_still_holds_its_message() {
+    use wasmq_tests::plugins::REJECT_ALL;
+    let nats = NatsServer::start().await;
+    let (_, storage) = losing_commit_answers(&nats, 1, |commit| {
+        commit
+            .records
+            .first()
+            .is_some_and(|r| r.space == "dlq/dead")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_on(node_config(&nats, dir.path(), "node-a"), storage.clone()).await;
+    let (st, v) = s.upload_plugin("reject-all", REJECT_ALL).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = s
+        .put_json(
+            "/v1/topics/events",
+            &json!({"queues": 1, "retention": {"after_consumed": true, "max_age_ms": null}}),
+        )
+        .await;
+    assert!(st.is_success(), "{st} {v}");
+    s.subscribe("dead", json!({"topic": "events", "plugin": "reject-all"}))
+        .await;
+    s.publish_numbered("events", 1).await;
+    s.wait_until("/v1/subscriptions/dead", 60, |v| {
+        v["lag"] == 0 && v["in_flight"] == 0
+    })
+    .await;
+    assert_eq!(
+        storage.lost_commit_answers_left(),
+        0,
+        "the step's answer was lost"
+    );
+    for _ in 0..2 {
+        let passes = metric(&s, "wasmq_retention_passes_total").await;
+        while metric(&s, "wasmq_retention_passes_total").await < passes + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let (_, t) = s.get("/v1/topics/events").await;
+    assert_eq!(
+        t["low_water"][0], 0,
+        "the dead letter holds its message: {t}"
+    );
+    let (_, v) = s.get("/v1/subscriptions/dead").await;
+    assert_eq!(v["dlq"], 1, "{v}");
     s.stop().await.unwrap();
 }

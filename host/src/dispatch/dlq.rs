@@ -102,6 +102,15 @@ pub async fn apply(
             Ok(_) => return Ok(removed),
             Err(StorageError::Conflict { space: s, key }) if s == counted && key == COUNT_KEY => {}
             Err(StorageError::Conflict { space: s, key }) if s == space => {
+                // An entry this change adds is stored: an earlier try of this step got past
+                // its commit point (that entry) and its answer was lost, or another writer
+                // stored the same dead letter. What that commit left (the entry's pin, its
+                // redrive timer, the count) is finished now, as a node taking over a queue
+                // does; left to recovery, the cursor moved past the message first and
+                // retention (after consumed) could delete it with no pin holding it.
+                if change.add.iter().any(|dl| dl.key() == key) {
+                    storage.finish_commits_of(&space, &key).await?;
+                }
                 let before = change.add.len() + change.remove.len();
                 change.add.retain(|dl| dl.key() != key);
                 change.remove.retain(|(dl, _)| dl.key() != key);

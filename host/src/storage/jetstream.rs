@@ -690,14 +690,7 @@ impl JetStreamStorage {
             .await
         {
             Ok(r) => r,
-            // Not written: the intent goes with it.
-            Err(e @ StorageError::Conflict { .. }) => {
-                self.write_record(INTENTS, &intent_id, None, Expect::Any)
-                    .await?;
-                return Err(e);
-            }
-            // Maybe written: the intent stays, and recovery decides by the guard.
-            Err(e) => return Err(e),
+            Err(e) => return Err(self.after_guard_error(&intent_id, e).await),
         };
         if die_at_commit_point {
             return Ok(Committed::default());
@@ -790,7 +783,9 @@ impl Storage for JetStreamStorage {
         guard: RecordWrite,
     ) -> Result<(Vec<Appended>, u64), StorageError> {
         self.check_open()?;
-        let (intent_id, revision) = self.guard_with_intent(topic, &messages, guard).await?;
+        let (intent_id, revision) = self
+            .guard_with_intent(topic, &messages, guard, false)
+            .await?;
         let appended = self.append_inner(topic, &messages).await?;
         self.write_record(INTENTS, &intent_id, None, Expect::Any)
             .await?;

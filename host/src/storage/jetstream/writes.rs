@@ -216,12 +216,14 @@ impl JetStreamStorage {
     }
 
     /// The first half of a guarded append: the intent (naming the messages), then the guard
-    /// record. Returns the intent's id and the guard's revision.
+    /// record. Returns the intent's id and the guard's revision. `lose_answer` (tests only)
+    /// takes the guard write's answer as lost after it landed.
     pub(super) async fn guard_with_intent(
         &self,
         topic: &str,
         messages: &[NewMessage],
         guard: RecordWrite,
+        lose_answer: bool,
     ) -> Result<(String, u64), StorageError> {
         let intent_id = uuid::Uuid::now_v7().to_string();
         let intent = rmp_serde::to_vec(&Intent {
@@ -238,16 +240,39 @@ impl JetStreamStorage {
         .map_err(|e| StorageError::Encode(e.to_string()))?;
         self.write_record(INTENTS, &intent_id, Some(intent), Expect::Absent)
             .await?;
-        match self
+        let written = self
             .write_record(&guard.space, &guard.key, guard.value, guard.expect)
+            .await;
+        let written = match written {
+            Ok(_) if lose_answer => Err(StorageError::Unavailable(
+                "the guard write's answer was lost (test)".into(),
+            )),
+            other => other,
+        };
+        match written {
+            Ok(r) => Ok((intent_id, r)),
+            Err(e) => Err(self.after_guard_error(&intent_id, e).await),
+        }
+    }
+
+    /// What a failed guard write (a commit point) leaves of its intent `intent_id`, and the
+    /// error to answer. A conflict wrote nothing: the intent goes. Any other error may have come
+    /// after the guard was stored (its answer lost with the server that took it): the intent
+    /// stays, and recovery decides by the guard whether the writes it names are finished or
+    /// dropped. Deleting it on such an error lost a committed transaction's message: the retry
+    /// found the transaction committed, nothing named the unfinished append, and the record
+    /// moved on without it.
+    pub(super) async fn after_guard_error(&self, intent_id: &str, e: StorageError) -> StorageError {
+        if !matches!(e, StorageError::Conflict { .. }) {
+            return e;
+        }
+        match self
+            .write_record(INTENTS, intent_id, None, Expect::Any)
             .await
         {
-            Ok(r) => Ok((intent_id, r)),
-            Err(e) => {
-                self.write_record(INTENTS, &intent_id, None, Expect::Any)
-                    .await?;
-                Err(e)
-            }
+            Ok(_) => e,
+            // Left for recovery, which drops it: its guard is not there.
+            Err(delete) => delete,
         }
     }
 
@@ -285,7 +310,22 @@ impl JetStreamStorage {
         messages: Vec<NewMessage>,
         guard: RecordWrite,
     ) -> Result<u64, StorageError> {
-        self.guard_with_intent(topic, &messages, guard)
+        self.guard_with_intent(topic, &messages, guard, false)
+            .await
+            .map(|(_, r)| r)
+    }
+
+    /// A guarded append whose guard record was written but whose answer was lost (the server
+    /// that took it died before answering): for tests of what the error leaves to
+    /// [`Storage::recover`].
+    #[doc(hidden)]
+    pub async fn guarded_append_answer_lost(
+        &self,
+        topic: &str,
+        messages: Vec<NewMessage>,
+        guard: RecordWrite,
+    ) -> Result<u64, StorageError> {
+        self.guard_with_intent(topic, &messages, guard, true)
             .await
             .map(|(_, r)| r)
     }
