@@ -275,6 +275,12 @@ impl Storage for Unreliable {
     async fn finish_commits_of(&self, space: &str, prefix: &str) -> Result<usize, StorageError> {
         self.inner.finish_commits_of(space, prefix).await
     }
+    async fn unfinished_commits(
+        &self,
+        space: &str,
+    ) -> Result<std::collections::HashSet<String>, StorageError> {
+        self.inner.unfinished_commits(space).await
+    }
     fn recovery_age(&self) -> Duration {
         self.inner.recovery_age()
     }

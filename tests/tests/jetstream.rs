@@ -2068,11 +2068,14 @@ async fn a_dead_letter_step_whose_answer_was_lost_still_holds_its_message() {
         0,
         "the step's answer was lost"
     );
-    for _ in 0..2 {
-        let passes = metric(&s, "wasmq_retention_passes_total").await;
-        while metric(&s, "wasmq_retention_passes_total").await < passes + 2 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    let passes = metric(&s, "wasmq_retention_passes_total").await;
+    let waited = std::time::Instant::now();
+    while metric(&s, "wasmq_retention_passes_total").await < passes + 3 {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(60),
+            "no retention pass"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let (_, t) = s.get("/v1/topics/events").await;
     assert_eq!(
@@ -2081,5 +2084,64 @@ async fn a_dead_letter_step_whose_answer_was_lost_still_holds_its_message() {
     );
     let (_, v) = s.get("/v1/subscriptions/dead").await;
     assert_eq!(v["dlq"], 1, "{v}");
+    s.stop().await.unwrap();
+}
+
+/// A transaction checker's rollback that stores the checker's kv writes with it (issue 24)
+/// got past its commit point (the transaction's record, now rolled back) but its answer was
+/// lost. The next check found the transaction decided and stopped; the decided-transactions
+/// mover then moved the record within a second or two, as it looked for unfinished commits
+/// only among committed transactions, and recovery, finding the record gone, dropped the
+/// checker's kv write. Now every decided record stays until what was stored with its decision
+/// is finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkers_rollback_whose_answer_was_lost_keeps_its_kv_writes() {
+    use wasmq_tests::plugins::CHECKER;
+    let nats = NatsServer::start().await;
+    let (js, storage) = losing_commit_answers(&nats, 1, |commit| {
+        commit.records.first().is_some_and(|r| r.space == "txn")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_on(node_config(&nats, dir.path(), "node-a"), storage.clone()).await;
+    let (st, v) = s.upload_plugin("body-checker", CHECKER).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let topic = json!({"queues": 1, "transaction_checker": "body-checker",
+                       "transactions": {"check_after_ms": 150, "check_interval_ms": 100}});
+    let (st, v) = s.put_json("/v1/topics/signups", &topic).await;
+    assert!(st.is_success(), "{st} {v}");
+    let (st, v) = s
+        .post_json(
+            "/v1/topics/signups/transactions",
+            &json!({"body": "count-rollback"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["txn_id"].as_str().unwrap().to_string();
+    s.wait_until(&format!("/v1/transactions/{id}"), 60, |t| {
+        t["state"] == "rolled_back"
+    })
+    .await;
+    assert_eq!(
+        storage.lost_commit_answers_left(),
+        0,
+        "the rollback's answer was lost"
+    );
+    // The record moves once recovery (the server's own, at the intent age) finished the
+    // decision: the kv write is there by then.
+    let waited = std::time::Instant::now();
+    while js.get_record("txn", &id).await.unwrap().is_some() {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(90),
+            "the rolled-back transaction never moved"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let answers = js.get_record("kv/body-checker", "answers").await.unwrap();
+    assert_eq!(
+        answers.map(|r| r.value),
+        Some(b"1".to_vec()),
+        "the checker's kv write, stored with its rollback"
+    );
     s.stop().await.unwrap();
 }

@@ -81,8 +81,11 @@ pub async fn count(storage: &dyn Storage, group: &str) -> Result<u64, StorageErr
 /// one and moves the count, in one [`Storage::commit`] (see [`step`]). The count's revision is
 /// its condition: a concurrent change (another worker, another node) makes this one read it
 /// again and retry. An entry added that is already stored (a write retried after an unclear
-/// failure) or removed that is already gone (a concurrent expiry) is left out, so the count
-/// stays exact. Returns how many entries it removed.
+/// failure, or another writer's) is left out once the step that stored it is finished
+/// (its pin and count, [`Storage::finish_commits_of`]); one removed that is already gone (a
+/// concurrent expiry) is left out too. Returns how many entries it removed. Known gap: a
+/// step that only removes and whose answer was lost after its count was written is applied
+/// again by its retry (the count then ends low by the entries removed).
 ///
 /// Errors: the storage's, except conflicts on the count or the entries, which are retried.
 pub async fn apply(

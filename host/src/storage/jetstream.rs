@@ -839,7 +839,16 @@ impl Storage for JetStreamStorage {
         let done = self
             .commit_held(checks, records, appends, conditional, false)
             .await;
-        self.unlock_spaces(&held).await;
+        match &done {
+            // Nothing written, or all of it: the locks go back.
+            Ok(_) | Err(StorageError::Conflict { .. }) => self.unlock_spaces(&held).await,
+            // Maybe past the commit point with kv writes unfinished (an answer lost with the
+            // server that took it): the locks are kept until they lapse, and whoever takes
+            // one then finishes the commits touching its space first (`lock_space`). Given
+            // back now, the next commit on the space read values this one had not written
+            // yet, and recovery then kept the newer value: a lost kv update.
+            Err(_) => {}
+        }
         done
     }
     /// Creates each queue's stream with the topic's limits, or changes only the limits of one

@@ -493,8 +493,11 @@ pub trait Storage: Send + Sync + 'static {
     /// Finishes now, whatever their age, the half-done commits whose commit point was written
     /// and is a record of `space` with a key starting with `prefix`: a node taking over a
     /// queue calls it for the queue's completion markers, so what the last owner committed is
-    /// complete before delivery goes past it (issue 24). Returns how many it finished. A local
-    /// backend commits atomically and has nothing to do.
+    /// complete before delivery goes past it (issue 24); a retry that finds its own commit
+    /// point stored (a delivery's marker, a dead letter's entry: the first try's answer was
+    /// lost) calls it for that record, so what the first try promised is complete before the
+    /// caller moves on. Returns how many it finished. A local backend commits atomically and
+    /// has nothing to do.
     async fn finish_commits_of(&self, _space: &str, _prefix: &str) -> Result<usize, StorageError> {
         Ok(0)
     }

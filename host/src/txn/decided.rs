@@ -182,17 +182,21 @@ impl Transactions {
                 batch.push((id, r, state, space));
             }
         }
-        // A committed transaction's record is the commit point of its half message's append.
-        // On a backend that commits in steps (JetStream), a writer that died past that point
-        // left the append to recovery, which finishes it only while the record is still here
-        // to compare with (and only once it is `recovery_age` old). So a transaction whose
-        // commit is unfinished stays until it is finished; the next pass (reload, every
-        // heartbeat on shared storage) finds it again. The records were read first: each one
-        // read as committed was written after its commit's intent, so the listing sees that.
-        if batch.iter().any(|(_, _, s, _)| *s == TxnState::Committed) {
-            let unfinished = storage.unfinished_commits(TXN_SPACE).await?;
-            batch.retain(|(id, ..)| !unfinished.contains(id));
+        // A decided transaction's record is the commit point of what its decision stored with
+        // it: a commit's half message append, a checker's kv writes and publishes (with a
+        // commit or a rollback). On a backend that commits in steps (JetStream), a writer that
+        // died past that point, or whose answer was lost, left the rest to recovery, which
+        // finishes it only while the record is still here to compare with (and only once it
+        // is `recovery_age` old). So a transaction whose decision is unfinished stays until it
+        // is finished; the next pass (reload, every heartbeat on shared storage) finds it
+        // again. Rolled-back ones were moved without this look, and a checker's rollback whose
+        // answer was lost lost its kv writes. The records were read first: each one read as
+        // decided was written after its decision's intent, so the listing sees that.
+        if batch.is_empty() {
+            return Ok(0);
         }
+        let unfinished = storage.unfinished_commits(TXN_SPACE).await?;
+        batch.retain(|(id, ..)| !unfinished.contains(id));
         if batch.is_empty() {
             return Ok(0);
         }

@@ -2,7 +2,8 @@
 //! (`"commit"`, `"rollback"`), or how to misbehave (`"trap"`, `"loop"`); anything else is
 //! unknown. `"count-unknown"` adds one to the kv counter `answers` and answers unknown;
 //! `"count-commit-if-first"` adds one and commits if the counter is now 1, else answers
-//! unknown (a checker's kv writes are stored with a decision only).
+//! unknown; `"count-rollback"` adds one and rolls back (a checker's kv writes are stored with
+//! a decision only).
 
 use wasmq_guest_sdk::{CheckResult, Checker, Message, MessageExt, kv};
 
@@ -30,6 +31,10 @@ impl Checker for BodyChecker {
                 1 => CheckResult::Commit,
                 _ => CheckResult::Unknown,
             },
+            Ok("count-rollback") => {
+                count();
+                CheckResult::Rollback
+            }
             Ok("count-unknown") => {
                 count();
                 CheckResult::Unknown

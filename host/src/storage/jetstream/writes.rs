@@ -484,8 +484,9 @@ impl JetStreamStorage {
     }
 
     /// Finishes, whatever their age, the commits whose guard is a record of `space` with a key
-    /// starting with `prefix` (the completion markers of a queue a node takes over), so what a
-    /// dead owner committed is complete before the queue moves past it. Only commits whose
+    /// starting with `prefix` (the completion markers of a queue a node takes over; one
+    /// record a retry found stored, see [`Storage::finish_commits_of`]), so what a dead owner
+    /// or a lost answer left is complete before the queue moves past it. Only commits whose
     /// guard was written are touched, and finishing one a live writer is finishing too (or
     /// finished since the listing) is harmless: appends are skipped when their message
     /// exists, kv writes are made only over the revision the writer checked, or, unchecked
@@ -497,7 +498,15 @@ impl JetStreamStorage {
     ) -> Result<usize, StorageError> {
         let mut done = 0;
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            let intent = decode_intent(&id, &record.value)?;
+            // One unreadable intent must not stop the others (nor the caller, retried for
+            // ever): it is logged, as `unfinished_commits` does, and left to recovery.
+            let intent = match decode_intent(&id, &record.value) {
+                Ok(intent) => intent,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "an intent cannot be read");
+                    continue;
+                }
+            };
             if intent.space == space
                 && intent.key.starts_with(prefix)
                 && self
@@ -585,7 +594,13 @@ impl JetStreamStorage {
     async fn finish_commits_touching(&self, space: &str) -> Result<usize, StorageError> {
         let mut done = 0;
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            let intent = decode_intent(&id, &record.value)?;
+            let intent = match decode_intent(&id, &record.value) {
+                Ok(intent) => intent,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "an intent cannot be read");
+                    continue;
+                }
+            };
             if intent.records.iter().any(|r| r.space == space)
                 && self
                     .finish_intent(&id, record.revision, intent, false)
