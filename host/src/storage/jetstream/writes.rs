@@ -470,17 +470,42 @@ impl JetStreamStorage {
         &self,
         space: &str,
     ) -> Result<std::collections::HashSet<String>, StorageError> {
-        let mut keys = std::collections::HashSet::new();
+        Ok(self
+            .readable_intents()
+            .await?
+            .into_iter()
+            .filter(|(_, _, intent)| intent.space == space)
+            .map(|(_, _, intent)| intent.key)
+            .collect())
+    }
+
+    /// Every intent stored, with its id and revision. One that cannot be decoded is logged and
+    /// left out (to recovery): it must not stop the others, nor a caller that is retried until
+    /// it succeeds.
+    async fn readable_intents(&self) -> Result<Vec<(String, u64, Intent)>, StorageError> {
+        let mut out = Vec::new();
         for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
             match decode_intent(&id, &record.value) {
-                Ok(intent) if intent.space == space => {
-                    keys.insert(intent.key);
-                }
-                Ok(_) => {}
+                Ok(intent) => out.push((id, record.revision, intent)),
                 Err(e) => tracing::warn!(%id, error = %e, "an intent cannot be read"),
             }
         }
-        Ok(keys)
+        Ok(out)
+    }
+
+    /// Finishes, whatever their age, the commits whose guard was written and whose intent
+    /// `which` picks; returns how many it finished.
+    async fn finish_intents_where(
+        &self,
+        which: impl Fn(&Intent) -> bool,
+    ) -> Result<usize, StorageError> {
+        let mut done = 0;
+        for (id, revision, intent) in self.readable_intents().await? {
+            if which(&intent) && self.finish_intent(&id, revision, intent, false).await? {
+                done += 1;
+            }
+        }
+        Ok(done)
     }
 
     /// Finishes, whatever their age, the commits whose guard is a record of `space` with a key
@@ -496,27 +521,8 @@ impl JetStreamStorage {
         space: &str,
         prefix: &str,
     ) -> Result<usize, StorageError> {
-        let mut done = 0;
-        for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            // One unreadable intent must not stop the others (nor the caller, retried for
-            // ever): it is logged, as `unfinished_commits` does, and left to recovery.
-            let intent = match decode_intent(&id, &record.value) {
-                Ok(intent) => intent,
-                Err(e) => {
-                    tracing::warn!(%id, error = %e, "an intent cannot be read");
-                    continue;
-                }
-            };
-            if intent.space == space
-                && intent.key.starts_with(prefix)
-                && self
-                    .finish_intent(&id, record.revision, intent, false)
-                    .await?
-            {
-                done += 1;
-            }
-        }
-        Ok(done)
+        self.finish_intents_where(|intent| intent.space == space && intent.key.starts_with(prefix))
+            .await
     }
 
     /// Takes the lock of kv space `space` for one commit, on every node sharing the storage:
@@ -592,24 +598,8 @@ impl JetStreamStorage {
     /// Finishes the commits whose guard was written and that write kv space `space` (a dead
     /// lock holder's), whatever their age.
     async fn finish_commits_touching(&self, space: &str) -> Result<usize, StorageError> {
-        let mut done = 0;
-        for (id, record) in self.list_inner(INTENTS, "", "", usize::MAX).await? {
-            let intent = match decode_intent(&id, &record.value) {
-                Ok(intent) => intent,
-                Err(e) => {
-                    tracing::warn!(%id, error = %e, "an intent cannot be read");
-                    continue;
-                }
-            };
-            if intent.records.iter().any(|r| r.space == space)
-                && self
-                    .finish_intent(&id, record.revision, intent, false)
-                    .await?
-            {
-                done += 1;
-            }
-        }
-        Ok(done)
+        self.finish_intents_where(|intent| intent.records.iter().any(|r| r.space == space))
+            .await
     }
 }
 
